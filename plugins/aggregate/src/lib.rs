@@ -1,0 +1,321 @@
+//! `aggregate`: group by key columns and compute count, sum, min, max and avg.
+//!
+//! ```toml
+//! [steps.mart.transforms.config]
+//! group_by = ["order_date", "country"]
+//! aggregates = [
+//!   { fn = "count", as = "order_count" },                 # rows per group
+//!   { fn = "sum", column = "amount", as = "revenue" },
+//!   { fn = "avg", column = "amount", as = "avg_order" },
+//! ]
+//! ```
+//!
+//! Nulls are skipped by sum/min/max/avg and by `count` with a column; `count` without a
+//! column counts rows. Sums of integers are int64, of floats float64; avg is float64;
+//! min and max keep the column's type. Groups are emitted at the end of input, in the
+//! order they were first seen.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use weir_sdk::keys::{encode_key, scalar_at, supported, to_array, Scalar};
+use weir_sdk::prelude::*;
+
+#[derive(Debug, Deserialize)]
+#[serde(crate = "weir_sdk::serde", deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    group_by: Vec<String>,
+    aggregates: Vec<AggSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(crate = "weir_sdk::serde", deny_unknown_fields)]
+pub struct AggSpec {
+    #[serde(rename = "fn")]
+    func: Func,
+    column: Option<String>,
+    #[serde(rename = "as")]
+    name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(crate = "weir_sdk::serde", rename_all = "snake_case")]
+pub enum Func {
+    Count,
+    Sum,
+    Min,
+    Max,
+    Avg,
+}
+
+struct Agg {
+    func: Func,
+    column: Option<usize>,
+    out_type: DataType,
+}
+
+#[derive(Clone)]
+enum Acc {
+    Count(i64),
+    SumInt(Option<i64>),
+    SumFloat(Option<f64>),
+    MinMax(Scalar),
+    Avg(f64, i64),
+}
+
+pub struct Aggregate {
+    keys: Vec<usize>,
+    aggs: Vec<Agg>,
+    schema: SchemaRef,
+    groups: HashMap<Vec<u8>, usize>,
+    key_values: Vec<Vec<Scalar>>,
+    accs: Vec<Vec<Acc>>,
+    buf: Vec<u8>,
+}
+
+fn is_int(t: &DataType) -> bool {
+    t.is_integer()
+}
+
+impl Transform for Aggregate {
+    type Config = Config;
+
+    fn new(config: Config, input: &SchemaRef, _ctx: &Context) -> Result<Self> {
+        if config.aggregates.is_empty() {
+            return Err(Error::config("aggregates: list at least one aggregate"));
+        }
+        let mut fields = Vec::new();
+        let mut keys = Vec::new();
+        for name in &config.group_by {
+            let i = require_column(input, name, &[]).map_err(|e| Error::config(format!("group_by: {e}")))?;
+            if !supported(input.field(i).data_type()) {
+                return Err(Error::config(format!(
+                    "group_by: column `{name}` has type {}, which cannot be grouped on",
+                    input.field(i).data_type()
+                )));
+            }
+            keys.push(i);
+            fields.push(input.field(i).clone());
+        }
+        let mut aggs = Vec::new();
+        for (n, spec) in config.aggregates.iter().enumerate() {
+            let column = match &spec.column {
+                Some(c) => {
+                    Some(require_column(input, c, &[]).map_err(|e| Error::config(format!("aggregates[{n}]: {e}")))?)
+                }
+                None if spec.func == Func::Count => None,
+                None => {
+                    return Err(Error::config(
+                        format!("aggregates[{n}]: `{:?}` needs a column", spec.func).to_lowercase(),
+                    ))
+                }
+            };
+            let in_type = column.map(|c| input.field(c).data_type().clone());
+            let out_type = match (spec.func, &in_type) {
+                (Func::Count, _) => DataType::Int64,
+                (Func::Sum, Some(t)) if is_int(t) => DataType::Int64,
+                (Func::Sum | Func::Avg, Some(t)) if t.is_numeric() => DataType::Float64,
+                (Func::Min | Func::Max, Some(t)) if supported(t) => t.clone(),
+                (f, t) => {
+                    return Err(Error::config(format!(
+                        "aggregates[{n}]: {f:?} does not apply to a column of type {}",
+                        t.as_ref().map(|t| t.to_string()).unwrap_or_default()
+                    )))
+                }
+            };
+            if fields.iter().any(|f: &Field| f.name() == &spec.name) {
+                return Err(Error::config(format!(
+                    "aggregates[{n}].as: output column `{}` appears twice",
+                    spec.name
+                )));
+            }
+            fields.push(Field::new(&spec.name, out_type.clone(), spec.func != Func::Count));
+            aggs.push(Agg {
+                func: spec.func,
+                column,
+                out_type,
+            });
+        }
+        Ok(Aggregate {
+            keys,
+            aggs,
+            schema: Arc::new(Schema::new(fields)),
+            groups: HashMap::new(),
+            key_values: Vec::new(),
+            accs: Vec::new(),
+            buf: Vec::new(),
+        })
+    }
+
+    fn output_schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
+        let key_cols: Vec<&ArrayRef> = self.keys.iter().map(|&i| batch.column(i)).collect();
+        for row in 0..batch.num_rows() {
+            encode_key(&key_cols, row, &mut self.buf)?;
+            let g = match self.groups.get(&self.buf) {
+                Some(&g) => g,
+                None => {
+                    let g = self.key_values.len();
+                    self.groups.insert(self.buf.clone(), g);
+                    let kv = key_cols
+                        .iter()
+                        .map(|c| scalar_at(c.as_ref(), row))
+                        .collect::<Result<Vec<_>>>()?;
+                    self.key_values.push(kv);
+                    self.accs.push(self.aggs.iter().map(initial).collect());
+                    g
+                }
+            };
+            for (a, acc) in self.aggs.iter().zip(self.accs[g].iter_mut()) {
+                let value = match a.column {
+                    Some(c) => scalar_at(batch.column(c).as_ref(), row)?,
+                    None => Scalar::Int(1),
+                };
+                update(acc, a.func, value);
+            }
+        }
+        Ok(RecordBatch::new_empty(self.schema.clone()))
+    }
+
+    fn finish(&mut self) -> Result<Option<RecordBatch>> {
+        if self.key_values.is_empty() && !self.keys.is_empty() {
+            return Ok(None);
+        }
+        if self.key_values.is_empty() {
+            // a global aggregate over empty input still has one row
+            self.key_values.push(vec![]);
+            self.accs.push(self.aggs.iter().map(initial).collect());
+        }
+        let mut columns = Vec::new();
+        for k in 0..self.keys.len() {
+            let values: Vec<Scalar> = self.key_values.iter().map(|kv| kv[k].clone()).collect();
+            columns.push(to_array(self.schema.field(k).data_type(), &values)?);
+        }
+        for (n, a) in self.aggs.iter().enumerate() {
+            let values: Vec<Scalar> = self.accs.iter().map(|accs| result(&accs[n])).collect();
+            columns.push(to_array(&a.out_type, &values)?);
+        }
+        Ok(Some(RecordBatch::try_new(self.schema.clone(), columns)?))
+    }
+}
+
+fn initial(a: &Agg) -> Acc {
+    match a.func {
+        Func::Count => Acc::Count(0),
+        Func::Sum if a.out_type == DataType::Int64 => Acc::SumInt(None),
+        Func::Sum => Acc::SumFloat(None),
+        Func::Min | Func::Max => Acc::MinMax(Scalar::Null),
+        Func::Avg => Acc::Avg(0.0, 0),
+    }
+}
+
+fn update(acc: &mut Acc, func: Func, value: Scalar) {
+    if value == Scalar::Null {
+        return;
+    }
+    match acc {
+        Acc::Count(c) => *c += 1,
+        Acc::SumInt(s) => {
+            if let Scalar::Int(v) = value {
+                *s = Some(s.unwrap_or(0).wrapping_add(v));
+            }
+        }
+        Acc::SumFloat(s) => *s = Some(s.unwrap_or(0.0) + value.as_f64().unwrap_or(0.0)),
+        Acc::Avg(sum, n) => {
+            *sum += value.as_f64().unwrap_or(0.0);
+            *n += 1;
+        }
+        Acc::MinMax(cur) => {
+            let better = match func {
+                Func::Min => *cur == Scalar::Null || value.total_cmp(cur).is_lt(),
+                _ => *cur == Scalar::Null || value.total_cmp(cur).is_gt(),
+            };
+            if better {
+                *cur = value;
+            }
+        }
+    }
+}
+
+fn result(acc: &Acc) -> Scalar {
+    match acc {
+        Acc::Count(c) => Scalar::Int(*c),
+        Acc::SumInt(s) => s.map(Scalar::Int).unwrap_or(Scalar::Null),
+        Acc::SumFloat(s) => s.map(Scalar::Float).unwrap_or(Scalar::Null),
+        Acc::MinMax(v) => v.clone(),
+        Acc::Avg(_, 0) => Scalar::Null,
+        Acc::Avg(s, n) => Scalar::Float(s / *n as f64),
+    }
+}
+
+weir_sdk::export_transform!(Aggregate);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_sdk::arrow_array::types::{Float64Type, Int64Type};
+    use weir_sdk::arrow_array::{Float64Array, Int64Array};
+    use weir_sdk::testing::Harness;
+
+    fn batch(c: &[&str], amount: &[Option<f64>], qty: &[i64]) -> RecordBatch {
+        RecordBatch::try_from_iter([
+            ("country", Arc::new(StringArray::from(c.to_vec())) as ArrayRef),
+            ("amount", Arc::new(Float64Array::from(amount.to_vec())) as ArrayRef),
+            ("qty", Arc::new(Int64Array::from(qty.to_vec())) as ArrayRef),
+        ])
+        .unwrap()
+    }
+
+    const CFG: &str = r#"
+        group_by = ["country"]
+        aggregates = [
+          { fn = "count", as = "n" },
+          { fn = "sum", column = "amount", as = "revenue" },
+          { fn = "sum", column = "qty", as = "qty" },
+          { fn = "avg", column = "amount", as = "avg" },
+          { fn = "min", column = "amount", as = "lo" },
+          { fn = "max", column = "qty", as = "hi" },
+        ]"#;
+
+    #[test]
+    fn groups_across_batches() {
+        let a = batch(&["DE", "FR", "DE"], &[Some(10.0), Some(5.0), None], &[1, 2, 3]);
+        let b = batch(&["FR", "DE"], &[Some(7.5), Some(2.0)], &[4, 5]);
+        let mut h = Harness::<Aggregate>::new(CFG, &a.schema()).unwrap();
+        assert!(h.process(&a).unwrap().iter().all(|b| b.num_rows() == 0));
+        let out = h.run(&[b]).unwrap();
+        assert_eq!(out.num_rows(), 2);
+        let country: Vec<_> = out.column(0).as_string::<i32>().iter().flatten().collect();
+        assert_eq!(country, ["DE", "FR"]);
+        assert_eq!(out.column(1).as_primitive::<Int64Type>().values().to_vec(), [3, 2]);
+        assert_eq!(
+            out.column(2).as_primitive::<Float64Type>().values().to_vec(),
+            [12.0, 12.5]
+        );
+        assert_eq!(out.column(3).as_primitive::<Int64Type>().values().to_vec(), [9, 6]);
+        assert_eq!(out.column(4).as_primitive::<Float64Type>().value(0), 6.0);
+        assert_eq!(out.column(5).as_primitive::<Float64Type>().value(1), 5.0);
+        assert_eq!(out.column(6).as_primitive::<Int64Type>().value(0), 5);
+    }
+
+    #[test]
+    fn config_errors() {
+        let s = batch(&[], &[], &[]).schema();
+        let e = Harness::<Aggregate>::new("aggregates = [{ fn = \"median\", column = \"qty\", as = \"m\" }]", &s)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("median"), "{e}");
+        let e = Harness::<Aggregate>::new("aggregates = [{ fn = \"sum\", as = \"m\" }]", &s)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("needs a column"), "{e}");
+        let e = Harness::<Aggregate>::new("aggregates = [{ fn = \"sum\", column = \"country\", as = \"m\" }]", &s)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("Utf8"), "{e}");
+    }
+}

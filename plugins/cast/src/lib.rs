@@ -1,0 +1,216 @@
+//! `cast`: select, rename and cast columns.
+//!
+//! ```toml
+//! [steps.stg_orders.transforms.config]
+//! columns = [
+//!   { column = "order_id", type = "int64" },
+//!   { column = "ordered_at", type = "timestamp" },
+//!   { column = "ordered_at", type = "date", rename = "order_date" },  # a column may be used twice
+//!   { column = "email_hash", rename = "email" },                      # rename only
+//! ]
+//! ```
+//!
+//! Only the listed columns are kept, in the listed order. A value that cannot be cast is an
+//! invalid-input error that names the row, the column and the value; nulls stay null.
+
+use std::sync::Arc;
+
+use weir_sdk::arrow_cast::{can_cast_types, cast_with_options, display::ArrayFormatter, CastOptions};
+use weir_sdk::prelude::*;
+use weir_sdk::util::{parse_type_name, TYPE_NAMES};
+
+#[derive(Debug, Deserialize)]
+#[serde(crate = "weir_sdk::serde", deny_unknown_fields)]
+pub struct Config {
+    columns: Vec<ColumnSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(crate = "weir_sdk::serde", deny_unknown_fields)]
+pub struct ColumnSpec {
+    column: String,
+    #[serde(rename = "type")]
+    to: Option<String>,
+    rename: Option<String>,
+}
+
+struct Plan {
+    source: usize,
+    to: DataType,
+}
+
+pub struct Cast {
+    plan: Vec<Plan>,
+    schema: SchemaRef,
+}
+
+impl Transform for Cast {
+    type Config = Config;
+
+    fn new(config: Config, input: &SchemaRef, _ctx: &Context) -> Result<Self> {
+        if config.columns.is_empty() {
+            return Err(Error::config("columns: list at least one column"));
+        }
+        let mut plan = Vec::new();
+        let mut fields = Vec::new();
+        for (i, spec) in config.columns.into_iter().enumerate() {
+            let source = require_column(input, &spec.column, &[])
+                .map_err(|e| Error::config(format!("columns[{i}]: {}", msg(e))))?;
+            let from = input.field(source);
+            let to = match &spec.to {
+                None => from.data_type().clone(),
+                Some(t) => parse_type_name(t).ok_or_else(|| {
+                    Error::config(format!(
+                        "columns[{i}].type: unknown type `{t}`; use one of {TYPE_NAMES}"
+                    ))
+                })?,
+            };
+            if !can_cast_types(from.data_type(), &to) {
+                return Err(Error::config(format!(
+                    "columns[{i}]: cannot cast `{}` from {} to {to}",
+                    spec.column,
+                    from.data_type()
+                )));
+            }
+            let name = spec.rename.unwrap_or(spec.column);
+            if fields.iter().any(|f: &Field| f.name() == &name) {
+                return Err(Error::config(format!(
+                    "columns[{i}]: output column `{name}` appears twice; rename one"
+                )));
+            }
+            fields.push(Field::new(&name, to.clone(), from.is_nullable()));
+            plan.push(Plan { source, to });
+        }
+        Ok(Cast {
+            plan,
+            schema: Arc::new(Schema::new(fields)),
+        })
+    }
+
+    fn output_schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
+        let options = CastOptions {
+            safe: true,
+            ..Default::default()
+        };
+        let mut columns = Vec::with_capacity(self.plan.len());
+        for p in &self.plan {
+            let input = batch.column(p.source);
+            let out = cast_with_options(input, &p.to, &options)?;
+            if out.null_count() > input.null_count() {
+                let row = (0..input.len())
+                    .find(|&r| out.is_null(r) && !input.is_null(r))
+                    .unwrap_or(0);
+                let value = ArrayFormatter::try_new(input.as_ref(), &Default::default())
+                    .map(|f| f.value(row).to_string())
+                    .unwrap_or_default();
+                let source = batch.schema().field(p.source).name().clone();
+                return Err(Error::input(row, source, format!("cannot cast {value:?} to {}", p.to)));
+            }
+            columns.push(out);
+        }
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+}
+
+fn msg(e: Error) -> String {
+    match e {
+        Error::InvalidConfig(m) => m,
+        other => other.to_string(),
+    }
+}
+
+weir_sdk::export_transform!(Cast);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_sdk::arrow_array::types::{Date32Type, Int64Type, TimestampMicrosecondType};
+    use weir_sdk::testing::Harness;
+
+    fn input() -> RecordBatch {
+        RecordBatch::try_from_iter([
+            (
+                "id",
+                Arc::new(StringArray::from(vec![Some("1"), Some("2"), None])) as ArrayRef,
+            ),
+            (
+                "at",
+                Arc::new(StringArray::from(vec![
+                    "2024-01-02T10:00:00",
+                    "2024-01-03 23:59:59",
+                    "2024-01-04T00:00:00Z",
+                ])) as ArrayRef,
+            ),
+            ("junk", Arc::new(StringArray::from(vec!["a", "b", "c"])) as ArrayRef),
+        ])
+        .unwrap()
+    }
+
+    const CFG: &str = r#"columns = [
+        { column = "id", type = "int64", rename = "order_id" },
+        { column = "at", type = "timestamp" },
+        { column = "at", type = "date", rename = "day" },
+    ]"#;
+
+    #[test]
+    fn selects_renames_and_casts() {
+        let batch = input();
+        let mut h = Harness::<Cast>::new(CFG, &batch.schema()).unwrap();
+        let out = h.run(&[batch]).unwrap();
+        assert_eq!(out.num_columns(), 3);
+        assert_eq!(out.schema().field(0).name(), "order_id");
+        let ids = out.column(0).as_primitive::<Int64Type>();
+        assert_eq!(ids.value(1), 2);
+        assert!(ids.is_null(2));
+        let at = out.column(1).as_primitive::<TimestampMicrosecondType>();
+        assert_eq!(at.value(0), 1_704_189_600_000_000);
+        let day = out.column(2).as_primitive::<Date32Type>();
+        assert_eq!(day.value(1), 19725); // 2024-01-03
+    }
+
+    #[test]
+    fn bad_value_names_row_column_and_value() {
+        let batch = RecordBatch::try_from_iter([
+            ("id", Arc::new(StringArray::from(vec!["1", "2", "x3"])) as ArrayRef),
+            (
+                "at",
+                Arc::new(StringArray::from(vec!["2024-01-02", "2024-01-02", "2024-01-02"])) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let mut h = Harness::<Cast>::new(CFG, &batch.schema()).unwrap();
+        let err = h.process(&batch).unwrap_err();
+        match &err {
+            Error::InvalidInput { row, column, message } => {
+                assert_eq!(*row, Some(2));
+                assert_eq!(column.as_deref(), Some("id"));
+                assert!(message.contains("x3"), "{message}");
+            }
+            other => panic!("wrong error {other}"),
+        }
+    }
+
+    #[test]
+    fn config_errors() {
+        let s = input().schema();
+        let e = Harness::<Cast>::new("columns = [{ column = \"id\", type = \"int128\" }]", &s)
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("int128") && e.to_string().contains("columns[0].type"),
+            "{e}"
+        );
+        let e = Harness::<Cast>::new("columns = [{ column = \"idd\" }]", &s)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("idd"), "{e}");
+        let e = Harness::<Cast>::new("columns = [{ column = \"id\", as = \"x\" }]", &s)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("as"), "{e}");
+    }
+}

@@ -1,0 +1,210 @@
+//! `dedup`: keep one row per natural key, across the whole input.
+//!
+//! ```toml
+//! [steps.stg_orders.transforms.config]
+//! key = ["order_id"]        # one or more columns
+//! keep = "last"             # "first" (default) or "last"
+//! order_by = "updated_at"   # with keep = "last": the row with the greatest value wins
+//! ```
+//!
+//! `keep = "first"` streams: a row passes the first time its key is seen. `keep = "last"`
+//! holds the input until the end (the winner of a key may come in the last batch) and emits
+//! one row per key, in the order keys were first seen. Ties on `order_by` go to the later row.
+
+use std::collections::HashMap;
+
+use weir_sdk::arrow_array::BooleanArray;
+use weir_sdk::arrow_select::{filter::filter_record_batch, interleave::interleave_record_batch};
+use weir_sdk::keys::{encode_key, scalar_at, supported, Scalar};
+use weir_sdk::prelude::*;
+
+#[derive(Debug, Deserialize)]
+#[serde(crate = "weir_sdk::serde", deny_unknown_fields)]
+pub struct Config {
+    key: Vec<String>,
+    #[serde(default)]
+    keep: Keep,
+    order_by: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(crate = "weir_sdk::serde", rename_all = "snake_case")]
+pub enum Keep {
+    #[default]
+    First,
+    Last,
+}
+
+pub struct Dedup {
+    keys: Vec<usize>,
+    order_by: Option<usize>,
+    keep: Keep,
+    schema: SchemaRef,
+    seen: HashMap<Vec<u8>, usize>,
+    /// keep = last: winners in first-seen order, as (batch, row, order value).
+    winners: Vec<(usize, usize, Scalar)>,
+    held: Vec<RecordBatch>,
+    buf: Vec<u8>,
+}
+
+impl Transform for Dedup {
+    type Config = Config;
+
+    fn new(config: Config, input: &SchemaRef, _ctx: &Context) -> Result<Self> {
+        if config.key.is_empty() {
+            return Err(Error::config("key: name at least one column"));
+        }
+        let mut keys = Vec::new();
+        for name in &config.key {
+            let i = require_column(input, name, &[]).map_err(|e| Error::config(format!("key: {e}")))?;
+            if !supported(input.field(i).data_type()) {
+                return Err(Error::config(format!(
+                    "key: column `{name}` has type {}, which cannot be a key",
+                    input.field(i).data_type()
+                )));
+            }
+            keys.push(i);
+        }
+        let order_by = match (config.keep, &config.order_by) {
+            (Keep::Last, Some(name)) => {
+                Some(require_column(input, name, &[]).map_err(|e| Error::config(format!("order_by: {e}")))?)
+            }
+            (Keep::Last, None) => None,
+            (Keep::First, Some(_)) => {
+                return Err(Error::config(
+                    "order_by: only used with keep = \"last\" (keep = \"first\" keeps arrival order)",
+                ))
+            }
+            (Keep::First, None) => None,
+        };
+        Ok(Dedup {
+            keys,
+            order_by,
+            keep: config.keep,
+            schema: input.clone(),
+            seen: HashMap::new(),
+            winners: Vec::new(),
+            held: Vec::new(),
+            buf: Vec::new(),
+        })
+    }
+
+    fn output_schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
+        let key_cols: Vec<&ArrayRef> = self.keys.iter().map(|&i| batch.column(i)).collect();
+        match self.keep {
+            Keep::First => {
+                let mut keep = Vec::with_capacity(batch.num_rows());
+                for row in 0..batch.num_rows() {
+                    encode_key(&key_cols, row, &mut self.buf)?;
+                    let new = !self.seen.contains_key(&self.buf);
+                    if new {
+                        self.seen.insert(self.buf.clone(), 0);
+                    }
+                    keep.push(new);
+                }
+                let dropped = keep.iter().filter(|k| !**k).count();
+                host::counter_add("duplicates_dropped", dropped as i64);
+                Ok(filter_record_batch(&batch, &BooleanArray::from(keep))?)
+            }
+            Keep::Last => {
+                let b = self.held.len();
+                for row in 0..batch.num_rows() {
+                    encode_key(&key_cols, row, &mut self.buf)?;
+                    let order = match self.order_by {
+                        Some(i) => scalar_at(batch.column(i).as_ref(), row)?,
+                        None => Scalar::Null,
+                    };
+                    match self.seen.get(&self.buf) {
+                        Some(&w) => {
+                            // later rows win ties: arrival order breaks them
+                            if order.total_cmp(&self.winners[w].2).is_ge() {
+                                self.winners[w] = (b, row, order);
+                            }
+                        }
+                        None => {
+                            self.seen.insert(self.buf.clone(), self.winners.len());
+                            self.winners.push((b, row, order));
+                        }
+                    }
+                }
+                self.held.push(batch);
+                Ok(RecordBatch::new_empty(self.schema.clone()))
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Result<Option<RecordBatch>> {
+        if self.keep == Keep::First || self.winners.is_empty() {
+            return Ok(None);
+        }
+        let total: usize = self.held.iter().map(|b| b.num_rows()).sum();
+        host::counter_add("duplicates_dropped", (total - self.winners.len()) as i64);
+        let refs: Vec<&RecordBatch> = self.held.iter().collect();
+        let indices: Vec<(usize, usize)> = self.winners.iter().map(|(b, r, _)| (*b, *r)).collect();
+        let out = interleave_record_batch(&refs, &indices)?;
+        self.held.clear();
+        self.winners.clear();
+        Ok(Some(out))
+    }
+}
+
+weir_sdk::export_transform!(Dedup);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use weir_sdk::arrow_array::Int64Array;
+    use weir_sdk::testing::Harness;
+
+    fn batch(ids: &[i64], vs: &[i64], tag: &[&str]) -> RecordBatch {
+        RecordBatch::try_from_iter([
+            ("id", Arc::new(Int64Array::from(ids.to_vec())) as ArrayRef),
+            ("v", Arc::new(Int64Array::from(vs.to_vec())) as ArrayRef),
+            ("tag", Arc::new(StringArray::from(tag.to_vec())) as ArrayRef),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn keep_first_across_batches() {
+        let a = batch(&[1, 2, 1], &[10, 20, 11], &["a", "b", "c"]);
+        let b = batch(&[2, 3], &[21, 30], &["d", "e"]);
+        let mut h = Harness::<Dedup>::new("key = [\"id\"]", &a.schema()).unwrap();
+        let out = h.run(&[a, b]).unwrap();
+        let tags: Vec<_> = out.column(2).as_string::<i32>().iter().flatten().collect();
+        assert_eq!(tags, ["a", "b", "e"]);
+    }
+
+    #[test]
+    fn keep_last_by_order_column_across_batches() {
+        let a = batch(&[1, 2, 1], &[10, 20, 5], &["a", "b", "c"]);
+        let b = batch(&[2, 1, 3], &[21, 10, 30], &["d", "e", "f"]);
+        let mut h = Harness::<Dedup>::new("key = [\"id\"]\nkeep = \"last\"\norder_by = \"v\"", &a.schema()).unwrap();
+        let out = h.run(&[a, b]).unwrap();
+        let tags: Vec<_> = out.column(2).as_string::<i32>().iter().flatten().collect();
+        // id 1: v=10 twice (a, e) -> the later one wins; id 2: d (21); id 3: f
+        assert_eq!(tags, ["e", "d", "f"]);
+    }
+
+    #[test]
+    fn composite_keys_and_config_errors() {
+        let a = batch(&[1, 1, 1], &[1, 2, 1], &["a", "b", "c"]);
+        let mut h = Harness::<Dedup>::new("key = [\"id\", \"v\"]", &a.schema()).unwrap();
+        assert_eq!(h.run(&[a.clone()]).unwrap().num_rows(), 2);
+        let e = Harness::<Dedup>::new("key = [\"nope\"]", &a.schema()).err().unwrap();
+        assert!(e.to_string().contains("nope"), "{e}");
+        let e = Harness::<Dedup>::new("key = [\"id\"]\norder_by = \"v\"", &a.schema())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("order_by"), "{e}");
+        let e = Harness::<Dedup>::new("key = [\"id\"]\nkeep = \"middle\"", &a.schema())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("keep"), "{e}");
+    }
+}

@@ -1,0 +1,123 @@
+//! `hostile`: a plugin that misbehaves on purpose, for weir's sandbox tests.
+//!
+//! `mode` picks the attack; every mode passes batches through unchanged when its attack
+//! fails to do harm, except where noted. Never use it in a real pipeline.
+//!
+//! | mode          | what it does in `process`                                     |
+//! |---------------|----------------------------------------------------------------|
+//! | `loop`        | spins forever (the host's deadline must stop it)               |
+//! | `memory`      | allocates until the memory cap stops it                        |
+//! | `panic`       | panics (a trap)                                                |
+//! | `read_file`   | reads `/etc/passwd`; returns an error saying what happened     |
+//! | `socket`      | connects to 127.0.0.1:22; returns an error saying what happened|
+//! | `env`         | reads the HOME variable; returns an error if it can            |
+//! | `garbage`     | returns bytes that are not Arrow IPC                           |
+//! | `schema_lie`  | declares the input schema, returns a batch with an extra column|
+//! | `shout`       | writes 4 MiB to stdout                                         |
+//! | `slow`        | sleeps `sleep_ms` per batch (a well-behaved slow plugin)        |
+
+use std::io::Write;
+use std::sync::Arc;
+
+use weir_sdk::arrow_array::{ArrayRef, Int64Array, RecordBatch};
+use weir_sdk::arrow_schema::{DataType, Field, Schema};
+use weir_sdk::serde::Deserialize;
+use weir_sdk::{ipc, runner::parse_config, Context, Error, RawTransform, Result};
+
+#[derive(Debug, Deserialize)]
+#[serde(crate = "weir_sdk::serde", deny_unknown_fields)]
+struct Config {
+    mode: String,
+    #[serde(default)]
+    sleep_ms: u64,
+}
+
+pub struct Hostile {
+    mode: String,
+    sleep_ms: u64,
+    schema: Vec<u8>,
+}
+
+impl RawTransform for Hostile {
+    fn init(config: &str, input_schema: &[u8], _ctx: Context) -> Result<(Self, Vec<u8>)> {
+        let c: Config = parse_config(config)?;
+        Ok((
+            Hostile {
+                mode: c.mode,
+                sleep_ms: c.sleep_ms,
+                schema: input_schema.to_vec(),
+            },
+            input_schema.to_vec(),
+        ))
+    }
+
+    fn process(&mut self, batch: &[u8]) -> Result<Vec<u8>> {
+        match self.mode.as_str() {
+            "loop" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            "memory" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![7u8; 16 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "panic" => panic!("hostile plugin panics on purpose"),
+            "read_file" => match std::fs::read_to_string("/etc/passwd") {
+                Ok(s) => Err(Error::internal(format!(
+                    "SANDBOX ESCAPE: read {} bytes of /etc/passwd",
+                    s.len()
+                ))),
+                Err(e) => Err(Error::internal(format!("could not read /etc/passwd: {e}"))),
+            },
+            "socket" => match std::net::TcpStream::connect("127.0.0.1:22") {
+                Ok(_) => Err(Error::internal("SANDBOX ESCAPE: connected to 127.0.0.1:22")),
+                Err(e) => Err(Error::internal(format!("could not connect to 127.0.0.1:22: {e}"))),
+            },
+            "env" => match std::env::var("HOME") {
+                Ok(v) => Err(Error::internal(format!("SANDBOX ESCAPE: HOME={v}"))),
+                Err(_) => Ok(batch.to_vec()),
+            },
+            "garbage" => Ok(b"this is not an arrow ipc stream \x00\x01\x02\xff".repeat(10)),
+            "schema_lie" => {
+                let (schema, batches) = ipc::decode(batch)?;
+                let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+                fields.push(Field::new("surprise", DataType::Int64, false));
+                let schema = Arc::new(Schema::new(fields));
+                let mut out = Vec::new();
+                for b in batches {
+                    let mut cols = b.columns().to_vec();
+                    cols.push(Arc::new(Int64Array::from(vec![42; b.num_rows()])) as ArrayRef);
+                    out.push(RecordBatch::try_new(schema.clone(), cols)?);
+                }
+                Ok(ipc::encode(&schema, &out)?)
+            }
+            "shout" => {
+                let line = [b'!'; 1024];
+                let mut out = std::io::stdout();
+                for _ in 0..4096 {
+                    if out.write_all(&line).is_err() {
+                        break;
+                    }
+                }
+                Ok(batch.to_vec())
+            }
+            "slow" => {
+                std::thread::sleep(std::time::Duration::from_millis(self.sleep_ms));
+                Ok(batch.to_vec())
+            }
+            other => Err(Error::config(format!("mode: unknown mode `{other}`"))),
+        }
+    }
+
+    fn finish(&mut self) -> Result<Vec<u8>> {
+        let schema = ipc::decode_schema(&self.schema)?;
+        Ok(ipc::encode(&schema, &[])?)
+    }
+}
+
+weir_sdk::export_raw_transform!(Hostile);

@@ -1,0 +1,708 @@
+//! Pipeline files: TOML in, a validated [`Pipeline`] out.
+//!
+//! Parsing is strict (unknown keys are errors) and every error carries the file, line and
+//! column it is about, plus a hint. Validation collects every problem it can find in one
+//! pass, so `weir validate` reports them all at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use arrow_schema::DataType;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// One problem in a pipeline file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )?;
+        if let Some(h) = &self.hint {
+            write!(f, "\n  hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything wrong with a pipeline file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<Diagnostic>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The file as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    pipeline: Spanned<RawMeta>,
+    #[serde(default)]
+    secrets: BTreeMap<String, Spanned<RawSecret>>,
+    #[serde(default)]
+    sources: BTreeMap<String, Spanned<RawSource>>,
+    #[serde(default)]
+    plugins: BTreeMap<String, Spanned<RawPlugin>>,
+    #[serde(default)]
+    steps: BTreeMap<String, Spanned<RawStep>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMeta {
+    name: Spanned<String>,
+    description: Option<String>,
+    batch_size: Option<Spanned<usize>>,
+    channel_capacity: Option<Spanned<usize>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    env: Option<String>,
+    file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    format: Format,
+    path: Spanned<String>,
+    #[serde(default)]
+    schema: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    on_error: OnError,
+    delimiter: Option<Spanned<String>>,
+    #[serde(default = "yes")]
+    header: bool,
+    infer_rows: Option<usize>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    path: Spanned<String>,
+    sha256: Option<Spanned<String>>,
+    memory_mb: Option<Spanned<u64>>,
+    timeout_ms: Option<Spanned<u64>>,
+    #[serde(default)]
+    secrets: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    input: Spanned<String>,
+    #[serde(default)]
+    transforms: Vec<Spanned<RawTransform>>,
+    output: Option<RawOutput>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTransform {
+    plugin: Spanned<String>,
+    #[serde(default)]
+    config: toml::Table,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    path: Spanned<String>,
+    #[serde(default)]
+    format: OutputFormat,
+    partition_by: Option<Spanned<String>>,
+    row_group_size: Option<usize>,
+}
+
+// ---------------------------------------------------------------------------------------
+// The validated pipeline.
+
+/// Input file formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Csv,
+    Jsonl,
+    Parquet,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    #[default]
+    Parquet,
+}
+
+/// What a source does with a row it cannot read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Stop the run with an error naming file, line and column (the default).
+    #[default]
+    Fail,
+    /// Skip the row, count it in the summary, and log where it was.
+    Skip,
+}
+
+/// Where a secret comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretRef {
+    Env(String),
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub format: Format,
+    /// Path, directory or glob, relative paths resolved against the pipeline file; may hold
+    /// `{partition}`.
+    pub path: String,
+    /// Declared column types by name (CSV and JSON lines); empty means infer.
+    pub schema: Vec<(String, DataType)>,
+    pub on_error: OnError,
+    pub delimiter: u8,
+    pub header: bool,
+    pub infer_rows: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plugin {
+    pub name: String,
+    pub path: PathBuf,
+    pub sha256: Option<String>,
+    pub memory_bytes: u64,
+    pub timeout: Duration,
+    pub secrets: Vec<String>,
+    pub line: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct TransformRef {
+    pub plugin: String,
+    /// The `config` table as JSON text, as the plugin receives it.
+    pub config_json: String,
+    pub line: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub path: PathBuf,
+    pub partition_by: Option<String>,
+    pub row_group_size: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub name: String,
+    /// A source name or an earlier step's name.
+    pub input: String,
+    pub transforms: Vec<TransformRef>,
+    pub output: Option<Output>,
+    pub line: usize,
+}
+
+/// A validated pipeline. Steps are in an order where every step comes after its input.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub file: PathBuf,
+    pub name: String,
+    pub batch_size: usize,
+    pub channel_capacity: usize,
+    pub secrets: BTreeMap<String, SecretRef>,
+    pub sources: BTreeMap<String, Source>,
+    pub plugins: BTreeMap<String, Plugin>,
+    pub steps: Vec<Step>,
+    /// sha256 of the file's bytes, for run records.
+    pub config_sha256: String,
+}
+
+pub const DEFAULT_BATCH_SIZE: usize = 64 * 1024;
+
+impl Pipeline {
+    /// Read and validate a pipeline file.
+    pub fn load(path: &Path) -> Result<Pipeline, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![Diagnostic {
+                file: path.to_path_buf(),
+                line: 0,
+                column: 0,
+                message: format!("cannot read the pipeline file: {e}"),
+                hint: None,
+            }])
+        })?;
+        Pipeline::parse(path, &text)
+    }
+
+    /// Validate pipeline text; `path` names it in messages and anchors relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Pipeline, ConfigErrors> {
+        let ctx = Ctx { file: path, text };
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| ctx.line_col(s.start)).unwrap_or((0, 0));
+            let message = e.message().trim().to_string();
+            let hint = hint_for_parse_error(&message);
+            ConfigErrors(vec![Diagnostic {
+                file: path.to_path_buf(),
+                line,
+                column,
+                message,
+                hint,
+            }])
+        })?;
+        let mut errors = Vec::new();
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base
+        };
+
+        let meta = raw.pipeline.get_ref();
+        if meta.name.get_ref().trim().is_empty() {
+            errors.push(ctx.at(
+                meta.name.span().start,
+                "pipeline.name is empty",
+                Some("give the pipeline a name, e.g. name = \"orders\""),
+            ));
+        }
+        let _ = &meta.description;
+        let batch_size = match &meta.batch_size {
+            Some(b) if *b.get_ref() == 0 || *b.get_ref() > 16 << 20 => {
+                errors.push(ctx.at(
+                    b.span().start,
+                    "pipeline.batch_size must be between 1 and 16777216 rows",
+                    None,
+                ));
+                DEFAULT_BATCH_SIZE
+            }
+            Some(b) => *b.get_ref(),
+            None => DEFAULT_BATCH_SIZE,
+        };
+        let channel_capacity = match &meta.channel_capacity {
+            Some(c) if *c.get_ref() == 0 || *c.get_ref() > 1024 => {
+                errors.push(ctx.at(
+                    c.span().start,
+                    "pipeline.channel_capacity must be between 1 and 1024 batches",
+                    None,
+                ));
+                4
+            }
+            Some(c) => *c.get_ref(),
+            None => 4,
+        };
+
+        // secrets
+        let mut secrets = BTreeMap::new();
+        for (name, s) in &raw.secrets {
+            let at = s.span().start;
+            match (&s.get_ref().env, &s.get_ref().file) {
+                (Some(env), None) => {
+                    secrets.insert(name.clone(), SecretRef::Env(env.clone()));
+                }
+                (None, Some(file)) => {
+                    secrets.insert(name.clone(), SecretRef::File(base.join(file)));
+                }
+                _ => errors.push(ctx.at(
+                    at,
+                    &format!("secret `{name}` must name exactly one of `env` or `file`"),
+                    Some("secrets.mask_key = { env = \"WEIR_MASK_KEY\" } or { file = \"secrets/mask.key\" }; never the key itself"),
+                )),
+            }
+        }
+
+        // sources
+        let mut sources = BTreeMap::new();
+        for (name, s) in &raw.sources {
+            let r = s.get_ref();
+            let mut schema = Vec::new();
+            for (col, ty) in &r.schema {
+                match weir_sdk::util::parse_type_name(ty.get_ref()) {
+                    Some(t) => schema.push((col.clone(), t)),
+                    None => errors.push(ctx.at(
+                        ty.span().start,
+                        &format!("sources.{name}.schema.{col}: unknown type `{}`", ty.get_ref()),
+                        Some(&format!("use one of {}", weir_sdk::util::TYPE_NAMES)),
+                    )),
+                }
+            }
+            if r.format == Format::Parquet && !schema.is_empty() {
+                errors.push(ctx.at(
+                    s.span().start,
+                    &format!("sources.{name}: parquet files carry their own schema; remove `schema`"),
+                    None,
+                ));
+            }
+            let delimiter = match &r.delimiter {
+                None => b',',
+                Some(d) if d.get_ref().len() == 1 => d.get_ref().as_bytes()[0],
+                Some(d) => {
+                    errors.push(ctx.at(
+                        d.span().start,
+                        &format!("sources.{name}.delimiter must be one ASCII character"),
+                        None,
+                    ));
+                    b','
+                }
+            };
+            if r.path.get_ref().trim().is_empty() {
+                errors.push(ctx.at(r.path.span().start, &format!("sources.{name}.path is empty"), None));
+            }
+            let path = if Path::new(r.path.get_ref()).is_absolute() {
+                r.path.get_ref().clone()
+            } else {
+                base.join(r.path.get_ref()).to_string_lossy().into_owned()
+            };
+            sources.insert(
+                name.clone(),
+                Source {
+                    name: name.clone(),
+                    format: r.format,
+                    path,
+                    schema,
+                    on_error: r.on_error,
+                    delimiter,
+                    header: r.header,
+                    infer_rows: r.infer_rows.unwrap_or(1000).max(1),
+                },
+            );
+        }
+
+        // plugins
+        let mut plugins = BTreeMap::new();
+        for (name, p) in &raw.plugins {
+            let r = p.get_ref();
+            let path = base.join(r.path.get_ref());
+            if !path.is_file() {
+                errors.push(ctx.at(
+                    r.path.span().start,
+                    &format!("plugin `{name}`: file {} does not exist", path.display()),
+                    Some("paths are relative to the pipeline file; build first-party plugins with scripts/build-plugins.sh"),
+                ));
+            } else if let Some(pin) = &r.sha256 {
+                match std::fs::read(&path) {
+                    Ok(bytes) => {
+                        use sha2::Digest;
+                        let actual = crate::plugin::hex(&sha2::Sha256::digest(&bytes));
+                        if !actual.eq_ignore_ascii_case(pin.get_ref().trim()) {
+                            errors.push(ctx.at(
+                                pin.span().start,
+                                &format!(
+                                    "plugin `{name}`: sha256 pin does not match {} (the file's sha256 is {actual})",
+                                    path.display()
+                                ),
+                                Some("the plugin changed since it was pinned: review it, then update the pin"),
+                            ));
+                        }
+                    }
+                    Err(e) => errors.push(ctx.at(
+                        r.path.span().start,
+                        &format!("plugin `{name}`: cannot read {}: {e}", path.display()),
+                        None,
+                    )),
+                }
+            }
+            let memory_mb = r.memory_mb.as_ref().map(|m| *m.get_ref()).unwrap_or(256);
+            if let Some(m) = &r.memory_mb {
+                if *m.get_ref() < 16 || *m.get_ref() > 4096 {
+                    errors.push(ctx.at(
+                        m.span().start,
+                        &format!("plugins.{name}.memory_mb must be between 16 and 4096"),
+                        None,
+                    ));
+                }
+            }
+            let timeout_ms = r.timeout_ms.as_ref().map(|t| *t.get_ref()).unwrap_or(10_000);
+            if let Some(t) = &r.timeout_ms {
+                if *t.get_ref() == 0 || *t.get_ref() > 3_600_000 {
+                    errors.push(ctx.at(
+                        t.span().start,
+                        &format!("plugins.{name}.timeout_ms must be between 1 and 3600000"),
+                        None,
+                    ));
+                }
+            }
+            for s in &r.secrets {
+                if !secrets.contains_key(s.get_ref()) && !raw.secrets.contains_key(s.get_ref()) {
+                    errors.push(ctx.at(
+                        s.span().start,
+                        &format!(
+                            "plugin `{name}` is granted secret `{}`, which is not declared",
+                            s.get_ref()
+                        ),
+                        Some(&format!("declare it: [secrets] {} = {{ env = \"...\" }}", s.get_ref())),
+                    ));
+                }
+            }
+            plugins.insert(
+                name.clone(),
+                Plugin {
+                    name: name.clone(),
+                    path,
+                    sha256: r.sha256.as_ref().map(|s| s.get_ref().trim().to_lowercase()),
+                    memory_bytes: memory_mb << 20,
+                    timeout: Duration::from_millis(timeout_ms),
+                    secrets: r.secrets.iter().map(|s| s.get_ref().clone()).collect(),
+                    line: ctx.line_col(p.span().start).0,
+                },
+            );
+        }
+
+        // steps
+        let mut steps = Vec::new();
+        if raw.steps.is_empty() {
+            errors.push(ctx.at(
+                raw.pipeline.span().start,
+                "the pipeline has no steps",
+                Some("add a [steps.<name>] table with an input and an output"),
+            ));
+        }
+        for (name, s) in &raw.steps {
+            let r = s.get_ref();
+            let input = r.input.get_ref();
+            if !sources.contains_key(input) && !raw.steps.contains_key(input) {
+                let known: Vec<&String> = raw.sources.keys().chain(raw.steps.keys()).collect();
+                errors.push(ctx.at(
+                    r.input.span().start,
+                    &format!("step `{name}` reads `{input}`, which is neither a source nor a step"),
+                    Some(&format!("known sources and steps: {}", join(&known))),
+                ));
+            }
+            if sources.contains_key(input) && raw.steps.contains_key(input) {
+                errors.push(ctx.at(
+                    r.input.span().start,
+                    &format!("`{input}` is both a source and a step; rename one"),
+                    None,
+                ));
+            }
+            let mut transforms = Vec::new();
+            for t in &r.transforms {
+                let plugin = t.get_ref().plugin.get_ref();
+                if !raw.plugins.contains_key(plugin) {
+                    let known: Vec<&String> = raw.plugins.keys().collect();
+                    errors.push(ctx.at(
+                        t.get_ref().plugin.span().start,
+                        &format!("step `{name}` uses plugin `{plugin}`, which is not declared"),
+                        Some(&if known.is_empty() {
+                            format!("declare it: [plugins.{plugin}] path = \"...wasm\"")
+                        } else {
+                            format!("declared plugins: {}", join(&known))
+                        }),
+                    ));
+                }
+                let json = weir_sdk::config::toml_to_json(&toml::Value::Table(t.get_ref().config.clone()));
+                transforms.push(TransformRef {
+                    plugin: plugin.clone(),
+                    config_json: json.to_string(),
+                    line: ctx.line_col(t.span().start).0,
+                });
+            }
+            let output = r.output.as_ref().map(|o| {
+                let _ = o.format;
+                if let Some(p) = &o.partition_by {
+                    if p.get_ref().is_empty() {
+                        errors.push(ctx.at(p.span().start, "partition_by is empty", None));
+                    }
+                }
+                Output {
+                    path: base.join(o.path.get_ref()),
+                    partition_by: o.partition_by.as_ref().map(|p| p.get_ref().clone()),
+                    row_group_size: o.row_group_size.unwrap_or(1 << 20).max(1024),
+                }
+            });
+            steps.push(Step {
+                name: name.clone(),
+                input: input.clone(),
+                transforms,
+                output,
+                line: ctx.line_col(s.span().start).0,
+            });
+        }
+
+        // Two steps writing one place would overwrite each other.
+        let mut outputs: HashMap<PathBuf, &str> = HashMap::new();
+        for s in &steps {
+            if let Some(o) = &s.output {
+                if let Some(other) = outputs.insert(o.path.clone(), &s.name) {
+                    errors.push(Diagnostic {
+                        file: path.to_path_buf(),
+                        line: s.line,
+                        column: 1,
+                        message: format!("steps `{other}` and `{}` both write {}", s.name, o.path.display()),
+                        hint: Some("give each step its own output path".into()),
+                    });
+                }
+            }
+        }
+
+        let steps = match order_steps(steps) {
+            Ok(s) => s,
+            Err((cycle, line)) => {
+                errors.push(Diagnostic {
+                    file: path.to_path_buf(),
+                    line,
+                    column: 1,
+                    message: format!("steps form a cycle: {}", cycle.join(" -> ")),
+                    hint: Some("a step may read a source or an earlier step, never itself through others".into()),
+                });
+                Vec::new()
+            }
+        };
+
+        if !errors.is_empty() {
+            errors.sort_by_key(|d| (d.line, d.column));
+            return Err(ConfigErrors(errors));
+        }
+        use sha2::Digest;
+        Ok(Pipeline {
+            file: path.to_path_buf(),
+            name: meta.name.get_ref().clone(),
+            batch_size,
+            channel_capacity,
+            secrets,
+            sources,
+            plugins,
+            steps,
+            config_sha256: crate::plugin::hex(&sha2::Sha256::digest(text.as_bytes())),
+        })
+    }
+
+    /// The step named `name`.
+    pub fn step(&self, name: &str) -> Option<&Step> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+}
+
+impl SecretRef {
+    /// Read the secret's bytes (a file's trailing newline is not part of the key).
+    pub fn resolve(&self) -> Result<Vec<u8>, String> {
+        match self {
+            SecretRef::Env(var) => match std::env::var(var) {
+                Ok(v) if !v.is_empty() => Ok(v.into_bytes()),
+                _ => Err(format!("environment variable {var} is not set (or empty)")),
+            },
+            SecretRef::File(path) => {
+                let mut bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    bytes.pop();
+                }
+                if bytes.is_empty() {
+                    return Err(format!("{} is empty", path.display()));
+                }
+                Ok(bytes)
+            }
+        }
+    }
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+        (line, column)
+    }
+
+    fn at(&self, offset: usize, message: &str, hint: Option<&str>) -> Diagnostic {
+        let (line, column) = self.line_col(offset);
+        Diagnostic {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            message: message.to_string(),
+            hint: hint.map(str::to_string),
+        }
+    }
+}
+
+fn join(names: &[&String]) -> String {
+    if names.is_empty() {
+        "(none)".into()
+    } else {
+        names.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+    }
+}
+
+fn hint_for_parse_error(message: &str) -> Option<String> {
+    if message.contains("unknown field") {
+        Some("check the spelling; the README's pipeline reference lists every key".into())
+    } else if message.contains("invalid type") {
+        Some("check the value's type (quoted text, number, true/false, [list] or {table})".into())
+    } else if message.contains("missing field") {
+        Some("add the missing key".into())
+    } else {
+        None
+    }
+}
+
+/// Order steps so each comes after the step it reads; report a cycle with the line of one
+/// of its steps.
+fn order_steps(steps: Vec<Step>) -> Result<Vec<Step>, (Vec<String>, usize)> {
+    let by_name: HashMap<&str, &Step> = steps.iter().map(|s| (s.name.as_str(), s)).collect();
+    let mut done: Vec<String> = Vec::new();
+    for s in &steps {
+        let mut chain: Vec<&str> = Vec::new();
+        let mut cur = Some(s);
+        while let Some(step) = cur {
+            if done.iter().any(|d| d == &step.name) {
+                break;
+            }
+            if let Some(pos) = chain.iter().position(|c| *c == step.name) {
+                let mut cycle: Vec<String> = chain[pos..].iter().map(|c| c.to_string()).collect();
+                cycle.push(step.name.clone());
+                cycle.reverse();
+                return Err((cycle, step.line));
+            }
+            chain.push(&step.name);
+            cur = by_name.get(step.input.as_str()).copied();
+        }
+        for name in chain.into_iter().rev() {
+            if !done.iter().any(|d| d == name) {
+                done.push(name.to_string());
+            }
+        }
+    }
+    let mut map: HashMap<String, Step> = steps.into_iter().map(|s| (s.name.clone(), s)).collect();
+    Ok(done.into_iter().filter_map(|n| map.remove(&n)).collect())
+}
+
+#[cfg(test)]
+mod tests;

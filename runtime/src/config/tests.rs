@@ -1,0 +1,136 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Pipeline, ConfigErrors> {
+    // plugin paths are checked against the file system: point them at this source file
+    let text = text.replace("PLUGIN", concat!(env!("CARGO_MANIFEST_DIR"), "/src/config/tests.rs"));
+    Pipeline::parse(Path::new("pipeline.toml"), &text)
+}
+
+fn errors(text: &str) -> Vec<Diagnostic> {
+    parse(text).expect_err("expected errors").0
+}
+
+const GOOD: &str = r#"
+[pipeline]
+name = "orders"
+
+[secrets]
+k = { env = "SOME_KEY" }
+
+[sources.raw]
+format = "csv"
+path = "data/*.csv"
+schema = { id = "int64", email = "string" }
+
+[plugins.mask]
+path = "PLUGIN"
+secrets = ["k"]
+
+[steps.stg]
+input = "raw"
+output = { path = "out/stg", partition_by = "day" }
+
+[[steps.stg.transforms]]
+plugin = "mask"
+config = { columns = { email = { method = "hmac", secret = "k" } } }
+
+[steps.mart]
+input = "stg"
+output = { path = "out/mart" }
+"#;
+
+#[test]
+fn good_pipeline_parses_in_dependency_order() {
+    let p = parse(GOOD).unwrap();
+    assert_eq!(p.name, "orders");
+    let names: Vec<_> = p.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["stg", "mart"]);
+    assert_eq!(p.steps[1].transforms.len(), 0);
+    assert!(p.steps[0].transforms[0].config_json.contains("\"secret\":\"k\""));
+    assert_eq!(p.sources["raw"].schema.len(), 2);
+    assert_eq!(p.batch_size, DEFAULT_BATCH_SIZE);
+    assert_eq!(p.plugins["mask"].memory_bytes, 256 << 20);
+}
+
+#[test]
+fn unknown_key_names_line_and_column() {
+    let text = GOOD.replace("[steps.mart]\ninput = \"stg\"", "[steps.mart]\ninptu = \"stg\"");
+    let e = errors(&text);
+    assert_eq!(e.len(), 1);
+    assert!(e[0].message.contains("unknown field `inptu`"), "{}", e[0]);
+    assert_eq!(e[0].line, 26, "{}", e[0]);
+    assert!(e[0].to_string().starts_with("pipeline.toml:26:1:"), "{}", e[0]);
+}
+
+#[test]
+fn wrong_type_names_line() {
+    let text = GOOD.replace("name = \"orders\"", "name = \"orders\"\nbatch_size = \"big\"");
+    let e = errors(&text);
+    assert!(e[0].message.contains("invalid type"), "{}", e[0]);
+    assert_eq!(e[0].line, 4, "{}", e[0]);
+}
+
+#[test]
+fn missing_plugin_file_and_unknown_plugin_and_unknown_input() {
+    let text = GOOD
+        .replace("path = \"PLUGIN\"", "path = \"nope/mask.wasm\"")
+        .replace("plugin = \"mask\"", "plugin = \"masc\"")
+        .replace("input = \"stg\"", "input = \"stgg\"");
+    let e = errors(&text);
+    let text_of = |needle: &str| {
+        e.iter()
+            .find(|d| d.message.contains(needle))
+            .unwrap_or_else(|| panic!("no `{needle}` in {e:?}"))
+    };
+    assert_eq!(text_of("does not exist").line, 14);
+    let d = text_of("`masc`");
+    assert_eq!(d.line, 22);
+    assert!(d.hint.as_deref().unwrap().contains("mask"));
+    assert_eq!(text_of("`stgg`").line, 26);
+}
+
+#[test]
+fn digest_mismatch_names_the_pin_line() {
+    let text = GOOD.replace("path = \"PLUGIN\"", "path = \"PLUGIN\"\nsha256 = \"00ff\"");
+    let e = errors(&text);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].message.contains("sha256 pin does not match"), "{}", e[0]);
+    assert_eq!(e[0].line, 15);
+}
+
+#[test]
+fn cycles_and_bad_secrets_are_reported() {
+    let text = GOOD
+        .replace("input = \"raw\"", "input = \"mart\"")
+        .replace("k = { env = \"SOME_KEY\" }", "k = { }");
+    let e = errors(&text);
+    assert!(
+        e.iter()
+            .any(|d| d.message.contains("cycle") && d.message.contains("stg")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|d| d.message.contains("exactly one of `env` or `file`") && d.line == 6),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn unknown_type_in_schema() {
+    let e = errors(&GOOD.replace("id = \"int64\"", "id = \"int65\""));
+    assert!(e[0].message.contains("int65") && e[0].line == 11, "{:?}", e[0]);
+    assert!(e[0].hint.as_deref().unwrap().contains("int64"));
+}
+
+#[test]
+fn secrets_resolve_from_env_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("key");
+    std::fs::write(&f, "s3cret\n").unwrap();
+    assert_eq!(SecretRef::File(f).resolve().unwrap(), b"s3cret");
+    assert!(SecretRef::Env("WEIR_TEST_SURELY_UNSET".into())
+        .resolve()
+        .unwrap_err()
+        .contains("WEIR_TEST_SURELY_UNSET"));
+}

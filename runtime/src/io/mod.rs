@@ -1,0 +1,39 @@
+//! Built-in sources and sinks.
+
+pub mod sink;
+pub mod source;
+pub mod text;
+
+use std::path::{Path, PathBuf};
+
+/// What can go wrong reading input or writing output.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A malformed row or file: the user fixes the data (or sets `on_error = "skip"`).
+    #[error("{}:{line}{}: {message}", file.display(), column.as_ref().map(|c| format!(": column `{c}`")).unwrap_or_default())]
+    Input {
+        file: PathBuf,
+        line: u64,
+        column: Option<String>,
+        message: String,
+    },
+    #[error("no input files match {pattern}")]
+    NoInput { pattern: String },
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {}: {message}", path.display())]
+    Write { path: PathBuf, message: String },
+    #[error("internal error (a bug in weir, please report it): {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

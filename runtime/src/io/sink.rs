@@ -1,0 +1,226 @@
+//! The Parquet sink: zstd-compressed files, hive-style partition directories
+//! (`order_date=2024-01-15/part-00000.parquet`), written to a staging directory that no
+//! reader looks at, then published by renames.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::{Array, RecordBatch, UInt32Array};
+use arrow_cast::display::ArrayFormatter;
+use arrow_schema::{Schema, SchemaRef};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use super::{Error, Result};
+
+/// The directory name used for null partition values (as Hive does).
+pub const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
+/// More distinct partition values than this in one run is almost surely a mistake.
+pub const MAX_PARTITIONS: usize = 10_000;
+
+/// Escape a partition value for a directory name (`/`, `=`, `%` and control characters).
+pub fn escape_partition(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        if c == '/' || c == '=' || c == '%' || c == '\\' || c.is_control() || (out.is_empty() && c == '.') {
+            for b in c.to_string().bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    if out.is_empty() {
+        out.push_str("%00");
+    }
+    out
+}
+
+/// Undo [`escape_partition`].
+pub fn unescape_partition(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() + 1 && v.is_char_boundary(i + 3) {
+            if let Ok(b) = u8::from_str_radix(&v[i + 1..i + 3], 16) {
+                if b != 0 {
+                    out.push(b);
+                }
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Writes one step's output into a staging directory.
+pub struct ParquetSink {
+    staging: PathBuf,
+    schema: SchemaRef,
+    /// (index of the partition column in the input, its name)
+    partition: Option<(usize, String)>,
+    file_schema: SchemaRef,
+    props: WriterProperties,
+    writers: BTreeMap<String, ArrowWriter<File>>,
+    pub rows_written: u64,
+}
+
+impl ParquetSink {
+    /// A sink for batches of `schema`, staged under `staging` (created, must not exist).
+    pub fn new(staging: &Path, schema: SchemaRef, partition_by: Option<&str>, row_group_size: usize) -> Result<Self> {
+        let partition = match partition_by {
+            Some(col) => {
+                let i = schema.index_of(col).map_err(|_| Error::Write {
+                    path: staging.to_path_buf(),
+                    message: format!(
+                        "partition_by column `{col}` is not in the step's output (columns: {})",
+                        weir_sdk::util::schema_text(&schema)
+                    ),
+                })?;
+                Some((i, col.to_string()))
+            }
+            None => None,
+        };
+        let file_schema = match &partition {
+            Some((i, _)) => {
+                let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
+                fields.remove(*i);
+                Arc::new(Schema::new(fields))
+            }
+            None => schema.clone(),
+        };
+        std::fs::create_dir_all(staging).map_err(|e| Error::io(staging, e))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+            .set_max_row_group_row_count(Some(row_group_size))
+            .set_created_by(format!("weir {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        Ok(ParquetSink {
+            staging: staging.to_path_buf(),
+            schema,
+            partition,
+            file_schema,
+            props,
+            writers: BTreeMap::new(),
+            rows_written: 0,
+        })
+    }
+
+    fn writer(&mut self, dir: &str) -> Result<&mut ArrowWriter<File>> {
+        if !self.writers.contains_key(dir) {
+            if self.writers.len() >= MAX_PARTITIONS {
+                return Err(Error::Write {
+                    path: self.staging.clone(),
+                    message: format!(
+                        "more than {MAX_PARTITIONS} partitions in one run; is partition_by the right column?"
+                    ),
+                });
+            }
+            let dir_path = if dir.is_empty() {
+                self.staging.clone()
+            } else {
+                self.staging.join(dir)
+            };
+            std::fs::create_dir_all(&dir_path).map_err(|e| Error::io(&dir_path, e))?;
+            let path = dir_path.join("part-00000.parquet");
+            let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+            let w = ArrowWriter::try_new(file, self.file_schema.clone(), Some(self.props.clone())).map_err(|e| {
+                Error::Write {
+                    path: path.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+            self.writers.insert(dir.to_string(), w);
+        }
+        Ok(self.writers.get_mut(dir).expect("inserted above"))
+    }
+
+    /// Write one batch (split by partition value when the output is partitioned).
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let staging = self.staging.clone();
+        let werr = |e: parquet::errors::ParquetError| Error::Write {
+            path: staging.clone(),
+            message: e.to_string(),
+        };
+        let Some((pcol, pname)) = self.partition.clone() else {
+            self.writer("")?.write(batch).map_err(werr)?;
+            self.rows_written += batch.num_rows() as u64;
+            return Ok(());
+        };
+        let col = batch.column(pcol);
+        let fmt =
+            ArrayFormatter::try_new(col.as_ref(), &Default::default()).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut groups: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        for row in 0..batch.num_rows() {
+            let value = if col.is_null(row) {
+                NULL_PARTITION.to_string()
+            } else {
+                escape_partition(&fmt.value(row).to_string())
+            };
+            groups.entry(value).or_default().push(row as u32);
+        }
+        let mut columns: Vec<_> = batch.columns().to_vec();
+        columns.remove(pcol);
+        let without =
+            RecordBatch::try_new(self.file_schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))?;
+        for (value, rows) in groups {
+            let part = if rows.len() == batch.num_rows() {
+                without.clone()
+            } else {
+                let idx = UInt32Array::from(rows);
+                arrow_select::take::take_record_batch(&without, &idx).map_err(|e| Error::Internal(e.to_string()))?
+            };
+            let dir = format!("{pname}={value}");
+            self.writer(&dir)?.write(&part).map_err(werr)?;
+            self.rows_written += part.num_rows() as u64;
+        }
+        Ok(())
+    }
+
+    /// Close every file (fsync'd). Returns the partition directories written (empty for an
+    /// unpartitioned output). An unpartitioned output with no rows still gets a file, so
+    /// readers see the schema.
+    pub fn finish(mut self) -> Result<Vec<String>> {
+        if self.partition.is_none() && self.writers.is_empty() {
+            self.writer("")?;
+        }
+        let mut dirs = Vec::new();
+        for (dir, w) in std::mem::take(&mut self.writers) {
+            let file = w.into_inner().map_err(|e| Error::Write {
+                path: self.staging.join(&dir),
+                message: e.to_string(),
+            })?;
+            file.sync_all().map_err(|e| Error::io(&self.staging.join(&dir), e))?;
+            if !dir.is_empty() {
+                dirs.push(dir);
+            }
+        }
+        Ok(dirs)
+    }
+
+    /// The schema of the batches this sink takes.
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_values_round_trip() {
+        for v in ["2024-01-15", "a/b=c", "50%", ".hidden", "", "plain text"] {
+            let e = escape_partition(v);
+            assert!(!e.contains('/') && !e.starts_with('.') && !e.is_empty(), "{e}");
+            assert_eq!(unescape_partition(&e), v);
+        }
+    }
+}

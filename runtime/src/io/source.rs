@@ -1,0 +1,794 @@
+//! Built-in sources: CSV, JSON lines and Parquet files, from a file, a directory or a glob.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+
+use super::text::{infer_type, parse_json, parse_text, Cell, ColumnBuilder};
+use super::{Error, Result};
+use crate::config::{Format, OnError, Source};
+
+/// A row a source skipped (with `on_error = "skip"`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Skipped {
+    pub file: PathBuf,
+    pub line: u64,
+    pub message: String,
+}
+
+/// Batches from a source, in file order.
+pub struct SourceReader {
+    schema: SchemaRef,
+    files: Vec<PathBuf>,
+    next_file: usize,
+    current: Option<FileReader>,
+    spec: ReadSpec,
+    /// Rows skipped so far.
+    pub skipped: Vec<Skipped>,
+    pub skipped_count: u64,
+}
+
+#[derive(Clone)]
+struct ReadSpec {
+    format: Format,
+    batch_size: usize,
+    on_error: OnError,
+    delimiter: u8,
+    header: bool,
+    /// Types of hive partition columns (`key=value` directories); others are strings.
+    hive_types: HashMap<String, DataType>,
+    root: Option<PathBuf>,
+}
+
+enum FileReader {
+    Csv(CsvFile),
+    Jsonl(JsonlFile),
+    Parquet(ParquetFile),
+}
+
+/// Expand a source path (file, directory or glob; `{partition}` substituted, or matching
+/// every partition when the run has none) into a sorted list of files.
+pub fn expand_paths(pattern: &str, partition: Option<&str>, format: Format) -> Result<Vec<PathBuf>> {
+    let pattern = pattern.replace("{partition}", partition.unwrap_or("*"));
+    let ext = match format {
+        Format::Csv => "csv",
+        Format::Jsonl => "jsonl",
+        Format::Parquet => "parquet",
+    };
+    let mut files = Vec::new();
+    if pattern.contains(['*', '?', '[']) {
+        let paths = glob::glob(&pattern).map_err(|e| Error::Input {
+            file: PathBuf::from(&pattern),
+            line: 0,
+            column: None,
+            message: format!("bad glob pattern: {e}"),
+        })?;
+        for p in paths.flatten() {
+            if p.is_file() {
+                files.push(p);
+            } else if p.is_dir() {
+                collect_dir(&p, ext, &mut files)?;
+            }
+        }
+    } else {
+        let p = PathBuf::from(&pattern);
+        if p.is_dir() {
+            collect_dir(&p, ext, &mut files)?;
+        } else if p.is_file() {
+            files.push(p);
+        }
+    }
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        return Err(Error::NoInput { pattern });
+    }
+    Ok(files)
+}
+
+fn collect_dir(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') || name.starts_with('_') {
+            continue;
+        }
+        if path.is_dir() {
+            collect_dir(&path, ext, out)?;
+        } else if path.extension().is_some_and(|e| e == ext) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+impl SourceReader {
+    /// Open a configured source for one run.
+    pub fn open(source: &Source, partition: Option<&str>, batch_size: usize) -> Result<SourceReader> {
+        let files = expand_paths(&source.path, partition, source.format)?;
+        let spec = ReadSpec {
+            format: source.format,
+            batch_size,
+            on_error: source.on_error,
+            delimiter: source.delimiter,
+            header: source.header,
+            hive_types: HashMap::new(),
+            root: None,
+        };
+        let schema = match source.format {
+            Format::Csv => csv_schema(&files, source)?,
+            Format::Jsonl => jsonl_schema(&files, source)?,
+            Format::Parquet => parquet_schema(&files[0], &spec)?,
+        };
+        Ok(SourceReader {
+            schema,
+            files,
+            next_file: 0,
+            current: None,
+            spec,
+            skipped: Vec::new(),
+            skipped_count: 0,
+        })
+    }
+
+    /// Read a Parquet dataset directory (hive partitions become columns of the given
+    /// types). Used for a step reading an earlier step's output.
+    pub fn open_dataset(
+        root: &Path,
+        schema: SchemaRef,
+        partition_column: Option<&str>,
+        batch_size: usize,
+    ) -> Result<SourceReader> {
+        let mut files = Vec::new();
+        if root.is_dir() {
+            collect_dir(root, "parquet", &mut files)?;
+        }
+        files.sort();
+        let mut hive_types = HashMap::new();
+        if let Some(col) = partition_column {
+            if let Ok(f) = schema.field_with_name(col) {
+                hive_types.insert(col.to_string(), f.data_type().clone());
+            }
+        }
+        let spec = ReadSpec {
+            format: Format::Parquet,
+            batch_size,
+            on_error: OnError::Fail,
+            delimiter: b',',
+            header: true,
+            hive_types,
+            root: Some(root.to_path_buf()),
+        };
+        Ok(SourceReader {
+            schema,
+            files,
+            next_file: 0,
+            current: None,
+            spec,
+            skipped: Vec::new(),
+            skipped_count: 0,
+        })
+    }
+
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    fn open_next(&mut self) -> Result<bool> {
+        if self.next_file >= self.files.len() {
+            return Ok(false);
+        }
+        let path = self.files[self.next_file].clone();
+        self.next_file += 1;
+        self.current = Some(match self.spec.format {
+            Format::Csv => FileReader::Csv(CsvFile::open(&path, &self.schema, &self.spec)?),
+            Format::Jsonl => FileReader::Jsonl(JsonlFile::open(&path, &self.schema, &self.spec)?),
+            Format::Parquet => FileReader::Parquet(ParquetFile::open(&path, &self.schema, &self.spec)?),
+        });
+        Ok(true)
+    }
+}
+
+impl Iterator for SourceReader {
+    type Item = Result<RecordBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.current.is_none() {
+                match self.open_next() {
+                    Ok(true) => {}
+                    Ok(false) => return None,
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+            let result = match self.current.as_mut() {
+                Some(FileReader::Csv(r)) => r.next_batch(&mut self.skipped),
+                Some(FileReader::Jsonl(r)) => r.next_batch(&mut self.skipped),
+                Some(FileReader::Parquet(r)) => r.next_batch(),
+                None => Ok(None),
+            };
+            // keep the first few skip locations for the summary; count them all
+            if self.skipped.len() > 20 {
+                self.skipped_count += (self.skipped.len() - 20) as u64;
+                self.skipped.truncate(20);
+            }
+            match result {
+                Ok(Some(batch)) if batch.num_rows() > 0 => return Some(Ok(batch)),
+                Ok(Some(_)) => continue,
+                Ok(None) => self.current = None,
+                Err(e) => {
+                    self.current = None;
+                    self.next_file = self.files.len();
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}
+
+impl SourceReader {
+    /// Rows skipped in all (the first 20 are kept in `skipped` with their place).
+    pub fn total_skipped(&self) -> u64 {
+        self.skipped_count + self.skipped.len() as u64
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// CSV
+
+fn csv_reader(path: &Path, delimiter: u8, header: bool) -> Result<csv::Reader<File>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    Ok(csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .has_headers(header)
+        .flexible(true)
+        .from_reader(file))
+}
+
+fn csv_header(path: &Path, reader: &mut csv::Reader<File>, header: bool) -> Result<Vec<String>> {
+    let rec = reader.byte_headers().map_err(|e| csv_error(path, e))?.clone();
+    let mut names = Vec::new();
+    for (i, f) in rec.iter().enumerate() {
+        if !header {
+            names.push(format!("column_{}", i + 1));
+            continue;
+        }
+        let name = std::str::from_utf8(f).map_err(|_| Error::Input {
+            file: path.to_path_buf(),
+            line: 1,
+            column: Some(format!("#{}", i + 1)),
+            message: "the header is not valid UTF-8".into(),
+        })?;
+        names.push(name.trim().to_string());
+    }
+    Ok(names)
+}
+
+fn csv_error(path: &Path, e: csv::Error) -> Error {
+    let line = e.position().map(|p| p.line()).unwrap_or(0);
+    match e.into_kind() {
+        csv::ErrorKind::Io(io) => Error::io(path, io),
+        other => Error::Input {
+            file: path.to_path_buf(),
+            line,
+            column: None,
+            message: format!("{other:?}"),
+        },
+    }
+}
+
+fn csv_schema(files: &[PathBuf], source: &Source) -> Result<SchemaRef> {
+    let path = &files[0];
+    let mut reader = csv_reader(path, source.delimiter, source.header)?;
+    let names = csv_header(path, &mut reader, source.header)?;
+    let declared: HashMap<&str, &DataType> = source.schema.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    if !declared.is_empty() {
+        let missing: Vec<&str> = source
+            .schema
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| !names.iter().any(|h| h == n))
+            .collect();
+        let undeclared: Vec<&str> = names
+            .iter()
+            .map(String::as_str)
+            .filter(|n| !declared.contains_key(n))
+            .collect();
+        if !missing.is_empty() || !undeclared.is_empty() {
+            let mut msg = String::new();
+            if !missing.is_empty() {
+                msg.push_str(&format!(
+                    "declared columns missing from the header: {}. ",
+                    missing.join(", ")
+                ));
+            }
+            if !undeclared.is_empty() {
+                msg.push_str(&format!(
+                    "header columns not declared in sources.{}.schema: {}",
+                    source.name,
+                    undeclared.join(", ")
+                ));
+            }
+            return Err(Error::Input {
+                file: path.clone(),
+                line: 1,
+                column: None,
+                message: msg.trim().to_string(),
+            });
+        }
+        let fields: Vec<Field> = names
+            .iter()
+            .map(|n| Field::new(n, declared[n.as_str()].clone(), true))
+            .collect();
+        return Ok(Arc::new(Schema::new(fields)));
+    }
+    // infer from the first rows of the first file
+    let mut samples: Vec<Vec<String>> = vec![Vec::new(); names.len()];
+    let mut rec = csv::StringRecord::new();
+    for _ in 0..source.infer_rows {
+        match reader.read_record(&mut rec) {
+            Ok(true) => {
+                for (i, v) in rec.iter().enumerate().take(names.len()) {
+                    samples[i].push(v.to_string());
+                }
+            }
+            Ok(false) => break,
+            Err(_) => continue, // bad rows are reported when read for real
+        }
+    }
+    let fields: Vec<Field> = names
+        .iter()
+        .zip(&samples)
+        .map(|(n, s)| Field::new(n, infer_type(s.iter().map(String::as_str)), true))
+        .collect();
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+struct CsvFile {
+    path: PathBuf,
+    reader: csv::Reader<File>,
+    /// For each schema column, its index in this file's records.
+    positions: Vec<usize>,
+    schema: SchemaRef,
+    builders: Vec<ColumnBuilder>,
+    batch_size: usize,
+    on_error: OnError,
+    record: csv::ByteRecord,
+    width: usize,
+    cells: Vec<Cell>,
+}
+
+impl CsvFile {
+    fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec) -> Result<Self> {
+        let mut reader = csv_reader(path, spec.delimiter, spec.header)?;
+        let names = csv_header(path, &mut reader, spec.header)?;
+        let mut positions = Vec::new();
+        for f in schema.fields() {
+            let pos = names.iter().position(|n| n == f.name()).ok_or_else(|| Error::Input {
+                file: path.to_path_buf(),
+                line: 1,
+                column: Some(f.name().clone()),
+                message: format!(
+                    "the header lacks column `{}` (the files of one source must share their columns)",
+                    f.name()
+                ),
+            })?;
+            positions.push(pos);
+        }
+        let builders = schema
+            .fields()
+            .iter()
+            .map(|f| ColumnBuilder::new(f.data_type(), spec.batch_size.min(8192)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|m| Error::Input {
+                file: path.to_path_buf(),
+                line: 0,
+                column: None,
+                message: m,
+            })?;
+        Ok(CsvFile {
+            path: path.to_path_buf(),
+            reader,
+            positions,
+            schema: schema.clone(),
+            builders,
+            batch_size: spec.batch_size,
+            on_error: spec.on_error,
+            record: csv::ByteRecord::new(),
+            width: names.len(),
+            cells: Vec::new(),
+        })
+    }
+
+    fn next_batch(&mut self, skipped: &mut Vec<Skipped>) -> Result<Option<RecordBatch>> {
+        let mut rows = 0;
+        let mut eof = false;
+        while rows < self.batch_size {
+            match self.reader.read_byte_record(&mut self.record) {
+                Ok(false) => {
+                    eof = true;
+                    break;
+                }
+                Ok(true) => {}
+                Err(e) => {
+                    let err = csv_error(&self.path, e);
+                    match (&err, self.on_error) {
+                        (Error::Input { line, message, .. }, OnError::Skip) => {
+                            skipped.push(Skipped {
+                                file: self.path.clone(),
+                                line: *line,
+                                message: message.clone(),
+                            });
+                            continue;
+                        }
+                        _ => return Err(err),
+                    }
+                }
+            }
+            let line = self.record.position().map(|p| p.line()).unwrap_or(0);
+            match self.parse_row(line) {
+                Ok(()) => {
+                    for (b, c) in self.builders.iter_mut().zip(self.cells.drain(..)) {
+                        b.push(c);
+                    }
+                    rows += 1;
+                }
+                Err(err) => match (self.on_error, &err) {
+                    (OnError::Skip, Error::Input { message, column, .. }) => skipped.push(Skipped {
+                        file: self.path.clone(),
+                        line,
+                        message: match column {
+                            Some(c) => format!("column `{c}`: {message}"),
+                            None => message.clone(),
+                        },
+                    }),
+                    _ => return Err(err),
+                },
+            }
+        }
+        if rows == 0 && eof {
+            return Ok(None);
+        }
+        let columns: Vec<ArrayRef> = self.builders.iter_mut().map(|b| b.finish()).collect();
+        Ok(Some(
+            RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))?,
+        ))
+    }
+
+    fn parse_row(&mut self, line: u64) -> Result<()> {
+        self.cells.clear();
+        if self.record.len() != self.width {
+            return Err(Error::Input {
+                file: self.path.clone(),
+                line,
+                column: None,
+                message: format!("expected {} fields, found {}", self.width, self.record.len()),
+            });
+        }
+        for (f, &pos) in self.schema.fields().iter().zip(&self.positions) {
+            let raw = &self.record[pos];
+            let text = std::str::from_utf8(raw).map_err(|e| Error::Input {
+                file: self.path.clone(),
+                line,
+                column: Some(f.name().clone()),
+                message: format!("invalid UTF-8 at byte {} of the field", e.valid_up_to()),
+            })?;
+            let cell = parse_text(text, f.data_type()).map_err(|message| Error::Input {
+                file: self.path.clone(),
+                line,
+                column: Some(f.name().clone()),
+                message,
+            })?;
+            self.cells.push(cell);
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// JSON lines
+
+fn jsonl_schema(files: &[PathBuf], source: &Source) -> Result<SchemaRef> {
+    if !source.schema.is_empty() {
+        let fields: Vec<Field> = source
+            .schema
+            .iter()
+            .map(|(n, t)| Field::new(n, t.clone(), true))
+            .collect();
+        return Ok(Arc::new(Schema::new(fields)));
+    }
+    let path = &files[0];
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut order: Vec<String> = Vec::new();
+    let mut samples: HashMap<String, Vec<String>> = HashMap::new();
+    let mut kinds: HashMap<String, DataType> = HashMap::new();
+    for line in BufReader::new(file).lines().take(source.infer_rows) {
+        let line = line.map_err(|e| Error::io(path, e))?;
+        let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        for (k, v) in map {
+            if !order.contains(&k) {
+                order.push(k.clone());
+            }
+            match v {
+                serde_json::Value::String(s) => samples.entry(k).or_default().push(s),
+                serde_json::Value::Number(n) => {
+                    let t = if n.is_i64() { DataType::Int64 } else { DataType::Float64 };
+                    let e = kinds.entry(k).or_insert(t.clone());
+                    if *e != t {
+                        *e = DataType::Float64;
+                    }
+                }
+                serde_json::Value::Bool(_) => {
+                    kinds.entry(k).or_insert(DataType::Boolean);
+                }
+                _ => {}
+            }
+        }
+    }
+    let fields: Vec<Field> = order
+        .iter()
+        .map(|k| {
+            let t = match (kinds.get(k), samples.get(k)) {
+                (Some(t), None) => t.clone(),
+                (None, Some(s)) => infer_type(s.iter().map(String::as_str)),
+                _ => DataType::Utf8,
+            };
+            Field::new(k, t, true)
+        })
+        .collect();
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+struct JsonlFile {
+    path: PathBuf,
+    lines: std::io::Lines<BufReader<File>>,
+    line: u64,
+    schema: SchemaRef,
+    builders: Vec<ColumnBuilder>,
+    batch_size: usize,
+    on_error: OnError,
+}
+
+impl JsonlFile {
+    fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let builders = schema
+            .fields()
+            .iter()
+            .map(|f| ColumnBuilder::new(f.data_type(), spec.batch_size.min(8192)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|m| Error::Input {
+                file: path.to_path_buf(),
+                line: 0,
+                column: None,
+                message: m,
+            })?;
+        Ok(JsonlFile {
+            path: path.to_path_buf(),
+            lines: BufReader::new(file).lines(),
+            line: 0,
+            schema: schema.clone(),
+            builders,
+            batch_size: spec.batch_size,
+            on_error: spec.on_error,
+        })
+    }
+
+    fn parse_line(&self, text: &str) -> Result<Vec<Cell>> {
+        let err = |column: Option<String>, message: String| Error::Input {
+            file: self.path.clone(),
+            line: self.line,
+            column,
+            message,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| err(None, format!("not valid JSON: {e}")))?;
+        let serde_json::Value::Object(map) = value else {
+            return Err(err(None, "each line must be a JSON object".into()));
+        };
+        let mut cells = Vec::with_capacity(self.schema.fields().len());
+        for f in self.schema.fields() {
+            let v = map.get(f.name()).unwrap_or(&serde_json::Value::Null);
+            cells.push(parse_json(v, f.data_type()).map_err(|m| err(Some(f.name().clone()), m))?);
+        }
+        Ok(cells)
+    }
+
+    fn next_batch(&mut self, skipped: &mut Vec<Skipped>) -> Result<Option<RecordBatch>> {
+        let mut rows = 0;
+        let mut eof = false;
+        while rows < self.batch_size {
+            let Some(line) = self.lines.next() else {
+                eof = true;
+                break;
+            };
+            self.line += 1;
+            let line = match line {
+                Ok(l) => l,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    let err = Error::Input {
+                        file: self.path.clone(),
+                        line: self.line,
+                        column: None,
+                        message: "invalid UTF-8".into(),
+                    };
+                    if self.on_error == OnError::Skip {
+                        skipped.push(Skipped {
+                            file: self.path.clone(),
+                            line: self.line,
+                            message: "invalid UTF-8".into(),
+                        });
+                        continue;
+                    }
+                    return Err(err);
+                }
+                Err(e) => return Err(Error::io(&self.path, e)),
+            };
+            if line.trim().is_empty() {
+                continue;
+            }
+            match self.parse_line(&line) {
+                Ok(cells) => {
+                    for (b, c) in self.builders.iter_mut().zip(cells) {
+                        b.push(c);
+                    }
+                    rows += 1;
+                }
+                Err(Error::Input { message, column, .. }) if self.on_error == OnError::Skip => skipped.push(Skipped {
+                    file: self.path.clone(),
+                    line: self.line,
+                    message: match column {
+                        Some(c) => format!("column `{c}`: {message}"),
+                        None => message,
+                    },
+                }),
+                Err(e) => return Err(e),
+            }
+        }
+        if rows == 0 && eof {
+            return Ok(None);
+        }
+        let columns: Vec<ArrayRef> = self.builders.iter_mut().map(|b| b.finish()).collect();
+        Ok(Some(
+            RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))?,
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Parquet
+
+/// `key=value` directory segments between the dataset root and the file.
+fn hive_values(root: Option<&Path>, file: &Path) -> Vec<(String, String)> {
+    let Some(root) = root else { return Vec::new() };
+    let Ok(rel) = file.strip_prefix(root) else {
+        return Vec::new();
+    };
+    rel.parent()
+        .map(|p| {
+            p.components()
+                .filter_map(|c| c.as_os_str().to_str())
+                .filter_map(|s| s.split_once('='))
+                .map(|(k, v)| (k.to_string(), super::sink::unescape_partition(v)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn parquet_schema(file: &Path, spec: &ReadSpec) -> Result<SchemaRef> {
+    let f = File::open(file).map_err(|e| Error::io(file, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| Error::Input {
+        file: file.to_path_buf(),
+        line: 0,
+        column: None,
+        message: format!("not a readable Parquet file: {e}"),
+    })?;
+    let mut fields: Vec<Field> = builder.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    for (k, _) in hive_values(spec.root.as_deref(), file) {
+        let t = spec.hive_types.get(&k).cloned().unwrap_or(DataType::Utf8);
+        fields.push(Field::new(k, t, true));
+    }
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+struct ParquetFile {
+    path: PathBuf,
+    reader: ParquetRecordBatchReader,
+    schema: SchemaRef,
+    /// Constant columns from the file's hive directories: (position in schema, value).
+    hive: Vec<(usize, String)>,
+}
+
+impl ParquetFile {
+    fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec) -> Result<Self> {
+        let bad = |message: String| Error::Input {
+            file: path.to_path_buf(),
+            line: 0,
+            column: None,
+            message,
+        };
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(f)
+            .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
+        let hive: Vec<(usize, String)> = hive_values(spec.root.as_deref(), path)
+            .into_iter()
+            .filter_map(|(k, v)| schema.index_of(&k).ok().map(|i| (i, v)))
+            .collect();
+        let file_fields = builder.schema().fields().len();
+        if file_fields + hive.len() != schema.fields().len() {
+            return Err(bad(format!(
+                "has columns [{}], which differ from the first file's [{}]",
+                weir_sdk::util::schema_text(builder.schema()),
+                weir_sdk::util::schema_text(schema)
+            )));
+        }
+        let reader = builder
+            .with_batch_size(spec.batch_size)
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(ParquetFile {
+            path: path.to_path_buf(),
+            reader,
+            schema: schema.clone(),
+            hive,
+        })
+    }
+
+    fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+        let batch = match self.reader.next() {
+            None => return Ok(None),
+            Some(Err(e)) => {
+                return Err(Error::Input {
+                    file: self.path.clone(),
+                    line: 0,
+                    column: None,
+                    message: format!("corrupt Parquet data: {e}"),
+                })
+            }
+            Some(Ok(b)) => b,
+        };
+        let batch_schema = batch.schema();
+        let mut ordered: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
+        for (i, f) in self.schema.fields().iter().enumerate() {
+            if let Some((_, v)) = self.hive.iter().find(|(h, _)| *h == i) {
+                let col = if v == super::sink::NULL_PARTITION {
+                    arrow_array::new_null_array(f.data_type(), batch.num_rows())
+                } else {
+                    let strings: ArrayRef = Arc::new(StringArray::from(vec![Some(v.as_str()); batch.num_rows()]));
+                    arrow_cast::cast(&strings, f.data_type()).map_err(|e| Error::Internal(e.to_string()))?
+                };
+                ordered.push(col);
+            } else {
+                let idx = batch_schema.index_of(f.name()).map_err(|_| Error::Input {
+                    file: self.path.clone(),
+                    line: 0,
+                    column: Some(f.name().clone()),
+                    message: "column missing from this file".into(),
+                })?;
+                ordered.push(batch.column(idx).clone());
+            }
+        }
+        let out = RecordBatch::try_new(self.schema.clone(), ordered).map_err(|e| Error::Input {
+            file: self.path.clone(),
+            line: 0,
+            column: None,
+            message: format!("does not match the dataset schema: {e}"),
+        })?;
+        Ok(Some(out))
+    }
+}

@@ -1,0 +1,203 @@
+//! Text to typed Arrow columns, shared by the CSV and JSON-lines sources.
+
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    BooleanBuilder, Date32Builder, Float32Builder, Float64Builder, Int32Builder, Int64Builder, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use arrow_array::types::{Date32Type, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType};
+use arrow_array::ArrayRef;
+use arrow_cast::parse::Parser;
+use arrow_schema::{DataType, TimeUnit};
+
+/// One parsed cell, before it is appended (so a bad row can be skipped whole).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cell {
+    Null,
+    Str(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+/// Parse text as `dtype`. Empty text is null. The error says what was expected.
+pub fn parse_text(text: &str, dtype: &DataType) -> Result<Cell, String> {
+    if text.is_empty() {
+        return Ok(Cell::Null);
+    }
+    let t = text.trim();
+    let fail = |what: &str| Err(format!("cannot parse {text:?} as {what}"));
+    match dtype {
+        DataType::Utf8 => Ok(Cell::Str(text.to_string())),
+        DataType::Int64 => Int64Type::parse(t).map(Cell::Int).map_or_else(|| fail("int64"), Ok),
+        DataType::Int32 => Int32Type::parse(t)
+            .map(|v| Cell::Int(v as i64))
+            .map_or_else(|| fail("int32"), Ok),
+        DataType::Float64 | DataType::Float32 => Float64Type::parse(t)
+            .map(Cell::Float)
+            .map_or_else(|| fail("a number"), Ok),
+        DataType::Boolean => match t.to_ascii_lowercase().as_str() {
+            "true" | "t" | "yes" | "1" => Ok(Cell::Bool(true)),
+            "false" | "f" | "no" | "0" => Ok(Cell::Bool(false)),
+            _ => fail("bool (true/false)"),
+        },
+        DataType::Date32 => Date32Type::parse(t)
+            .map(|v| Cell::Int(v as i64))
+            .map_or_else(|| fail("a date (YYYY-MM-DD)"), Ok),
+        DataType::Timestamp(TimeUnit::Microsecond, _) => TimestampMicrosecondType::parse(t)
+            .map(Cell::Int)
+            .map_or_else(|| fail("a timestamp (YYYY-MM-DDTHH:MM:SS)"), Ok),
+        other => Err(format!("type {other} is not supported for text input")),
+    }
+}
+
+/// Convert a JSON value to a cell of `dtype`.
+pub fn parse_json(value: &serde_json::Value, dtype: &DataType) -> Result<Cell, String> {
+    use serde_json::Value as J;
+    match (value, dtype) {
+        (J::Null, _) => Ok(Cell::Null),
+        (J::String(s), DataType::Utf8) => Ok(Cell::Str(s.clone())),
+        (J::String(s), _) => parse_text(s, dtype),
+        (J::Bool(b), DataType::Boolean) => Ok(Cell::Bool(*b)),
+        (J::Number(n), DataType::Int64 | DataType::Int32) => match n.as_i64() {
+            Some(i) if dtype == &DataType::Int64 || i32::try_from(i).is_ok() => Ok(Cell::Int(i)),
+            _ => Err(format!("{n} is not a valid {dtype}")),
+        },
+        (J::Number(n), DataType::Float64 | DataType::Float32) => n
+            .as_f64()
+            .map(Cell::Float)
+            .ok_or_else(|| format!("{n} is not a number")),
+        (J::Number(n), DataType::Utf8) => Ok(Cell::Str(n.to_string())),
+        (J::Bool(b), DataType::Utf8) => Ok(Cell::Str(b.to_string())),
+        (v, t) => Err(format!("JSON value {v} cannot be read as {t}")),
+    }
+}
+
+/// Guess the narrowest type for sample texts: int64, float64, bool, date, timestamp, else
+/// string. Empty samples do not vote; a column with no values is a string.
+pub fn infer_type<'a>(samples: impl Iterator<Item = &'a str>) -> DataType {
+    let candidates = [
+        DataType::Int64,
+        DataType::Float64,
+        DataType::Boolean,
+        DataType::Date32,
+        DataType::Timestamp(TimeUnit::Microsecond, None),
+    ];
+    let mut alive = [true; 5];
+    let mut any = false;
+    for s in samples {
+        if s.is_empty() {
+            continue;
+        }
+        any = true;
+        for (i, c) in candidates.iter().enumerate() {
+            if alive[i] && parse_text(s, c).is_err() {
+                alive[i] = false;
+            }
+        }
+    }
+    if !any {
+        return DataType::Utf8;
+    }
+    candidates
+        .iter()
+        .zip(alive)
+        .find(|(_, a)| *a)
+        .map(|(c, _)| c.clone())
+        .unwrap_or(DataType::Utf8)
+}
+
+/// A growing column of one of the supported types.
+pub enum ColumnBuilder {
+    Utf8(StringBuilder),
+    Int64(Int64Builder),
+    Int32(Int32Builder),
+    Float64(Float64Builder),
+    Float32(Float32Builder),
+    Bool(BooleanBuilder),
+    Date32(Date32Builder),
+    Timestamp(TimestampMicrosecondBuilder, Option<Arc<str>>),
+}
+
+impl ColumnBuilder {
+    pub fn new(dtype: &DataType, capacity: usize) -> Result<Self, String> {
+        Ok(match dtype {
+            DataType::Utf8 => ColumnBuilder::Utf8(StringBuilder::with_capacity(capacity, capacity * 16)),
+            DataType::Int64 => ColumnBuilder::Int64(Int64Builder::with_capacity(capacity)),
+            DataType::Int32 => ColumnBuilder::Int32(Int32Builder::with_capacity(capacity)),
+            DataType::Float64 => ColumnBuilder::Float64(Float64Builder::with_capacity(capacity)),
+            DataType::Float32 => ColumnBuilder::Float32(Float32Builder::with_capacity(capacity)),
+            DataType::Boolean => ColumnBuilder::Bool(BooleanBuilder::with_capacity(capacity)),
+            DataType::Date32 => ColumnBuilder::Date32(Date32Builder::with_capacity(capacity)),
+            DataType::Timestamp(TimeUnit::Microsecond, tz) => {
+                ColumnBuilder::Timestamp(TimestampMicrosecondBuilder::with_capacity(capacity), tz.clone())
+            }
+            other => return Err(format!("type {other} is not supported for text input")),
+        })
+    }
+
+    /// Append a cell parsed for this column's type.
+    pub fn push(&mut self, cell: Cell) {
+        match (self, cell) {
+            (ColumnBuilder::Utf8(b), Cell::Str(s)) => b.append_value(s),
+            (ColumnBuilder::Int64(b), Cell::Int(v)) => b.append_value(v),
+            (ColumnBuilder::Int32(b), Cell::Int(v)) => b.append_value(v as i32),
+            (ColumnBuilder::Float64(b), Cell::Float(v)) => b.append_value(v),
+            (ColumnBuilder::Float32(b), Cell::Float(v)) => b.append_value(v as f32),
+            (ColumnBuilder::Bool(b), Cell::Bool(v)) => b.append_value(v),
+            (ColumnBuilder::Date32(b), Cell::Int(v)) => b.append_value(v as i32),
+            (ColumnBuilder::Timestamp(b, _), Cell::Int(v)) => b.append_value(v),
+            (b, _) => b.push_null(),
+        }
+    }
+
+    fn push_null(&mut self) {
+        match self {
+            ColumnBuilder::Utf8(b) => b.append_null(),
+            ColumnBuilder::Int64(b) => b.append_null(),
+            ColumnBuilder::Int32(b) => b.append_null(),
+            ColumnBuilder::Float64(b) => b.append_null(),
+            ColumnBuilder::Float32(b) => b.append_null(),
+            ColumnBuilder::Bool(b) => b.append_null(),
+            ColumnBuilder::Date32(b) => b.append_null(),
+            ColumnBuilder::Timestamp(b, _) => b.append_null(),
+        }
+    }
+
+    /// The column so far; the builder starts empty again.
+    pub fn finish(&mut self) -> ArrayRef {
+        match self {
+            ColumnBuilder::Utf8(b) => Arc::new(b.finish()),
+            ColumnBuilder::Int64(b) => Arc::new(b.finish()),
+            ColumnBuilder::Int32(b) => Arc::new(b.finish()),
+            ColumnBuilder::Float64(b) => Arc::new(b.finish()),
+            ColumnBuilder::Float32(b) => Arc::new(b.finish()),
+            ColumnBuilder::Bool(b) => Arc::new(b.finish()),
+            ColumnBuilder::Date32(b) => Arc::new(b.finish()),
+            ColumnBuilder::Timestamp(b, tz) => Arc::new(b.finish().with_timezone_opt(tz.clone())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_infers() {
+        assert_eq!(parse_text("42", &DataType::Int64), Ok(Cell::Int(42)));
+        assert_eq!(parse_text("", &DataType::Int64), Ok(Cell::Null));
+        assert!(parse_text("4x2", &DataType::Int64).unwrap_err().contains("\"4x2\""));
+        assert_eq!(parse_text("2024-01-02", &DataType::Date32), Ok(Cell::Int(19724)));
+        assert_eq!(infer_type(["1", "2", ""].into_iter()), DataType::Int64);
+        assert_eq!(infer_type(["1", "2.5"].into_iter()), DataType::Float64);
+        assert_eq!(infer_type(["2024-01-01", "2024-01-02"].into_iter()), DataType::Date32);
+        assert_eq!(
+            infer_type(["2024-01-01T10:00:00"].into_iter()),
+            DataType::Timestamp(TimeUnit::Microsecond, None)
+        );
+        assert_eq!(infer_type(["a", "1"].into_iter()), DataType::Utf8);
+        assert_eq!(infer_type(["", ""].into_iter()), DataType::Utf8);
+    }
+}

@@ -1,0 +1,117 @@
+//! weir: a pipeline runtime that streams Apache Arrow record batches through sandboxed
+//! WebAssembly components.
+//!
+//! A pipeline is a TOML file. [`config::Pipeline::load`] reads and validates it (every
+//! error with file:line:col and a hint); [`engine::run`] runs it: sources are read in
+//! batches, each step's transforms run as plugin instances in their own sandbox and thread,
+//! and outputs are staged as Parquet and published only when every step succeeded.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use weir::{config::Pipeline, engine};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let pipeline = Pipeline::load(Path::new("examples/orders/pipeline.toml"))?;
+//! let summary = engine::run(&pipeline, &engine::RunOptions::default())?;
+//! for step in &summary.steps {
+//!     println!("{}: {} rows in, {} rows out", step.name, step.rows_read, step.rows_written);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The modules, in the order a batch meets them: [`config`] (the pipeline file), [`io`]
+//! (built-in sources and the Parquet sink), [`plugin`] (the wasmtime host and sandbox),
+//! [`engine`] (threads, channels, staging and publish).
+
+pub mod config;
+pub mod engine;
+pub mod io;
+pub mod plugin;
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// Where a plugin failed, for messages.
+#[derive(Debug, Clone)]
+pub struct PluginFailure {
+    pub pipeline: String,
+    pub step: String,
+    pub plugin: String,
+    /// 1-based batch number within the step, when a batch was being processed.
+    pub batch: Option<u64>,
+    pub cause: String,
+}
+
+impl fmt::Display for PluginFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "pipeline `{}`, step `{}`, plugin `{}`",
+            self.pipeline, self.step, self.plugin
+        )?;
+        if let Some(b) = self.batch {
+            write!(f, ", batch {b}")?;
+        }
+        write!(f, ": {}", self.cause)
+    }
+}
+
+/// Who has to act on an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorKind {
+    /// The pipeline file, a plugin or the input data must be fixed.
+    User,
+    /// Something outside weir failed (I/O, a missing file system, a source down); retrying
+    /// may help.
+    External,
+    /// A bug in weir.
+    Internal,
+}
+
+/// Everything a run can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(#[from] config::ConfigErrors),
+    #[error("{}:{line}: step `{step}`, plugin `{plugin}` rejected its config: {message}", file.display())]
+    PluginConfig {
+        file: PathBuf,
+        line: usize,
+        step: String,
+        plugin: String,
+        message: String,
+    },
+    #[error("plugin `{plugin}` cannot be used: {message}")]
+    PluginLoad { plugin: String, message: String },
+    #[error("{0}")]
+    Plugin(PluginFailure),
+    #[error("secret `{name}`: {message}")]
+    Secret { name: String, message: String },
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("step `{step}` finished but could not be published: {message}")]
+    Publish { step: String, message: String },
+    #[error("internal error (a bug in weir, please report it): {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Classify: does the user fix it, might a retry help, or is it a bug?
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Config(_)
+            | Error::PluginConfig { .. }
+            | Error::PluginLoad { .. }
+            | Error::Plugin(_)
+            | Error::Secret { .. } => ErrorKind::User,
+            Error::Io(io::Error::Input { .. }) | Error::Io(io::Error::NoInput { .. }) => ErrorKind::User,
+            Error::Io(io::Error::Internal(_)) | Error::Internal(_) => ErrorKind::Internal,
+            Error::Io(_) | Error::Publish { .. } => ErrorKind::External,
+        }
+    }
+}
+
+/// `Result` with the weir [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,375 @@
+//! The `weir` command line.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use weir::config::Pipeline;
+use weir::engine::{self, Progress, RunOptions, RunSummary};
+use weir::plugin::PluginEngine;
+
+const EXIT_FAILED: u8 = 1;
+const EXIT_INVALID: u8 = 2;
+
+/// weir runs data pipelines whose transforms are sandboxed WebAssembly plugins.
+///
+/// A pipeline is one TOML file: sources (CSV, JSON lines, Parquet), plugins (.wasm
+/// components), and steps that read a source or an earlier step, apply plugins in order,
+/// and write a Parquet dataset. Outputs are staged and published only when every step
+/// succeeds.
+///
+/// Exit codes: 0 success; 1 the run failed (plugin, data or I/O); 2 the pipeline file or
+/// the command line is invalid.
+#[derive(Parser)]
+#[command(
+    name = "weir",
+    version,
+    propagate_version = true,
+    after_help = "Start with: weir validate examples/orders/pipeline.toml && weir run examples/orders/pipeline.toml"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline once and publish its outputs.
+    ///
+    /// Every step's output is written to a staging directory beside the dataset and
+    /// published (moved into place) only when all steps succeeded; a failed run leaves the
+    /// published data as it was. Progress is shown on a terminal; one summary line is
+    /// printed at the end.
+    #[command(
+        after_help = "Examples:\n  weir run examples/orders/pipeline.toml\n  weir run pipeline.toml --partition 2024-01-03   # {partition} in source paths\n  weir run pipeline.toml --json | jq .steps"
+    )]
+    Run {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// The run's partition: replaces `{partition}` in source paths; with a partitioned
+        /// output only the partitions this run wrote are replaced. Without it, `{partition}`
+        /// matches every partition and outputs are replaced whole.
+        #[arg(long, short)]
+        partition: Option<String>,
+        /// Print the run summary as JSON on stdout (logs stay on stderr).
+        #[arg(long)]
+        json: bool,
+        /// Where compiled plugins are cached [default: $WEIR_CACHE_DIR, else ~/.cache/weir].
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Do not show progress, even on a terminal.
+        #[arg(long)]
+        no_progress: bool,
+        /// Only print errors and the summary.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Check a pipeline file without running it.
+    ///
+    /// Reports unknown keys, wrong types, unknown sources/steps/plugins, cycles, missing or
+    /// mis-pinned plugin files, each with file:line:col and a hint; then loads every
+    /// plugin to check it is a weir component of a supported contract version.
+    #[command(after_help = "Example:\n  weir validate examples/orders/pipeline.toml")]
+    Validate {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Where compiled plugins are cached.
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Work with plugin files.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Show a plugin's world, contract version, digest, imports and exports.
+    ///
+    /// The sha256 shown is what a pipeline pins with `sha256 = "..."`.
+    #[command(after_help = "Example:\n  weir plugin inspect dist/plugins/mask.wasm")]
+    Inspect {
+        /// A .wasm component.
+        file: PathBuf,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Where compiled plugins are cached.
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            pipeline,
+            partition,
+            json,
+            cache_dir,
+            no_progress,
+            quiet,
+        } => cmd_run(pipeline, partition, json, cache_dir, no_progress, quiet),
+        Command::Validate {
+            pipeline,
+            json,
+            cache_dir,
+        } => report(cmd_validate(pipeline, json, cache_dir)),
+        Command::Plugin(PluginCommand::Inspect { file, json, cache_dir }) => report(cmd_inspect(file, json, cache_dir)),
+    }
+}
+
+fn report(result: anyhow::Result<ExitCode>) -> ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+fn cmd_run(
+    path: PathBuf,
+    partition: Option<String>,
+    json: bool,
+    cache_dir: Option<PathBuf>,
+    no_progress: bool,
+    quiet: bool,
+) -> ExitCode {
+    let pipeline = match Pipeline::load(&path) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: invalid pipeline\n{e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let tty = std::io::stderr().is_terminal();
+    let show_progress = tty && !no_progress && !json && !quiet;
+    let log: Arc<dyn Fn(&str) + Send + Sync> = if quiet {
+        Arc::new(|line: &str| {
+            if line.contains(" error: ") || line.contains(" warn: ") {
+                eprintln!("{line}")
+            }
+        })
+    } else if show_progress {
+        Arc::new(|line: &str| eprintln!("\r\x1b[2K{line}"))
+    } else {
+        Arc::new(|line: &str| eprintln!("{line}"))
+    };
+    let progress: Option<Arc<dyn Fn(&Progress) + Send + Sync>> = if show_progress {
+        Some(Arc::new(|p: &Progress| {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(
+                err,
+                "\r\x1b[2K  {}: {} rows read, {} written ({:.1} s)",
+                p.step,
+                thousands(p.rows_read),
+                thousands(p.rows_written),
+                p.elapsed.as_secs_f64()
+            );
+            let _ = err.flush();
+        }))
+    } else {
+        None
+    };
+    let options = RunOptions {
+        partition,
+        cache_dir: cache_dir.or_else(PluginEngine::default_cache_dir),
+        log,
+        progress,
+    };
+    let result = engine::run(&pipeline, &options);
+    if show_progress {
+        eprint!("\r\x1b[2K");
+    }
+    match result {
+        Ok(summary) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
+            } else {
+                println!("{}", summary_line(&summary));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if json {
+                let v = serde_json::json!({
+                    "pipeline": pipeline.name,
+                    "status": "FAILED",
+                    "error": e.to_string(),
+                    "kind": e.kind(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            }
+            let kind = match e.kind() {
+                weir::ErrorKind::User => "",
+                weir::ErrorKind::External => " (external: retrying may help)",
+                weir::ErrorKind::Internal => "",
+            };
+            eprintln!("error: run failed{kind}: {e}");
+            eprintln!("nothing was published by this run");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn summary_line(s: &RunSummary) -> String {
+    let mut parts = Vec::new();
+    for st in &s.steps {
+        let mut p = format!(
+            "{} {} → {} rows",
+            st.name,
+            thousands(st.rows_read),
+            thousands(st.rows_written)
+        );
+        if st.rows_skipped > 0 {
+            p.push_str(&format!(" ({} bad input rows skipped)", thousands(st.rows_skipped)));
+        }
+        if !st.partitions.is_empty() {
+            p.push_str(&format!(" in {} partitions", st.partitions.len()));
+        }
+        parts.push(p);
+    }
+    let partition = s
+        .partition
+        .as_ref()
+        .map(|p| format!(" partition {p}"))
+        .unwrap_or_default();
+    format!(
+        "ok {}{partition}: {} · {:.2} s",
+        s.pipeline,
+        parts.join(" · "),
+        s.seconds
+    )
+}
+
+fn cmd_validate(path: PathBuf, json: bool, cache_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let pipeline = match Pipeline::load(&path) {
+        Ok(p) => p,
+        Err(e) => {
+            if json {
+                let errs: Vec<_> = e
+                    .0
+                    .iter()
+                    .map(|d| serde_json::json!({"file": d.file, "line": d.line, "column": d.column, "message": d.message, "hint": d.hint}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({"valid": false, "errors": errs}))?
+                );
+            } else {
+                eprintln!("{e}");
+                eprintln!(
+                    "{}: {} problem{}",
+                    path.display(),
+                    e.0.len(),
+                    if e.0.len() == 1 { "" } else { "s" }
+                );
+            }
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+    };
+    let engine =
+        PluginEngine::new(cache_dir.or_else(PluginEngine::default_cache_dir)).context("starting the plugin engine")?;
+    let mut problems = Vec::new();
+    let mut plugins = Vec::new();
+    for (name, p) in &pipeline.plugins {
+        match engine.load(&p.path, p.sha256.as_deref()) {
+            Ok(lp) => plugins.push(serde_json::json!({"name": name, "world": lp.info.world, "contract_version": lp.info.contract_version, "sha256": lp.info.sha256})),
+            Err(e) => problems.push(format!("{}:{}: plugin `{name}`: {e}", path.display(), p.line)),
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"valid": problems.is_empty(), "errors": problems, "plugins": plugins, "steps": pipeline.steps.iter().map(|s| &s.name).collect::<Vec<_>>()})
+            )?
+        );
+    } else if problems.is_empty() {
+        println!(
+            "ok {}: {} sources, {} plugins, {} steps ({})",
+            pipeline.name,
+            pipeline.sources.len(),
+            pipeline.plugins.len(),
+            pipeline.steps.len(),
+            pipeline
+                .steps
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(" → ")
+        );
+    } else {
+        for p in &problems {
+            eprintln!("{p}");
+        }
+    }
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_INVALID)
+    })
+}
+
+fn cmd_inspect(file: PathBuf, json: bool, cache_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let engine =
+        PluginEngine::new(cache_dir.or_else(PluginEngine::default_cache_dir)).context("starting the plugin engine")?;
+    let info = engine
+        .inspect(&file)
+        .with_context(|| format!("inspecting {}", file.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        println!("file:      {}", info.path.display());
+        println!("sha256:    {}", info.sha256);
+        println!("size:      {} bytes", thousands(info.size_bytes));
+        println!("world:     {}", info.world.as_deref().unwrap_or("(not a weir plugin)"));
+        println!(
+            "contract:  weir:plugin@{} ({})",
+            info.contract_version.as_deref().unwrap_or("?"),
+            if info.compatible {
+                format!("supported by this weir {}", env!("CARGO_PKG_VERSION"))
+            } else {
+                format!(
+                    "NOT supported: this weir runs weir:plugin@{}.x",
+                    weir::plugin::SUPPORTED_CONTRACT
+                )
+            }
+        );
+        println!("imports:");
+        for i in &info.imports {
+            println!("  {i}");
+        }
+        println!("exports:");
+        for e in &info.exports {
+            println!("  {e}");
+        }
+    }
+    Ok(if info.compatible {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    })
+}

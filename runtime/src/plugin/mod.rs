@@ -1,0 +1,709 @@
+//! The plugin host: one wasmtime engine, components compiled once and cached on disk, and
+//! sandboxed instances with memory caps, CPU deadlines and captured output.
+//!
+//! Sandbox defaults: no preopened directories, no environment variables, no arguments, no
+//! sockets (TCP, UDP and name lookup all denied), stdin closed, stdout/stderr captured and
+//! forwarded to the log with the plugin's name. A plugin reaches the outside world only
+//! through the `weir:plugin/host` imports, and HMAC keys only by the secret names the
+//! pipeline grants it.
+
+mod pipe;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, ResourceLimiter, Store};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+pub use pipe::CappedPipe;
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        world: "transform-plugin",
+        path: "../wit",
+    });
+}
+
+use bindings::weir::plugin::host as wit_host;
+use bindings::weir::plugin::types as wit_types;
+
+/// The contract versions this host runs: `weir:plugin@0.1.x`.
+pub const SUPPORTED_CONTRACT: &str = "0.1";
+
+/// How often the engine's epoch advances; deadlines are counted in these ticks.
+const TICK: Duration = Duration::from_millis(5);
+
+/// What can go wrong loading or running a plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read plugin {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error(
+        "plugin {path} has sha256 {actual}, but the pipeline pins {expected}; rebuild the plugin or update the pin"
+    )]
+    DigestMismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path} is not a WebAssembly component: {message}")]
+    NotAComponent { path: PathBuf, message: String },
+    #[error("plugin {path} {message}")]
+    Incompatible { path: PathBuf, message: String },
+    #[error("cannot set up the plugin engine: {0}")]
+    Engine(String),
+    /// A plugin call failed: the plugin returned an error, trapped, or broke the contract.
+    #[error("{0}")]
+    Call(#[from] CallError),
+}
+
+/// `Result` with the plugin [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A failed call into a plugin instance, classified.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    #[error("invalid config: {0}")]
+    InvalidConfig(String),
+    #[error("invalid input{}{}: {message}", row.map(|r| format!(" at row {r}")).unwrap_or_default(), column.as_ref().map(|c| format!(" (column `{c}`)")).unwrap_or_default())]
+    InvalidInput {
+        row: Option<u64>,
+        column: Option<String>,
+        message: String,
+    },
+    #[error("plugin error: {0}")]
+    Internal(String),
+    #[error("exceeded its CPU deadline of {0:?} for one call and was stopped")]
+    Deadline(Duration),
+    #[error("hit its memory cap of {} MiB and was stopped", .0 / (1024 * 1024))]
+    Memory(u64),
+    #[error("trapped (crashed): {message}{}", if stderr.is_empty() { String::new() } else { format!("\n  plugin stderr: {stderr}") })]
+    Trap { message: String, stderr: String },
+    #[error("returned bytes that are not a valid Arrow IPC stream: {0}")]
+    BadOutput(String),
+    #[error("returned a batch whose schema [{got}] differs from the schema it declared in init [{declared}]")]
+    SchemaMismatch { got: String, declared: String },
+}
+
+/// Per-plugin limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Linear-memory cap per instance, in bytes.
+    pub memory_bytes: u64,
+    /// CPU deadline per call.
+    pub timeout: Duration,
+    /// Captured stdout/stderr kept between two calls; the rest is dropped.
+    pub output_cap: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 256 << 20,
+            timeout: Duration::from_secs(10),
+            output_cap: 64 << 10,
+        }
+    }
+}
+
+/// What `weir plugin inspect` shows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PluginInfo {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub size_bytes: u64,
+    /// `transform`, `extractor` or `quality-rule`, from the interface it exports.
+    pub world: Option<String>,
+    /// The `weir:plugin` contract version it was built against.
+    pub contract_version: Option<String>,
+    pub compatible: bool,
+    pub imports: Vec<String>,
+    pub exports: Vec<String>,
+}
+
+/// The one engine of a weir process, with its component cache.
+pub struct PluginEngine {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache_dir: Option<PathBuf>,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl Drop for PluginEngine {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A compiled, checked plugin, ready to instantiate many times.
+#[derive(Clone)]
+pub struct LoadedPlugin {
+    pub info: PluginInfo,
+    pre: bindings::TransformPluginPre<HostState>,
+    engine: Engine,
+}
+
+impl PluginEngine {
+    /// Build the engine. `cache_dir` holds compiled components (created if missing);
+    /// `None` compiles every time.
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Self> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.wasm_component_model(true);
+        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let engine = Engine::new(&config).map_err(|e| Error::Engine(e.to_string()))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| Error::Engine(e.to_string()))?;
+        wit_host::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| Error::Engine(e.to_string()))?;
+        wit_types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| Error::Engine(e.to_string()))?;
+
+        // One ticker thread advances the epoch; it holds only a weak handle, so it ends
+        // with the engine.
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker_engine = engine.weak();
+        let ticker_stop = stop.clone();
+        std::thread::Builder::new()
+            .name("weir-epoch".into())
+            .spawn(move || loop {
+                std::thread::sleep(TICK);
+                if ticker_stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match ticker_engine.upgrade() {
+                    Some(e) => e.increment_epoch(),
+                    None => break,
+                }
+            })
+            .map_err(|e| Error::Engine(e.to_string()))?;
+
+        if let Some(dir) = &cache_dir {
+            if let Err(e) = create_private_dir(dir) {
+                tracing_warn(&format!(
+                    "component cache {} unusable ({e}); compiling without it",
+                    dir.display()
+                ));
+            }
+        }
+        Ok(PluginEngine {
+            engine,
+            linker,
+            cache_dir,
+            stop_ticker: stop,
+        })
+    }
+
+    /// The default cache directory: `$WEIR_CACHE_DIR`, else `$XDG_CACHE_HOME/weir`, else
+    /// `~/.cache/weir`.
+    pub fn default_cache_dir() -> Option<PathBuf> {
+        if let Some(d) = std::env::var_os("WEIR_CACHE_DIR") {
+            return Some(PathBuf::from(d));
+        }
+        if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+            return Some(PathBuf::from(d).join("weir"));
+        }
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("weir"))
+    }
+
+    /// Read, pin-check, compile (or load from cache), contract-check and pre-instantiate a
+    /// transform plugin.
+    pub fn load(&self, path: &Path, pinned_sha256: Option<&str>) -> Result<LoadedPlugin> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let sha256 = hex(&Sha256::digest(&bytes));
+        if let Some(expected) = pinned_sha256 {
+            if !expected.eq_ignore_ascii_case(&sha256) {
+                return Err(Error::DigestMismatch {
+                    path: path.to_path_buf(),
+                    expected: expected.to_string(),
+                    actual: sha256,
+                });
+            }
+        }
+        let component = self.compile(path, &bytes, &sha256)?;
+        let info = self.describe(path, &component, sha256, bytes.len() as u64);
+        check_contract(path, &info)?;
+        if info.world.as_deref() != Some("transform") {
+            return Err(Error::Incompatible {
+                path: path.to_path_buf(),
+                message: format!(
+                    "is a {} plugin; steps run transform plugins",
+                    info.world.as_deref().unwrap_or("unknown")
+                ),
+            });
+        }
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| Error::Incompatible {
+                path: path.to_path_buf(),
+                message: format!("imports something the weir sandbox does not provide: {e:#}"),
+            })?;
+        let pre = bindings::TransformPluginPre::new(pre).map_err(|e| Error::Incompatible {
+            path: path.to_path_buf(),
+            message: format!("does not export the transform interface weir expects: {e:#}"),
+        })?;
+        Ok(LoadedPlugin {
+            info,
+            pre,
+            engine: self.engine.clone(),
+        })
+    }
+
+    /// Describe a component file without instantiating it.
+    pub fn inspect(&self, path: &Path) -> Result<PluginInfo> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let sha256 = hex(&Sha256::digest(&bytes));
+        let component = self.compile(path, &bytes, &sha256)?;
+        Ok(self.describe(path, &component, sha256, bytes.len() as u64))
+    }
+
+    fn describe(&self, path: &Path, component: &Component, sha256: String, size_bytes: u64) -> PluginInfo {
+        let ty = component.component_type();
+        let imports: Vec<String> = ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        let exports: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        let mut world = None;
+        let mut contract_version = None;
+        for name in &exports {
+            if let Some(rest) = name.strip_prefix("weir:plugin/") {
+                let (iface, version) = rest.split_once('@').unwrap_or((rest, ""));
+                if matches!(iface, "transform" | "extractor" | "quality-rule") {
+                    world = Some(iface.to_string());
+                    contract_version = Some(version.to_string()).filter(|v| !v.is_empty());
+                }
+            }
+        }
+        let compatible = contract_version.as_deref().map(version_supported).unwrap_or(false);
+        PluginInfo {
+            path: path.to_path_buf(),
+            sha256,
+            size_bytes,
+            world,
+            contract_version,
+            compatible,
+            imports,
+            exports,
+        }
+    }
+
+    fn cache_key(&self, sha256: &str) -> String {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        env!("CARGO_PKG_VERSION").hash(&mut h);
+        format!("{sha256}-{:016x}.cwasm", h.finish())
+    }
+
+    fn compile(&self, path: &Path, bytes: &[u8], sha256: &str) -> Result<Component> {
+        let cached = self.cache_dir.as_ref().map(|d| d.join(self.cache_key(sha256)));
+        if let Some(file) = &cached {
+            if file.exists() {
+                // SAFETY: the cache directory is created private to this user and holds only
+                // files this function serialised with the same engine settings (the key
+                // includes the engine's compatibility hash). A file that fails to load is
+                // recompiled and replaced.
+                match unsafe { Component::deserialize_file(&self.engine, file) } {
+                    Ok(c) => return Ok(c),
+                    Err(e) => tracing_warn(&format!("ignoring unreadable cached component {}: {e}", file.display())),
+                }
+            }
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| Error::NotAComponent {
+            path: path.to_path_buf(),
+            message: format!("{e:#}"),
+        })?;
+        if let Some(file) = &cached {
+            if let Ok(serialized) = component.serialize() {
+                let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+                if std::fs::write(&tmp, &serialized).is_ok() {
+                    let _ = std::fs::rename(&tmp, file);
+                }
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+        Ok(component)
+    }
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+fn tracing_warn(message: &str) {
+    eprintln!("weir: warning: {message}");
+}
+
+fn version_supported(v: &str) -> bool {
+    let mut parts = v.split('.');
+    let (major, minor) = (parts.next(), parts.next());
+    let mut want = SUPPORTED_CONTRACT.split('.');
+    major == want.next() && minor == want.next()
+}
+
+fn check_contract(path: &Path, info: &PluginInfo) -> Result<()> {
+    match (&info.world, &info.contract_version) {
+        (None, _) => Err(Error::Incompatible {
+            path: path.to_path_buf(),
+            message: "does not export a weir:plugin interface (transform, extractor or quality-rule); build it with weir-sdk".into(),
+        }),
+        (Some(_), v) if !info.compatible => Err(Error::Incompatible {
+            path: path.to_path_buf(),
+            message: format!(
+                "was built against weir:plugin@{}, but this weir supports weir:plugin@{SUPPORTED_CONTRACT}.x; rebuild it with a matching weir-sdk",
+                v.as_deref().unwrap_or("(no version)")
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Lowercase hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A log line a plugin wrote, via the `log` import or stdout/stderr.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    pub level: &'static str,
+    pub message: String,
+}
+
+/// Where a plugin's log lines go.
+pub type LogSink = Arc<dyn Fn(&LogLine) + Send + Sync>;
+
+/// Per-instance state inside the store.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    memory_cap: u64,
+    memory_hit: bool,
+    secrets: Arc<HashMap<String, Vec<u8>>>,
+    counters: HashMap<String, i64>,
+    log: LogSink,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl ResourceLimiter for HostState {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired as u64 > self.memory_cap {
+            self.memory_hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+impl wit_types::Host for HostState {}
+
+impl wit_host::Host for HostState {
+    fn log(&mut self, level: wit_host::Level, message: String) {
+        use wit_host::Level::*;
+        let level = match level {
+            Trace => "trace",
+            Debug => "debug",
+            Info => "info",
+            Warn => "warn",
+            Error => "error",
+        };
+        let mut message = message;
+        message.truncate(8 * 1024);
+        (self.log)(&LogLine { level, message });
+    }
+
+    fn counter_add(&mut self, name: String, delta: i64) {
+        if self.counters.len() < 1000 || self.counters.contains_key(&name) {
+            let c = self.counters.entry(name).or_insert(0);
+            *c = c.saturating_add(delta);
+        }
+    }
+
+    fn hash_strings(
+        &mut self,
+        algorithm: wit_host::HashAlgorithm,
+        offsets: Vec<u32>,
+        data: Vec<u8>,
+    ) -> std::result::Result<Vec<u8>, String> {
+        let key = match &algorithm {
+            wit_host::HashAlgorithm::Sha256 => None,
+            wit_host::HashAlgorithm::HmacSha256(name) => Some(
+                self.secrets
+                    .get(name)
+                    .ok_or_else(|| format!("secret `{name}` is not granted to this plugin; add it to the plugin's `secrets` list in the pipeline file"))?
+                    .as_slice(),
+            ),
+        };
+        weir_sdk::hashing::hash_strings(key, &offsets, &data)
+    }
+}
+
+/// One sandboxed instance of a transform plugin.
+pub struct TransformInstance {
+    store: Store<HostState>,
+    bindings: bindings::TransformPlugin,
+    limits: Limits,
+    stdout: CappedPipe,
+    stderr: CappedPipe,
+    declared: Option<SchemaRef>,
+    poisoned: bool,
+    stderr_tail: String,
+}
+
+impl TransformInstance {
+    /// A fresh instance with its own store, limits and secret grants.
+    pub fn new(
+        plugin: &LoadedPlugin,
+        limits: Limits,
+        secrets: Arc<HashMap<String, Vec<u8>>>,
+        log: LogSink,
+    ) -> Result<Self> {
+        let stdout = CappedPipe::new(limits.output_cap);
+        let stderr = CappedPipe::new(limits.output_cap);
+        let wasi = WasiCtxBuilder::new()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let state = HostState {
+            wasi,
+            table: ResourceTable::new(),
+            memory_cap: limits.memory_bytes,
+            memory_hit: false,
+            secrets,
+            counters: HashMap::new(),
+            log,
+        };
+        let mut store = Store::new(&plugin.engine, state);
+        store.limiter(|s| s as &mut dyn ResourceLimiter);
+        store.set_epoch_deadline(deadline_ticks(limits.timeout));
+        let bindings = plugin.pre.instantiate(&mut store).map_err(|e| {
+            let memory = store.data().memory_hit;
+            let tail = String::from_utf8_lossy(&stderr.drain().0).into_owned();
+            let mut inst_err = classify(e, memory, limits, tail);
+            if let CallError::Trap { message, .. } = &mut inst_err {
+                *message = format!("could not be instantiated: {message}");
+            }
+            Error::Call(inst_err)
+        })?;
+        Ok(TransformInstance {
+            store,
+            bindings,
+            limits,
+            stdout,
+            stderr,
+            declared: None,
+            poisoned: false,
+            stderr_tail: String::new(),
+        })
+    }
+
+    /// Counters the plugin added so far.
+    pub fn counters(&self) -> &HashMap<String, i64> {
+        &self.store.data().counters
+    }
+
+    /// Call `init`; returns the declared output schema.
+    pub fn init(
+        &mut self,
+        config_json: &str,
+        input: &SchemaRef,
+        ctx: &weir_sdk::Context,
+    ) -> Result<SchemaRef, CallError> {
+        let schema_bytes = weir_sdk::ipc::encode_schema(input)
+            .map_err(|e| CallError::Internal(format!("host could not encode the input schema: {e}")))?;
+        let ctx = wit_types::Context {
+            pipeline: ctx.pipeline.clone(),
+            step: ctx.step.clone(),
+            plugin: ctx.plugin.clone(),
+            partition: ctx.partition.clone(),
+        };
+        let out = self.call(|b, s| b.weir_plugin_transform().call_init(s, config_json, &schema_bytes, &ctx))?;
+        let schema = decode_guarded(&out).map(|(s, _)| s).map_err(CallError::BadOutput)?;
+        self.declared = Some(schema.clone());
+        Ok(schema)
+    }
+
+    /// One batch in; the batches out, each checked against the declared schema.
+    pub fn process(&mut self, batch: &RecordBatch) -> Result<Vec<RecordBatch>, CallError> {
+        let bytes = weir_sdk::ipc::encode(&batch.schema(), std::slice::from_ref(batch))
+            .map_err(|e| CallError::Internal(format!("host could not encode a batch: {e}")))?;
+        let out = self.call(|b, s| b.weir_plugin_transform().call_process(s, &bytes))?;
+        self.check_output(&out)
+    }
+
+    /// End of input.
+    pub fn finish(&mut self) -> Result<Vec<RecordBatch>, CallError> {
+        let out = self.call(|b, s| b.weir_plugin_transform().call_finish(s))?;
+        self.check_output(&out)
+    }
+
+    fn check_output(&self, bytes: &[u8]) -> Result<Vec<RecordBatch>, CallError> {
+        let (schema, batches) = decode_guarded(bytes).map_err(CallError::BadOutput)?;
+        let declared = self
+            .declared
+            .as_ref()
+            .ok_or_else(|| CallError::Internal("process before init".into()))?;
+        let mismatch = |got: &arrow_schema::Schema| CallError::SchemaMismatch {
+            got: weir_sdk::util::schema_text(got),
+            declared: weir_sdk::util::schema_text(declared),
+        };
+        if !same_shape(&schema, declared) {
+            return Err(mismatch(&schema));
+        }
+        let mut out = Vec::with_capacity(batches.len());
+        for b in batches {
+            if b.num_rows() == 0 {
+                continue;
+            }
+            // Re-stamp with the declared schema: this also checks declared non-null columns.
+            let b = RecordBatch::try_new(declared.clone(), b.columns().to_vec()).map_err(|e| {
+                CallError::SchemaMismatch {
+                    got: format!("{} ({e})", weir_sdk::util::schema_text(&b.schema())),
+                    declared: weir_sdk::util::schema_text(declared),
+                }
+            })?;
+            out.push(b);
+        }
+        Ok(out)
+    }
+
+    fn call<T>(
+        &mut self,
+        f: impl FnOnce(
+            &bindings::TransformPlugin,
+            &mut Store<HostState>,
+        ) -> wasmtime::Result<std::result::Result<T, wit_types::PluginError>>,
+    ) -> Result<T, CallError> {
+        if self.poisoned {
+            return Err(CallError::Internal("instance is unusable after an earlier trap".into()));
+        }
+        self.store.set_epoch_deadline(deadline_ticks(self.limits.timeout));
+        let result = f(&self.bindings, &mut self.store);
+        self.forward_output();
+        match result {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(match e {
+                wit_types::PluginError::InvalidConfig(m) => CallError::InvalidConfig(m),
+                wit_types::PluginError::InvalidInput(i) => CallError::InvalidInput {
+                    row: i.row,
+                    column: i.column,
+                    message: i.message,
+                },
+                wit_types::PluginError::Internal(m) => CallError::Internal(m),
+            }),
+            Err(trap) => {
+                self.poisoned = true;
+                Err(classify(
+                    trap,
+                    self.store.data().memory_hit,
+                    self.limits,
+                    self.stderr_tail.clone(),
+                ))
+            }
+        }
+    }
+
+    fn forward_output(&mut self) {
+        for (pipe, level) in [(&self.stdout, "stdout"), (&self.stderr, "stderr")] {
+            let (bytes, dropped) = pipe.drain();
+            let text = String::from_utf8_lossy(&bytes);
+            let log = self.store.data().log.clone();
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                log(&LogLine {
+                    level,
+                    message: line.to_string(),
+                });
+            }
+            if dropped > 0 {
+                log(&LogLine {
+                    level,
+                    message: format!(
+                        "({dropped} more bytes dropped: output is capped at {} bytes per call)",
+                        self.limits.output_cap
+                    ),
+                });
+            }
+            if level == "stderr" && !bytes.is_empty() {
+                // keep the tail for trap messages (a panic message ends up here)
+                self.stderr_tail.push_str(text.trim_end());
+                self.stderr_tail.push('\n');
+                if self.stderr_tail.len() > 4096 {
+                    let cut = self.stderr_tail.len() - 4096;
+                    let cut = (cut..self.stderr_tail.len())
+                        .find(|&i| self.stderr_tail.is_char_boundary(i))
+                        .unwrap_or(0);
+                    self.stderr_tail.drain(..cut);
+                }
+            }
+        }
+    }
+}
+
+fn same_shape(a: &arrow_schema::Schema, b: &arrow_schema::Schema) -> bool {
+    a.fields().len() == b.fields().len()
+        && a.fields()
+            .iter()
+            .zip(b.fields())
+            .all(|(x, y)| x.name() == y.name() && x.data_type() == y.data_type())
+}
+
+fn deadline_ticks(timeout: Duration) -> u64 {
+    (timeout.as_millis() / TICK.as_millis()).max(1) as u64 + 1
+}
+
+fn classify(e: wasmtime::Error, memory_hit: bool, limits: Limits, stderr: String) -> CallError {
+    if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
+        if *trap == wasmtime::Trap::Interrupt {
+            return CallError::Deadline(limits.timeout);
+        }
+    }
+    if memory_hit {
+        return CallError::Memory(limits.memory_bytes);
+    }
+    // The first line names the trap; the rest is a wasm backtrace, too long for a user.
+    let message = format!("{e:#}").lines().next().unwrap_or("unknown trap").to_string();
+    CallError::Trap {
+        message,
+        stderr: stderr.trim().to_string(),
+    }
+}
+
+/// Decode plugin output. Untrusted bytes: any failure (even a panic inside the decoder) is
+/// an error, never a crash of the host.
+fn decode_guarded(bytes: &[u8]) -> std::result::Result<(SchemaRef, Vec<RecordBatch>), String> {
+    match std::panic::catch_unwind(|| weir_sdk::ipc::decode(bytes)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the decoder rejected the bytes".into()),
+    }
+}

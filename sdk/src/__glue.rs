@@ -1,0 +1,68 @@
+//! Glue between the generated component exports and a [`RawTransform`]. One instance of a
+//! component runs one plugin instance, so the state lives in a thread-local.
+
+use std::cell::RefCell;
+
+use crate::__bindings::weir::plugin::types as ty;
+use crate::error::Error;
+use crate::runner::RawTransform;
+use crate::Context;
+
+trait Erased {
+    fn process(&mut self, batch: &[u8]) -> Result<Vec<u8>, Error>;
+    fn finish(&mut self) -> Result<Vec<u8>, Error>;
+}
+
+impl<T: RawTransform> Erased for T {
+    fn process(&mut self, batch: &[u8]) -> Result<Vec<u8>, Error> {
+        RawTransform::process(self, batch)
+    }
+    fn finish(&mut self) -> Result<Vec<u8>, Error> {
+        RawTransform::finish(self)
+    }
+}
+
+thread_local! {
+    static INSTANCE: RefCell<Option<Box<dyn Erased>>> = const { RefCell::new(None) };
+}
+
+fn to_wit(e: Error) -> ty::PluginError {
+    match e {
+        Error::InvalidConfig(m) => ty::PluginError::InvalidConfig(m),
+        Error::InvalidInput { row, column, message } => {
+            ty::PluginError::InvalidInput(ty::InputError { row, column, message })
+        }
+        Error::Internal(m) => ty::PluginError::Internal(m),
+    }
+}
+
+pub fn init<T: RawTransform>(
+    config: String,
+    input_schema: Vec<u8>,
+    ctx: ty::Context,
+) -> Result<Vec<u8>, ty::PluginError> {
+    let ctx = Context {
+        pipeline: ctx.pipeline,
+        step: ctx.step,
+        plugin: ctx.plugin,
+        partition: ctx.partition,
+    };
+    let (instance, schema) = T::init(&config, &input_schema, ctx).map_err(to_wit)?;
+    INSTANCE.with(|cell| *cell.borrow_mut() = Some(Box::new(instance)));
+    Ok(schema)
+}
+
+fn with_instance(f: impl FnOnce(&mut dyn Erased) -> Result<Vec<u8>, Error>) -> Result<Vec<u8>, ty::PluginError> {
+    INSTANCE.with(|cell| match cell.borrow_mut().as_mut() {
+        Some(instance) => f(instance.as_mut()).map_err(to_wit),
+        None => Err(ty::PluginError::Internal("process called before init".into())),
+    })
+}
+
+pub fn process(batch: Vec<u8>) -> Result<Vec<u8>, ty::PluginError> {
+    with_instance(|i| i.process(&batch))
+}
+
+pub fn finish() -> Result<Vec<u8>, ty::PluginError> {
+    with_instance(|i| i.finish())
+}

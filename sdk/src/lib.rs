@@ -1,0 +1,188 @@
+//! `weir-sdk`: everything a weir plugin author depends on.
+//!
+//! A weir transform is a WebAssembly component that receives Arrow record batches and returns
+//! Arrow record batches. This crate hides the component model: you write a typed config, a
+//! constructor that checks it against the input schema and declares the output schema, and a
+//! `process` function from `RecordBatch` to `RecordBatch`. One macro exports it.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use weir_sdk::prelude::*;
+//!
+//! #[derive(Deserialize)]
+//! #[serde(crate = "weir_sdk::serde", deny_unknown_fields)]
+//! struct Config { column: String }
+//!
+//! /// Upper-cases one string column.
+//! struct Upper { index: usize, schema: SchemaRef }
+//!
+//! impl Transform for Upper {
+//!     type Config = Config;
+//!     fn new(config: Config, input: &SchemaRef, _ctx: &Context) -> Result<Self> {
+//!         let index = require_column(input, &config.column, &[DataType::Utf8])?;
+//!         Ok(Upper { index, schema: input.clone() })
+//!     }
+//!     fn output_schema(&self) -> SchemaRef { self.schema.clone() }
+//!     fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
+//!         let col = batch.column(self.index).as_string::<i32>();
+//!         let upper: StringArray = col.iter().map(|v| v.map(str::to_uppercase)).collect();
+//!         replace_column(&batch, self.index, Arc::new(upper))
+//!     }
+//! }
+//!
+//! weir_sdk::export_transform!(Upper);
+//! # fn main() {}
+//! ```
+//!
+//! Build it with `cargo build --release --target wasm32-wasip2` (crate type `cdylib`): the
+//! `.wasm` file in `target/wasm32-wasip2/release/` is the component to name in a pipeline.
+//!
+//! The same type runs natively in an ordinary `cargo test` through [`testing::Harness`],
+//! host imports included (logging, counters, keyed hashing).
+//!
+//! Stateful plugins (dedup, aggregate) keep state in `self` and emit what is left in
+//! [`Transform::finish`]. Plugins that want to handle the Arrow IPC bytes themselves
+//! implement [`RawTransform`] and export it with [`export_raw_transform!`].
+
+extern crate self as weir_sdk;
+
+pub mod error;
+pub mod host;
+pub mod ipc;
+pub mod keys;
+pub mod runner;
+pub mod util;
+
+#[cfg(not(target_arch = "wasm32"))]
+pub mod config;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod hashing;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
+
+pub use arrow_array;
+pub use arrow_buffer;
+pub use arrow_cast;
+pub use arrow_schema;
+pub use arrow_select;
+pub use serde;
+
+pub use error::{Error, Result};
+pub use runner::{RawTransform, Typed};
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+
+/// The version of the WIT contract (`weir:plugin@...`) this SDK builds plugins against.
+pub const CONTRACT_VERSION: &str = "0.1.0";
+
+/// Where a plugin instance runs: handed to [`Transform::new`] once per instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Context {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Step name.
+    pub step: String,
+    /// The plugin's name in the pipeline file.
+    pub plugin: String,
+    /// The run's partition, if the run has one.
+    pub partition: Option<String>,
+}
+
+/// A transform plugin: typed config in, batches in and out.
+pub trait Transform: Sized + 'static {
+    /// The plugin's `config` table from the pipeline file. Use
+    /// `#[serde(deny_unknown_fields)]` so typos are errors; the SDK reports the field path.
+    type Config: serde::de::DeserializeOwned;
+
+    /// Check `config` against the input schema and build the instance. Return
+    /// [`Error::InvalidConfig`] for anything the user must fix in the pipeline file.
+    fn new(config: Self::Config, input: &SchemaRef, ctx: &Context) -> Result<Self>;
+
+    /// The schema of every batch this instance returns. The host checks each batch against it.
+    fn output_schema(&self) -> SchemaRef;
+
+    /// Transform one batch. Return an empty batch to emit nothing.
+    fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch>;
+
+    /// End of input: emit what is left. Stateless transforms keep the default.
+    fn finish(&mut self) -> Result<Option<RecordBatch>> {
+        Ok(None)
+    }
+}
+
+/// What most plugins need in one `use`.
+pub mod prelude {
+    pub use crate::error::{Error, Result};
+    pub use crate::host::{self, HashAlgorithm, Level};
+    pub use crate::util::{replace_column, require_column};
+    pub use crate::{Context, Transform};
+    pub use arrow_array::cast::AsArray;
+    pub use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
+    pub use arrow_schema::{DataType, Field, Schema, SchemaRef};
+    pub use serde::Deserialize;
+}
+
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub use wit_bindgen as __wit_bindgen;
+
+/// Generated component bindings. Not part of the public API: use the export macros.
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod __bindings {
+    wit_bindgen::generate!({
+        world: "transform-plugin",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_transform_world",
+        default_bindings_module: "::weir_sdk::__bindings",
+        runtime_path: "::weir_sdk::__wit_bindgen::rt",
+    });
+}
+
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod __glue;
+
+/// Export a [`Transform`] as the plugin's component. Use once per plugin crate.
+///
+/// On targets other than `wasm32` it expands to nothing, so the same crate also builds for
+/// native unit tests with [`testing::Harness`].
+#[macro_export]
+macro_rules! export_transform {
+    ($t:ty) => {
+        $crate::export_raw_transform!($crate::Typed<$t>);
+    };
+}
+
+/// Export a [`RawTransform`] (bytes in, bytes out) as the plugin's component.
+#[macro_export]
+macro_rules! export_raw_transform {
+    ($t:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            use $crate::__bindings::exports::weir::plugin::transform as __wt;
+            use $crate::__bindings::weir::plugin::types as __ty;
+            struct __WeirExport;
+            impl __wt::Guest for __WeirExport {
+                fn init(
+                    config: ::std::string::String,
+                    input_schema: ::std::vec::Vec<u8>,
+                    ctx: __ty::Context,
+                ) -> ::std::result::Result<::std::vec::Vec<u8>, __ty::PluginError> {
+                    $crate::__glue::init::<$t>(config, input_schema, ctx)
+                }
+                fn process(
+                    batch: ::std::vec::Vec<u8>,
+                ) -> ::std::result::Result<::std::vec::Vec<u8>, __ty::PluginError> {
+                    $crate::__glue::process(batch)
+                }
+                fn finish() -> ::std::result::Result<::std::vec::Vec<u8>, __ty::PluginError> {
+                    $crate::__glue::finish()
+                }
+            }
+    $crate::__bindings::__export_transform_world!(__WeirExport with_types_in $crate::__bindings);
+        };
+    };
+}

@@ -1,0 +1,103 @@
+//! The bytes-level plugin interface and the adapter that turns a [`Transform`] into one.
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+
+use crate::error::{Error, Result};
+use crate::{ipc, Context, Transform};
+
+/// A transform that handles Arrow IPC bytes itself. Most plugins implement [`Transform`]
+/// instead; this is for those that must control the bytes (and for the host's own tests).
+pub trait RawTransform: Sized + 'static {
+    /// `config` is the plugin's config table as JSON; `input_schema` an IPC stream holding a
+    /// schema. Returns the instance and the output schema as an IPC stream.
+    fn init(config: &str, input_schema: &[u8], ctx: Context) -> Result<(Self, Vec<u8>)>;
+    /// One IPC stream in, one IPC stream (zero or more batches) out.
+    fn process(&mut self, batch: &[u8]) -> Result<Vec<u8>>;
+    /// End of input.
+    fn finish(&mut self) -> Result<Vec<u8>>;
+}
+
+/// Adapts a [`Transform`] to [`RawTransform`]: decodes input, encodes output, and checks
+/// that every batch matches the declared output schema.
+pub struct Typed<T: Transform> {
+    inner: T,
+    output: SchemaRef,
+}
+
+/// Parse a plugin's JSON config into its typed form; errors name the field path
+/// (`columns.email.method: unknown variant ...`).
+pub fn parse_config<C: serde::de::DeserializeOwned>(json: &str) -> Result<C> {
+    let de = &mut serde_json::Deserializer::from_str(json);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." || path.is_empty() {
+            Error::config(e.inner().to_string())
+        } else {
+            Error::config(format!("{path}: {}", e.inner()))
+        }
+    })
+}
+
+impl<T: Transform> Typed<T> {
+    fn conform(&self, batch: RecordBatch) -> Result<RecordBatch> {
+        let got = batch.schema();
+        let same_shape = got.fields().len() == self.output.fields().len()
+            && got
+                .fields()
+                .iter()
+                .zip(self.output.fields())
+                .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
+        if !same_shape {
+            return Err(Error::internal(format!(
+                "the plugin returned a batch with schema [{}] but declared [{}]",
+                crate::util::schema_text(&got),
+                crate::util::schema_text(&self.output)
+            )));
+        }
+        crate::util::with_schema(batch, &self.output)
+    }
+
+    fn encode(&self, batches: &[RecordBatch]) -> Result<Vec<u8>> {
+        Ok(ipc::encode(&self.output, batches)?)
+    }
+}
+
+impl<T: Transform> RawTransform for Typed<T> {
+    fn init(config: &str, input_schema: &[u8], ctx: Context) -> Result<(Self, Vec<u8>)> {
+        let config: T::Config = parse_config(config)?;
+        let input = ipc::decode_schema(input_schema)
+            .map_err(|e| Error::internal(format!("bad input schema from host: {e}")))?;
+        let inner = T::new(config, &input, &ctx)?;
+        let output = inner.output_schema();
+        let bytes = ipc::encode_schema(&output)?;
+        Ok((Typed { inner, output }, bytes))
+    }
+
+    fn process(&mut self, bytes: &[u8]) -> Result<Vec<u8>> {
+        let (_, batches) = ipc::decode(bytes).map_err(|e| Error::InvalidInput {
+            row: None,
+            column: None,
+            message: format!("input is not a valid Arrow IPC stream: {e}"),
+        })?;
+        let mut out = Vec::with_capacity(batches.len());
+        let mut offset = 0u64;
+        for batch in batches {
+            let rows = batch.num_rows() as u64;
+            let result = self.inner.process(batch).map_err(|e| e.offset_row(offset))?;
+            if result.num_rows() > 0 {
+                out.push(self.conform(result)?);
+            }
+            offset += rows;
+        }
+        self.encode(&out)
+    }
+
+    fn finish(&mut self) -> Result<Vec<u8>> {
+        let out = match self.inner.finish()? {
+            Some(b) if b.num_rows() > 0 => vec![self.conform(b)?],
+            _ => vec![],
+        };
+        self.encode(&out)
+    }
+}

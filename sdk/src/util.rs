@@ -1,0 +1,85 @@
+//! Small helpers most transforms need.
+
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+
+use crate::error::{Error, Result};
+
+/// Find `name` in `schema` and check its type is one of `types` (any type when empty).
+/// The error lists the available columns, for the pipeline author.
+pub fn require_column(schema: &SchemaRef, name: &str, types: &[DataType]) -> Result<usize> {
+    let index = schema.index_of(name).map_err(|_| {
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        Error::config(format!(
+            "column `{name}` is not in the input; the input has: {}",
+            names.join(", ")
+        ))
+    })?;
+    let actual = schema.field(index).data_type();
+    if !types.is_empty() && !types.contains(actual) {
+        let wanted: Vec<String> = types.iter().map(|t| t.to_string()).collect();
+        return Err(Error::config(format!(
+            "column `{name}` is {actual}; this plugin needs {}",
+            wanted.join(" or ")
+        )));
+    }
+    Ok(index)
+}
+
+/// A copy of `batch` with column `index` replaced by `array` (its field keeps the name;
+/// type and nullability follow the new array).
+pub fn replace_column(batch: &RecordBatch, index: usize, array: ArrayRef) -> Result<RecordBatch> {
+    let schema = batch.schema();
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut columns = batch.columns().to_vec();
+    let old = &fields[index];
+    fields[index] = Field::new(
+        old.name(),
+        array.data_type().clone(),
+        old.is_nullable() || array.null_count() > 0,
+    );
+    columns[index] = array;
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+}
+
+/// Rebuild `batch` under `schema` (same columns, possibly different nullability flags).
+pub fn with_schema(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    if batch.schema() == *schema {
+        return Ok(batch);
+    }
+    Ok(RecordBatch::try_new(schema.clone(), batch.columns().to_vec())?)
+}
+
+/// `name: type` pairs of a schema, for messages.
+pub fn schema_text(schema: &Schema) -> String {
+    schema
+        .fields()
+        .iter()
+        .map(|f| format!("{}: {}", f.name(), f.data_type()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The type names pipeline files and plugin configs use, and the Arrow type each means:
+/// `string`/`utf8`, `int32`, `int64`, `float64`/`double`, `bool`/`boolean`, `date`
+/// (days), `timestamp` (microseconds, no zone), `timestamp_tz` (microseconds, UTC).
+pub fn parse_type_name(name: &str) -> Option<DataType> {
+    use arrow_schema::TimeUnit;
+    Some(match name.trim().to_ascii_lowercase().as_str() {
+        "string" | "utf8" | "str" | "text" => DataType::Utf8,
+        "int32" | "int" | "integer" => DataType::Int32,
+        "int64" | "long" | "bigint" => DataType::Int64,
+        "float64" | "double" | "float" => DataType::Float64,
+        "float32" => DataType::Float32,
+        "bool" | "boolean" => DataType::Boolean,
+        "date" | "date32" => DataType::Date32,
+        "timestamp" => DataType::Timestamp(TimeUnit::Microsecond, None),
+        "timestamp_tz" => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        _ => return None,
+    })
+}
+
+/// The names [`parse_type_name`] accepts, for error messages.
+pub const TYPE_NAMES: &str = "string, int32, int64, float64, float32, bool, date, timestamp, timestamp_tz";
