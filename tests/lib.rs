@@ -1,1 +1,158 @@
-//! helpers
+//! Helpers for the end-to-end tests: find the `weir` binary and the built plugins, run
+//! pipelines in temporary directories, and read datasets back with the Parquet reader.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use arrow_array::RecordBatch;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `weir` binary of this build (`$WEIR_BIN` overrides). Built by `scripts/test.sh`.
+pub fn weir_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("WEIR_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/e2e-<hash> -> target/<profile>/weir
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("weir"))
+        .expect("target dir");
+    assert!(
+        bin.is_file(),
+        "{} not found: build it first (cargo build -p weir), or run scripts/test.sh",
+        bin.display()
+    );
+    bin
+}
+
+/// A built plugin: `dist/plugins/<name>.wasm` (`$WEIR_PLUGIN_DIR` overrides the folder).
+pub fn plugin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("WEIR_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("dist/plugins"));
+    let p = dir.join(format!("{name}.wasm"));
+    assert!(
+        p.is_file(),
+        "{} not found: run scripts/build-plugins.sh first",
+        p.display()
+    );
+    p
+}
+
+/// One finished `weir` invocation.
+#[derive(Debug)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// Run `weir` with `args` in `dir`, with a compile cache shared by all tests.
+pub fn weir(dir: &Path, args: &[&str]) -> Output {
+    let cache = root().join("target").join("weir-test-cache");
+    let out = Command::new(weir_bin())
+        .args(args)
+        .current_dir(dir)
+        .env("WEIR_CACHE_DIR", cache)
+        .env("WEIR_TEST_SECRET", "k3y")
+        .output()
+        .expect("run weir");
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Every Parquet file under `dir`, sorted, with its hive `key=value` directories.
+pub fn parquet_files(dir: &Path) -> Vec<(PathBuf, Vec<(String, String)>)> {
+    let mut out = Vec::new();
+    fn walk(root: &Path, d: &Path, out: &mut Vec<(PathBuf, Vec<(String, String)>)>) {
+        let Ok(entries) = std::fs::read_dir(d) else { return };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                let hive = p
+                    .strip_prefix(root)
+                    .unwrap()
+                    .parent()
+                    .map(|rel| {
+                        rel.components()
+                            .filter_map(|c| {
+                                c.as_os_str()
+                                    .to_str()?
+                                    .split_once('=')
+                                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push((p, hive));
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// Read one Parquet file.
+pub fn read_parquet(path: &Path) -> Vec<RecordBatch> {
+    let f = std::fs::File::open(path).unwrap();
+    ParquetRecordBatchReaderBuilder::try_new(f)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect()
+}
+
+/// A snapshot of a directory tree: (relative path, bytes) of every file, sorted.
+pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    fn walk(root: &Path, d: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+        let Ok(entries) = std::fs::read_dir(d) else { return };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.push((p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// Names in `dir` (not recursive), sorted.
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}

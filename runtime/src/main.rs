@@ -165,7 +165,7 @@ fn cmd_run(
     } else {
         Arc::new(|line: &str| eprintln!("{line}"))
     };
-    let progress: Option<Arc<dyn Fn(&Progress) + Send + Sync>> = if show_progress {
+    let progress: Option<engine::ProgressFn> = if show_progress {
         Some(Arc::new(|p: &Progress| {
             let mut err = std::io::stderr().lock();
             let _ = write!(
@@ -226,7 +226,7 @@ fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -31,10 +31,16 @@ pub fn parse_config<C: serde::de::DeserializeOwned>(json: &str) -> Result<C> {
     let de = &mut serde_json::Deserializer::from_str(json);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
+        // serde_json appends a position in the JSON text, which the user never wrote
+        let inner = e.inner().to_string();
+        let inner = match inner.rfind(" at line ") {
+            Some(i) if inner[i..].contains(" column ") => inner[..i].to_string(),
+            _ => inner,
+        };
         if path == "." || path.is_empty() {
-            Error::config(e.inner().to_string())
+            Error::config(inner)
         } else {
-            Error::config(format!("{path}: {}", e.inner()))
+            Error::config(format!("{path}: {inner}"))
         }
     })
 }

@@ -1,1 +1,631 @@
+//! End-to-end tests of the `weir` binary: the orders example, hostile plugins, config
+//! errors, malformed input and plugin inspection.
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Date32Type, Float64Type, Int64Type};
+use arrow_array::Array;
+use weir_tests::*;
+
+// ------------------------------------------------------------------------------------------
+// The orders example
+
+/// Copy the example into a temp dir, pointing its plugin paths at the built plugins.
+fn example_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = root().join("examples/orders");
+    for sub in ["data", "secrets"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        for e in std::fs::read_dir(src.join(sub)).unwrap().flatten() {
+            std::fs::copy(e.path(), dir.path().join(sub).join(e.file_name())).unwrap();
+        }
+    }
+    let plugins = plugin("mask").parent().unwrap().to_string_lossy().into_owned();
+    let text = std::fs::read_to_string(src.join("pipeline.toml"))
+        .unwrap()
+        .replace("../../dist/plugins", &plugins);
+    std::fs::write(dir.path().join("pipeline.toml"), text).unwrap();
+    dir
+}
+
+#[derive(Debug, Clone)]
+struct RawOrder {
+    email: String,
+    country: String,
+    amount: f64,
+    status: String,
+    ordered_at: String,
+    updated_at: String,
+}
+
+/// The example's input, read independently of weir: the rows a careful reader would keep
+/// (malformed ones dropped), in file order.
+fn raw_orders(dir: &Path) -> Vec<(i64, RawOrder)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("data"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    let mut rows = Vec::new();
+    for f in files {
+        let mut r = csv::ReaderBuilder::new().flexible(true).from_path(&f).unwrap();
+        for rec in r.records() {
+            let rec = rec.unwrap();
+            if rec.len() != 7 {
+                continue;
+            }
+            let (Ok(id), Ok(amount)) = (rec[0].parse::<i64>(), rec[3].parse::<f64>()) else {
+                continue;
+            };
+            rows.push((
+                id,
+                RawOrder {
+                    email: rec[1].to_string(),
+                    country: rec[2].to_string(),
+                    amount,
+                    status: rec[4].to_string(),
+                    ordered_at: rec[5].to_string(),
+                    updated_at: rec[6].to_string(),
+                },
+            ));
+        }
+    }
+    rows
+}
+
+#[test]
+fn orders_example_end_to_end() {
+    let dir = example_copy();
+    let out = weir(dir.path(), &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let summary = out.json();
+    let raw = raw_orders(dir.path());
+
+    // Expected staging: the latest version (greatest updated_at, later row on ties) per order.
+    let mut latest: BTreeMap<i64, RawOrder> = BTreeMap::new();
+    for (id, o) in &raw {
+        match latest.get(id) {
+            Some(cur) if cur.updated_at > o.updated_at => {}
+            _ => {
+                latest.insert(*id, o.clone());
+            }
+        }
+    }
+    let steps = summary["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["name"], "stg_orders");
+    assert_eq!(steps[0]["rows_read"].as_u64().unwrap(), raw.len() as u64);
+    assert_eq!(
+        steps[0]["rows_skipped"], 2,
+        "the two malformed rows are skipped and counted"
+    );
+    assert_eq!(steps[0]["rows_written"].as_u64().unwrap(), latest.len() as u64);
+    assert_eq!(steps[0]["partitions"].as_array().unwrap().len(), 7);
+    assert!(
+        out.stderr
+            .contains("orders_2024-01-03.csv:18: expected 7 fields, found 5"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("orders_2024-01-05.csv:43: column `amount`"),
+        "{}",
+        out.stderr
+    );
+
+    // Read stg_orders back, independently.
+    let key = b"demo-only-key-do-not-use-in-production";
+    let mut seen: HashMap<i64, ()> = HashMap::new();
+    let files = parquet_files(&dir.path().join("out/stg_orders"));
+    assert_eq!(files.len(), 7);
+    let emails: std::collections::HashSet<&str> = raw.iter().map(|(_, o)| o.email.as_str()).collect();
+    for (file, hive) in &files {
+        assert_eq!(hive[0].0, "order_date");
+        for b in read_parquet(file) {
+            let names: Vec<String> = b.schema().fields().iter().map(|f| f.name().clone()).collect();
+            assert_eq!(
+                names,
+                [
+                    "order_id",
+                    "email_hash",
+                    "country",
+                    "amount",
+                    "status",
+                    "ordered_at",
+                    "updated_at"
+                ]
+            );
+            let ids = b.column(0).as_primitive::<Int64Type>();
+            let hashes = b.column(1).as_string::<i32>();
+            let status = b.column(4).as_string::<i32>();
+            let amount = b.column(3).as_primitive::<Float64Type>();
+            for row in 0..b.num_rows() {
+                let id = ids.value(row);
+                assert!(seen.insert(id, ()).is_none(), "order {id} appears twice");
+                let want = &latest[&id];
+                assert_eq!(status.value(row), want.status, "order {id} keeps its latest status");
+                assert_eq!(amount.value(row), want.amount, "order {id} keeps its latest amount");
+                assert!(
+                    hive[0].1 == want.ordered_at[..10],
+                    "order {id} is in its order date's partition"
+                );
+                // the email is masked with HMAC-SHA256 under the configured key
+                let h = hashes.value(row);
+                assert!(
+                    !emails.contains(h) && !h.contains('@'),
+                    "raw email left in stg_orders: {h}"
+                );
+                let e = want.email.as_bytes();
+                let expected = weir_sdk::hashing::hash_strings(Some(key), &[0, e.len() as u32], e).unwrap();
+                assert_eq!(h.as_bytes(), &expected[..]);
+            }
+            // no column anywhere holds a raw email
+            for c in b.columns() {
+                if let Some(s) = c.as_string_opt::<i32>() {
+                    assert!(s.iter().flatten().all(|v| !v.contains('@')));
+                }
+            }
+        }
+    }
+    assert_eq!(seen.len(), latest.len());
+
+    // The mart equals a direct computation over the input.
+    let mut expected: BTreeMap<(String, String), (i64, f64)> = BTreeMap::new();
+    for o in latest.values() {
+        let e = expected
+            .entry((o.ordered_at[..10].to_string(), o.country.clone()))
+            .or_insert((0, 0.0));
+        e.0 += 1;
+        e.1 += o.amount;
+    }
+    let mart_files = parquet_files(&dir.path().join("out/mart_revenue_daily"));
+    assert_eq!(mart_files.len(), 1);
+    let mut got: BTreeMap<(String, String), (i64, f64)> = BTreeMap::new();
+    for b in read_parquet(&mart_files[0].0) {
+        let names: Vec<String> = b.schema().fields().iter().map(|f| f.name().clone()).collect();
+        assert_eq!(names, ["day", "country", "order_count", "revenue"]);
+        let day = b.column(0).as_primitive::<Date32Type>();
+        for row in 0..b.num_rows() {
+            let d = day.value_as_date(row).unwrap().to_string();
+            let c = b.column(1).as_string::<i32>().value(row).to_string();
+            let n = b.column(2).as_primitive::<Int64Type>().value(row);
+            let r = b.column(3).as_primitive::<Float64Type>().value(row);
+            assert!(got.insert((d, c), (n, r)).is_none());
+        }
+    }
+    assert_eq!(got.len(), expected.len());
+    for (k, (n, r)) in &expected {
+        let (gn, gr) = got[k];
+        assert_eq!(gn, *n, "order_count for {k:?}");
+        assert!((gr - r).abs() < 1e-6, "revenue for {k:?}: {gr} vs {r}");
+    }
+    let total: f64 = got.values().map(|v| v.1).sum();
+    let direct: f64 = latest.values().map(|o| o.amount).sum();
+    assert!((total - direct).abs() < 1e-6);
+
+    // Nothing left behind but the datasets.
+    assert_eq!(entries(&dir.path().join("out")), ["mart_revenue_daily", "stg_orders"]);
+
+    // A second run gives the same rows (idempotent, no duplicates) and uses the compile cache.
+    let before = snapshot(&dir.path().join("out"));
+    let again = weir(dir.path(), &["run", "pipeline.toml", "--json"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    let after = snapshot(&dir.path().join("out"));
+    assert_eq!(before.len(), after.len());
+    assert_eq!(before, after, "a rerun rewrites identical files");
+}
+
+#[test]
+fn partition_run_reads_only_that_partition() {
+    let dir = example_copy();
+    let out = weir(
+        dir.path(),
+        &["run", "pipeline.toml", "--partition", "2024-01-01", "--json"],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let lines = std::fs::read_to_string(dir.path().join("data/orders_2024-01-01.csv"))
+        .unwrap()
+        .lines()
+        .count() as u64
+        - 1;
+    let s = out.json();
+    assert_eq!(s["partition"], "2024-01-01");
+    assert_eq!(s["steps"][0]["rows_read"].as_u64().unwrap(), lines);
+    assert_eq!(entries(&dir.path().join("out/stg_orders")), ["order_date=2024-01-01"]);
+
+    let missing = weir(dir.path(), &["run", "pipeline.toml", "--partition", "1999-01-01"]);
+    assert_eq!(missing.code, 1);
+    assert!(
+        missing.stderr.contains("no input files match") && missing.stderr.contains("orders_1999-01-01.csv"),
+        "{}",
+        missing.stderr
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// Hostile plugins
+
+const INPUT_CSV: &str = "id,name\n1,a\n2,b\n3,c\n";
+
+/// A pipeline: csv -> hostile(mode) -> out/data.
+fn hostile_pipeline(dir: &Path, mode: &str, limits: &str) {
+    std::fs::write(dir.join("in.csv"), INPUT_CSV).unwrap();
+    let text = format!(
+        r#"[pipeline]
+name = "hostile"
+
+[sources.input]
+format = "csv"
+path = "in.csv"
+
+[plugins.hostile]
+path = "{}"
+{limits}
+
+[steps.attack]
+input = "input"
+output = {{ path = "out/data" }}
+
+[[steps.attack.transforms]]
+plugin = "hostile"
+config = {{ mode = "{mode}" }}
+"#,
+        plugin("hostile").display()
+    );
+    std::fs::write(dir.join("pipeline.toml"), text).unwrap();
+}
+
+/// Publish a good output first (mode `env` passes batches through when the sandbox hides the
+/// environment), then run `mode`: it must fail with `expect` in the message and leave the
+/// published output exactly as it was, with no staging left behind.
+fn assert_contained(mode: &str, limits: &str, expect: &[&str]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    hostile_pipeline(dir.path(), "env", "");
+    let ok = weir(dir.path(), &["run", "pipeline.toml"]);
+    assert_eq!(ok.code, 0, "baseline run: {}", ok.stderr);
+    let before = snapshot(&dir.path().join("out"));
+    assert!(!before.is_empty());
+
+    hostile_pipeline(dir.path(), mode, limits);
+    let out = weir(dir.path(), &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 1, "mode {mode} must fail the run: {}", out.stderr);
+    for e in expect {
+        assert!(
+            out.stderr.contains(e),
+            "mode {mode}: expected {e:?} in:\n{}",
+            out.stderr
+        );
+    }
+    assert!(
+        out.stderr
+            .contains("pipeline `hostile`, step `attack`, plugin `hostile (transform 1 of 1)`"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("SANDBOX ESCAPE"), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("panicked at runtime"),
+        "the host must not panic: {}",
+        out.stderr
+    );
+    assert_eq!(
+        snapshot(&dir.path().join("out")),
+        before,
+        "mode {mode}: the published output changed"
+    );
+    assert_eq!(
+        entries(&dir.path().join("out")),
+        ["data"],
+        "mode {mode}: staging left behind"
+    );
+    out
+}
+
+#[test]
+fn hostile_infinite_loop_hits_the_deadline() {
+    let started = std::time::Instant::now();
+    assert_contained(
+        "loop",
+        "timeout_ms = 300",
+        &["batch 1", "exceeded its CPU deadline of 300ms"],
+    );
+    // not a timing assertion on weir's speed: a guard that the deadline stopped the loop at all
+    assert!(started.elapsed() < std::time::Duration::from_secs(120));
+}
+
+#[test]
+fn hostile_memory_bomb_hits_the_cap() {
+    assert_contained("memory", "memory_mb = 32", &["batch 1", "hit its memory cap of 32 MiB"]);
+}
+
+#[test]
+fn hostile_panic_is_a_contained_trap() {
+    assert_contained("panic", "", &["batch 1", "trapped", "hostile plugin panics on purpose"]);
+}
+
+#[test]
+fn hostile_file_read_is_denied() {
+    assert_contained("read_file", "", &["could not read /etc/passwd"]);
+}
+
+#[test]
+fn hostile_socket_is_denied() {
+    assert_contained("socket", "", &["could not connect to 127.0.0.1:22"]);
+}
+
+#[test]
+fn hostile_garbage_output_is_rejected() {
+    assert_contained("garbage", "", &["batch 1", "not a valid Arrow IPC stream"]);
+}
+
+#[test]
+fn hostile_schema_lie_is_rejected() {
+    assert_contained(
+        "schema_lie",
+        "",
+        &["batch 1", "differs from the schema it declared", "surprise: Int64"],
+    );
+}
+
+#[test]
+fn hostile_output_flood_is_capped_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    hostile_pipeline(dir.path(), "shout", "");
+    let out = weir(dir.path(), &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("[attack/hostile] stdout:"), "{}", out.stderr);
+    assert!(out.stderr.contains("bytes dropped"), "{}", out.stderr);
+    assert!(
+        out.stderr.len() < 512 * 1024,
+        "stdout flood was forwarded uncapped: {} bytes",
+        out.stderr.len()
+    );
+}
+
+#[test]
+fn incompatible_contract_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(plugin("hostile")).unwrap();
+    let (from, to) = (
+        b"weir:plugin/transform@0.1.0".as_slice(),
+        b"weir:plugin/transform@0.9.0".as_slice(),
+    );
+    let mut patched = bytes.clone();
+    let mut n = 0;
+    let mut i = 0;
+    while i + from.len() <= patched.len() {
+        if &patched[i..i + from.len()] == from {
+            patched[i..i + from.len()].copy_from_slice(to);
+            n += 1;
+        }
+        i += 1;
+    }
+    assert!(n > 0);
+    let wasm = dir.path().join("future.wasm");
+    std::fs::write(&wasm, patched).unwrap();
+    let out = weir(dir.path(), &["plugin", "inspect", "future.wasm"]);
+    if out.code == 0 || out.stdout.contains("0.9.0") {
+        assert!(out.stdout.contains("NOT supported"), "{}", out.stdout);
+    }
+    hostile_pipeline(dir.path(), "env", "");
+    let text = std::fs::read_to_string(dir.path().join("pipeline.toml"))
+        .unwrap()
+        .replace(&plugin("hostile").display().to_string(), "future.wasm");
+    std::fs::write(dir.path().join("pipeline.toml"), text).unwrap();
+    let run = weir(dir.path(), &["run", "pipeline.toml"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("weir:plugin@0.1.x") || run.stderr.contains("not a WebAssembly component"),
+        "{}",
+        run.stderr
+    );
+    assert!(!dir.path().join("out").exists());
+}
+
+// ------------------------------------------------------------------------------------------
+// Config errors, malformed input, inspection
+
+#[test]
+fn config_errors_name_file_line_and_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    hostile_pipeline(dir.path(), "env", "");
+    let good = std::fs::read_to_string(dir.path().join("pipeline.toml")).unwrap();
+
+    let cases: Vec<(String, &str, usize)> = vec![
+        (
+            good.replace("format = \"csv\"", "format = \"csv\"\nseperator = \";\""),
+            "unknown field `seperator`",
+            6,
+        ),
+        (
+            good.replace("name = \"hostile\"", "name = \"hostile\"\nbatch_size = \"many\""),
+            "invalid type",
+            3,
+        ),
+        (
+            good.replace(&plugin("hostile").display().to_string(), "missing/x.wasm"),
+            "does not exist",
+            9,
+        ),
+        (
+            good.replace("{limits}", "")
+                .replace("[plugins.hostile]\n", "[plugins.hostile]\nsha256 = \"abc123\"\n"),
+            "sha256 pin does not match",
+            9,
+        ),
+        (
+            good.replace("plugin = \"hostile\"", "plugin = \"hostle\""),
+            "plugin `hostle`, which is not declared",
+            17,
+        ),
+    ];
+    for (text, needle, line) in cases {
+        std::fs::write(dir.path().join("pipeline.toml"), &text).unwrap();
+        for cmd in ["validate", "run"] {
+            let out = weir(dir.path(), &[cmd, "pipeline.toml"]);
+            assert_eq!(out.code, 2, "{cmd}: {}", out.stderr);
+            assert!(
+                out.stderr.contains(needle),
+                "{cmd}: expected {needle:?}:\n{}",
+                out.stderr
+            );
+            assert!(
+                out.stderr.contains(&format!("pipeline.toml:{line}:")),
+                "{cmd}: expected line {line}:\n{}",
+                out.stderr
+            );
+            assert!(out.stderr.contains("hint:"), "{cmd}: {}", out.stderr);
+        }
+    }
+    // plugin config errors come from the plugin, with the transform's line
+    std::fs::write(
+        dir.path().join("pipeline.toml"),
+        good.replace("config = { mode = \"env\" }", "config = { mood = \"env\" }"),
+    )
+    .unwrap();
+    let out = weir(dir.path(), &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr
+            .contains("pipeline.toml:16: step `attack`, plugin `hostile` rejected its config"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("unknown field `mood`, expected `mode`"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("column 7"),
+        "JSON positions mean nothing to the user: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn malformed_rows_fail_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    hostile_pipeline(dir.path(), "env", "");
+    std::fs::write(dir.path().join("in.csv"), "id,name\n1,a\n2\n3,c\n").unwrap();
+    let out = weir(dir.path(), &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("in.csv:3: expected 2 fields, found 1"),
+        "{}",
+        out.stderr
+    );
+    assert!(!dir.path().join("out").exists(), "nothing published");
+
+    let text = std::fs::read_to_string(dir.path().join("pipeline.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("pipeline.toml"),
+        text.replace(
+            "path = \"in.csv\"",
+            "path = \"in.csv\"\nschema = { id = \"int64\", name = \"string\" }",
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("in.csv"), "id,name\n1,a\n2x,b\n").unwrap();
+    let out = weir(dir.path(), &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr
+            .contains("in.csv:3: column `id`: cannot parse \"2x\" as int64"),
+        "{}",
+        out.stderr
+    );
+
+    std::fs::write(dir.path().join("in.csv"), b"id,name\n1,a\n2,\xff\xfe\n".as_slice()).unwrap();
+    let out = weir(dir.path(), &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("in.csv:3: column `name`: invalid UTF-8"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn jsonl_source_with_a_bad_line() {
+    let dir = tempfile::tempdir().unwrap();
+    hostile_pipeline(dir.path(), "env", "");
+    let text = std::fs::read_to_string(dir.path().join("pipeline.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("pipeline.toml"),
+        text.replace(
+            "format = \"csv\"\npath = \"in.csv\"",
+            "format = \"jsonl\"\npath = \"in.jsonl\"\non_error = \"skip\"",
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("in.jsonl"),
+        "{\"id\": 1, \"name\": \"a\"}\n{\"id\": 2, \"name\": \n{\"id\": 3, \"name\": \"c\"}\n",
+    )
+    .unwrap();
+    let out = weir(dir.path(), &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let s = out.json();
+    assert_eq!(s["steps"][0]["rows_written"], 2);
+    assert_eq!(s["steps"][0]["rows_skipped"], 1);
+    assert!(out.stderr.contains("in.jsonl:2: not valid JSON"), "{}", out.stderr);
+    let b = read_parquet(&parquet_files(&dir.path().join("out/data"))[0].0);
+    assert_eq!(b[0].column(0).as_primitive::<Int64Type>().values().to_vec(), [1, 3]);
+}
+
+#[test]
+fn plugin_inspect_shows_world_version_digest_imports() {
+    use sha2::Digest;
+    let p = plugin("mask");
+    let digest: String = sha2::Sha256::digest(std::fs::read(&p).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let out = weir(dir.path(), &["plugin", "inspect", p.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("world:     transform"), "{}", out.stdout);
+    assert!(out.stdout.contains("weir:plugin@0.1.0"), "{}", out.stdout);
+    assert!(out.stdout.contains(&digest));
+    assert!(out.stdout.contains("weir:plugin/host@0.1.0"));
+    let json = weir(dir.path(), &["plugin", "inspect", p.to_str().unwrap(), "--json"]).json();
+    assert_eq!(json["sha256"], digest);
+    assert_eq!(json["compatible"], true);
+
+    std::fs::write(dir.path().join("junk.wasm"), b"\0asm garbage").unwrap();
+    let out = weir(dir.path(), &["plugin", "inspect", "junk.wasm"]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("is not a WebAssembly component"), "{}", out.stderr);
+}
+
+#[test]
+fn help_teaches() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = weir(dir.path(), &["run", "--help"]);
+    assert_eq!(out.code, 0);
+    assert!(
+        out.stdout.contains("--partition") && out.stdout.contains("Examples:"),
+        "{}",
+        out.stdout
+    );
+    let out = weir(dir.path(), &["--help"]);
+    assert!(out.stdout.contains("Exit codes"), "{}", out.stdout);
+}
+
+#[test]
+fn steps_read_earlier_steps_and_keep_types() {
+    // stg -> mart through a partitioned intermediate: the mart sees the partition column with
+    // its original type (date), rebuilt from the hive directories.
+    let dir = example_copy();
+    let out = weir(dir.path(), &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let s = out.json();
+    assert_eq!(s["steps"][1]["input"], "stg_orders");
+    assert_eq!(s["steps"][1]["rows_read"], s["steps"][0]["rows_written"]);
+    let b = read_parquet(&parquet_files(&dir.path().join("out/mart_revenue_daily"))[0].0);
+    assert_eq!(b[0].schema().field(0).data_type(), &arrow_schema::DataType::Date32);
+    assert!(b[0].column(0).null_count() == 0);
+}

@@ -195,7 +195,7 @@ mod tests {
     fn composite_keys_and_config_errors() {
         let a = batch(&[1, 1, 1], &[1, 2, 1], &["a", "b", "c"]);
         let mut h = Harness::<Dedup>::new("key = [\"id\", \"v\"]", &a.schema()).unwrap();
-        assert_eq!(h.run(&[a.clone()]).unwrap().num_rows(), 2);
+        assert_eq!(h.run(std::slice::from_ref(&a)).unwrap().num_rows(), 2);
         let e = Harness::<Dedup>::new("key = [\"nope\"]", &a.schema()).err().unwrap();
         assert!(e.to_string().contains("nope"), "{e}");
         let e = Harness::<Dedup>::new("key = [\"id\"]\norder_by = \"v\"", &a.schema())

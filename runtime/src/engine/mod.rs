@@ -35,6 +35,12 @@ use crate::{Error, Result};
 
 pub use publish::publish_output;
 
+/// A progress callback.
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// Skipped-row count and the first skipped rows, from the reader thread.
+type ReaderStats = (u64, Vec<Skipped>);
+
 /// How to run.
 #[derive(Clone)]
 pub struct RunOptions {
@@ -45,7 +51,7 @@ pub struct RunOptions {
     /// Where log lines (weir's and plugins') go.
     pub log: Arc<dyn Fn(&str) + Send + Sync>,
     /// Called about every 200 ms with the live counters, for a progress display.
-    pub progress: Option<Arc<dyn Fn(&Progress) + Send + Sync>>,
+    pub progress: Option<ProgressFn>,
 }
 
 impl Default for RunOptions {
@@ -106,13 +112,33 @@ struct Staged {
     partitions: Vec<String>,
 }
 
-/// Removes staging directories unless disarmed (on success they have been published).
-struct StagingGuard(Vec<PathBuf>);
+/// Removes what a run staged, and the output folders it had to create, when dropped. On
+/// success the staging directories have been moved away by publish, so only leftovers go.
+#[derive(Default)]
+struct StagingGuard {
+    staging: Vec<PathBuf>,
+    created_parents: Vec<PathBuf>,
+}
+
+impl StagingGuard {
+    fn add(&mut self, staging: &Path) {
+        if let Some(parent) = staging.parent() {
+            if !parent.exists() && !self.created_parents.iter().any(|p| p == parent) {
+                self.created_parents.push(parent.to_path_buf());
+            }
+        }
+        self.staging.push(staging.to_path_buf());
+    }
+}
 
 impl Drop for StagingGuard {
     fn drop(&mut self) {
-        for d in &self.0 {
+        for d in &self.staging {
             let _ = std::fs::remove_dir_all(d);
+        }
+        // only removes folders that are empty: published data keeps its parent
+        for p in self.created_parents.iter().rev() {
+            let _ = std::fs::remove_dir(p);
         }
     }
 }
@@ -182,12 +208,12 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
         loaded.insert(name.clone(), lp);
     }
 
-    let mut guard = StagingGuard(Vec::new());
+    let mut guard = StagingGuard::default();
     let mut staged: HashMap<String, Staged> = HashMap::new();
     let mut summaries = Vec::new();
     for step in &pipeline.steps {
         let staging = staging_dir(pipeline, step, &run_id);
-        guard.0.push(staging.clone());
+        guard.add(&staging);
         let (summary, s) = run_step(pipeline, step, options, &loaded, &resolved, &staged, staging)?;
         summaries.push(summary);
         staged.insert(step.name.clone(), s);
@@ -352,107 +378,106 @@ fn run_step(
     let cap = pipeline.channel_capacity;
     let counters: Arc<Mutex<BTreeMap<String, BTreeMap<String, i64>>>> = Arc::default();
 
-    let (mut reader_stats, partitions) =
-        std::thread::scope(|scope| -> Result<(Option<(u64, Vec<Skipped>)>, Vec<String>)> {
-            // reader
-            let (tx, mut rx) = sync_channel::<Msg>(cap);
-            let rr = rows_read.clone();
-            let cancel_r = cancel.clone();
-            let reader_handle = scope.spawn(move || -> std::result::Result<(u64, Vec<Skipped>), Error> {
-                let mut reader = reader;
-                for batch in reader.by_ref() {
-                    if cancel_r.load(Ordering::Relaxed) {
-                        return Ok((0, Vec::new()));
-                    }
-                    let batch = batch?;
-                    rr.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
-                    if tx.send(Msg::Batch(batch)).is_err() {
-                        return Ok((0, Vec::new())); // downstream stopped; it reports why
-                    }
+    let (mut reader_stats, partitions) = std::thread::scope(|scope| -> Result<(Option<ReaderStats>, Vec<String>)> {
+        // reader
+        let (tx, mut rx) = sync_channel::<Msg>(cap);
+        let rr = rows_read.clone();
+        let cancel_r = cancel.clone();
+        let reader_handle = scope.spawn(move || -> std::result::Result<ReaderStats, Error> {
+            let mut reader = reader;
+            for batch in reader.by_ref() {
+                if cancel_r.load(Ordering::Relaxed) {
+                    return Ok((0, Vec::new()));
                 }
-                let _ = tx.send(Msg::End);
-                Ok((reader.total_skipped(), reader.skipped.clone()))
-            });
-
-            // plugin stages
-            for (index, plugin, inst) in instances {
-                let (tx, next_rx) = sync_channel::<Msg>(cap);
-                let input = std::mem::replace(&mut rx, next_rx);
-                let errors = errors.clone();
-                let counters = counters.clone();
-                let cancel = cancel.clone();
-                let failure = move |batch: Option<u64>, cause: String| {
-                    Error::Plugin(crate::PluginFailure {
-                        pipeline: pipeline.name.clone(),
-                        step: step.name.clone(),
-                        plugin: format!("{plugin} (transform {} of {})", index + 1, step.transforms.len()),
-                        batch,
-                        cause,
-                    })
-                };
-                let name = step.transforms[index].plugin.clone();
-                scope.spawn(move || {
-                    let result = plugin_stage(inst, input, tx, &cancel, &failure, &counters, &name);
-                    if let Err(e) = result {
-                        cancel.store(true, Ordering::Relaxed);
-                        errors.lock().unwrap_or_else(|e| e.into_inner()).push(e);
-                    }
-                });
+                let batch = batch?;
+                rr.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+                if tx.send(Msg::Batch(batch)).is_err() {
+                    return Ok((0, Vec::new())); // downstream stopped; it reports why
+                }
             }
+            let _ = tx.send(Msg::End);
+            Ok((reader.total_skipped(), reader.skipped.clone()))
+        });
 
-            // progress
-            let done = Arc::new(AtomicBool::new(false));
-            let progress_handle = options.progress.clone().map(|cb| {
-                let (rr, rw, done, name) = (rows_read.clone(), rows_written.clone(), done.clone(), step.name.clone());
-                scope.spawn(move || {
-                    while !done.load(Ordering::Relaxed) {
-                        cb(&Progress {
-                            step: name.clone(),
-                            rows_read: rr.load(Ordering::Relaxed),
-                            rows_written: rw.load(Ordering::Relaxed),
-                            elapsed: started.elapsed(),
-                        });
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
+        // plugin stages
+        for (index, plugin, inst) in instances {
+            let (tx, next_rx) = sync_channel::<Msg>(cap);
+            let input = std::mem::replace(&mut rx, next_rx);
+            let errors = errors.clone();
+            let counters = counters.clone();
+            let cancel = cancel.clone();
+            let failure = move |batch: Option<u64>, cause: String| {
+                Error::Plugin(crate::PluginFailure {
+                    pipeline: pipeline.name.clone(),
+                    step: step.name.clone(),
+                    plugin: format!("{plugin} (transform {} of {})", index + 1, step.transforms.len()),
+                    batch,
+                    cause,
                 })
-            });
-
-            // writer (this thread)
-            let mut sink = sink;
-            let write_result = (|| -> Result<bool> {
-                loop {
-                    match rx.recv() {
-                        Ok(Msg::Batch(b)) => {
-                            sink.write(&b)?;
-                            rows_written.fetch_add(b.num_rows() as u64, Ordering::Relaxed);
-                        }
-                        Ok(Msg::End) => return Ok(true),
-                        Err(_) => return Ok(false), // upstream failed; its error is recorded
-                    }
-                }
-            })();
-            let write_result = match write_result {
-                Ok(true) => sink.finish().map(Some).map_err(Error::from),
-                Ok(false) => Ok(None),
-                Err(e) => Err(e),
             };
-            if write_result.is_err() {
-                cancel.store(true, Ordering::Relaxed);
+            let name = step.transforms[index].plugin.clone();
+            scope.spawn(move || {
+                let result = plugin_stage(inst, input, tx, &cancel, &failure, &counters, &name);
+                if let Err(e) = result {
+                    cancel.store(true, Ordering::Relaxed);
+                    errors.lock().unwrap_or_else(|e| e.into_inner()).push(e);
+                }
+            });
+        }
+
+        // progress
+        let done = Arc::new(AtomicBool::new(false));
+        let progress_handle = options.progress.clone().map(|cb| {
+            let (rr, rw, done, name) = (rows_read.clone(), rows_written.clone(), done.clone(), step.name.clone());
+            scope.spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    cb(&Progress {
+                        step: name.clone(),
+                        rows_read: rr.load(Ordering::Relaxed),
+                        rows_written: rw.load(Ordering::Relaxed),
+                        elapsed: started.elapsed(),
+                    });
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            })
+        });
+
+        // writer (this thread)
+        let mut sink = sink;
+        let write_result = (|| -> Result<bool> {
+            loop {
+                match rx.recv() {
+                    Ok(Msg::Batch(b)) => {
+                        sink.write(&b)?;
+                        rows_written.fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+                    }
+                    Ok(Msg::End) => return Ok(true),
+                    Err(_) => return Ok(false), // upstream failed; its error is recorded
+                }
             }
-            drop(rx);
-            let reader_result = reader_handle
-                .join()
-                .map_err(|_| Error::Internal("the reader thread panicked".into()))?;
-            done.store(true, Ordering::Relaxed);
-            if let Some(h) = progress_handle {
-                let _ = h.join();
-            }
-            // scope joins the plugin stages here
-            let partitions = write_result?;
-            let stats = reader_result?;
-            Ok((Some(stats), partitions.unwrap_or_default()))
-        })
-        .map_err(|e| first_error(e, &errors))?;
+        })();
+        let write_result = match write_result {
+            Ok(true) => sink.finish().map(Some).map_err(Error::from),
+            Ok(false) => Ok(None),
+            Err(e) => Err(e),
+        };
+        if write_result.is_err() {
+            cancel.store(true, Ordering::Relaxed);
+        }
+        drop(rx);
+        let reader_result = reader_handle
+            .join()
+            .map_err(|_| Error::Internal("the reader thread panicked".into()))?;
+        done.store(true, Ordering::Relaxed);
+        if let Some(h) = progress_handle {
+            let _ = h.join();
+        }
+        // scope joins the plugin stages here
+        let partitions = write_result?;
+        let stats = reader_result?;
+        Ok((Some(stats), partitions.unwrap_or_default()))
+    })
+    .map_err(|e| first_error(e, &errors))?;
     if let Some(e) = errors.lock().unwrap_or_else(|e| e.into_inner()).drain(..).next() {
         return Err(e);
     }

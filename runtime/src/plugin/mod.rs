@@ -690,8 +690,12 @@ fn classify(e: wasmtime::Error, memory_hit: bool, limits: Limits, stderr: String
     if memory_hit {
         return CallError::Memory(limits.memory_bytes);
     }
-    // The first line names the trap; the rest is a wasm backtrace, too long for a user.
-    let message = format!("{e:#}").lines().next().unwrap_or("unknown trap").to_string();
+    // Name the trap itself; the wasm backtrace around it is too long for a user.
+    let message = match e.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => trap.to_string(),
+        None => e.root_cause().to_string(),
+    };
+    let message = message.lines().next().unwrap_or("unknown trap").to_string();
     CallError::Trap {
         message,
         stderr: stderr.trim().to_string(),
