@@ -9,10 +9,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
 /// The `weir` binary of this build (`$WEIR_BIN` overrides). Built by `scripts/test.sh`.
@@ -22,30 +19,16 @@ pub fn weir_bin() -> PathBuf {
     }
     // target/<profile>/deps/e2e-<hash> -> target/<profile>/weir
     let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("weir"))
-        .expect("target dir");
-    assert!(
-        bin.is_file(),
-        "{} not found: build it first (cargo build -p weir), or run scripts/test.sh",
-        bin.display()
-    );
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("weir")).expect("target dir");
+    assert!(bin.is_file(), "{} not found: build it first (cargo build -p weir), or run scripts/test.sh", bin.display());
     bin
 }
 
 /// A built plugin: `dist/plugins/<name>.wasm` (`$WEIR_PLUGIN_DIR` overrides the folder).
 pub fn plugin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("WEIR_PLUGIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("dist/plugins"));
+    let dir = std::env::var_os("WEIR_PLUGIN_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("dist/plugins"));
     let p = dir.join(format!("{name}.wasm"));
-    assert!(
-        p.is_file(),
-        "{} not found: run scripts/build-plugins.sh first",
-        p.display()
-    );
+    assert!(p.is_file(), "{} not found: run scripts/build-plugins.sh first", p.display());
     p
 }
 
@@ -97,10 +80,7 @@ pub fn parquet_files(dir: &Path) -> Vec<(PathBuf, Vec<(String, String)>)> {
                     .map(|rel| {
                         rel.components()
                             .filter_map(|c| {
-                                c.as_os_str()
-                                    .to_str()?
-                                    .split_once('=')
-                                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                                c.as_os_str().to_str()?.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))
                             })
                             .collect()
                     })
@@ -117,12 +97,7 @@ pub fn parquet_files(dir: &Path) -> Vec<(PathBuf, Vec<(String, String)>)> {
 /// Read one Parquet file.
 pub fn read_parquet(path: &Path) -> Vec<RecordBatch> {
     let f = std::fs::File::open(path).unwrap();
-    ParquetRecordBatchReaderBuilder::try_new(f)
-        .unwrap()
-        .build()
-        .unwrap()
-        .map(|b| b.unwrap())
-        .collect()
+    ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap().map(|b| b.unwrap()).collect()
 }
 
 /// A snapshot of a directory tree: (relative path, bytes) of every file, sorted.
@@ -147,11 +122,7 @@ pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 /// Names in `dir` (not recursive), sorted.
 pub fn entries(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|r| {
-            r.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
+        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
     v.sort();
     v

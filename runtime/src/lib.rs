@@ -28,6 +28,7 @@ pub mod config;
 pub mod engine;
 pub mod io;
 pub mod plugin;
+pub mod store;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -45,11 +46,7 @@ pub struct PluginFailure {
 
 impl fmt::Display for PluginFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "pipeline `{}`, step `{}`, plugin `{}`",
-            self.pipeline, self.step, self.plugin
-        )?;
+        write!(f, "pipeline `{}`, step `{}`, plugin `{}`", self.pipeline, self.step, self.plugin)?;
         if let Some(b) = self.batch {
             write!(f, ", batch {b}")?;
         }
@@ -76,13 +73,7 @@ pub enum Error {
     #[error("{0}")]
     Config(#[from] config::ConfigErrors),
     #[error("{}:{line}: step `{step}`, plugin `{plugin}` rejected its config: {message}", file.display())]
-    PluginConfig {
-        file: PathBuf,
-        line: usize,
-        step: String,
-        plugin: String,
-        message: String,
-    },
+    PluginConfig { file: PathBuf, line: usize, step: String, plugin: String, message: String },
     #[error("plugin `{plugin}` cannot be used: {message}")]
     PluginLoad { plugin: String, message: String },
     #[error("{0}")]
@@ -93,6 +84,10 @@ pub enum Error {
     Io(#[from] io::Error),
     #[error("step `{step}` finished but could not be published: {message}")]
     Publish { step: String, message: String },
+    #[error("{0}")]
+    Store(#[from] store::Error),
+    #[error("run #{id} of this pipeline and partition is still running (pid {pid} on {host}); wait for it, or stop it first")]
+    AlreadyRunning { id: i64, pid: u32, host: String },
     #[error("internal error (a bug in weir, please report it): {0}")]
     Internal(String),
 }
@@ -108,7 +103,9 @@ impl Error {
             | Error::Secret { .. } => ErrorKind::User,
             Error::Io(io::Error::Input { .. }) | Error::Io(io::Error::NoInput { .. }) => ErrorKind::User,
             Error::Io(io::Error::Internal(_)) | Error::Internal(_) => ErrorKind::Internal,
-            Error::Io(_) | Error::Publish { .. } => ErrorKind::External,
+            Error::Io(_) | Error::Publish { .. } | Error::Store(_) | Error::AlreadyRunning { .. } => {
+                ErrorKind::External
+            }
         }
     }
 }

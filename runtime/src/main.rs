@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use weir::config::Pipeline;
 use weir::engine::{self, Progress, RunOptions, RunSummary};
@@ -67,6 +67,31 @@ enum Command {
         /// Only print errors and the summary.
         #[arg(long, short)]
         quiet: bool,
+        /// Run even if an identical run (same input files, config and plugins) already
+        /// published; by default such a rerun is recognised and does nothing.
+        #[arg(long)]
+        force: bool,
+        /// The run store [default: `[pipeline] state`, else .weir/state.db beside the file].
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
+    /// Run history: status, times, rows per step, plugins and their digests.
+    ///
+    /// `weir runs` lists runs, newest first; `weir runs show ID` shows one in full, with
+    /// what it published. The store is found from --state, $WEIR_STATE, the pipeline file
+    /// given with --pipeline, or ./.weir/state.db.
+    #[command(
+        after_help = "Examples:\n  weir runs --pipeline examples/orders/pipeline.toml\n  weir runs --pipeline examples/orders/pipeline.toml --status FAILED --json\n  weir runs --pipeline examples/orders/pipeline.toml show 12"
+    )]
+    Runs(RunsArgs),
+    /// Find runs of a pipeline that died (killed, machine lost), mark them FAILED and remove
+    /// their staging. `weir run` does this itself before it starts.
+    Recover {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// The run store [default: the pipeline's].
+        #[arg(long)]
+        state: Option<PathBuf>,
     },
     /// Check a pipeline file without running it.
     ///
@@ -89,6 +114,37 @@ enum Command {
     Plugin(PluginCommand),
 }
 
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = false)]
+struct RunsArgs {
+    #[command(subcommand)]
+    show: Option<RunsCommand>,
+    /// A pipeline file (its store and name), or a pipeline name (with --state).
+    #[arg(long, global = true)]
+    pipeline: Option<String>,
+    /// Only runs with this status: RUNNING, SUCCESS, FAILED, PARTIAL.
+    #[arg(long)]
+    status: Option<String>,
+    /// At most this many runs.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// Print JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    /// The run store file.
+    #[arg(long, global = true)]
+    state: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// One run in full.
+    Show {
+        /// The run id (first column of `weir runs`).
+        id: i64,
+    },
+}
+
 #[derive(Subcommand)]
 enum PluginCommand {
     /// Show a plugin's world, contract version, digest, imports and exports.
@@ -108,21 +164,20 @@ enum PluginCommand {
 }
 
 fn main() -> ExitCode {
+    // `weir ... | head` should end quietly, as other Unix tools do, not panic on EPIPE.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match cli.command {
-        Command::Run {
-            pipeline,
-            partition,
-            json,
-            cache_dir,
-            no_progress,
-            quiet,
-        } => cmd_run(pipeline, partition, json, cache_dir, no_progress, quiet),
-        Command::Validate {
-            pipeline,
-            json,
-            cache_dir,
-        } => report(cmd_validate(pipeline, json, cache_dir)),
+        Command::Run { pipeline, partition, json, cache_dir, no_progress, quiet, force, state } => {
+            cmd_run(RunArgs { path: pipeline, partition, json, cache_dir, no_progress, quiet, force, state })
+        }
+        Command::Runs(args) => report(cmd_runs(args)),
+        Command::Recover { pipeline, state } => report(cmd_recover(pipeline, state)),
+        Command::Validate { pipeline, json, cache_dir } => report(cmd_validate(pipeline, json, cache_dir)),
         Command::Plugin(PluginCommand::Inspect { file, json, cache_dir }) => report(cmd_inspect(file, json, cache_dir)),
     }
 }
@@ -137,14 +192,19 @@ fn report(result: anyhow::Result<ExitCode>) -> ExitCode {
     }
 }
 
-fn cmd_run(
+struct RunArgs {
     path: PathBuf,
     partition: Option<String>,
     json: bool,
     cache_dir: Option<PathBuf>,
     no_progress: bool,
     quiet: bool,
-) -> ExitCode {
+    force: bool,
+    state: Option<PathBuf>,
+}
+
+fn cmd_run(args: RunArgs) -> ExitCode {
+    let RunArgs { path, partition, json, cache_dir, no_progress, quiet, force, state } = args;
     let pipeline = match Pipeline::load(&path) {
         Ok(p) => p,
         Err(e) => {
@@ -186,6 +246,8 @@ fn cmd_run(
         cache_dir: cache_dir.or_else(PluginEngine::default_cache_dir),
         log,
         progress,
+        state,
+        force,
     };
     let result = engine::run(&pipeline, &options);
     if show_progress {
@@ -237,12 +299,7 @@ fn thousands(n: u64) -> String {
 fn summary_line(s: &RunSummary) -> String {
     let mut parts = Vec::new();
     for st in &s.steps {
-        let mut p = format!(
-            "{} {} → {} rows",
-            st.name,
-            thousands(st.rows_read),
-            thousands(st.rows_written)
-        );
+        let mut p = format!("{} {} → {} rows", st.name, thousands(st.rows_read), thousands(st.rows_written));
         if st.rows_skipped > 0 {
             p.push_str(&format!(" ({} bad input rows skipped)", thousands(st.rows_skipped)));
         }
@@ -251,17 +308,15 @@ fn summary_line(s: &RunSummary) -> String {
         }
         parts.push(p);
     }
-    let partition = s
-        .partition
-        .as_ref()
-        .map(|p| format!(" partition {p}"))
-        .unwrap_or_default();
-    format!(
-        "ok {}{partition}: {} · {:.2} s",
-        s.pipeline,
-        parts.join(" · "),
-        s.seconds
-    )
+    let partition = s.partition.as_ref().map(|p| format!(" partition {p}")).unwrap_or_default();
+    if let Some(earlier) = s.identical_to {
+        return format!(
+            "up to date {}{partition}: identical to run #{earlier}, nothing to do (--force runs it again)",
+            s.pipeline
+        );
+    }
+    let id = s.run_id.map(|i| format!(" (run #{i})")).unwrap_or_default();
+    format!("ok {}{partition}{id}: {} · {:.2} s", s.pipeline, parts.join(" · "), s.seconds)
 }
 
 fn cmd_validate(path: PathBuf, json: bool, cache_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
@@ -274,18 +329,10 @@ fn cmd_validate(path: PathBuf, json: bool, cache_dir: Option<PathBuf>) -> anyhow
                     .iter()
                     .map(|d| serde_json::json!({"file": d.file, "line": d.line, "column": d.column, "message": d.message, "hint": d.hint}))
                     .collect();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({"valid": false, "errors": errs}))?
-                );
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"valid": false, "errors": errs}))?);
             } else {
                 eprintln!("{e}");
-                eprintln!(
-                    "{}: {} problem{}",
-                    path.display(),
-                    e.0.len(),
-                    if e.0.len() == 1 { "" } else { "s" }
-                );
+                eprintln!("{}: {} problem{}", path.display(), e.0.len(), if e.0.len() == 1 { "" } else { "s" });
             }
             return Ok(ExitCode::from(EXIT_INVALID));
         }
@@ -314,31 +361,20 @@ fn cmd_validate(path: PathBuf, json: bool, cache_dir: Option<PathBuf>) -> anyhow
             pipeline.sources.len(),
             pipeline.plugins.len(),
             pipeline.steps.len(),
-            pipeline
-                .steps
-                .iter()
-                .map(|s| s.name.as_str())
-                .collect::<Vec<_>>()
-                .join(" → ")
+            pipeline.steps.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(" → ")
         );
     } else {
         for p in &problems {
             eprintln!("{p}");
         }
     }
-    Ok(if problems.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_INVALID)
-    })
+    Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_INVALID) })
 }
 
 fn cmd_inspect(file: PathBuf, json: bool, cache_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let engine =
         PluginEngine::new(cache_dir.or_else(PluginEngine::default_cache_dir)).context("starting the plugin engine")?;
-    let info = engine
-        .inspect(&file)
-        .with_context(|| format!("inspecting {}", file.display()))?;
+    let info = engine.inspect(&file).with_context(|| format!("inspecting {}", file.display()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {
@@ -352,10 +388,7 @@ fn cmd_inspect(file: PathBuf, json: bool, cache_dir: Option<PathBuf>) -> anyhow:
             if info.compatible {
                 format!("supported by this weir {}", env!("CARGO_PKG_VERSION"))
             } else {
-                format!(
-                    "NOT supported: this weir runs weir:plugin@{}.x",
-                    weir::plugin::SUPPORTED_CONTRACT
-                )
+                format!("NOT supported: this weir runs weir:plugin@{}.x", weir::plugin::SUPPORTED_CONTRACT)
             }
         );
         println!("imports:");
@@ -367,9 +400,137 @@ fn cmd_inspect(file: PathBuf, json: bool, cache_dir: Option<PathBuf>) -> anyhow:
             println!("  {e}");
         }
     }
-    Ok(if info.compatible {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_FAILED)
-    })
+    Ok(if info.compatible { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILED) })
+}
+
+/// Find the run store for `weir runs`: --state, $WEIR_STATE, a pipeline file, ./.weir.
+fn locate_store(state: Option<PathBuf>, pipeline: Option<&str>) -> anyhow::Result<(PathBuf, Option<String>)> {
+    let mut name = pipeline.map(str::to_string);
+    if let Some(p) = pipeline {
+        let path = PathBuf::from(p);
+        if path.is_file() {
+            let loaded = Pipeline::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            name = Some(loaded.name.clone());
+            if state.is_none() {
+                return Ok((loaded.state_path, name));
+            }
+        }
+    }
+    let path = state
+        .or_else(|| std::env::var_os("WEIR_STATE").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(".weir/state.db"));
+    anyhow::ensure!(
+        path.is_file(),
+        "no run store at {} (pass --state FILE, or --pipeline PIPELINE.toml)",
+        path.display()
+    );
+    Ok((path, name))
+}
+
+fn cmd_runs(args: RunsArgs) -> anyhow::Result<ExitCode> {
+    use weir::store::{format_time, RunFilter, RunStore, SqliteStore, Status};
+    let (path, pipeline) = locate_store(args.state, args.pipeline.as_deref())?;
+    let store = SqliteStore::open(&path)?;
+    if let Some(RunsCommand::Show { id }) = args.show {
+        let run = store.run(id)?.ok_or_else(|| anyhow::anyhow!("no run #{id} in {}", path.display()))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&run)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!(
+            "run #{}  {}  pipeline {}{}",
+            run.id,
+            run.status.as_str(),
+            run.pipeline,
+            run.partition.as_ref().map(|p| format!("  partition {p}")).unwrap_or_default()
+        );
+        let duration = run
+            .finished_at_ms
+            .map(|f| format!("{:.2} s", (f - run.started_at_ms) as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "started   {}   finished {}   ({duration})",
+            format_time(run.started_at_ms),
+            run.finished_at_ms.map(format_time).unwrap_or_else(|| "-".into())
+        );
+        println!("attempt   {}   process {} on {}", run.attempt, run.pid, run.host);
+        if let Some(e) = &run.error {
+            println!("error     {e}");
+        }
+        println!("config    sha256 {}", run.config_sha256);
+        for (name, digest) in &run.plugins {
+            println!("plugin    {name:<12} sha256 {digest}");
+        }
+        for s in &run.steps {
+            println!(
+                "step      {:<20} read {:>10}  written {:>10}  skipped {:>6}",
+                s.step,
+                thousands(s.rows_read),
+                thousands(s.rows_written),
+                thousands(s.rows_skipped)
+            );
+        }
+        for p in &run.published {
+            println!("published {} {}", p.action, p.path.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = match &args.status {
+        Some(s) => Some(
+            Status::parse(s)
+                .ok_or_else(|| anyhow::anyhow!("unknown status `{s}`; use RUNNING, SUCCESS, FAILED or PARTIAL"))?,
+        ),
+        None => None,
+    };
+    let runs = store.runs(&RunFilter { pipeline, status, limit: args.limit })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&runs)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>5}  {:<8}  {:<16}  {:<12}  {:<21}  {:>9}  {:>12}  ERROR",
+        "ID", "STATUS", "PIPELINE", "PARTITION", "STARTED", "SECONDS", "ROWS OUT"
+    );
+    for r in &runs {
+        let secs = r
+            .finished_at_ms
+            .map(|f| format!("{:.2}", (f - r.started_at_ms) as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into());
+        let rows: u64 = r.steps.iter().map(|s| s.rows_written).sum();
+        let mut err = r.error.clone().unwrap_or_default().replace('\n', " ");
+        if err.len() > 80 {
+            let cut = (0..=80).rev().find(|i| err.is_char_boundary(*i)).unwrap_or(0);
+            err.truncate(cut);
+            err.push('…');
+        }
+        println!(
+            "{:>5}  {:<8}  {:<16}  {:<12}  {:<21}  {:>9}  {:>12}  {err}",
+            r.id,
+            r.status.as_str(),
+            r.pipeline,
+            r.partition.as_deref().unwrap_or("-"),
+            format_time(r.started_at_ms),
+            secs,
+            thousands(rows)
+        );
+    }
+    if runs.is_empty() {
+        println!("(no runs)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_recover(path: PathBuf, state: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let pipeline = match Pipeline::load(&path) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: invalid pipeline\n{e}");
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+    };
+    let options = RunOptions { state, ..RunOptions::default() };
+    let store = engine::open_store(&pipeline, &options)?;
+    let dead = engine::recover(store.as_ref(), Some(&pipeline.name), "weir recover", &|l: &str| eprintln!("{l}"))?;
+    println!("recovered {} run{} of {}", dead.len(), if dead.len() == 1 { "" } else { "s" }, pipeline.name);
+    Ok(ExitCode::SUCCESS)
 }

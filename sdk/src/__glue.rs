@@ -41,12 +41,7 @@ pub fn init<T: RawTransform>(
     input_schema: Vec<u8>,
     ctx: ty::Context,
 ) -> Result<Vec<u8>, ty::PluginError> {
-    let ctx = Context {
-        pipeline: ctx.pipeline,
-        step: ctx.step,
-        plugin: ctx.plugin,
-        partition: ctx.partition,
-    };
+    let ctx = Context { pipeline: ctx.pipeline, step: ctx.step, plugin: ctx.plugin, partition: ctx.partition };
     let (instance, schema) = T::init(&config, &input_schema, ctx).map_err(to_wit)?;
     INSTANCE.with(|cell| *cell.borrow_mut() = Some(Box::new(instance)));
     Ok(schema)

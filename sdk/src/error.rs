@@ -34,11 +34,7 @@ impl Error {
 
     /// An [`Error::InvalidInput`] about one row of one column.
     pub fn input(row: usize, column: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::InvalidInput {
-            row: Some(row as u64),
-            column: Some(column.into()),
-            message: message.into(),
-        }
+        Error::InvalidInput { row: Some(row as u64), column: Some(column.into()), message: message.into() }
     }
 
     /// An [`Error::Internal`].
@@ -50,11 +46,9 @@ impl Error {
     /// several batches).
     pub fn offset_row(self, offset: u64) -> Self {
         match self {
-            Error::InvalidInput { row, column, message } => Error::InvalidInput {
-                row: row.map(|r| r + offset),
-                column,
-                message,
-            },
+            Error::InvalidInput { row, column, message } => {
+                Error::InvalidInput { row: row.map(|r| r + offset), column, message }
+            }
             other => other,
         }
     }

@@ -19,10 +19,7 @@ pub fn hash_strings(key: Option<&[u8]>, offsets: &[u32], data: &[u8]) -> Result<
     for i in 0..n {
         let (start, end) = (offsets[i] as usize, offsets[i + 1] as usize);
         if start > end || end > data.len() {
-            return Err(format!(
-                "offsets {start}..{end} of value {i} are outside the {} data bytes",
-                data.len()
-            ));
+            return Err(format!("offsets {start}..{end} of value {i} are outside the {} data bytes", data.len()));
         }
         let value = &data[start..end];
         let digest: [u8; 32] = match &keyed {

@@ -48,10 +48,7 @@ pub fn hash_strings(algorithm: &HashAlgorithm, column: &StringArray) -> Result<S
         .map_err(|e| Error::internal(format!("host hashing failed: {e}")))?;
     let n = column.len();
     if hex.len() != n * 64 {
-        return Err(Error::internal(format!(
-            "host hashing returned {} bytes for {n} values",
-            hex.len()
-        )));
+        return Err(Error::internal(format!("host hashing returned {} bytes for {n} values", hex.len())));
     }
     let offsets = OffsetBuffer::new(ScalarBuffer::from_iter((0..=n).map(|i| (i * 64) as i32)));
     StringArray::try_new(offsets, Buffer::from_vec(hex), column.nulls().cloned())

@@ -128,18 +128,13 @@ pub fn to_array(dtype: &DataType, values: &[Scalar]) -> Result<ArrayRef> {
         DataType::Date32 => Arc::new(arrow_array::Date32Array::from_iter(ints().map(|v| v.map(|v| v as i32)))),
         DataType::Timestamp(unit, tz) => {
             let a = Int64Array::from_iter(ints());
-            let data = a
-                .into_data()
-                .into_builder()
-                .data_type(DataType::Timestamp(*unit, tz.clone()));
+            let data = a.into_data().into_builder().data_type(DataType::Timestamp(*unit, tz.clone()));
             arrow_array::make_array(data.build()?)
         }
         DataType::Float64 | DataType::Float32 => {
             let a = Float64Array::from_iter(values.iter().map(|s| s.as_f64()));
             if dtype == &DataType::Float32 {
-                Arc::new(arrow_array::Float32Array::from_iter(
-                    a.iter().map(|v| v.map(|v| v as f32)),
-                ))
+                Arc::new(arrow_array::Float32Array::from_iter(a.iter().map(|v| v.map(|v| v as f32))))
             } else {
                 Arc::new(a)
             }

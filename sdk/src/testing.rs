@@ -81,11 +81,7 @@ impl<T: Transform> Harness<T> {
         };
         let (raw, schema_bytes) = Typed::<T>::init(&json, &ipc::encode_schema(schema)?, ctx)?;
         let output = ipc::decode_schema(&schema_bytes)?;
-        Ok(Harness {
-            raw,
-            output,
-            _t: PhantomData,
-        })
+        Ok(Harness { raw, output, _t: PhantomData })
     }
 
     /// The output schema the instance declared.

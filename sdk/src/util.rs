@@ -12,18 +12,12 @@ use crate::error::{Error, Result};
 pub fn require_column(schema: &SchemaRef, name: &str, types: &[DataType]) -> Result<usize> {
     let index = schema.index_of(name).map_err(|_| {
         let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-        Error::config(format!(
-            "column `{name}` is not in the input; the input has: {}",
-            names.join(", ")
-        ))
+        Error::config(format!("column `{name}` is not in the input; the input has: {}", names.join(", ")))
     })?;
     let actual = schema.field(index).data_type();
     if !types.is_empty() && !types.contains(actual) {
         let wanted: Vec<String> = types.iter().map(|t| t.to_string()).collect();
-        return Err(Error::config(format!(
-            "column `{name}` is {actual}; this plugin needs {}",
-            wanted.join(" or ")
-        )));
+        return Err(Error::config(format!("column `{name}` is {actual}; this plugin needs {}", wanted.join(" or "))));
     }
     Ok(index)
 }
@@ -35,11 +29,7 @@ pub fn replace_column(batch: &RecordBatch, index: usize, array: ArrayRef) -> Res
     let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
     let mut columns = batch.columns().to_vec();
     let old = &fields[index];
-    fields[index] = Field::new(
-        old.name(),
-        array.data_type().clone(),
-        old.is_nullable() || array.null_count() > 0,
-    );
+    fields[index] = Field::new(old.name(), array.data_type().clone(), old.is_nullable() || array.null_count() > 0);
     columns[index] = array;
     Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
 }
@@ -54,12 +44,7 @@ pub fn with_schema(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch
 
 /// `name: type` pairs of a schema, for messages.
 pub fn schema_text(schema: &Schema) -> String {
-    schema
-        .fields()
-        .iter()
-        .map(|f| format!("{}: {}", f.name(), f.data_type()))
-        .collect::<Vec<_>>()
-        .join(", ")
+    schema.fields().iter().map(|f| format!("{}: {}", f.name(), f.data_type())).collect::<Vec<_>>().join(", ")
 }
 
 /// The type names pipeline files and plugin configs use, and the Arrow type each means:

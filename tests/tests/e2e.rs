@@ -23,9 +23,7 @@ fn example_copy() -> tempfile::TempDir {
         }
     }
     let plugins = plugin("mask").parent().unwrap().to_string_lossy().into_owned();
-    let text = std::fs::read_to_string(src.join("pipeline.toml"))
-        .unwrap()
-        .replace("../../dist/plugins", &plugins);
+    let text = std::fs::read_to_string(src.join("pipeline.toml")).unwrap().replace("../../dist/plugins", &plugins);
     std::fs::write(dir.path().join("pipeline.toml"), text).unwrap();
     dir
 }
@@ -43,11 +41,7 @@ struct RawOrder {
 /// The example's input, read independently of weir: the rows a careful reader would keep
 /// (malformed ones dropped), in file order.
 fn raw_orders(dir: &Path) -> Vec<(i64, RawOrder)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("data"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("data")).unwrap().flatten().map(|e| e.path()).collect();
     files.sort();
     let mut rows = Vec::new();
     for f in files {
@@ -97,23 +91,11 @@ fn orders_example_end_to_end() {
     let steps = summary["steps"].as_array().unwrap();
     assert_eq!(steps[0]["name"], "stg_orders");
     assert_eq!(steps[0]["rows_read"].as_u64().unwrap(), raw.len() as u64);
-    assert_eq!(
-        steps[0]["rows_skipped"], 2,
-        "the two malformed rows are skipped and counted"
-    );
+    assert_eq!(steps[0]["rows_skipped"], 2, "the two malformed rows are skipped and counted");
     assert_eq!(steps[0]["rows_written"].as_u64().unwrap(), latest.len() as u64);
     assert_eq!(steps[0]["partitions"].as_array().unwrap().len(), 7);
-    assert!(
-        out.stderr
-            .contains("orders_2024-01-03.csv:18: expected 7 fields, found 5"),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        out.stderr.contains("orders_2024-01-05.csv:43: column `amount`"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("orders_2024-01-03.csv:18: expected 7 fields, found 5"), "{}", out.stderr);
+    assert!(out.stderr.contains("orders_2024-01-05.csv:43: column `amount`"), "{}", out.stderr);
 
     // Read stg_orders back, independently.
     let key = b"demo-only-key-do-not-use-in-production";
@@ -125,18 +107,7 @@ fn orders_example_end_to_end() {
         assert_eq!(hive[0].0, "order_date");
         for b in read_parquet(file) {
             let names: Vec<String> = b.schema().fields().iter().map(|f| f.name().clone()).collect();
-            assert_eq!(
-                names,
-                [
-                    "order_id",
-                    "email_hash",
-                    "country",
-                    "amount",
-                    "status",
-                    "ordered_at",
-                    "updated_at"
-                ]
-            );
+            assert_eq!(names, ["order_id", "email_hash", "country", "amount", "status", "ordered_at", "updated_at"]);
             let ids = b.column(0).as_primitive::<Int64Type>();
             let hashes = b.column(1).as_string::<i32>();
             let status = b.column(4).as_string::<i32>();
@@ -147,16 +118,10 @@ fn orders_example_end_to_end() {
                 let want = &latest[&id];
                 assert_eq!(status.value(row), want.status, "order {id} keeps its latest status");
                 assert_eq!(amount.value(row), want.amount, "order {id} keeps its latest amount");
-                assert!(
-                    hive[0].1 == want.ordered_at[..10],
-                    "order {id} is in its order date's partition"
-                );
+                assert!(hive[0].1 == want.ordered_at[..10], "order {id} is in its order date's partition");
                 // the email is masked with HMAC-SHA256 under the configured key
                 let h = hashes.value(row);
-                assert!(
-                    !emails.contains(h) && !h.contains('@'),
-                    "raw email left in stg_orders: {h}"
-                );
+                assert!(!emails.contains(h) && !h.contains('@'), "raw email left in stg_orders: {h}");
                 let e = want.email.as_bytes();
                 let expected = weir_sdk::hashing::hash_strings(Some(key), &[0, e.len() as u32], e).unwrap();
                 assert_eq!(h.as_bytes(), &expected[..]);
@@ -174,9 +139,7 @@ fn orders_example_end_to_end() {
     // The mart equals a direct computation over the input.
     let mut expected: BTreeMap<(String, String), (i64, f64)> = BTreeMap::new();
     for o in latest.values() {
-        let e = expected
-            .entry((o.ordered_at[..10].to_string(), o.country.clone()))
-            .or_insert((0, 0.0));
+        let e = expected.entry((o.ordered_at[..10].to_string(), o.country.clone())).or_insert((0, 0.0));
         e.0 += 1;
         e.1 += o.amount;
     }
@@ -208,28 +171,40 @@ fn orders_example_end_to_end() {
     // Nothing left behind but the datasets.
     assert_eq!(entries(&dir.path().join("out")), ["mart_revenue_daily", "stg_orders"]);
 
-    // A second run gives the same rows (idempotent, no duplicates) and uses the compile cache.
+    // A second run of the same input, config and plugins is recognised and does nothing.
     let before = snapshot(&dir.path().join("out"));
     let again = weir(dir.path(), &["run", "pipeline.toml", "--json"]);
     assert_eq!(again.code, 0, "{}", again.stderr);
-    let after = snapshot(&dir.path().join("out"));
-    assert_eq!(before.len(), after.len());
-    assert_eq!(before, after, "a rerun rewrites identical files");
+    assert_eq!(again.json()["status"], "UP_TO_DATE");
+    assert_eq!(again.json()["identical_to"], summary["run_id"]);
+    assert_eq!(snapshot(&dir.path().join("out")), before);
+    // Forced, it runs again and rewrites identical files: no duplicates, same bytes.
+    let forced = weir(dir.path(), &["run", "pipeline.toml", "--json", "--force"]);
+    assert_eq!(forced.code, 0, "{}", forced.stderr);
+    assert_eq!(forced.json()["status"], "SUCCESS");
+    assert_eq!(snapshot(&dir.path().join("out")), before, "a rerun rewrites identical files");
+
+    // The history knows both runs, with rows per step and plugin digests.
+    let runs = weir(dir.path(), &["runs", "--pipeline", "pipeline.toml", "--json"]).json();
+    let runs = runs.as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert!(runs.iter().all(|r| r["status"] == "SUCCESS"));
+    assert_eq!(runs[0]["attempt"], 2, "the forced rerun is attempt 2 of the same fingerprint");
+    assert_eq!(runs[0]["steps"][0]["rows_written"].as_u64().unwrap(), latest.len() as u64);
+    assert_eq!(runs[0]["plugins"].as_object().unwrap().len(), 4);
+    let show = weir(dir.path(), &["runs", "--pipeline", "pipeline.toml", "show", &runs[1]["id"].to_string()]);
+    assert_eq!(show.code, 0, "{}", show.stderr);
+    assert!(show.stdout.contains("SUCCESS") && show.stdout.contains("plugin    mask"), "{}", show.stdout);
+    assert!(show.stdout.contains("published created"), "{}", show.stdout);
 }
 
 #[test]
 fn partition_run_reads_only_that_partition() {
     let dir = example_copy();
-    let out = weir(
-        dir.path(),
-        &["run", "pipeline.toml", "--partition", "2024-01-01", "--json"],
-    );
+    let out = weir(dir.path(), &["run", "pipeline.toml", "--partition", "2024-01-01", "--json"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    let lines = std::fs::read_to_string(dir.path().join("data/orders_2024-01-01.csv"))
-        .unwrap()
-        .lines()
-        .count() as u64
-        - 1;
+    let lines =
+        std::fs::read_to_string(dir.path().join("data/orders_2024-01-01.csv")).unwrap().lines().count() as u64 - 1;
     let s = out.json();
     assert_eq!(s["partition"], "2024-01-01");
     assert_eq!(s["steps"][0]["rows_read"].as_u64().unwrap(), lines);
@@ -292,45 +267,24 @@ fn assert_contained(mode: &str, limits: &str, expect: &[&str]) -> Output {
     let out = weir(dir.path(), &["run", "pipeline.toml"]);
     assert_eq!(out.code, 1, "mode {mode} must fail the run: {}", out.stderr);
     for e in expect {
-        assert!(
-            out.stderr.contains(e),
-            "mode {mode}: expected {e:?} in:\n{}",
-            out.stderr
-        );
+        assert!(out.stderr.contains(e), "mode {mode}: expected {e:?} in:\n{}", out.stderr);
     }
     assert!(
-        out.stderr
-            .contains("pipeline `hostile`, step `attack`, plugin `hostile (transform 1 of 1)`"),
+        out.stderr.contains("pipeline `hostile`, step `attack`, plugin `hostile (transform 1 of 1)`"),
         "{}",
         out.stderr
     );
     assert!(!out.stderr.contains("SANDBOX ESCAPE"), "{}", out.stderr);
-    assert!(
-        !out.stderr.contains("panicked at runtime"),
-        "the host must not panic: {}",
-        out.stderr
-    );
-    assert_eq!(
-        snapshot(&dir.path().join("out")),
-        before,
-        "mode {mode}: the published output changed"
-    );
-    assert_eq!(
-        entries(&dir.path().join("out")),
-        ["data"],
-        "mode {mode}: staging left behind"
-    );
+    assert!(!out.stderr.contains("panicked at runtime"), "the host must not panic: {}", out.stderr);
+    assert_eq!(snapshot(&dir.path().join("out")), before, "mode {mode}: the published output changed");
+    assert_eq!(entries(&dir.path().join("out")), ["data"], "mode {mode}: staging left behind");
     out
 }
 
 #[test]
 fn hostile_infinite_loop_hits_the_deadline() {
     let started = std::time::Instant::now();
-    assert_contained(
-        "loop",
-        "timeout_ms = 300",
-        &["batch 1", "exceeded its CPU deadline of 300ms"],
-    );
+    assert_contained("loop", "timeout_ms = 300", &["batch 1", "exceeded its CPU deadline of 300ms"]);
     // not a timing assertion on weir's speed: a guard that the deadline stopped the loop at all
     assert!(started.elapsed() < std::time::Duration::from_secs(120));
 }
@@ -362,11 +316,7 @@ fn hostile_garbage_output_is_rejected() {
 
 #[test]
 fn hostile_schema_lie_is_rejected() {
-    assert_contained(
-        "schema_lie",
-        "",
-        &["batch 1", "differs from the schema it declared", "surprise: Int64"],
-    );
+    assert_contained("schema_lie", "", &["batch 1", "differs from the schema it declared", "surprise: Int64"]);
 }
 
 #[test]
@@ -377,21 +327,14 @@ fn hostile_output_flood_is_capped_not_fatal() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stderr.contains("[attack/hostile] stdout:"), "{}", out.stderr);
     assert!(out.stderr.contains("bytes dropped"), "{}", out.stderr);
-    assert!(
-        out.stderr.len() < 512 * 1024,
-        "stdout flood was forwarded uncapped: {} bytes",
-        out.stderr.len()
-    );
+    assert!(out.stderr.len() < 512 * 1024, "stdout flood was forwarded uncapped: {} bytes", out.stderr.len());
 }
 
 #[test]
 fn incompatible_contract_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let bytes = std::fs::read(plugin("hostile")).unwrap();
-    let (from, to) = (
-        b"weir:plugin/transform@0.1.0".as_slice(),
-        b"weir:plugin/transform@0.9.0".as_slice(),
-    );
+    let (from, to) = (b"weir:plugin/transform@0.1.0".as_slice(), b"weir:plugin/transform@0.9.0".as_slice());
     let mut patched = bytes.clone();
     let mut n = 0;
     let mut i = 0;
@@ -406,9 +349,12 @@ fn incompatible_contract_version_is_refused() {
     let wasm = dir.path().join("future.wasm");
     std::fs::write(&wasm, patched).unwrap();
     let out = weir(dir.path(), &["plugin", "inspect", "future.wasm"]);
-    if out.code == 0 || out.stdout.contains("0.9.0") {
-        assert!(out.stdout.contains("NOT supported"), "{}", out.stdout);
-    }
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stdout.contains("weir:plugin@0.9.0 (NOT supported: this weir runs weir:plugin@0.1.x)"),
+        "{}",
+        out.stdout
+    );
     hostile_pipeline(dir.path(), "env", "");
     let text = std::fs::read_to_string(dir.path().join("pipeline.toml"))
         .unwrap()
@@ -434,43 +380,22 @@ fn config_errors_name_file_line_and_hint() {
     let good = std::fs::read_to_string(dir.path().join("pipeline.toml")).unwrap();
 
     let cases: Vec<(String, &str, usize)> = vec![
+        (good.replace("format = \"csv\"", "format = \"csv\"\nseperator = \";\""), "unknown field `seperator`", 6),
+        (good.replace("name = \"hostile\"", "name = \"hostile\"\nbatch_size = \"many\""), "invalid type", 3),
+        (good.replace(&plugin("hostile").display().to_string(), "missing/x.wasm"), "does not exist", 9),
         (
-            good.replace("format = \"csv\"", "format = \"csv\"\nseperator = \";\""),
-            "unknown field `seperator`",
-            6,
-        ),
-        (
-            good.replace("name = \"hostile\"", "name = \"hostile\"\nbatch_size = \"many\""),
-            "invalid type",
-            3,
-        ),
-        (
-            good.replace(&plugin("hostile").display().to_string(), "missing/x.wasm"),
-            "does not exist",
-            9,
-        ),
-        (
-            good.replace("{limits}", "")
-                .replace("[plugins.hostile]\n", "[plugins.hostile]\nsha256 = \"abc123\"\n"),
+            good.replace("{limits}", "").replace("[plugins.hostile]\n", "[plugins.hostile]\nsha256 = \"abc123\"\n"),
             "sha256 pin does not match",
             9,
         ),
-        (
-            good.replace("plugin = \"hostile\"", "plugin = \"hostle\""),
-            "plugin `hostle`, which is not declared",
-            17,
-        ),
+        (good.replace("plugin = \"hostile\"", "plugin = \"hostle\""), "plugin `hostle`, which is not declared", 17),
     ];
     for (text, needle, line) in cases {
         std::fs::write(dir.path().join("pipeline.toml"), &text).unwrap();
         for cmd in ["validate", "run"] {
             let out = weir(dir.path(), &[cmd, "pipeline.toml"]);
             assert_eq!(out.code, 2, "{cmd}: {}", out.stderr);
-            assert!(
-                out.stderr.contains(needle),
-                "{cmd}: expected {needle:?}:\n{}",
-                out.stderr
-            );
+            assert!(out.stderr.contains(needle), "{cmd}: expected {needle:?}:\n{}", out.stderr);
             assert!(
                 out.stderr.contains(&format!("pipeline.toml:{line}:")),
                 "{cmd}: expected line {line}:\n{}",
@@ -488,21 +413,12 @@ fn config_errors_name_file_line_and_hint() {
     let out = weir(dir.path(), &["run", "pipeline.toml"]);
     assert_eq!(out.code, 1);
     assert!(
-        out.stderr
-            .contains("pipeline.toml:16: step `attack`, plugin `hostile` rejected its config"),
+        out.stderr.contains("pipeline.toml:16: step `attack`, plugin `hostile` rejected its config"),
         "{}",
         out.stderr
     );
-    assert!(
-        out.stderr.contains("unknown field `mood`, expected `mode`"),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        !out.stderr.contains("column 7"),
-        "JSON positions mean nothing to the user: {}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("unknown field `mood`, expected `mode`"), "{}", out.stderr);
+    assert!(!out.stderr.contains("column 7"), "JSON positions mean nothing to the user: {}", out.stderr);
 }
 
 #[test]
@@ -512,40 +428,24 @@ fn malformed_rows_fail_with_file_and_line() {
     std::fs::write(dir.path().join("in.csv"), "id,name\n1,a\n2\n3,c\n").unwrap();
     let out = weir(dir.path(), &["run", "pipeline.toml"]);
     assert_eq!(out.code, 1);
-    assert!(
-        out.stderr.contains("in.csv:3: expected 2 fields, found 1"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("in.csv:3: expected 2 fields, found 1"), "{}", out.stderr);
     assert!(!dir.path().join("out").exists(), "nothing published");
 
     let text = std::fs::read_to_string(dir.path().join("pipeline.toml")).unwrap();
     std::fs::write(
         dir.path().join("pipeline.toml"),
-        text.replace(
-            "path = \"in.csv\"",
-            "path = \"in.csv\"\nschema = { id = \"int64\", name = \"string\" }",
-        ),
+        text.replace("path = \"in.csv\"", "path = \"in.csv\"\nschema = { id = \"int64\", name = \"string\" }"),
     )
     .unwrap();
     std::fs::write(dir.path().join("in.csv"), "id,name\n1,a\n2x,b\n").unwrap();
     let out = weir(dir.path(), &["run", "pipeline.toml"]);
     assert_eq!(out.code, 1);
-    assert!(
-        out.stderr
-            .contains("in.csv:3: column `id`: cannot parse \"2x\" as int64"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("in.csv:3: column `id`: cannot parse \"2x\" as int64"), "{}", out.stderr);
 
     std::fs::write(dir.path().join("in.csv"), b"id,name\n1,a\n2,\xff\xfe\n".as_slice()).unwrap();
     let out = weir(dir.path(), &["run", "pipeline.toml"]);
     assert_eq!(out.code, 1);
-    assert!(
-        out.stderr.contains("in.csv:3: column `name`: invalid UTF-8"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("in.csv:3: column `name`: invalid UTF-8"), "{}", out.stderr);
 }
 
 #[test]
@@ -580,10 +480,7 @@ fn jsonl_source_with_a_bad_line() {
 fn plugin_inspect_shows_world_version_digest_imports() {
     use sha2::Digest;
     let p = plugin("mask");
-    let digest: String = sha2::Sha256::digest(std::fs::read(&p).unwrap())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest: String = sha2::Sha256::digest(std::fs::read(&p).unwrap()).iter().map(|b| format!("{b:02x}")).collect();
     let dir = tempfile::tempdir().unwrap();
     let out = weir(dir.path(), &["plugin", "inspect", p.to_str().unwrap()]);
     assert_eq!(out.code, 0, "{}", out.stderr);
@@ -606,11 +503,7 @@ fn help_teaches() {
     let dir = tempfile::tempdir().unwrap();
     let out = weir(dir.path(), &["run", "--help"]);
     assert_eq!(out.code, 0);
-    assert!(
-        out.stdout.contains("--partition") && out.stdout.contains("Examples:"),
-        "{}",
-        out.stdout
-    );
+    assert!(out.stdout.contains("--partition") && out.stdout.contains("Examples:"), "{}", out.stdout);
     let out = weir(dir.path(), &["--help"]);
     assert!(out.stdout.contains("Exit codes"), "{}", out.stdout);
 }
@@ -628,4 +521,239 @@ fn steps_read_earlier_steps_and_keep_types() {
     let b = read_parquet(&parquet_files(&dir.path().join("out/mart_revenue_daily"))[0].0);
     assert_eq!(b[0].schema().field(0).data_type(), &arrow_schema::DataType::Date32);
     assert!(b[0].column(0).null_count() == 0);
+}
+
+#[test]
+fn parquet_dataset_source_with_hive_partitions() {
+    // The example's stg_orders (hive-partitioned Parquet) read back as a source.
+    let dir = example_copy();
+    assert_eq!(weir(dir.path(), &["run", "pipeline.toml"]).code, 0);
+    let text = r#"[pipeline]
+name = "reread"
+
+[sources.stg]
+format = "parquet"
+path = "out/stg_orders"
+
+[steps.copy]
+input = "stg"
+output = { path = "out/copy", partition_by = "order_date" }
+"#;
+    std::fs::write(dir.path().join("reread.toml"), text).unwrap();
+    let out = weir(dir.path(), &["run", "reread.toml", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let s = out.json();
+    assert_eq!(s["steps"][0]["files"], 7);
+    assert_eq!(s["steps"][0]["rows_read"], s["steps"][0]["rows_written"]);
+    assert_eq!(entries(&dir.path().join("out/copy")), entries(&dir.path().join("out/stg_orders")));
+    // a step with no plugins copies rows exactly
+    let a: usize = parquet_files(&dir.path().join("out/stg_orders"))
+        .iter()
+        .map(|(f, _)| read_parquet(f).iter().map(|b| b.num_rows()).sum::<usize>())
+        .sum();
+    let b: usize = parquet_files(&dir.path().join("out/copy"))
+        .iter()
+        .map(|(f, _)| read_parquet(f).iter().map(|b| b.num_rows()).sum::<usize>())
+        .sum();
+    assert_eq!(a, b);
+}
+
+// ------------------------------------------------------------------------------------------
+// Reliable runs: crash recovery, atomic publish
+
+/// Rows of a dataset directory, as (day, id, name) sorted, read with the Parquet reader.
+fn dataset_rows(dir: &Path) -> Vec<String> {
+    let mut rows = Vec::new();
+    for (f, hive) in parquet_files(dir) {
+        for b in read_parquet(&f) {
+            for r in 0..b.num_rows() {
+                let cols: Vec<String> = b
+                    .columns()
+                    .iter()
+                    .map(|c| {
+                        arrow_cast::display::ArrayFormatter::try_new(c.as_ref(), &Default::default())
+                            .unwrap()
+                            .value(r)
+                            .to_string()
+                    })
+                    .collect();
+                rows.push(format!("{hive:?} {}", cols.join(",")));
+            }
+        }
+    }
+    rows.sort();
+    rows
+}
+
+/// Two steps (`a`, `b`) reading one CSV through the hostile plugin, each to its own dataset.
+fn two_step_pipeline(dir: &Path, mode: &str, batch_size: usize) {
+    let text = format!(
+        r#"[pipeline]
+name = "crashy"
+batch_size = {batch_size}
+
+[sources.input]
+format = "csv"
+path = "in.csv"
+
+[plugins.hostile]
+path = "{}"
+
+[steps.a]
+input = "input"
+output = {{ path = "out/a" }}
+
+[[steps.a.transforms]]
+plugin = "hostile"
+config = {{ mode = "{mode}", sleep_ms = 300 }}
+
+[steps.b]
+input = "input"
+output = {{ path = "out/b", partition_by = "day" }}
+"#,
+        plugin("hostile").display()
+    );
+    std::fs::write(dir.join("pipeline.toml"), text).unwrap();
+}
+
+const V1: &str = "day,id,name\nmon,1,a\nmon,2,b\ntue,3,c\n";
+const V2: &str = "day,id,name\nmon,1,A\nmon,2,B\ntue,3,C\ntue,4,D\nwed,5,E\n";
+
+/// Start weir, wait for a line of its stderr containing `marker`, then kill -9 it.
+fn kill_at(dir: &Path, args: &[&str], env: &[(&str, &str)], marker: &str, extra_wait: std::time::Duration) {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = std::process::Command::new(weir_bin());
+    cmd.args(args).current_dir(dir).env("WEIR_CACHE_DIR", root().join("target/weir-test-cache"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.stderr(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains(marker) {
+            std::thread::sleep(extra_wait);
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            return;
+        }
+    }
+    let _ = child.wait();
+    panic!("weir ended before {marker:?}: {seen:?}");
+}
+
+#[test]
+fn kill_9_at_any_point_leaves_old_or_new_and_is_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    two_step_pipeline(d, "env", 1);
+    std::fs::write(d.join("in.csv"), V1).unwrap();
+    assert_eq!(weir(d, &["run", "pipeline.toml"]).code, 0);
+    let (old_a, old_b) = (dataset_rows(&d.join("out/a")), dataset_rows(&d.join("out/b")));
+    let (snap_a, snap_b) = (snapshot(&d.join("out/a")), snapshot(&d.join("out/b")));
+    assert_eq!((old_a.len(), old_b.len()), (3, 3));
+
+    // the new state, computed by an uninterrupted run elsewhere
+    let other = tempfile::tempdir().unwrap();
+    two_step_pipeline(other.path(), "env", 1);
+    std::fs::write(other.path().join("in.csv"), V2).unwrap();
+    assert_eq!(weir(other.path(), &["run", "pipeline.toml"]).code, 0);
+    let (new_a, new_b) = (dataset_rows(&other.path().join("out/a")), dataset_rows(&other.path().join("out/b")));
+    assert_ne!(old_a, new_a);
+
+    std::fs::write(d.join("in.csv"), V2).unwrap();
+    let ms = std::time::Duration::from_millis;
+
+    // 1. while a plugin runs (slow mode: 300 ms a batch)
+    two_step_pipeline(d, "slow", 1);
+    kill_at(d, &["run", "pipeline.toml"], &[], "plugin `hostile` ready", ms(700));
+    assert_eq!(snapshot(&d.join("out/a")), snap_a, "killed mid-step: a must be exactly the old state");
+    assert_eq!(snapshot(&d.join("out/b")), snap_b);
+    assert!(entries(&d.join("out")).iter().any(|e| e.contains("weir-staging")), "the killed run left staging behind");
+
+    // `weir recover` finds it by its dead pid, marks it FAILED and removes its staging
+    let rec = weir(d, &["recover", "pipeline.toml"]);
+    assert_eq!(rec.code, 0, "{}", rec.stderr);
+    assert!(rec.stdout.contains("recovered 1 run"), "{}", rec.stdout);
+    assert_eq!(entries(&d.join("out")), ["a", "b"]);
+    let runs = weir(d, &["runs", "--pipeline", "pipeline.toml", "--json"]).json();
+    assert_eq!(runs[0]["status"], "FAILED");
+    assert!(runs[0]["error"].as_str().unwrap().contains("crashed: process"), "{}", runs[0]);
+
+    // 2. between staging and publish
+    two_step_pipeline(d, "env", 1);
+    kill_at(
+        d,
+        &["run", "pipeline.toml"],
+        &[("WEIR_DEBUG_PAUSE", "before-publish:20000")],
+        "debug pause at before-publish",
+        ms(0),
+    );
+    assert_eq!(snapshot(&d.join("out/a")), snap_a, "killed before publish: old state");
+    assert_eq!(snapshot(&d.join("out/b")), snap_b);
+
+    // 3. during publish: after `a` switched, before `b`
+    kill_at(
+        d,
+        &["run", "pipeline.toml"],
+        &[("WEIR_DEBUG_PAUSE", "between-publishes:20000")],
+        "debug pause at between-publishes",
+        ms(0),
+    );
+    assert_eq!(dataset_rows(&d.join("out/a")), new_a, "a was switched: exactly the new state");
+    assert_eq!(snapshot(&d.join("out/b")), snap_b, "b was not: exactly the old state");
+
+    // the next run recovers the dead one (no `weir recover` needed) and publishes all
+    let out = weir(d, &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("weir: recovered run #") && out.stderr.contains("1 switch(es) had been published"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(dataset_rows(&d.join("out/a")), new_a);
+    assert_eq!(dataset_rows(&d.join("out/b")), new_b);
+    assert_eq!(entries(&d.join("out")), ["a", "b"], "no staging left");
+    let runs = weir(d, &["runs", "--pipeline", "pipeline.toml", "--json"]).json();
+    let statuses: Vec<&str> = runs.as_array().unwrap().iter().map(|r| r["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["SUCCESS", "FAILED", "FAILED", "FAILED", "SUCCESS"], "nothing is left RUNNING");
+}
+
+#[test]
+fn a_polling_reader_never_sees_a_partial_or_missing_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    two_step_pipeline(&d, "env", 2);
+    std::fs::write(d.join("in.csv"), V1).unwrap();
+    assert_eq!(weir(&d, &["run", "pipeline.toml"]).code, 0);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (stop, file) = (stop.clone(), d.join("out/a/part-00000.parquet"));
+        std::thread::spawn(move || {
+            let mut reads = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let f = std::fs::File::open(&file).unwrap_or_else(|e| panic!("read {reads}: dataset missing: {e}"));
+                let rows: usize = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+                    .unwrap_or_else(|e| panic!("read {reads}: partial file: {e}"))
+                    .build()
+                    .unwrap()
+                    .map(|b| b.unwrap().num_rows())
+                    .sum();
+                assert!(rows == 3 || rows == 5, "read {reads}: saw {rows} rows");
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for i in 0..12 {
+        std::fs::write(d.join("in.csv"), if i % 2 == 0 { V2 } else { V1 }).unwrap();
+        let out = weir(&d, &["run", "pipeline.toml"]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader.join().expect("the reader saw a broken dataset");
+    assert!(reads > 0);
 }

@@ -125,17 +125,10 @@ impl Transform for Aggregate {
                 }
             };
             if fields.iter().any(|f: &Field| f.name() == &spec.name) {
-                return Err(Error::config(format!(
-                    "aggregates[{n}].as: output column `{}` appears twice",
-                    spec.name
-                )));
+                return Err(Error::config(format!("aggregates[{n}].as: output column `{}` appears twice", spec.name)));
             }
             fields.push(Field::new(&spec.name, out_type.clone(), spec.func != Func::Count));
-            aggs.push(Agg {
-                func: spec.func,
-                column,
-                out_type,
-            });
+            aggs.push(Agg { func: spec.func, column, out_type });
         }
         Ok(Aggregate {
             keys,
@@ -161,10 +154,7 @@ impl Transform for Aggregate {
                 None => {
                     let g = self.key_values.len();
                     self.groups.insert(self.buf.clone(), g);
-                    let kv = key_cols
-                        .iter()
-                        .map(|c| scalar_at(c.as_ref(), row))
-                        .collect::<Result<Vec<_>>>()?;
+                    let kv = key_cols.iter().map(|c| scalar_at(c.as_ref(), row)).collect::<Result<Vec<_>>>()?;
                     self.key_values.push(kv);
                     self.accs.push(self.aggs.iter().map(initial).collect());
                     g
@@ -292,10 +282,7 @@ mod tests {
         let country: Vec<_> = out.column(0).as_string::<i32>().iter().flatten().collect();
         assert_eq!(country, ["DE", "FR"]);
         assert_eq!(out.column(1).as_primitive::<Int64Type>().values().to_vec(), [3, 2]);
-        assert_eq!(
-            out.column(2).as_primitive::<Float64Type>().values().to_vec(),
-            [12.0, 12.5]
-        );
+        assert_eq!(out.column(2).as_primitive::<Float64Type>().values().to_vec(), [12.0, 12.5]);
         assert_eq!(out.column(3).as_primitive::<Int64Type>().values().to_vec(), [9, 6]);
         assert_eq!(out.column(4).as_primitive::<Float64Type>().value(0), 6.0);
         assert_eq!(out.column(5).as_primitive::<Float64Type>().value(1), 5.0);
@@ -309,9 +296,7 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("median"), "{e}");
-        let e = Harness::<Aggregate>::new("aggregates = [{ fn = \"sum\", as = \"m\" }]", &s)
-            .err()
-            .unwrap();
+        let e = Harness::<Aggregate>::new("aggregates = [{ fn = \"sum\", as = \"m\" }]", &s).err().unwrap();
         assert!(e.to_string().contains("needs a column"), "{e}");
         let e = Harness::<Aggregate>::new("aggregates = [{ fn = \"sum\", column = \"country\", as = \"m\" }]", &s)
             .err()

@@ -60,9 +60,7 @@ impl Transform for Cast {
             let to = match &spec.to {
                 None => from.data_type().clone(),
                 Some(t) => parse_type_name(t).ok_or_else(|| {
-                    Error::config(format!(
-                        "columns[{i}].type: unknown type `{t}`; use one of {TYPE_NAMES}"
-                    ))
+                    Error::config(format!("columns[{i}].type: unknown type `{t}`; use one of {TYPE_NAMES}"))
                 })?,
             };
             if !can_cast_types(from.data_type(), &to) {
@@ -74,17 +72,12 @@ impl Transform for Cast {
             }
             let name = spec.rename.unwrap_or(spec.column);
             if fields.iter().any(|f: &Field| f.name() == &name) {
-                return Err(Error::config(format!(
-                    "columns[{i}]: output column `{name}` appears twice; rename one"
-                )));
+                return Err(Error::config(format!("columns[{i}]: output column `{name}` appears twice; rename one")));
             }
             fields.push(Field::new(&name, to.clone(), from.is_nullable()));
             plan.push(Plan { source, to });
         }
-        Ok(Cast {
-            plan,
-            schema: Arc::new(Schema::new(fields)),
-        })
+        Ok(Cast { plan, schema: Arc::new(Schema::new(fields)) })
     }
 
     fn output_schema(&self) -> SchemaRef {
@@ -92,18 +85,13 @@ impl Transform for Cast {
     }
 
     fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
-        let options = CastOptions {
-            safe: true,
-            ..Default::default()
-        };
+        let options = CastOptions { safe: true, ..Default::default() };
         let mut columns = Vec::with_capacity(self.plan.len());
         for p in &self.plan {
             let input = batch.column(p.source);
             let out = cast_with_options(input, &p.to, &options)?;
             if out.null_count() > input.null_count() {
-                let row = (0..input.len())
-                    .find(|&r| out.is_null(r) && !input.is_null(r))
-                    .unwrap_or(0);
+                let row = (0..input.len()).find(|&r| out.is_null(r) && !input.is_null(r)).unwrap_or(0);
                 let value = ArrayFormatter::try_new(input.as_ref(), &Default::default())
                     .map(|f| f.value(row).to_string())
                     .unwrap_or_default();
@@ -133,17 +121,11 @@ mod tests {
 
     fn input() -> RecordBatch {
         RecordBatch::try_from_iter([
-            (
-                "id",
-                Arc::new(StringArray::from(vec![Some("1"), Some("2"), None])) as ArrayRef,
-            ),
+            ("id", Arc::new(StringArray::from(vec![Some("1"), Some("2"), None])) as ArrayRef),
             (
                 "at",
-                Arc::new(StringArray::from(vec![
-                    "2024-01-02T10:00:00",
-                    "2024-01-03 23:59:59",
-                    "2024-01-04T00:00:00Z",
-                ])) as ArrayRef,
+                Arc::new(StringArray::from(vec!["2024-01-02T10:00:00", "2024-01-03 23:59:59", "2024-01-04T00:00:00Z"]))
+                    as ArrayRef,
             ),
             ("junk", Arc::new(StringArray::from(vec!["a", "b", "c"])) as ArrayRef),
         ])
@@ -176,10 +158,7 @@ mod tests {
     fn bad_value_names_row_column_and_value() {
         let batch = RecordBatch::try_from_iter([
             ("id", Arc::new(StringArray::from(vec!["1", "2", "x3"])) as ArrayRef),
-            (
-                "at",
-                Arc::new(StringArray::from(vec!["2024-01-02", "2024-01-02", "2024-01-02"])) as ArrayRef,
-            ),
+            ("at", Arc::new(StringArray::from(vec!["2024-01-02", "2024-01-02", "2024-01-02"])) as ArrayRef),
         ])
         .unwrap();
         let mut h = Harness::<Cast>::new(CFG, &batch.schema()).unwrap();
@@ -197,20 +176,11 @@ mod tests {
     #[test]
     fn config_errors() {
         let s = input().schema();
-        let e = Harness::<Cast>::new("columns = [{ column = \"id\", type = \"int128\" }]", &s)
-            .err()
-            .unwrap();
-        assert!(
-            e.to_string().contains("int128") && e.to_string().contains("columns[0].type"),
-            "{e}"
-        );
-        let e = Harness::<Cast>::new("columns = [{ column = \"idd\" }]", &s)
-            .err()
-            .unwrap();
+        let e = Harness::<Cast>::new("columns = [{ column = \"id\", type = \"int128\" }]", &s).err().unwrap();
+        assert!(e.to_string().contains("int128") && e.to_string().contains("columns[0].type"), "{e}");
+        let e = Harness::<Cast>::new("columns = [{ column = \"idd\" }]", &s).err().unwrap();
         assert!(e.to_string().contains("idd"), "{e}");
-        let e = Harness::<Cast>::new("columns = [{ column = \"id\", as = \"x\" }]", &s)
-            .err()
-            .unwrap();
+        let e = Harness::<Cast>::new("columns = [{ column = \"id\", as = \"x\" }]", &s).err().unwrap();
         assert!(e.to_string().contains("as"), "{e}");
     }
 }

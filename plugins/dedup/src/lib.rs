@@ -198,13 +198,9 @@ mod tests {
         assert_eq!(h.run(std::slice::from_ref(&a)).unwrap().num_rows(), 2);
         let e = Harness::<Dedup>::new("key = [\"nope\"]", &a.schema()).err().unwrap();
         assert!(e.to_string().contains("nope"), "{e}");
-        let e = Harness::<Dedup>::new("key = [\"id\"]\norder_by = \"v\"", &a.schema())
-            .err()
-            .unwrap();
+        let e = Harness::<Dedup>::new("key = [\"id\"]\norder_by = \"v\"", &a.schema()).err().unwrap();
         assert!(e.to_string().contains("order_by"), "{e}");
-        let e = Harness::<Dedup>::new("key = [\"id\"]\nkeep = \"middle\"", &a.schema())
-            .err()
-            .unwrap();
+        let e = Harness::<Dedup>::new("key = [\"id\"]\nkeep = \"middle\"", &a.schema()).err().unwrap();
         assert!(e.to_string().contains("keep"), "{e}");
     }
 }

@@ -41,14 +41,7 @@ pub struct Hostile {
 impl RawTransform for Hostile {
     fn init(config: &str, input_schema: &[u8], _ctx: Context) -> Result<(Self, Vec<u8>)> {
         let c: Config = parse_config(config)?;
-        Ok((
-            Hostile {
-                mode: c.mode,
-                sleep_ms: c.sleep_ms,
-                schema: input_schema.to_vec(),
-            },
-            input_schema.to_vec(),
-        ))
+        Ok((Hostile { mode: c.mode, sleep_ms: c.sleep_ms, schema: input_schema.to_vec() }, input_schema.to_vec()))
     }
 
     fn process(&mut self, batch: &[u8]) -> Result<Vec<u8>> {
@@ -68,10 +61,7 @@ impl RawTransform for Hostile {
             }
             "panic" => panic!("hostile plugin panics on purpose"),
             "read_file" => match std::fs::read_to_string("/etc/passwd") {
-                Ok(s) => Err(Error::internal(format!(
-                    "SANDBOX ESCAPE: read {} bytes of /etc/passwd",
-                    s.len()
-                ))),
+                Ok(s) => Err(Error::internal(format!("SANDBOX ESCAPE: read {} bytes of /etc/passwd", s.len()))),
                 Err(e) => Err(Error::internal(format!("could not read /etc/passwd: {e}"))),
             },
             "socket" => match std::net::TcpStream::connect("127.0.0.1:22") {

@@ -27,12 +27,7 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(
-    crate = "weir_sdk::serde",
-    tag = "method",
-    rename_all = "snake_case",
-    deny_unknown_fields
-)]
+#[serde(crate = "weir_sdk::serde", tag = "method", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Method {
     /// Hex HMAC-SHA256 keyed with a granted secret.
     Hmac { secret: String },
@@ -75,10 +70,7 @@ impl Transform for Mask {
             }
             plan.push((index, method));
         }
-        Ok(Mask {
-            plan,
-            schema: Arc::new(Schema::new(fields)),
-        })
+        Ok(Mask { plan, schema: Arc::new(Schema::new(fields)) })
     }
 
     fn output_schema(&self) -> SchemaRef {
@@ -91,10 +83,9 @@ impl Transform for Mask {
             let col = &columns[*index];
             let masked: ArrayRef = match method {
                 Method::Null => new_null_array(col.data_type(), col.len()),
-                Method::Hmac { secret } => Arc::new(host::hash_strings(
-                    &HashAlgorithm::HmacSha256(secret.clone()),
-                    col.as_string::<i32>(),
-                )?),
+                Method::Hmac { secret } => {
+                    Arc::new(host::hash_strings(&HashAlgorithm::HmacSha256(secret.clone()), col.as_string::<i32>())?)
+                }
                 Method::Sha256 => Arc::new(host::hash_strings(&HashAlgorithm::Sha256, col.as_string::<i32>())?),
                 Method::Redact { with } => {
                     let with = with.as_deref().unwrap_or("REDACTED");
@@ -122,11 +113,7 @@ fn inner(e: Error) -> String {
 
 fn keep_last(value: &str, n: usize) -> String {
     let count = value.chars().count();
-    value
-        .chars()
-        .enumerate()
-        .map(|(i, c)| if i + n < count { '*' } else { c })
-        .collect()
+    value.chars().enumerate().map(|(i, c)| if i + n < count { '*' } else { c }).collect()
 }
 
 weir_sdk::export_transform!(Mask);
@@ -140,16 +127,9 @@ mod tests {
         RecordBatch::try_from_iter([
             (
                 "email",
-                Arc::new(StringArray::from(vec![
-                    Some("ana@example.com"),
-                    None,
-                    Some("bo@example.com"),
-                ])) as ArrayRef,
+                Arc::new(StringArray::from(vec![Some("ana@example.com"), None, Some("bo@example.com")])) as ArrayRef,
             ),
-            (
-                "card",
-                Arc::new(StringArray::from(vec!["4111111111111111", "12", "5500000000000004"])) as ArrayRef,
-            ),
+            ("card", Arc::new(StringArray::from(vec!["4111111111111111", "12", "5500000000000004"])) as ArrayRef),
             ("name", Arc::new(StringArray::from(vec!["Ana", "Bo", "Cy"])) as ArrayRef),
             ("note", Arc::new(StringArray::from(vec!["x", "y", "z"])) as ArrayRef),
         ])
@@ -197,36 +177,23 @@ mod tests {
     #[test]
     fn config_errors_name_the_field() {
         let schema = input().schema();
-        let err = Harness::<Mask>::new("columns.email = { method = \"rot13\" }", &schema)
-            .err()
-            .unwrap();
+        let err = Harness::<Mask>::new("columns.email = { method = \"rot13\" }", &schema).err().unwrap();
         assert!(err.to_string().contains("columns.email"), "{err}");
-        let err = Harness::<Mask>::new("columns.emial = { method = \"null\" }", &schema)
-            .err()
-            .unwrap();
-        assert!(
-            err.to_string().contains("emial") && err.to_string().contains("email"),
-            "{err}"
-        );
+        let err = Harness::<Mask>::new("columns.emial = { method = \"null\" }", &schema).err().unwrap();
+        assert!(err.to_string().contains("emial") && err.to_string().contains("email"), "{err}");
         let err = Harness::<Mask>::new("colums = {}", &schema).err().unwrap();
         assert!(err.to_string().contains("colums"), "{err}");
-        let err = Harness::<Mask>::new(
-            "columns.email = { method = \"hmac\", secret = \"k\", salt = 1 }",
-            &schema,
-        )
-        .err()
-        .unwrap();
+        let err = Harness::<Mask>::new("columns.email = { method = \"hmac\", secret = \"k\", salt = 1 }", &schema)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("salt"), "{err}");
     }
 
     #[test]
     fn ungranted_secret_fails() {
         let batch = input();
-        let mut h = Harness::<Mask>::new(
-            "columns.email = { method = \"hmac\", secret = \"nope\" }",
-            &batch.schema(),
-        )
-        .unwrap();
+        let mut h =
+            Harness::<Mask>::new("columns.email = { method = \"hmac\", secret = \"nope\" }", &batch.schema()).unwrap();
         let err = h.process(&batch).unwrap_err();
         assert!(err.to_string().contains("not granted"), "{err}");
     }

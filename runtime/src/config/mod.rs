@@ -25,14 +25,7 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file.display(),
-            self.line,
-            self.column,
-            self.message
-        )?;
+        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)?;
         if let Some(h) = &self.hint {
             write!(f, "\n  hint: {h}")?;
         }
@@ -80,6 +73,7 @@ struct RawMeta {
     description: Option<String>,
     batch_size: Option<Spanned<usize>>,
     channel_capacity: Option<Spanned<usize>>,
+    state: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -248,6 +242,8 @@ pub struct Pipeline {
     pub steps: Vec<Step>,
     /// sha256 of the file's bytes, for run records.
     pub config_sha256: String,
+    /// The run store file (`[pipeline] state`, default `.weir/state.db` beside the file).
+    pub state_path: PathBuf,
 }
 
 pub const DEFAULT_BATCH_SIZE: usize = 64 * 1024;
@@ -274,21 +270,11 @@ impl Pipeline {
             let (line, column) = e.span().map(|s| ctx.line_col(s.start)).unwrap_or((0, 0));
             let message = e.message().trim().to_string();
             let hint = hint_for_parse_error(&message);
-            ConfigErrors(vec![Diagnostic {
-                file: path.to_path_buf(),
-                line,
-                column,
-                message,
-                hint,
-            }])
+            ConfigErrors(vec![Diagnostic { file: path.to_path_buf(), line, column, message, hint }])
         })?;
         let mut errors = Vec::new();
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let base = if base.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            base
-        };
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
 
         let meta = raw.pipeline.get_ref();
         if meta.name.get_ref().trim().is_empty() {
@@ -301,11 +287,7 @@ impl Pipeline {
         let _ = &meta.description;
         let batch_size = match &meta.batch_size {
             Some(b) if *b.get_ref() == 0 || *b.get_ref() > 16 << 20 => {
-                errors.push(ctx.at(
-                    b.span().start,
-                    "pipeline.batch_size must be between 1 and 16777216 rows",
-                    None,
-                ));
+                errors.push(ctx.at(b.span().start, "pipeline.batch_size must be between 1 and 16777216 rows", None));
                 DEFAULT_BATCH_SIZE
             }
             Some(b) => *b.get_ref(),
@@ -458,10 +440,7 @@ impl Pipeline {
                 if !secrets.contains_key(s.get_ref()) && !raw.secrets.contains_key(s.get_ref()) {
                     errors.push(ctx.at(
                         s.span().start,
-                        &format!(
-                            "plugin `{name}` is granted secret `{}`, which is not declared",
-                            s.get_ref()
-                        ),
+                        &format!("plugin `{name}` is granted secret `{}`, which is not declared", s.get_ref()),
                         Some(&format!("declare it: [secrets] {} = {{ env = \"...\" }}", s.get_ref())),
                     ));
                 }
@@ -596,6 +575,7 @@ impl Pipeline {
             plugins,
             steps,
             config_sha256: crate::plugin::hex(&sha2::Sha256::digest(text.as_bytes())),
+            state_path: base.join(meta.state.as_deref().unwrap_or(".weir/state.db")),
         })
     }
 

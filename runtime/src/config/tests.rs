@@ -78,9 +78,7 @@ fn missing_plugin_file_and_unknown_plugin_and_unknown_input() {
         .replace("input = \"stg\"", "input = \"stgg\"");
     let e = errors(&text);
     let text_of = |needle: &str| {
-        e.iter()
-            .find(|d| d.message.contains(needle))
-            .unwrap_or_else(|| panic!("no `{needle}` in {e:?}"))
+        e.iter().find(|d| d.message.contains(needle)).unwrap_or_else(|| panic!("no `{needle}` in {e:?}"))
     };
     assert_eq!(text_of("does not exist").line, 14);
     let d = text_of("`masc`");
@@ -100,20 +98,10 @@ fn digest_mismatch_names_the_pin_line() {
 
 #[test]
 fn cycles_and_bad_secrets_are_reported() {
-    let text = GOOD
-        .replace("input = \"raw\"", "input = \"mart\"")
-        .replace("k = { env = \"SOME_KEY\" }", "k = { }");
+    let text = GOOD.replace("input = \"raw\"", "input = \"mart\"").replace("k = { env = \"SOME_KEY\" }", "k = { }");
     let e = errors(&text);
-    assert!(
-        e.iter()
-            .any(|d| d.message.contains("cycle") && d.message.contains("stg")),
-        "{e:?}"
-    );
-    assert!(
-        e.iter()
-            .any(|d| d.message.contains("exactly one of `env` or `file`") && d.line == 6),
-        "{e:?}"
-    );
+    assert!(e.iter().any(|d| d.message.contains("cycle") && d.message.contains("stg")), "{e:?}");
+    assert!(e.iter().any(|d| d.message.contains("exactly one of `env` or `file`") && d.line == 6), "{e:?}");
 }
 
 #[test]
@@ -129,8 +117,5 @@ fn secrets_resolve_from_env_and_file() {
     let f = dir.path().join("key");
     std::fs::write(&f, "s3cret\n").unwrap();
     assert_eq!(SecretRef::File(f).resolve().unwrap(), b"s3cret");
-    assert!(SecretRef::Env("WEIR_TEST_SURELY_UNSET".into())
-        .resolve()
-        .unwrap_err()
-        .contains("WEIR_TEST_SURELY_UNSET"));
+    assert!(SecretRef::Env("WEIR_TEST_SURELY_UNSET".into()).resolve().unwrap_err().contains("WEIR_TEST_SURELY_UNSET"));
 }

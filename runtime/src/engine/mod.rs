@@ -31,6 +31,7 @@ use crate::config::{Pipeline, Step};
 use crate::io::sink::ParquetSink;
 use crate::io::source::{Skipped, SourceReader};
 use crate::plugin::{CallError, Limits, LoadedPlugin, LogLine, LogSink, PluginEngine, TransformInstance};
+use crate::store::{NewRun, PublishEntry, RunFilter, RunRecord, RunStore, SqliteStore, Status, StepRows};
 use crate::{Error, Result};
 
 pub use publish::publish_output;
@@ -52,6 +53,10 @@ pub struct RunOptions {
     pub log: Arc<dyn Fn(&str) + Send + Sync>,
     /// Called about every 200 ms with the live counters, for a progress display.
     pub progress: Option<ProgressFn>,
+    /// The run store file; `None` uses the pipeline's (`<pipeline dir>/.weir/state.db`).
+    pub state: Option<PathBuf>,
+    /// Run even when an identical run already published.
+    pub force: bool,
 }
 
 impl Default for RunOptions {
@@ -61,6 +66,8 @@ impl Default for RunOptions {
             cache_dir: PluginEngine::default_cache_dir(),
             log: Arc::new(|line| eprintln!("{line}")),
             progress: None,
+            state: None,
+            force: false,
         }
     }
 }
@@ -79,7 +86,12 @@ pub struct Progress {
 pub struct RunSummary {
     pub pipeline: String,
     pub partition: Option<String>,
+    /// SUCCESS, or UP_TO_DATE when an identical run had already published.
     pub status: String,
+    /// The run's id in the run store (none when up to date).
+    pub run_id: Option<i64>,
+    /// The earlier run this one was identical to, when up to date.
+    pub identical_to: Option<i64>,
     pub seconds: f64,
     pub steps: Vec<StepSummary>,
 }
@@ -143,11 +155,138 @@ impl Drop for StagingGuard {
     }
 }
 
-/// Run a validated pipeline once.
+/// How long a RUNNING run may go without a heartbeat before another run declares it dead.
+pub const LEASE: Duration = Duration::from_secs(30);
+const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// Renews a run's lease until dropped.
+struct Heartbeat {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    fn start(store: Arc<dyn RunStore>, id: i64) -> Heartbeat {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("weir-heartbeat".into())
+            .spawn(move || {
+                let mut waited = Duration::ZERO;
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    waited += Duration::from_millis(100);
+                    if waited >= HEARTBEAT {
+                        waited = Duration::ZERO;
+                        let _ = store.heartbeat(id);
+                    }
+                }
+            })
+            .ok();
+        Heartbeat { stop, handle }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Open the pipeline's run store (`options.state`, else the pipeline's `state`).
+pub fn open_store(pipeline: &Pipeline, options: &RunOptions) -> Result<Arc<SqliteStore>> {
+    let path = options.state.clone().unwrap_or_else(|| pipeline.state_path.clone());
+    Ok(Arc::new(SqliteStore::open(&path)?))
+}
+
+/// Mark dead RUNNING runs of the pipeline FAILED and remove what they staged.
+pub fn recover(store: &dyn RunStore, pipeline: Option<&str>, by: &str, log: &dyn Fn(&str)) -> Result<Vec<RunRecord>> {
+    let dead = store.recover_stale(pipeline, LEASE.as_millis() as i64, by)?;
+    for r in &dead {
+        for s in &r.staging {
+            if s.exists() {
+                let _ = std::fs::remove_dir_all(s);
+            }
+        }
+        let published = if r.published.is_empty() {
+            "nothing was published".to_string()
+        } else {
+            format!("{} switch(es) had been published", r.published.len())
+        };
+        log(&format!(
+            "weir: recovered run #{} of `{}`: {}; {published}; its staging was removed",
+            r.id,
+            r.pipeline,
+            r.error.as_deref().unwrap_or("crashed")
+        ));
+    }
+    Ok(dead)
+}
+
+/// Pause at a named point when `WEIR_DEBUG_PAUSE=<point>:<ms>` says so (crash tests kill
+/// the process there). Points: `before-publish`, `between-publishes`.
+fn debug_pause(point: &str, log: &dyn Fn(&str)) {
+    let Ok(spec) = std::env::var("WEIR_DEBUG_PAUSE") else { return };
+    for part in spec.split(',') {
+        if let Some((p, ms)) = part.split_once(':') {
+            if p == point {
+                if let Ok(ms) = ms.parse::<u64>() {
+                    log(&format!("weir: debug pause at {point} for {ms} ms"));
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
+            }
+        }
+    }
+}
+
+/// Hash of everything that decides a run's output: the pipeline file, the plugins, the
+/// partition and every input file's name, size and modification time.
+fn fingerprint(pipeline: &Pipeline, partition: Option<&str>, plugins: &HashMap<String, LoadedPlugin>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(pipeline.config_sha256.as_bytes());
+    h.update(format!("\0partition={partition:?}\0").as_bytes());
+    let mut names: Vec<&String> = plugins.keys().collect();
+    names.sort();
+    for n in names {
+        h.update(format!("plugin {n} {}\0", plugins[n].info.sha256).as_bytes());
+    }
+    for source in pipeline.sources.values() {
+        match crate::io::source::expand_paths(&source.path, partition, source.format) {
+            Ok(files) => {
+                for f in files {
+                    let meta = std::fs::metadata(&f);
+                    let (len, mtime) = meta
+                        .map(|m| {
+                            (
+                                m.len(),
+                                m.modified()
+                                    .ok()
+                                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                                    .map(|d| d.as_nanos())
+                                    .unwrap_or(0),
+                            )
+                        })
+                        .unwrap_or((0, 0));
+                    h.update(format!("file {} {len} {mtime}\0", f.display()).as_bytes());
+                }
+            }
+            Err(e) => h.update(format!("source {} error {e}\0", source.name).as_bytes()),
+        }
+    }
+    crate::plugin::hex(&h.finalize())
+}
+
+/// Run a validated pipeline once: recover crashed runs, skip if an identical run already
+/// published, else record the run, execute, publish and commit the outcome.
 pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
     let started = Instant::now();
-    let run_id = format!("{}-{}", std::process::id(), started.elapsed().as_nanos() ^ now_nanos());
     let log = options.log.clone();
+    let store = open_store(pipeline, options)?;
+    recover(store.as_ref(), Some(&pipeline.name), "a new run", &*log)?;
 
     // Secrets: resolved once, granted per plugin.
     let mut resolved: HashMap<String, Vec<u8>> = HashMap::new();
@@ -160,21 +299,14 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
                 name: s.clone(),
                 message: format!("granted to plugin `{name}` but not declared"),
             })?;
-            let bytes = secret.resolve().map_err(|message| Error::Secret {
-                name: s.clone(),
-                message,
-            })?;
+            let bytes = secret.resolve().map_err(|message| Error::Secret { name: s.clone(), message })?;
             resolved.insert(s.clone(), bytes);
         }
     }
 
     // Plugins: compiled (or loaded from cache) once each.
     let used: Vec<&String> = {
-        let mut v: Vec<&String> = pipeline
-            .steps
-            .iter()
-            .flat_map(|s| s.transforms.iter().map(|t| &t.plugin))
-            .collect();
+        let mut v: Vec<&String> = pipeline.steps.iter().flat_map(|s| s.transforms.iter().map(|t| &t.plugin)).collect();
         v.sort();
         v.dedup();
         v
@@ -194,10 +326,7 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
         let t = Instant::now();
         let lp = engine
             .load(&p.path, p.sha256.as_deref())
-            .map_err(|e| Error::PluginLoad {
-                plugin: name.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| Error::PluginLoad { plugin: name.clone(), message: e.to_string() })?;
         log(&format!(
             "weir: plugin `{name}` ready ({} contract {}, sha256 {}…, {:.0} ms)",
             lp.info.world.as_deref().unwrap_or("?"),
@@ -208,70 +337,134 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
         loaded.insert(name.clone(), lp);
     }
 
+    // An identical run that already published makes this one a no-op.
+    let fp = fingerprint(pipeline, options.partition.as_deref(), &loaded);
+    if !options.force {
+        if let Some(last) = store.last_success(&pipeline.name, options.partition.as_deref())? {
+            let outputs_there = pipeline.steps.iter().filter_map(|s| s.output.as_ref()).all(|o| o.path.exists());
+            if last.fingerprint == fp && outputs_there {
+                log(&format!("weir: up to date: run #{} published this exact input, config and plugins (use --force to run again)", last.id));
+                return Ok(RunSummary {
+                    pipeline: pipeline.name.clone(),
+                    partition: options.partition.clone(),
+                    status: "UP_TO_DATE".into(),
+                    run_id: None,
+                    identical_to: Some(last.id),
+                    seconds: started.elapsed().as_secs_f64(),
+                    steps: Vec::new(),
+                });
+            }
+        }
+    }
+    let live: Vec<RunRecord> = store
+        .runs(&RunFilter { pipeline: Some(pipeline.name.clone()), status: Some(Status::Running), limit: 0 })?
+        .into_iter()
+        .filter(|r| r.partition == options.partition)
+        .collect();
+    if let Some(r) = live.first() {
+        return Err(Error::AlreadyRunning { id: r.id, pid: r.pid, host: r.host.clone() });
+    }
+
+    let new_run = NewRun {
+        pipeline: pipeline.name.clone(),
+        partition: options.partition.clone(),
+        config_sha256: pipeline.config_sha256.clone(),
+        plugins: loaded.iter().map(|(n, p)| (n.clone(), p.info.sha256.clone())).collect(),
+        fingerprint: fp,
+        staging: pipeline.steps.iter().map(|s| staging_dir(pipeline, s, "{run}")).collect(),
+    };
+    let id = store.begin_run(&new_run)?;
+    let heartbeat = Heartbeat::start(store.clone(), id);
+    let result = execute(pipeline, options, &loaded, &resolved, store.as_ref(), id);
+    drop(heartbeat);
+    match result {
+        Ok(steps) => {
+            let rows: Vec<StepRows> = steps
+                .iter()
+                .map(|s| StepRows {
+                    step: s.name.clone(),
+                    rows_read: s.rows_read,
+                    rows_written: s.rows_written,
+                    rows_skipped: s.rows_skipped,
+                    rows_quarantined: 0,
+                })
+                .collect();
+            store.finish_run(id, Status::Success, &rows, None)?;
+            Ok(RunSummary {
+                pipeline: pipeline.name.clone(),
+                partition: options.partition.clone(),
+                status: "SUCCESS".into(),
+                run_id: Some(id),
+                identical_to: None,
+                seconds: started.elapsed().as_secs_f64(),
+                steps,
+            })
+        }
+        Err(e) => {
+            if let Err(store_err) = store.finish_run(id, Status::Failed, &[], Some(&e.to_string())) {
+                log(&format!("weir: warning: could not record the failure of run #{id}: {store_err}"));
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Execute every step, then publish; returns the step summaries.
+fn execute(
+    pipeline: &Pipeline,
+    options: &RunOptions,
+    loaded: &HashMap<String, LoadedPlugin>,
+    resolved: &HashMap<String, Vec<u8>>,
+    store: &dyn RunStore,
+    run_id: i64,
+) -> Result<Vec<StepSummary>> {
+    let log = options.log.clone();
     let mut guard = StagingGuard::default();
     let mut staged: HashMap<String, Staged> = HashMap::new();
     let mut summaries = Vec::new();
     for step in &pipeline.steps {
-        let staging = staging_dir(pipeline, step, &run_id);
+        let staging = staging_dir(pipeline, step, &run_id.to_string());
         guard.add(&staging);
-        let (summary, s) = run_step(pipeline, step, options, &loaded, &resolved, &staged, staging)?;
+        let (summary, s) = run_step(pipeline, step, options, loaded, resolved, &staged, staging)?;
         summaries.push(summary);
         staged.insert(step.name.clone(), s);
     }
 
-    // Publish: every step succeeded.
+    debug_pause("before-publish", &*log);
     for step in &pipeline.steps {
         let s = &staged[&step.name];
-        if let Some(out) = &s.output {
-            let published = publish_output(
-                &s.staging,
-                &out.path,
-                out.partition_by.is_some(),
-                options.partition.is_some(),
-                &s.partitions,
-            )
-            .map_err(|e| Error::Publish {
+        let Some(out) = &s.output else { continue };
+        let by_partition = out.partition_by.is_some() && options.partition.is_some();
+        // Each switch is recorded in the audit log before the next one happens.
+        let mut after = |p: publish::Published<'_>| -> std::result::Result<(), String> {
+            let entry = PublishEntry {
                 step: s.step.clone(),
-                message: e,
-            })?;
-            let _ = s.schema.clone();
-            if let Some(summary) = summaries.iter_mut().find(|x: &&mut StepSummary| x.name == step.name) {
-                summary.partitions = published;
-            }
+                path: p.target.to_path_buf(),
+                partition: p.partition.map(str::to_string),
+                action: p.switch.as_str().into(),
+            };
+            store.record_publish(run_id, &entry).map_err(|e| e.to_string())?;
+            debug_pause("between-publishes", &*log);
+            Ok(())
+        };
+        publish_output(&s.staging, &out.path, by_partition, &s.partitions, &*log, &mut after)
+            .map_err(|e| Error::Publish { step: s.step.clone(), message: e })?;
+        if let Some(summary) = summaries.iter_mut().find(|x: &&mut StepSummary| x.name == step.name) {
+            summary.partitions = s.partitions.clone();
         }
     }
     drop(guard);
-    Ok(RunSummary {
-        pipeline: pipeline.name.clone(),
-        partition: options.partition.clone(),
-        status: "SUCCESS".into(),
-        seconds: started.elapsed().as_secs_f64(),
-        steps: summaries,
-    })
-}
-
-fn now_nanos() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
+    Ok(summaries)
 }
 
 fn staging_dir(pipeline: &Pipeline, step: &Step, run_id: &str) -> PathBuf {
     match &step.output {
         Some(o) => {
-            let name = o
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| step.name.clone());
+            let name =
+                o.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| step.name.clone());
             o.path.with_file_name(format!(".{name}.weir-staging-{run_id}"))
         }
-        None => pipeline
-            .file
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(format!(".weir-staging-{}-{run_id}", step.name)),
+        None => pipeline.file.parent().unwrap_or(Path::new(".")).join(format!(".weir-staging-{}-{run_id}", step.name)),
     }
 }
 
@@ -329,19 +522,12 @@ fn run_step(
     let mut instances = Vec::new();
     for (i, t) in step.transforms.iter().enumerate() {
         let p = &pipeline.plugins[&t.plugin];
-        let granted: HashMap<String, Vec<u8>> = p
-            .secrets
-            .iter()
-            .filter_map(|s| secrets.get(s).map(|v| (s.clone(), v.clone())))
-            .collect();
+        let granted: HashMap<String, Vec<u8>> =
+            p.secrets.iter().filter_map(|s| secrets.get(s).map(|v| (s.clone(), v.clone()))).collect();
         let prefix = format!("[{}/{}]", step.name, t.plugin);
         let plog = log.clone();
         let sink: LogSink = Arc::new(move |l: &LogLine| plog(&format!("{prefix} {}: {}", l.level, l.message)));
-        let limits = Limits {
-            memory_bytes: p.memory_bytes,
-            timeout: p.timeout,
-            ..Limits::default()
-        };
+        let limits = Limits { memory_bytes: p.memory_bytes, timeout: p.timeout, ..Limits::default() };
         let fail = |cause: String| Error::Plugin(plugin_ctx(pipeline, &step.name, &t.plugin, None, cause));
         let mut inst = TransformInstance::new(&loaded[&t.plugin], limits, Arc::new(granted), sink)
             .map_err(|e| fail(e.to_string()))?;
@@ -465,9 +651,7 @@ fn run_step(
             cancel.store(true, Ordering::Relaxed);
         }
         drop(rx);
-        let reader_result = reader_handle
-            .join()
-            .map_err(|_| Error::Internal("the reader thread panicked".into()))?;
+        let reader_result = reader_handle.join().map_err(|_| Error::Internal("the reader thread panicked".into()))?;
         done.store(true, Ordering::Relaxed);
         if let Some(h) = progress_handle {
             let _ = h.join();
@@ -486,11 +670,7 @@ fn run_step(
         log(&format!("weir: skipped {}:{}: {}", s.file.display(), s.line, s.message));
     }
     if rows_skipped > 5 {
-        log(&format!(
-            "weir: … {} more rows skipped in {}",
-            rows_skipped - 5,
-            step.input
-        ));
+        log(&format!("weir: … {} more rows skipped in {}", rows_skipped - 5, step.input));
     }
     let summary = StepSummary {
         name: step.name.clone(),
@@ -505,13 +685,7 @@ fn run_step(
         counters: counters.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         seconds: started.elapsed().as_secs_f64(),
     };
-    let staged = Staged {
-        step: step.name.clone(),
-        staging,
-        schema,
-        output: step.output.clone(),
-        partitions,
-    };
+    let staged = Staged { step: step.name.clone(), staging, schema, output: step.output.clone(), partitions };
     Ok((summary, staged))
 }
 
@@ -543,9 +717,7 @@ fn plugin_stage(
                 if cancel.load(Ordering::Relaxed) {
                     return Ok(false);
                 }
-                let out = inst
-                    .process(&b)
-                    .map_err(|e| failure(Some(batch_no), describe_call_error(e, rows_before)))?;
+                let out = inst.process(&b).map_err(|e| failure(Some(batch_no), describe_call_error(e, rows_before)))?;
                 rows_before += b.num_rows() as u64;
                 for o in out {
                     if output.send(Msg::Batch(o)).is_err() {
@@ -554,9 +726,7 @@ fn plugin_stage(
                 }
             }
             Ok(Msg::End) => {
-                let out = inst
-                    .finish()
-                    .map_err(|e| failure(None, format!("finish failed: {e}")))?;
+                let out = inst.finish().map_err(|e| failure(None, format!("finish failed: {e}")))?;
                 for o in out {
                     if output.send(Msg::Batch(o)).is_err() {
                         return Ok(false);

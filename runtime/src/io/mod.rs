@@ -11,12 +11,7 @@ use std::path::{Path, PathBuf};
 pub enum Error {
     /// A malformed row or file: the user fixes the data (or sets `on_error = "skip"`).
     #[error("{}:{line}{}: {message}", file.display(), column.as_ref().map(|c| format!(": column `{c}`")).unwrap_or_default())]
-    Input {
-        file: PathBuf,
-        line: u64,
-        column: Option<String>,
-        message: String,
-    },
+    Input { file: PathBuf, line: u64, column: Option<String>, message: String },
     #[error("no input files match {pattern}")]
     NoInput { pattern: String },
     #[error("{}: {source}", path.display())]
@@ -29,10 +24,7 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        Error::Io { path: path.to_path_buf(), source }
     }
 }
 

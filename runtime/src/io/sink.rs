@@ -123,20 +123,12 @@ impl ParquetSink {
                     ),
                 });
             }
-            let dir_path = if dir.is_empty() {
-                self.staging.clone()
-            } else {
-                self.staging.join(dir)
-            };
+            let dir_path = if dir.is_empty() { self.staging.clone() } else { self.staging.join(dir) };
             std::fs::create_dir_all(&dir_path).map_err(|e| Error::io(&dir_path, e))?;
             let path = dir_path.join("part-00000.parquet");
             let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-            let w = ArrowWriter::try_new(file, self.file_schema.clone(), Some(self.props.clone())).map_err(|e| {
-                Error::Write {
-                    path: path.clone(),
-                    message: e.to_string(),
-                }
-            })?;
+            let w = ArrowWriter::try_new(file, self.file_schema.clone(), Some(self.props.clone()))
+                .map_err(|e| Error::Write { path: path.clone(), message: e.to_string() })?;
             self.writers.insert(dir.to_string(), w);
         }
         Ok(self.writers.get_mut(dir).expect("inserted above"))
@@ -145,10 +137,7 @@ impl ParquetSink {
     /// Write one batch (split by partition value when the output is partitioned).
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         let staging = self.staging.clone();
-        let werr = |e: parquet::errors::ParquetError| Error::Write {
-            path: staging.clone(),
-            message: e.to_string(),
-        };
+        let werr = |e: parquet::errors::ParquetError| Error::Write { path: staging.clone(), message: e.to_string() };
         let Some((pcol, pname)) = self.partition.clone() else {
             self.writer("")?.write(batch).map_err(werr)?;
             self.rows_written += batch.num_rows() as u64;
@@ -193,10 +182,8 @@ impl ParquetSink {
         }
         let mut dirs = Vec::new();
         for (dir, w) in std::mem::take(&mut self.writers) {
-            let file = w.into_inner().map_err(|e| Error::Write {
-                path: self.staging.join(&dir),
-                message: e.to_string(),
-            })?;
+            let file =
+                w.into_inner().map_err(|e| Error::Write { path: self.staging.join(&dir), message: e.to_string() })?;
             file.sync_all().map_err(|e| Error::io(&self.staging.join(&dir), e))?;
             if !dir.is_empty() {
                 dirs.push(dir);

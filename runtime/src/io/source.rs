@@ -115,6 +115,9 @@ impl SourceReader {
     /// Open a configured source for one run.
     pub fn open(source: &Source, partition: Option<&str>, batch_size: usize) -> Result<SourceReader> {
         let files = expand_paths(&source.path, partition, source.format)?;
+        // A Parquet directory is a dataset: its `key=value` folders become string columns.
+        let dir = PathBuf::from(source.path.replace("{partition}", partition.unwrap_or("*")));
+        let root = (source.format == Format::Parquet && dir.is_dir()).then_some(dir);
         let spec = ReadSpec {
             format: source.format,
             batch_size,
@@ -122,22 +125,14 @@ impl SourceReader {
             delimiter: source.delimiter,
             header: source.header,
             hive_types: HashMap::new(),
-            root: None,
+            root,
         };
         let schema = match source.format {
             Format::Csv => csv_schema(&files, source)?,
             Format::Jsonl => jsonl_schema(&files, source)?,
             Format::Parquet => parquet_schema(&files[0], &spec)?,
         };
-        Ok(SourceReader {
-            schema,
-            files,
-            next_file: 0,
-            current: None,
-            spec,
-            skipped: Vec::new(),
-            skipped_count: 0,
-        })
+        Ok(SourceReader { schema, files, next_file: 0, current: None, spec, skipped: Vec::new(), skipped_count: 0 })
     }
 
     /// Read a Parquet dataset directory (hive partitions become columns of the given
@@ -168,15 +163,7 @@ impl SourceReader {
             hive_types,
             root: Some(root.to_path_buf()),
         };
-        Ok(SourceReader {
-            schema,
-            files,
-            next_file: 0,
-            current: None,
-            spec,
-            skipped: Vec::new(),
-            skipped_count: 0,
-        })
+        Ok(SourceReader { schema, files, next_file: 0, current: None, spec, skipped: Vec::new(), skipped_count: 0 })
     }
 
     pub fn schema(&self) -> SchemaRef {
@@ -251,11 +238,7 @@ impl SourceReader {
 
 fn csv_reader(path: &Path, delimiter: u8, header: bool) -> Result<csv::Reader<File>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    Ok(csv::ReaderBuilder::new()
-        .delimiter(delimiter)
-        .has_headers(header)
-        .flexible(true)
-        .from_reader(file))
+    Ok(csv::ReaderBuilder::new().delimiter(delimiter).has_headers(header).flexible(true).from_reader(file))
 }
 
 fn csv_header(path: &Path, reader: &mut csv::Reader<File>, header: bool) -> Result<Vec<String>> {
@@ -281,12 +264,7 @@ fn csv_error(path: &Path, e: csv::Error) -> Error {
     let line = e.position().map(|p| p.line()).unwrap_or(0);
     match e.into_kind() {
         csv::ErrorKind::Io(io) => Error::io(path, io),
-        other => Error::Input {
-            file: path.to_path_buf(),
-            line,
-            column: None,
-            message: format!("{other:?}"),
-        },
+        other => Error::Input { file: path.to_path_buf(), line, column: None, message: format!("{other:?}") },
     }
 }
 
@@ -296,24 +274,13 @@ fn csv_schema(files: &[PathBuf], source: &Source) -> Result<SchemaRef> {
     let names = csv_header(path, &mut reader, source.header)?;
     let declared: HashMap<&str, &DataType> = source.schema.iter().map(|(n, t)| (n.as_str(), t)).collect();
     if !declared.is_empty() {
-        let missing: Vec<&str> = source
-            .schema
-            .iter()
-            .map(|(n, _)| n.as_str())
-            .filter(|n| !names.iter().any(|h| h == n))
-            .collect();
-        let undeclared: Vec<&str> = names
-            .iter()
-            .map(String::as_str)
-            .filter(|n| !declared.contains_key(n))
-            .collect();
+        let missing: Vec<&str> =
+            source.schema.iter().map(|(n, _)| n.as_str()).filter(|n| !names.iter().any(|h| h == n)).collect();
+        let undeclared: Vec<&str> = names.iter().map(String::as_str).filter(|n| !declared.contains_key(n)).collect();
         if !missing.is_empty() || !undeclared.is_empty() {
             let mut msg = String::new();
             if !missing.is_empty() {
-                msg.push_str(&format!(
-                    "declared columns missing from the header: {}. ",
-                    missing.join(", ")
-                ));
+                msg.push_str(&format!("declared columns missing from the header: {}. ", missing.join(", ")));
             }
             if !undeclared.is_empty() {
                 msg.push_str(&format!(
@@ -322,17 +289,9 @@ fn csv_schema(files: &[PathBuf], source: &Source) -> Result<SchemaRef> {
                     undeclared.join(", ")
                 ));
             }
-            return Err(Error::Input {
-                file: path.clone(),
-                line: 1,
-                column: None,
-                message: msg.trim().to_string(),
-            });
+            return Err(Error::Input { file: path.clone(), line: 1, column: None, message: msg.trim().to_string() });
         }
-        let fields: Vec<Field> = names
-            .iter()
-            .map(|n| Field::new(n, declared[n.as_str()].clone(), true))
-            .collect();
+        let fields: Vec<Field> = names.iter().map(|n| Field::new(n, declared[n.as_str()].clone(), true)).collect();
         return Ok(Arc::new(Schema::new(fields)));
     }
     // infer from the first rows of the first file
@@ -393,12 +352,7 @@ impl CsvFile {
             .iter()
             .map(|f| ColumnBuilder::new(f.data_type(), spec.batch_size.min(8192)))
             .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|m| Error::Input {
-                file: path.to_path_buf(),
-                line: 0,
-                column: None,
-                message: m,
-            })?;
+            .map_err(|m| Error::Input { file: path.to_path_buf(), line: 0, column: None, message: m })?;
         Ok(CsvFile {
             path: path.to_path_buf(),
             reader,
@@ -427,11 +381,7 @@ impl CsvFile {
                     let err = csv_error(&self.path, e);
                     match (&err, self.on_error) {
                         (Error::Input { line, message, .. }, OnError::Skip) => {
-                            skipped.push(Skipped {
-                                file: self.path.clone(),
-                                line: *line,
-                                message: message.clone(),
-                            });
+                            skipped.push(Skipped { file: self.path.clone(), line: *line, message: message.clone() });
                             continue;
                         }
                         _ => return Err(err),
@@ -463,9 +413,7 @@ impl CsvFile {
             return Ok(None);
         }
         let columns: Vec<ArrayRef> = self.builders.iter_mut().map(|b| b.finish()).collect();
-        Ok(Some(
-            RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))?,
-        ))
+        Ok(Some(RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))?))
     }
 
     fn parse_row(&mut self, line: u64) -> Result<()> {
@@ -503,11 +451,7 @@ impl CsvFile {
 
 fn jsonl_schema(files: &[PathBuf], source: &Source) -> Result<SchemaRef> {
     if !source.schema.is_empty() {
-        let fields: Vec<Field> = source
-            .schema
-            .iter()
-            .map(|(n, t)| Field::new(n, t.clone(), true))
-            .collect();
+        let fields: Vec<Field> = source.schema.iter().map(|(n, t)| Field::new(n, t.clone(), true)).collect();
         return Ok(Arc::new(Schema::new(fields)));
     }
     let path = &files[0];
@@ -572,12 +516,7 @@ impl JsonlFile {
             .iter()
             .map(|f| ColumnBuilder::new(f.data_type(), spec.batch_size.min(8192)))
             .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|m| Error::Input {
-                file: path.to_path_buf(),
-                line: 0,
-                column: None,
-                message: m,
-            })?;
+            .map_err(|m| Error::Input { file: path.to_path_buf(), line: 0, column: None, message: m })?;
         Ok(JsonlFile {
             path: path.to_path_buf(),
             lines: BufReader::new(file).lines(),
@@ -664,9 +603,7 @@ impl JsonlFile {
             return Ok(None);
         }
         let columns: Vec<ArrayRef> = self.builders.iter_mut().map(|b| b.finish()).collect();
-        Ok(Some(
-            RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))?,
-        ))
+        Ok(Some(RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))?))
     }
 }
 
@@ -716,12 +653,7 @@ struct ParquetFile {
 
 impl ParquetFile {
     fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec) -> Result<Self> {
-        let bad = |message: String| Error::Input {
-            file: path.to_path_buf(),
-            line: 0,
-            column: None,
-            message,
-        };
+        let bad = |message: String| Error::Input { file: path.to_path_buf(), line: 0, column: None, message };
         let f = File::open(path).map_err(|e| Error::io(path, e))?;
         let builder = ParquetRecordBatchReaderBuilder::try_new(f)
             .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
@@ -737,16 +669,8 @@ impl ParquetFile {
                 weir_sdk::util::schema_text(schema)
             )));
         }
-        let reader = builder
-            .with_batch_size(spec.batch_size)
-            .build()
-            .map_err(|e| bad(e.to_string()))?;
-        Ok(ParquetFile {
-            path: path.to_path_buf(),
-            reader,
-            schema: schema.clone(),
-            hive,
-        })
+        let reader = builder.with_batch_size(spec.batch_size).build().map_err(|e| bad(e.to_string()))?;
+        Ok(ParquetFile { path: path.to_path_buf(), reader, schema: schema.clone(), hive })
     }
 
     fn next_batch(&mut self) -> Result<Option<RecordBatch>> {

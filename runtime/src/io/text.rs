@@ -31,20 +31,20 @@ pub fn parse_text(text: &str, dtype: &DataType) -> Result<Cell, String> {
     match dtype {
         DataType::Utf8 => Ok(Cell::Str(text.to_string())),
         DataType::Int64 => Int64Type::parse(t).map(Cell::Int).map_or_else(|| fail("int64"), Ok),
-        DataType::Int32 => Int32Type::parse(t)
-            .map(|v| Cell::Int(v as i64))
-            .map_or_else(|| fail("int32"), Ok),
-        DataType::Float64 | DataType::Float32 => Float64Type::parse(t)
-            .map(Cell::Float)
-            .map_or_else(|| fail("a number"), Ok),
+        DataType::Int32 => Int32Type::parse(t).map(|v| Cell::Int(v as i64)).map_or_else(|| fail("int32"), Ok),
+        DataType::Float64 | DataType::Float32 => {
+            Float64Type::parse(t).map(Cell::Float).map_or_else(|| fail("a number"), Ok)
+        }
         DataType::Boolean => match t.to_ascii_lowercase().as_str() {
             "true" | "t" | "yes" | "1" => Ok(Cell::Bool(true)),
             "false" | "f" | "no" | "0" => Ok(Cell::Bool(false)),
             _ => fail("bool (true/false)"),
         },
-        DataType::Date32 => Date32Type::parse(t)
-            .map(|v| Cell::Int(v as i64))
-            .map_or_else(|| fail("a date (YYYY-MM-DD)"), Ok),
+        // a date with a time of day is a timestamp, not a date: refuse rather than truncate
+        DataType::Date32 if t.contains(':') => fail("a date (YYYY-MM-DD)"),
+        DataType::Date32 => {
+            Date32Type::parse(t).map(|v| Cell::Int(v as i64)).map_or_else(|| fail("a date (YYYY-MM-DD)"), Ok)
+        }
         DataType::Timestamp(TimeUnit::Microsecond, _) => TimestampMicrosecondType::parse(t)
             .map(Cell::Int)
             .map_or_else(|| fail("a timestamp (YYYY-MM-DDTHH:MM:SS)"), Ok),
@@ -64,10 +64,9 @@ pub fn parse_json(value: &serde_json::Value, dtype: &DataType) -> Result<Cell, S
             Some(i) if dtype == &DataType::Int64 || i32::try_from(i).is_ok() => Ok(Cell::Int(i)),
             _ => Err(format!("{n} is not a valid {dtype}")),
         },
-        (J::Number(n), DataType::Float64 | DataType::Float32) => n
-            .as_f64()
-            .map(Cell::Float)
-            .ok_or_else(|| format!("{n} is not a number")),
+        (J::Number(n), DataType::Float64 | DataType::Float32) => {
+            n.as_f64().map(Cell::Float).ok_or_else(|| format!("{n} is not a number"))
+        }
         (J::Number(n), DataType::Utf8) => Ok(Cell::Str(n.to_string())),
         (J::Bool(b), DataType::Utf8) => Ok(Cell::Str(b.to_string())),
         (v, t) => Err(format!("JSON value {v} cannot be read as {t}")),
@@ -100,12 +99,7 @@ pub fn infer_type<'a>(samples: impl Iterator<Item = &'a str>) -> DataType {
     if !any {
         return DataType::Utf8;
     }
-    candidates
-        .iter()
-        .zip(alive)
-        .find(|(_, a)| *a)
-        .map(|(c, _)| c.clone())
-        .unwrap_or(DataType::Utf8)
+    candidates.iter().zip(alive).find(|(_, a)| *a).map(|(c, _)| c.clone()).unwrap_or(DataType::Utf8)
 }
 
 /// A growing column of one of the supported types.
@@ -193,10 +187,7 @@ mod tests {
         assert_eq!(infer_type(["1", "2", ""].into_iter()), DataType::Int64);
         assert_eq!(infer_type(["1", "2.5"].into_iter()), DataType::Float64);
         assert_eq!(infer_type(["2024-01-01", "2024-01-02"].into_iter()), DataType::Date32);
-        assert_eq!(
-            infer_type(["2024-01-01T10:00:00"].into_iter()),
-            DataType::Timestamp(TimeUnit::Microsecond, None)
-        );
+        assert_eq!(infer_type(["2024-01-01T10:00:00"].into_iter()), DataType::Timestamp(TimeUnit::Microsecond, None));
         assert_eq!(infer_type(["a", "1"].into_iter()), DataType::Utf8);
         assert_eq!(infer_type(["", ""].into_iter()), DataType::Utf8);
     }

@@ -49,11 +49,7 @@ pub enum Error {
     #[error(
         "plugin {path} has sha256 {actual}, but the pipeline pins {expected}; rebuild the plugin or update the pin"
     )]
-    DigestMismatch {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
+    DigestMismatch { path: PathBuf, expected: String, actual: String },
     #[error("{path} is not a WebAssembly component: {message}")]
     NotAComponent { path: PathBuf, message: String },
     #[error("plugin {path} {message}")]
@@ -74,11 +70,7 @@ pub enum CallError {
     #[error("invalid config: {0}")]
     InvalidConfig(String),
     #[error("invalid input{}{}: {message}", row.map(|r| format!(" at row {r}")).unwrap_or_default(), column.as_ref().map(|c| format!(" (column `{c}`)")).unwrap_or_default())]
-    InvalidInput {
-        row: Option<u64>,
-        column: Option<String>,
-        message: String,
-    },
+    InvalidInput { row: Option<u64>, column: Option<String>, message: String },
     #[error("plugin error: {0}")]
     Internal(String),
     #[error("exceeded its CPU deadline of {0:?} for one call and was stopped")]
@@ -106,11 +98,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            memory_bytes: 256 << 20,
-            timeout: Duration::from_secs(10),
-            output_cap: 64 << 10,
-        }
+        Limits { memory_bytes: 256 << 20, timeout: Duration::from_secs(10), output_cap: 64 << 10 }
     }
 }
 
@@ -186,18 +174,10 @@ impl PluginEngine {
 
         if let Some(dir) = &cache_dir {
             if let Err(e) = create_private_dir(dir) {
-                tracing_warn(&format!(
-                    "component cache {} unusable ({e}); compiling without it",
-                    dir.display()
-                ));
+                tracing_warn(&format!("component cache {} unusable ({e}); compiling without it", dir.display()));
             }
         }
-        Ok(PluginEngine {
-            engine,
-            linker,
-            cache_dir,
-            stop_ticker: stop,
-        })
+        Ok(PluginEngine { engine, linker, cache_dir, stop_ticker: stop })
     }
 
     /// The default cache directory: `$WEIR_CACHE_DIR`, else `$XDG_CACHE_HOME/weir`, else
@@ -215,10 +195,7 @@ impl PluginEngine {
     /// Read, pin-check, compile (or load from cache), contract-check and pre-instantiate a
     /// transform plugin.
     pub fn load(&self, path: &Path, pinned_sha256: Option<&str>) -> Result<LoadedPlugin> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
         let sha256 = hex(&Sha256::digest(&bytes));
         if let Some(expected) = pinned_sha256 {
             if !expected.eq_ignore_ascii_case(&sha256) {
@@ -241,30 +218,20 @@ impl PluginEngine {
                 ),
             });
         }
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| Error::Incompatible {
-                path: path.to_path_buf(),
-                message: format!("imports something the weir sandbox does not provide: {e:#}"),
-            })?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| Error::Incompatible {
+            path: path.to_path_buf(),
+            message: format!("imports something the weir sandbox does not provide: {e:#}"),
+        })?;
         let pre = bindings::TransformPluginPre::new(pre).map_err(|e| Error::Incompatible {
             path: path.to_path_buf(),
             message: format!("does not export the transform interface weir expects: {e:#}"),
         })?;
-        Ok(LoadedPlugin {
-            info,
-            pre,
-            engine: self.engine.clone(),
-        })
+        Ok(LoadedPlugin { info, pre, engine: self.engine.clone() })
     }
 
     /// Describe a component file without instantiating it.
     pub fn inspect(&self, path: &Path) -> Result<PluginInfo> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
         let sha256 = hex(&Sha256::digest(&bytes));
         let component = self.compile(path, &bytes, &sha256)?;
         Ok(self.describe(path, &component, sha256, bytes.len() as u64))
@@ -319,10 +286,8 @@ impl PluginEngine {
                 }
             }
         }
-        let component = Component::new(&self.engine, bytes).map_err(|e| Error::NotAComponent {
-            path: path.to_path_buf(),
-            message: format!("{e:#}"),
-        })?;
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| Error::NotAComponent { path: path.to_path_buf(), message: format!("{e:#}") })?;
         if let Some(file) = &cached {
             if let Ok(serialized) = component.serialize() {
                 let tmp = file.with_extension(format!("tmp{}", std::process::id()));
@@ -402,10 +367,7 @@ pub struct HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
@@ -569,10 +531,7 @@ impl TransformInstance {
 
     fn check_output(&self, bytes: &[u8]) -> Result<Vec<RecordBatch>, CallError> {
         let (schema, batches) = decode_guarded(bytes).map_err(CallError::BadOutput)?;
-        let declared = self
-            .declared
-            .as_ref()
-            .ok_or_else(|| CallError::Internal("process before init".into()))?;
+        let declared = self.declared.as_ref().ok_or_else(|| CallError::Internal("process before init".into()))?;
         let mismatch = |got: &arrow_schema::Schema| CallError::SchemaMismatch {
             got: weir_sdk::util::schema_text(got),
             declared: weir_sdk::util::schema_text(declared),
@@ -614,21 +573,14 @@ impl TransformInstance {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(match e {
                 wit_types::PluginError::InvalidConfig(m) => CallError::InvalidConfig(m),
-                wit_types::PluginError::InvalidInput(i) => CallError::InvalidInput {
-                    row: i.row,
-                    column: i.column,
-                    message: i.message,
-                },
+                wit_types::PluginError::InvalidInput(i) => {
+                    CallError::InvalidInput { row: i.row, column: i.column, message: i.message }
+                }
                 wit_types::PluginError::Internal(m) => CallError::Internal(m),
             }),
             Err(trap) => {
                 self.poisoned = true;
-                Err(classify(
-                    trap,
-                    self.store.data().memory_hit,
-                    self.limits,
-                    self.stderr_tail.clone(),
-                ))
+                Err(classify(trap, self.store.data().memory_hit, self.limits, self.stderr_tail.clone()))
             }
         }
     }
@@ -639,10 +591,7 @@ impl TransformInstance {
             let text = String::from_utf8_lossy(&bytes);
             let log = self.store.data().log.clone();
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                log(&LogLine {
-                    level,
-                    message: line.to_string(),
-                });
+                log(&LogLine { level, message: line.to_string() });
             }
             if dropped > 0 {
                 log(&LogLine {
@@ -659,9 +608,8 @@ impl TransformInstance {
                 self.stderr_tail.push('\n');
                 if self.stderr_tail.len() > 4096 {
                     let cut = self.stderr_tail.len() - 4096;
-                    let cut = (cut..self.stderr_tail.len())
-                        .find(|&i| self.stderr_tail.is_char_boundary(i))
-                        .unwrap_or(0);
+                    let cut =
+                        (cut..self.stderr_tail.len()).find(|&i| self.stderr_tail.is_char_boundary(i)).unwrap_or(0);
                     self.stderr_tail.drain(..cut);
                 }
             }
@@ -671,10 +619,7 @@ impl TransformInstance {
 
 fn same_shape(a: &arrow_schema::Schema, b: &arrow_schema::Schema) -> bool {
     a.fields().len() == b.fields().len()
-        && a.fields()
-            .iter()
-            .zip(b.fields())
-            .all(|(x, y)| x.name() == y.name() && x.data_type() == y.data_type())
+        && a.fields().iter().zip(b.fields()).all(|(x, y)| x.name() == y.name() && x.data_type() == y.data_type())
 }
 
 fn deadline_ticks(timeout: Duration) -> u64 {
@@ -696,10 +641,7 @@ fn classify(e: wasmtime::Error, memory_hit: bool, limits: Limits, stderr: String
         None => e.root_cause().to_string(),
     };
     let message = message.lines().next().unwrap_or("unknown trap").to_string();
-    CallError::Trap {
-        message,
-        stderr: stderr.trim().to_string(),
-    }
+    CallError::Trap { message, stderr: stderr.trim().to_string() }
 }
 
 /// Decode plugin output. Untrusted bytes: any failure (even a panic inside the decoder) is

@@ -26,10 +26,7 @@ pub struct CappedPipe {
 impl CappedPipe {
     /// A pipe that keeps at most `cap` bytes between two drains.
     pub fn new(cap: usize) -> Self {
-        CappedPipe {
-            state: Arc::default(),
-            cap,
-        }
+        CappedPipe { state: Arc::default(), cap }
     }
 
     fn push(&self, bytes: &[u8]) {

@@ -1,0 +1,219 @@
+//! The run store: what ran, when, with what, and what it published.
+//!
+//! The embedded default is one SQLite file per pipeline state directory
+//! (`<pipeline dir>/.weir/state.db`). Everything goes through [`RunStore`], so a PostgreSQL
+//! store for many workers on many machines can follow without touching the engine.
+//!
+//! A run's life:
+//!
+//! ```text
+//! begin_run ──> RUNNING (lease: heartbeat every few seconds, pid and host recorded)
+//!                  │  publish: one audit entry per exchanged dataset or partition
+//!                  ├──> finish_run(SUCCESS, rows per step)   one transaction
+//!                  ├──> finish_run(FAILED, error)
+//!                  └──> (process killed) ──> recover_stale: FAILED "crashed", staging removed
+//! ```
+
+mod sqlite;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+pub use sqlite::SqliteStore;
+
+/// Run states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Status {
+    Running,
+    Success,
+    Failed,
+    /// A backfill in which some partitions failed.
+    Partial,
+}
+
+impl Status {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Status::Running => "RUNNING",
+            Status::Success => "SUCCESS",
+            Status::Failed => "FAILED",
+            Status::Partial => "PARTIAL",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        Some(match s.to_ascii_uppercase().as_str() {
+            "RUNNING" => Status::Running,
+            "SUCCESS" => Status::Success,
+            "FAILED" => Status::Failed,
+            "PARTIAL" => Status::Partial,
+            _ => return None,
+        })
+    }
+}
+
+/// What the store must know when a run starts.
+#[derive(Debug, Clone, Default)]
+pub struct NewRun {
+    pub pipeline: String,
+    pub partition: Option<String>,
+    pub config_sha256: String,
+    /// Plugin name -> sha256 of its component.
+    pub plugins: BTreeMap<String, String>,
+    /// Hash of config, plugins, partition and input files (names, sizes, modification
+    /// times): equal fingerprints mean an identical run.
+    pub fingerprint: String,
+    /// Where the run stages its outputs (removed if it crashes); `{run}` is the run id.
+    pub staging: Vec<PathBuf>,
+}
+
+/// Rows per step, as recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StepRows {
+    pub step: String,
+    pub rows_read: u64,
+    pub rows_written: u64,
+    pub rows_skipped: u64,
+    pub rows_quarantined: u64,
+}
+
+/// One publish action, written to the audit log as it happens.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PublishEntry {
+    pub step: String,
+    pub path: PathBuf,
+    /// The partition directory (`order_date=2024-01-03`), or none for a whole dataset.
+    pub partition: Option<String>,
+    /// `created` or `replaced`.
+    pub action: String,
+}
+
+/// A run as stored.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunRecord {
+    pub id: i64,
+    pub pipeline: String,
+    pub partition: Option<String>,
+    pub status: Status,
+    pub attempt: u32,
+    pub started_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+    pub heartbeat_at_ms: i64,
+    pub pid: u32,
+    pub host: String,
+    pub error: Option<String>,
+    pub config_sha256: String,
+    pub plugins: BTreeMap<String, String>,
+    pub fingerprint: String,
+    pub steps: Vec<StepRows>,
+    pub staging: Vec<PathBuf>,
+    pub published: Vec<PublishEntry>,
+}
+
+/// Filter for [`RunStore::runs`].
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub pipeline: Option<String>,
+    pub status: Option<Status>,
+    pub limit: usize,
+}
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("run store {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("run store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("run store holds unreadable data: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The run store interface.
+pub trait RunStore: Send + Sync {
+    /// Record a new RUNNING run; returns its id.
+    fn begin_run(&self, run: &NewRun) -> Result<i64>;
+    /// Renew a running run's lease.
+    fn heartbeat(&self, id: i64) -> Result<()>;
+    /// Record one publish action of a running run (before the next one happens).
+    fn record_publish(&self, id: i64, entry: &PublishEntry) -> Result<()>;
+    /// Close a run: status, rows and error together, in one transaction.
+    fn finish_run(&self, id: i64, status: Status, steps: &[StepRows], error: Option<&str>) -> Result<()>;
+    /// Find RUNNING runs of `pipeline` whose process is gone (same host, pid dead) or whose
+    /// lease expired; mark them FAILED with a reason and return them (with their staging
+    /// paths, for the caller to remove).
+    fn recover_stale(&self, pipeline: Option<&str>, lease_ms: i64, by: &str) -> Result<Vec<RunRecord>>;
+    /// Runs, newest first.
+    fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>>;
+    /// One run.
+    fn run(&self, id: i64) -> Result<Option<RunRecord>>;
+    /// The newest SUCCESS run of a pipeline for a partition.
+    fn last_success(&self, pipeline: &str, partition: Option<&str>) -> Result<Option<RunRecord>>;
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// This machine's name, for run records.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Whether a process with this pid exists on this machine.
+pub fn pid_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        // SAFETY: kill with signal 0 only checks for existence and permission.
+        let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// `2024-01-15 10:20:30Z` for a Unix time in milliseconds (UTC).
+pub fn format_time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // civil-from-days (proleptic Gregorian)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_utc_times() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00Z");
+        assert_eq!(format_time(1_705_314_030_000), "2024-01-15 10:20:30Z");
+        assert_eq!(format_time(951_782_400_000), "2000-02-29 00:00:00Z");
+    }
+
+    #[test]
+    fn this_process_is_alive() {
+        assert!(pid_alive(std::process::id()));
+    }
+}

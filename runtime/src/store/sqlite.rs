@@ -1,0 +1,356 @@
+//! The embedded SQLite run store.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::{
+    host_name, now_ms, pid_alive, Error, NewRun, PublishEntry, Result, RunFilter, RunRecord, RunStore, Status, StepRows,
+};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pipeline_run (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    pipeline        TEXT NOT NULL,
+    partition       TEXT,
+    logical_date    TEXT,
+    status          TEXT NOT NULL,
+    attempt         INTEGER NOT NULL DEFAULT 1,
+    started_at_ms   INTEGER NOT NULL,
+    finished_at_ms  INTEGER,
+    heartbeat_at_ms INTEGER NOT NULL,
+    pid             INTEGER NOT NULL,
+    host            TEXT NOT NULL,
+    error           TEXT,
+    config_sha256   TEXT NOT NULL,
+    plugins_json    TEXT NOT NULL,
+    fingerprint     TEXT NOT NULL,
+    steps_json      TEXT NOT NULL DEFAULT '[]',
+    staging_json    TEXT NOT NULL DEFAULT '[]',
+    watermark_start TEXT,
+    watermark_end   TEXT,
+    backfill_id     INTEGER
+);
+CREATE INDEX IF NOT EXISTS pipeline_run_by_pipeline ON pipeline_run (pipeline, partition, status);
+CREATE TABLE IF NOT EXISTS publish_audit (
+    run_id    INTEGER NOT NULL REFERENCES pipeline_run(id),
+    step      TEXT NOT NULL,
+    path      TEXT NOT NULL,
+    partition TEXT,
+    action    TEXT NOT NULL,
+    at_ms     INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS publish_audit_by_run ON publish_audit (run_id);
+CREATE TABLE IF NOT EXISTS data_quality_check (
+    run_id      INTEGER NOT NULL REFERENCES pipeline_run(id),
+    partition   TEXT,
+    dataset     TEXT NOT NULL,
+    check_name  TEXT NOT NULL,
+    severity    TEXT NOT NULL,
+    passed      INTEGER NOT NULL,
+    observed    TEXT,
+    threshold   TEXT,
+    failing_rows INTEGER,
+    sample_json TEXT
+);
+CREATE TABLE IF NOT EXISTS watermark (
+    pipeline   TEXT NOT NULL,
+    source     TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    run_id     INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (pipeline, source)
+);
+CREATE TABLE IF NOT EXISTS checkpoint (
+    run_id   INTEGER NOT NULL REFERENCES pipeline_run(id),
+    step     TEXT NOT NULL,
+    batch_no INTEGER NOT NULL,
+    position BLOB,
+    state    BLOB,
+    staged_json TEXT,
+    PRIMARY KEY (run_id, step)
+);
+"#;
+
+/// The SQLite store. One connection, shared behind a mutex (runs write a few rows each).
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let open_err = |message: String| Error::Open { path: path.to_path_buf(), message };
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create {}: {e}", dir.display())))?;
+            }
+        }
+        let conn = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(|e| open_err(e.to_string()))?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| open_err(e.to_string()))?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(|e| open_err(e.to_string()))?;
+        conn.execute_batch(SCHEMA).map_err(|e| open_err(format!("cannot create tables: {e}")))?;
+        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1')", [])
+            .map_err(|e| open_err(e.to_string()))?;
+        Ok(SqliteStore { conn: Mutex::new(conn), path: path.to_path_buf() })
+    }
+
+    /// The file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+const COLUMNS: &str = "id, pipeline, partition, status, attempt, started_at_ms, finished_at_ms, heartbeat_at_ms, pid, host, error, config_sha256, plugins_json, fingerprint, steps_json, staging_json";
+
+fn read_run(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
+    let status: String = row.get(3)?;
+    let plugins: String = row.get(12)?;
+    let steps: String = row.get(14)?;
+    let staging: String = row.get(15)?;
+    Ok(RunRecord {
+        id: row.get(0)?,
+        pipeline: row.get(1)?,
+        partition: row.get(2)?,
+        status: Status::parse(&status).unwrap_or(Status::Failed),
+        attempt: row.get(4)?,
+        started_at_ms: row.get(5)?,
+        finished_at_ms: row.get(6)?,
+        heartbeat_at_ms: row.get(7)?,
+        pid: row.get(8)?,
+        host: row.get(9)?,
+        error: row.get(10)?,
+        config_sha256: row.get(11)?,
+        plugins: serde_json::from_str(&plugins).unwrap_or_default(),
+        fingerprint: row.get(13)?,
+        steps: serde_json::from_str(&steps).unwrap_or_default(),
+        staging: serde_json::from_str(&staging).unwrap_or_default(),
+        published: Vec::new(),
+    })
+}
+
+impl SqliteStore {
+    fn with_published(&self, conn: &Connection, mut runs: Vec<RunRecord>) -> Result<Vec<RunRecord>> {
+        let mut stmt =
+            conn.prepare("SELECT step, path, partition, action FROM publish_audit WHERE run_id = ?1 ORDER BY rowid")?;
+        for r in &mut runs {
+            r.published = stmt
+                .query_map([r.id], |row| {
+                    Ok(PublishEntry {
+                        step: row.get(0)?,
+                        path: PathBuf::from(row.get::<_, String>(1)?),
+                        partition: row.get(2)?,
+                        action: row.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+        }
+        Ok(runs)
+    }
+}
+
+impl RunStore for SqliteStore {
+    fn begin_run(&self, run: &NewRun) -> Result<i64> {
+        let conn = self.conn();
+        let now = now_ms();
+        let attempt: u32 = conn.query_row(
+            "SELECT COUNT(*) + 1 FROM pipeline_run WHERE pipeline = ?1 AND partition IS ?2 AND fingerprint = ?3",
+            params![run.pipeline, run.partition, run.fingerprint],
+            |r| r.get(0),
+        )?;
+        conn.execute(
+            "INSERT INTO pipeline_run (pipeline, partition, logical_date, status, attempt, started_at_ms, heartbeat_at_ms, pid, host, config_sha256, plugins_json, fingerprint)
+             VALUES (?1, ?2, ?2, 'RUNNING', ?3, ?4, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                run.pipeline,
+                run.partition,
+                attempt,
+                now,
+                std::process::id(),
+                host_name(),
+                run.config_sha256,
+                serde_json::to_string(&run.plugins).unwrap_or_default(),
+                run.fingerprint
+            ],
+        )?;
+        let id = conn.last_insert_rowid();
+        let staging: Vec<String> =
+            run.staging.iter().map(|p| p.to_string_lossy().replace("{run}", &id.to_string())).collect();
+        conn.execute(
+            "UPDATE pipeline_run SET staging_json = ?2 WHERE id = ?1",
+            params![id, serde_json::to_string(&staging).unwrap_or_default()],
+        )?;
+        Ok(id)
+    }
+
+    fn heartbeat(&self, id: i64) -> Result<()> {
+        self.conn().execute(
+            "UPDATE pipeline_run SET heartbeat_at_ms = ?2 WHERE id = ?1 AND status = 'RUNNING'",
+            params![id, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn record_publish(&self, id: i64, e: &PublishEntry) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO publish_audit (run_id, step, path, partition, action, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id, e.step, e.path.to_string_lossy(), e.partition, e.action, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn finish_run(&self, id: i64, status: Status, steps: &[StepRows], error: Option<&str>) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE pipeline_run SET status = ?2, finished_at_ms = ?3, steps_json = ?4, error = ?5 WHERE id = ?1",
+            params![id, status.as_str(), now_ms(), serde_json::to_string(steps).unwrap_or_default(), error],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn recover_stale(&self, pipeline: Option<&str>, lease_ms: i64, by: &str) -> Result<Vec<RunRecord>> {
+        let conn = self.conn();
+        let running: Vec<RunRecord> = {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {COLUMNS} FROM pipeline_run WHERE status = 'RUNNING' AND (?1 IS NULL OR pipeline = ?1)"
+            ))?;
+            let rows = stmt.query_map(params![pipeline], read_run)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            rows
+        };
+        let now = now_ms();
+        let here = host_name();
+        let mut dead = Vec::new();
+        for r in running {
+            let reason = if r.host == here && r.pid != std::process::id() && !pid_alive(r.pid) {
+                format!("crashed: process {} on {} is gone (found by {by})", r.pid, r.host)
+            } else if now - r.heartbeat_at_ms > lease_ms {
+                format!(
+                    "crashed: no heartbeat for {} s (lease expired; found by {by})",
+                    (now - r.heartbeat_at_ms) / 1000
+                )
+            } else {
+                continue;
+            };
+            conn.execute(
+                "UPDATE pipeline_run SET status = 'FAILED', finished_at_ms = ?2, error = ?3 WHERE id = ?1 AND status = 'RUNNING'",
+                params![r.id, now, reason],
+            )?;
+            let mut r = r;
+            r.status = Status::Failed;
+            r.error = Some(reason);
+            dead.push(r);
+        }
+        self.with_published(&conn, dead)
+    }
+
+    fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>> {
+        let conn = self.conn();
+        let limit = if filter.limit == 0 { i64::MAX } else { filter.limit as i64 };
+        let runs = {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {COLUMNS} FROM pipeline_run WHERE (?1 IS NULL OR pipeline = ?1) AND (?2 IS NULL OR status = ?2) ORDER BY id DESC LIMIT ?3"
+            ))?;
+            let rows = stmt
+                .query_map(params![filter.pipeline, filter.status.map(|s| s.as_str()), limit], read_run)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows
+        };
+        self.with_published(&conn, runs)
+    }
+
+    fn run(&self, id: i64) -> Result<Option<RunRecord>> {
+        let conn = self.conn();
+        let run =
+            conn.query_row(&format!("SELECT {COLUMNS} FROM pipeline_run WHERE id = ?1"), [id], read_run).optional()?;
+        Ok(self.with_published(&conn, run.into_iter().collect())?.pop())
+    }
+
+    fn last_success(&self, pipeline: &str, partition: Option<&str>) -> Result<Option<RunRecord>> {
+        let conn = self.conn();
+        let run = conn
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM pipeline_run WHERE pipeline = ?1 AND partition IS ?2 AND status = 'SUCCESS' ORDER BY id DESC LIMIT 1"),
+                params![pipeline, partition],
+                read_run,
+            )
+            .optional()?;
+        Ok(self.with_published(&conn, run.into_iter().collect())?.pop())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_run(fp: &str) -> NewRun {
+        NewRun {
+            pipeline: "p".into(),
+            partition: Some("2024-01-01".into()),
+            config_sha256: "c".into(),
+            plugins: [("mask".to_string(), "abc".to_string())].into(),
+            fingerprint: fp.into(),
+            staging: vec![PathBuf::from("/tmp/x.weir-staging-{run}")],
+        }
+    }
+
+    #[test]
+    fn run_lifecycle_and_queries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s/state.db")).unwrap();
+        let id = store.begin_run(&new_run("f1")).unwrap();
+        let r = store.run(id).unwrap().unwrap();
+        assert_eq!(r.status, Status::Running);
+        assert_eq!(r.staging, [PathBuf::from(format!("/tmp/x.weir-staging-{id}"))]);
+        store
+            .record_publish(
+                id,
+                &PublishEntry { step: "s".into(), path: "/o".into(), partition: None, action: "created".into() },
+            )
+            .unwrap();
+        let rows =
+            [StepRows { step: "s".into(), rows_read: 10, rows_written: 9, rows_skipped: 1, rows_quarantined: 0 }];
+        store.finish_run(id, Status::Success, &rows, None).unwrap();
+        let r = store.last_success("p", Some("2024-01-01")).unwrap().unwrap();
+        assert_eq!((r.id, r.steps[0].rows_written, r.published.len()), (id, 9, 1));
+        assert!(store.last_success("p", None).unwrap().is_none());
+        let id2 = store.begin_run(&new_run("f1")).unwrap();
+        assert_eq!(store.run(id2).unwrap().unwrap().attempt, 2);
+        store.finish_run(id2, Status::Failed, &[], Some("boom")).unwrap();
+        let failed = store.runs(&RunFilter { status: Some(Status::Failed), ..Default::default() }).unwrap();
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].error.as_deref(), Some("boom"));
+        assert_eq!(store.runs(&RunFilter { limit: 1, ..Default::default() }).unwrap()[0].id, id2);
+    }
+
+    #[test]
+    fn stale_runs_are_recovered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
+        let id = store.begin_run(&new_run("f")).unwrap();
+        // a live lease of this very process is not stale
+        assert!(store.recover_stale(Some("p"), 60_000, "test").unwrap().is_empty());
+        // an expired lease is
+        store.conn().execute("UPDATE pipeline_run SET heartbeat_at_ms = 0 WHERE id = ?1", [id]).unwrap();
+        let dead = store.recover_stale(Some("p"), 60_000, "test").unwrap();
+        assert_eq!(dead.len(), 1);
+        assert!(dead[0].error.as_deref().unwrap().contains("lease expired"));
+        assert_eq!(store.run(id).unwrap().unwrap().status, Status::Failed);
+        assert!(store.recover_stale(Some("p"), 60_000, "test").unwrap().is_empty());
+        // a dead pid on this host is found at once
+        let id = store.begin_run(&new_run("g")).unwrap();
+        store.conn().execute("UPDATE pipeline_run SET pid = 999999999 WHERE id = ?1", [id]).unwrap();
+        let dead = store.recover_stale(None, 60_000, "test").unwrap();
+        assert!(dead[0].error.as_deref().unwrap().contains("is gone"), "{:?}", dead[0].error);
+    }
+}
