@@ -93,6 +93,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether retrying may help: I/O failures and input that is not there yet. Invalid
+    /// input, plugin failures and config errors are never transient.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Io(io::Error::Io { .. } | io::Error::NoInput { .. } | io::Error::Write { .. }))
+    }
+
     /// Classify: does the user fix it, might a retry help, or is it a bug?
     pub fn kind(&self) -> ErrorKind {
         match self {

@@ -470,6 +470,12 @@ fn cmd_runs(args: RunsArgs) -> anyhow::Result<ExitCode> {
                 thousands(s.rows_skipped)
             );
         }
+        for a in &run.attempts {
+            match &a.error {
+                None => println!("attempt   {:<20} #{} ok", a.step, a.attempt),
+                Some(e) => println!("attempt   {:<20} #{} failed: {}", a.step, a.attempt, e.replace('\n', " ")),
+            }
+        }
         for p in &run.published {
             println!("published {} {}", p.action, p.path.display());
         }

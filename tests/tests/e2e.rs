@@ -757,3 +757,120 @@ fn a_polling_reader_never_sees_a_partial_or_missing_dataset() {
     let reads = reader.join().expect("the reader saw a broken dataset");
     assert!(reads > 0);
 }
+
+// ------------------------------------------------------------------------------------------
+// Retries
+
+/// Run weir; when a stderr line contains `marker`, call `action` once. Returns the exit code
+/// and all stderr.
+fn run_reacting(dir: &Path, args: &[&str], marker: &str, action: impl FnOnce()) -> (i32, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(weir_bin())
+        .args(args)
+        .current_dir(dir)
+        .env("WEIR_CACHE_DIR", root().join("target/weir-test-cache"))
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut action = Some(action);
+    let mut all = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        all.push_str(&line);
+        all.push('\n');
+        if line.contains(marker) {
+            if let Some(a) = action.take() {
+                a();
+            }
+        }
+    }
+    (child.wait().unwrap().code().unwrap_or(-1), all)
+}
+
+#[test]
+fn a_source_that_fails_twice_is_retried_with_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("pipeline.toml"),
+        r#"[pipeline]
+name = "retrying"
+
+[sources.late]
+format = "csv"
+path = "landing/late.csv"
+retry = { attempts = 3, backoff_ms = 200 }
+
+[steps.copy]
+input = "late"
+output = { path = "out/copy" }
+"#,
+    )
+    .unwrap();
+    let landing = d.join("landing");
+    let (code, stderr) = run_reacting(d, &["run", "pipeline.toml"], "attempt 2 of 3 failed", || {
+        std::fs::create_dir_all(&landing).unwrap();
+        std::fs::write(landing.join("late.csv"), "id\n1\n2\n").unwrap();
+    });
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("step `copy` attempt 1 of 3 failed (transient): no input files match"), "{stderr}");
+    assert!(stderr.contains("retrying in"), "{stderr}");
+    let runs = weir(d, &["runs", "--pipeline", "pipeline.toml", "--json"]).json();
+    let attempts = runs[0]["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 3, "{attempts:?}");
+    assert!(attempts[0]["error"].as_str().unwrap().contains("no input files match"));
+    assert!(attempts[2]["error"].is_null());
+    assert_eq!(runs[0]["status"], "SUCCESS");
+    assert_eq!(runs[0]["steps"][0]["rows_written"], 2);
+    // the waits grew: the second retry started at least backoff*2/2 after the second failure
+    let t: Vec<i64> = attempts.iter().map(|a| a["at_ms"].as_i64().unwrap()).collect();
+    assert!(t[2] - t[1] >= 200, "backoff doubles (with jitter from half): {t:?}");
+}
+
+#[test]
+fn a_plugin_invalid_input_error_is_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("in.csv"), "id\n1\nx2\n").unwrap();
+    std::fs::write(
+        d.join("pipeline.toml"),
+        format!(
+            r#"[pipeline]
+name = "strict"
+
+[sources.input]
+format = "csv"
+path = "in.csv"
+schema = {{ id = "string" }}
+
+[plugins.cast]
+path = "{}"
+
+[steps.typed]
+input = "input"
+output = {{ path = "out/typed" }}
+retry = {{ attempts = 5, backoff_ms = 10 }}
+
+[[steps.typed.transforms]]
+plugin = "cast"
+config.columns = [{{ column = "id", type = "int64" }}]
+"#,
+            plugin("cast").display()
+        ),
+    )
+    .unwrap();
+    let out = weir(d, &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains(
+            "batch 1: invalid input at row 1 (column `id`): cannot cast \"x2\" to Int64 (row 2 of the step's input)"
+        ),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("retrying"), "{}", out.stderr);
+    let runs = weir(d, &["runs", "--pipeline", "pipeline.toml", "--json"]).json();
+    assert_eq!(runs[0]["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(runs[0]["status"], "FAILED");
+}

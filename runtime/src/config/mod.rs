@@ -96,6 +96,7 @@ struct RawSource {
     #[serde(default = "yes")]
     header: bool,
     infer_rows: Option<usize>,
+    retry: Option<Spanned<Retry>>,
 }
 
 fn yes() -> bool {
@@ -120,6 +121,7 @@ struct RawStep {
     #[serde(default)]
     transforms: Vec<Spanned<RawTransform>>,
     output: Option<RawOutput>,
+    retry: Option<Spanned<Retry>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,6 +173,43 @@ pub enum OnError {
     Skip,
 }
 
+/// How a step or source retries transient failures (I/O errors, input not there yet).
+/// Invalid input, plugin errors and config errors are never retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    /// Attempts in all, the first included (1 = no retry).
+    pub attempts: u32,
+    /// Wait before the second attempt; doubles each time.
+    #[serde(default = "default_backoff")]
+    pub backoff_ms: u64,
+    /// The longest wait.
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff_ms: u64,
+    /// Randomise each wait between half and all of it, so many runs do not retry in step.
+    #[serde(default = "yes")]
+    pub jitter: bool,
+}
+
+fn default_backoff() -> u64 {
+    500
+}
+
+fn default_max_backoff() -> u64 {
+    30_000
+}
+
+impl Retry {
+    /// No retry.
+    pub const NONE: Retry = Retry { attempts: 1, backoff_ms: 0, max_backoff_ms: 0, jitter: false };
+
+    /// The wait after failed attempt `n` (1-based), before jitter.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let ms = self.backoff_ms.saturating_mul(1u64 << (n.saturating_sub(1)).min(20));
+        Duration::from_millis(ms.min(self.max_backoff_ms))
+    }
+}
+
 /// Where a secret comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretRef {
@@ -191,6 +230,7 @@ pub struct Source {
     pub delimiter: u8,
     pub header: bool,
     pub infer_rows: usize,
+    pub retry: Retry,
 }
 
 #[derive(Debug, Clone)]
@@ -227,6 +267,8 @@ pub struct Step {
     pub transforms: Vec<TransformRef>,
     pub output: Option<Output>,
     pub line: usize,
+    /// The step's `retry`, else its source's, else none.
+    pub retry: Retry,
 }
 
 /// A validated pipeline. Steps are in an order where every step comes after its input.
@@ -325,6 +367,31 @@ impl Pipeline {
             }
         }
 
+        let mut check_retry = |r: &Option<Spanned<Retry>>, what: &str| -> Retry {
+            match r {
+                None => Retry::NONE,
+                Some(r) if r.get_ref().attempts == 0 || r.get_ref().attempts > 100 => {
+                    errors.push(ctx.at(
+                        r.span().start,
+                        &format!("{what}.retry.attempts must be between 1 and 100"),
+                        None,
+                    ));
+                    Retry::NONE
+                }
+                Some(r) => *r.get_ref(),
+            }
+        };
+        let mut source_retry = BTreeMap::new();
+        for (name, s) in &raw.sources {
+            source_retry.insert(name.clone(), check_retry(&s.get_ref().retry, &format!("sources.{name}")));
+        }
+        let mut step_retry = BTreeMap::new();
+        for (name, s) in &raw.steps {
+            if s.get_ref().retry.is_some() {
+                step_retry.insert(name.clone(), check_retry(&s.get_ref().retry, &format!("steps.{name}")));
+            }
+        }
+
         // sources
         let mut sources = BTreeMap::new();
         for (name, s) in &raw.sources {
@@ -378,6 +445,7 @@ impl Pipeline {
                     delimiter,
                     header: r.header,
                     infer_rows: r.infer_rows.unwrap_or(1000).max(1),
+                    retry: source_retry.get(name).copied().unwrap_or(Retry::NONE),
                 },
             );
         }
@@ -521,12 +589,14 @@ impl Pipeline {
                     row_group_size: o.row_group_size.unwrap_or(1 << 20).max(1024),
                 }
             });
+            let retry = step_retry.get(name).or_else(|| source_retry.get(input)).copied().unwrap_or(Retry::NONE);
             steps.push(Step {
                 name: name.clone(),
                 input: input.clone(),
                 transforms,
                 output,
                 line: ctx.line_col(s.span().start).0,
+                retry,
             });
         }
 

@@ -242,6 +242,22 @@ fn debug_pause(point: &str, log: &dyn Fn(&str)) {
     }
 }
 
+/// A wait between half and all of `d` when `jitter`, so retries of many runs spread out.
+fn jittered(d: Duration, jitter: bool) -> Duration {
+    if !jitter || d.is_zero() {
+        return d;
+    }
+    // xorshift over the clock: enough randomness to spread retries, no dependency
+    let mut x =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_nanos() as u64).unwrap_or(1)
+            | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    let half = d.as_millis() as u64 / 2;
+    Duration::from_millis(half + x % (half + 1))
+}
+
 /// Hash of everything that decides a run's output: the pipeline file, the plugins, the
 /// partition and every input file's name, size and modification time.
 fn fingerprint(pipeline: &Pipeline, partition: Option<&str>, plugins: &HashMap<String, LoadedPlugin>) -> String {
@@ -425,7 +441,34 @@ fn execute(
     for step in &pipeline.steps {
         let staging = staging_dir(pipeline, step, &run_id.to_string());
         guard.add(&staging);
-        let (summary, s) = run_step(pipeline, step, options, loaded, resolved, &staged, staging)?;
+        let mut attempt = 1;
+        let (summary, s) = loop {
+            match run_step(pipeline, step, options, loaded, resolved, &staged, staging.clone()) {
+                Ok(done) => {
+                    store.record_attempt(run_id, &step.name, attempt, None)?;
+                    break done;
+                }
+                Err(e) => {
+                    store.record_attempt(run_id, &step.name, attempt, Some(&e.to_string()))?;
+                    if !e.is_transient() || attempt >= step.retry.attempts {
+                        if attempt > 1 {
+                            log(&format!("weir: step `{}` failed after {attempt} attempts", step.name));
+                        }
+                        return Err(e);
+                    }
+                    let wait = jittered(step.retry.backoff(attempt), step.retry.jitter);
+                    log(&format!(
+                        "weir: step `{}` attempt {attempt} of {} failed (transient): {e}; retrying in {} ms",
+                        step.name,
+                        step.retry.attempts,
+                        wait.as_millis()
+                    ));
+                    let _ = std::fs::remove_dir_all(&staging);
+                    std::thread::sleep(wait);
+                    attempt += 1;
+                }
+            }
+        };
         summaries.push(summary);
         staged.insert(step.name.clone(), s);
     }

@@ -109,6 +109,17 @@ pub struct RunRecord {
     pub steps: Vec<StepRows>,
     pub staging: Vec<PathBuf>,
     pub published: Vec<PublishEntry>,
+    /// Every attempt of every step, failed ones with their error.
+    pub attempts: Vec<Attempt>,
+}
+
+/// One attempt of one step of a run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Attempt {
+    pub step: String,
+    pub attempt: u32,
+    pub error: Option<String>,
+    pub at_ms: i64,
 }
 
 /// Filter for [`RunStore::runs`].
@@ -140,6 +151,8 @@ pub trait RunStore: Send + Sync {
     fn heartbeat(&self, id: i64) -> Result<()>;
     /// Record one publish action of a running run (before the next one happens).
     fn record_publish(&self, id: i64, entry: &PublishEntry) -> Result<()>;
+    /// Record one attempt of a step (`error` is none when it succeeded).
+    fn record_attempt(&self, id: i64, step: &str, attempt: u32, error: Option<&str>) -> Result<()>;
     /// Close a run: status, rows and error together, in one transaction.
     fn finish_run(&self, id: i64, status: Status, steps: &[StepRows], error: Option<&str>) -> Result<()>;
     /// Find RUNNING runs of `pipeline` whose process is gone (same host, pid dead) or whose

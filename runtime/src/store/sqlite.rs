@@ -7,7 +7,8 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    host_name, now_ms, pid_alive, Error, NewRun, PublishEntry, Result, RunFilter, RunRecord, RunStore, Status, StepRows,
+    host_name, now_ms, pid_alive, Attempt, Error, NewRun, PublishEntry, Result, RunFilter, RunRecord, RunStore, Status,
+    StepRows,
 };
 
 const SCHEMA: &str = r#"
@@ -44,6 +45,13 @@ CREATE TABLE IF NOT EXISTS publish_audit (
     at_ms     INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS publish_audit_by_run ON publish_audit (run_id);
+CREATE TABLE IF NOT EXISTS run_attempt (
+    run_id  INTEGER NOT NULL REFERENCES pipeline_run(id),
+    step    TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    error   TEXT,
+    at_ms   INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS data_quality_check (
     run_id      INTEGER NOT NULL REFERENCES pipeline_run(id),
     partition   TEXT,
@@ -135,6 +143,7 @@ fn read_run(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
         steps: serde_json::from_str(&steps).unwrap_or_default(),
         staging: serde_json::from_str(&staging).unwrap_or_default(),
         published: Vec::new(),
+        attempts: Vec::new(),
     })
 }
 
@@ -151,6 +160,15 @@ impl SqliteStore {
                         partition: row.get(2)?,
                         action: row.get(3)?,
                     })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+        }
+        let mut attempts =
+            conn.prepare("SELECT step, attempt, error, at_ms FROM run_attempt WHERE run_id = ?1 ORDER BY rowid")?;
+        for r in &mut runs {
+            r.attempts = attempts
+                .query_map([r.id], |row| {
+                    Ok(Attempt { step: row.get(0)?, attempt: row.get(1)?, error: row.get(2)?, at_ms: row.get(3)? })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
         }
@@ -204,6 +222,14 @@ impl RunStore for SqliteStore {
         self.conn().execute(
             "INSERT INTO publish_audit (run_id, step, path, partition, action, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![id, e.step, e.path.to_string_lossy(), e.partition, e.action, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn record_attempt(&self, id: i64, step: &str, attempt: u32, error: Option<&str>) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO run_attempt (run_id, step, attempt, error, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![id, step, attempt, error, now_ms()],
         )?;
         Ok(())
     }
