@@ -88,6 +88,8 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error("run #{id} of this pipeline and partition is still running (pid {pid} on {host}); wait for it, or stop it first")]
     AlreadyRunning { id: i64, pid: u32, host: String },
+    #[error("backfill: {0}")]
+    Backfill(String),
     #[error("internal error (a bug in weir, please report it): {0}")]
     Internal(String),
 }
@@ -103,6 +105,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Config(_)
+            | Error::Backfill(_)
             | Error::PluginConfig { .. }
             | Error::PluginLoad { .. }
             | Error::Plugin(_)

@@ -84,6 +84,28 @@ enum Command {
         after_help = "Examples:\n  weir runs --pipeline examples/orders/pipeline.toml\n  weir runs --pipeline examples/orders/pipeline.toml --status FAILED --json\n  weir runs --pipeline examples/orders/pipeline.toml show 12"
     )]
     Runs(RunsArgs),
+    /// Run a pipeline once per partition over a range: planned and persisted first, N at a
+    /// time, resumable.
+    ///
+    /// Every output must be partitioned (partition_by) and a source path must use
+    /// {partition}. Progress shows partitions done / failed / left; the exit code is 1 and
+    /// the backfill PARTIAL when any partition failed.
+    #[command(
+        after_help = "Examples:\n  weir backfill pipeline.toml --from 2024-01-01 --to 2024-03-31 --parallel 2\n  weir backfill pipeline.toml --from 2024-01-01T00 --to 2024-01-01T23 --every hour\n  weir backfill pipeline.toml --partitions eu,us,apac\n  weir backfill pipeline.toml --resume 3                 # partitions not yet successful\n  weir backfill pipeline.toml --resume 3 --only-failed   # just the failed ones"
+    )]
+    Backfill(BackfillArgs),
+    /// Backfills and their partitions.
+    Backfills {
+        /// A pipeline file (its store and name), or a pipeline name (with --state).
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Print JSON (with every partition).
+        #[arg(long)]
+        json: bool,
+        /// The run store file.
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
     /// Find runs of a pipeline that died (killed, machine lost), mark them FAILED and remove
     /// their staging. `weir run` does this itself before it starts.
     Recover {
@@ -112,6 +134,45 @@ enum Command {
     /// Work with plugin files.
     #[command(subcommand)]
     Plugin(PluginCommand),
+}
+
+#[derive(Args)]
+struct BackfillArgs {
+    /// The pipeline file.
+    pipeline: PathBuf,
+    /// First partition: a date (YYYY-MM-DD), or an hour (YYYY-MM-DDTHH) with --every hour.
+    #[arg(long, requires = "to")]
+    from: Option<String>,
+    /// Last partition, included.
+    #[arg(long, requires = "from")]
+    to: Option<String>,
+    /// Partition size for --from/--to: day or hour.
+    #[arg(long, default_value = "day")]
+    every: String,
+    /// Explicit partitions instead of a range, comma-separated.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["from", "to"])]
+    partitions: Vec<String>,
+    /// Partitions run at the same time.
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
+    /// Resume backfill ID: run its partitions that are not yet successful.
+    #[arg(long, conflicts_with_all = ["from", "to", "partitions"])]
+    resume: Option<i64>,
+    /// With --resume (or alone: the newest backfill), run only the partitions that failed.
+    #[arg(long)]
+    only_failed: bool,
+    /// Run partitions again even if identical runs already published them.
+    #[arg(long)]
+    force: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Where compiled plugins are cached.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// The run store [default: the pipeline's].
+    #[arg(long)]
+    state: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -176,6 +237,8 @@ fn main() -> ExitCode {
             cmd_run(RunArgs { path: pipeline, partition, json, cache_dir, no_progress, quiet, force, state })
         }
         Command::Runs(args) => report(cmd_runs(args)),
+        Command::Backfill(args) => report(cmd_backfill(args)),
+        Command::Backfills { pipeline, json, state } => report(cmd_backfills(pipeline, json, state)),
         Command::Recover { pipeline, state } => report(cmd_recover(pipeline, state)),
         Command::Validate { pipeline, json, cache_dir } => report(cmd_validate(pipeline, json, cache_dir)),
         Command::Plugin(PluginCommand::Inspect { file, json, cache_dir }) => report(cmd_inspect(file, json, cache_dir)),
@@ -248,6 +311,7 @@ fn cmd_run(args: RunArgs) -> ExitCode {
         progress,
         state,
         force,
+        backfill_id: None,
     };
     let result = engine::run(&pipeline, &options);
     if show_progress {
@@ -538,5 +602,118 @@ fn cmd_recover(path: PathBuf, state: Option<PathBuf>) -> anyhow::Result<ExitCode
     let store = engine::open_store(&pipeline, &options)?;
     let dead = engine::recover(store.as_ref(), Some(&pipeline.name), "weir recover", &|l: &str| eprintln!("{l}"))?;
     println!("recovered {} run{} of {}", dead.len(), if dead.len() == 1 { "" } else { "s" }, pipeline.name);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
+    use weir::engine::backfill::{self, PartitionSpec};
+    use weir::store::RunStore;
+    let pipeline = match Pipeline::load(&args.pipeline) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: invalid pipeline\n{e}");
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+    };
+    anyhow::ensure!(args.parallel >= 1 && args.parallel <= 64, "--parallel must be between 1 and 64");
+    let options = RunOptions {
+        cache_dir: args.cache_dir.or_else(PluginEngine::default_cache_dir),
+        state: args.state,
+        force: args.force,
+        ..RunOptions::default()
+    };
+    let parallel = args.parallel;
+    let result = if let Some(id) = args.resume {
+        backfill::resume(&pipeline, id, args.only_failed, Some(parallel), &options)
+    } else if args.only_failed {
+        let store = engine::open_store(&pipeline, &options)?;
+        let newest = store.backfills(Some(&pipeline.name), 1)?;
+        let b =
+            newest.first().ok_or_else(|| anyhow::anyhow!("pipeline `{}` has no backfill to rerun", pipeline.name))?;
+        backfill::resume(&pipeline, b.id, true, Some(parallel), &options)
+    } else {
+        let spec = if !args.partitions.is_empty() {
+            PartitionSpec::List(args.partitions)
+        } else {
+            let (Some(from), Some(to)) = (args.from, args.to) else {
+                eprintln!("error: say which partitions: --from and --to, --partitions, or --resume ID");
+                return Ok(ExitCode::from(EXIT_INVALID));
+            };
+            match args.every.as_str() {
+                "day" | "daily" => PartitionSpec::Daily { from, to },
+                "hour" | "hourly" => PartitionSpec::Hourly { from, to },
+                other => anyhow::bail!("--every {other}: use day or hour"),
+            }
+        };
+        backfill::start(&pipeline, &spec, parallel, &options)
+    };
+    let summary = match result {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(if e.kind() == weir::ErrorKind::User { EXIT_INVALID } else { EXIT_FAILED }));
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "backfill #{} {}: {} partitions ran, {} succeeded, {} failed{}",
+            summary.id,
+            summary.status.as_str(),
+            summary.ran,
+            summary.succeeded,
+            summary.failed.len(),
+            if summary.already_done > 0 { format!(" ({} already done)", summary.already_done) } else { String::new() }
+        );
+        for (p, e) in &summary.failed {
+            println!("  failed {p}: {e}");
+        }
+        if !summary.failed.is_empty() {
+            println!(
+                "fix the cause, then: weir backfill {} --resume {} --only-failed",
+                args.pipeline.display(),
+                summary.id
+            );
+        }
+    }
+    Ok(if summary.failed.is_empty() && summary.status == weir::store::Status::Success {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    })
+}
+
+fn cmd_backfills(pipeline: Option<String>, json: bool, state: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    use weir::store::{format_time, RunStore, SqliteStore};
+    let (path, name) = locate_store(state, pipeline.as_deref())?;
+    let store = SqliteStore::open(&path)?;
+    let list = store.backfills(name.as_deref(), 50)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>5}  {:<8}  {:<16}  {:<28}  {:<21}  {:>5}  {:>6}  {:>5}",
+        "ID", "STATUS", "PIPELINE", "PLAN", "CREATED", "DONE", "FAILED", "LEFT"
+    );
+    for b in &list {
+        let done = b.partitions.iter().filter(|p| p.status == "SUCCESS").count();
+        let failed = b.partitions.iter().filter(|p| p.status == "FAILED").count();
+        println!(
+            "{:>5}  {:<8}  {:<16}  {:<28}  {:<21}  {:>5}  {:>6}  {:>5}",
+            b.id,
+            b.status.as_str(),
+            b.pipeline,
+            b.spec,
+            format_time(b.created_at_ms),
+            done,
+            failed,
+            b.partitions.len() - done - failed
+        );
+    }
+    if list.is_empty() {
+        println!("(no backfills)");
+    }
     Ok(ExitCode::SUCCESS)
 }

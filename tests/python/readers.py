@@ -58,13 +58,13 @@ with tempfile.TemporaryDirectory() as tmp:
     stg = str(ex / "out/stg_orders")
     mart = str(ex / "out/mart_revenue_daily")
     con = duckdb.connect()
-    d_rows, d_ids = con.sql(f"select count(*), count(distinct order_id) from read_parquet('{stg}/**/*.parquet', hive_partitioning=true)").fetchone()
+    d_rows, d_ids = con.execute(f"select count(*), count(distinct order_id) from read_parquet('{stg}/**/*.parquet', hive_partitioning=true)").fetchone()
     check("duckdb: one row per order", d_rows == d_ids == len(latest), f"{d_rows} {d_ids} {len(latest)}")
-    leaked = con.sql(f"select count(*) from read_parquet('{stg}/**/*.parquet', hive_partitioning=true) where email_hash like '%@%' or length(email_hash) <> 64").fetchone()[0]
+    leaked = con.execute(f"select count(*) from read_parquet('{stg}/**/*.parquet', hive_partitioning=true) where email_hash like '%@%' or length(email_hash) <> 64").fetchone()[0]
     check("duckdb: every email masked", leaked == 0, str(leaked))
-    days = con.sql(f"select count(distinct order_date) from read_parquet('{stg}/**/*.parquet', hive_partitioning=true)").fetchone()[0]
+    days = con.execute(f"select count(distinct order_date) from read_parquet('{stg}/**/*.parquet', hive_partitioning=true)").fetchone()[0]
     check("duckdb: seven order_date partitions", days == 7, str(days))
-    d_rev = con.sql(f"select sum(revenue) from '{mart}/*.parquet'").fetchone()[0]
+    d_rev = con.execute(f"select sum(revenue) from '{mart}/*.parquet'").fetchone()[0]
     check("duckdb: mart revenue equals the input", abs(d_rev - direct_revenue) < 1e-6, f"{d_rev} {direct_revenue}")
 
     t = ds.dataset(stg, format="parquet", partitioning="hive").to_table()

@@ -874,3 +874,108 @@ config.columns = [{{ column = "id", type = "int64" }}]
     assert_eq!(runs[0]["attempts"].as_array().unwrap().len(), 1);
     assert_eq!(runs[0]["status"], "FAILED");
 }
+
+// ------------------------------------------------------------------------------------------
+// Backfills
+
+fn day_file(day: u32, good: bool) -> String {
+    if good {
+        format!("day,id,v\n2024-01-{day:02},1,x{day}\n2024-01-{day:02},2,y{day}\n")
+    } else {
+        format!("day,id,v\n2024-01-{day:02},1\n")
+    }
+}
+
+#[test]
+fn backfill_killed_midway_resumes_marks_partial_and_reruns_only_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("data")).unwrap();
+    for day in 1..=30 {
+        std::fs::write(d.join(format!("data/d_2024-01-{day:02}.csv")), day_file(day, day != 17)).unwrap();
+    }
+    std::fs::write(
+        d.join("pipeline.toml"),
+        format!(
+            r#"[pipeline]
+name = "daily"
+batch_size = 1
+
+[sources.input]
+format = "csv"
+path = "data/d_{{partition}}.csv"
+
+[plugins.hostile]
+path = "{}"
+
+[steps.copy]
+input = "input"
+output = {{ path = "out/data", partition_by = "day" }}
+
+[[steps.copy.transforms]]
+plugin = "hostile"
+config = {{ mode = "slow", sleep_ms = 100 }}
+"#,
+            plugin("hostile").display()
+        ),
+    )
+    .unwrap();
+    let args = ["backfill", "pipeline.toml", "--from", "2024-01-01", "--to", "2024-01-30", "--parallel", "2"];
+    kill_at(d, &args, &[], "(8 done", std::time::Duration::ZERO);
+    let b = weir(d, &["backfills", "--pipeline", "pipeline.toml", "--json"]).json();
+    assert_eq!(b[0]["status"], "RUNNING", "killed: the plan is persisted, not finished");
+    assert_eq!(b[0]["partitions"].as_array().unwrap().len(), 30);
+    let done_before = b[0]["partitions"].as_array().unwrap().iter().filter(|p| p["status"] == "SUCCESS").count();
+    assert!((8..30).contains(&done_before), "{done_before}");
+
+    // resume: the rest runs; the broken day fails; PARTIAL and exit 1
+    let out = weir(d, &["backfill", "pipeline.toml", "--resume", "1"]);
+    assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("backfill #1 PARTIAL"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("failed 2024-01-17: ") && out.stdout.contains("expected 3 fields, found 2"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stderr.contains(&format!("resuming {} of 30 partitions", 30 - done_before)), "{}", out.stderr);
+    let b = weir(d, &["backfills", "--pipeline", "pipeline.toml", "--json"]).json();
+    assert_eq!(b[0]["status"], "PARTIAL");
+    assert_eq!(entries(&d.join("out/data")).len(), 29);
+
+    // fix the input; --only-failed runs just that partition
+    std::fs::write(d.join("data/d_2024-01-17.csv"), day_file(17, true)).unwrap();
+    let out = weir(d, &["backfill", "pipeline.toml", "--resume", "1", "--only-failed", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let s = out.json();
+    assert_eq!((s["ran"].as_u64(), s["status"].as_str()), (Some(1), Some("SUCCESS")));
+    assert_eq!(s["already_done"], 29);
+
+    // every partition published, each by exactly one successful run, nothing left RUNNING
+    assert_eq!(entries(&d.join("out/data")).len(), 30);
+    for day in 1..=30 {
+        let rows = dataset_rows(&d.join(format!("out/data/day=2024-01-{day:02}")));
+        assert_eq!(rows.len(), 2, "day {day}: {rows:?}");
+    }
+    let runs = weir(d, &["runs", "--pipeline", "pipeline.toml", "--limit", "1000", "--json"]).json();
+    let runs = runs.as_array().unwrap();
+    assert!(runs.iter().all(|r| r["status"] != "RUNNING"));
+    assert!(runs.iter().all(|r| r["backfill_id"] == 1));
+    for day in 1..=30 {
+        let p = format!("2024-01-{day:02}");
+        let ok = runs.iter().filter(|r| r["partition"] == p.as_str() && r["status"] == "SUCCESS").count();
+        assert_eq!(ok, 1, "partition {p} published by {ok} successful runs");
+    }
+}
+
+#[test]
+fn backfill_refuses_unpartitioned_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("pipeline.toml"),
+        "[pipeline]\nname = \"x\"\n[sources.i]\nformat = \"csv\"\npath = \"d_{partition}.csv\"\n[steps.s]\ninput = \"i\"\noutput = { path = \"out/s\" }\n",
+    )
+    .unwrap();
+    let out = weir(dir.path(), &["backfill", "pipeline.toml", "--partitions", "a,b"]);
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("step `s` writes its whole dataset"), "{}", out.stderr);
+}

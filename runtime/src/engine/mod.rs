@@ -15,6 +15,7 @@
 //! Outputs are written to staging directories beside the datasets. Only when every step
 //! has succeeded are they published (see [`publish`]); on failure they are removed.
 
+pub mod backfill;
 mod publish;
 
 use std::collections::{BTreeMap, HashMap};
@@ -57,6 +58,8 @@ pub struct RunOptions {
     pub state: Option<PathBuf>,
     /// Run even when an identical run already published.
     pub force: bool,
+    /// The backfill this run is part of.
+    pub backfill_id: Option<i64>,
 }
 
 impl Default for RunOptions {
@@ -68,6 +71,7 @@ impl Default for RunOptions {
             progress: None,
             state: None,
             force: false,
+            backfill_id: None,
         }
     }
 }
@@ -388,6 +392,7 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
         plugins: loaded.iter().map(|(n, p)| (n.clone(), p.info.sha256.clone())).collect(),
         fingerprint: fp,
         staging: pipeline.steps.iter().map(|s| staging_dir(pipeline, s, "{run}")).collect(),
+        backfill_id: options.backfill_id,
     };
     let id = store.begin_run(&new_run)?;
     let heartbeat = Heartbeat::start(store.clone(), id);

@@ -66,6 +66,8 @@ pub struct NewRun {
     pub fingerprint: String,
     /// Where the run stages its outputs (removed if it crashes); `{run}` is the run id.
     pub staging: Vec<PathBuf>,
+    /// The backfill this run belongs to.
+    pub backfill_id: Option<i64>,
 }
 
 /// Rows per step, as recorded.
@@ -111,6 +113,31 @@ pub struct RunRecord {
     pub published: Vec<PublishEntry>,
     /// Every attempt of every step, failed ones with their error.
     pub attempts: Vec<Attempt>,
+    pub backfill_id: Option<i64>,
+}
+
+/// A backfill: a persisted plan of partitions and how far it got.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackfillRecord {
+    pub id: i64,
+    pub pipeline: String,
+    /// How the partitions were chosen (`2024-01-01..2024-03-31 daily`, a list, ...).
+    pub spec: String,
+    pub parallel: u32,
+    pub status: Status,
+    pub created_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+    pub partitions: Vec<BackfillPartition>,
+}
+
+/// One partition of a backfill.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackfillPartition {
+    pub partition: String,
+    /// PENDING, RUNNING, SUCCESS or FAILED.
+    pub status: String,
+    pub run_id: Option<i64>,
+    pub error: Option<String>,
 }
 
 /// One attempt of one step of a run.
@@ -163,6 +190,23 @@ pub trait RunStore: Send + Sync {
     fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>>;
     /// One run.
     fn run(&self, id: i64) -> Result<Option<RunRecord>>;
+    /// Persist a backfill plan (all partitions PENDING) before any work starts.
+    fn create_backfill(&self, pipeline: &str, spec: &str, parallel: u32, partitions: &[String]) -> Result<i64>;
+    /// Update one partition of a backfill.
+    fn set_backfill_partition(
+        &self,
+        id: i64,
+        partition: &str,
+        status: &str,
+        run_id: Option<i64>,
+        error: Option<&str>,
+    ) -> Result<()>;
+    /// Set a backfill's status (RUNNING, SUCCESS, PARTIAL).
+    fn set_backfill_status(&self, id: i64, status: Status) -> Result<()>;
+    /// One backfill with its partitions.
+    fn backfill(&self, id: i64) -> Result<Option<BackfillRecord>>;
+    /// Backfills, newest first.
+    fn backfills(&self, pipeline: Option<&str>, limit: usize) -> Result<Vec<BackfillRecord>>;
     /// The newest SUCCESS run of a pipeline for a partition.
     fn last_success(&self, pipeline: &str, partition: Option<&str>) -> Result<Option<RunRecord>>;
 }

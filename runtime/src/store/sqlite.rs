@@ -7,8 +7,8 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    host_name, now_ms, pid_alive, Attempt, Error, NewRun, PublishEntry, Result, RunFilter, RunRecord, RunStore, Status,
-    StepRows,
+    host_name, now_ms, pid_alive, Attempt, BackfillPartition, BackfillRecord, Error, NewRun, PublishEntry, Result,
+    RunFilter, RunRecord, RunStore, Status, StepRows,
 };
 
 const SCHEMA: &str = r#"
@@ -45,6 +45,24 @@ CREATE TABLE IF NOT EXISTS publish_audit (
     at_ms     INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS publish_audit_by_run ON publish_audit (run_id);
+CREATE TABLE IF NOT EXISTS backfill (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    pipeline       TEXT NOT NULL,
+    spec           TEXT NOT NULL,
+    parallel       INTEGER NOT NULL,
+    status         TEXT NOT NULL,
+    created_at_ms  INTEGER NOT NULL,
+    finished_at_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS backfill_partition (
+    backfill_id INTEGER NOT NULL REFERENCES backfill(id),
+    ord         INTEGER NOT NULL,
+    partition   TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    run_id      INTEGER,
+    error       TEXT,
+    PRIMARY KEY (backfill_id, partition)
+);
 CREATE TABLE IF NOT EXISTS run_attempt (
     run_id  INTEGER NOT NULL REFERENCES pipeline_run(id),
     step    TEXT NOT NULL,
@@ -118,7 +136,7 @@ impl SqliteStore {
     }
 }
 
-const COLUMNS: &str = "id, pipeline, partition, status, attempt, started_at_ms, finished_at_ms, heartbeat_at_ms, pid, host, error, config_sha256, plugins_json, fingerprint, steps_json, staging_json";
+const COLUMNS: &str = "id, pipeline, partition, status, attempt, started_at_ms, finished_at_ms, heartbeat_at_ms, pid, host, error, config_sha256, plugins_json, fingerprint, steps_json, staging_json, backfill_id";
 
 fn read_run(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
     let status: String = row.get(3)?;
@@ -144,6 +162,7 @@ fn read_run(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
         staging: serde_json::from_str(&staging).unwrap_or_default(),
         published: Vec::new(),
         attempts: Vec::new(),
+        backfill_id: row.get(16)?,
     })
 }
 
@@ -176,6 +195,46 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    fn load_backfills(&self, clause: &str, args: impl rusqlite::Params) -> Result<Vec<BackfillRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT id, pipeline, spec, parallel, status, created_at_ms, finished_at_ms FROM backfill {clause}"
+        ))?;
+        let mut out = stmt
+            .query_map(args, |r| {
+                let status: String = r.get(4)?;
+                Ok(BackfillRecord {
+                    id: r.get(0)?,
+                    pipeline: r.get(1)?,
+                    spec: r.get(2)?,
+                    parallel: r.get(3)?,
+                    status: Status::parse(&status).unwrap_or(Status::Failed),
+                    created_at_ms: r.get(5)?,
+                    finished_at_ms: r.get(6)?,
+                    partitions: Vec::new(),
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut parts = conn.prepare(
+            "SELECT partition, status, run_id, error FROM backfill_partition WHERE backfill_id = ?1 ORDER BY ord",
+        )?;
+        for b in &mut out {
+            b.partitions = parts
+                .query_map([b.id], |r| {
+                    Ok(BackfillPartition {
+                        partition: r.get(0)?,
+                        status: r.get(1)?,
+                        run_id: r.get(2)?,
+                        error: r.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+        }
+        Ok(out)
+    }
+}
+
 impl RunStore for SqliteStore {
     fn begin_run(&self, run: &NewRun) -> Result<i64> {
         let conn = self.conn();
@@ -186,8 +245,8 @@ impl RunStore for SqliteStore {
             |r| r.get(0),
         )?;
         conn.execute(
-            "INSERT INTO pipeline_run (pipeline, partition, logical_date, status, attempt, started_at_ms, heartbeat_at_ms, pid, host, config_sha256, plugins_json, fingerprint)
-             VALUES (?1, ?2, ?2, 'RUNNING', ?3, ?4, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO pipeline_run (pipeline, partition, logical_date, status, attempt, started_at_ms, heartbeat_at_ms, pid, host, config_sha256, plugins_json, fingerprint, backfill_id)
+             VALUES (?1, ?2, ?2, 'RUNNING', ?3, ?4, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 run.pipeline,
                 run.partition,
@@ -197,7 +256,8 @@ impl RunStore for SqliteStore {
                 host_name(),
                 run.config_sha256,
                 serde_json::to_string(&run.plugins).unwrap_or_default(),
-                run.fingerprint
+                run.fingerprint,
+                run.backfill_id
             ],
         )?;
         let id = conn.last_insert_rowid();
@@ -302,6 +362,57 @@ impl RunStore for SqliteStore {
         Ok(self.with_published(&conn, run.into_iter().collect())?.pop())
     }
 
+    fn create_backfill(&self, pipeline: &str, spec: &str, parallel: u32, partitions: &[String]) -> Result<i64> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO backfill (pipeline, spec, parallel, status, created_at_ms) VALUES (?1, ?2, ?3, 'RUNNING', ?4)",
+            params![pipeline, spec, parallel, now_ms()],
+        )?;
+        let id = tx.last_insert_rowid();
+        for (i, p) in partitions.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO backfill_partition (backfill_id, ord, partition, status) VALUES (?1, ?2, ?3, 'PENDING')",
+                params![id, i as i64, p],
+            )?;
+        }
+        tx.commit()?;
+        Ok(id)
+    }
+
+    fn set_backfill_partition(
+        &self,
+        id: i64,
+        partition: &str,
+        status: &str,
+        run_id: Option<i64>,
+        error: Option<&str>,
+    ) -> Result<()> {
+        self.conn().execute(
+            "UPDATE backfill_partition SET status = ?3, run_id = COALESCE(?4, run_id), error = ?5 WHERE backfill_id = ?1 AND partition = ?2",
+            params![id, partition, status, run_id, error],
+        )?;
+        Ok(())
+    }
+
+    fn set_backfill_status(&self, id: i64, status: Status) -> Result<()> {
+        let finished = if status == Status::Running { None } else { Some(now_ms()) };
+        self.conn().execute(
+            "UPDATE backfill SET status = ?2, finished_at_ms = ?3 WHERE id = ?1",
+            params![id, status.as_str(), finished],
+        )?;
+        Ok(())
+    }
+
+    fn backfill(&self, id: i64) -> Result<Option<BackfillRecord>> {
+        Ok(self.load_backfills("WHERE id = ?1", params![id])?.pop())
+    }
+
+    fn backfills(&self, pipeline: Option<&str>, limit: usize) -> Result<Vec<BackfillRecord>> {
+        let limit = if limit == 0 { i64::MAX } else { limit as i64 };
+        self.load_backfills("WHERE (?1 IS NULL OR pipeline = ?1) ORDER BY id DESC LIMIT ?2", params![pipeline, limit])
+    }
+
     fn last_success(&self, pipeline: &str, partition: Option<&str>) -> Result<Option<RunRecord>> {
         let conn = self.conn();
         let run = conn
@@ -327,6 +438,7 @@ mod tests {
             plugins: [("mask".to_string(), "abc".to_string())].into(),
             fingerprint: fp.into(),
             staging: vec![PathBuf::from("/tmp/x.weir-staging-{run}")],
+            backfill_id: None,
         }
     }
 
