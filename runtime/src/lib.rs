@@ -90,6 +90,8 @@ pub enum Error {
     AlreadyRunning { id: i64, pid: u32, host: String },
     #[error("backfill: {0}")]
     Backfill(String),
+    #[error("resume: {0}")]
+    Resume(String),
     #[error("internal error (a bug in weir, please report it): {0}")]
     Internal(String),
 }
@@ -106,6 +108,7 @@ impl Error {
         match self {
             Error::Config(_)
             | Error::Backfill(_)
+            | Error::Resume(_)
             | Error::PluginConfig { .. }
             | Error::PluginLoad { .. }
             | Error::Plugin(_)

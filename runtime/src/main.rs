@@ -74,6 +74,10 @@ enum Command {
         /// The run store [default: `[pipeline] state`, else .weir/state.db beside the file].
         #[arg(long)]
         state: Option<PathBuf>,
+        /// Continue the newest crashed run of this partition from its last checkpoint instead
+        /// of starting over (the output equals an uninterrupted run's).
+        #[arg(long)]
+        resume: bool,
     },
     /// Run history: status, times, rows per step, plugins and their digests.
     ///
@@ -233,8 +237,8 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { pipeline, partition, json, cache_dir, no_progress, quiet, force, state } => {
-            cmd_run(RunArgs { path: pipeline, partition, json, cache_dir, no_progress, quiet, force, state })
+        Command::Run { pipeline, partition, json, cache_dir, no_progress, quiet, force, state, resume } => {
+            cmd_run(RunArgs { path: pipeline, partition, json, cache_dir, no_progress, quiet, force, state, resume })
         }
         Command::Runs(args) => report(cmd_runs(args)),
         Command::Backfill(args) => report(cmd_backfill(args)),
@@ -264,10 +268,11 @@ struct RunArgs {
     quiet: bool,
     force: bool,
     state: Option<PathBuf>,
+    resume: bool,
 }
 
 fn cmd_run(args: RunArgs) -> ExitCode {
-    let RunArgs { path, partition, json, cache_dir, no_progress, quiet, force, state } = args;
+    let RunArgs { path, partition, json, cache_dir, no_progress, quiet, force, state, resume } = args;
     let pipeline = match Pipeline::load(&path) {
         Ok(p) => p,
         Err(e) => {
@@ -312,6 +317,7 @@ fn cmd_run(args: RunArgs) -> ExitCode {
         state,
         force,
         backfill_id: None,
+        resume,
     };
     let result = engine::run(&pipeline, &options);
     if show_progress {
@@ -380,6 +386,10 @@ fn summary_line(s: &RunSummary) -> String {
         );
     }
     let id = s.run_id.map(|i| format!(" (run #{i})")).unwrap_or_default();
+    let id = match s.resumed_from {
+        Some(old) => format!("{id} resumed run #{old}"),
+        None => id,
+    };
     format!("ok {}{partition}{id}: {} · {:.2} s", s.pipeline, parts.join(" · "), s.seconds)
 }
 
@@ -600,7 +610,8 @@ fn cmd_recover(path: PathBuf, state: Option<PathBuf>) -> anyhow::Result<ExitCode
     };
     let options = RunOptions { state, ..RunOptions::default() };
     let store = engine::open_store(&pipeline, &options)?;
-    let dead = engine::recover(store.as_ref(), Some(&pipeline.name), "weir recover", &|l: &str| eprintln!("{l}"))?;
+    let dead =
+        engine::recover(store.as_ref(), Some(&pipeline.name), "weir recover", &|l: &str| eprintln!("{l}"), false)?;
     println!("recovered {} run{} of {}", dead.len(), if dead.len() == 1 { "" } else { "s" }, pipeline.name);
     Ok(ExitCode::SUCCESS)
 }

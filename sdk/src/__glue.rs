@@ -11,6 +11,8 @@ use crate::Context;
 trait Erased {
     fn process(&mut self, batch: &[u8]) -> Result<Vec<u8>, Error>;
     fn finish(&mut self) -> Result<Vec<u8>, Error>;
+    fn snapshot(&self) -> Result<Option<Vec<u8>>, Error>;
+    fn restore(&mut self, state: &[u8]) -> Result<(), Error>;
 }
 
 impl<T: RawTransform> Erased for T {
@@ -19,6 +21,12 @@ impl<T: RawTransform> Erased for T {
     }
     fn finish(&mut self) -> Result<Vec<u8>, Error> {
         RawTransform::finish(self)
+    }
+    fn snapshot(&self) -> Result<Option<Vec<u8>>, Error> {
+        RawTransform::snapshot(self)
+    }
+    fn restore(&mut self, state: &[u8]) -> Result<(), Error> {
+        RawTransform::restore(self, state)
     }
 }
 
@@ -47,10 +55,10 @@ pub fn init<T: RawTransform>(
     Ok(schema)
 }
 
-fn with_instance(f: impl FnOnce(&mut dyn Erased) -> Result<Vec<u8>, Error>) -> Result<Vec<u8>, ty::PluginError> {
+fn with_instance<R>(f: impl FnOnce(&mut dyn Erased) -> Result<R, Error>) -> Result<R, ty::PluginError> {
     INSTANCE.with(|cell| match cell.borrow_mut().as_mut() {
         Some(instance) => f(instance.as_mut()).map_err(to_wit),
-        None => Err(ty::PluginError::Internal("process called before init".into())),
+        None => Err(ty::PluginError::Internal("called before init".into())),
     })
 }
 
@@ -60,4 +68,12 @@ pub fn process(batch: Vec<u8>) -> Result<Vec<u8>, ty::PluginError> {
 
 pub fn finish() -> Result<Vec<u8>, ty::PluginError> {
     with_instance(|i| i.finish())
+}
+
+pub fn snapshot() -> Result<Option<Vec<u8>>, ty::PluginError> {
+    with_instance(|i| i.snapshot())
+}
+
+pub fn restore(state: Vec<u8>) -> Result<(), ty::PluginError> {
+    with_instance(|i| i.restore(&state))
 }

@@ -51,6 +51,7 @@ pub mod host;
 pub mod ipc;
 pub mod keys;
 pub mod runner;
+pub mod state;
 pub mod util;
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -74,7 +75,7 @@ use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 
 /// The version of the WIT contract (`weir:plugin@...`) this SDK builds plugins against.
-pub const CONTRACT_VERSION: &str = "0.1.0";
+pub const CONTRACT_VERSION: &str = "0.2.0";
 
 /// Where a plugin instance runs: handed to [`Transform::new`] once per instance.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -108,6 +109,20 @@ pub trait Transform: Sized + 'static {
     /// End of input: emit what is left. Stateless transforms keep the default.
     fn finish(&mut self) -> Result<Option<RecordBatch>> {
         Ok(None)
+    }
+
+    /// Checkpoint: the state kept across batches, or `None` when there is none (the
+    /// default). A plugin that keeps state (it implements `finish`) must implement this and
+    /// [`Transform::restore`], or a resumed run would lose what it had seen.
+    /// [`state::Writer`] helps encode it.
+    fn snapshot(&self) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
+    /// Resume: restore what [`Transform::snapshot`] returned. Called after `new`, before any
+    /// batch.
+    fn restore(&mut self, _state: &[u8]) -> Result<()> {
+        Err(Error::internal("this plugin keeps no state, so it has none to restore"))
     }
 }
 
@@ -180,6 +195,12 @@ macro_rules! export_raw_transform {
                 }
                 fn finish() -> ::std::result::Result<::std::vec::Vec<u8>, __ty::PluginError> {
                     $crate::__glue::finish()
+                }
+                fn snapshot() -> ::std::result::Result<::std::option::Option<::std::vec::Vec<u8>>, __ty::PluginError> {
+                    $crate::__glue::snapshot()
+                }
+                fn restore(state: ::std::vec::Vec<u8>) -> ::std::result::Result<(), __ty::PluginError> {
+                    $crate::__glue::restore(state)
                 }
             }
     $crate::__bindings::__export_transform_world!(__WeirExport with_types_in $crate::__bindings);

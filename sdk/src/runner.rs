@@ -16,6 +16,14 @@ pub trait RawTransform: Sized + 'static {
     fn process(&mut self, batch: &[u8]) -> Result<Vec<u8>>;
     /// End of input.
     fn finish(&mut self) -> Result<Vec<u8>>;
+    /// Checkpoint: the state kept across batches, if any.
+    fn snapshot(&self) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    /// Resume from a snapshot.
+    fn restore(&mut self, _state: &[u8]) -> Result<()> {
+        Err(Error::internal("this plugin keeps no state, so it has none to restore"))
+    }
 }
 
 /// Adapts a [`Transform`] to [`RawTransform`]: decodes input, encodes output, and checks
@@ -97,6 +105,14 @@ impl<T: Transform> RawTransform for Typed<T> {
             offset += rows;
         }
         self.encode(&out)
+    }
+
+    fn snapshot(&self) -> Result<Option<Vec<u8>>> {
+        self.inner.snapshot()
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        self.inner.restore(state)
     }
 
     fn finish(&mut self) -> Result<Vec<u8>> {

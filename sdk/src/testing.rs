@@ -102,6 +102,16 @@ impl<T: Transform> Harness<T> {
         Ok(ipc::decode(&out)?.1)
     }
 
+    /// The instance's checkpoint state (what the host would save).
+    pub fn snapshot(&self) -> Result<Option<Vec<u8>>> {
+        self.raw.snapshot()
+    }
+
+    /// Restore a state from [`Harness::snapshot`] (as the host does on resume).
+    pub fn restore(&mut self, state: &[u8]) -> Result<()> {
+        self.raw.restore(state)
+    }
+
     /// Every batch, then `finish`; all output concatenated into one batch.
     pub fn run(&mut self, batches: &[RecordBatch]) -> Result<RecordBatch> {
         let mut out = Vec::new();

@@ -334,7 +334,7 @@ fn hostile_output_flood_is_capped_not_fatal() {
 fn incompatible_contract_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let bytes = std::fs::read(plugin("hostile")).unwrap();
-    let (from, to) = (b"weir:plugin/transform@0.1.0".as_slice(), b"weir:plugin/transform@0.9.0".as_slice());
+    let (from, to) = (b"weir:plugin/transform@0.2.0".as_slice(), b"weir:plugin/transform@0.9.0".as_slice());
     let mut patched = bytes.clone();
     let mut n = 0;
     let mut i = 0;
@@ -351,7 +351,7 @@ fn incompatible_contract_version_is_refused() {
     let out = weir(dir.path(), &["plugin", "inspect", "future.wasm"]);
     assert_eq!(out.code, 1);
     assert!(
-        out.stdout.contains("weir:plugin@0.9.0 (NOT supported: this weir runs weir:plugin@0.1.x)"),
+        out.stdout.contains("weir:plugin@0.9.0 (NOT supported: this weir runs weir:plugin@0.2.x)"),
         "{}",
         out.stdout
     );
@@ -363,7 +363,7 @@ fn incompatible_contract_version_is_refused() {
     let run = weir(dir.path(), &["run", "pipeline.toml"]);
     assert_eq!(run.code, 1);
     assert!(
-        run.stderr.contains("weir:plugin@0.1.x") || run.stderr.contains("not a WebAssembly component"),
+        run.stderr.contains("was built against weir:plugin@0.9.0, but this weir supports weir:plugin@0.2.x"),
         "{}",
         run.stderr
     );
@@ -485,9 +485,9 @@ fn plugin_inspect_shows_world_version_digest_imports() {
     let out = weir(dir.path(), &["plugin", "inspect", p.to_str().unwrap()]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stdout.contains("world:     transform"), "{}", out.stdout);
-    assert!(out.stdout.contains("weir:plugin@0.1.0"), "{}", out.stdout);
+    assert!(out.stdout.contains("weir:plugin@0.2.0"), "{}", out.stdout);
     assert!(out.stdout.contains(&digest));
-    assert!(out.stdout.contains("weir:plugin/host@0.1.0"));
+    assert!(out.stdout.contains("weir:plugin/host@0.2.0"));
     let json = weir(dir.path(), &["plugin", "inspect", p.to_str().unwrap(), "--json"]).json();
     assert_eq!(json["sha256"], digest);
     assert_eq!(json["compatible"], true);
@@ -978,4 +978,140 @@ fn backfill_refuses_unpartitioned_outputs() {
     let out = weir(dir.path(), &["backfill", "pipeline.toml", "--partitions", "a,b"]);
     assert_eq!(out.code, 2);
     assert!(out.stderr.contains("step `s` writes its whole dataset"), "{}", out.stderr);
+}
+
+// ------------------------------------------------------------------------------------------
+// Checkpoints and --resume
+
+/// Start weir and kill -9 it `wait` after the `n`th stderr line containing `marker`.
+fn kill_at_nth(dir: &Path, args: &[&str], env: &[(&str, &str)], marker: &str, n: usize, wait: std::time::Duration) {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = std::process::Command::new(weir_bin());
+    cmd.args(args).current_dir(dir).env("WEIR_CACHE_DIR", root().join("target/weir-test-cache"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.stderr(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut seen = 0;
+    let mut lines = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        lines.push(line.clone());
+        if line.contains(marker) {
+            seen += 1;
+            if seen == n {
+                std::thread::sleep(wait);
+                child.kill().unwrap();
+                child.wait().unwrap();
+                return;
+            }
+        }
+    }
+    let _ = child.wait();
+    panic!("weir ended before the {n}th {marker:?}: {lines:?}");
+}
+
+/// slow passthrough -> dedup(keep last by v), 2 rows a batch, a checkpoint every 2 batches;
+/// then a second step counting rows per key.
+fn resumable_pipeline(dir: &Path) {
+    let mut csv = String::from("id,k,v\n");
+    for i in 0..40 {
+        // every key comes back later with a greater v: dedup must remember what it saw
+        csv.push_str(&format!("{i},k{},{}\n", i % 7, i));
+    }
+    std::fs::write(dir.join("in.csv"), csv).unwrap();
+    let text = format!(
+        r#"[pipeline]
+name = "resumable"
+batch_size = 2
+checkpoint_every = 2
+
+[sources.input]
+format = "csv"
+path = "in.csv"
+
+[plugins.hostile]
+path = "{}"
+
+[plugins.dedup]
+path = "{}"
+
+[plugins.aggregate]
+path = "{}"
+
+[steps.latest]
+input = "input"
+output = {{ path = "out/latest" }}
+
+[[steps.latest.transforms]]
+plugin = "hostile"
+config = {{ mode = "slow", sleep_ms = 40 }}
+
+[[steps.latest.transforms]]
+plugin = "dedup"
+config = {{ key = ["k"], keep = "last", order_by = "v" }}
+
+[steps.per_key]
+input = "latest"
+output = {{ path = "out/per_key" }}
+
+[[steps.per_key.transforms]]
+plugin = "aggregate"
+config = {{ group_by = ["k"], aggregates = [{{ fn = "max", column = "v", as = "v" }}, {{ fn = "count", as = "n" }}] }}
+"#,
+        plugin("hostile").display(),
+        plugin("dedup").display(),
+        plugin("aggregate").display()
+    );
+    std::fs::write(dir.join("pipeline.toml"), text).unwrap();
+}
+
+#[test]
+fn resume_after_a_crash_equals_an_uninterrupted_run() {
+    let whole = tempfile::tempdir().unwrap();
+    resumable_pipeline(whole.path());
+    let out = weir(whole.path(), &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let (want_latest, want_per_key) =
+        (dataset_rows(&whole.path().join("out/latest")), dataset_rows(&whole.path().join("out/per_key")));
+    assert_eq!(want_latest.len(), 7);
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    resumable_pipeline(d);
+    // killed while processing, after its third checkpoint
+    kill_at_nth(
+        d,
+        &["run", "pipeline.toml"],
+        &[("WEIR_DEBUG_PAUSE", "after-checkpoint:1")],
+        "debug pause at after-checkpoint",
+        3,
+        std::time::Duration::from_millis(60),
+    );
+    assert!(!d.join("out/latest").exists(), "nothing published by the killed run");
+
+    let out = weir(d, &["run", "pipeline.toml", "--resume", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let s = out.json();
+    assert_eq!(s["resumed_from"], 1, "{s}");
+    assert!(out.stderr.contains("weir: resuming run #1 from its checkpoints"), "{}", out.stderr);
+    // killed after the third checkpoint (batch 6); on a loaded machine it may have made one more
+    let resumed_at: u64 = out
+        .stderr
+        .split("step `latest` resumes after batch ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no resume line: {}", out.stderr));
+    assert!(resumed_at >= 6 && resumed_at.is_multiple_of(2) && resumed_at < 20, "{resumed_at}");
+    assert!(out.stderr.contains(&format!("({} rows already read and staged)", resumed_at * 2)), "{}", out.stderr);
+    assert_eq!(s["steps"][0]["rows_read"], 40, "counts carry over from the checkpoint");
+    assert_eq!(dataset_rows(&d.join("out/latest")), want_latest, "the resumed output equals an uninterrupted run's");
+    assert_eq!(dataset_rows(&d.join("out/per_key")), want_per_key);
+    assert_eq!(entries(&d.join("out")), ["latest", "per_key"], "no staging left");
+
+    // nothing left to resume now
+    let again = weir(d, &["run", "pipeline.toml", "--resume"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert!(again.stderr.contains("nothing to resume"), "{}", again.stderr);
 }

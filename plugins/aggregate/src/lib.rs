@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use weir_sdk::keys::{encode_key, scalar_at, supported, to_array, Scalar};
 use weir_sdk::prelude::*;
+use weir_sdk::state::{Reader, Writer};
 
 #[derive(Debug, Deserialize)]
 #[serde(crate = "weir_sdk::serde", deny_unknown_fields)]
@@ -171,6 +172,73 @@ impl Transform for Aggregate {
         Ok(RecordBatch::new_empty(self.schema.clone()))
     }
 
+    fn snapshot(&self) -> Result<Option<Vec<u8>>> {
+        let mut keys: Vec<(&Vec<u8>, usize)> = self.groups.iter().map(|(k, g)| (k, *g)).collect();
+        keys.sort_by_key(|(_, g)| *g);
+        let mut w = Writer::default();
+        w.u64(self.key_values.len() as u64);
+        for (g, kv) in self.key_values.iter().enumerate() {
+            w.bytes(keys.get(g).map(|(k, _)| k.as_slice()).unwrap_or_default());
+            w.u64(kv.len() as u64);
+            kv.iter().for_each(|s| w.scalar(s));
+            w.u64(self.accs[g].len() as u64);
+            for acc in &self.accs[g] {
+                match acc {
+                    Acc::Count(c) => {
+                        w.u64(0);
+                        w.i64(*c);
+                    }
+                    Acc::SumInt(v) => {
+                        w.u64(1);
+                        w.scalar(&v.map(Scalar::Int).unwrap_or(Scalar::Null));
+                    }
+                    Acc::SumFloat(v) => {
+                        w.u64(2);
+                        w.scalar(&v.map(Scalar::Float).unwrap_or(Scalar::Null));
+                    }
+                    Acc::MinMax(v) => {
+                        w.u64(3);
+                        w.scalar(v);
+                    }
+                    Acc::Avg(sum, n) => {
+                        w.u64(4);
+                        w.f64(*sum);
+                        w.i64(*n);
+                    }
+                }
+            }
+        }
+        Ok(Some(w.finish()))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mut r = Reader::new(state);
+        self.groups.clear();
+        self.key_values.clear();
+        self.accs.clear();
+        for g in 0..r.u64()? as usize {
+            self.groups.insert(r.bytes()?.to_vec(), g);
+            let kv = (0..r.u64()?).map(|_| r.scalar()).collect::<Result<Vec<_>>>()?;
+            self.key_values.push(kv);
+            let mut accs = Vec::new();
+            for _ in 0..r.u64()? {
+                accs.push(match r.u64()? {
+                    0 => Acc::Count(r.i64()?),
+                    1 => Acc::SumInt(match r.scalar()? {
+                        Scalar::Int(i) => Some(i),
+                        _ => None,
+                    }),
+                    2 => Acc::SumFloat(r.scalar()?.as_f64()),
+                    3 => Acc::MinMax(r.scalar()?),
+                    4 => Acc::Avg(r.f64()?, r.i64()?),
+                    _ => return Err(Error::internal("checkpoint state is not from this plugin")),
+                });
+            }
+            self.accs.push(accs);
+        }
+        r.end()
+    }
+
     fn finish(&mut self) -> Result<Option<RecordBatch>> {
         if self.key_values.is_empty() && !self.keys.is_empty() {
             return Ok(None);
@@ -287,6 +355,19 @@ mod tests {
         assert_eq!(out.column(4).as_primitive::<Float64Type>().value(0), 6.0);
         assert_eq!(out.column(5).as_primitive::<Float64Type>().value(1), 5.0);
         assert_eq!(out.column(6).as_primitive::<Int64Type>().value(0), 5);
+    }
+
+    #[test]
+    fn snapshot_and_restore_continue_where_it_stopped() {
+        let a = batch(&["DE", "FR", "DE"], &[Some(10.0), Some(5.0), None], &[1, 2, 3]);
+        let b = batch(&["FR", "DE", "IT"], &[Some(7.5), Some(2.0), Some(1.0)], &[4, 5, 6]);
+        let expected = Harness::<Aggregate>::new(CFG, &a.schema()).unwrap().run(&[a.clone(), b.clone()]).unwrap();
+        let mut first = Harness::<Aggregate>::new(CFG, &a.schema()).unwrap();
+        first.process(&a).unwrap();
+        let state = first.snapshot().unwrap().unwrap();
+        let mut second = Harness::<Aggregate>::new(CFG, &a.schema()).unwrap();
+        second.restore(&state).unwrap();
+        assert_eq!(second.run(&[b]).unwrap(), expected);
     }
 
     #[test]

@@ -15,8 +15,10 @@ use std::collections::HashMap;
 
 use weir_sdk::arrow_array::BooleanArray;
 use weir_sdk::arrow_select::{filter::filter_record_batch, interleave::interleave_record_batch};
+use weir_sdk::ipc;
 use weir_sdk::keys::{encode_key, scalar_at, supported, Scalar};
 use weir_sdk::prelude::*;
+use weir_sdk::state::{Reader, Writer};
 
 #[derive(Debug, Deserialize)]
 #[serde(crate = "weir_sdk::serde", deny_unknown_fields)]
@@ -137,6 +139,41 @@ impl Transform for Dedup {
         }
     }
 
+    fn snapshot(&self) -> Result<Option<Vec<u8>>> {
+        let mut w = Writer::default();
+        w.u64(self.seen.len() as u64);
+        for (k, v) in &self.seen {
+            w.bytes(k);
+            w.u64(*v as u64);
+        }
+        w.u64(self.winners.len() as u64);
+        for (b, r, o) in &self.winners {
+            w.u64(*b as u64);
+            w.u64(*r as u64);
+            w.scalar(o);
+        }
+        let held = if self.held.is_empty() { Vec::new() } else { ipc::encode(&self.schema, &self.held)? };
+        w.bytes(&held);
+        Ok(Some(w.finish()))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mut r = Reader::new(state);
+        self.seen.clear();
+        for _ in 0..r.u64()? {
+            let k = r.bytes()?.to_vec();
+            self.seen.insert(k, r.u64()? as usize);
+        }
+        self.winners.clear();
+        for _ in 0..r.u64()? {
+            let (b, row) = (r.u64()? as usize, r.u64()? as usize);
+            self.winners.push((b, row, r.scalar()?));
+        }
+        let held = r.bytes()?;
+        self.held = if held.is_empty() { Vec::new() } else { ipc::decode(held)?.1 };
+        r.end()
+    }
+
     fn finish(&mut self) -> Result<Option<RecordBatch>> {
         if self.keep == Keep::First || self.winners.is_empty() {
             return Ok(None);
@@ -189,6 +226,27 @@ mod tests {
         let tags: Vec<_> = out.column(2).as_string::<i32>().iter().flatten().collect();
         // id 1: v=10 twice (a, e) -> the later one wins; id 2: d (21); id 3: f
         assert_eq!(tags, ["e", "d", "f"]);
+    }
+
+    #[test]
+    fn snapshot_and_restore_continue_where_it_stopped() {
+        let a = batch(&[1, 2, 1], &[10, 20, 5], &["a", "b", "c"]);
+        let b = batch(&[2, 1, 3], &[21, 10, 30], &["d", "e", "f"]);
+        for cfg in ["key = [\"id\"]", "key = [\"id\"]\nkeep = \"last\"\norder_by = \"v\""] {
+            let mut whole = Harness::<Dedup>::new(cfg, &a.schema()).unwrap();
+            let expected = whole.run(&[a.clone(), b.clone()]).unwrap();
+            // first half in one instance, checkpoint, second half in a fresh one
+            let mut first = Harness::<Dedup>::new(cfg, &a.schema()).unwrap();
+            let mut out = first.process(&a).unwrap();
+            let state = first.snapshot().unwrap().expect("dedup keeps state");
+            let mut second = Harness::<Dedup>::new(cfg, &a.schema()).unwrap();
+            second.restore(&state).unwrap();
+            out.extend(second.process(&b).unwrap());
+            out.extend(second.finish().unwrap());
+            let got = weir_sdk::arrow_select::concat::concat_batches(&expected.schema(), &out).unwrap();
+            assert_eq!(got, expected, "{cfg}");
+            assert!(second.restore(&state[..state.len() - 1]).is_err(), "a truncated state is an error");
+        }
     }
 
     #[test]

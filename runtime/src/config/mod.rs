@@ -74,6 +74,7 @@ struct RawMeta {
     batch_size: Option<Spanned<usize>>,
     channel_capacity: Option<Spanned<usize>>,
     state: Option<String>,
+    checkpoint_every: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -286,9 +287,13 @@ pub struct Pipeline {
     pub config_sha256: String,
     /// The run store file (`[pipeline] state`, default `.weir/state.db` beside the file).
     pub state_path: PathBuf,
+    /// Checkpoint every this many source batches (0: never).
+    pub checkpoint_every: u64,
 }
 
 pub const DEFAULT_BATCH_SIZE: usize = 64 * 1024;
+/// Source batches between two checkpoints (64 batches: 4M rows at the default batch size).
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 64;
 
 impl Pipeline {
     /// Read and validate a pipeline file.
@@ -646,6 +651,7 @@ impl Pipeline {
             steps,
             config_sha256: crate::plugin::hex(&sha2::Sha256::digest(text.as_bytes())),
             state_path: base.join(meta.state.as_deref().unwrap_or(".weir/state.db")),
+            checkpoint_every: meta.checkpoint_every.unwrap_or(DEFAULT_CHECKPOINT_EVERY),
         })
     }
 

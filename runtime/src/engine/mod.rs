@@ -32,7 +32,7 @@ use crate::config::{Pipeline, Step};
 use crate::io::sink::ParquetSink;
 use crate::io::source::{Skipped, SourceReader};
 use crate::plugin::{CallError, Limits, LoadedPlugin, LogLine, LogSink, PluginEngine, TransformInstance};
-use crate::store::{NewRun, PublishEntry, RunFilter, RunRecord, RunStore, SqliteStore, Status, StepRows};
+use crate::store::{Checkpoint, NewRun, PublishEntry, RunFilter, RunRecord, RunStore, SqliteStore, Status, StepRows};
 use crate::{Error, Result};
 
 pub use publish::publish_output;
@@ -60,6 +60,8 @@ pub struct RunOptions {
     pub force: bool,
     /// The backfill this run is part of.
     pub backfill_id: Option<i64>,
+    /// Continue the newest crashed run of this partition from its last checkpoints.
+    pub resume: bool,
 }
 
 impl Default for RunOptions {
@@ -72,6 +74,7 @@ impl Default for RunOptions {
             state: None,
             force: false,
             backfill_id: None,
+            resume: false,
         }
     }
 }
@@ -96,6 +99,8 @@ pub struct RunSummary {
     pub run_id: Option<i64>,
     /// The earlier run this one was identical to, when up to date.
     pub identical_to: Option<i64>,
+    /// The crashed run this one continued (`--resume`).
+    pub resumed_from: Option<i64>,
     pub seconds: f64,
     pub steps: Vec<StepSummary>,
 }
@@ -207,13 +212,17 @@ pub fn open_store(pipeline: &Pipeline, options: &RunOptions) -> Result<Arc<Sqlit
 }
 
 /// Mark dead RUNNING runs of the pipeline FAILED and remove what they staged.
-pub fn recover(store: &dyn RunStore, pipeline: Option<&str>, by: &str, log: &dyn Fn(&str)) -> Result<Vec<RunRecord>> {
+pub fn recover(
+    store: &dyn RunStore,
+    pipeline: Option<&str>,
+    by: &str,
+    log: &dyn Fn(&str),
+    keep_staging: bool,
+) -> Result<Vec<RunRecord>> {
     let dead = store.recover_stale(pipeline, LEASE.as_millis() as i64, by)?;
     for r in &dead {
-        for s in &r.staging {
-            if s.exists() {
-                let _ = std::fs::remove_dir_all(s);
-            }
+        if !keep_staging {
+            remove_staging(r);
         }
         let published = if r.published.is_empty() {
             "nothing was published".to_string()
@@ -221,17 +230,26 @@ pub fn recover(store: &dyn RunStore, pipeline: Option<&str>, by: &str, log: &dyn
             format!("{} switch(es) had been published", r.published.len())
         };
         log(&format!(
-            "weir: recovered run #{} of `{}`: {}; {published}; its staging was removed",
+            "weir: recovered run #{} of `{}`: {}; {published}; {}",
             r.id,
             r.pipeline,
-            r.error.as_deref().unwrap_or("crashed")
+            r.error.as_deref().unwrap_or("crashed"),
+            if keep_staging { "its staging is kept for --resume" } else { "its staging was removed" }
         ));
     }
     Ok(dead)
 }
 
+fn remove_staging(r: &RunRecord) {
+    for s in &r.staging {
+        if s.exists() {
+            let _ = std::fs::remove_dir_all(s);
+        }
+    }
+}
+
 /// Pause at a named point when `WEIR_DEBUG_PAUSE=<point>:<ms>` says so (crash tests kill
-/// the process there). Points: `before-publish`, `between-publishes`.
+/// the process there). Points: `after-checkpoint`, `before-publish`, `between-publishes`.
 fn debug_pause(point: &str, log: &dyn Fn(&str)) {
     let Ok(spec) = std::env::var("WEIR_DEBUG_PAUSE") else { return };
     for part in spec.split(',') {
@@ -306,7 +324,7 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
     let started = Instant::now();
     let log = options.log.clone();
     let store = open_store(pipeline, options)?;
-    recover(store.as_ref(), Some(&pipeline.name), "a new run", &*log)?;
+    let dead = recover(store.as_ref(), Some(&pipeline.name), "a new run", &*log, options.resume)?;
 
     // Secrets: resolved once, granted per plugin.
     let mut resolved: HashMap<String, Vec<u8>> = HashMap::new();
@@ -357,9 +375,45 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
         loaded.insert(name.clone(), lp);
     }
 
-    // An identical run that already published makes this one a no-op.
     let fp = fingerprint(pipeline, options.partition.as_deref(), &loaded);
-    if !options.force {
+
+    // --resume: continue the newest crashed run of this partition from its checkpoints.
+    let mut resume_from: Option<(RunRecord, Vec<Checkpoint>)> = None;
+    if options.resume {
+        let failed = store.runs(&RunFilter {
+            pipeline: Some(pipeline.name.clone()),
+            status: Some(Status::Failed),
+            limit: 50,
+        })?;
+        for r in failed.into_iter().filter(|r| r.partition == options.partition) {
+            if !r.staging.iter().any(|p| p.exists()) {
+                continue;
+            }
+            let checkpoints = store.checkpoints(r.id)?;
+            if checkpoints.is_empty() {
+                continue;
+            }
+            if r.fingerprint != fp {
+                return Err(Error::Resume(format!(
+                    "run #{} cannot be resumed: its input files, pipeline file or plugins changed since; run without --resume",
+                    r.id
+                )));
+            }
+            resume_from = Some((r, checkpoints));
+            break;
+        }
+        let keep = resume_from.as_ref().map(|(r, _)| r.id);
+        for r in dead.iter().filter(|r| Some(r.id) != keep) {
+            remove_staging(r);
+        }
+        match &resume_from {
+            Some((r, c)) => log(&format!("weir: resuming run #{} from its checkpoints ({} steps)", r.id, c.len())),
+            None => log("weir: nothing to resume (no crashed run with checkpoints); running from the start"),
+        }
+    }
+
+    // An identical run that already published makes this one a no-op.
+    if !options.force && resume_from.is_none() {
         if let Some(last) = store.last_success(&pipeline.name, options.partition.as_deref())? {
             let outputs_there = pipeline.steps.iter().filter_map(|s| s.output.as_ref()).all(|o| o.path.exists());
             if last.fingerprint == fp && outputs_there {
@@ -370,6 +424,7 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
                     status: "UP_TO_DATE".into(),
                     run_id: None,
                     identical_to: Some(last.id),
+                    resumed_from: None,
                     seconds: started.elapsed().as_secs_f64(),
                     steps: Vec::new(),
                 });
@@ -396,7 +451,21 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
     };
     let id = store.begin_run(&new_run)?;
     let heartbeat = Heartbeat::start(store.clone(), id);
-    let result = execute(pipeline, options, &loaded, &resolved, store.as_ref(), id);
+    // A resumed run adopts the crashed run's staging and checkpoints.
+    if let Some((old, checkpoints)) = &resume_from {
+        for step in &pipeline.steps {
+            let from = staging_dir(pipeline, step, &old.id.to_string());
+            if from.exists() {
+                std::fs::rename(&from, staging_dir(pipeline, step, &id.to_string()))
+                    .map_err(|e| Error::Resume(format!("cannot adopt {}: {e}", from.display())))?;
+            }
+        }
+        for c in checkpoints {
+            store.save_checkpoint(id, c)?;
+        }
+    }
+    let resume = resume_from.as_ref().map(|(_, c)| c.as_slice());
+    let result = execute(pipeline, options, &loaded, &resolved, store.as_ref(), id, resume);
     drop(heartbeat);
     match result {
         Ok(steps) => {
@@ -417,6 +486,7 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
                 status: "SUCCESS".into(),
                 run_id: Some(id),
                 identical_to: None,
+                resumed_from: resume_from.as_ref().map(|(r, _)| r.id),
                 seconds: started.elapsed().as_secs_f64(),
                 steps,
             })
@@ -438,6 +508,7 @@ fn execute(
     resolved: &HashMap<String, Vec<u8>>,
     store: &dyn RunStore,
     run_id: i64,
+    resume: Option<&[Checkpoint]>,
 ) -> Result<Vec<StepSummary>> {
     let log = options.log.clone();
     let mut guard = StagingGuard::default();
@@ -446,9 +517,40 @@ fn execute(
     for step in &pipeline.steps {
         let staging = staging_dir(pipeline, step, &run_id.to_string());
         guard.add(&staging);
+        let checkpoint = resume.and_then(|cs| cs.iter().find(|c| c.step == step.name));
+        if let Some(c) = checkpoint.filter(|c| c.complete) {
+            // finished before the crash: its staging is complete
+            log(&format!("weir: step `{}` was complete before the crash; reusing its staged output", step.name));
+            let schema = weir_sdk::ipc::decode_schema(&c.schema).map_err(|e| Error::Resume(e.to_string()))?;
+            summaries.push(StepSummary {
+                name: step.name.clone(),
+                input: step.input.clone(),
+                rows_read: c.rows_read,
+                rows_written: c.rows_written,
+                rows_skipped: c.rows_skipped,
+                output: step.output.as_ref().map(|o| o.path.clone()),
+                partitions: c.files.clone(),
+                ..Default::default()
+            });
+            store.record_attempt(run_id, &step.name, 1, None)?;
+            let s = Staged {
+                step: step.name.clone(),
+                staging,
+                schema,
+                output: step.output.clone(),
+                partitions: c.files.clone(),
+            };
+            staged.insert(step.name.clone(), s);
+            continue;
+        }
+        let mut checkpoint = checkpoint;
+        if checkpoint.is_none() && staging.exists() {
+            let _ = std::fs::remove_dir_all(&staging); // partial output with no checkpoint
+        }
+        let to = CheckpointTo { store, run_id };
         let mut attempt = 1;
         let (summary, s) = loop {
-            match run_step(pipeline, step, options, loaded, resolved, &staged, staging.clone()) {
+            match run_step(pipeline, step, options, loaded, resolved, &staged, staging.clone(), to, checkpoint) {
                 Ok(done) => {
                     store.record_attempt(run_id, &step.name, attempt, None)?;
                     break done;
@@ -469,6 +571,7 @@ fn execute(
                         wait.as_millis()
                     ));
                     let _ = std::fs::remove_dir_all(&staging);
+                    checkpoint = None; // a retry starts the step afresh
                     std::thread::sleep(wait);
                     attempt += 1;
                 }
@@ -532,12 +635,31 @@ fn plugin_ctx(
     }
 }
 
+/// A checkpoint marker travelling down a step's stages behind the batches before it.
+struct Mark {
+    file: usize,
+    rows: u64,
+    batches: u64,
+    rows_read: u64,
+    rows_skipped: u64,
+    /// Filled in by each plugin stage, in order.
+    states: Vec<Option<Vec<u8>>>,
+}
+
 enum Msg {
     Batch(RecordBatch),
+    Checkpoint(Box<Mark>),
     End,
 }
 
 type StageResult = std::result::Result<(), Error>;
+
+/// Where checkpoints go: the store and the run.
+#[derive(Clone, Copy)]
+struct CheckpointTo<'a> {
+    store: &'a dyn RunStore,
+    run_id: i64,
+}
 
 #[allow(clippy::too_many_arguments)]
 fn run_step(
@@ -548,12 +670,14 @@ fn run_step(
     secrets: &HashMap<String, Vec<u8>>,
     staged: &HashMap<String, Staged>,
     staging: PathBuf,
+    checkpoints: CheckpointTo<'_>,
+    resume: Option<&Checkpoint>,
 ) -> Result<(StepSummary, Staged)> {
     let started = Instant::now();
     let log = options.log.clone();
 
     // The input.
-    let reader = if let Some(source) = pipeline.sources.get(&step.input) {
+    let mut reader = if let Some(source) = pipeline.sources.get(&step.input) {
         SourceReader::open(source, options.partition.as_deref(), pipeline.batch_size)?
     } else {
         let up = staged
@@ -563,9 +687,16 @@ fn run_step(
         SourceReader::open_dataset(&up.staging, up.schema.clone(), partition_col, pipeline.batch_size)?
     };
     let files = reader.files().len();
+    if let Some(c) = resume {
+        reader.seek(c.file, c.rows)?;
+        log(&format!(
+            "weir: step `{}` resumes after batch {} ({} rows already read and staged)",
+            step.name, c.batches, c.rows_read
+        ));
+    }
 
     // Plugin instances: created and initialised in order, each declaring the schema the next
-    // one receives.
+    // one receives; on resume, each gets its checkpointed state back.
     let mut schema = reader.schema();
     let mut instances = Vec::new();
     for (i, t) in step.transforms.iter().enumerate() {
@@ -595,31 +726,42 @@ fn run_step(
             },
             other => fail(format!("init failed: {other}")),
         })?;
+        if let Some(Some(state)) = resume.and_then(|c| c.states.get(i)) {
+            inst.restore(state).map_err(|e| fail(format!("restoring its checkpoint state failed: {e}")))?;
+        }
         instances.push((i, t.plugin.clone(), inst));
     }
 
-    let sink = ParquetSink::new(
+    let mut sink = ParquetSink::new(
         &staging,
         schema.clone(),
         step.output.as_ref().and_then(|o| o.partition_by.as_deref()),
         step.output.as_ref().map(|o| o.row_group_size).unwrap_or(1 << 20),
     )?;
+    if let Some(c) = resume {
+        sink.resume(&c.files, c.next_part, c.rows_written)?;
+    }
+    let schema_ipc = weir_sdk::ipc::encode_schema(&schema).map_err(|e| Error::Internal(e.to_string()))?;
 
-    let rows_read = Arc::new(AtomicU64::new(0));
-    let rows_written = Arc::new(AtomicU64::new(0));
+    let base = resume.cloned().unwrap_or_default();
+    let rows_read = Arc::new(AtomicU64::new(base.rows_read));
+    let rows_written = Arc::new(AtomicU64::new(base.rows_written));
     let cancel = Arc::new(AtomicBool::new(false));
     let errors: Arc<Mutex<Vec<Error>>> = Arc::default();
     let cap = pipeline.channel_capacity;
     let counters: Arc<Mutex<BTreeMap<String, BTreeMap<String, i64>>>> = Arc::default();
+    let every = pipeline.checkpoint_every;
 
     let (mut reader_stats, partitions) = std::thread::scope(|scope| -> Result<(Option<ReaderStats>, Vec<String>)> {
         // reader
         let (tx, mut rx) = sync_channel::<Msg>(cap);
         let rr = rows_read.clone();
         let cancel_r = cancel.clone();
+        let (skipped_before, batches_before) = (base.rows_skipped, base.batches);
         let reader_handle = scope.spawn(move || -> std::result::Result<ReaderStats, Error> {
             let mut reader = reader;
-            for batch in reader.by_ref() {
+            let mut batches = batches_before;
+            while let Some(batch) = reader.next() {
                 if cancel_r.load(Ordering::Relaxed) {
                     return Ok((0, Vec::new()));
                 }
@@ -628,9 +770,24 @@ fn run_step(
                 if tx.send(Msg::Batch(batch)).is_err() {
                     return Ok((0, Vec::new())); // downstream stopped; it reports why
                 }
+                batches += 1;
+                if every > 0 && batches.is_multiple_of(every) {
+                    let (file, rows) = reader.position();
+                    let mark = Mark {
+                        file,
+                        rows,
+                        batches,
+                        rows_read: rr.load(Ordering::Relaxed),
+                        rows_skipped: skipped_before + reader.total_skipped(),
+                        states: Vec::new(),
+                    };
+                    if tx.send(Msg::Checkpoint(Box::new(mark))).is_err() {
+                        return Ok((0, Vec::new()));
+                    }
+                }
             }
             let _ = tx.send(Msg::End);
-            Ok((reader.total_skipped(), reader.skipped.clone()))
+            Ok((skipped_before + reader.total_skipped(), reader.skipped.clone()))
         });
 
         // plugin stages
@@ -650,8 +807,9 @@ fn run_step(
                 })
             };
             let name = step.transforms[index].plugin.clone();
+            let first_batch = base.batches;
             scope.spawn(move || {
-                let result = plugin_stage(inst, input, tx, &cancel, &failure, &counters, &name);
+                let result = plugin_stage(inst, input, tx, &cancel, &failure, &counters, &name, first_batch);
                 if let Err(e) = result {
                     cancel.store(true, Ordering::Relaxed);
                     errors.lock().unwrap_or_else(|e| e.into_inner()).push(e);
@@ -677,13 +835,33 @@ fn run_step(
         });
 
         // writer (this thread)
-        let mut sink = sink;
         let write_result = (|| -> Result<bool> {
             loop {
                 match rx.recv() {
                     Ok(Msg::Batch(b)) => {
                         sink.write(&b)?;
                         rows_written.fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+                    }
+                    Ok(Msg::Checkpoint(mark)) => {
+                        // everything before the mark is through every stage: make it durable
+                        sink.rotate()?;
+                        let (files, next_part) = sink.progress();
+                        let c = Checkpoint {
+                            step: step.name.clone(),
+                            complete: false,
+                            file: mark.file,
+                            rows: mark.rows,
+                            batches: mark.batches,
+                            rows_read: mark.rows_read,
+                            rows_written: rows_written.load(Ordering::Relaxed),
+                            rows_skipped: mark.rows_skipped,
+                            files,
+                            next_part,
+                            schema: schema_ipc.clone(),
+                            states: mark.states,
+                        };
+                        checkpoints.store.save_checkpoint(checkpoints.run_id, &c)?;
+                        debug_pause("after-checkpoint", &*log);
                     }
                     Ok(Msg::End) => return Ok(true),
                     Err(_) => return Ok(false), // upstream failed; its error is recorded
@@ -733,6 +911,20 @@ fn run_step(
         counters: counters.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         seconds: started.elapsed().as_secs_f64(),
     };
+    // The step is complete: a resumed run reuses its staging as it is.
+    checkpoints.store.save_checkpoint(
+        checkpoints.run_id,
+        &Checkpoint {
+            step: step.name.clone(),
+            complete: true,
+            rows_read: summary.rows_read,
+            rows_written: summary.rows_written,
+            rows_skipped,
+            schema: schema_ipc,
+            files: partitions.clone(),
+            ..Default::default()
+        },
+    )?;
     let staged = Staged { step: step.name.clone(), staging, schema, output: step.output.clone(), partitions };
     Ok((summary, staged))
 }
@@ -747,6 +939,7 @@ fn first_error(e: Error, errors: &Mutex<Vec<Error>>) -> Error {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn plugin_stage(
     mut inst: TransformInstance,
     input: Receiver<Msg>,
@@ -755,8 +948,9 @@ fn plugin_stage(
     failure: &dyn Fn(Option<u64>, String) -> Error,
     counters: &Mutex<BTreeMap<String, BTreeMap<String, i64>>>,
     name: &str,
+    first_batch: u64,
 ) -> StageResult {
-    let mut batch_no = 0u64;
+    let mut batch_no = first_batch;
     let mut rows_before = 0u64;
     let result = (|| loop {
         match input.recv() {
@@ -771,6 +965,13 @@ fn plugin_stage(
                     if output.send(Msg::Batch(o)).is_err() {
                         return Ok(false);
                     }
+                }
+            }
+            Ok(Msg::Checkpoint(mut mark)) => {
+                let state = inst.snapshot().map_err(|e| failure(None, format!("checkpoint snapshot failed: {e}")))?;
+                mark.states.push(state);
+                if output.send(Msg::Checkpoint(mark)).is_err() {
+                    return Ok(false);
                 }
             }
             Ok(Msg::End) => {

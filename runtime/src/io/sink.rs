@@ -70,6 +70,10 @@ pub struct ParquetSink {
     props: WriterProperties,
     writers: BTreeMap<String, ArrowWriter<File>>,
     pub rows_written: u64,
+    /// Part number of the files being written (`part-00003.parquet`).
+    part: u32,
+    /// Complete files so far, relative to the staging directory.
+    files: Vec<String>,
 }
 
 impl ParquetSink {
@@ -110,6 +114,8 @@ impl ParquetSink {
             props,
             writers: BTreeMap::new(),
             rows_written: 0,
+            part: 0,
+            files: Vec::new(),
         })
     }
 
@@ -125,7 +131,7 @@ impl ParquetSink {
             }
             let dir_path = if dir.is_empty() { self.staging.clone() } else { self.staging.join(dir) };
             std::fs::create_dir_all(&dir_path).map_err(|e| Error::io(&dir_path, e))?;
-            let path = dir_path.join("part-00000.parquet");
+            let path = dir_path.join(format!("part-{:05}.parquet", self.part));
             let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
             let w = ArrowWriter::try_new(file, self.file_schema.clone(), Some(self.props.clone()))
                 .map_err(|e| Error::Write { path: path.clone(), message: e.to_string() })?;
@@ -173,28 +179,73 @@ impl ParquetSink {
         Ok(())
     }
 
-    /// Close every file (fsync'd). Returns the partition directories written (empty for an
-    /// unpartitioned output). An unpartitioned output with no rows still gets a file, so
-    /// readers see the schema.
-    pub fn finish(mut self) -> Result<Vec<String>> {
-        if self.partition.is_none() && self.writers.is_empty() {
-            self.writer("")?;
-        }
-        let mut dirs = Vec::new();
+    /// Close the files being written (fsync'd) so they count as complete; later batches go to
+    /// new part files. Called at checkpoints.
+    pub fn rotate(&mut self) -> Result<()> {
         for (dir, w) in std::mem::take(&mut self.writers) {
+            let name = format!("part-{:05}.parquet", self.part);
+            let rel = if dir.is_empty() { name } else { format!("{dir}/{name}") };
             let file =
-                w.into_inner().map_err(|e| Error::Write { path: self.staging.join(&dir), message: e.to_string() })?;
-            file.sync_all().map_err(|e| Error::io(&self.staging.join(&dir), e))?;
-            if !dir.is_empty() {
-                dirs.push(dir);
+                w.into_inner().map_err(|e| Error::Write { path: self.staging.join(&rel), message: e.to_string() })?;
+            file.sync_all().map_err(|e| Error::io(&self.staging.join(&rel), e))?;
+            self.files.push(rel);
+        }
+        self.part += 1;
+        Ok(())
+    }
+
+    /// Continue a staging directory from a checkpoint: keep `files`, delete anything written
+    /// after them, and write new parts from `next_part` on.
+    pub fn resume(&mut self, files: &[String], next_part: u32, rows_written: u64) -> Result<()> {
+        let mut present = Vec::new();
+        collect_files(&self.staging, &self.staging, &mut present);
+        for rel in present {
+            if !files.contains(&rel) {
+                let p = self.staging.join(&rel);
+                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
             }
         }
+        self.files = files.to_vec();
+        self.part = next_part;
+        self.rows_written = rows_written;
+        Ok(())
+    }
+
+    /// Complete files so far and the next part number, for a checkpoint.
+    pub fn progress(&self) -> (Vec<String>, u32) {
+        (self.files.clone(), self.part)
+    }
+
+    /// Close every file (fsync'd). Returns the partition directories holding data (empty for
+    /// an unpartitioned output). An unpartitioned output with no rows still gets a file, so
+    /// readers see the schema.
+    pub fn finish(mut self) -> Result<Vec<String>> {
+        if self.partition.is_none() && self.writers.is_empty() && self.files.is_empty() {
+            self.writer("")?;
+        }
+        self.rotate()?;
+        let mut dirs: Vec<String> =
+            self.files.iter().filter_map(|f| f.split_once('/').map(|(d, _)| d.to_string())).collect();
+        dirs.sort();
+        dirs.dedup();
         Ok(dirs)
     }
 
     /// The schema of the batches this sink takes.
     pub fn schema(&self) -> SchemaRef {
         self.schema.clone()
+    }
+}
+
+fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            collect_files(root, &p, out);
+        } else if let Ok(rel) = p.strip_prefix(root) {
+            out.push(rel.to_string_lossy().into_owned());
+        }
     }
 }
 

@@ -175,17 +175,50 @@ impl SourceReader {
     }
 
     fn open_next(&mut self) -> Result<bool> {
+        self.open_at(0)
+    }
+
+    fn open_at(&mut self, offset: u64) -> Result<bool> {
         if self.next_file >= self.files.len() {
             return Ok(false);
         }
         let path = self.files[self.next_file].clone();
         self.next_file += 1;
         self.current = Some(match self.spec.format {
-            Format::Csv => FileReader::Csv(CsvFile::open(&path, &self.schema, &self.spec)?),
-            Format::Jsonl => FileReader::Jsonl(JsonlFile::open(&path, &self.schema, &self.spec)?),
-            Format::Parquet => FileReader::Parquet(ParquetFile::open(&path, &self.schema, &self.spec)?),
+            Format::Csv => {
+                let mut f = CsvFile::open(&path, &self.schema, &self.spec)?;
+                f.skip(offset)?;
+                FileReader::Csv(f)
+            }
+            Format::Jsonl => {
+                let mut f = JsonlFile::open(&path, &self.schema, &self.spec)?;
+                f.skip(offset)?;
+                FileReader::Jsonl(f)
+            }
+            Format::Parquet => FileReader::Parquet(ParquetFile::open(&path, &self.schema, &self.spec, offset)?),
         });
         Ok(true)
+    }
+
+    /// Where the next record comes from: (file index, records of it consumed). Taken at a
+    /// batch boundary, it is what a checkpoint records.
+    pub fn position(&self) -> (usize, u64) {
+        match &self.current {
+            Some(FileReader::Csv(f)) => (self.next_file - 1, f.consumed),
+            Some(FileReader::Jsonl(f)) => (self.next_file - 1, f.line),
+            Some(FileReader::Parquet(f)) => (self.next_file - 1, f.consumed),
+            None => (self.next_file, 0),
+        }
+    }
+
+    /// Continue from a position [`SourceReader::position`] returned.
+    pub fn seek(&mut self, file: usize, rows: u64) -> Result<()> {
+        self.current = None;
+        self.next_file = file.min(self.files.len());
+        if rows > 0 {
+            self.open_at(rows)?;
+        }
+        Ok(())
     }
 }
 
@@ -328,6 +361,8 @@ struct CsvFile {
     record: csv::ByteRecord,
     width: usize,
     cells: Vec<Cell>,
+    /// Records consumed (good, bad and skipped): the position checkpoints record.
+    consumed: u64,
 }
 
 impl CsvFile {
@@ -364,6 +399,7 @@ impl CsvFile {
             record: csv::ByteRecord::new(),
             width: names.len(),
             cells: Vec::new(),
+            consumed: 0,
         })
     }
 
@@ -371,7 +407,11 @@ impl CsvFile {
         let mut rows = 0;
         let mut eof = false;
         while rows < self.batch_size {
-            match self.reader.read_byte_record(&mut self.record) {
+            let read = self.reader.read_byte_record(&mut self.record);
+            if !matches!(read, Ok(false)) {
+                self.consumed += 1;
+            }
+            match read {
                 Ok(false) => {
                     eof = true;
                     break;
@@ -414,6 +454,17 @@ impl CsvFile {
         }
         let columns: Vec<ArrayRef> = self.builders.iter_mut().map(|b| b.finish()).collect();
         Ok(Some(RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))?))
+    }
+
+    /// Skip `n` records (resuming from a checkpoint).
+    fn skip(&mut self, n: u64) -> Result<()> {
+        while self.consumed < n {
+            match self.reader.read_byte_record(&mut self.record) {
+                Ok(false) => break,
+                Ok(true) | Err(_) => self.consumed += 1,
+            }
+        }
+        Ok(())
     }
 
     fn parse_row(&mut self, line: u64) -> Result<()> {
@@ -526,6 +577,16 @@ impl JsonlFile {
             batch_size: spec.batch_size,
             on_error: spec.on_error,
         })
+    }
+
+    fn skip(&mut self, n: u64) -> Result<()> {
+        while self.line < n {
+            if self.lines.next().is_none() {
+                break;
+            }
+            self.line += 1;
+        }
+        Ok(())
     }
 
     fn parse_line(&self, text: &str) -> Result<Vec<Cell>> {
@@ -649,10 +710,11 @@ struct ParquetFile {
     schema: SchemaRef,
     /// Constant columns from the file's hive directories: (position in schema, value).
     hive: Vec<(usize, String)>,
+    consumed: u64,
 }
 
 impl ParquetFile {
-    fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec) -> Result<Self> {
+    fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Self> {
         let bad = |message: String| Error::Input { file: path.to_path_buf(), line: 0, column: None, message };
         let f = File::open(path).map_err(|e| Error::io(path, e))?;
         let builder = ParquetRecordBatchReaderBuilder::try_new(f)
@@ -669,8 +731,12 @@ impl ParquetFile {
                 weir_sdk::util::schema_text(schema)
             )));
         }
-        let reader = builder.with_batch_size(spec.batch_size).build().map_err(|e| bad(e.to_string()))?;
-        Ok(ParquetFile { path: path.to_path_buf(), reader, schema: schema.clone(), hive })
+        let reader = builder
+            .with_batch_size(spec.batch_size)
+            .with_offset(offset as usize)
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(ParquetFile { path: path.to_path_buf(), reader, schema: schema.clone(), hive, consumed: offset })
     }
 
     fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
@@ -686,6 +752,7 @@ impl ParquetFile {
             }
             Some(Ok(b)) => b,
         };
+        self.consumed += batch.num_rows() as u64;
         let batch_schema = batch.schema();
         let mut ordered: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
         for (i, f) in self.schema.fields().iter().enumerate() {

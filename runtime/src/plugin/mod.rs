@@ -35,8 +35,8 @@ mod bindings {
 use bindings::weir::plugin::host as wit_host;
 use bindings::weir::plugin::types as wit_types;
 
-/// The contract versions this host runs: `weir:plugin@0.1.x`.
-pub const SUPPORTED_CONTRACT: &str = "0.1";
+/// The contract versions this host runs: `weir:plugin@0.2.x`.
+pub const SUPPORTED_CONTRACT: &str = "0.2";
 
 /// How often the engine's epoch advances; deadlines are counted in these ticks.
 const TICK: Duration = Duration::from_millis(5);
@@ -527,6 +527,16 @@ impl TransformInstance {
     pub fn finish(&mut self) -> Result<Vec<RecordBatch>, CallError> {
         let out = self.call(|b, s| b.weir_plugin_transform().call_finish(s))?;
         self.check_output(&out)
+    }
+
+    /// The plugin's checkpoint state (none when it keeps no state across batches).
+    pub fn snapshot(&mut self) -> Result<Option<Vec<u8>>, CallError> {
+        self.call(|b, s| b.weir_plugin_transform().call_snapshot(s))
+    }
+
+    /// Hand a checkpoint state back (after init, before any batch).
+    pub fn restore(&mut self, state: &[u8]) -> Result<(), CallError> {
+        self.call(|b, s| b.weir_plugin_transform().call_restore(s, state))
     }
 
     fn check_output(&self, bytes: &[u8]) -> Result<Vec<RecordBatch>, CallError> {

@@ -140,6 +140,32 @@ pub struct BackfillPartition {
     pub error: Option<String>,
 }
 
+/// Where a step of a run had got to: written at batch boundaries, and once more (complete)
+/// when the step finished. `weir run --resume` continues from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    pub step: String,
+    /// The step finished: its staging is complete.
+    pub complete: bool,
+    /// Source position: the file (index in the sorted file list) and the records of it
+    /// consumed (good and skipped).
+    pub file: usize,
+    pub rows: u64,
+    pub batches: u64,
+    pub rows_read: u64,
+    pub rows_written: u64,
+    pub rows_skipped: u64,
+    /// Staged files complete at this point (relative to the staging directory).
+    pub files: Vec<String>,
+    /// The next part number the sink uses.
+    pub next_part: u32,
+    /// The step's output schema, as an Arrow IPC stream.
+    pub schema: Vec<u8>,
+    /// Each plugin's snapshot, in transform order (none for stateless ones).
+    #[serde(skip)]
+    pub states: Vec<Option<Vec<u8>>>,
+}
+
 /// One attempt of one step of a run.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Attempt {
@@ -190,6 +216,10 @@ pub trait RunStore: Send + Sync {
     fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>>;
     /// One run.
     fn run(&self, id: i64) -> Result<Option<RunRecord>>;
+    /// Save (replace) a step's checkpoint.
+    fn save_checkpoint(&self, run_id: i64, checkpoint: &Checkpoint) -> Result<()>;
+    /// A run's checkpoints, one per step that made one.
+    fn checkpoints(&self, run_id: i64) -> Result<Vec<Checkpoint>>;
     /// Persist a backfill plan (all partitions PENDING) before any work starts.
     fn create_backfill(&self, pipeline: &str, spec: &str, parallel: u32, partitions: &[String]) -> Result<i64>;
     /// Update one partition of a backfill.

@@ -7,8 +7,8 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    host_name, now_ms, pid_alive, Attempt, BackfillPartition, BackfillRecord, Error, NewRun, PublishEntry, Result,
-    RunFilter, RunRecord, RunStore, Status, StepRows,
+    host_name, now_ms, pid_alive, Attempt, BackfillPartition, BackfillRecord, Checkpoint, Error, NewRun, PublishEntry,
+    Result, RunFilter, RunRecord, RunStore, Status, StepRows,
 };
 
 const SCHEMA: &str = r#"
@@ -91,12 +91,11 @@ CREATE TABLE IF NOT EXISTS watermark (
     PRIMARY KEY (pipeline, source)
 );
 CREATE TABLE IF NOT EXISTS checkpoint (
-    run_id   INTEGER NOT NULL REFERENCES pipeline_run(id),
-    step     TEXT NOT NULL,
-    batch_no INTEGER NOT NULL,
-    position BLOB,
-    state    BLOB,
-    staged_json TEXT,
+    run_id    INTEGER NOT NULL REFERENCES pipeline_run(id),
+    step      TEXT NOT NULL,
+    data_json TEXT NOT NULL,
+    states    BLOB NOT NULL,
+    at_ms     INTEGER NOT NULL,
     PRIMARY KEY (run_id, step)
 );
 "#;
@@ -360,6 +359,48 @@ impl RunStore for SqliteStore {
         let run =
             conn.query_row(&format!("SELECT {COLUMNS} FROM pipeline_run WHERE id = ?1"), [id], read_run).optional()?;
         Ok(self.with_published(&conn, run.into_iter().collect())?.pop())
+    }
+
+    fn save_checkpoint(&self, run_id: i64, c: &Checkpoint) -> Result<()> {
+        let mut w = weir_sdk::state::Writer::default();
+        w.u64(c.states.len() as u64);
+        for st in &c.states {
+            match st {
+                None => w.u64(0),
+                Some(b) => {
+                    w.u64(1);
+                    w.bytes(b);
+                }
+            }
+        }
+        self.conn().execute(
+            "INSERT OR REPLACE INTO checkpoint (run_id, step, data_json, states, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![run_id, c.step, serde_json::to_string(c).unwrap_or_default(), w.finish(), now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn checkpoints(&self, run_id: i64) -> Result<Vec<Checkpoint>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT data_json, states FROM checkpoint WHERE run_id = ?1 ORDER BY rowid")?;
+        let rows = stmt
+            .query_map([run_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut out = Vec::new();
+        for (json, states) in rows {
+            let mut c: Checkpoint =
+                serde_json::from_str(&json).map_err(|e| Error::Corrupt(format!("checkpoint of run #{run_id}: {e}")))?;
+            let mut r = weir_sdk::state::Reader::new(&states);
+            let bad = |e: weir_sdk::Error| Error::Corrupt(format!("checkpoint states of run #{run_id}: {e}"));
+            for _ in 0..r.u64().map_err(bad)? {
+                c.states.push(match r.u64().map_err(bad)? {
+                    0 => None,
+                    _ => Some(r.bytes().map_err(bad)?.to_vec()),
+                });
+            }
+            out.push(c);
+        }
+        Ok(out)
     }
 
     fn create_backfill(&self, pipeline: &str, spec: &str, parallel: u32, partitions: &[String]) -> Result<i64> {
