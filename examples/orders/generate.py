@@ -53,5 +53,11 @@ for day in range(7):
             if day == 4 and i == 42:
                 r = list(r)
                 r[3] = "12.3.4"  # not a number
+            if day == 1 and i in (5, 6, 7, 8) and r[4] == "placed":
+                r = list(r)
+                r[2] = ""  # no country: a warning
+            if day == 5 and i in (10, 20, 30) and r[4] == "placed":
+                r = list(r)
+                r[3] = f"-{r[3]}"  # a negative amount: quarantined
             w.writerow(r)
 print(f"wrote 7 files to {out}")

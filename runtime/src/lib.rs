@@ -28,6 +28,7 @@ pub mod config;
 pub mod engine;
 pub mod io;
 pub mod plugin;
+pub mod quality;
 pub mod store;
 
 use std::fmt;
@@ -92,6 +93,10 @@ pub enum Error {
     Backfill(String),
     #[error("resume: {0}")]
     Resume(String),
+    #[error("step `{step}`: {message}")]
+    Check { step: String, message: String },
+    #[error("step `{step}` failed its quality gate, so nothing was published:\n{message}")]
+    CheckFailed { step: String, message: String },
     #[error("internal error (a bug in weir, please report it): {0}")]
     Internal(String),
 }
@@ -109,6 +114,8 @@ impl Error {
             Error::Config(_)
             | Error::Backfill(_)
             | Error::Resume(_)
+            | Error::Check { .. }
+            | Error::CheckFailed { .. }
             | Error::PluginConfig { .. }
             | Error::PluginLoad { .. }
             | Error::Plugin(_)

@@ -14,6 +14,7 @@ use weir::plugin::PluginEngine;
 
 const EXIT_FAILED: u8 = 1;
 const EXIT_INVALID: u8 = 2;
+const EXIT_WARNINGS: u8 = 3;
 
 /// weir runs data pipelines whose transforms are sandboxed WebAssembly plugins.
 ///
@@ -22,8 +23,9 @@ const EXIT_INVALID: u8 = 2;
 /// and write a Parquet dataset. Outputs are staged and published only when every step
 /// succeeds.
 ///
-/// Exit codes: 0 success; 1 the run failed (plugin, data or I/O); 2 the pipeline file or
-/// the command line is invalid.
+/// Exit codes: 0 success; 1 the run failed (plugin, data, I/O, or a blocking quality
+/// check); 2 the pipeline file or the command line is invalid; 3 success with warnings (a
+/// `warn` check failed, or rows were quarantined beyond a check's tolerance).
 #[derive(Parser)]
 #[command(
     name = "weir",
@@ -104,6 +106,31 @@ enum Command {
         #[arg(long)]
         pipeline: Option<String>,
         /// Print JSON (with every partition).
+        #[arg(long)]
+        json: bool,
+        /// The run store file.
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
+    /// Quality check results: passed or not, observed value, threshold, failing rows and a
+    /// sample, per run, partition, step and check.
+    #[command(
+        after_help = "Examples:\n  weir checks --pipeline examples/orders/pipeline.toml\n  weir checks --pipeline examples/orders/pipeline.toml --failed --json\n  weir checks --pipeline examples/orders/pipeline.toml --run 12"
+    )]
+    Checks {
+        /// A pipeline file (its store and name), or a pipeline name (with --state).
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Only this run's results.
+        #[arg(long)]
+        run: Option<i64>,
+        /// Only failed checks.
+        #[arg(long)]
+        failed: bool,
+        /// At most this many results.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
         /// The run store file.
@@ -241,6 +268,9 @@ fn main() -> ExitCode {
             cmd_run(RunArgs { path: pipeline, partition, json, cache_dir, no_progress, quiet, force, state, resume })
         }
         Command::Runs(args) => report(cmd_runs(args)),
+        Command::Checks { pipeline, run, failed, limit, json, state } => {
+            report(cmd_checks(pipeline, run, failed, limit, json, state))
+        }
         Command::Backfill(args) => report(cmd_backfill(args)),
         Command::Backfills { pipeline, json, state } => report(cmd_backfills(pipeline, json, state)),
         Command::Recover { pipeline, state } => report(cmd_recover(pipeline, state)),
@@ -325,12 +355,28 @@ fn cmd_run(args: RunArgs) -> ExitCode {
     }
     match result {
         Ok(summary) => {
+            let warned: Vec<&weir::quality::CheckResult> =
+                summary.steps.iter().flat_map(|st| st.checks.iter()).filter(|c| !c.passed).collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
             } else {
                 println!("{}", summary_line(&summary));
+                for c in &warned {
+                    println!(
+                        "  warning: check `{}` on `{}` ({}): {}; allowed {}",
+                        c.check,
+                        c.step,
+                        c.severity.as_str(),
+                        c.observed,
+                        c.threshold
+                    );
+                }
             }
-            ExitCode::SUCCESS
+            if warned.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_WARNINGS)
+            }
         }
         Err(e) => {
             if json {
@@ -372,6 +418,13 @@ fn summary_line(s: &RunSummary) -> String {
         let mut p = format!("{} {} → {} rows", st.name, thousands(st.rows_read), thousands(st.rows_written));
         if st.rows_skipped > 0 {
             p.push_str(&format!(" ({} bad input rows skipped)", thousands(st.rows_skipped)));
+        }
+        if st.rows_quarantined > 0 {
+            p.push_str(&format!(" ({} quarantined)", thousands(st.rows_quarantined)));
+        }
+        if !st.checks.is_empty() {
+            let failed = st.checks.iter().filter(|c| !c.passed).count();
+            p.push_str(&format!(" [{}/{} checks passed]", st.checks.len() - failed, st.checks.len()));
         }
         if !st.partitions.is_empty() {
             p.push_str(&format!(" in {} partitions", st.partitions.len()));
@@ -725,6 +778,52 @@ fn cmd_backfills(pipeline: Option<String>, json: bool, state: Option<PathBuf>) -
     }
     if list.is_empty() {
         println!("(no backfills)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_checks(
+    pipeline: Option<String>,
+    run: Option<i64>,
+    failed: bool,
+    limit: usize,
+    json: bool,
+    state: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    use weir::store::{CheckFilter, RunStore, SqliteStore};
+    let (path, name) = locate_store(state, pipeline.as_deref())?;
+    let store = SqliteStore::open(&path)?;
+    let results = store.check_results(&CheckFilter { run_id: run, pipeline: name, failed_only: failed, limit })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>5}  {:<12}  {:<16}  {:<28}  {:<10}  {:<6}  {:>8}  OBSERVED",
+        "RUN", "PARTITION", "STEP", "CHECK", "SEVERITY", "PASSED", "FAILING"
+    );
+    for c in &results {
+        let r = &c.result;
+        println!(
+            "{:>5}  {:<12}  {:<16}  {:<28}  {:<10}  {:<6}  {:>8}  {} (allowed {})",
+            c.run_id,
+            c.partition.as_deref().unwrap_or("-"),
+            r.step,
+            r.check,
+            r.severity.as_str(),
+            if r.passed { "yes" } else { "NO" },
+            thousands(r.failing_rows),
+            r.observed,
+            r.threshold
+        );
+        if !r.passed {
+            for sample in &r.sample {
+                println!("{:>7}e.g. {sample}", "");
+            }
+        }
+    }
+    if results.is_empty() {
+        println!("(no check results)");
     }
     Ok(ExitCode::SUCCESS)
 }

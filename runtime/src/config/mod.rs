@@ -123,6 +123,37 @@ struct RawStep {
     transforms: Vec<Spanned<RawTransform>>,
     output: Option<RawOutput>,
     retry: Option<Spanned<Retry>>,
+    #[serde(default)]
+    checks: Vec<Spanned<RawCheck>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    check: String,
+    name: Option<String>,
+    column: Option<String>,
+    columns: Option<Vec<String>>,
+    severity: Option<String>,
+    tolerance: Option<f64>,
+    values: Option<Vec<toml::Value>>,
+    min: Option<f64>,
+    max: Option<f64>,
+    pattern: Option<String>,
+    max_change: Option<f64>,
+    max_age: Option<String>,
+    to: Option<RawRelTarget>,
+    metric: Option<String>,
+    runs: Option<usize>,
+    z: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelTarget {
+    step: Option<String>,
+    path: Option<String>,
+    column: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,6 +301,8 @@ pub struct Step {
     pub line: usize,
     /// The step's `retry`, else its source's, else none.
     pub retry: Retry,
+    /// Quality checks on the step's output, run before publish.
+    pub checks: Vec<crate::quality::Check>,
 }
 
 /// A validated pipeline. Steps are in an order where every step comes after its input.
@@ -595,6 +628,37 @@ impl Pipeline {
                 }
             });
             let retry = step_retry.get(name).or_else(|| source_retry.get(input)).copied().unwrap_or(Retry::NONE);
+            let mut checks = Vec::new();
+            for c in &r.checks {
+                match parse_check(c.get_ref(), &base) {
+                    Ok(mut check) => {
+                        check.line = ctx.line_col(c.span().start).0;
+                        if let crate::quality::Kind::Relationships {
+                            target: crate::quality::RelTarget::Step(t), ..
+                        } = &check.kind
+                        {
+                            if !raw.steps.contains_key(t) {
+                                errors.push(ctx.at(
+                                    c.span().start,
+                                    &format!("check `{}` refers to step `{t}`, which does not exist", check.name),
+                                    None,
+                                ));
+                            }
+                        }
+                        if checks.iter().any(|x: &crate::quality::Check| x.name == check.name) {
+                            errors.push(ctx.at(
+                                c.span().start,
+                                &format!("two checks of step `{name}` are named `{}`", check.name),
+                                Some("give one a `name`"),
+                            ));
+                        }
+                        checks.push(check);
+                    }
+                    Err((message, hint)) => {
+                        errors.push(ctx.at(c.span().start, &format!("steps.{name}.checks: {message}"), hint.as_deref()))
+                    }
+                }
+            }
             steps.push(Step {
                 name: name.clone(),
                 input: input.clone(),
@@ -602,6 +666,7 @@ impl Pipeline {
                 output,
                 line: ctx.line_col(s.span().start).0,
                 retry,
+                checks,
             });
         }
 
@@ -681,6 +746,121 @@ impl SecretRef {
             }
         }
     }
+}
+
+/// Turn a check table into a [`crate::quality::Check`]; the error says what is missing.
+fn parse_check(c: &RawCheck, base: &Path) -> Result<crate::quality::Check, (String, Option<String>)> {
+    use crate::quality::{Check, Kind, Metric, RelTarget, Severity};
+    let need = |field: &Option<String>, what: &str| -> Result<String, (String, Option<String>)> {
+        field.clone().ok_or_else(|| (format!("`{}` needs `{what}`", c.check), None))
+    };
+    let kind = match c.check.as_str() {
+        "not_null" => Kind::NotNull { column: need(&c.column, "column")? },
+        "accepted_values" => {
+            let values = c.values.as_ref().ok_or_else(|| ("`accepted_values` needs `values = [...]`".to_string(), None))?;
+            let values = values
+                .iter()
+                .map(|v| match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect();
+            Kind::AcceptedValues { column: need(&c.column, "column")?, values }
+        }
+        "range" => {
+            if c.min.is_none() && c.max.is_none() {
+                return Err(("`range` needs `min`, `max` or both".into(), None));
+            }
+            Kind::Range { column: need(&c.column, "column")?, min: c.min, max: c.max }
+        }
+        "regex" => {
+            let p = need(&c.pattern, "pattern")?;
+            let pattern = regex::Regex::new(&p).map_err(|e| (format!("`pattern` is not a valid regex: {e}"), None))?;
+            Kind::Regex { column: need(&c.column, "column")?, pattern }
+        }
+        "unique" => {
+            let columns = match (&c.columns, &c.column) {
+                (Some(cols), None) if !cols.is_empty() => cols.clone(),
+                (None, Some(col)) => vec![col.clone()],
+                _ => return Err(("`unique` needs `column` or `columns` (a composite key)".into(), None)),
+            };
+            Kind::Unique { columns }
+        }
+        "relationships" => {
+            let to = c.to.as_ref().ok_or_else(|| {
+                ("`relationships` needs `to`".to_string(), Some(r#"to = { step = "customers", column = "id" } or { path = "../dim/customers", column = "id" }"#.to_string()))
+            })?;
+            let target = match (&to.step, &to.path) {
+                (Some(s), None) => RelTarget::Step(s.clone()),
+                (None, Some(p)) => RelTarget::Path(base.join(p)),
+                _ => return Err(("`to` names exactly one of `step` or `path`".into(), None)),
+            };
+            Kind::Relationships { column: need(&c.column, "column")?, target, target_column: to.column.clone() }
+        }
+        "row_count" => {
+            if c.min.is_none() && c.max.is_none() {
+                return Err(("`row_count` needs `min`, `max` or both".into(), None));
+            }
+            Kind::RowCount { min: c.min.map(|v| v.max(0.0) as u64), max: c.max.map(|v| v.max(0.0) as u64) }
+        }
+        "volume" => {
+            let m = c.max_change.ok_or_else(|| ("`volume` needs `max_change` (0.5 = within ±50%)".to_string(), None))?;
+            Kind::Volume { max_change: m }
+        }
+        "freshness" => {
+            let age = need(&c.max_age, "max_age")?;
+            let secs = crate::quality::parse_duration(&age)
+                .ok_or_else(|| (format!("`max_age = {age:?}` is not a duration"), Some("use 90s, 45m, 36h or 2d".to_string())))?;
+            Kind::Freshness { column: need(&c.column, "column")?, max_age_secs: secs }
+        }
+        "anomaly" => {
+            let metric = match c.metric.as_deref().unwrap_or("row_count") {
+                "row_count" => Metric::RowCount,
+                "null_rate" => Metric::NullRate(need(&c.column, "column")?),
+                "mean" => Metric::Mean(need(&c.column, "column")?),
+                other => return Err((format!("unknown metric `{other}`"), Some("use row_count, null_rate or mean".into()))),
+            };
+            Kind::Anomaly { metric, runs: c.runs.unwrap_or(5).max(2), z: c.z.unwrap_or(3.0) }
+        }
+        other => {
+            return Err((
+                format!("unknown check `{other}`"),
+                Some("use not_null, accepted_values, range, regex, unique, relationships, row_count, volume, freshness or anomaly".into()),
+            ))
+        }
+    };
+    let severity = match c.severity.as_deref().unwrap_or("block") {
+        "block" => Severity::Block,
+        "warn" => Severity::Warn,
+        "quarantine" if kind.is_row_level() => Severity::Quarantine,
+        "quarantine" => {
+            return Err((
+                format!("`{}` is a dataset-level check: it can block or warn, not quarantine rows", c.check),
+                None,
+            ))
+        }
+        other => return Err((format!("unknown severity `{other}`"), Some("use block, warn or quarantine".into()))),
+    };
+    let tolerance = c.tolerance.unwrap_or(0.0);
+    if tolerance < 0.0 {
+        return Err(("`tolerance` cannot be negative".into(), None));
+    }
+    let name = c.name.clone().unwrap_or_else(|| {
+        let cols = kind.columns().join(", ");
+        match &kind {
+            Kind::Anomaly { metric, .. } => format!(
+                "anomaly({})",
+                match metric {
+                    Metric::RowCount => "row_count".to_string(),
+                    Metric::NullRate(c) => format!("null_rate {c}"),
+                    Metric::Mean(c) => format!("mean {c}"),
+                }
+            ),
+            _ if cols.is_empty() => c.check.clone(),
+            _ => format!("{}({cols})", c.check),
+        }
+    });
+    Ok(Check { name, kind, severity, tolerance, line: 0 })
 }
 
 struct Ctx<'a> {

@@ -25,13 +25,14 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arrow_array::RecordBatch;
+use arrow_array::{Array, RecordBatch};
 use arrow_schema::SchemaRef;
 
 use crate::config::{Pipeline, Step};
 use crate::io::sink::ParquetSink;
 use crate::io::source::{Skipped, SourceReader};
 use crate::plugin::{CallError, Limits, LoadedPlugin, LogLine, LogSink, PluginEngine, TransformInstance};
+use crate::quality::{CheckResult, Checker, History, Kind, RelTarget, Severity};
 use crate::store::{Checkpoint, NewRun, PublishEntry, RunFilter, RunRecord, RunStore, SqliteStore, Status, StepRows};
 use crate::{Error, Result};
 
@@ -122,6 +123,10 @@ pub struct StepSummary {
     /// Counters plugins added, per plugin.
     pub counters: BTreeMap<String, BTreeMap<String, i64>>,
     pub seconds: f64,
+    /// Rows moved to the quarantine dataset by `quarantine` checks.
+    pub rows_quarantined: u64,
+    /// Every check's result.
+    pub checks: Vec<CheckResult>,
 }
 
 /// A step's finished staging output, ready to publish.
@@ -131,6 +136,71 @@ struct Staged {
     schema: SchemaRef,
     output: Option<crate::config::Output>,
     partitions: Vec<String>,
+    /// Staged quarantine rows, when the step quarantines.
+    quarantine: Option<PathBuf>,
+}
+
+/// Where a step's quarantined rows are staged.
+fn quarantine_staging(staging: &Path) -> PathBuf {
+    let name = staging.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    staging.with_file_name(format!("{name}-quarantine"))
+}
+
+/// The quarantine dataset beside a step's output: `<output>_quarantine/partition=<P>/`.
+pub fn quarantine_target(output: &Path, partition: Option<&str>) -> PathBuf {
+    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let p = crate::io::sink::escape_partition(partition.unwrap_or("__all__"));
+    output.with_file_name(format!("{name}_quarantine")).join(format!("partition={p}"))
+}
+
+/// Every value of `column` in the dataset a `relationships` check points at.
+fn relationship_values(
+    pipeline: &Pipeline,
+    staged: &HashMap<String, Staged>,
+    target: &RelTarget,
+    column: &str,
+) -> Result<std::collections::HashSet<String>> {
+    let reader = match target {
+        RelTarget::Step(s) => {
+            let up = staged.get(s).ok_or_else(|| Error::Check {
+                step: s.clone(),
+                message: format!("`relationships` refers to step `{s}`, which must run earlier in the pipeline"),
+            })?;
+            let partition_col = up.output.as_ref().and_then(|o| o.partition_by.as_deref());
+            SourceReader::open_dataset(&up.staging, up.schema.clone(), partition_col, pipeline.batch_size)?
+        }
+        RelTarget::Path(p) => {
+            let source = crate::config::Source {
+                name: "relationships".into(),
+                format: crate::config::Format::Parquet,
+                path: p.to_string_lossy().into_owned(),
+                schema: Vec::new(),
+                on_error: crate::config::OnError::Fail,
+                delimiter: b',',
+                header: true,
+                infer_rows: 1,
+                retry: crate::config::Retry::NONE,
+            };
+            SourceReader::open(&source, None, pipeline.batch_size)?
+        }
+    };
+    let index = reader.schema().index_of(column).map_err(|_| Error::Check {
+        step: String::new(),
+        message: format!("the `relationships` target has no column `{column}`"),
+    })?;
+    let mut values = std::collections::HashSet::new();
+    for batch in reader {
+        let batch = batch?;
+        let col = batch.column(index);
+        let f = arrow_cast::display::ArrayFormatter::try_new(col.as_ref(), &Default::default())
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        for r in 0..batch.num_rows() {
+            if col.is_valid(r) {
+                values.insert(f.value(r).to_string());
+            }
+        }
+    }
+    Ok(values)
 }
 
 /// Removes what a run staged, and the output folders it had to create, when dropped. On
@@ -446,7 +516,14 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
         config_sha256: pipeline.config_sha256.clone(),
         plugins: loaded.iter().map(|(n, p)| (n.clone(), p.info.sha256.clone())).collect(),
         fingerprint: fp,
-        staging: pipeline.steps.iter().map(|s| staging_dir(pipeline, s, "{run}")).collect(),
+        staging: pipeline
+            .steps
+            .iter()
+            .flat_map(|s| {
+                let dir = staging_dir(pipeline, s, "{run}");
+                [quarantine_staging(&dir), dir]
+            })
+            .collect(),
         backfill_id: options.backfill_id,
     };
     let id = store.begin_run(&new_run)?;
@@ -454,10 +531,12 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
     // A resumed run adopts the crashed run's staging and checkpoints.
     if let Some((old, checkpoints)) = &resume_from {
         for step in &pipeline.steps {
-            let from = staging_dir(pipeline, step, &old.id.to_string());
-            if from.exists() {
-                std::fs::rename(&from, staging_dir(pipeline, step, &id.to_string()))
-                    .map_err(|e| Error::Resume(format!("cannot adopt {}: {e}", from.display())))?;
+            let (from, to) =
+                (staging_dir(pipeline, step, &old.id.to_string()), staging_dir(pipeline, step, &id.to_string()));
+            for (a, b) in [(quarantine_staging(&from), quarantine_staging(&to)), (from, to)] {
+                if a.exists() {
+                    std::fs::rename(&a, &b).map_err(|e| Error::Resume(format!("cannot adopt {}: {e}", a.display())))?;
+                }
             }
         }
         for c in checkpoints {
@@ -517,6 +596,7 @@ fn execute(
     for step in &pipeline.steps {
         let staging = staging_dir(pipeline, step, &run_id.to_string());
         guard.add(&staging);
+        guard.add(&quarantine_staging(&staging));
         let checkpoint = resume.and_then(|cs| cs.iter().find(|c| c.step == step.name));
         if let Some(c) = checkpoint.filter(|c| c.complete) {
             // finished before the crash: its staging is complete
@@ -533,12 +613,15 @@ fn execute(
                 ..Default::default()
             });
             store.record_attempt(run_id, &step.name, 1, None)?;
+            let q = quarantine_staging(&staging);
+            let quarantine = q.exists().then_some(q);
             let s = Staged {
                 step: step.name.clone(),
                 staging,
                 schema,
                 output: step.output.clone(),
                 partitions: c.files.clone(),
+                quarantine,
             };
             staged.insert(step.name.clone(), s);
             continue;
@@ -600,6 +683,15 @@ fn execute(
         };
         publish_output(&s.staging, &out.path, by_partition, &s.partitions, &*log, &mut after)
             .map_err(|e| Error::Publish { step: s.step.clone(), message: e })?;
+        // Quarantined rows: one directory per run partition, replaced when it is rerun, so a
+        // rerun never duplicates them.
+        if let Some(q) = &s.quarantine {
+            let target = quarantine_target(&out.path, options.partition.as_deref());
+            let switch = publish::switch_dir(q, &target, &*log)
+                .map_err(|e| Error::Publish { step: s.step.clone(), message: e })?;
+            after(publish::Published { target: &target, partition: None, switch })
+                .map_err(|e| Error::Publish { step: s.step.clone(), message: e })?;
+        }
         if let Some(summary) = summaries.iter_mut().find(|x: &&mut StepSummary| x.name == step.name) {
             summary.partitions = s.partitions.clone();
         }
@@ -750,7 +842,41 @@ fn run_step(
     let errors: Arc<Mutex<Vec<Error>>> = Arc::default();
     let cap = pipeline.channel_capacity;
     let counters: Arc<Mutex<BTreeMap<String, BTreeMap<String, i64>>>> = Arc::default();
-    let every = pipeline.checkpoint_every;
+    // Quality checks: row-level ones see every batch on its way to the sink. A step with
+    // checks only checkpoints when complete (check state is not part of checkpoints).
+    let every = if step.checks.is_empty() { pipeline.checkpoint_every } else { 0 };
+    let check_err = |message: String| Error::Check { step: step.name.clone(), message };
+    let mut checker = if step.checks.is_empty() {
+        None
+    } else {
+        let mut targets = HashMap::new();
+        for (i, c) in step.checks.iter().enumerate() {
+            if let Kind::Relationships { target, target_column, .. } = &c.kind {
+                let values = relationship_values(pipeline, staged, target, target_column).map_err(|e| match e {
+                    Error::Check { message, .. } => check_err(format!("check `{}`: {message}", c.name)),
+                    other => other,
+                })?;
+                targets.insert(i, values);
+            }
+        }
+        Some(
+            Checker::new(
+                &step.name,
+                step.checks.clone(),
+                &schema,
+                targets,
+                checkpoints.run_id,
+                options.partition.as_deref(),
+            )
+            .map_err(check_err)?,
+        )
+    };
+    let qstaging = quarantine_staging(&staging);
+    let mut qsink = match &checker {
+        Some(c) if c.quarantines() => Some(ParquetSink::new(&qstaging, c.quarantine_schema(), None, 1 << 20)?),
+        _ => None,
+    };
+    let mut rows_quarantined = 0u64;
 
     let (mut reader_stats, partitions) = std::thread::scope(|scope| -> Result<(Option<ReaderStats>, Vec<String>)> {
         // reader
@@ -839,7 +965,20 @@ fn run_step(
             loop {
                 match rx.recv() {
                     Ok(Msg::Batch(b)) => {
-                        sink.write(&b)?;
+                        let b = match checker.as_mut() {
+                            Some(c) => {
+                                let (good, bad) = c.apply(&b).map_err(check_err)?;
+                                if let (Some(q), Some(bad)) = (qsink.as_mut(), bad) {
+                                    q.write(&bad)?;
+                                    rows_quarantined += bad.num_rows() as u64;
+                                }
+                                good
+                            }
+                            None => b,
+                        };
+                        if b.num_rows() > 0 {
+                            sink.write(&b)?;
+                        }
                         rows_written.fetch_add(b.num_rows() as u64, Ordering::Relaxed);
                     }
                     Ok(Msg::Checkpoint(mark)) => {
@@ -898,7 +1037,44 @@ fn run_step(
     if rows_skipped > 5 {
         log(&format!("weir: … {} more rows skipped in {}", rows_skipped - 5, step.input));
     }
+    // Quality gate: every check's result is recorded; a failed `block` check stops here,
+    // before anything is published.
+    let mut results = Vec::new();
+    let mut quarantine = None;
+    if let Some(c) = &checker {
+        let history = check_history(pipeline, step, checkpoints.store, options.partition.as_deref())?;
+        results = c.finish(&history);
+        checkpoints.store.record_checks(checkpoints.run_id, options.partition.as_deref(), &results)?;
+        if let Some(q) = qsink.take() {
+            q.finish()?;
+            quarantine = Some(qstaging.clone());
+        }
+        let blocking: Vec<String> = results
+            .iter()
+            .filter(|r| !r.passed && r.severity == Severity::Block)
+            .map(|r| {
+                let sample =
+                    if r.sample.is_empty() { String::new() } else { format!("\n    e.g. {}", r.sample.join("; ")) };
+                format!("  check `{}` (block) failed: {}; allowed {}{sample}", r.check, r.observed, r.threshold)
+            })
+            .collect();
+        if !blocking.is_empty() {
+            return Err(Error::CheckFailed { step: step.name.clone(), message: blocking.join("\n") });
+        }
+        for r in results.iter().filter(|r| !r.passed) {
+            log(&format!(
+                "weir: check `{}` on `{}` ({}) failed: {}; allowed {}",
+                r.check,
+                r.step,
+                r.severity.as_str(),
+                r.observed,
+                r.threshold
+            ));
+        }
+    }
     let summary = StepSummary {
+        rows_quarantined,
+        checks: results,
         name: step.name.clone(),
         input: step.input.clone(),
         files,
@@ -925,8 +1101,37 @@ fn run_step(
             ..Default::default()
         },
     )?;
-    let staged = Staged { step: step.name.clone(), staging, schema, output: step.output.clone(), partitions };
+    let staged =
+        Staged { step: step.name.clone(), staging, schema, output: step.output.clone(), partitions, quarantine };
     Ok((summary, staged))
+}
+
+/// What the dataset-level checks compare against: the previous successful run, the metric
+/// history and the run's logical time.
+fn check_history(pipeline: &Pipeline, step: &Step, store: &dyn RunStore, partition: Option<&str>) -> Result<History> {
+    let previous =
+        store.runs(&RunFilter { pipeline: Some(pipeline.name.clone()), status: Some(Status::Success), limit: 1 })?;
+    let previous_rows =
+        previous.first().and_then(|r| r.steps.iter().find(|s| s.step == step.name)).map(|s| s.rows_written);
+    let mut metrics = HashMap::new();
+    for c in &step.checks {
+        if let Kind::Anomaly { runs, .. } = &c.kind {
+            let past = store.metric_history(&pipeline.name, &step.name, &c.name, *runs)?;
+            metrics.insert(
+                c.name.clone(),
+                past.iter().filter_map(|o| o.split_whitespace().next()?.parse().ok()).collect(),
+            );
+        }
+    }
+    // a date partition's logical time is the end of that day; otherwise now
+    let logical_time = partition
+        .and_then(|p| {
+            use arrow_cast::parse::Parser;
+            (p.len() == 10).then(|| arrow_array::types::Date32Type::parse(p)).flatten()
+        })
+        .map(|days| (days as i64 + 1) * 86_400)
+        .unwrap_or_else(|| crate::store::now_ms() / 1000);
+    Ok(History { previous_rows, metrics, logical_time })
 }
 
 /// The error to report: a plugin stage's error beats the "channel closed" symptoms it causes.

@@ -166,6 +166,25 @@ pub struct Checkpoint {
     pub states: Vec<Option<Vec<u8>>>,
 }
 
+/// A check result as stored, with its run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoredCheck {
+    pub run_id: i64,
+    pub pipeline: String,
+    pub partition: Option<String>,
+    #[serde(flatten)]
+    pub result: crate::quality::CheckResult,
+}
+
+/// Filter for [`RunStore::check_results`].
+#[derive(Debug, Clone, Default)]
+pub struct CheckFilter {
+    pub run_id: Option<i64>,
+    pub pipeline: Option<String>,
+    pub failed_only: bool,
+    pub limit: usize,
+}
+
 /// One attempt of one step of a run.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Attempt {
@@ -220,6 +239,17 @@ pub trait RunStore: Send + Sync {
     fn save_checkpoint(&self, run_id: i64, checkpoint: &Checkpoint) -> Result<()>;
     /// A run's checkpoints, one per step that made one.
     fn checkpoints(&self, run_id: i64) -> Result<Vec<Checkpoint>>;
+    /// Record a step's check results for a run.
+    fn record_checks(
+        &self,
+        run_id: i64,
+        partition: Option<&str>,
+        results: &[crate::quality::CheckResult],
+    ) -> Result<()>;
+    /// Check results, newest run first.
+    fn check_results(&self, filter: &CheckFilter) -> Result<Vec<StoredCheck>>;
+    /// Observed values of a check in the pipeline's successful runs, newest first.
+    fn metric_history(&self, pipeline: &str, step: &str, check: &str, limit: usize) -> Result<Vec<String>>;
     /// Persist a backfill plan (all partitions PENDING) before any work starts.
     fn create_backfill(&self, pipeline: &str, spec: &str, parallel: u32, partitions: &[String]) -> Result<i64>;
     /// Update one partition of a backfill.

@@ -7,8 +7,8 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    host_name, now_ms, pid_alive, Attempt, BackfillPartition, BackfillRecord, Checkpoint, Error, NewRun, PublishEntry,
-    Result, RunFilter, RunRecord, RunStore, Status, StepRows,
+    host_name, now_ms, pid_alive, Attempt, BackfillPartition, BackfillRecord, CheckFilter, Checkpoint, Error, NewRun,
+    PublishEntry, Result, RunFilter, RunRecord, RunStore, Status, StepRows, StoredCheck,
 };
 
 const SCHEMA: &str = r#"
@@ -359,6 +359,87 @@ impl RunStore for SqliteStore {
         let run =
             conn.query_row(&format!("SELECT {COLUMNS} FROM pipeline_run WHERE id = ?1"), [id], read_run).optional()?;
         Ok(self.with_published(&conn, run.into_iter().collect())?.pop())
+    }
+
+    fn record_checks(
+        &self,
+        run_id: i64,
+        partition: Option<&str>,
+        results: &[crate::quality::CheckResult],
+    ) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for r in results {
+            tx.execute(
+                "INSERT INTO data_quality_check (run_id, partition, dataset, check_name, severity, passed, observed, threshold, failing_rows, sample_json)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    run_id,
+                    partition,
+                    r.step,
+                    r.check,
+                    r.severity.as_str(),
+                    r.passed,
+                    r.observed,
+                    r.threshold,
+                    r.failing_rows as i64,
+                    serde_json::to_string(&r.sample).unwrap_or_default()
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn check_results(&self, f: &CheckFilter) -> Result<Vec<StoredCheck>> {
+        use crate::quality::{CheckResult, Severity};
+        let conn = self.conn();
+        let limit = if f.limit == 0 { i64::MAX } else { f.limit as i64 };
+        let mut stmt = conn.prepare(
+            "SELECT c.run_id, r.pipeline, c.partition, c.dataset, c.check_name, c.severity, c.passed, c.observed, c.threshold, c.failing_rows, c.sample_json
+             FROM data_quality_check c JOIN pipeline_run r ON r.id = c.run_id
+             WHERE (?1 IS NULL OR c.run_id = ?1) AND (?2 IS NULL OR r.pipeline = ?2) AND (?3 = 0 OR c.passed = 0)
+             ORDER BY c.run_id DESC, c.rowid LIMIT ?4",
+        )?;
+        let rows = stmt
+            .query_map(params![f.run_id, f.pipeline, f.failed_only, limit], |r| {
+                let severity: String = r.get(5)?;
+                let sample: String = r.get(10)?;
+                Ok(StoredCheck {
+                    run_id: r.get(0)?,
+                    pipeline: r.get(1)?,
+                    partition: r.get(2)?,
+                    result: CheckResult {
+                        step: r.get(3)?,
+                        check: r.get(4)?,
+                        severity: match severity.as_str() {
+                            "warn" => Severity::Warn,
+                            "quarantine" => Severity::Quarantine,
+                            _ => Severity::Block,
+                        },
+                        passed: r.get(6)?,
+                        observed: r.get(7)?,
+                        threshold: r.get(8)?,
+                        failing_rows: r.get::<_, i64>(9)? as u64,
+                        sample: serde_json::from_str(&sample).unwrap_or_default(),
+                    },
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    fn metric_history(&self, pipeline: &str, step: &str, check: &str, limit: usize) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT c.observed FROM data_quality_check c JOIN pipeline_run r ON r.id = c.run_id
+             WHERE r.pipeline = ?1 AND r.status = 'SUCCESS' AND c.dataset = ?2 AND c.check_name = ?3
+             ORDER BY c.run_id DESC LIMIT ?4",
+        )?;
+        let rows = stmt
+            .query_map(params![pipeline, step, check, limit as i64], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(rows)
     }
 
     fn save_checkpoint(&self, run_id: i64, c: &Checkpoint) -> Result<()> {
