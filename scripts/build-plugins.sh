@@ -7,7 +7,7 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
   echo "==> rustup target add wasm32-wasip2"
   rustup target add wasm32-wasip2
 fi
-plugins=(mask dedup cast aggregate hostile)
+plugins=(mask dedup cast aggregate formats hostile hostile-rule)
 args=()
 for p in "${plugins[@]}"; do args+=(-p "weir-plugin-$p"); done
 echo "==> building plugins: ${plugins[*]}"
@@ -15,6 +15,6 @@ cargo build --release --target wasm32-wasip2 "${args[@]}"
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 mkdir -p dist/plugins
 for p in "${plugins[@]}"; do
-  cp "$target_dir/wasm32-wasip2/release/weir_plugin_$p.wasm" "dist/plugins/$p.wasm"
+  cp "$target_dir/wasm32-wasip2/release/weir_plugin_${p//-/_}.wasm" "dist/plugins/$p.wasm"
 done
 ls -l dist/plugins

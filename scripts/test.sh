@@ -2,8 +2,9 @@
 # Quickstart, part 2: the whole test suite.
 #   lint (fmt, clippy for host and wasm), plugins built for wasm32-wasip2, unit tests of
 #   every crate (plugins run natively through the SDK harness), end-to-end tests of the
-#   `weir` binary (example, hostile plugins, config and input errors), and the example's
-#   output read back by DuckDB, pyarrow and Polars.
+#   `weir` binary (example, hostile plugins, config and input errors, crash recovery,
+#   backfills, quality gates), the example's output read back by DuckDB, pyarrow and Polars,
+#   and check results compared with DuckDB's counts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
@@ -16,7 +17,8 @@ cargo fmt --all -- --check
 echo "==> clippy (host, wasm32-wasip2)"
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo clippy --release --target wasm32-wasip2 -p weir-sdk -p weir-plugin-mask -p weir-plugin-dedup \
-  -p weir-plugin-cast -p weir-plugin-aggregate -p weir-plugin-hostile -- -D warnings
+  -p weir-plugin-cast -p weir-plugin-aggregate -p weir-plugin-hostile -p weir-plugin-formats \
+  -p weir-plugin-hostile-rule -- -D warnings
 
 echo "==> building weir"
 cargo build --release -p weir
@@ -28,3 +30,5 @@ echo "==> reading the example's output with DuckDB, pyarrow and Polars"
 py=$(./scripts/python-env.sh)
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/readers.py
+echo "==> check results against DuckDB"
+WEIR_BIN="$target_dir/release/weir" "$py" tests/python/checks.py

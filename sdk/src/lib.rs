@@ -50,6 +50,7 @@ pub mod error;
 pub mod host;
 pub mod ipc;
 pub mod keys;
+pub mod rule;
 pub mod runner;
 pub mod state;
 pub mod util;
@@ -156,9 +157,31 @@ pub mod __bindings {
     });
 }
 
+/// Generated bindings of the quality-rule world (sharing the host and types interfaces).
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod __rule_bindings {
+    wit_bindgen::generate!({
+        world: "quality-rule-plugin",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_quality_rule_world",
+        default_bindings_module: "::weir_sdk::__rule_bindings",
+        runtime_path: "::weir_sdk::__wit_bindgen::rt",
+        with: {
+            "weir:plugin/host@0.2.0": crate::__bindings::weir::plugin::host,
+            "weir:plugin/types@0.2.0": crate::__bindings::weir::plugin::types,
+        },
+    });
+}
+
 #[cfg(target_arch = "wasm32")]
 #[doc(hidden)]
 pub mod __glue;
+
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod __rule_glue;
 
 /// Export a [`Transform`] as the plugin's component. Use once per plugin crate.
 ///
@@ -168,6 +191,35 @@ pub mod __glue;
 macro_rules! export_transform {
     ($t:ty) => {
         $crate::export_raw_transform!($crate::Typed<$t>);
+    };
+}
+
+/// Export a [`rule::QualityRule`] as the plugin's component (a custom quality check).
+#[macro_export]
+macro_rules! export_quality_rule {
+    ($t:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            use $crate::__bindings::weir::plugin::types as __ty;
+            use $crate::__rule_bindings::exports::weir::plugin::quality_rule as __wq;
+            struct __WeirRuleExport;
+            impl __wq::Guest for __WeirRuleExport {
+                fn init(
+                    config: ::std::string::String,
+                    input_schema: ::std::vec::Vec<u8>,
+                    ctx: __ty::Context,
+                ) -> ::std::result::Result<(), __ty::PluginError> {
+                    $crate::__rule_glue::init::<$t>(config, input_schema, ctx)
+                }
+                fn check(batch: ::std::vec::Vec<u8>) -> ::std::result::Result<__wq::BatchVerdict, __ty::PluginError> {
+                    $crate::__rule_glue::check(batch)
+                }
+                fn finish() -> ::std::result::Result<__wq::Verdict, __ty::PluginError> {
+                    $crate::__rule_glue::finish()
+                }
+            }
+            $crate::__rule_bindings::__export_quality_rule_world!(__WeirRuleExport with_types_in $crate::__rule_bindings);
+        };
     };
 }
 

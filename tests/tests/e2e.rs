@@ -1149,3 +1149,203 @@ fn resume_after_a_crash_equals_an_uninterrupted_run() {
     assert_eq!(again.code, 0, "{}", again.stderr);
     assert!(again.stderr.contains("nothing to resume"), "{}", again.stderr);
 }
+
+// ------------------------------------------------------------------------------------------
+// Quality gates
+
+/// csv (id, country, amount) -> checks -> out/data, with `checks` appended to the step.
+fn checked_pipeline(dir: &Path, checks: &str) {
+    let text = format!(
+        r#"[pipeline]
+name = "gated"
+
+[sources.input]
+format = "csv"
+path = "in.csv"
+schema = {{ id = "int64", country = "string", amount = "float64" }}
+
+[plugins.formats]
+path = "{}"
+
+[plugins.hostile_rule]
+path = "{}"
+timeout_ms = 300
+
+[steps.data]
+input = "input"
+output = {{ path = "out/data" }}
+{checks}
+"#,
+        plugin("formats").display(),
+        plugin("hostile-rule").display()
+    );
+    std::fs::write(dir.join("pipeline.toml"), text).unwrap();
+}
+
+fn rows_csv(n: usize, bad_country_every: usize) -> String {
+    let mut s = String::from("id,country,amount\n");
+    for i in 0..n {
+        let country = if bad_country_every > 0 && i % bad_country_every == 0 { "" } else { "DE" };
+        s.push_str(&format!("{i},{country},{}.5\n", i % 50));
+    }
+    s
+}
+
+#[test]
+fn a_blocking_check_keeps_the_published_data_and_a_warning_publishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let checks = r#"
+[[steps.data.checks]]
+check = "not_null"
+column = "country"
+
+[[steps.data.checks]]
+check = "unique"
+column = "id"
+severity = "warn"
+"#;
+    checked_pipeline(d, checks);
+    std::fs::write(d.join("in.csv"), rows_csv(10, 0)).unwrap();
+    let ok = weir(d, &["run", "pipeline.toml"]);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert!(ok.stdout.contains("[2/2 checks passed]"), "{}", ok.stdout);
+    let before = snapshot(&d.join("out"));
+
+    // nulls in a blocking check: exit 1, the check named with numbers, nothing published
+    std::fs::write(d.join("in.csv"), rows_csv(10, 3)).unwrap();
+    let out = weir(d, &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("step `data` failed its quality gate"), "{}", out.stderr);
+    assert!(out.stderr.contains("check `not_null(country)` (block) failed: 4 of 10 rows fail"), "{}", out.stderr);
+    assert_eq!(snapshot(&d.join("out")), before, "a blocked run leaves the published data as it was");
+    assert_eq!(entries(&d.join("out")), ["data"]);
+
+    // duplicates in a warning check: exit 3, published, recorded
+    std::fs::write(d.join("in.csv"), format!("{}0,DE,1.5\n", rows_csv(10, 0))).unwrap();
+    let out = weir(d, &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(out.stdout.contains("warning: check `unique(id)` on `data` (warn): 1 of 11 rows fail"), "{}", out.stdout);
+    assert_ne!(snapshot(&d.join("out")), before, "a warning publishes");
+    let failed = weir(d, &["checks", "--pipeline", "pipeline.toml", "--failed", "--json"]).json();
+    let failed: Vec<(String, bool)> = failed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["check"].as_str().unwrap().to_string(), c["passed"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(failed, [("unique(id)".to_string(), false), ("not_null(country)".to_string(), false)]);
+    let table = weir(d, &["checks", "--pipeline", "pipeline.toml"]);
+    assert!(table.stdout.contains("e.g. duplicate id=0"), "{}", table.stdout);
+}
+
+#[test]
+fn volume_and_anomaly_learn_from_real_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let checks = r#"
+[[steps.data.checks]]
+check = "volume"
+max_change = 0.5
+severity = "warn"
+
+[[steps.data.checks]]
+check = "anomaly"
+metric = "row_count"
+runs = 3
+z = 3.0
+severity = "warn"
+"#;
+    checked_pipeline(d, checks);
+    let mut codes = Vec::new();
+    for n in [20, 22, 21, 20, 100] {
+        std::fs::write(d.join("in.csv"), rows_csv(n, 0)).unwrap();
+        codes.push(weir(d, &["run", "pipeline.toml"]).code);
+    }
+    assert_eq!(codes, [0, 0, 0, 0, 3], "steady runs pass; the 5x jump warns");
+    let results = weir(d, &["checks", "--pipeline", "pipeline.toml", "--json"]).json();
+    let last: Vec<&serde_json::Value> = results.as_array().unwrap().iter().filter(|c| c["run_id"] == 5).collect();
+    assert_eq!(last.len(), 2);
+    assert!(last.iter().all(|c| c["passed"] == false), "{last:?}");
+    assert!(last[0]["observed"].as_str().unwrap().contains("+400.0% vs 20"), "{:?}", last[0]);
+    assert!(last[1]["threshold"].as_str().unwrap().contains("over 3 runs"), "{:?}", last[1]);
+    // the anomaly check was inactive until three runs existed
+    let first =
+        results.as_array().unwrap().iter().find(|c| c["run_id"] == 1 && c["check"] == "anomaly(row_count)").unwrap();
+    assert!(first["threshold"].as_str().unwrap().contains("once 3 runs exist (0 so far)"), "{first}");
+}
+
+#[test]
+fn relationships_against_a_published_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // a published dimension: ids 0..5
+    std::fs::create_dir_all(d.join("dim")).unwrap();
+    std::fs::write(d.join("dim.csv"), "id\n0\n1\n2\n3\n4\n").unwrap();
+    std::fs::write(
+        d.join("dim.toml"),
+        "[pipeline]\nname = \"dim\"\n[sources.i]\nformat = \"csv\"\npath = \"dim.csv\"\n[steps.dim]\ninput = \"i\"\noutput = { path = \"published/dim\" }\n",
+    )
+    .unwrap();
+    assert_eq!(weir(d, &["run", "dim.toml"]).code, 0);
+    let checks = r#"
+[[steps.data.checks]]
+check = "relationships"
+column = "id"
+to = { path = "published/dim", column = "id" }
+severity = "quarantine"
+"#;
+    checked_pipeline(d, checks);
+    std::fs::write(d.join("in.csv"), rows_csv(8, 0)).unwrap();
+    let out = weir(d, &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 3, "3 misses quarantined past a tolerance of 0 are reported: {}", out.stderr);
+    let s = out.json();
+    assert_eq!(s["steps"][0]["rows_written"], 5);
+    assert_eq!(s["steps"][0]["rows_quarantined"], 3);
+    let c = &s["steps"][0]["checks"][0];
+    assert_eq!(c["failing_rows"], 3);
+    assert!(c["sample"][0].as_str().unwrap().contains("is not in"), "{c}");
+}
+
+#[test]
+fn a_wasm_quality_rule_judges_rows_and_a_hostile_one_fails_its_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("in.csv"), "id,country,amount\n1,DE,1\n2,de,2\n3,,3\n4,Germany,4\n").unwrap();
+    checked_pipeline(
+        d,
+        r#"
+[[steps.data.checks]]
+check = "plugin"
+plugin = "formats"
+config = { column = "country", format = "iso_country" }
+severity = "warn"
+"#,
+    );
+    let out = weir(d, &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    let c = &out.json()["steps"][0]["checks"][0];
+    assert_eq!((c["check"].as_str(), c["failing_rows"].as_u64()), (Some("plugin(formats)"), Some(2)));
+    assert!(c["observed"].as_str().unwrap().contains("the rule says: 2 of 4 values malformed"), "{c}");
+    assert!(c["sample"][0].as_str().unwrap().contains("\"de\" is not a valid IsoCountry"), "{c}");
+
+    // a published state, then hostile rules: the check fails clearly, nothing is published
+    checked_pipeline(d, "");
+    assert_eq!(weir(d, &["run", "pipeline.toml"]).code, 0);
+    let before = snapshot(&d.join("out"));
+    for (mode, expect) in [("trap", "trapped (crashed)"), ("loop", "exceeded its CPU deadline of 300ms")] {
+        checked_pipeline(
+            d,
+            &format!("\n[[steps.data.checks]]\ncheck = \"plugin\"\nplugin = \"hostile_rule\"\nconfig = {{ mode = \"{mode}\" }}\n"),
+        );
+        let out = weir(d, &["run", "pipeline.toml"]);
+        assert_eq!(out.code, 1, "{mode}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("check `plugin(hostile_rule)` (block) failed: the rule plugin `hostile_rule` failed"),
+            "{mode}: {}",
+            out.stderr
+        );
+        assert!(out.stderr.contains(expect), "{mode}: {}", out.stderr);
+        assert_eq!(snapshot(&d.join("out")), before, "{mode}: nothing published");
+    }
+}

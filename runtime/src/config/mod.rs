@@ -146,6 +146,8 @@ struct RawCheck {
     metric: Option<String>,
     runs: Option<usize>,
     z: Option<f64>,
+    plugin: Option<String>,
+    config: Option<toml::Table>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -645,6 +647,15 @@ impl Pipeline {
                                 ));
                             }
                         }
+                        if let crate::quality::Kind::Plugin { plugin, .. } = &check.kind {
+                            if !raw.plugins.contains_key(plugin) {
+                                errors.push(ctx.at(
+                                    c.span().start,
+                                    &format!("check `{}` uses plugin `{plugin}`, which is not declared", check.name),
+                                    Some(&format!("declare it: [plugins.{plugin}] path = \"...wasm\"")),
+                                ));
+                            }
+                        }
                         if checks.iter().any(|x: &crate::quality::Check| x.name == check.name) {
                             errors.push(ctx.at(
                                 c.span().start,
@@ -822,10 +833,17 @@ fn parse_check(c: &RawCheck, base: &Path) -> Result<crate::quality::Check, (Stri
             };
             Kind::Anomaly { metric, runs: c.runs.unwrap_or(5).max(2), z: c.z.unwrap_or(3.0) }
         }
+        "plugin" => {
+            let plugin = c.plugin.clone().ok_or_else(|| {
+                ("`plugin` checks need `plugin` (a quality-rule plugin declared in [plugins])".to_string(), None)
+            })?;
+            let config = weir_sdk::config::toml_to_json(&toml::Value::Table(c.config.clone().unwrap_or_default()));
+            Kind::Plugin { plugin, config_json: config.to_string() }
+        }
         other => {
             return Err((
                 format!("unknown check `{other}`"),
-                Some("use not_null, accepted_values, range, regex, unique, relationships, row_count, volume, freshness or anomaly".into()),
+                Some("use not_null, accepted_values, range, regex, unique, relationships, row_count, volume, freshness, anomaly or plugin".into()),
             ))
         }
     };
@@ -848,6 +866,7 @@ fn parse_check(c: &RawCheck, base: &Path) -> Result<crate::quality::Check, (Stri
     let name = c.name.clone().unwrap_or_else(|| {
         let cols = kind.columns().join(", ");
         match &kind {
+            Kind::Plugin { plugin, .. } => format!("plugin({plugin})"),
             Kind::Anomaly { metric, .. } => format!(
                 "anomaly({})",
                 match metric {

@@ -31,7 +31,7 @@ use arrow_schema::SchemaRef;
 use crate::config::{Pipeline, Step};
 use crate::io::sink::ParquetSink;
 use crate::io::source::{Skipped, SourceReader};
-use crate::plugin::{CallError, Limits, LoadedPlugin, LogLine, LogSink, PluginEngine, TransformInstance};
+use crate::plugin::{CallError, Limits, LoadedPlugin, LogLine, LogSink, PluginEngine, RuleInstance, TransformInstance};
 use crate::quality::{CheckResult, Checker, History, Kind, RelTarget, Severity};
 use crate::store::{Checkpoint, NewRun, PublishEntry, RunFilter, RunRecord, RunStore, SqliteStore, Status, StepRows};
 use crate::{Error, Result};
@@ -415,6 +415,13 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
     // Plugins: compiled (or loaded from cache) once each.
     let used: Vec<&String> = {
         let mut v: Vec<&String> = pipeline.steps.iter().flat_map(|s| s.transforms.iter().map(|t| &t.plugin)).collect();
+        for step in &pipeline.steps {
+            for c in &step.checks {
+                if let Kind::Plugin { plugin, .. } = &c.kind {
+                    v.push(plugin);
+                }
+            }
+        }
         v.sort();
         v.dedup();
         v
@@ -859,6 +866,36 @@ fn run_step(
                 targets.insert(i, values);
             }
         }
+        // quality-rule plugins: one sandboxed instance per plugin check
+        let mut rules = HashMap::new();
+        for (i, c) in step.checks.iter().enumerate() {
+            if let Kind::Plugin { plugin, config_json } = &c.kind {
+                let p = &pipeline.plugins[plugin];
+                let limits = Limits { memory_bytes: p.memory_bytes, timeout: p.timeout, ..Limits::default() };
+                let prefix = format!("[{}/{}]", step.name, plugin);
+                let plog = log.clone();
+                let sink: LogSink = Arc::new(move |l: &LogLine| plog(&format!("{prefix} {}: {}", l.level, l.message)));
+                let fail = |cause: String| check_err(format!("check `{}`: plugin `{plugin}` {cause}", c.name));
+                let mut rule = RuleInstance::new(&loaded[plugin], limits, sink).map_err(|e| fail(e.to_string()))?;
+                let ctx = weir_sdk::Context {
+                    pipeline: pipeline.name.clone(),
+                    step: step.name.clone(),
+                    plugin: plugin.clone(),
+                    partition: options.partition.clone(),
+                };
+                rule.init(config_json, &schema, &ctx).map_err(|e| match e {
+                    CallError::InvalidConfig(m) => Error::PluginConfig {
+                        file: pipeline.file.clone(),
+                        line: c.line,
+                        step: step.name.clone(),
+                        plugin: plugin.clone(),
+                        message: m,
+                    },
+                    other => fail(format!("failed to start: {other}")),
+                })?;
+                rules.insert(i, rule);
+            }
+        }
         Some(
             Checker::new(
                 &step.name,
@@ -868,7 +905,8 @@ fn run_step(
                 checkpoints.run_id,
                 options.partition.as_deref(),
             )
-            .map_err(check_err)?,
+            .map_err(check_err)?
+            .with_rules(rules),
         )
     };
     let qstaging = quarantine_staging(&staging);
@@ -1041,7 +1079,7 @@ fn run_step(
     // before anything is published.
     let mut results = Vec::new();
     let mut quarantine = None;
-    if let Some(c) = &checker {
+    if let Some(c) = checker.as_mut() {
         let history = check_history(pipeline, step, checkpoints.store, options.partition.as_deref())?;
         results = c.finish(&history);
         checkpoints.store.record_checks(checkpoints.run_id, options.partition.as_deref(), &results)?;

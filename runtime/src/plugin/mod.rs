@@ -32,6 +32,17 @@ mod bindings {
     });
 }
 
+mod rule_bindings {
+    wasmtime::component::bindgen!({
+        world: "quality-rule-plugin",
+        path: "../wit",
+        with: {
+            "weir:plugin/host": super::bindings::weir::plugin::host,
+            "weir:plugin/types": super::bindings::weir::plugin::types,
+        },
+    });
+}
+
 use bindings::weir::plugin::host as wit_host;
 use bindings::weir::plugin::types as wit_types;
 
@@ -135,8 +146,14 @@ impl Drop for PluginEngine {
 #[derive(Clone)]
 pub struct LoadedPlugin {
     pub info: PluginInfo,
-    pre: bindings::TransformPluginPre<HostState>,
+    pre: Prepared,
     engine: Engine,
+}
+
+#[derive(Clone)]
+enum Prepared {
+    Transform(bindings::TransformPluginPre<HostState>),
+    Rule(rule_bindings::QualityRulePluginPre<HostState>),
 }
 
 impl PluginEngine {
@@ -193,7 +210,7 @@ impl PluginEngine {
     }
 
     /// Read, pin-check, compile (or load from cache), contract-check and pre-instantiate a
-    /// transform plugin.
+    /// transform or quality-rule plugin.
     pub fn load(&self, path: &Path, pinned_sha256: Option<&str>) -> Result<LoadedPlugin> {
         let bytes = std::fs::read(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
         let sha256 = hex(&Sha256::digest(&bytes));
@@ -209,23 +226,25 @@ impl PluginEngine {
         let component = self.compile(path, &bytes, &sha256)?;
         let info = self.describe(path, &component, sha256, bytes.len() as u64);
         check_contract(path, &info)?;
-        if info.world.as_deref() != Some("transform") {
-            return Err(Error::Incompatible {
-                path: path.to_path_buf(),
-                message: format!(
-                    "is a {} plugin; steps run transform plugins",
-                    info.world.as_deref().unwrap_or("unknown")
-                ),
-            });
-        }
         let pre = self.linker.instantiate_pre(&component).map_err(|e| Error::Incompatible {
             path: path.to_path_buf(),
             message: format!("imports something the weir sandbox does not provide: {e:#}"),
         })?;
-        let pre = bindings::TransformPluginPre::new(pre).map_err(|e| Error::Incompatible {
+        let world = info.world.clone().unwrap_or_default();
+        let bad_exports = |e: wasmtime::Error| Error::Incompatible {
             path: path.to_path_buf(),
-            message: format!("does not export the transform interface weir expects: {e:#}"),
-        })?;
+            message: format!("does not export the {world} interface weir expects: {e:#}"),
+        };
+        let pre = match world.as_str() {
+            "transform" => Prepared::Transform(bindings::TransformPluginPre::new(pre).map_err(bad_exports)?),
+            "quality-rule" => Prepared::Rule(rule_bindings::QualityRulePluginPre::new(pre).map_err(bad_exports)?),
+            other => {
+                return Err(Error::Incompatible {
+                    path: path.to_path_buf(),
+                    message: format!("is a {other} plugin, which this weir cannot run yet"),
+                })
+            }
+        };
         Ok(LoadedPlugin { info, pre, engine: self.engine.clone() })
     }
 
@@ -427,26 +446,18 @@ impl wit_host::Host for HostState {
     }
 }
 
-/// One sandboxed instance of a transform plugin.
-pub struct TransformInstance {
+/// A store with its limits and captured output: what every plugin instance runs in.
+struct Sandbox {
     store: Store<HostState>,
-    bindings: bindings::TransformPlugin,
     limits: Limits,
     stdout: CappedPipe,
     stderr: CappedPipe,
-    declared: Option<SchemaRef>,
     poisoned: bool,
     stderr_tail: String,
 }
 
-impl TransformInstance {
-    /// A fresh instance with its own store, limits and secret grants.
-    pub fn new(
-        plugin: &LoadedPlugin,
-        limits: Limits,
-        secrets: Arc<HashMap<String, Vec<u8>>>,
-        log: LogSink,
-    ) -> Result<Self> {
+impl Sandbox {
+    fn new(engine: &Engine, limits: Limits, secrets: Arc<HashMap<String, Vec<u8>>>, log: LogSink) -> Sandbox {
         let stdout = CappedPipe::new(limits.output_cap);
         let stderr = CappedPipe::new(limits.output_cap);
         let wasi = WasiCtxBuilder::new()
@@ -465,119 +476,31 @@ impl TransformInstance {
             counters: HashMap::new(),
             log,
         };
-        let mut store = Store::new(&plugin.engine, state);
+        let mut store = Store::new(engine, state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
         store.set_epoch_deadline(deadline_ticks(limits.timeout));
-        let bindings = plugin.pre.instantiate(&mut store).map_err(|e| {
-            let memory = store.data().memory_hit;
-            let tail = String::from_utf8_lossy(&stderr.drain().0).into_owned();
-            let mut inst_err = classify(e, memory, limits, tail);
-            if let CallError::Trap { message, .. } = &mut inst_err {
-                *message = format!("could not be instantiated: {message}");
-            }
-            Error::Call(inst_err)
-        })?;
-        Ok(TransformInstance {
-            store,
-            bindings,
-            limits,
-            stdout,
-            stderr,
-            declared: None,
-            poisoned: false,
-            stderr_tail: String::new(),
-        })
+        Sandbox { store, limits, stdout, stderr, poisoned: false, stderr_tail: String::new() }
     }
 
-    /// Counters the plugin added so far.
-    pub fn counters(&self) -> &HashMap<String, i64> {
-        &self.store.data().counters
-    }
-
-    /// Call `init`; returns the declared output schema.
-    pub fn init(
-        &mut self,
-        config_json: &str,
-        input: &SchemaRef,
-        ctx: &weir_sdk::Context,
-    ) -> Result<SchemaRef, CallError> {
-        let schema_bytes = weir_sdk::ipc::encode_schema(input)
-            .map_err(|e| CallError::Internal(format!("host could not encode the input schema: {e}")))?;
-        let ctx = wit_types::Context {
-            pipeline: ctx.pipeline.clone(),
-            step: ctx.step.clone(),
-            plugin: ctx.plugin.clone(),
-            partition: ctx.partition.clone(),
-        };
-        let out = self.call(|b, s| b.weir_plugin_transform().call_init(s, config_json, &schema_bytes, &ctx))?;
-        let schema = decode_guarded(&out).map(|(s, _)| s).map_err(CallError::BadOutput)?;
-        self.declared = Some(schema.clone());
-        Ok(schema)
-    }
-
-    /// One batch in; the batches out, each checked against the declared schema.
-    pub fn process(&mut self, batch: &RecordBatch) -> Result<Vec<RecordBatch>, CallError> {
-        let bytes = weir_sdk::ipc::encode(&batch.schema(), std::slice::from_ref(batch))
-            .map_err(|e| CallError::Internal(format!("host could not encode a batch: {e}")))?;
-        let out = self.call(|b, s| b.weir_plugin_transform().call_process(s, &bytes))?;
-        self.check_output(&out)
-    }
-
-    /// End of input.
-    pub fn finish(&mut self) -> Result<Vec<RecordBatch>, CallError> {
-        let out = self.call(|b, s| b.weir_plugin_transform().call_finish(s))?;
-        self.check_output(&out)
-    }
-
-    /// The plugin's checkpoint state (none when it keeps no state across batches).
-    pub fn snapshot(&mut self) -> Result<Option<Vec<u8>>, CallError> {
-        self.call(|b, s| b.weir_plugin_transform().call_snapshot(s))
-    }
-
-    /// Hand a checkpoint state back (after init, before any batch).
-    pub fn restore(&mut self, state: &[u8]) -> Result<(), CallError> {
-        self.call(|b, s| b.weir_plugin_transform().call_restore(s, state))
-    }
-
-    fn check_output(&self, bytes: &[u8]) -> Result<Vec<RecordBatch>, CallError> {
-        let (schema, batches) = decode_guarded(bytes).map_err(CallError::BadOutput)?;
-        let declared = self.declared.as_ref().ok_or_else(|| CallError::Internal("process before init".into()))?;
-        let mismatch = |got: &arrow_schema::Schema| CallError::SchemaMismatch {
-            got: weir_sdk::util::schema_text(got),
-            declared: weir_sdk::util::schema_text(declared),
-        };
-        if !same_shape(&schema, declared) {
-            return Err(mismatch(&schema));
+    /// The error for a failed instantiation.
+    fn instantiate_error(&mut self, e: wasmtime::Error) -> Error {
+        let tail = String::from_utf8_lossy(&self.stderr.drain().0).into_owned();
+        let mut err = classify(e, self.store.data().memory_hit, self.limits, tail);
+        if let CallError::Trap { message, .. } = &mut err {
+            *message = format!("could not be instantiated: {message}");
         }
-        let mut out = Vec::with_capacity(batches.len());
-        for b in batches {
-            if b.num_rows() == 0 {
-                continue;
-            }
-            // Re-stamp with the declared schema: this also checks declared non-null columns.
-            let b = RecordBatch::try_new(declared.clone(), b.columns().to_vec()).map_err(|e| {
-                CallError::SchemaMismatch {
-                    got: format!("{} ({e})", weir_sdk::util::schema_text(&b.schema())),
-                    declared: weir_sdk::util::schema_text(declared),
-                }
-            })?;
-            out.push(b);
-        }
-        Ok(out)
+        Error::Call(err)
     }
 
     fn call<T>(
         &mut self,
-        f: impl FnOnce(
-            &bindings::TransformPlugin,
-            &mut Store<HostState>,
-        ) -> wasmtime::Result<std::result::Result<T, wit_types::PluginError>>,
+        f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<std::result::Result<T, wit_types::PluginError>>,
     ) -> Result<T, CallError> {
         if self.poisoned {
             return Err(CallError::Internal("instance is unusable after an earlier trap".into()));
         }
         self.store.set_epoch_deadline(deadline_ticks(self.limits.timeout));
-        let result = f(&self.bindings, &mut self.store);
+        let result = f(&mut self.store);
         self.forward_output();
         match result {
             Ok(Ok(v)) => Ok(v),
@@ -624,6 +547,183 @@ impl TransformInstance {
                 }
             }
         }
+    }
+}
+
+fn wrong_world(plugin: &LoadedPlugin, wanted: &str) -> Error {
+    Error::Incompatible {
+        path: plugin.info.path.clone(),
+        message: format!(
+            "is a {} plugin, but is used as a {wanted} plugin",
+            plugin.info.world.as_deref().unwrap_or("unknown")
+        ),
+    }
+}
+
+/// One sandboxed instance of a transform plugin.
+pub struct TransformInstance {
+    sb: Sandbox,
+    bindings: bindings::TransformPlugin,
+    declared: Option<SchemaRef>,
+}
+
+impl TransformInstance {
+    /// A fresh instance with its own store, limits and secret grants.
+    pub fn new(
+        plugin: &LoadedPlugin,
+        limits: Limits,
+        secrets: Arc<HashMap<String, Vec<u8>>>,
+        log: LogSink,
+    ) -> Result<Self> {
+        let Prepared::Transform(pre) = &plugin.pre else { return Err(wrong_world(plugin, "transform")) };
+        let mut sb = Sandbox::new(&plugin.engine, limits, secrets, log);
+        let bindings = pre.instantiate(&mut sb.store).map_err(|e| sb.instantiate_error(e))?;
+        Ok(TransformInstance { sb, bindings, declared: None })
+    }
+
+    /// Counters the plugin added so far.
+    pub fn counters(&self) -> &HashMap<String, i64> {
+        &self.sb.store.data().counters
+    }
+
+    /// Call `init`; returns the declared output schema.
+    pub fn init(
+        &mut self,
+        config_json: &str,
+        input: &SchemaRef,
+        ctx: &weir_sdk::Context,
+    ) -> Result<SchemaRef, CallError> {
+        let schema_bytes = weir_sdk::ipc::encode_schema(input)
+            .map_err(|e| CallError::Internal(format!("host could not encode the input schema: {e}")))?;
+        let ctx = wit_context(ctx);
+        let b = &self.bindings;
+        let out = self.sb.call(|s| b.weir_plugin_transform().call_init(s, config_json, &schema_bytes, &ctx))?;
+        let schema = decode_guarded(&out).map(|(s, _)| s).map_err(CallError::BadOutput)?;
+        self.declared = Some(schema.clone());
+        Ok(schema)
+    }
+
+    /// One batch in; the batches out, each checked against the declared schema.
+    pub fn process(&mut self, batch: &RecordBatch) -> Result<Vec<RecordBatch>, CallError> {
+        let bytes = weir_sdk::ipc::encode(&batch.schema(), std::slice::from_ref(batch))
+            .map_err(|e| CallError::Internal(format!("host could not encode a batch: {e}")))?;
+        let b = &self.bindings;
+        let out = self.sb.call(|s| b.weir_plugin_transform().call_process(s, &bytes))?;
+        self.check_output(&out)
+    }
+
+    /// End of input.
+    pub fn finish(&mut self) -> Result<Vec<RecordBatch>, CallError> {
+        let b = &self.bindings;
+        let out = self.sb.call(|s| b.weir_plugin_transform().call_finish(s))?;
+        self.check_output(&out)
+    }
+
+    /// The plugin's checkpoint state (none when it keeps no state across batches).
+    pub fn snapshot(&mut self) -> Result<Option<Vec<u8>>, CallError> {
+        let b = &self.bindings;
+        self.sb.call(|s| b.weir_plugin_transform().call_snapshot(s))
+    }
+
+    /// Hand a checkpoint state back (after init, before any batch).
+    pub fn restore(&mut self, state: &[u8]) -> Result<(), CallError> {
+        let b = &self.bindings;
+        self.sb.call(|s| b.weir_plugin_transform().call_restore(s, state))
+    }
+
+    fn check_output(&self, bytes: &[u8]) -> Result<Vec<RecordBatch>, CallError> {
+        let (schema, batches) = decode_guarded(bytes).map_err(CallError::BadOutput)?;
+        let declared = self.declared.as_ref().ok_or_else(|| CallError::Internal("process before init".into()))?;
+        let mismatch = |got: &arrow_schema::Schema| CallError::SchemaMismatch {
+            got: weir_sdk::util::schema_text(got),
+            declared: weir_sdk::util::schema_text(declared),
+        };
+        if !same_shape(&schema, declared) {
+            return Err(mismatch(&schema));
+        }
+        let mut out = Vec::with_capacity(batches.len());
+        for b in batches {
+            if b.num_rows() == 0 {
+                continue;
+            }
+            // Re-stamp with the declared schema: this also checks declared non-null columns.
+            let b = RecordBatch::try_new(declared.clone(), b.columns().to_vec()).map_err(|e| {
+                CallError::SchemaMismatch {
+                    got: format!("{} ({e})", weir_sdk::util::schema_text(&b.schema())),
+                    declared: weir_sdk::util::schema_text(declared),
+                }
+            })?;
+            out.push(b);
+        }
+        Ok(out)
+    }
+}
+
+fn wit_context(ctx: &weir_sdk::Context) -> wit_types::Context {
+    wit_types::Context {
+        pipeline: ctx.pipeline.clone(),
+        step: ctx.step.clone(),
+        plugin: ctx.plugin.clone(),
+        partition: ctx.partition.clone(),
+    }
+}
+
+/// A quality rule's judgement of one batch, as the host sees it.
+#[derive(Debug, Clone, Default)]
+pub struct RuleBatch {
+    pub failed_rows: Vec<u32>,
+    pub reasons: Vec<String>,
+}
+
+/// A quality rule's verdict on the partition.
+#[derive(Debug, Clone, Default)]
+pub struct RuleVerdict {
+    pub passed: bool,
+    pub observed: Option<String>,
+    pub message: String,
+}
+
+/// One sandboxed instance of a quality-rule plugin.
+pub struct RuleInstance {
+    sb: Sandbox,
+    bindings: rule_bindings::QualityRulePlugin,
+}
+
+impl RuleInstance {
+    pub fn new(plugin: &LoadedPlugin, limits: Limits, log: LogSink) -> Result<Self> {
+        let Prepared::Rule(pre) = &plugin.pre else { return Err(wrong_world(plugin, "quality-rule")) };
+        let mut sb = Sandbox::new(&plugin.engine, limits, Arc::default(), log);
+        let bindings = pre.instantiate(&mut sb.store).map_err(|e| sb.instantiate_error(e))?;
+        Ok(RuleInstance { sb, bindings })
+    }
+
+    pub fn init(&mut self, config_json: &str, input: &SchemaRef, ctx: &weir_sdk::Context) -> Result<(), CallError> {
+        let schema_bytes = weir_sdk::ipc::encode_schema(input)
+            .map_err(|e| CallError::Internal(format!("host could not encode the input schema: {e}")))?;
+        let ctx = wit_context(ctx);
+        let b = &self.bindings;
+        self.sb.call(|s| b.weir_plugin_quality_rule().call_init(s, config_json, &schema_bytes, &ctx))
+    }
+
+    /// Judge one batch; row indices are checked against the batch.
+    pub fn check(&mut self, batch: &RecordBatch) -> Result<RuleBatch, CallError> {
+        let bytes = weir_sdk::ipc::encode(&batch.schema(), std::slice::from_ref(batch))
+            .map_err(|e| CallError::Internal(format!("host could not encode a batch: {e}")))?;
+        let b = &self.bindings;
+        let v = self.sb.call(|s| b.weir_plugin_quality_rule().call_check(s, &bytes))?;
+        if let Some(bad) = v.failed_rows.iter().find(|r| **r as usize >= batch.num_rows()) {
+            return Err(CallError::BadOutput(format!(
+                "failed row {bad} is outside the batch of {} rows",
+                batch.num_rows()
+            )));
+        }
+        Ok(RuleBatch { failed_rows: v.failed_rows, reasons: v.reasons })
+    }
+
+    pub fn finish(&mut self) -> Result<RuleVerdict, CallError> {
+        let b = &self.bindings;
+        let v = self.sb.call(|s| b.weir_plugin_quality_rule().call_finish(s))?;
+        Ok(RuleVerdict { passed: v.passed, observed: v.observed, message: v.message })
     }
 }
 

@@ -57,16 +57,51 @@ pub enum RelTarget {
 /// The kinds of check.
 #[derive(Debug, Clone)]
 pub enum Kind {
-    NotNull { column: String },
-    AcceptedValues { column: String, values: HashSet<String> },
-    Range { column: String, min: Option<f64>, max: Option<f64> },
-    Regex { column: String, pattern: regex::Regex },
-    Unique { columns: Vec<String> },
-    Relationships { column: String, target: RelTarget, target_column: String },
-    RowCount { min: Option<u64>, max: Option<u64> },
-    Volume { max_change: f64 },
-    Freshness { column: String, max_age_secs: i64 },
-    Anomaly { metric: Metric, runs: usize, z: f64 },
+    NotNull {
+        column: String,
+    },
+    AcceptedValues {
+        column: String,
+        values: HashSet<String>,
+    },
+    Range {
+        column: String,
+        min: Option<f64>,
+        max: Option<f64>,
+    },
+    Regex {
+        column: String,
+        pattern: regex::Regex,
+    },
+    Unique {
+        columns: Vec<String>,
+    },
+    Relationships {
+        column: String,
+        target: RelTarget,
+        target_column: String,
+    },
+    RowCount {
+        min: Option<u64>,
+        max: Option<u64>,
+    },
+    Volume {
+        max_change: f64,
+    },
+    Freshness {
+        column: String,
+        max_age_secs: i64,
+    },
+    Anomaly {
+        metric: Metric,
+        runs: usize,
+        z: f64,
+    },
+    /// A quality-rule plugin (`check = "plugin"`): per-row verdicts and a final verdict.
+    Plugin {
+        plugin: String,
+        config_json: String,
+    },
 }
 
 impl Kind {
@@ -79,6 +114,7 @@ impl Kind {
                 | Kind::Regex { .. }
                 | Kind::Unique { .. }
                 | Kind::Relationships { .. }
+                | Kind::Plugin { .. }
         )
     }
 
@@ -156,6 +192,10 @@ pub struct Checker {
     quarantine_schema: SchemaRef,
     run_id: i64,
     partition: String,
+    /// Quality-rule plugin instances, by check index.
+    rules: HashMap<usize, crate::plugin::RuleInstance>,
+    /// A rule plugin that failed (trap, deadline, bad answer): its check fails with this.
+    rule_errors: HashMap<usize, String>,
 }
 
 fn formatter(array: &dyn Array) -> Option<ArrayFormatter<'_>> {
@@ -213,7 +253,15 @@ impl Checker {
             quarantine_schema: Arc::new(Schema::new(fields)),
             run_id,
             partition: partition.unwrap_or("__all__").to_string(),
+            rules: HashMap::new(),
+            rule_errors: HashMap::new(),
         })
+    }
+
+    /// Hand over the initialised instances of the step's plugin checks (by check index).
+    pub fn with_rules(mut self, rules: HashMap<usize, crate::plugin::RuleInstance>) -> Self {
+        self.rules = rules;
+        self
     }
 
     /// The schema of quarantined rows: the output's columns plus run, partition, check, reason.
@@ -368,6 +416,29 @@ impl Checker {
                     }
                 }
             }
+            Kind::Plugin { plugin, .. } => {
+                if self.rule_errors.contains_key(&ci) {
+                    return Ok(out);
+                }
+                let Some(rule) = self.rules.get_mut(&ci) else { return Ok(out) };
+                match rule.check(batch) {
+                    Ok(v) => {
+                        for (i, row) in v.failed_rows.iter().enumerate() {
+                            let why = v
+                                .reasons
+                                .get(i)
+                                .or(v.reasons.first())
+                                .cloned()
+                                .unwrap_or_else(|| format!("rejected by {plugin}"));
+                            out.push((*row as usize, why));
+                        }
+                    }
+                    Err(e) => {
+                        self.rule_errors.insert(ci, format!("the rule plugin `{plugin}` failed: {e}"));
+                        self.rules.remove(&ci);
+                    }
+                }
+            }
             Kind::Relationships { column, target, target_column } => {
                 let a = col(column)?;
                 let f = formatter(a.as_ref()).ok_or("cannot format values")?;
@@ -389,7 +460,26 @@ impl Checker {
     }
 
     /// End of input: every check's result.
-    pub fn finish(&self, history: &History) -> Vec<CheckResult> {
+    pub fn finish(&mut self, history: &History) -> Vec<CheckResult> {
+        // plugin checks give their verdict first; a failure there fails the check
+        let mut verdicts: HashMap<usize, crate::plugin::RuleVerdict> = HashMap::new();
+        let indices: Vec<usize> = self.rules.keys().copied().collect();
+        for ci in indices {
+            if let Some(mut rule) = self.rules.remove(&ci) {
+                match rule.finish() {
+                    Ok(v) => {
+                        verdicts.insert(ci, v);
+                    }
+                    Err(e) => {
+                        let plugin = match &self.checks[ci].kind {
+                            Kind::Plugin { plugin, .. } => plugin.clone(),
+                            _ => String::new(),
+                        };
+                        self.rule_errors.insert(ci, format!("the rule plugin `{plugin}` failed at the end: {e}"));
+                    }
+                }
+            }
+        }
         let mut out = Vec::new();
         for (ci, c) in self.checks.iter().enumerate() {
             let st = &self.states[ci];
@@ -413,6 +503,16 @@ impl Checker {
                 r.threshold = format!("at most {allowed} (tolerance {})", c.tolerance);
                 // quarantined rows are handled: the check fails (is reported) only past tolerance
                 r.passed = st.failing <= allowed;
+                if let Some(err) = self.rule_errors.get(&ci) {
+                    r.passed = false;
+                    r.observed = err.clone();
+                } else if let Some(v) = verdicts.get(&ci) {
+                    r.passed &= v.passed;
+                    let said = v.observed.clone().unwrap_or_else(|| v.message.clone());
+                    if !said.is_empty() {
+                        r.observed = format!("{}; the rule says: {said}", r.observed);
+                    }
+                }
                 out.push(r);
                 continue;
             }
