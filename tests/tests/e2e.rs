@@ -225,7 +225,7 @@ fn orders_example_end_to_end() {
     assert!(runs.iter().all(|r| r["status"] == "SUCCESS"));
     assert_eq!(runs[0]["attempt"], 2, "the forced rerun is attempt 2 of the same fingerprint");
     assert_eq!(runs[0]["steps"][0]["rows_written"].as_u64().unwrap(), latest.len() as u64);
-    assert_eq!(runs[0]["plugins"].as_object().unwrap().len(), 4);
+    assert_eq!(runs[0]["plugins"].as_object().unwrap().len(), 5, "four transforms and a quality rule");
     let show = weir(dir.path(), &["runs", "--pipeline", "pipeline.toml", "show", &runs[1]["id"].to_string()]);
     assert_eq!(show.code, 0, "{}", show.stderr);
     assert!(show.stdout.contains("SUCCESS") && show.stdout.contains("plugin    mask"), "{}", show.stdout);
