@@ -7,7 +7,7 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
   echo "==> rustup target add wasm32-wasip2"
   rustup target add wasm32-wasip2
 fi
-plugins=(mask dedup cast aggregate formats hostile hostile-rule)
+plugins=(mask dedup cast aggregate filter formats hostile hostile-rule)
 args=()
 for p in "${plugins[@]}"; do args+=(-p "weir-plugin-$p"); done
 echo "==> building plugins: ${plugins[*]}"

@@ -17,7 +17,7 @@ cargo fmt --all -- --check
 echo "==> clippy (host, wasm32-wasip2)"
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo clippy --release --target wasm32-wasip2 -p weir-sdk -p weir-plugin-mask -p weir-plugin-dedup \
-  -p weir-plugin-cast -p weir-plugin-aggregate -p weir-plugin-hostile -p weir-plugin-formats \
+  -p weir-plugin-cast -p weir-plugin-aggregate -p weir-plugin-hostile -p weir-plugin-formats -p weir-plugin-filter \
   -p weir-plugin-hostile-rule -- -D warnings
 
 echo "==> building weir"
@@ -32,3 +32,7 @@ target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import js
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/readers.py
 echo "==> check results against DuckDB"
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/checks.py
+
+echo "==> benchmark harness at its smallest scale: every runner's output equals native's"
+cargo build --release -p weir-bench
+WEIR_PYTHON="$py" "$target_dir/release/weir-bench" run --rows 3000 --check-only --dir "$target_dir/bench-check"

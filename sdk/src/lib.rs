@@ -68,6 +68,8 @@ pub use arrow_cast;
 pub use arrow_schema;
 pub use arrow_select;
 pub use serde;
+/// For configs with untyped values (`serde_json::Value`).
+pub use serde_json;
 
 pub use error::{Error, Result};
 pub use runner::{RawTransform, Typed};

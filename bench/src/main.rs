@@ -1,0 +1,673 @@
+//! weir-bench: the benchmark harness.
+//!
+//! `weir-bench run --rows 10000000` generates a seeded `events` table (Parquet, zstd), runs
+//! four workloads (W1 PII mask, W2 filter + cast, W3 dedup, W4 group-by) with every runner
+//! (weir with its Wasm plugins, native arrow-rs, DuckDB, Polars, pandas), checks that every
+//! runner's output has the same order-insensitive checksum as the native one before its time
+//! counts, and prints a table (median wall time, rows/s, peak RSS, ratios). `--check-only`
+//! runs each once on small data and only compares outputs (the test suite does this).
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use arrow_array::builder::{BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int64Type};
+use arrow_array::{Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use clap::{Parser, Subcommand};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use sha2::{Digest, Sha256};
+
+/// The HMAC key every runner uses for W1.
+const KEY: &[u8] = b"bench-key";
+const WORKLOADS: [&str; 4] = ["W1", "W2", "W3", "W4"];
+const BATCH: usize = 64 * 1024;
+
+#[derive(Parser)]
+#[command(name = "weir-bench", about = "weir's benchmark harness: weir vs native vs DuckDB, Polars, pandas")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write the seeded events table.
+    Generate {
+        #[arg(long, default_value_t = 10_000_000)]
+        rows: usize,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Run one workload natively (arrow-rs, one thread): the floor for weir's design.
+    Native {
+        #[arg(long)]
+        workload: String,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Print the order-insensitive checksum of a Parquet file or dataset directory.
+    Checksum { path: PathBuf },
+    /// Run the workloads with every runner and report.
+    Run {
+        /// Rows of the events table (the targets are judged at 10M and 40M).
+        #[arg(long, default_value_t = 10_000_000)]
+        rows: usize,
+        /// Timed repetitions per runner (the median counts).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Workloads, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = WORKLOADS.map(String::from))]
+        workloads: Vec<String>,
+        /// Runners, comma-separated: weir, native, duckdb, duckdb-sha256, polars, pandas.
+        #[arg(long, value_delimiter = ',', default_values_t = ["weir", "native", "duckdb", "duckdb-sha256", "polars", "pandas"].map(String::from))]
+        runners: Vec<String>,
+        /// Where data and outputs go.
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
+        /// Run each runner once and only compare outputs (no report).
+        #[arg(long)]
+        check_only: bool,
+        /// Write the markdown report here (and JSON beside it).
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Generate { rows, out, seed } => generate(rows, &out, seed),
+        Cmd::Native { workload, input, output } => native(&workload, &input, &output),
+        Cmd::Checksum { path } => {
+            let (rows, sum) = checksum(&path)?;
+            println!("{rows} {sum:016x}");
+            Ok(())
+        }
+        Cmd::Run { rows, repeat, workloads, runners, dir, check_only, report } => {
+            run(rows, repeat, &workloads, &runners, &dir, check_only, report.as_deref())
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Data
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // splitmix64
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+fn events_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("event_id", DataType::Int64, false),
+        Field::new("user_id", DataType::Int64, false),
+        Field::new("email", DataType::Utf8, false),
+        Field::new("name", DataType::Utf8, true),
+        Field::new("country", DataType::Utf8, false),
+        Field::new("category", DataType::Int32, false),
+        Field::new("amount", DataType::Float64, false),
+        Field::new("ts", DataType::Utf8, false),
+        Field::new("flag", DataType::Boolean, false),
+    ]))
+}
+
+fn props() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+        .set_max_row_group_row_count(Some(1 << 20))
+        .build()
+}
+
+fn generate(rows: usize, out: &Path, seed: u64) -> Result<()> {
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = out.with_extension("tmp");
+    let schema = events_schema();
+    let mut w = ArrowWriter::try_new(File::create(&tmp)?, schema.clone(), Some(props()))?;
+    let mut rng = Rng(seed);
+    let users = (rows / 10).clamp(1, 1_000_000) as u64;
+    let mut i = 0usize;
+    while i < rows {
+        let n = BATCH.min(rows - i);
+        let (mut ev, mut us, mut em, mut na, mut co) = (
+            Int64Builder::new(),
+            Int64Builder::new(),
+            StringBuilder::new(),
+            StringBuilder::new(),
+            StringBuilder::new(),
+        );
+        let (mut ca, mut am, mut ts, mut fl) =
+            (Int32Builder::new(), Float64Builder::new(), StringBuilder::new(), BooleanBuilder::new());
+        for k in 0..n {
+            let row = (i + k) as u64;
+            // about 10% of event ids repeat an earlier one
+            let id = if row > 0 && rng.next().is_multiple_of(10) { rng.next() % row } else { row };
+            let user = rng.next() % users;
+            ev.append_value(id as i64);
+            us.append_value(user as i64);
+            em.append_value(format!("user{user}.{}@example.com", rng.next() % 1000));
+            na.append_value(format!("Name {}", rng.next() % 10_000));
+            co.append_value(format!("C{:03}", rng.next() % 200));
+            ca.append_value((rng.next() % 50) as i32);
+            am.append_value((rng.next() % 100_000) as f64 / 100.0);
+            let secs = 1_704_067_200 + (rng.next() % (365 * 86_400)) as i64;
+            let t = weir::store::format_time(secs * 1000);
+            ts.append_value(format!("{}T{}", &t[..10], &t[11..19]));
+            fl.append_value(rng.next() & 1 == 1);
+        }
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(ev.finish()),
+            Arc::new(us.finish()),
+            Arc::new(em.finish()),
+            Arc::new(na.finish()),
+            Arc::new(co.finish()),
+            Arc::new(ca.finish()),
+            Arc::new(am.finish()),
+            Arc::new(ts.finish()),
+            Arc::new(fl.finish()),
+        ];
+        w.write(&RecordBatch::try_new(schema.clone(), cols)?)?;
+        i += n;
+    }
+    w.close()?;
+    std::fs::rename(&tmp, out)?;
+    Ok(())
+}
+
+fn read_batches(path: &Path) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
+    let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
+    Ok(ParquetRecordBatchReaderBuilder::try_new(f)?.with_batch_size(BATCH).build()?.map(|b| b.map_err(Into::into)))
+}
+
+// ------------------------------------------------------------------------------------------
+// Native runners: the same logic in plain arrow-rs
+
+const W2_COUNTRIES: usize = 100; // C000..C099: half of them
+
+fn native(workload: &str, input: &Path, output: &Path) -> Result<()> {
+    let mut writer: Option<ArrowWriter<File>> = None;
+    let mut write = |b: RecordBatch| -> Result<()> {
+        if writer.is_none() {
+            writer = Some(ArrowWriter::try_new(File::create(output)?, b.schema(), Some(props()))?);
+        }
+        writer.as_mut().expect("created").write(&b)?;
+        Ok(())
+    };
+    match workload {
+        "W1" => {
+            for b in read_batches(input)? {
+                let b = b?;
+                let email = b.column(2).as_string::<i32>();
+                let offsets: Vec<u32> = email.value_offsets().iter().map(|o| *o as u32).collect();
+                let hex = weir_sdk::hashing::hash_strings(Some(KEY), &offsets, email.value_data())
+                    .map_err(anyhow::Error::msg)?;
+                let n = email.len();
+                let hashed: arrow_array::StringArray =
+                    (0..n).map(|i| Some(std::str::from_utf8(&hex[i * 64..(i + 1) * 64]).unwrap_or(""))).collect();
+                let mut cols = b.columns().to_vec();
+                cols[2] = Arc::new(hashed);
+                cols[3] = arrow_array::new_null_array(&DataType::Utf8, n);
+                write(RecordBatch::try_new(b.schema(), cols)?)?;
+            }
+        }
+        "W2" => {
+            let keep: HashSet<String> = (0..W2_COUNTRIES).map(|c| format!("C{c:03}")).collect();
+            let schema = w2_schema();
+            for b in read_batches(input)? {
+                let b = b?;
+                let amount = b.column(6).as_primitive::<Float64Type>();
+                let country = b.column(4).as_string::<i32>();
+                let mask: BooleanArray = (0..b.num_rows())
+                    .map(|r| Some(amount.value(r) > 400.0 && keep.contains(country.value(r))))
+                    .collect();
+                let f = arrow_select::filter::filter_record_batch(&b, &mask)?;
+                let cols: Vec<ArrayRef> = vec![
+                    f.column(0).clone(),
+                    f.column(1).clone(),
+                    f.column(4).clone(),
+                    arrow_cast::cast(f.column(5), &DataType::Int64)?,
+                    f.column(6).clone(),
+                    arrow_cast::cast(f.column(7), &DataType::Timestamp(TimeUnit::Microsecond, None))?,
+                ];
+                write(RecordBatch::try_new(schema.clone(), cols)?)?;
+            }
+        }
+        "W3" => {
+            let mut seen: HashSet<i64> = HashSet::new();
+            for b in read_batches(input)? {
+                let b = b?;
+                let ids = b.column(0).as_primitive::<Int64Type>();
+                let mask: BooleanArray = ids.values().iter().map(|id| Some(seen.insert(*id))).collect();
+                write(arrow_select::filter::filter_record_batch(&b, &mask)?)?;
+            }
+        }
+        "W4" => {
+            let mut index: HashMap<i64, usize> = HashMap::new();
+            let (mut keys, mut sums, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+            for b in read_batches(input)? {
+                let b = b?;
+                let users = b.column(1).as_primitive::<Int64Type>();
+                let amounts = b.column(6).as_primitive::<Float64Type>();
+                for (u, a) in users.values().iter().zip(amounts.values().iter()) {
+                    let g = *index.entry(*u).or_insert_with(|| {
+                        keys.push(*u);
+                        sums.push(0.0);
+                        counts.push(0i64);
+                        keys.len() - 1
+                    });
+                    sums[g] += a;
+                    counts[g] += 1;
+                }
+            }
+            let avg: Vec<f64> = sums.iter().zip(&counts).map(|(s, c)| s / *c as f64).collect();
+            let schema = Arc::new(Schema::new(vec![
+                Field::new("user_id", DataType::Int64, false),
+                Field::new("amount_sum", DataType::Float64, true),
+                Field::new("n", DataType::Int64, false),
+                Field::new("amount_avg", DataType::Float64, true),
+            ]));
+            write(RecordBatch::try_new(
+                schema,
+                vec![
+                    Arc::new(Int64Array::from(keys)),
+                    Arc::new(Float64Array::from(sums)),
+                    Arc::new(Int64Array::from(counts)),
+                    Arc::new(Float64Array::from(avg)),
+                ],
+            )?)?;
+        }
+        other => bail!("unknown workload {other}"),
+    }
+    if let Some(w) = writer {
+        w.close()?;
+    }
+    Ok(())
+}
+
+fn w2_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("event_id", DataType::Int64, false),
+        Field::new("user_id", DataType::Int64, false),
+        Field::new("country", DataType::Utf8, false),
+        Field::new("category", DataType::Int64, false),
+        Field::new("amount", DataType::Float64, false),
+        Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, None), true),
+    ]))
+}
+
+// ------------------------------------------------------------------------------------------
+// Checksums: equal row multisets give equal sums, whatever the order, file split or writer
+
+fn cell(array: &dyn Array, row: usize) -> String {
+    if array.is_null(row) {
+        return "\u{2205}".into();
+    }
+    match array.data_type() {
+        DataType::Float64 => float_cell(array.as_primitive::<Float64Type>().value(row)),
+        DataType::Float32 => float_cell(array.as_primitive::<arrow_array::types::Float32Type>().value(row) as f64),
+        DataType::Timestamp(_, _) => {
+            let t = arrow_cast::cast(&array.slice(row, 1), &DataType::Timestamp(TimeUnit::Microsecond, None)).ok();
+            t.map(|t| t.as_primitive::<arrow_array::types::TimestampMicrosecondType>().value(0).to_string())
+                .unwrap_or_default()
+        }
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+            let s = arrow_cast::cast(&array.slice(row, 1), &DataType::Utf8).ok();
+            s.map(|s| s.as_string::<i32>().value(0).to_string()).unwrap_or_default()
+        }
+        _ => arrow_cast::display::ArrayFormatter::try_new(array, &Default::default())
+            .map(|f| f.value(row).to_string())
+            .unwrap_or_default(),
+    }
+}
+
+/// A float as 1e-4 units: first rounded to 1e-9 (dropping the noise of a different
+/// summation order), then half away from zero, so engines that add in another order agree.
+fn float_cell(v: f64) -> String {
+    if !v.is_finite() {
+        return v.to_string();
+    }
+    let nano = (v * 1e9).round() as i128;
+    let q = (nano + nano.signum() * 50_000) / 100_000;
+    q.to_string()
+}
+
+fn parquet_files(path: &Path, out: &mut Vec<PathBuf>) {
+    if path.is_file() {
+        out.push(path.to_path_buf());
+    } else if let Ok(entries) = std::fs::read_dir(path) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let hidden = e.file_name().to_string_lossy().starts_with('.');
+            if p.is_dir() && !hidden {
+                parquet_files(&p, out);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                out.push(p);
+            }
+        }
+    }
+}
+
+/// (rows, wrapping sum over rows of the first 8 bytes of sha256(row text)); columns in name
+/// order, values normalised (floats to 4 decimals, timestamps to microseconds).
+fn checksum(path: &Path) -> Result<(u64, u64)> {
+    let mut files = Vec::new();
+    parquet_files(path, &mut files);
+    if files.is_empty() {
+        bail!("no Parquet output at {}", path.display());
+    }
+    let (mut rows, mut sum) = (0u64, 0u64);
+    for f in files {
+        for b in read_batches(&f)? {
+            let b = b?;
+            let schema = b.schema();
+            let mut order: Vec<usize> = (0..b.num_columns()).collect();
+            order.sort_by(|x, y| schema.field(*x).name().cmp(schema.field(*y).name()));
+            for r in 0..b.num_rows() {
+                let mut h = Sha256::new();
+                for &c in &order {
+                    h.update(schema.field(c).name().as_bytes());
+                    h.update(b"=");
+                    h.update(cell(b.column(c).as_ref(), r).as_bytes());
+                    h.update(b"\x1f");
+                }
+                let d = h.finalize();
+                sum = sum.wrapping_add(u64::from_le_bytes(d[..8].try_into().expect("8 bytes")));
+                rows += 1;
+            }
+        }
+    }
+    Ok((rows, sum))
+}
+
+// ------------------------------------------------------------------------------------------
+// The harness
+
+fn weir_pipeline(workload: &str, input: &Path, output: &Path, plugins: &Path, key: &Path) -> String {
+    let transforms = match workload {
+        "W1" => r#"[[steps.out.transforms]]
+plugin = "mask"
+config.columns = { email = { method = "hmac", secret = "key" }, name = { method = "null" } }"#
+            .to_string(),
+        "W2" => {
+            let countries: Vec<String> = (0..W2_COUNTRIES).map(|c| format!("\"C{c:03}\"")).collect();
+            format!(
+                r#"[[steps.out.transforms]]
+plugin = "filter"
+config.where = [{{ column = "amount", op = ">", value = 400.0 }}, {{ column = "country", op = "in", values = [{}] }}]
+
+[[steps.out.transforms]]
+plugin = "cast"
+config.columns = [
+  {{ column = "event_id" }}, {{ column = "user_id" }}, {{ column = "country" }},
+  {{ column = "category", type = "int64" }}, {{ column = "amount" }}, {{ column = "ts", type = "timestamp" }},
+]"#,
+                countries.join(", ")
+            )
+        }
+        "W3" => "[[steps.out.transforms]]\nplugin = \"dedup\"\nconfig = { key = [\"event_id\"], keep = \"first\" }".into(),
+        _ => r#"[[steps.out.transforms]]
+plugin = "aggregate"
+config.group_by = ["user_id"]
+config.aggregates = [{ fn = "sum", column = "amount", as = "amount_sum" }, { fn = "count", as = "n" }, { fn = "avg", column = "amount", as = "amount_avg" }]"#
+            .into(),
+    };
+    let p = |name: &str| plugins.join(format!("{name}.wasm")).display().to_string();
+    format!(
+        r#"[pipeline]
+name = "bench_{workload}"
+checkpoint_every = 0
+state = "state-{workload}.db"
+
+[secrets]
+key = {{ file = "{key}" }}
+
+[sources.events]
+format = "parquet"
+path = "{input}"
+
+[plugins.mask]
+path = "{mask}"
+secrets = ["key"]
+[plugins.filter]
+path = "{filter}"
+[plugins.cast]
+path = "{cast}"
+[plugins.dedup]
+path = "{dedup}"
+memory_mb = 4096
+[plugins.aggregate]
+path = "{aggregate}"
+memory_mb = 4096
+timeout_ms = 600000
+
+[steps.out]
+input = "events"
+output = {{ path = "{output}" }}
+
+{transforms}
+"#,
+        key = key.display(),
+        input = input.display(),
+        output = output.display(),
+        mask = p("mask"),
+        filter = p("filter"),
+        cast = p("cast"),
+        dedup = p("dedup"),
+        aggregate = p("aggregate"),
+    )
+}
+
+struct Measure {
+    seconds: f64,
+    max_rss_kb: i64,
+}
+
+/// Run a command to completion; wall time and the child's peak RSS.
+fn measure(cmd: &mut Command) -> Result<Measure> {
+    let started = Instant::now();
+    let child = cmd.spawn().with_context(|| format!("spawn {cmd:?}"))?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting on a child we spawned, with valid pointers.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let seconds = started.elapsed().as_secs_f64();
+    std::mem::forget(child); // reaped by wait4
+    if r != pid {
+        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    if !(libc::WIFEXITED(status) && matches!(libc::WEXITSTATUS(status), 0 | 3)) {
+        bail!("{cmd:?} failed (status {status})");
+    }
+    Ok(Measure { seconds, max_rss_kb: usage.ru_maxrss })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    rows: usize,
+    repeat: usize,
+    workloads: &[String],
+    runners: &[String],
+    dir: &Path,
+    check_only: bool,
+    report: Option<&Path>,
+) -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
+    let dir = if dir.is_absolute() { dir.to_path_buf() } else { root.join(dir) };
+    std::fs::create_dir_all(&dir)?;
+    let input = dir.join(format!("events-{rows}.parquet"));
+    if !input.exists() {
+        eprintln!("weir-bench: generating {rows} rows -> {}", input.display());
+        generate(rows, &input, 42)?;
+    }
+    let me = std::env::current_exe()?;
+    let weir_bin = me
+        .parent()
+        .map(|p| p.join("weir"))
+        .filter(|p| p.exists())
+        .context("the weir binary next to weir-bench (cargo build --release -p weir)")?;
+    let plugins = root.join("dist/plugins");
+    let key = dir.join("key");
+    std::fs::write(&key, KEY)?;
+    let python = std::env::var("WEIR_PYTHON").unwrap_or_else(|_| "python3".into());
+    let peers = root.join("bench/peers.py");
+    let repeat = if check_only { 1 } else { repeat.max(1) };
+
+    let mut results = Vec::new();
+    let (mut passed, mut failed) = (0, 0);
+    for w in workloads {
+        let mut expected: Option<(u64, u64)> = None;
+        // native first: it is the reference checksum
+        let mut order: Vec<&String> = runners.iter().filter(|r| *r == "native").collect();
+        order.extend(runners.iter().filter(|r| *r != "native"));
+        for runner in order {
+            let out = dir.join(format!("out-{w}-{runner}"));
+            let mut times = Vec::new();
+            let mut rss = 0;
+            for _ in 0..repeat {
+                let _ = std::fs::remove_dir_all(&out);
+                let _ = std::fs::remove_file(&out);
+                let m = match runner.as_str() {
+                    "native" => measure(
+                        Command::new(&me)
+                            .args(["native", "--workload", w, "--input"])
+                            .arg(&input)
+                            .arg("--output")
+                            .arg(out.with_extension("parquet")),
+                    )?,
+                    "weir" => {
+                        let toml = dir.join(format!("pipeline-{w}.toml"));
+                        std::fs::write(&toml, weir_pipeline(w, &input, &out, &plugins, &key))?;
+                        let _ = std::fs::remove_file(dir.join(format!("state-{w}.db")));
+                        measure(
+                            Command::new(&weir_bin)
+                                .args(["run", "--quiet", "--force"])
+                                .arg(&toml)
+                                .env("WEIR_CACHE_DIR", dir.join("cache")),
+                        )?
+                    }
+                    peer => measure(
+                        Command::new(&python)
+                            .arg(&peers)
+                            .args([peer, w])
+                            .arg(&input)
+                            .arg(out.with_extension("parquet"))
+                            .env("POLARS_MAX_THREADS", "2"),
+                    )?,
+                };
+                times.push(m.seconds);
+                rss = rss.max(m.max_rss_kb);
+            }
+            let produced =
+                if out.with_extension("parquet").exists() { out.with_extension("parquet") } else { out.clone() };
+            let sum = checksum(&produced)?;
+            let comparable = runner != "duckdb-sha256"; // sha256 is not HMAC: the nearest built-in, not the same output
+            let ok = match (&expected, comparable) {
+                (None, _) => {
+                    expected = Some(sum);
+                    true
+                }
+                (Some(e), true) => *e == sum,
+                (Some(_), false) => true,
+            };
+            if comparable {
+                if ok {
+                    passed += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            let median = times[times.len() / 2];
+            eprintln!(
+                "weir-bench: {w} {runner:<14} {median:>8.3} s  rss {:>6} MB  rows {}  {}",
+                rss / 1024,
+                sum.0,
+                if !comparable {
+                    "(not comparable)"
+                } else if ok {
+                    "checksum ok"
+                } else {
+                    "CHECKSUM MISMATCH"
+                }
+            );
+            results.push(serde_json::json!({"workload": w, "runner": runner, "seconds": median, "rows_per_s": rows as f64 / median, "max_rss_mb": rss / 1024, "output_rows": sum.0, "checksum": format!("{:016x}", sum.1), "checksum_ok": ok, "comparable": comparable}));
+        }
+    }
+    if !check_only {
+        let md = render(rows, &results);
+        println!("{md}");
+        if let Some(path) = report {
+            std::fs::write(path, &md)?;
+            std::fs::write(path.with_extension("json"), serde_json::to_string_pretty(&results)?)?;
+        }
+    }
+    println!("bench: {passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} runner outputs differ from the native output");
+    }
+    Ok(())
+}
+
+fn render(rows: usize, results: &[serde_json::Value]) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let mut md = format!(
+        "## {rows} rows\n\nMachine: {} cores, {cpu}. Median of the timed runs; every output's checksum equals native's unless marked.\n\n| workload | runner | seconds | rows/s | peak RSS MB | vs native | output ok |\n|---|---|---:|---:|---:|---:|---|\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    for r in results {
+        let native = results
+            .iter()
+            .find(|x| x["workload"] == r["workload"] && x["runner"] == "native")
+            .and_then(|x| x["seconds"].as_f64())
+            .unwrap_or(f64::NAN);
+        let s = r["seconds"].as_f64().unwrap_or(f64::NAN);
+        md.push_str(&format!(
+            "| {} | {} | {:.3} | {:.0} | {} | {:.2}x | {} |\n",
+            r["workload"].as_str().unwrap_or(""),
+            r["runner"].as_str().unwrap_or(""),
+            s,
+            r["rows_per_s"].as_f64().unwrap_or(0.0),
+            r["max_rss_mb"],
+            s / native,
+            if r["comparable"] == false {
+                "n/a (sha256, not HMAC)"
+            } else if r["checksum_ok"] == true {
+                "yes"
+            } else {
+                "NO"
+            }
+        ));
+    }
+    md
+}

@@ -1,0 +1,182 @@
+//! `filter`: keep the rows that match every condition.
+//!
+//! ```toml
+//! [steps.big_orders.transforms.config]
+//! where = [
+//!   { column = "amount", op = ">", value = 400.0 },
+//!   { column = "country", op = "in", values = ["DE", "FR"] },
+//! ]
+//! ```
+//!
+//! Operators: `=`, `!=`, `<`, `<=`, `>`, `>=` against a number or a string `value`;
+//! `in` / `not_in` against a list of `values`; `is_null`, `not_null`. A null never matches a
+//! comparison.
+
+use std::collections::HashSet;
+
+use weir_sdk::arrow_array::{BooleanArray, Float64Array};
+use weir_sdk::arrow_cast::cast;
+use weir_sdk::arrow_select::filter::filter_record_batch;
+use weir_sdk::prelude::*;
+
+#[derive(Debug, Deserialize)]
+#[serde(crate = "weir_sdk::serde", deny_unknown_fields)]
+pub struct Config {
+    #[serde(rename = "where")]
+    conditions: Vec<Condition>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(crate = "weir_sdk::serde", deny_unknown_fields)]
+pub struct Condition {
+    column: String,
+    op: String,
+    value: Option<weir_sdk::serde_json::Value>,
+    values: Option<Vec<weir_sdk::serde_json::Value>>,
+}
+
+enum Test {
+    Num(fn(f64, f64) -> bool, f64),
+    Text(fn(&str, &str) -> bool, String),
+    In(HashSet<String>, bool),
+    Null(bool),
+}
+
+struct Plan {
+    index: usize,
+    numeric: bool,
+    test: Test,
+}
+
+pub struct Filter {
+    plans: Vec<Plan>,
+    schema: SchemaRef,
+}
+
+fn text(v: &weir_sdk::serde_json::Value) -> String {
+    match v {
+        weir_sdk::serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl Transform for Filter {
+    type Config = Config;
+
+    fn new(config: Config, input: &SchemaRef, _ctx: &Context) -> Result<Self> {
+        let mut plans = Vec::new();
+        for (i, c) in config.conditions.into_iter().enumerate() {
+            let index = require_column(input, &c.column, &[]).map_err(|e| Error::config(format!("where[{i}]: {e}")))?;
+            let numeric = input.field(index).data_type().is_numeric();
+            let need_value =
+                || c.value.clone().ok_or_else(|| Error::config(format!("where[{i}]: `{}` needs `value`", c.op)));
+            let test = match c.op.as_str() {
+                "is_null" => Test::Null(true),
+                "not_null" => Test::Null(false),
+                "in" | "not_in" => {
+                    let values = c.values.as_ref().ok_or_else(|| Error::config(format!("where[{i}]: `{}` needs `values`", c.op)))?;
+                    Test::In(values.iter().map(text).collect(), c.op == "in")
+                }
+                op @ ("=" | "!=" | "<" | "<=" | ">" | ">=") => {
+                    let v = need_value()?;
+                    let f: fn(f64, f64) -> bool = match op {
+                        "=" => |a, b| a == b,
+                        "!=" => |a, b| a != b,
+                        "<" => |a, b| a < b,
+                        "<=" => |a, b| a <= b,
+                        ">" => |a, b| a > b,
+                        _ => |a, b| a >= b,
+                    };
+                    match (numeric, v.as_f64()) {
+                        (true, Some(n)) => Test::Num(f, n),
+                        (true, None) => return Err(Error::config(format!("where[{i}]: column `{}` is numeric; compare it with a number", c.column))),
+                        (false, _) => {
+                            let g: fn(&str, &str) -> bool = match op {
+                                "=" => |a, b| a == b,
+                                "!=" => |a, b| a != b,
+                                "<" => |a, b| a < b,
+                                "<=" => |a, b| a <= b,
+                                ">" => |a, b| a > b,
+                                _ => |a, b| a >= b,
+                            };
+                            Test::Text(g, text(&v))
+                        }
+                    }
+                }
+                other => return Err(Error::config(format!("where[{i}].op: unknown operator `{other}`; use =, !=, <, <=, >, >=, in, not_in, is_null or not_null"))),
+            };
+            plans.push(Plan { index, numeric, test });
+        }
+        Ok(Filter { plans, schema: input.clone() })
+    }
+
+    fn output_schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
+        let n = batch.num_rows();
+        let mut keep = vec![true; n];
+        for p in &self.plans {
+            let col = batch.column(p.index);
+            match &p.test {
+                Test::Null(want) => (0..n).for_each(|r| keep[r] &= col.is_null(r) == *want),
+                Test::Num(f, v) if p.numeric => {
+                    let nums = cast(col, &DataType::Float64)?;
+                    let nums =
+                        nums.as_any().downcast_ref::<Float64Array>().ok_or_else(|| Error::internal("cast to f64"))?;
+                    for (r, k) in keep.iter_mut().enumerate() {
+                        *k &= nums.is_valid(r) && f(nums.value(r), *v);
+                    }
+                }
+                Test::Num(..) => {}
+                Test::Text(f, v) => {
+                    let s = cast(col, &DataType::Utf8)?;
+                    let s = s.as_string::<i32>();
+                    for (r, k) in keep.iter_mut().enumerate() {
+                        *k &= s.is_valid(r) && f(s.value(r), v);
+                    }
+                }
+                Test::In(set, want) => {
+                    let s = cast(col, &DataType::Utf8)?;
+                    let s = s.as_string::<i32>();
+                    for (r, k) in keep.iter_mut().enumerate() {
+                        *k &= s.is_valid(r) && set.contains(s.value(r)) == *want;
+                    }
+                }
+            }
+        }
+        host::counter_add("rows_kept", keep.iter().filter(|k| **k).count() as i64);
+        Ok(filter_record_batch(&batch, &BooleanArray::from(keep))?)
+    }
+}
+
+weir_sdk::export_transform!(Filter);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use weir_sdk::testing::Harness;
+
+    #[test]
+    fn keeps_rows_matching_every_condition() {
+        let b = RecordBatch::try_from_iter([
+            ("amount", Arc::new(Float64Array::from(vec![Some(10.0), Some(500.0), None, Some(800.0)])) as ArrayRef),
+            ("country", Arc::new(StringArray::from(vec!["DE", "DE", "DE", "US"])) as ArrayRef),
+        ])
+        .unwrap();
+        let cfg = r#"where = [{ column = "amount", op = ">", value = 100 }, { column = "country", op = "in", values = ["DE", "FR"] }]"#;
+        let out = Harness::<Filter>::new(cfg, &b.schema()).unwrap().run(std::slice::from_ref(&b)).unwrap();
+        assert_eq!(out.num_rows(), 1);
+        assert_eq!(out.column(0).as_primitive::<weir_sdk::arrow_array::types::Float64Type>().value(0), 500.0);
+        let e = Harness::<Filter>::new(r#"where = [{ column = "amount", op = "~" , value = 1 }]"#, &b.schema())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("unknown operator"), "{e}");
+        let e = Harness::<Filter>::new(r#"where = [{ column = "amount", op = ">" , value = "x" }]"#, &b.schema())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("compare it with a number"), "{e}");
+    }
+}
