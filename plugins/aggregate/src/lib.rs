@@ -73,6 +73,39 @@ pub struct Aggregate {
     key_values: Vec<Vec<Scalar>>,
     accs: Vec<Vec<Acc>>,
     buf: Vec<u8>,
+    /// Groups of single int64 keys, for the fast path (a cache of `groups`).
+    int_index: HashMap<i64, usize>,
+}
+
+/// Typed access to an aggregated column, so the hot loop does not match on types per row.
+enum Values<'a> {
+    Rows,
+    F64(&'a weir_sdk::arrow_array::Float64Array),
+    I64(&'a weir_sdk::arrow_array::Int64Array),
+    Any(&'a dyn Array),
+}
+
+impl<'a> Values<'a> {
+    fn of(col: Option<&'a ArrayRef>) -> Values<'a> {
+        match col {
+            None => Values::Rows,
+            Some(c) => match c.data_type() {
+                DataType::Float64 => Values::F64(c.as_primitive()),
+                DataType::Int64 => Values::I64(c.as_primitive()),
+                _ => Values::Any(c.as_ref()),
+            },
+        }
+    }
+
+    fn at(&self, row: usize) -> Result<Scalar> {
+        Ok(match self {
+            Values::Rows => Scalar::Int(1),
+            Values::F64(a) if a.is_valid(row) => Scalar::Float(a.value(row)),
+            Values::I64(a) if a.is_valid(row) => Scalar::Int(a.value(row)),
+            Values::F64(_) | Values::I64(_) => Scalar::Null,
+            Values::Any(a) => scalar_at(*a, row)?,
+        })
+    }
 }
 
 fn is_int(t: &DataType) -> bool {
@@ -139,6 +172,7 @@ impl Transform for Aggregate {
             key_values: Vec::new(),
             accs: Vec::new(),
             buf: Vec::new(),
+            int_index: HashMap::new(),
         })
     }
 
@@ -148,25 +182,41 @@ impl Transform for Aggregate {
 
     fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
         let key_cols: Vec<&ArrayRef> = self.keys.iter().map(|&i| batch.column(i)).collect();
+        let values: Vec<Values> = self.aggs.iter().map(|a| Values::of(a.column.map(|c| batch.column(c)))).collect();
+        // Fast path: one non-null int64 key, looked up without encoding the row.
+        let int_keys = match key_cols.as_slice() {
+            [k] if k.data_type() == &DataType::Int64 && k.null_count() == 0 => {
+                Some(k.as_primitive::<weir_sdk::arrow_array::types::Int64Type>())
+            }
+            _ => None,
+        };
         for row in 0..batch.num_rows() {
-            encode_key(&key_cols, row, &mut self.buf)?;
-            let g = match self.groups.get(&self.buf) {
-                Some(&g) => g,
+            let found = match int_keys {
+                Some(k) => self.int_index.get(&k.value(row)).copied(),
                 None => {
+                    encode_key(&key_cols, row, &mut self.buf)?;
+                    self.groups.get(&self.buf).copied()
+                }
+            };
+            let g = match found {
+                Some(g) => g,
+                None => {
+                    if int_keys.is_some() {
+                        encode_key(&key_cols, row, &mut self.buf)?;
+                    }
                     let g = self.key_values.len();
                     self.groups.insert(self.buf.clone(), g);
                     let kv = key_cols.iter().map(|c| scalar_at(c.as_ref(), row)).collect::<Result<Vec<_>>>()?;
+                    if let [Scalar::Int(k)] = kv.as_slice() {
+                        self.int_index.insert(*k, g);
+                    }
                     self.key_values.push(kv);
                     self.accs.push(self.aggs.iter().map(initial).collect());
                     g
                 }
             };
-            for (a, acc) in self.aggs.iter().zip(self.accs[g].iter_mut()) {
-                let value = match a.column {
-                    Some(c) => scalar_at(batch.column(c).as_ref(), row)?,
-                    None => Scalar::Int(1),
-                };
-                update(acc, a.func, value);
+            for ((a, acc), v) in self.aggs.iter().zip(self.accs[g].iter_mut()).zip(&values) {
+                update(acc, a.func, v.at(row)?);
             }
         }
         Ok(RecordBatch::new_empty(self.schema.clone()))
@@ -216,6 +266,7 @@ impl Transform for Aggregate {
         self.groups.clear();
         self.key_values.clear();
         self.accs.clear();
+        self.int_index.clear();
         for g in 0..r.u64()? as usize {
             self.groups.insert(r.bytes()?.to_vec(), g);
             let kv = (0..r.u64()?).map(|_| r.scalar()).collect::<Result<Vec<_>>>()?;
@@ -236,6 +287,15 @@ impl Transform for Aggregate {
             }
             self.accs.push(accs);
         }
+        self.int_index = self
+            .key_values
+            .iter()
+            .enumerate()
+            .filter_map(|(g, kv)| match kv.as_slice() {
+                [Scalar::Int(k)] => Some((*k, g)),
+                _ => None,
+            })
+            .collect();
         r.end()
     }
 

@@ -11,7 +11,7 @@
 //! holds the input until the end (the winner of a key may come in the last batch) and emits
 //! one row per key, in the order keys were first seen. Ties on `order_by` go to the later row.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use weir_sdk::arrow_array::BooleanArray;
 use weir_sdk::arrow_select::{filter::filter_record_batch, interleave::interleave_record_batch};
@@ -47,6 +47,10 @@ pub struct Dedup {
     winners: Vec<(usize, usize, Scalar)>,
     held: Vec<RecordBatch>,
     buf: Vec<u8>,
+    /// keep = first on one int64 key: the keys seen, without encoding rows (`seen` stays empty).
+    int_key: bool,
+    seen_int: HashSet<i64>,
+    seen_null: bool,
 }
 
 impl Transform for Dedup {
@@ -88,6 +92,14 @@ impl Transform for Dedup {
             winners: Vec::new(),
             held: Vec::new(),
             buf: Vec::new(),
+            int_key: false,
+            seen_int: HashSet::new(),
+            seen_null: false,
+        })
+        .map(|mut d: Dedup| {
+            d.int_key =
+                d.keep == Keep::First && d.keys.len() == 1 && input.field(d.keys[0]).data_type() == &DataType::Int64;
+            d
         })
     }
 
@@ -98,6 +110,21 @@ impl Transform for Dedup {
     fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
         let key_cols: Vec<&ArrayRef> = self.keys.iter().map(|&i| batch.column(i)).collect();
         match self.keep {
+            Keep::First if self.int_key => {
+                let ids = key_cols[0].as_primitive::<weir_sdk::arrow_array::types::Int64Type>();
+                let keep: Vec<bool> = (0..ids.len())
+                    .map(|r| {
+                        if ids.is_null(r) {
+                            !std::mem::replace(&mut self.seen_null, true)
+                        } else {
+                            self.seen_int.insert(ids.value(r))
+                        }
+                    })
+                    .collect();
+                let dropped = keep.iter().filter(|k| !**k).count();
+                host::counter_add("duplicates_dropped", dropped as i64);
+                Ok(filter_record_batch(&batch, &BooleanArray::from(keep))?)
+            }
             Keep::First => {
                 let mut keep = Vec::with_capacity(batch.num_rows());
                 for row in 0..batch.num_rows() {
@@ -141,10 +168,21 @@ impl Transform for Dedup {
 
     fn snapshot(&self) -> Result<Option<Vec<u8>>> {
         let mut w = Writer::default();
-        w.u64(self.seen.len() as u64);
+        // int keys are written as encode_key would write them: tag 2 and the value; null as 0
+        w.u64((self.seen.len() + self.seen_int.len() + usize::from(self.seen_null)) as u64);
         for (k, v) in &self.seen {
             w.bytes(k);
             w.u64(*v as u64);
+        }
+        for k in &self.seen_int {
+            let mut b = vec![2u8];
+            b.extend_from_slice(&k.to_le_bytes());
+            w.bytes(&b);
+            w.u64(0);
+        }
+        if self.seen_null {
+            w.bytes(&[0]);
+            w.u64(0);
         }
         w.u64(self.winners.len() as u64);
         for (b, r, o) in &self.winners {
@@ -160,9 +198,20 @@ impl Transform for Dedup {
     fn restore(&mut self, state: &[u8]) -> Result<()> {
         let mut r = Reader::new(state);
         self.seen.clear();
+        self.seen_int.clear();
+        self.seen_null = false;
         for _ in 0..r.u64()? {
             let k = r.bytes()?.to_vec();
-            self.seen.insert(k, r.u64()? as usize);
+            let v = r.u64()? as usize;
+            match (self.int_key, k.as_slice()) {
+                (true, [0]) => self.seen_null = true,
+                (true, [2, rest @ ..]) if rest.len() == 8 => {
+                    self.seen_int.insert(i64::from_le_bytes(rest.try_into().map_err(|_| Error::internal("bad key"))?));
+                }
+                _ => {
+                    self.seen.insert(k, v);
+                }
+            }
         }
         self.winners.clear();
         for _ in 0..r.u64()? {
