@@ -197,9 +197,34 @@ fn generate(rows: usize, out: &Path, seed: u64) -> Result<()> {
 }
 
 fn read_batches(path: &Path) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
-    let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
-    Ok(ParquetRecordBatchReaderBuilder::try_new(f)?.with_batch_size(BATCH).build()?.map(|b| b.map_err(Into::into)))
+    read_columns(path, None)
 }
+
+/// Read only `columns` (all when none), as a user of arrow-rs would.
+fn read_columns(path: &Path, columns: Option<&[&str]>) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
+    let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(f)?.with_batch_size(BATCH);
+    let builder = match columns {
+        None => builder,
+        Some(cols) => {
+            let roots: Vec<usize> = builder
+                .schema()
+                .fields()
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| cols.contains(&f.name().as_str()))
+                .map(|(i, _)| i)
+                .collect();
+            let mask = parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), roots);
+            builder.with_projection(mask)
+        }
+    };
+    Ok(builder.build()?.map(|b| b.map_err(Into::into)))
+}
+
+/// The columns W2 reads (the six it keeps) and W4 reads.
+const W2_COLUMNS: [&str; 6] = ["event_id", "user_id", "country", "category", "amount", "ts"];
+const W4_COLUMNS: [&str; 2] = ["user_id", "amount"];
 
 // ------------------------------------------------------------------------------------------
 // Native runners: the same logic in plain arrow-rs
@@ -235,21 +260,25 @@ fn native(workload: &str, input: &Path, output: &Path) -> Result<()> {
         "W2" => {
             let keep: HashSet<String> = (0..W2_COUNTRIES).map(|c| format!("C{c:03}")).collect();
             let schema = w2_schema();
-            for b in read_batches(input)? {
+            for b in read_columns(input, Some(&W2_COLUMNS))? {
                 let b = b?;
-                let amount = b.column(6).as_primitive::<Float64Type>();
-                let country = b.column(4).as_string::<i32>();
+                let col = |n: &str| b.schema().index_of(n).map(|i| b.column(i).clone());
+                let amount = col("amount")?;
+                let amount = amount.as_primitive::<Float64Type>();
+                let country = col("country")?;
+                let country = country.as_string::<i32>();
                 let mask: BooleanArray = (0..b.num_rows())
                     .map(|r| Some(amount.value(r) > 400.0 && keep.contains(country.value(r))))
                     .collect();
                 let f = arrow_select::filter::filter_record_batch(&b, &mask)?;
+                let fc = |n: &str| f.schema().index_of(n).map(|i| f.column(i).clone());
                 let cols: Vec<ArrayRef> = vec![
-                    f.column(0).clone(),
-                    f.column(1).clone(),
-                    f.column(4).clone(),
-                    arrow_cast::cast(f.column(5), &DataType::Int64)?,
-                    f.column(6).clone(),
-                    arrow_cast::cast(f.column(7), &DataType::Timestamp(TimeUnit::Microsecond, None))?,
+                    fc("event_id")?,
+                    fc("user_id")?,
+                    fc("country")?,
+                    arrow_cast::cast(&fc("category")?, &DataType::Int64)?,
+                    fc("amount")?,
+                    arrow_cast::cast(&fc("ts")?, &DataType::Timestamp(TimeUnit::Microsecond, None))?,
                 ];
                 write(RecordBatch::try_new(schema.clone(), cols)?)?;
             }
@@ -266,10 +295,10 @@ fn native(workload: &str, input: &Path, output: &Path) -> Result<()> {
         "W4" => {
             let mut index: HashMap<i64, usize> = HashMap::new();
             let (mut keys, mut sums, mut counts) = (Vec::new(), Vec::new(), Vec::new());
-            for b in read_batches(input)? {
+            for b in read_columns(input, Some(&W4_COLUMNS))? {
                 let b = b?;
-                let users = b.column(1).as_primitive::<Int64Type>();
-                let amounts = b.column(6).as_primitive::<Float64Type>();
+                let users = b.column(0).as_primitive::<Int64Type>();
+                let amounts = b.column(1).as_primitive::<Float64Type>();
                 for (u, a) in users.values().iter().zip(amounts.values().iter()) {
                     let g = *index.entry(*u).or_insert_with(|| {
                         keys.push(*u);
@@ -434,6 +463,11 @@ config.aggregates = [{ fn = "sum", column = "amount", as = "amount_sum" }, { fn 
             .into(),
     };
     let p = |name: &str| plugins.join(format!("{name}.wasm")).display().to_string();
+    let columns = match workload {
+        "W2" => format!("columns = [{}]", W2_COLUMNS.map(|c| format!("\"{c}\"")).join(", ")),
+        "W4" => format!("columns = [{}]", W4_COLUMNS.map(|c| format!("\"{c}\"")).join(", ")),
+        _ => String::new(),
+    };
     format!(
         r#"[pipeline]
 name = "bench_{workload}"
@@ -446,6 +480,7 @@ key = {{ file = "{key}" }}
 [sources.events]
 format = "parquet"
 path = "{input}"
+{columns}
 
 [plugins.mask]
 path = "{mask}"

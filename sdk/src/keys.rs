@@ -160,23 +160,35 @@ pub fn to_array(dtype: &DataType, values: &[Scalar]) -> Result<ArrayRef> {
 pub fn encode_key(columns: &[&ArrayRef], row: usize, out: &mut Vec<u8>) -> Result<()> {
     out.clear();
     for col in columns {
-        match scalar_at(col.as_ref(), row)? {
-            Scalar::Null => out.push(0),
-            Scalar::Bool(b) => out.extend_from_slice(&[1, b as u8]),
-            Scalar::Int(i) => {
-                out.push(2);
-                out.extend_from_slice(&i.to_le_bytes());
-            }
-            Scalar::Float(f) => {
-                out.push(3);
-                out.extend_from_slice(&f.to_bits().to_le_bytes());
-            }
-            Scalar::Str(s) => {
-                out.push(4);
-                out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-                out.extend_from_slice(s.as_bytes());
-            }
-        }
+        encode_scalar(&scalar_at(col.as_ref(), row)?, out);
     }
     Ok(())
+}
+
+/// The bytes [`encode_key`] gives for a row whose key values are `values`.
+pub fn encode_scalars(values: &[Scalar], out: &mut Vec<u8>) {
+    out.clear();
+    for v in values {
+        encode_scalar(v, out);
+    }
+}
+
+fn encode_scalar(v: &Scalar, out: &mut Vec<u8>) {
+    match v {
+        Scalar::Null => out.push(0),
+        Scalar::Bool(b) => out.extend_from_slice(&[1, *b as u8]),
+        Scalar::Int(i) => {
+            out.push(2);
+            out.extend_from_slice(&i.to_le_bytes());
+        }
+        Scalar::Float(f) => {
+            out.push(3);
+            out.extend_from_slice(&f.to_bits().to_le_bytes());
+        }
+        Scalar::Str(s) => {
+            out.push(4);
+            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
 }

@@ -1349,3 +1349,50 @@ severity = "warn"
         assert_eq!(snapshot(&d.join("out")), before, "{mode}: nothing published");
     }
 }
+
+#[test]
+fn sources_read_only_the_columns_asked_for() {
+    let dir = example_copy();
+    let d = dir.path();
+    assert_eq!(weir(d, &["run", "pipeline.toml"]).code, 3);
+    std::fs::write(
+        d.join("narrow.toml"),
+        r#"[pipeline]
+name = "narrow"
+
+[sources.stg]
+format = "parquet"
+path = "out/stg_orders"
+columns = ["amount", "order_id"]
+
+[sources.raw]
+format = "csv"
+path = "data/orders_2024-01-01.csv"
+columns = ["country"]
+
+[steps.from_parquet]
+input = "stg"
+output = { path = "out/narrow_parquet" }
+
+[steps.from_csv]
+input = "raw"
+output = { path = "out/narrow_csv" }
+"#,
+    )
+    .unwrap();
+    let out = weir(d, &["run", "narrow.toml"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let names = |p: &str| -> Vec<String> {
+        read_parquet(&parquet_files(&d.join(p))[0].0)[0].schema().fields().iter().map(|f| f.name().clone()).collect()
+    };
+    assert_eq!(names("out/narrow_parquet"), ["amount", "order_id"]);
+    assert_eq!(names("out/narrow_csv"), ["country"]);
+    std::fs::write(
+        d.join("narrow.toml"),
+        std::fs::read_to_string(d.join("narrow.toml")).unwrap().replace("\"country\"]", "\"colour\"]"),
+    )
+    .unwrap();
+    let out = weir(d, &["run", "narrow.toml"]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("sources.raw.columns names a column the input does not have"), "{}", out.stderr);
+}

@@ -73,8 +73,10 @@ pub struct Aggregate {
     key_values: Vec<Vec<Scalar>>,
     accs: Vec<Vec<Acc>>,
     buf: Vec<u8>,
-    /// Groups of single int64 keys, for the fast path (a cache of `groups`).
+    /// One int64 key: groups by value (and the null group), instead of `groups`.
+    int_key: bool,
     int_index: HashMap<i64, usize>,
+    null_group: Option<usize>,
 }
 
 /// Typed access to an aggregated column, so the hot loop does not match on types per row.
@@ -172,7 +174,13 @@ impl Transform for Aggregate {
             key_values: Vec::new(),
             accs: Vec::new(),
             buf: Vec::new(),
+            int_key: false,
             int_index: HashMap::new(),
+            null_group: None,
+        })
+        .map(|mut a: Aggregate| {
+            a.int_key = a.keys.len() == 1 && input.field(a.keys[0]).data_type() == &DataType::Int64;
+            a
         })
     }
 
@@ -183,15 +191,15 @@ impl Transform for Aggregate {
     fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
         let key_cols: Vec<&ArrayRef> = self.keys.iter().map(|&i| batch.column(i)).collect();
         let values: Vec<Values> = self.aggs.iter().map(|a| Values::of(a.column.map(|c| batch.column(c)))).collect();
-        // Fast path: one non-null int64 key, looked up without encoding the row.
-        let int_keys = match key_cols.as_slice() {
-            [k] if k.data_type() == &DataType::Int64 && k.null_count() == 0 => {
-                Some(k.as_primitive::<weir_sdk::arrow_array::types::Int64Type>())
-            }
-            _ => None,
+        // One int64 key: groups are found by value, never by encoding the row.
+        let int_keys = if self.int_key {
+            Some(key_cols[0].as_primitive::<weir_sdk::arrow_array::types::Int64Type>())
+        } else {
+            None
         };
         for row in 0..batch.num_rows() {
             let found = match int_keys {
+                Some(k) if k.is_null(row) => self.null_group,
                 Some(k) => self.int_index.get(&k.value(row)).copied(),
                 None => {
                     encode_key(&key_cols, row, &mut self.buf)?;
@@ -201,14 +209,16 @@ impl Transform for Aggregate {
             let g = match found {
                 Some(g) => g,
                 None => {
-                    if int_keys.is_some() {
-                        encode_key(&key_cols, row, &mut self.buf)?;
-                    }
                     let g = self.key_values.len();
-                    self.groups.insert(self.buf.clone(), g);
                     let kv = key_cols.iter().map(|c| scalar_at(c.as_ref(), row)).collect::<Result<Vec<_>>>()?;
-                    if let [Scalar::Int(k)] = kv.as_slice() {
-                        self.int_index.insert(*k, g);
+                    match (int_keys, kv.as_slice()) {
+                        (Some(_), [Scalar::Int(k)]) => {
+                            self.int_index.insert(*k, g);
+                        }
+                        (Some(_), _) => self.null_group = Some(g),
+                        (None, _) => {
+                            self.groups.insert(self.buf.clone(), g);
+                        }
                     }
                     self.key_values.push(kv);
                     self.accs.push(self.aggs.iter().map(initial).collect());
@@ -223,12 +233,13 @@ impl Transform for Aggregate {
     }
 
     fn snapshot(&self) -> Result<Option<Vec<u8>>> {
-        let mut keys: Vec<(&Vec<u8>, usize)> = self.groups.iter().map(|(k, g)| (k, *g)).collect();
-        keys.sort_by_key(|(_, g)| *g);
         let mut w = Writer::default();
+        let mut key = Vec::new();
         w.u64(self.key_values.len() as u64);
         for (g, kv) in self.key_values.iter().enumerate() {
-            w.bytes(keys.get(g).map(|(k, _)| k.as_slice()).unwrap_or_default());
+            let _ = g;
+            weir_sdk::keys::encode_scalars(kv, &mut key);
+            w.bytes(&key);
             w.u64(kv.len() as u64);
             kv.iter().for_each(|s| w.scalar(s));
             w.u64(self.accs[g].len() as u64);
@@ -267,8 +278,12 @@ impl Transform for Aggregate {
         self.key_values.clear();
         self.accs.clear();
         self.int_index.clear();
+        self.null_group = None;
         for g in 0..r.u64()? as usize {
-            self.groups.insert(r.bytes()?.to_vec(), g);
+            let key = r.bytes()?.to_vec();
+            if !self.int_key {
+                self.groups.insert(key, g);
+            }
             let kv = (0..r.u64()?).map(|_| r.scalar()).collect::<Result<Vec<_>>>()?;
             self.key_values.push(kv);
             let mut accs = Vec::new();
@@ -287,15 +302,16 @@ impl Transform for Aggregate {
             }
             self.accs.push(accs);
         }
-        self.int_index = self
-            .key_values
-            .iter()
-            .enumerate()
-            .filter_map(|(g, kv)| match kv.as_slice() {
-                [Scalar::Int(k)] => Some((*k, g)),
-                _ => None,
-            })
-            .collect();
+        if self.int_key {
+            for (g, kv) in self.key_values.iter().enumerate() {
+                match kv.as_slice() {
+                    [Scalar::Int(k)] => {
+                        self.int_index.insert(*k, g);
+                    }
+                    _ => self.null_group = Some(g),
+                }
+            }
+        }
         r.end()
     }
 
@@ -426,6 +442,29 @@ mod tests {
         first.process(&a).unwrap();
         let state = first.snapshot().unwrap().unwrap();
         let mut second = Harness::<Aggregate>::new(CFG, &a.schema()).unwrap();
+        second.restore(&state).unwrap();
+        assert_eq!(second.run(&[b]).unwrap(), expected);
+    }
+
+    #[test]
+    fn int64_keys_with_nulls_across_batches_and_checkpoints() {
+        let mk = |ids: &[Option<i64>], v: &[f64]| {
+            RecordBatch::try_from_iter([
+                ("id", Arc::new(Int64Array::from(ids.to_vec())) as ArrayRef),
+                ("amount", Arc::new(Float64Array::from(v.to_vec())) as ArrayRef),
+            ])
+            .unwrap()
+        };
+        let a = mk(&[Some(1), None, Some(2)], &[1.0, 2.0, 3.0]);
+        let b = mk(&[Some(2), Some(1), None], &[4.0, 5.0, 6.0]);
+        let cfg = "group_by = [\"id\"]\naggregates = [{ fn = \"sum\", column = \"amount\", as = \"s\" }, { fn = \"count\", as = \"n\" }]";
+        let expected = Harness::<Aggregate>::new(cfg, &a.schema()).unwrap().run(&[a.clone(), b.clone()]).unwrap();
+        assert_eq!(expected.num_rows(), 3, "1, null and 2 are three groups");
+        assert_eq!(expected.column(1).as_primitive::<Float64Type>().values().to_vec(), [6.0, 8.0, 7.0]);
+        let mut first = Harness::<Aggregate>::new(cfg, &a.schema()).unwrap();
+        first.process(&a).unwrap();
+        let state = first.snapshot().unwrap().unwrap();
+        let mut second = Harness::<Aggregate>::new(cfg, &a.schema()).unwrap();
         second.restore(&state).unwrap();
         assert_eq!(second.run(&[b]).unwrap(), expected);
     }

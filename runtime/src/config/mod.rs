@@ -98,6 +98,7 @@ struct RawSource {
     header: bool,
     infer_rows: Option<usize>,
     retry: Option<Spanned<Retry>>,
+    columns: Option<Vec<String>>,
 }
 
 fn yes() -> bool {
@@ -265,6 +266,8 @@ pub struct Source {
     pub header: bool,
     pub infer_rows: usize,
     pub retry: Retry,
+    /// Only these columns, in this order (Parquet reads only them).
+    pub columns: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -486,6 +489,7 @@ impl Pipeline {
                     header: r.header,
                     infer_rows: r.infer_rows.unwrap_or(1000).max(1),
                     retry: source_retry.get(name).copied().unwrap_or(Retry::NONE),
+                    columns: r.columns.clone(),
                 },
             );
         }

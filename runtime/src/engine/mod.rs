@@ -180,6 +180,7 @@ fn relationship_values(
                 header: true,
                 infer_rows: 1,
                 retry: crate::config::Retry::NONE,
+                columns: None,
             };
             SourceReader::open(&source, None, pipeline.batch_size)?
         }

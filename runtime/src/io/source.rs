@@ -32,6 +32,8 @@ pub struct SourceReader {
     /// Rows skipped so far.
     pub skipped: Vec<Skipped>,
     pub skipped_count: u64,
+    /// `columns = [...]` on a CSV or JSON-lines source: indices kept from each batch.
+    project: Option<Vec<usize>>,
 }
 
 #[derive(Clone)]
@@ -44,6 +46,8 @@ struct ReadSpec {
     /// Types of hive partition columns (`key=value` directories); others are strings.
     hive_types: HashMap<String, DataType>,
     root: Option<PathBuf>,
+    /// Parquet: read only these columns.
+    projection: Option<Vec<String>>,
 }
 
 enum FileReader {
@@ -126,13 +130,60 @@ impl SourceReader {
             header: source.header,
             hive_types: HashMap::new(),
             root,
+            projection: None,
         };
+        let mut spec = spec;
         let schema = match source.format {
             Format::Csv => csv_schema(&files, source)?,
             Format::Jsonl => jsonl_schema(&files, source)?,
             Format::Parquet => parquet_schema(&files[0], &spec)?,
         };
-        Ok(SourceReader { schema, files, next_file: 0, current: None, spec, skipped: Vec::new(), skipped_count: 0 })
+        let mut project = None;
+        let schema = match &source.columns {
+            None => schema,
+            Some(cols) => {
+                let mut indices = Vec::new();
+                for c in cols {
+                    indices.push(schema.index_of(c).map_err(|_| Error::Input {
+                        file: files[0].clone(),
+                        line: 0,
+                        column: Some(c.clone()),
+                        message: format!(
+                            "sources.{}.columns names a column the input does not have (it has: {})",
+                            source.name,
+                            weir_sdk::util::schema_text(&schema)
+                        ),
+                    })?);
+                }
+                let projected = Arc::new(schema.project(&indices).map_err(|e| Error::Internal(e.to_string()))?);
+                if source.format == Format::Parquet {
+                    spec.projection = Some(cols.clone());
+                    projected
+                } else {
+                    project = Some(indices);
+                    return Ok(SourceReader {
+                        schema,
+                        files,
+                        next_file: 0,
+                        current: None,
+                        spec,
+                        skipped: Vec::new(),
+                        skipped_count: 0,
+                        project,
+                    });
+                }
+            }
+        };
+        Ok(SourceReader {
+            schema,
+            files,
+            next_file: 0,
+            current: None,
+            spec,
+            skipped: Vec::new(),
+            skipped_count: 0,
+            project,
+        })
     }
 
     /// Read a Parquet dataset directory (hive partitions become columns of the given
@@ -162,12 +213,26 @@ impl SourceReader {
             header: true,
             hive_types,
             root: Some(root.to_path_buf()),
+            projection: None,
         };
-        Ok(SourceReader { schema, files, next_file: 0, current: None, spec, skipped: Vec::new(), skipped_count: 0 })
+        Ok(SourceReader {
+            schema,
+            files,
+            next_file: 0,
+            current: None,
+            spec,
+            skipped: Vec::new(),
+            skipped_count: 0,
+            project: None,
+        })
     }
 
+    /// The schema of the batches this reader yields (after `columns`).
     pub fn schema(&self) -> SchemaRef {
-        self.schema.clone()
+        match &self.project {
+            Some(p) => Arc::new(self.schema.project(p).unwrap_or_else(|_| self.schema.as_ref().clone())),
+            None => self.schema.clone(),
+        }
     }
 
     pub fn files(&self) -> &[PathBuf] {
@@ -246,7 +311,12 @@ impl Iterator for SourceReader {
                 self.skipped.truncate(20);
             }
             match result {
-                Ok(Some(batch)) if batch.num_rows() > 0 => return Some(Ok(batch)),
+                Ok(Some(batch)) if batch.num_rows() > 0 => {
+                    return Some(match &self.project {
+                        Some(p) => batch.project(p).map_err(|e| Error::Internal(e.to_string())),
+                        None => Ok(batch),
+                    })
+                }
                 Ok(Some(_)) => continue,
                 Ok(None) => self.current = None,
                 Err(e) => {
@@ -724,7 +794,22 @@ impl ParquetFile {
             .filter_map(|(k, v)| schema.index_of(&k).ok().map(|i| (i, v)))
             .collect();
         let file_fields = builder.schema().fields().len();
-        if file_fields + hive.len() != schema.fields().len() {
+        let builder = match &spec.projection {
+            None => builder,
+            Some(cols) => {
+                let roots: Vec<usize> = builder
+                    .schema()
+                    .fields()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| cols.contains(f.name()))
+                    .map(|(i, _)| i)
+                    .collect();
+                let mask = parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), roots);
+                builder.with_projection(mask)
+            }
+        };
+        if spec.projection.is_none() && file_fields + hive.len() != schema.fields().len() {
             return Err(bad(format!(
                 "has columns [{}], which differ from the first file's [{}]",
                 weir_sdk::util::schema_text(builder.schema()),
