@@ -34,7 +34,7 @@ thread_local! {
     static INSTANCE: RefCell<Option<Box<dyn Erased>>> = const { RefCell::new(None) };
 }
 
-fn to_wit(e: Error) -> ty::PluginError {
+pub(crate) fn to_wit(e: Error) -> ty::PluginError {
     match e {
         Error::InvalidConfig(m) => ty::PluginError::InvalidConfig(m),
         Error::InvalidInput { row, column, message } => {

@@ -3,6 +3,7 @@
 use std::cell::RefCell;
 
 use crate::__bindings::weir::plugin::types as ty;
+use crate::__glue::to_wit;
 use crate::__rule_bindings::exports::weir::plugin::quality_rule as wq;
 use crate::error::Error;
 use crate::rule::{BatchVerdict, QualityRule, RuleRunner, Verdict};
@@ -24,16 +25,6 @@ impl<T: QualityRule> Erased for RuleRunner<T> {
 
 thread_local! {
     static RULE: RefCell<Option<Box<dyn Erased>>> = const { RefCell::new(None) };
-}
-
-fn to_wit(e: Error) -> ty::PluginError {
-    match e {
-        Error::InvalidConfig(m) => ty::PluginError::InvalidConfig(m),
-        Error::InvalidInput { row, column, message } => {
-            ty::PluginError::InvalidInput(ty::InputError { row, column, message })
-        }
-        Error::Internal(m) => ty::PluginError::Internal(m),
-    }
 }
 
 fn metrics(m: Vec<(String, f64)>) -> Vec<wq::Metric> {

@@ -655,27 +655,7 @@ const V2: &str = "day,id,name\nmon,1,A\nmon,2,B\ntue,3,C\ntue,4,D\nwed,5,E\n";
 
 /// Start weir, wait for a line of its stderr containing `marker`, then kill -9 it.
 fn kill_at(dir: &Path, args: &[&str], env: &[(&str, &str)], marker: &str, extra_wait: std::time::Duration) {
-    use std::io::{BufRead, BufReader};
-    let mut cmd = std::process::Command::new(weir_bin());
-    cmd.args(args).current_dir(dir).env("WEIR_CACHE_DIR", root().join("target/weir-test-cache"));
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.stderr(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut seen = Vec::new();
-    for line in BufReader::new(stderr).lines() {
-        let line = line.unwrap();
-        seen.push(line.clone());
-        if line.contains(marker) {
-            std::thread::sleep(extra_wait);
-            child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
-            return;
-        }
-    }
-    let _ = child.wait();
-    panic!("weir ended before {marker:?}: {seen:?}");
+    kill_at_nth(dir, args, env, marker, 1, extra_wait)
 }
 
 #[test]

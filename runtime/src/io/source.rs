@@ -138,43 +138,31 @@ impl SourceReader {
             Format::Jsonl => jsonl_schema(&files, source)?,
             Format::Parquet => parquet_schema(&files[0], &spec)?,
         };
-        let mut project = None;
-        let schema = match &source.columns {
-            None => schema,
-            Some(cols) => {
-                let mut indices = Vec::new();
-                for c in cols {
-                    indices.push(schema.index_of(c).map_err(|_| Error::Input {
-                        file: files[0].clone(),
-                        line: 0,
-                        column: Some(c.clone()),
-                        message: format!(
-                            "sources.{}.columns names a column the input does not have (it has: {})",
-                            source.name,
-                            weir_sdk::util::schema_text(&schema)
-                        ),
-                    })?);
-                }
-                let projected = Arc::new(schema.project(&indices).map_err(|e| Error::Internal(e.to_string()))?);
-                if source.format == Format::Parquet {
-                    spec.projection = Some(cols.clone());
-                    projected
-                } else {
-                    project = Some(indices);
-                    return Ok(SourceReader {
-                        schema,
-                        files,
-                        next_file: 0,
-                        current: None,
-                        spec,
-                        skipped: Vec::new(),
-                        skipped_count: 0,
-                        project,
-                    });
-                }
-            }
-        };
-        Ok(SourceReader {
+        // `columns`: Parquet reads only those; CSV and JSON lines parse all, then keep those.
+        let Some(cols) = &source.columns else { return Ok(SourceReader::new(schema, files, spec, None)) };
+        let mut indices = Vec::new();
+        for c in cols {
+            indices.push(schema.index_of(c).map_err(|_| Error::Input {
+                file: files[0].clone(),
+                line: 0,
+                column: Some(c.clone()),
+                message: format!(
+                    "sources.{}.columns names a column the input does not have (it has: {})",
+                    source.name,
+                    weir_sdk::util::schema_text(&schema)
+                ),
+            })?);
+        }
+        if source.format != Format::Parquet {
+            return Ok(SourceReader::new(schema, files, spec, Some(indices)));
+        }
+        spec.projection = Some(cols.clone());
+        let projected = Arc::new(schema.project(&indices).map_err(|e| Error::Internal(e.to_string()))?);
+        Ok(SourceReader::new(projected, files, spec, None))
+    }
+
+    fn new(schema: SchemaRef, files: Vec<PathBuf>, spec: ReadSpec, project: Option<Vec<usize>>) -> SourceReader {
+        SourceReader {
             schema,
             files,
             next_file: 0,
@@ -183,7 +171,7 @@ impl SourceReader {
             skipped: Vec::new(),
             skipped_count: 0,
             project,
-        })
+        }
     }
 
     /// Read a Parquet dataset directory (hive partitions become columns of the given
@@ -215,16 +203,7 @@ impl SourceReader {
             root: Some(root.to_path_buf()),
             projection: None,
         };
-        Ok(SourceReader {
-            schema,
-            files,
-            next_file: 0,
-            current: None,
-            spec,
-            skipped: Vec::new(),
-            skipped_count: 0,
-            project: None,
-        })
+        Ok(SourceReader::new(schema, files, spec, None))
     }
 
     /// The schema of the batches this reader yields (after `columns`).
