@@ -61,6 +61,12 @@ enum Cmd {
     },
     /// Print the order-insensitive checksum of a Parquet file or dataset directory.
     Checksum { path: PathBuf },
+    /// Plugin start-up: compile (empty cache) vs load from the cache, per first-party plugin,
+    /// timed through `weir plugin inspect` (median of 5). Appends to --report if given.
+    Startup {
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// Run the workloads with every runner and report.
     Run {
         /// Rows of the events table (the targets are judged at 10M and 40M).
@@ -96,6 +102,7 @@ fn main() -> Result<()> {
             println!("{rows} {sum:016x}");
             Ok(())
         }
+        Cmd::Startup { report } => startup(report.as_deref()),
         Cmd::Run { rows, repeat, workloads, runners, dir, check_only, report } => {
             run(rows, repeat, &workloads, &runners, &dir, check_only, report.as_deref())
         }
@@ -663,6 +670,44 @@ fn run(
     println!("bench: {passed} passed, {failed} failed");
     if failed > 0 {
         bail!("{failed} runner outputs differ from the native output");
+    }
+    Ok(())
+}
+
+fn startup(report: Option<&Path>) -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
+    let me = std::env::current_exe()?;
+    let weir_bin =
+        me.parent().map(|p| p.join("weir")).filter(|p| p.exists()).context("the weir binary next to weir-bench")?;
+    let mut md = String::from("\n## Plugin start-up\n\nTimed through `weir plugin inspect` (process start included), median of 5.\n\n| plugin | size MB | compile (empty cache) s | load from cache s |\n|---|---:|---:|---:|\n");
+    for name in ["mask", "filter", "cast", "dedup", "aggregate"] {
+        let wasm = root.join(format!("dist/plugins/{name}.wasm"));
+        let size = std::fs::metadata(&wasm).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0);
+        let (mut cold, mut warm) = (Vec::new(), Vec::new());
+        for i in 0..5 {
+            let cache = std::env::temp_dir().join(format!("weir-bench-startup-{}-{name}-{i}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&cache);
+            let inspect = || {
+                let mut c = Command::new(&weir_bin);
+                c.args(["plugin", "inspect"])
+                    .arg(&wasm)
+                    .env("WEIR_CACHE_DIR", &cache)
+                    .stdout(std::process::Stdio::null());
+                c
+            };
+            cold.push(measure(&mut inspect())?.seconds);
+            warm.push(measure(&mut inspect())?.seconds);
+            let _ = std::fs::remove_dir_all(&cache);
+        }
+        cold.sort_by(f64::total_cmp);
+        warm.sort_by(f64::total_cmp);
+        md.push_str(&format!("| {name} | {size:.1} | {:.3} | {:.4} |\n", cold[2], warm[2]));
+    }
+    println!("{md}");
+    if let Some(p) = report {
+        let mut text = std::fs::read_to_string(p).unwrap_or_default();
+        text.push_str(&md);
+        std::fs::write(p, text)?;
     }
     Ok(())
 }
