@@ -36,10 +36,36 @@ pub struct Condition {
 }
 
 enum Test {
-    Num(fn(f64, f64) -> bool, f64),
-    Text(fn(&str, &str) -> bool, String),
+    Num(Cmp, f64),
+    Text(Cmp, String),
     In(HashSet<String>, bool),
     Null(bool),
+}
+
+/// A comparison operator, applied to the ordering of (value, operand).
+#[derive(Clone, Copy)]
+enum Cmp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl Cmp {
+    fn holds(self, ord: Option<std::cmp::Ordering>) -> bool {
+        use std::cmp::Ordering::*;
+        matches!(
+            (self, ord),
+            (Cmp::Eq, Some(Equal))
+                | (Cmp::Ne, Some(Less | Greater))
+                | (Cmp::Lt, Some(Less))
+                | (Cmp::Le, Some(Less | Equal))
+                | (Cmp::Gt, Some(Greater))
+                | (Cmp::Ge, Some(Greater | Equal))
+        )
+    }
 }
 
 struct Plan {
@@ -79,28 +105,23 @@ impl Transform for Filter {
                 }
                 op @ ("=" | "!=" | "<" | "<=" | ">" | ">=") => {
                     let v = need_value()?;
-                    let f: fn(f64, f64) -> bool = match op {
-                        "=" => |a, b| a == b,
-                        "!=" => |a, b| a != b,
-                        "<" => |a, b| a < b,
-                        "<=" => |a, b| a <= b,
-                        ">" => |a, b| a > b,
-                        _ => |a, b| a >= b,
+                    let cmp = match op {
+                        "=" => Cmp::Eq,
+                        "!=" => Cmp::Ne,
+                        "<" => Cmp::Lt,
+                        "<=" => Cmp::Le,
+                        ">" => Cmp::Gt,
+                        _ => Cmp::Ge,
                     };
                     match (numeric, v.as_f64()) {
-                        (true, Some(n)) => Test::Num(f, n),
-                        (true, None) => return Err(Error::config(format!("where[{i}]: column `{}` is numeric; compare it with a number", c.column))),
-                        (false, _) => {
-                            let g: fn(&str, &str) -> bool = match op {
-                                "=" => |a, b| a == b,
-                                "!=" => |a, b| a != b,
-                                "<" => |a, b| a < b,
-                                "<=" => |a, b| a <= b,
-                                ">" => |a, b| a > b,
-                                _ => |a, b| a >= b,
-                            };
-                            Test::Text(g, text(&v))
+                        (true, Some(n)) => Test::Num(cmp, n),
+                        (true, None) => {
+                            return Err(Error::config(format!(
+                                "where[{i}]: column `{}` is numeric; compare it with a number",
+                                c.column
+                            )))
                         }
+                        (false, _) => Test::Text(cmp, text(&v)),
                     }
                 }
                 other => return Err(Error::config(format!("where[{i}].op: unknown operator `{other}`; use =, !=, <, <=, >, >=, in, not_in, is_null or not_null"))),
@@ -126,7 +147,7 @@ impl Transform for Filter {
                     let nums =
                         nums.as_any().downcast_ref::<Float64Array>().ok_or_else(|| Error::internal("cast to f64"))?;
                     for (r, k) in keep.iter_mut().enumerate() {
-                        *k &= nums.is_valid(r) && f(nums.value(r), *v);
+                        *k &= nums.is_valid(r) && f.holds(nums.value(r).partial_cmp(v));
                     }
                 }
                 Test::Num(..) => {}
@@ -134,7 +155,7 @@ impl Transform for Filter {
                     let s = cast(col, &DataType::Utf8)?;
                     let s = s.as_string::<i32>();
                     for (r, k) in keep.iter_mut().enumerate() {
-                        *k &= s.is_valid(r) && f(s.value(r), v);
+                        *k &= s.is_valid(r) && f.holds(Some(s.value(r).cmp(v.as_str())));
                     }
                 }
                 Test::In(set, want) => {
