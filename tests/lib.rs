@@ -46,16 +46,16 @@ impl Output {
     }
 }
 
-/// Run `weir` with `args` in `dir`, with a compile cache shared by all tests.
+/// A `weir` command in `dir`, with the compile cache all tests share.
+pub fn weir_command(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(weir_bin());
+    cmd.args(args).current_dir(dir).env("WEIR_CACHE_DIR", root().join("target").join("weir-test-cache"));
+    cmd
+}
+
+/// Run `weir` with `args` in `dir` to completion.
 pub fn weir(dir: &Path, args: &[&str]) -> Output {
-    let cache = root().join("target").join("weir-test-cache");
-    let out = Command::new(weir_bin())
-        .args(args)
-        .current_dir(dir)
-        .env("WEIR_CACHE_DIR", cache)
-        .env("WEIR_TEST_SECRET", "k3y")
-        .output()
-        .expect("run weir");
+    let out = weir_command(dir, args).output().expect("run weir");
     Output {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

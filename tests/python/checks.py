@@ -9,23 +9,14 @@ import os
 import pathlib
 import random
 import subprocess
-import sys
 import tempfile
 
 import duckdb
 
+from report import check, finish
+
 rng = random.Random(7)
-failures, passed = [], 0
 
-
-def check(name, ok, detail=""):
-    global passed
-    if ok:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failures.append(name)
-        print(f"FAIL {name} {detail}")
 
 
 weir = os.environ["WEIR_BIN"]
@@ -98,5 +89,4 @@ severity = "warn"
     check("relationship misses agree with DuckDB", counted.get("relationships(customer_id)") == misses, f"{counted} vs {misses}")
     check("the data has all three problems", nulls > 0 and dups > 0 and misses > 0, f"{nulls} {dups} {misses}")
 
-print(f"checks: {passed} passed, {len(failures)} failed")
-sys.exit(1 if failures else 0)
+finish("checks")

@@ -9,26 +9,16 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 import tempfile
 
 import duckdb
 import polars as pl
 import pyarrow.dataset as ds
 
+from report import check, finish
+
 root = pathlib.Path(__file__).resolve().parents[2]
-failures = []
-passed = 0
 
-
-def check(name, ok, detail=""):
-    global passed
-    if ok:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failures.append(name)
-        print(f"FAIL {name} {detail}")
 
 
 with tempfile.TemporaryDirectory() as tmp:
@@ -85,5 +75,4 @@ with tempfile.TemporaryDirectory() as tmp:
     check("polars: mart columns", m.columns == ["day", "country", "order_count", "revenue"], str(m.columns))
     check("polars: mart revenue equals the input", abs(m["revenue"].sum() - direct_revenue) < 1e-6)
 
-print(f"readers: {passed} passed, {len(failures)} failed")
-sys.exit(1 if failures else 0)
+finish("readers")

@@ -779,10 +779,7 @@ fn a_polling_reader_never_sees_a_partial_or_missing_dataset() {
 /// and all stderr.
 fn run_reacting(dir: &Path, args: &[&str], marker: &str, action: impl FnOnce()) -> (i32, String) {
     use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(weir_bin())
-        .args(args)
-        .current_dir(dir)
-        .env("WEIR_CACHE_DIR", root().join("target/weir-test-cache"))
+    let mut child = weir_command(dir, args)
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -1000,8 +997,7 @@ fn backfill_refuses_unpartitioned_outputs() {
 /// Start weir and kill -9 it `wait` after the `n`th stderr line containing `marker`.
 fn kill_at_nth(dir: &Path, args: &[&str], env: &[(&str, &str)], marker: &str, n: usize, wait: std::time::Duration) {
     use std::io::{BufRead, BufReader};
-    let mut cmd = std::process::Command::new(weir_bin());
-    cmd.args(args).current_dir(dir).env("WEIR_CACHE_DIR", root().join("target/weir-test-cache"));
+    let mut cmd = weir_command(dir, args);
     for (k, v) in env {
         cmd.env(k, v);
     }
