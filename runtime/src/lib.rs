@@ -25,6 +25,7 @@
 //! [`engine`] (threads, channels, staging and publish).
 
 pub mod config;
+pub mod cpu_clock;
 pub mod engine;
 pub mod io;
 pub mod plugin;

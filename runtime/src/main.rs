@@ -80,6 +80,11 @@ enum Command {
         /// of starting over (the output equals an uninterrupted run's).
         #[arg(long)]
         resume: bool,
+        /// After the summary, print where each step's time went: reading, each plugin's
+        /// boundary (IPC encode, copy in, guest decode / compute / encode, copy out, output
+        /// validation), checks and writing. Always part of `--json`.
+        #[arg(long)]
+        timings: bool,
     },
     /// Run history: status, times, rows per step, plugins and their digests.
     ///
@@ -264,8 +269,19 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { pipeline, partition, json, cache_dir, no_progress, quiet, force, state, resume } => {
-            cmd_run(RunArgs { path: pipeline, partition, json, cache_dir, no_progress, quiet, force, state, resume })
+        Command::Run { pipeline, partition, json, cache_dir, no_progress, quiet, force, state, resume, timings } => {
+            cmd_run(RunArgs {
+                path: pipeline,
+                partition,
+                json,
+                cache_dir,
+                no_progress,
+                quiet,
+                force,
+                state,
+                resume,
+                timings,
+            })
         }
         Command::Runs(args) => report(cmd_runs(args)),
         Command::Checks { pipeline, run, failed, limit, json, state } => {
@@ -299,10 +315,11 @@ struct RunArgs {
     force: bool,
     state: Option<PathBuf>,
     resume: bool,
+    timings: bool,
 }
 
 fn cmd_run(args: RunArgs) -> ExitCode {
-    let RunArgs { path, partition, json, cache_dir, no_progress, quiet, force, state, resume } = args;
+    let RunArgs { path, partition, json, cache_dir, no_progress, quiet, force, state, resume, timings } = args;
     let pipeline = match Pipeline::load(&path) {
         Ok(p) => p,
         Err(e) => {
@@ -361,6 +378,9 @@ fn cmd_run(args: RunArgs) -> ExitCode {
                 println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
             } else {
                 println!("{}", summary_line(&summary));
+                if timings {
+                    print!("{}", timings_table(&summary));
+                }
                 for c in &warned {
                     println!(
                         "  warning: check `{}` on `{}` ({}): {}; allowed {}",
@@ -408,6 +428,43 @@ fn thousands(n: u64) -> String {
             out.push(',');
         }
         out.push(c);
+    }
+    out
+}
+
+/// `weir run --timings`: busy seconds per stage of each step.
+fn timings_table(s: &RunSummary) -> String {
+    let mut out = String::new();
+    for st in &s.steps {
+        let t = &st.timings;
+        out.push_str(&format!(
+            "time split of step `{}` ({:.2} s wall; CPU seconds per stage, stages run in parallel):\n",
+            st.name, st.seconds
+        ));
+        out.push_str(&format!("  {:<22} {:>8.3}\n", "read + decode input", t.read));
+        for p in &t.plugins {
+            let c = &p.calls;
+            out.push_str(&format!(
+                "  plugin {:<15} {:>8.3}  = host encode {:.3} · copy in {:.3} · guest decode {:.3} · compute {:.3} · guest encode {:.3}{} · copy out {:.3} · validate {:.3}  ({} calls, {:.1} MB in, {:.1} MB out)\n",
+                p.plugin,
+                c.host_encode + c.copy_in + c.guest_decode + c.guest_compute + c.guest_encode + c.guest_unsplit + c.copy_out + c.host_decode,
+                c.host_encode,
+                c.copy_in,
+                c.guest_decode,
+                c.guest_compute,
+                c.guest_encode,
+                if c.guest_unsplit > 0.0 { format!(" · guest (unsplit) {:.3}", c.guest_unsplit) } else { String::new() },
+                c.copy_out,
+                c.host_decode,
+                c.calls,
+                c.bytes_in as f64 / 1e6,
+                c.bytes_out as f64 / 1e6,
+            ));
+        }
+        if t.checks > 0.0 {
+            out.push_str(&format!("  {:<22} {:>8.3}\n", "row checks", t.checks));
+        }
+        out.push_str(&format!("  {:<22} {:>8.3}\n", "encode + write output", t.write));
     }
     out
 }

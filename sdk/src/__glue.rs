@@ -5,6 +5,7 @@ use std::cell::RefCell;
 
 use crate::__bindings::weir::plugin::types as ty;
 use crate::error::Error;
+use crate::host::{phase, phases};
 use crate::runner::RawTransform;
 use crate::Context;
 
@@ -63,11 +64,18 @@ fn with_instance<R>(f: impl FnOnce(&mut dyn Erased) -> Result<R, Error>) -> Resu
 }
 
 pub fn process(batch: Vec<u8>) -> Result<Vec<u8>, ty::PluginError> {
-    with_instance(|i| i.process(&batch))
+    phase(phases::ENTERED);
+    let out = with_instance(|i| i.process(&batch));
+    drop(batch);
+    phase(phases::LEAVING);
+    out
 }
 
 pub fn finish() -> Result<Vec<u8>, ty::PluginError> {
-    with_instance(|i| i.finish())
+    phase(phases::ENTERED);
+    let out = with_instance(|i| i.finish());
+    phase(phases::LEAVING);
+    out
 }
 
 pub fn snapshot() -> Result<Option<Vec<u8>>, ty::PluginError> {

@@ -38,6 +38,29 @@ pub fn counter_add(name: &str, delta: i64) {
     imp::counter_add(name, delta)
 }
 
+/// The counter name the SDK uses to mark where a call is (entry, input decoded, output
+/// computed, exit); the host turns the marks into its time split and does not report them
+/// as counters. Reserved: a plugin's own counters must not use it.
+pub const PHASE_COUNTER: &str = "weir.phase";
+
+/// Phases of one `process` / `finish` call, as [`phase`] marks them.
+#[doc(hidden)]
+pub mod phases {
+    pub const ENTERED: i64 = 0;
+    pub const DECODED: i64 = 1;
+    pub const COMPUTED: i64 = 2;
+    pub const LEAVING: i64 = 3;
+}
+
+/// Mark a phase of the current call for the host's time split (a no-op natively).
+#[doc(hidden)]
+pub fn phase(p: i64) {
+    #[cfg(target_arch = "wasm32")]
+    imp::counter_add(PHASE_COUNTER, p);
+    #[cfg(not(target_arch = "wasm32"))]
+    let _ = p;
+}
+
 /// Hash every value of a string column in the host; returns lowercase hex digests
 /// (64 characters), nulls kept as nulls.
 pub fn hash_strings(algorithm: &HashAlgorithm, column: &StringArray) -> Result<StringArray> {

@@ -4,6 +4,7 @@ use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 
 use crate::error::{Error, Result};
+use crate::host::{phase, phases};
 use crate::{ipc, Context, Transform};
 
 /// A transform that handles Arrow IPC bytes itself. Most plugins implement [`Transform`]
@@ -94,6 +95,7 @@ impl<T: Transform> RawTransform for Typed<T> {
             column: None,
             message: format!("input is not a valid Arrow IPC stream: {e}"),
         })?;
+        phase(phases::DECODED);
         let mut out = Vec::with_capacity(batches.len());
         let mut offset = 0u64;
         for batch in batches {
@@ -104,6 +106,7 @@ impl<T: Transform> RawTransform for Typed<T> {
             }
             offset += rows;
         }
+        phase(phases::COMPUTED);
         self.encode(&out)
     }
 
@@ -116,10 +119,12 @@ impl<T: Transform> RawTransform for Typed<T> {
     }
 
     fn finish(&mut self) -> Result<Vec<u8>> {
+        phase(phases::DECODED);
         let out = match self.inner.finish()? {
             Some(b) if b.num_rows() > 0 => vec![self.conform(b)?],
             _ => vec![],
         };
+        phase(phases::COMPUTED);
         self.encode(&out)
     }
 }

@@ -29,9 +29,12 @@ use arrow_array::{Array, RecordBatch};
 use arrow_schema::SchemaRef;
 
 use crate::config::{Pipeline, Step};
+use crate::cpu_clock::CpuTime;
 use crate::io::sink::ParquetSink;
 use crate::io::source::{Skipped, SourceReader};
-use crate::plugin::{CallError, Limits, LoadedPlugin, LogLine, LogSink, PluginEngine, RuleInstance, TransformInstance};
+use crate::plugin::{
+    CallError, CallTimings, Limits, LoadedPlugin, LogLine, LogSink, PluginEngine, RuleInstance, TransformInstance,
+};
 use crate::quality::{CheckResult, Checker, History, Kind, RelTarget, Severity};
 use crate::store::{Checkpoint, NewRun, PublishEntry, RunFilter, RunRecord, RunStore, SqliteStore, Status, StepRows};
 use crate::{Error, Result};
@@ -127,6 +130,29 @@ pub struct StepSummary {
     pub rows_quarantined: u64,
     /// Every check's result.
     pub checks: Vec<CheckResult>,
+    /// Where the step's CPU time went, per stage (stages run in parallel, so these can add
+    /// up to more than `seconds`).
+    pub timings: StepTimings,
+}
+
+/// CPU time of each stage of a step, in seconds (each stage runs on its own thread).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StepTimings {
+    /// The source: reading files and decoding them into batches.
+    pub read: f64,
+    /// Each transform in order: the Wasm boundary and the guest's phases.
+    pub plugins: Vec<PluginTimings>,
+    /// Row-level quality checks.
+    pub checks: f64,
+    /// The sink: encoding Parquet and writing staging files.
+    pub write: f64,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PluginTimings {
+    pub plugin: String,
+    #[serde(flatten)]
+    pub calls: CallTimings,
 }
 
 /// A step's finished staging output, ready to publish.
@@ -850,6 +876,10 @@ fn run_step(
     let errors: Arc<Mutex<Vec<Error>>> = Arc::default();
     let cap = pipeline.channel_capacity;
     let counters: Arc<Mutex<BTreeMap<String, BTreeMap<String, i64>>>> = Arc::default();
+    let plugin_timings: Arc<Mutex<Vec<PluginTimings>>> = Arc::new(Mutex::new(
+        step.transforms.iter().map(|t| PluginTimings { plugin: t.plugin.clone(), ..Default::default() }).collect(),
+    ));
+    let (mut read_secs, mut check_secs, mut write_secs) = (0f64, 0f64, 0f64);
     // Quality checks: row-level ones see every batch on its way to the sink. A step with
     // checks only checkpoints when complete (check state is not part of checkpoints).
     let every = if step.checks.is_empty() { pipeline.checkpoint_every } else { 0 };
@@ -923,10 +953,14 @@ fn run_step(
         let rr = rows_read.clone();
         let cancel_r = cancel.clone();
         let (skipped_before, batches_before) = (base.rows_skipped, base.batches);
+        let read_secs = &mut read_secs;
         let reader_handle = scope.spawn(move || -> std::result::Result<ReaderStats, Error> {
             let mut reader = reader;
             let mut batches = batches_before;
-            while let Some(batch) = reader.next() {
+            loop {
+                let t = CpuTime::now();
+                let Some(batch) = reader.next() else { break };
+                *read_secs += t.elapsed_secs();
                 if cancel_r.load(Ordering::Relaxed) {
                     return Ok((0, Vec::new()));
                 }
@@ -961,6 +995,7 @@ fn run_step(
             let input = std::mem::replace(&mut rx, next_rx);
             let errors = errors.clone();
             let counters = counters.clone();
+            let timings = plugin_timings.clone();
             let cancel = cancel.clone();
             let failure = move |batch: Option<u64>, cause: String| {
                 Error::Plugin(crate::PluginFailure {
@@ -974,7 +1009,8 @@ fn run_step(
             let name = step.transforms[index].plugin.clone();
             let first_batch = base.batches;
             scope.spawn(move || {
-                let result = plugin_stage(inst, input, tx, &cancel, &failure, &counters, &name, first_batch);
+                let stage = Stage { failure: &failure, counters: &counters, timings: &timings, index, name: &name };
+                let result = plugin_stage(inst, input, tx, &cancel, stage, first_batch);
                 if let Err(e) = result {
                     cancel.store(true, Ordering::Relaxed);
                     errors.lock().unwrap_or_else(|e| e.into_inner()).push(e);
@@ -1006,7 +1042,9 @@ fn run_step(
                     Ok(Msg::Batch(b)) => {
                         let b = match checker.as_mut() {
                             Some(c) => {
+                                let t = CpuTime::now();
                                 let (good, bad) = c.apply(&b).map_err(check_err)?;
+                                check_secs += t.elapsed_secs();
                                 if let (Some(q), Some(bad)) = (qsink.as_mut(), bad) {
                                     q.write(&bad)?;
                                     rows_quarantined += bad.num_rows() as u64;
@@ -1016,7 +1054,9 @@ fn run_step(
                             None => b,
                         };
                         if b.num_rows() > 0 {
+                            let t = CpuTime::now();
                             sink.write(&b)?;
+                            write_secs += t.elapsed_secs();
                         }
                         rows_written.fetch_add(b.num_rows() as u64, Ordering::Relaxed);
                     }
@@ -1046,11 +1086,13 @@ fn run_step(
                 }
             }
         })();
+        let t = CpuTime::now();
         let write_result = match write_result {
             Ok(true) => sink.finish().map(Some).map_err(Error::from),
             Ok(false) => Ok(None),
             Err(e) => Err(e),
         };
+        write_secs += t.elapsed_secs();
         if write_result.is_err() {
             cancel.store(true, Ordering::Relaxed);
         }
@@ -1125,6 +1167,12 @@ fn run_step(
         partitions: partitions.clone(),
         counters: counters.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         seconds: started.elapsed().as_secs_f64(),
+        timings: StepTimings {
+            read: read_secs,
+            plugins: plugin_timings.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            checks: check_secs,
+            write: write_secs,
+        },
     };
     // The step is complete: a resumed run reuses its staging as it is.
     checkpoints.store.save_checkpoint(
@@ -1184,16 +1232,25 @@ fn first_error(e: Error, errors: &Mutex<Vec<Error>>) -> Error {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// What a plugin stage reports into.
+struct Stage<'a> {
+    failure: &'a dyn Fn(Option<u64>, String) -> Error,
+    counters: &'a Mutex<BTreeMap<String, BTreeMap<String, i64>>>,
+    timings: &'a Mutex<Vec<PluginTimings>>,
+    /// The transform's position in the step.
+    index: usize,
+    name: &'a str,
+}
+
 fn plugin_stage(
     mut inst: TransformInstance,
     input: Receiver<Msg>,
     output: SyncSender<Msg>,
     cancel: &AtomicBool,
-    failure: &dyn Fn(Option<u64>, String) -> Error,
-    counters: &Mutex<BTreeMap<String, BTreeMap<String, i64>>>,
-    name: &str,
+    stage: Stage<'_>,
     first_batch: u64,
 ) -> StageResult {
+    let Stage { failure, counters, timings, index, name } = stage;
     let mut batch_no = first_batch;
     let mut rows_before = 0u64;
     let result = (|| loop {
@@ -1231,6 +1288,9 @@ fn plugin_stage(
             Err(_) => return Ok(false),
         }
     })();
+    if let Some(t) = timings.lock().unwrap_or_else(|e| e.into_inner()).get_mut(index) {
+        t.calls.add(&inst.timings());
+    }
     let mut c = counters.lock().unwrap_or_else(|e| e.into_inner());
     let entry = c.entry(name.to_string()).or_default();
     for (k, v) in inst.counters() {

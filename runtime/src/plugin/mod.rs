@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cpu_clock::CpuTime;
+
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use sha2::{Digest, Sha256};
@@ -381,6 +383,8 @@ pub struct HostState {
     memory_hit: bool,
     secrets: Arc<HashMap<String, Vec<u8>>>,
     counters: HashMap<String, i64>,
+    /// When the guest marked each phase of the current call (see `weir_sdk::host::phase`).
+    marks: [Option<CpuTime>; 4],
     log: LogSink,
 }
 
@@ -421,6 +425,12 @@ impl wit_host::Host for HostState {
     }
 
     fn counter_add(&mut self, name: String, delta: i64) {
+        if name == weir_sdk::host::PHASE_COUNTER {
+            if let Some(m) = usize::try_from(delta).ok().and_then(|i| self.marks.get_mut(i)) {
+                *m = Some(CpuTime::now());
+            }
+            return;
+        }
         if self.counters.len() < 1000 || self.counters.contains_key(&name) {
             let c = self.counters.entry(name).or_insert(0);
             *c = c.saturating_add(delta);
@@ -474,6 +484,7 @@ impl Sandbox {
             memory_hit: false,
             secrets,
             counters: HashMap::new(),
+            marks: [None; 4],
             log,
         };
         let mut store = Store::new(engine, state);
@@ -565,6 +576,73 @@ pub struct TransformInstance {
     sb: Sandbox,
     bindings: bindings::TransformPlugin,
     declared: Option<SchemaRef>,
+    timings: CallTimings,
+}
+
+/// Where the time of a plugin's `process` and `finish` calls went, summed over the calls
+/// (CPU seconds of the plugin's thread). The guest phases come from marks the SDK sets; a plugin built without the
+/// SDK's typed runner reports its whole call as `guest_unsplit`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct CallTimings {
+    pub calls: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Host: the batch to Arrow IPC bytes.
+    pub host_encode: f64,
+    /// The bytes into guest memory (canonical ABI lowering, allocation in the guest).
+    pub copy_in: f64,
+    /// Guest: IPC bytes to a batch.
+    pub guest_decode: f64,
+    /// Guest: the plugin's own work.
+    pub guest_compute: f64,
+    /// Guest: the result to IPC bytes.
+    pub guest_encode: f64,
+    /// Guest time the SDK did not split into phases.
+    pub guest_unsplit: f64,
+    /// The result bytes out of guest memory.
+    pub copy_out: f64,
+    /// Host: decoding and validating the plugin's output against its declared schema.
+    pub host_decode: f64,
+}
+
+impl CallTimings {
+    /// Add another instance's timings.
+    pub fn add(&mut self, o: &CallTimings) {
+        self.calls += o.calls;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        self.host_encode += o.host_encode;
+        self.copy_in += o.copy_in;
+        self.guest_decode += o.guest_decode;
+        self.guest_compute += o.guest_compute;
+        self.guest_encode += o.guest_encode;
+        self.guest_unsplit += o.guest_unsplit;
+        self.copy_out += o.copy_out;
+        self.host_decode += o.host_decode;
+    }
+
+    /// Attribute one call: `start`/`end` bracket the call on the host; the guest's marks
+    /// fall in between when the SDK set them.
+    fn record_call(&mut self, start: CpuTime, end: CpuTime, marks: [Option<CpuTime>; 4]) {
+        let secs = |a: CpuTime, b: CpuTime| b.secs_since(a);
+        self.calls += 1;
+        match marks {
+            [Some(entered), Some(decoded), Some(computed), Some(leaving)]
+                if start <= entered
+                    && entered <= decoded
+                    && decoded <= computed
+                    && computed <= leaving
+                    && leaving <= end =>
+            {
+                self.copy_in += secs(start, entered);
+                self.guest_decode += secs(entered, decoded);
+                self.guest_compute += secs(decoded, computed);
+                self.guest_encode += secs(computed, leaving);
+                self.copy_out += secs(leaving, end);
+            }
+            _ => self.guest_unsplit += secs(start, end),
+        }
+    }
 }
 
 impl TransformInstance {
@@ -578,12 +656,17 @@ impl TransformInstance {
         let Prepared::Transform(pre) = &plugin.pre else { return Err(wrong_world(plugin, "transform")) };
         let mut sb = Sandbox::new(&plugin.engine, limits, secrets, log);
         let bindings = pre.instantiate(&mut sb.store).map_err(|e| sb.instantiate_error(e))?;
-        Ok(TransformInstance { sb, bindings, declared: None })
+        Ok(TransformInstance { sb, bindings, declared: None, timings: CallTimings::default() })
     }
 
     /// Counters the plugin added so far.
     pub fn counters(&self) -> &HashMap<String, i64> {
         &self.sb.store.data().counters
+    }
+
+    /// Where the time of the calls so far went.
+    pub fn timings(&self) -> CallTimings {
+        self.timings
     }
 
     /// Call `init`; returns the declared output schema.
@@ -605,18 +688,36 @@ impl TransformInstance {
 
     /// One batch in; the batches out, each checked against the declared schema.
     pub fn process(&mut self, batch: &RecordBatch) -> Result<Vec<RecordBatch>, CallError> {
+        let t0 = CpuTime::now();
         let bytes = weir_sdk::ipc::encode(&batch.schema(), std::slice::from_ref(batch))
             .map_err(|e| CallError::Internal(format!("host could not encode a batch: {e}")))?;
+        self.timings.host_encode += t0.elapsed_secs();
+        self.timings.bytes_in += bytes.len() as u64;
         let b = &self.bindings;
-        let out = self.sb.call(|s| b.weir_plugin_transform().call_process(s, &bytes))?;
-        self.check_output(&out)
+        self.sb.store.data_mut().marks = [None; 4];
+        let start = CpuTime::now();
+        let out = self.sb.call(|s| b.weir_plugin_transform().call_process(s, &bytes));
+        self.output(start, out)
     }
 
     /// End of input.
     pub fn finish(&mut self) -> Result<Vec<RecordBatch>, CallError> {
         let b = &self.bindings;
-        let out = self.sb.call(|s| b.weir_plugin_transform().call_finish(s))?;
-        self.check_output(&out)
+        self.sb.store.data_mut().marks = [None; 4];
+        let start = CpuTime::now();
+        let out = self.sb.call(|s| b.weir_plugin_transform().call_finish(s));
+        self.output(start, out)
+    }
+
+    /// Time a finished call and check its output.
+    fn output(&mut self, start: CpuTime, out: Result<Vec<u8>, CallError>) -> Result<Vec<RecordBatch>, CallError> {
+        let end = CpuTime::now();
+        self.timings.record_call(start, end, self.sb.store.data().marks);
+        let out = out?;
+        self.timings.bytes_out += out.len() as u64;
+        let batches = self.check_output(&out);
+        self.timings.host_decode += end.elapsed_secs();
+        batches
     }
 
     /// The plugin's checkpoint state (none when it keeps no state across batches).
