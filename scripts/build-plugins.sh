@@ -10,11 +10,13 @@ fi
 plugins=(mask dedup cast aggregate filter formats hostile hostile-rule)
 args=()
 for p in "${plugins[@]}"; do args+=(-p "weir-plugin-$p"); done
-echo "==> building plugins: ${plugins[*]}"
-cargo build --release --target wasm32-wasip2 "${args[@]}"
+echo "==> building plugins: ${plugins[*]} (and the benchmark's per-record transform)"
+cargo build --release --target wasm32-wasip2 "${args[@]}" -p weir-bench-record
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 mkdir -p dist/plugins
 for p in "${plugins[@]}"; do
   cp "$target_dir/wasm32-wasip2/release/weir_plugin_${p//-/_}.wasm" "dist/plugins/$p.wasm"
 done
-ls -l dist/plugins
+mkdir -p dist/bench
+cp "$target_dir/wasm32-wasip2/release/weir_bench_record.wasm" dist/bench/record.wasm
+ls -l dist/plugins dist/bench

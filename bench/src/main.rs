@@ -27,6 +27,8 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use sha2::{Digest, Sha256};
 
+mod per_record;
+
 /// The HMAC key every runner uses for W1.
 const KEY: &[u8] = b"bench-key";
 const WORKLOADS: [&str; 4] = ["W1", "W2", "W3", "W4"];
@@ -59,6 +61,18 @@ enum Cmd {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Run W1 or W2 through the per-record Wasm transform (one component call per row).
+    PerRecord {
+        #[arg(long)]
+        workload: String,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// The component [default: dist/bench/record.wasm].
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+    },
     /// Print the order-insensitive checksum of a Parquet file or dataset directory.
     Checksum { path: PathBuf },
     /// Plugin start-up: compile (empty cache) vs load from the cache, per first-party plugin,
@@ -69,17 +83,19 @@ enum Cmd {
     },
     /// Run the workloads with every runner and report.
     Run {
-        /// Rows of the events table (the targets are judged at 10M and 40M).
-        #[arg(long, default_value_t = 10_000_000)]
-        rows: usize,
+        /// Rows of the events table, one scale or several comma-separated (the targets are
+        /// judged at 10M and 40M: `--rows 10000000,40000000`); a table per scale.
+        #[arg(long, value_delimiter = ',', default_values_t = [10_000_000usize])]
+        rows: Vec<usize>,
         /// Timed repetitions per runner (the median counts).
         #[arg(long, default_value_t = 3)]
         repeat: usize,
         /// Workloads, comma-separated.
         #[arg(long, value_delimiter = ',', default_values_t = WORKLOADS.map(String::from))]
         workloads: Vec<String>,
-        /// Runners, comma-separated: weir, native, duckdb, duckdb-sha256, polars, pandas.
-        #[arg(long, value_delimiter = ',', default_values_t = ["weir", "native", "duckdb", "duckdb-sha256", "polars", "pandas"].map(String::from))]
+        /// Runners, comma-separated: weir, native, per-record (W1 and W2 only), duckdb,
+        /// duckdb-sha256, polars, pandas.
+        #[arg(long, value_delimiter = ',', default_values_t = ["weir", "native", "per-record", "duckdb", "duckdb-sha256", "polars", "pandas"].map(String::from))]
         runners: Vec<String>,
         /// Where data and outputs go.
         #[arg(long, default_value = "target/bench")]
@@ -97,6 +113,10 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Generate { rows, out, seed } => generate(rows, &out, seed),
         Cmd::Native { workload, input, output } => native(&workload, &input, &output),
+        Cmd::PerRecord { workload, input, output, plugin } => {
+            let plugin = plugin.unwrap_or_else(|| workspace_root().join("dist/bench/record.wasm"));
+            per_record::run(&workload, &plugin, &input, &output, KEY)
+        }
         Cmd::Checksum { path } => {
             let (rows, sum) = checksum(&path)?;
             println!("{rows} {sum:016x}");
@@ -104,7 +124,26 @@ fn main() -> Result<()> {
         }
         Cmd::Startup { report } => startup(report.as_deref()),
         Cmd::Run { rows, repeat, workloads, runners, dir, check_only, report } => {
-            run(rows, repeat, &workloads, &runners, &dir, check_only, report.as_deref())
+            let opts = RunOpts { repeat, workloads, runners, dir, check_only };
+            let mut all = Vec::new();
+            let mut failed = 0;
+            for r in &rows {
+                let (results, f) = run(*r, &opts)?;
+                all.extend(results);
+                failed += f;
+            }
+            if !check_only {
+                let md = render(&rows, &all);
+                println!("{md}");
+                if let Some(path) = report {
+                    std::fs::write(&path, &md)?;
+                    std::fs::write(path.with_extension("json"), serde_json::to_string_pretty(&all)?)?;
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} runner outputs differ from the native output");
+            }
+            Ok(())
         }
     }
 }
@@ -547,17 +586,23 @@ fn measure(cmd: &mut Command) -> Result<Measure> {
     Ok(Measure { seconds, max_rss_kb: usage.ru_maxrss })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run(
-    rows: usize,
+struct RunOpts {
     repeat: usize,
-    workloads: &[String],
-    runners: &[String],
-    dir: &Path,
+    workloads: Vec<String>,
+    runners: Vec<String>,
+    dir: PathBuf,
     check_only: bool,
-    report: Option<&Path>,
-) -> Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+}
+
+/// Every runner on every workload at one scale: the results and how many outputs differed.
+fn run(rows: usize, opts: &RunOpts) -> Result<(Vec<serde_json::Value>, usize)> {
+    let RunOpts { repeat, workloads, runners, dir, check_only } = opts;
+    let (repeat, check_only) = (*repeat, *check_only);
+    let root = workspace_root();
     let dir = if dir.is_absolute() { dir.to_path_buf() } else { root.join(dir) };
     std::fs::create_dir_all(&dir)?;
     let input = dir.join(format!("events-{rows}.parquet"));
@@ -586,9 +631,13 @@ fn run(
         let mut order: Vec<&String> = runners.iter().filter(|r| *r == "native").collect();
         order.extend(runners.iter().filter(|r| *r != "native"));
         for runner in order {
+            if runner == "per-record" && !matches!(w.as_str(), "W1" | "W2") {
+                continue; // per-record transforms are written for W1 and W2
+            }
             let out = dir.join(format!("out-{w}-{runner}"));
             let mut times = Vec::new();
             let mut rss = 0;
+            let mut split = serde_json::Value::Null;
             for _ in 0..repeat {
                 let _ = std::fs::remove_dir_all(&out);
                 let _ = std::fs::remove_file(&out);
@@ -600,16 +649,32 @@ fn run(
                             .arg("--output")
                             .arg(out.with_extension("parquet")),
                     )?,
+                    "per-record" => measure(
+                        Command::new(&me)
+                            .args(["per-record", "--workload", w, "--input"])
+                            .arg(&input)
+                            .arg("--output")
+                            .arg(out.with_extension("parquet"))
+                            .arg("--plugin")
+                            .arg(root.join("dist/bench/record.wasm")),
+                    )?,
                     "weir" => {
                         let toml = dir.join(format!("pipeline-{w}.toml"));
                         std::fs::write(&toml, weir_pipeline(w, &input, &out, &plugins, &key))?;
                         let _ = std::fs::remove_file(dir.join(format!("state-{w}.db")));
-                        measure(
+                        let summary = dir.join(format!("summary-{w}.json"));
+                        let m = measure(
                             Command::new(&weir_bin)
-                                .args(["run", "--quiet", "--force"])
+                                .args(["run", "--quiet", "--force", "--json"])
                                 .arg(&toml)
-                                .env("WEIR_CACHE_DIR", dir.join("cache")),
-                        )?
+                                .env("WEIR_CACHE_DIR", dir.join("cache"))
+                                .stdout(File::create(&summary)?),
+                        )?;
+                        // the time split of the run (CPU seconds per stage)
+                        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary)?)
+                            .with_context(|| format!("weir's --json summary {}", summary.display()))?;
+                        split = v["steps"][0]["timings"].clone();
+                        m
                     }
                     peer => measure(
                         Command::new(&python)
@@ -656,22 +721,11 @@ fn run(
                     "CHECKSUM MISMATCH"
                 }
             );
-            results.push(serde_json::json!({"workload": w, "runner": runner, "seconds": median, "rows_per_s": rows as f64 / median, "max_rss_mb": rss / 1024, "output_rows": sum.0, "checksum": format!("{:016x}", sum.1), "checksum_ok": ok, "comparable": comparable}));
+            results.push(serde_json::json!({"rows": rows, "workload": w, "runner": runner, "seconds": median, "rows_per_s": rows as f64 / median, "max_rss_mb": rss / 1024, "output_rows": sum.0, "checksum": format!("{:016x}", sum.1), "checksum_ok": ok, "comparable": comparable, "timings": split}));
         }
     }
-    if !check_only {
-        let md = render(rows, &results);
-        println!("{md}");
-        if let Some(path) = report {
-            std::fs::write(path, &md)?;
-            std::fs::write(path.with_extension("json"), serde_json::to_string_pretty(&results)?)?;
-        }
-    }
-    println!("bench: {passed} passed, {failed} failed");
-    if failed > 0 {
-        bail!("{failed} runner outputs differ from the native output");
-    }
-    Ok(())
+    println!("bench: {rows} rows: {passed} passed, {failed} failed");
+    Ok((results, failed))
 }
 
 fn startup(report: Option<&Path>) -> Result<()> {
@@ -712,7 +766,37 @@ fn startup(report: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-fn render(rows: usize, results: &[serde_json::Value]) -> String {
+/// Seconds of `runner` on `workload` at `rows`, if it ran.
+fn secs(results: &[serde_json::Value], rows: usize, workload: &str, runner: &str) -> Option<f64> {
+    results
+        .iter()
+        .find(|x| x["rows"] == rows && x["workload"] == workload && x["runner"] == runner)
+        .and_then(|x| x["seconds"].as_f64())
+}
+
+fn rss(results: &[serde_json::Value], rows: usize, workload: &str, runner: &str) -> Option<f64> {
+    results
+        .iter()
+        .find(|x| x["rows"] == rows && x["workload"] == workload && x["runner"] == runner)
+        .and_then(|x| x["max_rss_mb"].as_f64())
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "–".into(),
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+fn render(scales: &[usize], results: &[serde_json::Value]) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -721,33 +805,134 @@ fn render(rows: usize, results: &[serde_json::Value]) -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_default();
-    let mut md = format!(
-        "## {rows} rows\n\nMachine: {} cores, {cpu}. Median of the timed runs; every output's checksum equals native's unless marked.\n\n| workload | runner | seconds | rows/s | peak RSS MB | vs native | output ok |\n|---|---|---:|---:|---:|---:|---|\n",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
-    );
-    for r in results {
-        let native = results
-            .iter()
-            .find(|x| x["workload"] == r["workload"] && x["runner"] == "native")
-            .and_then(|x| x["seconds"].as_f64())
-            .unwrap_or(f64::NAN);
-        let s = r["seconds"].as_f64().unwrap_or(f64::NAN);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mut md = String::new();
+    for &rows in scales {
         md.push_str(&format!(
-            "| {} | {} | {:.3} | {:.0} | {} | {:.2}x | {} |\n",
-            r["workload"].as_str().unwrap_or(""),
-            r["runner"].as_str().unwrap_or(""),
-            s,
-            r["rows_per_s"].as_f64().unwrap_or(0.0),
-            r["max_rss_mb"],
-            s / native,
-            if r["comparable"] == false {
-                "n/a (sha256, not HMAC)"
-            } else if r["checksum_ok"] == true {
-                "yes"
-            } else {
-                "NO"
-            }
+            "## {rows} rows\n\nMachine: {cores} cores, {cpu}. Median of the timed runs; every output's checksum equals native's unless marked.\n\n| workload | runner | seconds | rows/s | peak RSS MB | vs native | output ok |\n|---|---|---:|---:|---:|---:|---|\n"
         ));
+        for r in results.iter().filter(|r| r["rows"] == rows) {
+            let w = r["workload"].as_str().unwrap_or("");
+            let s = r["seconds"].as_f64();
+            md.push_str(&format!(
+                "| {w} | {} | {:.3} | {:.0} | {} | {} | {} |\n",
+                r["runner"].as_str().unwrap_or(""),
+                s.unwrap_or(f64::NAN),
+                r["rows_per_s"].as_f64().unwrap_or(0.0),
+                r["max_rss_mb"],
+                ratio(s, secs(results, rows, w, "native")),
+                if r["comparable"] == false {
+                    "n/a (sha256, not HMAC)"
+                } else if r["checksum_ok"] == true {
+                    "yes"
+                } else {
+                    "NO"
+                }
+            ));
+        }
+        md.push_str("\nRatios (wall time; below 1 means weir is faster; per-batch speed-up = per-record time / weir time):\n\n| workload | weir / native | weir / DuckDB | weir / pandas | per-batch speed-up |\n|---|---:|---:|---:|---:|\n");
+        for w in WORKLOADS {
+            let weir = secs(results, rows, w, "weir");
+            if weir.is_none() {
+                continue;
+            }
+            md.push_str(&format!(
+                "| {w} | {} | {} | {} | {} |\n",
+                ratio(weir, secs(results, rows, w, "native")),
+                ratio(weir, secs(results, rows, w, "duckdb")),
+                ratio(weir, secs(results, rows, w, "pandas")),
+                ratio(secs(results, rows, w, "per-record"), weir),
+            ));
+        }
+        md.push_str("\nWhere weir's time went (`weir run --json`, CPU seconds per stage of the last timed run; stages run on their own threads, in parallel). Boundary = host IPC encode + copy in + guest IPC decode + guest IPC encode + copy out + host validation of the output.\n\n| workload | read + decode Parquet | host encode | copy in | guest decode | guest compute | guest encode | copy out | validate | write Parquet | boundary share of CPU |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for r in results.iter().filter(|r| r["rows"] == rows && r["runner"] == "weir") {
+            let t = &r["timings"];
+            let Some(plugins) = t["plugins"].as_array() else { continue };
+            let sum = |k: &str| plugins.iter().filter_map(|p| p[k].as_f64()).sum::<f64>();
+            let (read, write) = (t["read"].as_f64().unwrap_or(0.0), t["write"].as_f64().unwrap_or(0.0));
+            let boundary = sum("host_encode")
+                + sum("copy_in")
+                + sum("guest_decode")
+                + sum("guest_encode")
+                + sum("copy_out")
+                + sum("host_decode");
+            let total = read
+                + write
+                + boundary
+                + sum("guest_compute")
+                + sum("guest_unsplit")
+                + t["checks"].as_f64().unwrap_or(0.0);
+            md.push_str(&format!(
+                "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1}% |\n",
+                r["workload"].as_str().unwrap_or(""),
+                read,
+                sum("host_encode"),
+                sum("copy_in"),
+                sum("guest_decode"),
+                sum("guest_compute") + sum("guest_unsplit"),
+                sum("guest_encode"),
+                sum("copy_out"),
+                sum("host_decode"),
+                write,
+                100.0 * boundary / total.max(1e-9),
+            ));
+        }
+        md.push_str(&format!("\nTargets at {rows} rows (computed from the table above):\n\n"));
+        let s = |w: &str, r: &str| secs(results, rows, w, r);
+        let mut line = |text: String| md.push_str(&format!("- {text}\n"));
+        for (w, limit) in [("W1", 1.2), ("W2", 1.15), ("W3", 1.5), ("W4", 1.5)] {
+            if let (Some(a), Some(b)) = (s(w, "weir"), s(w, "native")) {
+                line(format!("{w}: weir / native {:.2}x (target <= {limit}x): {}", a / b, verdict(a / b <= limit)));
+            }
+        }
+        if let (Some(a), Some(b)) = (s("W1", "weir"), s("W1", "duckdb-sha256")) {
+            line(format!("W1: weir {a:.2} s vs DuckDB built-in sha256 {b:.2} s (weir faster): {}", verdict(a < b)));
+        }
+        for udf in ["duckdb", "polars", "pandas"] {
+            if let (Some(a), Some(b)) = (s("W1", "weir"), s("W1", udf)) {
+                line(format!(
+                    "W1: weir {:.1}x faster than the {udf} Python-UDF path (target >= 10x): {}",
+                    b / a,
+                    verdict(b / a >= 10.0)
+                ));
+            }
+        }
+        for w in ["W1", "W2"] {
+            if let (Some(a), Some(b)) = (s(w, "weir"), s(w, "per-record")) {
+                line(format!(
+                    "{w}: per-batch weir {:.1}x faster than the per-record Wasm runner (target >= 10x): {}",
+                    b / a,
+                    verdict(b / a >= 10.0)
+                ));
+            }
+        }
+        for w in WORKLOADS {
+            if let (Some(a), Some(b)) = (s(w, "weir"), s(w, "pandas")) {
+                line(format!("{w}: weir {:.1}x faster than pandas (target >= 3x): {}", b / a, verdict(b / a >= 3.0)));
+            }
+        }
+        for w in WORKLOADS {
+            if let Some(m) = rss(results, rows, w, "weir") {
+                line(format!("{w}: weir peak RSS {m:.0} MB (target < 1024 MB): {}", verdict(m < 1024.0)));
+            }
+        }
+        md.push('\n');
+    }
+    if let (Some(&small), Some(&large)) = (scales.iter().min(), scales.iter().max()) {
+        if large > small {
+            md.push_str(&format!(
+                "## Peak RSS, {small} vs {large} rows\n\nTarget: weir's peak RSS at the larger scale within 20% of the smaller one, and under 1 GiB.\n\n| workload | runner | RSS MB at {small} | RSS MB at {large} | growth | verdict |\n|---|---|---:|---:|---:|---|\n"
+            ));
+            for w in WORKLOADS {
+                for runner in ["weir", "native"] {
+                    if let (Some(a), Some(b)) = (rss(results, small, w, runner), rss(results, large, w, runner)) {
+                        let v = if runner == "weir" { verdict(b <= a * 1.2 && b < 1024.0) } else { "" };
+                        md.push_str(&format!("| {w} | {runner} | {a:.0} | {b:.0} | {:.2}x | {v} |\n", b / a));
+                    }
+                }
+            }
+            md.push('\n');
+        }
     }
     md
 }
