@@ -1,6 +1,10 @@
 //! W1 and W2 of the benchmark written row at a time, as a per-record Wasm transform:
 //! the host calls `process` once per row. W1 hashes through the host's per-row HMAC
 //! import; W2 parses the timestamp text in the guest.
+//!
+//! Built for wasm32 only: on other targets the crate is empty (its export names are not
+//! valid native symbol names).
+#![cfg(target_arch = "wasm32")]
 
 use std::cell::RefCell;
 use std::collections::HashSet;
