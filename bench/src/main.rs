@@ -7,7 +7,7 @@
 //! counts, and prints a table (median wall time, rows/s, peak RSS, ratios). `--check-only`
 //! runs each once on small data and only compares outputs (the test suite does this).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -330,7 +330,8 @@ fn native(workload: &str, input: &Path, output: &Path) -> Result<()> {
             }
         }
         "W3" => {
-            let mut seen: HashSet<i64> = HashSet::new();
+            // the same key set as the dedup plugin, so the ratio measures the sandbox only
+            let mut seen = weir_sdk::intset::IntSet::new();
             for b in read_batches(input)? {
                 let b = b?;
                 let ids = b.column(0).as_primitive::<Int64Type>();
@@ -339,19 +340,21 @@ fn native(workload: &str, input: &Path, output: &Path) -> Result<()> {
             }
         }
         "W4" => {
-            let mut index: HashMap<i64, usize> = HashMap::new();
+            // the same group table as the aggregate plugin
+            let mut index = weir_sdk::intset::IntMap::new();
             let (mut keys, mut sums, mut counts) = (Vec::new(), Vec::new(), Vec::new());
             for b in read_columns(input, Some(&W4_COLUMNS))? {
                 let b = b?;
                 let users = b.column(0).as_primitive::<Int64Type>();
                 let amounts = b.column(1).as_primitive::<Float64Type>();
                 for (u, a) in users.values().iter().zip(amounts.values().iter()) {
-                    let g = *index.entry(*u).or_insert_with(|| {
+                    let (g, new) = index.get_or_insert(*u, keys.len() as u32);
+                    if new {
                         keys.push(*u);
                         sums.push(0.0);
                         counts.push(0i64);
-                        keys.len() - 1
-                    });
+                    }
+                    let g = g as usize;
                     sums[g] += a;
                     counts[g] += 1;
                 }

@@ -48,6 +48,7 @@ extern crate self as weir_sdk;
 
 pub mod error;
 pub mod host;
+pub mod intset;
 pub mod ipc;
 pub mod keys;
 pub mod rule;

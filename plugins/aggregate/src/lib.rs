@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use weir_sdk::intset::IntMap;
 use weir_sdk::keys::{encode_key, scalar_at, supported, to_array, Scalar};
 use weir_sdk::prelude::*;
 use weir_sdk::state::{Reader, Writer};
@@ -76,38 +77,67 @@ pub struct Aggregate {
     buf: Vec<u8>,
     /// One int64 key: groups by value (and the null group), instead of `groups`.
     int_key: bool,
-    int_index: HashMap<i64, usize, BuildIntHasher>,
+    int_index: IntMap,
     null_group: Option<usize>,
+    /// The group of each row of the batch being processed (kept to reuse its allocation).
+    gids: Vec<u32>,
 }
 
-/// A multiplicative hash for int64 keys: SipHash costs more than the rest of the loop in the
-/// guest, and these keys come from the data the pipeline reads, not from an attacker of this
-/// instance's memory (a bad distribution costs only this plugin's own time, under its deadline).
-#[derive(Default, Clone, Copy)]
-struct BuildIntHasher;
-
-#[derive(Default)]
-struct IntHasher(u64);
-
-impl std::hash::Hasher for IntHasher {
-    fn finish(&self) -> u64 {
-        self.0
+impl Aggregate {
+    fn new_group(&mut self, key: Vec<Scalar>) -> Result<usize> {
+        let g = self.key_values.len();
+        if g >= u32::MAX as usize - 1 {
+            return Err(Error::internal("more than 4 billion groups"));
+        }
+        self.key_values.push(key);
+        self.accs.extend(self.aggs.iter().map(initial));
+        Ok(g)
     }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+}
+
+/// Fold one aggregate's column into the accumulators of the rows' groups. Float64 and
+/// int64 columns without nulls, and row counts, take typed loops; the rest goes value by
+/// value.
+fn update_column(accs: &mut [Acc], n: usize, a: usize, func: Func, values: &Values, gids: &[u32]) -> Result<()> {
+    let acc = |g: u32| g as usize * n + a;
+    match values {
+        Values::Rows => {
+            for &g in gids {
+                match &mut accs[acc(g)] {
+                    Acc::Count(c) => *c += 1,
+                    other => update(other, func, Scalar::Int(1)),
+                }
+            }
+        }
+        Values::F64(arr) if arr.null_count() == 0 => {
+            for (&g, &v) in gids.iter().zip(arr.values().iter()) {
+                match &mut accs[acc(g)] {
+                    Acc::SumFloat(s) => *s = Some(s.unwrap_or(0.0) + v),
+                    Acc::Avg(s, c) => {
+                        *s += v;
+                        *c += 1;
+                    }
+                    Acc::Count(c) => *c += 1,
+                    other => update(other, func, Scalar::Float(v)),
+                }
+            }
+        }
+        Values::I64(arr) if arr.null_count() == 0 => {
+            for (&g, &v) in gids.iter().zip(arr.values().iter()) {
+                match &mut accs[acc(g)] {
+                    Acc::SumInt(s) => *s = Some(s.unwrap_or(0).wrapping_add(v)),
+                    Acc::Count(c) => *c += 1,
+                    other => update(other, func, Scalar::Int(v)),
+                }
+            }
+        }
+        _ => {
+            for (row, &g) in gids.iter().enumerate() {
+                update(&mut accs[acc(g)], func, values.at(row)?);
+            }
         }
     }
-    fn write_i64(&mut self, v: i64) {
-        self.0 = (v as u64 ^ 0x9e37_79b9_7f4a_7c15).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95).rotate_left(29);
-    }
-}
-
-impl std::hash::BuildHasher for BuildIntHasher {
-    type Hasher = IntHasher;
-    fn build_hasher(&self) -> IntHasher {
-        IntHasher::default()
-    }
+    Ok(())
 }
 
 /// Typed access to an aggregated column, so the hot loop does not match on types per row.
@@ -206,8 +236,9 @@ impl Transform for Aggregate {
             accs: Vec::new(),
             buf: Vec::new(),
             int_key: false,
-            int_index: HashMap::default(),
+            int_index: IntMap::new(),
             null_group: None,
+            gids: Vec::new(),
         })
         .map(|mut a: Aggregate| {
             a.int_key = a.keys.len() == 1 && input.field(a.keys[0]).data_type() == &DataType::Int64;
@@ -222,45 +253,53 @@ impl Transform for Aggregate {
     fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
         let key_cols: Vec<&ArrayRef> = self.keys.iter().map(|&i| batch.column(i)).collect();
         let values: Vec<Values> = self.aggs.iter().map(|a| Values::of(a.column.map(|c| batch.column(c)))).collect();
-        // One int64 key: groups are found by value, never by encoding the row.
-        let int_keys = if self.int_key {
-            Some(key_cols[0].as_primitive::<weir_sdk::arrow_array::types::Int64Type>())
-        } else {
-            None
-        };
-        for row in 0..batch.num_rows() {
-            let found = match int_keys {
-                Some(k) if k.is_null(row) => self.null_group,
-                Some(k) => self.int_index.get(&k.value(row)).copied(),
-                None => {
-                    encode_key(&key_cols, row, &mut self.buf)?;
-                    self.groups.get(&self.buf).copied()
-                }
-            };
-            let g = match found {
-                Some(g) => g,
-                None => {
-                    let g = self.key_values.len();
-                    let kv = key_cols.iter().map(|c| scalar_at(c.as_ref(), row)).collect::<Result<Vec<_>>>()?;
-                    match (int_keys, kv.as_slice()) {
-                        (Some(_), [Scalar::Int(k)]) => {
-                            self.int_index.insert(*k, g);
-                        }
-                        (Some(_), _) => self.null_group = Some(g),
-                        (None, _) => {
-                            self.groups.insert(self.buf.clone(), g);
+        // Pass 1: the group of every row. One int64 key: groups are found by value in an
+        // open-addressing table, never by encoding the row.
+        let mut gids = std::mem::take(&mut self.gids);
+        gids.clear();
+        if self.int_key {
+            let k = key_cols[0].as_primitive::<weir_sdk::arrow_array::types::Int64Type>();
+            for row in 0..batch.num_rows() {
+                let g = if k.is_null(row) {
+                    match self.null_group {
+                        Some(g) => g,
+                        None => {
+                            let g = self.new_group(vec![Scalar::Null])?;
+                            self.null_group = Some(g);
+                            g
                         }
                     }
-                    self.key_values.push(kv);
-                    self.accs.extend(self.aggs.iter().map(initial));
-                    g
-                }
-            };
-            let n = self.aggs.len();
-            for ((a, acc), v) in self.aggs.iter().zip(self.accs[g * n..(g + 1) * n].iter_mut()).zip(&values) {
-                update(acc, a.func, v.at(row)?);
+                } else {
+                    let key = k.value(row);
+                    let (g, new) = self.int_index.get_or_insert(key, self.key_values.len() as u32);
+                    if new {
+                        self.new_group(vec![Scalar::Int(key)])?;
+                    }
+                    g as usize
+                };
+                gids.push(g as u32);
+            }
+        } else {
+            for row in 0..batch.num_rows() {
+                encode_key(&key_cols, row, &mut self.buf)?;
+                let g = match self.groups.get(&self.buf) {
+                    Some(&g) => g,
+                    None => {
+                        let kv = key_cols.iter().map(|c| scalar_at(c.as_ref(), row)).collect::<Result<Vec<_>>>()?;
+                        let g = self.new_group(kv)?;
+                        self.groups.insert(self.buf.clone(), g);
+                        g
+                    }
+                };
+                gids.push(g as u32);
             }
         }
+        // Pass 2: each aggregate over the batch, typed where the column allows.
+        let n = self.aggs.len();
+        for (a, (agg, v)) in self.aggs.iter().zip(&values).enumerate() {
+            update_column(&mut self.accs, n, a, agg.func, v, &gids)?;
+        }
+        self.gids = gids;
         Ok(RecordBatch::new_empty(self.schema.clone()))
     }
 
@@ -310,7 +349,7 @@ impl Transform for Aggregate {
         self.groups.clear();
         self.key_values.clear();
         self.accs.clear();
-        self.int_index.clear();
+        self.int_index = IntMap::new();
         self.null_group = None;
         for g in 0..r.u64()? as usize {
             let key = r.bytes()?.to_vec();
@@ -342,7 +381,7 @@ impl Transform for Aggregate {
             for (g, kv) in self.key_values.iter().enumerate() {
                 match kv.as_slice() {
                     [Scalar::Int(k)] => {
-                        self.int_index.insert(*k, g);
+                        self.int_index.get_or_insert(*k, g as u32);
                     }
                     _ => self.null_group = Some(g),
                 }

@@ -11,10 +11,11 @@
 //! holds the input until the end (the winner of a key may come in the last batch) and emits
 //! one row per key, in the order keys were first seen. Ties on `order_by` go to the later row.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use weir_sdk::arrow_array::BooleanArray;
 use weir_sdk::arrow_select::{filter::filter_record_batch, interleave::interleave_record_batch};
+use weir_sdk::intset::IntSet;
 use weir_sdk::ipc;
 use weir_sdk::keys::{encode_key, scalar_at, supported, Scalar};
 use weir_sdk::prelude::*;
@@ -49,7 +50,7 @@ pub struct Dedup {
     buf: Vec<u8>,
     /// keep = first on one int64 key: the keys seen, without encoding rows (`seen` stays empty).
     int_key: bool,
-    seen_int: HashSet<i64>,
+    seen_int: IntSet,
     seen_null: bool,
 }
 
@@ -93,7 +94,7 @@ impl Transform for Dedup {
             held: Vec::new(),
             buf: Vec::new(),
             int_key: false,
-            seen_int: HashSet::new(),
+            seen_int: IntSet::new(),
             seen_null: false,
         })
         .map(|mut d: Dedup| {
@@ -174,7 +175,7 @@ impl Transform for Dedup {
             w.bytes(k);
             w.u64(*v as u64);
         }
-        for k in &self.seen_int {
+        for k in self.seen_int.iter() {
             let mut b = vec![2u8];
             b.extend_from_slice(&k.to_le_bytes());
             w.bytes(&b);
@@ -198,7 +199,7 @@ impl Transform for Dedup {
     fn restore(&mut self, state: &[u8]) -> Result<()> {
         let mut r = Reader::new(state);
         self.seen.clear();
-        self.seen_int.clear();
+        self.seen_int = IntSet::new();
         self.seen_null = false;
         for _ in 0..r.u64()? {
             let k = r.bytes()?.to_vec();

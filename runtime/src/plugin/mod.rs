@@ -166,6 +166,11 @@ impl PluginEngine {
         config.epoch_interruption(true);
         config.wasm_component_model(true);
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        // `WEIR_PROFILE=perfmap weir run ...` writes /tmp/perf-<pid>.map so `perf report`
+        // names the plugins' functions (how the benchmark's guest loops were profiled).
+        if std::env::var("WEIR_PROFILE").as_deref() == Ok("perfmap") {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(|e| Error::Engine(e.to_string()))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| Error::Engine(e.to_string()))?;

@@ -1,0 +1,365 @@
+//! Sets and maps of int64 keys for stateful plugins (dedup, group-by), built for the guest:
+//! no SipHash (which costs more than the rest of a dedup loop in Wasm), one cache line per
+//! probe, and — for keys that come in dense ranges, as ids usually do — a bitmap that holds
+//! tens of millions of keys in a few megabytes.
+//!
+//! ```
+//! use weir_sdk::intset::{IntMap, IntSet};
+//!
+//! let mut seen = IntSet::new();
+//! assert!(seen.insert(42));
+//! assert!(!seen.insert(42));
+//!
+//! let mut groups = IntMap::new();
+//! assert_eq!(groups.get_or_insert(7, 0), (0, true));
+//! assert_eq!(groups.get_or_insert(7, 1), (0, false));
+//! ```
+//!
+//! The keys come from the data a pipeline reads. A skewed distribution can only cost the
+//! plugin its own time, under the host's deadline.
+
+const EMPTY: u32 = u32::MAX;
+
+#[inline]
+fn slot_of(key: i64, mask: usize) -> usize {
+    // Fibonacci hashing: consecutive ids spread over the table
+    ((key as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & mask
+}
+
+/// A map from int64 keys to `u32` values (group numbers), open addressing with linear
+/// probing, key and value side by side. `u32::MAX` cannot be stored as a value.
+#[derive(Debug, Clone)]
+pub struct IntMap {
+    slots: Vec<(i64, u32)>,
+    len: usize,
+}
+
+impl Default for IntMap {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl IntMap {
+    pub fn new() -> IntMap {
+        IntMap { slots: vec![(0, EMPTY); 16], len: 0 }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: i64) -> Option<u32> {
+        let mask = self.slots.len() - 1;
+        let mut i = slot_of(key, mask);
+        loop {
+            let (k, v) = self.slots[i];
+            if v == EMPTY {
+                return None;
+            }
+            if k == key {
+                return Some(v);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// The value of `key`, inserting `value` if the key is new; `true` when it was new.
+    #[inline]
+    pub fn get_or_insert(&mut self, key: i64, value: u32) -> (u32, bool) {
+        debug_assert!(value != EMPTY);
+        let mask = self.slots.len() - 1;
+        let mut i = slot_of(key, mask);
+        loop {
+            let (k, v) = self.slots[i];
+            if v == EMPTY {
+                self.slots[i] = (key, value);
+                self.len += 1;
+                if self.len * 2 > self.slots.len() {
+                    self.grow();
+                }
+                return (value, true);
+            }
+            if k == key {
+                return (v, false);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn grow(&mut self) {
+        let doubled = vec![(0, EMPTY); self.slots.len() * 2];
+        let old = std::mem::replace(&mut self.slots, doubled);
+        let mask = self.slots.len() - 1;
+        for (k, v) in old.into_iter().filter(|(_, v)| *v != EMPTY) {
+            let mut i = slot_of(k, mask);
+            while self.slots[i].1 != EMPTY {
+                i = (i + 1) & mask;
+            }
+            self.slots[i] = (k, v);
+        }
+    }
+
+    /// Every (key, value), in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (i64, u32)> + '_ {
+        self.slots.iter().copied().filter(|(_, v)| *v != EMPTY)
+    }
+}
+
+const PAGE_BITS: u32 = 16;
+const PAGE_WORDS: usize = (1 << PAGE_BITS) / 64;
+
+/// A set of int64 keys. It starts as a hash set; when the keys seen so far lie in a range
+/// whose bitmap would be no bigger than the hash table, it becomes a bitmap of 8 KiB pages
+/// (allocated as keys reach them), and it goes back to hashing if pages end up costing
+/// four times what a hash table of the same keys would.
+#[derive(Debug, Clone, Default)]
+pub struct IntSet {
+    len: usize,
+    min: i64,
+    max: i64,
+    mode: Mode,
+}
+
+#[derive(Debug, Clone)]
+enum Mode {
+    Hash(IntMap),
+    Bitmap {
+        /// page number (key >> 16) -> index into `pages`
+        index: IntMap,
+        pages: Vec<Box<[u64; PAGE_WORDS]>>,
+        /// the last page used: runs of nearby keys skip the index
+        last: (i64, usize),
+    },
+}
+
+impl Default for Mode {
+    fn default() -> Self {
+        Mode::Hash(IntMap::new())
+    }
+}
+
+impl IntSet {
+    pub fn new() -> IntSet {
+        IntSet::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether the set is in bitmap mode (for tests and diagnostics).
+    pub fn is_bitmap(&self) -> bool {
+        matches!(self.mode, Mode::Bitmap { .. })
+    }
+
+    pub fn contains(&self, key: i64) -> bool {
+        match &self.mode {
+            Mode::Hash(m) => m.get(key).is_some(),
+            Mode::Bitmap { index, pages, .. } => match index.get(key >> PAGE_BITS) {
+                Some(p) => {
+                    let bit = (key & ((1 << PAGE_BITS) - 1)) as usize;
+                    pages[p as usize][bit / 64] & (1 << (bit % 64)) != 0
+                }
+                None => false,
+            },
+        }
+    }
+
+    /// Add `key`; `true` if it was not in the set.
+    #[inline]
+    pub fn insert(&mut self, key: i64) -> bool {
+        let new = match &mut self.mode {
+            Mode::Hash(m) => {
+                let before = m.slots.len();
+                let (_, new) = m.get_or_insert(key, 0);
+                if new && m.slots.len() != before {
+                    self.note(key);
+                    self.maybe_bitmap();
+                    self.len += 1;
+                    return true;
+                }
+                new
+            }
+            Mode::Bitmap { index, pages, last } => {
+                let page = key >> PAGE_BITS;
+                let p = if last.0 == page && !pages.is_empty() {
+                    last.1
+                } else {
+                    let (p, fresh) = index.get_or_insert(page, pages.len() as u32);
+                    if fresh {
+                        pages.push(Box::new([0u64; PAGE_WORDS]));
+                    }
+                    *last = (page, p as usize);
+                    p as usize
+                };
+                let bit = (key & ((1 << PAGE_BITS) - 1)) as usize;
+                let word = &mut pages[p][bit / 64];
+                let mask = 1u64 << (bit % 64);
+                let new = *word & mask == 0;
+                *word |= mask;
+                if new && pages.len() * PAGE_WORDS * 8 > 4 * 16 * (self.len + 1) + (64 << 10) {
+                    self.note(key);
+                    self.len += 1;
+                    self.back_to_hashing();
+                    return true;
+                }
+                new
+            }
+        };
+        if new {
+            self.note(key);
+            self.len += 1;
+        }
+        new
+    }
+
+    fn note(&mut self, key: i64) {
+        if self.len == 0 {
+            (self.min, self.max) = (key, key);
+        } else {
+            self.min = self.min.min(key);
+            self.max = self.max.max(key);
+        }
+    }
+
+    /// After the hash table grew: switch to pages if a bitmap of the key range is no bigger.
+    fn maybe_bitmap(&mut self) {
+        let Mode::Hash(m) = &self.mode else { return };
+        let range = (self.max as i128 - self.min as i128 + 1) as u128;
+        let bitmap_bytes = range / 8 + 2 * (PAGE_WORDS as u128 * 8);
+        let table_bytes = (m.slots.len() * 16) as u128;
+        if bitmap_bytes <= table_bytes {
+            let keys: Vec<i64> = m.iter().map(|(k, _)| k).collect();
+            self.mode = Mode::Bitmap { index: IntMap::new(), pages: Vec::new(), last: (0, 0) };
+            let len = self.len;
+            for k in keys {
+                self.set_bit(k);
+            }
+            self.len = len;
+        }
+    }
+
+    fn set_bit(&mut self, key: i64) {
+        if let Mode::Bitmap { index, pages, last } = &mut self.mode {
+            let (p, fresh) = index.get_or_insert(key >> PAGE_BITS, pages.len() as u32);
+            if fresh {
+                pages.push(Box::new([0u64; PAGE_WORDS]));
+            }
+            *last = (key >> PAGE_BITS, p as usize);
+            let bit = (key & ((1 << PAGE_BITS) - 1)) as usize;
+            pages[p as usize][bit / 64] |= 1 << (bit % 64);
+        }
+    }
+
+    /// Pages grew too sparse: back to a hash table.
+    fn back_to_hashing(&mut self) {
+        let keys: Vec<i64> = self.iter().collect();
+        let mut m = IntMap::new();
+        for k in keys {
+            m.get_or_insert(k, 0);
+        }
+        self.mode = Mode::Hash(m);
+    }
+
+    /// Every key, in no particular order.
+    pub fn iter(&self) -> Box<dyn Iterator<Item = i64> + '_> {
+        match &self.mode {
+            Mode::Hash(m) => Box::new(m.iter().map(|(k, _)| k)),
+            Mode::Bitmap { index, pages, .. } => Box::new(index.iter().flat_map(move |(page, p)| {
+                let words = &pages[p as usize];
+                words.iter().enumerate().flat_map(move |(w, &word)| {
+                    let mut bits = word;
+                    std::iter::from_fn(move || {
+                        if bits == 0 {
+                            return None;
+                        }
+                        let b = bits.trailing_zeros() as i64;
+                        bits &= bits - 1;
+                        Some((page << PAGE_BITS) | (w as i64 * 64 + b))
+                    })
+                })
+            })),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn check_against_std(keys: impl IntoIterator<Item = i64>) -> IntSet {
+        let mut ours = IntSet::new();
+        let mut std = HashSet::new();
+        for k in keys {
+            assert_eq!(ours.insert(k), std.insert(k), "insert {k}");
+        }
+        assert_eq!(ours.len(), std.len());
+        let mut a: Vec<i64> = ours.iter().collect();
+        let mut b: Vec<i64> = std.iter().copied().collect();
+        a.sort_unstable();
+        b.sort_unstable();
+        assert_eq!(a, b);
+        for k in b.iter().take(1000) {
+            assert!(ours.contains(*k));
+        }
+        ours
+    }
+
+    #[test]
+    fn dense_ids_become_a_bitmap() {
+        // ids counting up with some repeats, the way event ids arrive
+        let keys = (0..300_000i64).map(|i| if i % 10 == 3 { i / 2 } else { i });
+        let set = check_against_std(keys);
+        assert!(set.is_bitmap());
+        assert!(!set.contains(-1) && !set.contains(300_000));
+    }
+
+    #[test]
+    fn scattered_keys_stay_hashed_and_extremes_work() {
+        let mut x = 0x1234_5678_9abc_def0u64;
+        let keys: Vec<i64> = (0..50_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as i64
+            })
+            .chain([i64::MIN, i64::MAX, 0, -1, i64::MIN])
+            .collect();
+        let set = check_against_std(keys);
+        assert!(!set.is_bitmap());
+    }
+
+    #[test]
+    fn a_bitmap_that_turns_sparse_goes_back_to_hashing() {
+        // dense first, then keys a page apart
+        let keys = (0..100_000i64).chain((0..200_000i64).map(|i| 1_000_000_000 + i * 70_000));
+        let set = check_against_std(keys);
+        assert!(!set.is_bitmap());
+    }
+
+    #[test]
+    fn int_map_values() {
+        let mut m = IntMap::new();
+        for k in 0..10_000i64 {
+            assert_eq!(m.get_or_insert(k * 7 - 5000, k as u32), (k as u32, true));
+        }
+        for k in 0..10_000i64 {
+            assert_eq!(m.get(k * 7 - 5000), Some(k as u32));
+            assert_eq!(m.get_or_insert(k * 7 - 5000, 0), (k as u32, false));
+        }
+        assert_eq!(m.get(3), None);
+        assert_eq!(m.len(), 10_000);
+    }
+}
