@@ -543,6 +543,40 @@ fn help_teaches() {
 }
 
 #[test]
+fn time_split_accounts_for_every_stage_and_plugin() {
+    let dir = example_copy();
+    let out = weir(dir.path(), &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    let s = out.json();
+    let step = &s["steps"][0];
+    let t = &step["timings"];
+    assert!(t["read"].as_f64().unwrap() > 0.0 && t["write"].as_f64().unwrap() > 0.0, "{t}");
+    assert!(t["checks"].as_f64().unwrap() > 0.0, "the step has row checks: {t}");
+    let plugins = t["plugins"].as_array().unwrap();
+    let names: Vec<&str> = plugins.iter().map(|p| p["plugin"].as_str().unwrap()).collect();
+    assert_eq!(names, ["mask", "dedup", "cast"], "one entry per transform, in order");
+    for p in plugins {
+        // every batch plus finish is one call; SDK plugins mark their phases, so nothing is unsplit
+        assert!(p["calls"].as_u64().unwrap() >= 2, "{p}");
+        assert!(p["bytes_in"].as_u64().unwrap() > 0 && p["bytes_out"].as_u64().unwrap() > 0, "{p}");
+        assert_eq!(p["guest_unsplit"].as_f64(), Some(0.0), "{p}");
+        for k in ["host_encode", "copy_in", "guest_decode", "guest_compute", "guest_encode", "copy_out", "host_decode"]
+        {
+            assert!(p[k].as_f64().unwrap() >= 0.0, "{k} in {p}");
+        }
+        assert!(p["guest_compute"].as_f64().unwrap() > 0.0, "{p}");
+    }
+    // the phase marks are not reported as the plugin's own counters
+    assert!(step["counters"].to_string().find("weir.phase").is_none(), "{}", step["counters"]);
+
+    let out = weir(dir.path(), &["run", "pipeline.toml", "--force", "--timings"]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    for want in ["time split of step `stg_orders`", "plugin mask", "copy in", "guest decode", "encode + write output"] {
+        assert!(out.stdout.contains(want), "`{want}` missing from:\n{}", out.stdout);
+    }
+}
+
+#[test]
 fn steps_read_earlier_steps_and_keep_types() {
     // stg -> mart through a partitioned intermediate: the mart sees the partition column with
     // its original type (date), rebuilt from the hive directories.
