@@ -5,15 +5,15 @@
 
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use arrow_array::builder::{
-    ArrayBuilder, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder,
-    TimestampMicrosecondBuilder,
+    BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
 };
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int32Type, Int64Type};
-use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_array::{Array, ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, SchemaRef, TimeUnit};
 use hmac::{Hmac, Mac};
 use parquet::arrow::ArrowWriter;
@@ -86,28 +86,25 @@ pub fn run(workload: &str, plugin: &Path, input: &Path, output: &Path, key: &[u8
     let mut row = Vec::new();
     for batch in crate::read_columns(input, columns)? {
         let batch = batch?;
-        let mut builders: Vec<Box<dyn ArrayBuilder>> = schema
-            .fields()
-            .iter()
-            .map(|f| arrow_array::builder::make_builder(f.data_type(), batch.num_rows()))
-            .collect();
+        // column types are resolved once a batch; the per-row work is the call itself
+        let inputs = batch.columns().iter().map(Input::of).collect::<Result<Vec<_>>>()?;
+        let mut outputs =
+            schema.fields().iter().map(|f| Output::of(f.data_type(), batch.num_rows())).collect::<Result<Vec<_>>>()?;
         for r in 0..batch.num_rows() {
             row.clear();
-            for c in batch.columns() {
-                row.push(value_at(c, r)?);
-            }
+            row.extend(inputs.iter().map(|c| c.value(r)));
             let out =
                 rt.call_process(&mut store, &row).map_err(|e| anyhow!("{e}"))?.map_err(|e| anyhow!("row {r}: {e}"))?;
             if let Some(out) = out {
-                if out.len() != builders.len() {
-                    bail!("the plugin returned {} values for {} columns", out.len(), builders.len());
+                if out.len() != outputs.len() {
+                    bail!("the plugin returned {} values for {} columns", out.len(), outputs.len());
                 }
-                for (b, v) in builders.iter_mut().zip(out) {
-                    append(b.as_mut(), v)?;
+                for (o, v) in outputs.iter_mut().zip(out) {
+                    o.append(v)?;
                 }
             }
         }
-        let cols: Vec<ArrayRef> = builders.iter_mut().map(|b| b.finish()).collect();
+        let cols: Vec<ArrayRef> = outputs.iter_mut().map(Output::finish).collect();
         let out = RecordBatch::try_new(schema.clone(), cols)?;
         if out.num_rows() > 0 {
             writer.write(&out)?;
@@ -117,40 +114,100 @@ pub fn run(workload: &str, plugin: &Path, input: &Path, output: &Path, key: &[u8
     Ok(())
 }
 
-fn value_at(c: &ArrayRef, r: usize) -> Result<Value> {
-    if c.is_null(r) {
-        return Ok(Value::Null);
-    }
-    Ok(match c.data_type() {
-        DataType::Int64 => Value::Int(c.as_primitive::<Int64Type>().value(r)),
-        DataType::Int32 => Value::Int(c.as_primitive::<Int32Type>().value(r) as i64),
-        DataType::Float64 => Value::Float(c.as_primitive::<Float64Type>().value(r)),
-        DataType::Utf8 => Value::Text(c.as_string::<i32>().value(r).to_string()),
-        DataType::Boolean => Value::Boolean(c.as_boolean().value(r)),
-        other => bail!("no per-record value for {other}"),
-    })
+/// An input column, typed once a batch.
+enum Input<'a> {
+    I64(&'a Int64Array),
+    I32(&'a Int32Array),
+    F64(&'a Float64Array),
+    Text(&'a StringArray),
+    Bool(&'a BooleanArray),
 }
 
-fn append(b: &mut dyn ArrayBuilder, v: Value) -> Result<()> {
-    let any = b.as_any_mut();
-    macro_rules! put {
-        ($ty:ty, $some:pat => $val:expr) => {
-            if let Some(b) = any.downcast_mut::<$ty>() {
-                match v {
-                    Value::Null => b.append_null(),
-                    $some => b.append_value($val),
-                    other => bail!("value {other:?} does not fit a {}", stringify!($ty)),
-                }
-                return Ok(());
-            }
-        };
+impl<'a> Input<'a> {
+    fn of(c: &'a ArrayRef) -> Result<Input<'a>> {
+        Ok(match c.data_type() {
+            DataType::Int64 => Input::I64(c.as_primitive::<Int64Type>()),
+            DataType::Int32 => Input::I32(c.as_primitive::<Int32Type>()),
+            DataType::Float64 => Input::F64(c.as_primitive::<Float64Type>()),
+            DataType::Utf8 => Input::Text(c.as_string::<i32>()),
+            DataType::Boolean => Input::Bool(c.as_boolean()),
+            other => bail!("no per-record value for {other}"),
+        })
     }
-    put!(Int64Builder, Value::Int(x) => x);
-    put!(Int32Builder, Value::Int(x) => i32::try_from(x).context("int32 out of range")?);
-    put!(Float64Builder, Value::Float(x) => x);
-    put!(StringBuilder, Value::Text(x) => x);
-    put!(BooleanBuilder, Value::Boolean(x) => x);
-    put!(TimestampMicrosecondBuilder, Value::Int(x) => x);
-    let _ = TimeUnit::Microsecond;
-    bail!("no builder for this column")
+
+    fn value(&self, r: usize) -> Value {
+        let valid = match self {
+            Input::I64(a) => a.is_valid(r),
+            Input::I32(a) => a.is_valid(r),
+            Input::F64(a) => a.is_valid(r),
+            Input::Text(a) => a.is_valid(r),
+            Input::Bool(a) => a.is_valid(r),
+        };
+        if !valid {
+            return Value::Null;
+        }
+        match self {
+            Input::I64(a) => Value::Int(a.value(r)),
+            Input::I32(a) => Value::Int(a.value(r) as i64),
+            Input::F64(a) => Value::Float(a.value(r)),
+            Input::Text(a) => Value::Text(a.value(r).to_string()),
+            Input::Bool(a) => Value::Boolean(a.value(r)),
+        }
+    }
+}
+
+/// An output column being built, typed once a batch.
+enum Output {
+    I64(Int64Builder),
+    I32(Int32Builder),
+    F64(Float64Builder),
+    Text(StringBuilder),
+    Bool(BooleanBuilder),
+    Micros(TimestampMicrosecondBuilder),
+}
+
+impl Output {
+    fn of(t: &DataType, rows: usize) -> Result<Output> {
+        Ok(match t {
+            DataType::Int64 => Output::I64(Int64Builder::with_capacity(rows)),
+            DataType::Int32 => Output::I32(Int32Builder::with_capacity(rows)),
+            DataType::Float64 => Output::F64(Float64Builder::with_capacity(rows)),
+            DataType::Utf8 => Output::Text(StringBuilder::with_capacity(rows, rows * 16)),
+            DataType::Boolean => Output::Bool(BooleanBuilder::with_capacity(rows)),
+            DataType::Timestamp(TimeUnit::Microsecond, None) => {
+                Output::Micros(TimestampMicrosecondBuilder::with_capacity(rows))
+            }
+            other => bail!("no per-record output column for {other}"),
+        })
+    }
+
+    fn append(&mut self, v: Value) -> Result<()> {
+        match (self, v) {
+            (Output::I64(b), Value::Null) => b.append_null(),
+            (Output::I32(b), Value::Null) => b.append_null(),
+            (Output::F64(b), Value::Null) => b.append_null(),
+            (Output::Text(b), Value::Null) => b.append_null(),
+            (Output::Bool(b), Value::Null) => b.append_null(),
+            (Output::Micros(b), Value::Null) => b.append_null(),
+            (Output::I64(b), Value::Int(x)) => b.append_value(x),
+            (Output::I32(b), Value::Int(x)) => b.append_value(i32::try_from(x).context("int32 out of range")?),
+            (Output::F64(b), Value::Float(x)) => b.append_value(x),
+            (Output::Text(b), Value::Text(x)) => b.append_value(x),
+            (Output::Bool(b), Value::Boolean(x)) => b.append_value(x),
+            (Output::Micros(b), Value::Int(x)) => b.append_value(x),
+            (_, other) => bail!("the plugin returned {other:?}, which does not fit its column"),
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            Output::I64(b) => Arc::new(b.finish()),
+            Output::I32(b) => Arc::new(b.finish()),
+            Output::F64(b) => Arc::new(b.finish()),
+            Output::Text(b) => Arc::new(b.finish()),
+            Output::Bool(b) => Arc::new(b.finish()),
+            Output::Micros(b) => Arc::new(b.finish()),
+        }
+    }
 }

@@ -129,18 +129,74 @@ pub struct IntSet {
 #[derive(Debug, Clone)]
 enum Mode {
     Hash(IntMap),
-    Bitmap {
-        /// page number (key >> 16) -> index into `pages`
-        index: IntMap,
-        pages: Vec<Box<[u64; PAGE_WORDS]>>,
-        /// the last page used: runs of nearby keys skip the index
-        last: (i64, usize),
-    },
+    Bitmap(Pages),
 }
 
 impl Default for Mode {
     fn default() -> Self {
         Mode::Hash(IntMap::new())
+    }
+}
+
+/// A bitmap of the key space, in pages of 2^16 keys allocated on first use.
+#[derive(Debug, Clone, Default)]
+struct Pages {
+    /// page number (key >> 16) -> index into `pages`
+    index: IntMap,
+    pages: Vec<Box<[u64; PAGE_WORDS]>>,
+    /// the last page used: runs of nearby keys skip the index
+    last: Option<(i64, usize)>,
+}
+
+impl Pages {
+    /// Set `key`'s bit: (whether it was clear, whether a page was allocated for it).
+    #[inline]
+    fn set(&mut self, key: i64) -> (bool, bool) {
+        let page = key >> PAGE_BITS;
+        let (p, allocated) = match self.last {
+            Some((last, p)) if last == page => (p, false),
+            _ => {
+                let (p, fresh) = self.index.get_or_insert(page, self.pages.len() as u32);
+                if fresh {
+                    self.pages.push(Box::new([0u64; PAGE_WORDS]));
+                }
+                self.last = Some((page, p as usize));
+                (p as usize, fresh)
+            }
+        };
+        let bit = (key & ((1 << PAGE_BITS) - 1)) as usize;
+        let word = &mut self.pages[p][bit / 64];
+        let mask = 1u64 << (bit % 64);
+        let new = *word & mask == 0;
+        *word |= mask;
+        (new, allocated)
+    }
+
+    fn contains(&self, key: i64) -> bool {
+        self.index.get(key >> PAGE_BITS).is_some_and(|p| {
+            let bit = (key & ((1 << PAGE_BITS) - 1)) as usize;
+            self.pages[p as usize][bit / 64] & (1 << (bit % 64)) != 0
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        self.pages.len() * PAGE_WORDS * 8
+    }
+
+    fn iter(&self) -> impl Iterator<Item = i64> + '_ {
+        self.index.iter().flat_map(move |(page, p)| {
+            self.pages[p as usize].iter().enumerate().flat_map(move |(w, &word)| {
+                let mut bits = word;
+                std::iter::from_fn(move || {
+                    if bits == 0 {
+                        return None;
+                    }
+                    let b = bits.trailing_zeros() as i64;
+                    bits &= bits - 1;
+                    Some((page << PAGE_BITS) | (w as i64 * 64 + b))
+                })
+            })
+        })
     }
 }
 
@@ -159,136 +215,76 @@ impl IntSet {
 
     /// Whether the set is in bitmap mode (for tests and diagnostics).
     pub fn is_bitmap(&self) -> bool {
-        matches!(self.mode, Mode::Bitmap { .. })
+        matches!(self.mode, Mode::Bitmap(_))
     }
 
     pub fn contains(&self, key: i64) -> bool {
         match &self.mode {
             Mode::Hash(m) => m.get(key).is_some(),
-            Mode::Bitmap { index, pages, .. } => match index.get(key >> PAGE_BITS) {
-                Some(p) => {
-                    let bit = (key & ((1 << PAGE_BITS) - 1)) as usize;
-                    pages[p as usize][bit / 64] & (1 << (bit % 64)) != 0
-                }
-                None => false,
-            },
+            Mode::Bitmap(pages) => pages.contains(key),
         }
     }
 
     /// Add `key`; `true` if it was not in the set.
     #[inline]
     pub fn insert(&mut self, key: i64) -> bool {
-        let new = match &mut self.mode {
+        // `grew`: memory was allocated, so the representation is reconsidered
+        let (new, grew) = match &mut self.mode {
             Mode::Hash(m) => {
                 let before = m.slots.len();
                 let (_, new) = m.get_or_insert(key, 0);
-                if new && m.slots.len() != before {
-                    self.note(key);
-                    self.maybe_bitmap();
-                    self.len += 1;
-                    return true;
-                }
-                new
+                (new, m.slots.len() != before)
             }
-            Mode::Bitmap { index, pages, last } => {
-                let page = key >> PAGE_BITS;
-                let p = if last.0 == page && !pages.is_empty() {
-                    last.1
-                } else {
-                    let (p, fresh) = index.get_or_insert(page, pages.len() as u32);
-                    if fresh {
-                        pages.push(Box::new([0u64; PAGE_WORDS]));
-                    }
-                    *last = (page, p as usize);
-                    p as usize
-                };
-                let bit = (key & ((1 << PAGE_BITS) - 1)) as usize;
-                let word = &mut pages[p][bit / 64];
-                let mask = 1u64 << (bit % 64);
-                let new = *word & mask == 0;
-                *word |= mask;
-                if new && pages.len() * PAGE_WORDS * 8 > 4 * 16 * (self.len + 1) + (64 << 10) {
-                    self.note(key);
-                    self.len += 1;
-                    self.back_to_hashing();
-                    return true;
-                }
-                new
-            }
+            Mode::Bitmap(pages) => pages.set(key),
         };
         if new {
-            self.note(key);
+            if self.len == 0 {
+                (self.min, self.max) = (key, key);
+            } else {
+                self.min = self.min.min(key);
+                self.max = self.max.max(key);
+            }
             self.len += 1;
+        }
+        if grew {
+            self.reconsider();
         }
         new
     }
 
-    fn note(&mut self, key: i64) {
-        if self.len == 0 {
-            (self.min, self.max) = (key, key);
-        } else {
-            self.min = self.min.min(key);
-            self.max = self.max.max(key);
-        }
-    }
-
-    /// After the hash table grew: switch to pages if a bitmap of the key range is no bigger.
-    fn maybe_bitmap(&mut self) {
-        let Mode::Hash(m) = &self.mode else { return };
-        let range = (self.max as i128 - self.min as i128 + 1) as u128;
-        let bitmap_bytes = range / 8 + 2 * (PAGE_WORDS as u128 * 8);
-        let table_bytes = (m.slots.len() * 16) as u128;
-        if bitmap_bytes <= table_bytes {
-            let keys: Vec<i64> = m.iter().map(|(k, _)| k).collect();
-            self.mode = Mode::Bitmap { index: IntMap::new(), pages: Vec::new(), last: (0, 0) };
-            let len = self.len;
-            for k in keys {
-                self.set_bit(k);
+    /// After an allocation: a hash table whose key range fits a bitmap no bigger than the
+    /// table becomes pages; pages that cost four times a hash table of the same keys go
+    /// back to hashing.
+    fn reconsider(&mut self) {
+        match &self.mode {
+            Mode::Hash(m) => {
+                let range = (self.max as i128 - self.min as i128 + 1) as u128;
+                let bitmap_bytes = range / 8 + 2 * (PAGE_WORDS as u128 * 8);
+                if bitmap_bytes <= (m.slots.len() * 16) as u128 {
+                    let mut pages = Pages::default();
+                    for (k, _) in m.iter() {
+                        pages.set(k);
+                    }
+                    self.mode = Mode::Bitmap(pages);
+                }
             }
-            self.len = len;
-        }
-    }
-
-    fn set_bit(&mut self, key: i64) {
-        if let Mode::Bitmap { index, pages, last } = &mut self.mode {
-            let (p, fresh) = index.get_or_insert(key >> PAGE_BITS, pages.len() as u32);
-            if fresh {
-                pages.push(Box::new([0u64; PAGE_WORDS]));
+            Mode::Bitmap(pages) => {
+                if pages.bytes() > 4 * 16 * self.len + (64 << 10) {
+                    let mut m = IntMap::new();
+                    for k in pages.iter() {
+                        m.get_or_insert(k, 0);
+                    }
+                    self.mode = Mode::Hash(m);
+                }
             }
-            *last = (key >> PAGE_BITS, p as usize);
-            let bit = (key & ((1 << PAGE_BITS) - 1)) as usize;
-            pages[p as usize][bit / 64] |= 1 << (bit % 64);
         }
-    }
-
-    /// Pages grew too sparse: back to a hash table.
-    fn back_to_hashing(&mut self) {
-        let keys: Vec<i64> = self.iter().collect();
-        let mut m = IntMap::new();
-        for k in keys {
-            m.get_or_insert(k, 0);
-        }
-        self.mode = Mode::Hash(m);
     }
 
     /// Every key, in no particular order.
     pub fn iter(&self) -> Box<dyn Iterator<Item = i64> + '_> {
         match &self.mode {
             Mode::Hash(m) => Box::new(m.iter().map(|(k, _)| k)),
-            Mode::Bitmap { index, pages, .. } => Box::new(index.iter().flat_map(move |(page, p)| {
-                let words = &pages[p as usize];
-                words.iter().enumerate().flat_map(move |(w, &word)| {
-                    let mut bits = word;
-                    std::iter::from_fn(move || {
-                        if bits == 0 {
-                            return None;
-                        }
-                        let b = bits.trailing_zeros() as i64;
-                        bits &= bits - 1;
-                        Some((page << PAGE_BITS) | (w as i64 * 64 + b))
-                    })
-                })
-            })),
+            Mode::Bitmap(pages) => Box::new(pages.iter()),
         }
     }
 }
