@@ -14,14 +14,24 @@
 //! column counts rows. Sums of integers are int64, of floats float64; avg is float64;
 //! min and max keep the column's type. Groups are emitted at the end of input, in the
 //! order they were first seen.
+//!
+//! State layout: every group owns `width` consecutive 64-bit slots (its row count, and per
+//! aggregated numeric column its non-null count and the sums asked for), so one row updates
+//! one or two cache lines whatever the number of aggregates. Sums and averages of the same
+//! column share their slots. Min and max keep a value per group in their own vector.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use weir_sdk::arrow_array::types::{Float64Type, Int64Type};
+use weir_sdk::arrow_array::{Float64Array, Int64Array};
 use weir_sdk::intset::IntMap;
 use weir_sdk::keys::{encode_key, scalar_at, supported, to_array, Scalar};
 use weir_sdk::prelude::*;
 use weir_sdk::state::{Reader, Writer};
+
+/// Version tag of the checkpoint state; state of another layout is refused.
+const STATE_VERSION: u64 = 2;
 
 #[derive(Debug, Deserialize)]
 #[serde(crate = "weir_sdk::serde", deny_unknown_fields)]
@@ -51,128 +61,137 @@ pub enum Func {
     Avg,
 }
 
-struct Agg {
-    func: Func,
-    column: Option<usize>,
-    out_type: DataType,
+/// Where an output column's value comes from.
+#[derive(Debug, Clone, Copy)]
+enum Out {
+    /// Rows of the group (slot 0).
+    Rows,
+    /// Non-null values of a column: slot `n`.
+    NonNull { n: usize },
+    /// Wrapping int64 sum in slot `sum`, null when slot `n` is zero.
+    SumInt { sum: usize, n: usize },
+    /// Float sum in slot `sum`, null when slot `n` is zero.
+    SumFloat { sum: usize, n: usize },
+    /// Float sum / count, null when the count is zero.
+    Avg { sum: usize, n: usize },
+    /// Index into `Aggregate::extremes`.
+    Extreme { index: usize },
 }
 
-#[derive(Clone)]
-enum Acc {
-    Count(i64),
-    SumInt(Option<i64>),
-    SumFloat(Option<f64>),
-    MinMax(Scalar),
-    Avg(f64, i64),
+/// The slots one input column feeds.
+#[derive(Debug, Clone)]
+struct Input {
+    column: usize,
+    n: usize,
+    int_sum: Option<usize>,
+    float_sum: Option<usize>,
+}
+
+/// The groups' keys: one int64 column found by value, or any key columns by encoded bytes.
+enum Keys {
+    Int { index: IntMap, keys: Vec<i64>, null_group: Option<u32> },
+    Any { groups: HashMap<Vec<u8>, u32>, values: Vec<Vec<Scalar>>, buf: Vec<u8> },
+}
+
+impl Keys {
+    fn len(&self) -> usize {
+        match self {
+            Keys::Int { keys, .. } => keys.len(),
+            Keys::Any { values, .. } => values.len(),
+        }
+    }
 }
 
 pub struct Aggregate {
     keys: Vec<usize>,
-    aggs: Vec<Agg>,
+    key_state: Keys,
+    outs: Vec<Out>,
+    out_types: Vec<DataType>,
+    inputs: Vec<Input>,
+    /// Min/max aggregates: (column, is min).
+    extreme_cols: Vec<(usize, bool)>,
     schema: SchemaRef,
-    groups: HashMap<Vec<u8>, usize>,
-    key_values: Vec<Vec<Scalar>>,
-    /// Accumulators of all groups, `aggs.len()` per group, group after group.
-    accs: Vec<Acc>,
-    buf: Vec<u8>,
-    /// One int64 key: groups by value (and the null group), instead of `groups`.
-    int_key: bool,
-    int_index: IntMap,
-    null_group: Option<usize>,
+    /// `width` slots per group, group after group.
+    slots: Vec<u64>,
+    width: usize,
+    /// Per min/max aggregate, the current value of every group.
+    extremes: Vec<Vec<Scalar>>,
     /// The group of each row of the batch being processed (kept to reuse its allocation).
     gids: Vec<u32>,
 }
 
-impl Aggregate {
-    fn new_group(&mut self, key: Vec<Scalar>) -> Result<usize> {
-        let g = self.key_values.len();
-        if g >= u32::MAX as usize - 1 {
-            return Err(Error::internal("more than 4 billion groups"));
+/// Typed access to an input column, so the hot loop does not match on types per row.
+enum Col<'a> {
+    F64(&'a Float64Array),
+    I64(&'a Int64Array),
+    Any(&'a dyn Array),
+}
+
+impl<'a> Col<'a> {
+    fn of(c: &'a ArrayRef) -> Col<'a> {
+        match c.data_type() {
+            DataType::Float64 => Col::F64(c.as_primitive::<Float64Type>()),
+            DataType::Int64 => Col::I64(c.as_primitive::<Int64Type>()),
+            _ => Col::Any(c.as_ref()),
         }
-        self.key_values.push(key);
-        self.accs.extend(self.aggs.iter().map(initial));
-        Ok(g)
     }
 }
 
-/// Fold one aggregate's column into the accumulators of the rows' groups. Float64 and
-/// int64 columns without nulls, and row counts, take typed loops; the rest goes value by
-/// value.
-fn update_column(accs: &mut [Acc], n: usize, a: usize, func: Func, values: &Values, gids: &[u32]) -> Result<()> {
-    let acc = |g: u32| g as usize * n + a;
-    match values {
-        Values::Rows => {
-            for &g in gids {
-                match &mut accs[acc(g)] {
-                    Acc::Count(c) => *c += 1,
-                    other => update(other, func, Scalar::Int(1)),
+fn add_f64(slot: &mut u64, v: f64) {
+    *slot = (f64::from_bits(*slot) + v).to_bits();
+}
+
+/// Fold row `row` of one input column into a group's slots.
+#[inline(always)]
+fn fold(state: &mut [u64], input: &Input, col: &Col, row: usize) -> Result<()> {
+    match col {
+        Col::F64(a) => {
+            if a.is_valid(row) {
+                state[input.n] += 1;
+                if let Some(s) = input.float_sum {
+                    add_f64(&mut state[s], a.value(row));
                 }
             }
         }
-        Values::F64(arr) if arr.null_count() == 0 => {
-            for (&g, &v) in gids.iter().zip(arr.values().iter()) {
-                match &mut accs[acc(g)] {
-                    Acc::SumFloat(s) => *s = Some(s.unwrap_or(0.0) + v),
-                    Acc::Avg(s, c) => {
-                        *s += v;
-                        *c += 1;
+        Col::I64(a) => {
+            if a.is_valid(row) {
+                let v = a.value(row);
+                state[input.n] += 1;
+                if let Some(s) = input.int_sum {
+                    state[s] = (state[s] as i64).wrapping_add(v) as u64;
+                }
+                if let Some(s) = input.float_sum {
+                    add_f64(&mut state[s], v as f64);
+                }
+            }
+        }
+        Col::Any(a) => {
+            if a.is_valid(row) {
+                state[input.n] += 1;
+                if input.int_sum.is_some() || input.float_sum.is_some() {
+                    let v = scalar_at(*a, row)?;
+                    if let (Some(s), Scalar::Int(i)) = (input.int_sum, &v) {
+                        state[s] = (state[s] as i64).wrapping_add(*i) as u64;
                     }
-                    Acc::Count(c) => *c += 1,
-                    other => update(other, func, Scalar::Float(v)),
+                    if let (Some(s), Some(f)) = (input.float_sum, v.as_f64()) {
+                        add_f64(&mut state[s], f);
+                    }
                 }
-            }
-        }
-        Values::I64(arr) if arr.null_count() == 0 => {
-            for (&g, &v) in gids.iter().zip(arr.values().iter()) {
-                match &mut accs[acc(g)] {
-                    Acc::SumInt(s) => *s = Some(s.unwrap_or(0).wrapping_add(v)),
-                    Acc::Count(c) => *c += 1,
-                    other => update(other, func, Scalar::Int(v)),
-                }
-            }
-        }
-        _ => {
-            for (row, &g) in gids.iter().enumerate() {
-                update(&mut accs[acc(g)], func, values.at(row)?);
             }
         }
     }
     Ok(())
 }
 
-/// Typed access to an aggregated column, so the hot loop does not match on types per row.
-enum Values<'a> {
-    Rows,
-    F64(&'a weir_sdk::arrow_array::Float64Array),
-    I64(&'a weir_sdk::arrow_array::Int64Array),
-    Any(&'a dyn Array),
-}
-
-impl<'a> Values<'a> {
-    fn of(col: Option<&'a ArrayRef>) -> Values<'a> {
-        match col {
-            None => Values::Rows,
-            Some(c) => match c.data_type() {
-                DataType::Float64 => Values::F64(c.as_primitive()),
-                DataType::Int64 => Values::I64(c.as_primitive()),
-                _ => Values::Any(c.as_ref()),
-            },
-        }
+/// Room for one more group; returns its number.
+fn new_group(slots: &mut Vec<u64>, width: usize, extremes: &mut [Vec<Scalar>]) -> Result<u32> {
+    let g = slots.len() / width;
+    if g >= u32::MAX as usize - 1 {
+        return Err(Error::internal("more than 4 billion groups"));
     }
-
-    fn at(&self, row: usize) -> Result<Scalar> {
-        Ok(match self {
-            Values::Rows => Scalar::Int(1),
-            Values::F64(a) if a.is_valid(row) => Scalar::Float(a.value(row)),
-            Values::I64(a) if a.is_valid(row) => Scalar::Int(a.value(row)),
-            Values::F64(_) | Values::I64(_) => Scalar::Null,
-            Values::Any(a) => scalar_at(*a, row)?,
-        })
-    }
-}
-
-fn is_int(t: &DataType) -> bool {
-    t.is_integer()
+    slots.resize(slots.len() + width, 0);
+    extremes.iter_mut().for_each(|e| e.push(Scalar::Null));
+    Ok(g as u32)
 }
 
 impl Transform for Aggregate {
@@ -195,7 +214,10 @@ impl Transform for Aggregate {
             keys.push(i);
             fields.push(input.field(i).clone());
         }
-        let mut aggs = Vec::new();
+        let mut width = 1; // slot 0: rows
+        let mut inputs: Vec<Input> = Vec::new();
+        let mut extreme_cols = Vec::new();
+        let (mut outs, mut out_types) = (Vec::new(), Vec::new());
         for (n, spec) in config.aggregates.iter().enumerate() {
             let column = match &spec.column {
                 Some(c) => {
@@ -211,7 +233,7 @@ impl Transform for Aggregate {
             let in_type = column.map(|c| input.field(c).data_type().clone());
             let out_type = match (spec.func, &in_type) {
                 (Func::Count, _) => DataType::Int64,
-                (Func::Sum, Some(t)) if is_int(t) => DataType::Int64,
+                (Func::Sum, Some(t)) if t.is_integer() => DataType::Int64,
                 (Func::Sum | Func::Avg, Some(t)) if t.is_numeric() => DataType::Float64,
                 (Func::Min | Func::Max, Some(t)) if supported(t) => t.clone(),
                 (f, t) => {
@@ -225,24 +247,60 @@ impl Transform for Aggregate {
                 return Err(Error::config(format!("aggregates[{n}].as: output column `{}` appears twice", spec.name)));
             }
             fields.push(Field::new(&spec.name, out_type.clone(), spec.func != Func::Count));
-            aggs.push(Agg { func: spec.func, column, out_type });
+            let mut slot = || {
+                width += 1;
+                width - 1
+            };
+            let mut input_of = |c: usize, slot: &mut dyn FnMut() -> usize| -> usize {
+                match inputs.iter().position(|i| i.column == c) {
+                    Some(i) => i,
+                    None => {
+                        inputs.push(Input { column: c, n: slot(), int_sum: None, float_sum: None });
+                        inputs.len() - 1
+                    }
+                }
+            };
+            let out = match (spec.func, column) {
+                (Func::Count, None) => Out::Rows,
+                (Func::Min | Func::Max, Some(c)) => {
+                    extreme_cols.push((c, spec.func == Func::Min));
+                    Out::Extreme { index: extreme_cols.len() - 1 }
+                }
+                (func, Some(c)) => {
+                    let i = input_of(c, &mut slot);
+                    let n = inputs[i].n;
+                    match func {
+                        Func::Count => Out::NonNull { n },
+                        Func::Sum if out_type == DataType::Int64 => {
+                            let sum = *inputs[i].int_sum.get_or_insert_with(&mut slot);
+                            Out::SumInt { sum, n }
+                        }
+                        Func::Sum => Out::SumFloat { sum: *inputs[i].float_sum.get_or_insert_with(&mut slot), n },
+                        _ => Out::Avg { sum: *inputs[i].float_sum.get_or_insert_with(&mut slot), n },
+                    }
+                }
+                (_, None) => unreachable!("checked above: only count goes without a column"),
+            };
+            outs.push(out);
+            out_types.push(out_type);
         }
+        let key_state = if keys.len() == 1 && input.field(keys[0]).data_type() == &DataType::Int64 {
+            Keys::Int { index: IntMap::new(), keys: Vec::new(), null_group: None }
+        } else {
+            Keys::Any { groups: HashMap::new(), values: Vec::new(), buf: Vec::new() }
+        };
         Ok(Aggregate {
             keys,
-            aggs,
+            key_state,
+            outs,
+            out_types,
+            inputs,
+            extremes: vec![Vec::new(); extreme_cols.len()],
+            extreme_cols,
             schema: Arc::new(Schema::new(fields)),
-            groups: HashMap::new(),
-            key_values: Vec::new(),
-            accs: Vec::new(),
-            buf: Vec::new(),
-            int_key: false,
-            int_index: IntMap::new(),
-            null_group: None,
+            slots: Vec::new(),
+            width,
             gids: Vec::new(),
-        })
-        .map(|mut a: Aggregate| {
-            a.int_key = a.keys.len() == 1 && input.field(a.keys[0]).data_type() == &DataType::Int64;
-            a
         })
     }
 
@@ -251,53 +309,89 @@ impl Transform for Aggregate {
     }
 
     fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
-        let key_cols: Vec<&ArrayRef> = self.keys.iter().map(|&i| batch.column(i)).collect();
-        let values: Vec<Values> = self.aggs.iter().map(|a| Values::of(a.column.map(|c| batch.column(c)))).collect();
+        let width = self.width;
         // Pass 1: the group of every row. One int64 key: groups are found by value in an
         // open-addressing table, never by encoding the row.
         let mut gids = std::mem::take(&mut self.gids);
         gids.clear();
-        if self.int_key {
-            let k = key_cols[0].as_primitive::<weir_sdk::arrow_array::types::Int64Type>();
-            for row in 0..batch.num_rows() {
-                let g = if k.is_null(row) {
-                    match self.null_group {
-                        Some(g) => g,
+        match &mut self.key_state {
+            Keys::Int { index, keys, null_group } => {
+                let k = batch.column(self.keys[0]).as_primitive::<Int64Type>();
+                for row in 0..batch.num_rows() {
+                    let g = if k.is_null(row) {
+                        match *null_group {
+                            Some(g) => g,
+                            None => {
+                                let g = new_group(&mut self.slots, width, &mut self.extremes)?;
+                                keys.push(0);
+                                *null_group = Some(g);
+                                g
+                            }
+                        }
+                    } else {
+                        let key = k.value(row);
+                        let (g, new) = index.get_or_insert(key, keys.len() as u32);
+                        if new {
+                            new_group(&mut self.slots, width, &mut self.extremes)?;
+                            keys.push(key);
+                        }
+                        g
+                    };
+                    gids.push(g);
+                }
+            }
+            Keys::Any { groups, values, buf } => {
+                let key_cols: Vec<&ArrayRef> = self.keys.iter().map(|&i| batch.column(i)).collect();
+                for row in 0..batch.num_rows() {
+                    encode_key(&key_cols, row, buf)?;
+                    let g = match groups.get(buf.as_slice()) {
+                        Some(&g) => g,
                         None => {
-                            let g = self.new_group(vec![Scalar::Null])?;
-                            self.null_group = Some(g);
+                            let kv = key_cols.iter().map(|c| scalar_at(c.as_ref(), row)).collect::<Result<Vec<_>>>()?;
+                            let g = new_group(&mut self.slots, width, &mut self.extremes)?;
+                            values.push(kv);
+                            groups.insert(buf.clone(), g);
                             g
                         }
-                    }
-                } else {
-                    let key = k.value(row);
-                    let (g, new) = self.int_index.get_or_insert(key, self.key_values.len() as u32);
-                    if new {
-                        self.new_group(vec![Scalar::Int(key)])?;
-                    }
-                    g as usize
-                };
-                gids.push(g as u32);
-            }
-        } else {
-            for row in 0..batch.num_rows() {
-                encode_key(&key_cols, row, &mut self.buf)?;
-                let g = match self.groups.get(&self.buf) {
-                    Some(&g) => g,
-                    None => {
-                        let kv = key_cols.iter().map(|c| scalar_at(c.as_ref(), row)).collect::<Result<Vec<_>>>()?;
-                        let g = self.new_group(kv)?;
-                        self.groups.insert(self.buf.clone(), g);
-                        g
-                    }
-                };
-                gids.push(g as u32);
+                    };
+                    gids.push(g);
+                }
             }
         }
-        // Pass 2: each aggregate over the batch, typed where the column allows.
-        let n = self.aggs.len();
-        for (a, (agg, v)) in self.aggs.iter().zip(&values).enumerate() {
-            update_column(&mut self.accs, n, a, agg.func, v, &gids)?;
+        // Pass 2: one pass over the rows updating each row's group slots (one or two cache
+        // lines), typed where the column allows.
+        let cols: Vec<Col> = self.inputs.iter().map(|i| Col::of(batch.column(i.column))).collect();
+        match (self.inputs.as_slice(), cols.as_slice()) {
+            // The common shape (count, sum and avg of one float column without nulls) gets a
+            // loop of its own.
+            ([input], [Col::F64(a)]) if a.null_count() == 0 && input.float_sum.is_some() => {
+                let (n, s) = (input.n, input.float_sum.unwrap_or_default());
+                for (&g, &v) in gids.iter().zip(a.values().iter()) {
+                    let state = &mut self.slots[g as usize * width..][..width];
+                    state[0] += 1;
+                    state[n] += 1;
+                    add_f64(&mut state[s], v);
+                }
+            }
+            _ => {
+                for (row, &g) in gids.iter().enumerate() {
+                    let state = &mut self.slots[g as usize * width..][..width];
+                    state[0] += 1;
+                    for (input, col) in self.inputs.iter().zip(&cols) {
+                        fold(state, input, col, row)?;
+                    }
+                }
+            }
+        }
+        for (values, &(c, min)) in self.extremes.iter_mut().zip(&self.extreme_cols) {
+            let col = batch.column(c);
+            for (row, &g) in gids.iter().enumerate() {
+                let v = scalar_at(col.as_ref(), row)?;
+                let cur = &mut values[g as usize];
+                if v != Scalar::Null && (*cur == Scalar::Null || v.total_cmp(cur) == min_or_max(min)) {
+                    *cur = v;
+                }
+            }
         }
         self.gids = gids;
         Ok(RecordBatch::new_empty(self.schema.clone()))
@@ -305,159 +399,142 @@ impl Transform for Aggregate {
 
     fn snapshot(&self) -> Result<Option<Vec<u8>>> {
         let mut w = Writer::default();
-        let mut key = Vec::new();
-        w.u64(self.key_values.len() as u64);
-        for (g, kv) in self.key_values.iter().enumerate() {
-            let _ = g;
-            weir_sdk::keys::encode_scalars(kv, &mut key);
-            w.bytes(&key);
-            w.u64(kv.len() as u64);
-            kv.iter().for_each(|s| w.scalar(s));
-            let n = self.aggs.len();
-            w.u64(n as u64);
-            for acc in &self.accs[g * n..(g + 1) * n] {
-                match acc {
-                    Acc::Count(c) => {
-                        w.u64(0);
-                        w.i64(*c);
-                    }
-                    Acc::SumInt(v) => {
-                        w.u64(1);
-                        w.scalar(&v.map(Scalar::Int).unwrap_or(Scalar::Null));
-                    }
-                    Acc::SumFloat(v) => {
-                        w.u64(2);
-                        w.scalar(&v.map(Scalar::Float).unwrap_or(Scalar::Null));
-                    }
-                    Acc::MinMax(v) => {
-                        w.u64(3);
-                        w.scalar(v);
-                    }
-                    Acc::Avg(sum, n) => {
-                        w.u64(4);
-                        w.f64(*sum);
-                        w.i64(*n);
-                    }
+        let groups = self.key_state.len();
+        w.u64(STATE_VERSION);
+        w.u64(self.width as u64);
+        w.u64(self.extremes.len() as u64);
+        w.u64(groups as u64);
+        for g in 0..groups {
+            match &self.key_state {
+                Keys::Int { keys, null_group, .. } => {
+                    w.u64(1);
+                    w.scalar(&if *null_group == Some(g as u32) { Scalar::Null } else { Scalar::Int(keys[g]) });
+                }
+                Keys::Any { values, .. } => {
+                    w.u64(values[g].len() as u64);
+                    values[g].iter().for_each(|s| w.scalar(s));
                 }
             }
+        }
+        let bytes: Vec<u8> = self.slots.iter().flat_map(|s| s.to_le_bytes()).collect();
+        w.bytes(&bytes);
+        for values in &self.extremes {
+            values.iter().for_each(|s| w.scalar(s));
         }
         Ok(Some(w.finish()))
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let foreign = || Error::internal("checkpoint state is not from this version of the plugin and config");
         let mut r = Reader::new(state);
-        self.groups.clear();
-        self.key_values.clear();
-        self.accs.clear();
-        self.int_index = IntMap::new();
-        self.null_group = None;
-        for g in 0..r.u64()? as usize {
-            let key = r.bytes()?.to_vec();
-            if !self.int_key {
-                self.groups.insert(key, g);
-            }
-            let kv = (0..r.u64()?).map(|_| r.scalar()).collect::<Result<Vec<_>>>()?;
-            self.key_values.push(kv);
-            let mut accs = Vec::new();
-            for _ in 0..r.u64()? {
-                accs.push(match r.u64()? {
-                    0 => Acc::Count(r.i64()?),
-                    1 => Acc::SumInt(match r.scalar()? {
-                        Scalar::Int(i) => Some(i),
-                        _ => None,
-                    }),
-                    2 => Acc::SumFloat(r.scalar()?.as_f64()),
-                    3 => Acc::MinMax(r.scalar()?),
-                    4 => Acc::Avg(r.f64()?, r.i64()?),
-                    _ => return Err(Error::internal("checkpoint state is not from this plugin")),
-                });
-            }
-            if accs.len() != self.aggs.len() {
-                return Err(Error::internal("checkpoint state is not from this plugin"));
-            }
-            self.accs.extend(accs);
+        if r.u64()? != STATE_VERSION || r.u64()? != self.width as u64 || r.u64()? != self.extremes.len() as u64 {
+            return Err(foreign());
         }
-        if self.int_key {
-            for (g, kv) in self.key_values.iter().enumerate() {
-                match kv.as_slice() {
-                    [Scalar::Int(k)] => {
-                        self.int_index.get_or_insert(*k, g as u32);
+        let groups = r.u64()? as usize;
+        if groups >= u32::MAX as usize - 1 {
+            return Err(foreign());
+        }
+        let mut key_values = Vec::new();
+        for _ in 0..groups {
+            let n = r.u64()?;
+            if n != self.keys.len() as u64 {
+                return Err(foreign());
+            }
+            key_values.push((0..n).map(|_| r.scalar()).collect::<Result<Vec<_>>>()?);
+        }
+        let bytes = r.bytes()?;
+        if bytes.len() != groups * self.width * 8 {
+            return Err(foreign());
+        }
+        self.slots = bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect();
+        for values in self.extremes.iter_mut() {
+            *values = (0..groups).map(|_| r.scalar()).collect::<Result<Vec<_>>>()?;
+        }
+        match &mut self.key_state {
+            Keys::Int { index, keys, null_group } => {
+                (*index, *keys, *null_group) = (IntMap::new(), Vec::with_capacity(groups), None);
+                for (g, kv) in key_values.into_iter().enumerate() {
+                    match kv.as_slice() {
+                        [Scalar::Int(k)] => {
+                            index.get_or_insert(*k, g as u32);
+                            keys.push(*k);
+                        }
+                        [Scalar::Null] if null_group.is_none() => {
+                            *null_group = Some(g as u32);
+                            keys.push(0);
+                        }
+                        _ => return Err(foreign()),
                     }
-                    _ => self.null_group = Some(g),
                 }
+            }
+            Keys::Any { groups: index, values, .. } => {
+                index.clear();
+                let mut key = Vec::new();
+                for (g, kv) in key_values.iter().enumerate() {
+                    weir_sdk::keys::encode_scalars(kv, &mut key);
+                    index.insert(key.clone(), g as u32);
+                }
+                *values = key_values;
             }
         }
         r.end()
     }
 
     fn finish(&mut self) -> Result<Option<RecordBatch>> {
-        if self.key_values.is_empty() && !self.keys.is_empty() {
-            return Ok(None);
-        }
-        if self.key_values.is_empty() {
+        if self.key_state.len() == 0 {
+            if !self.keys.is_empty() {
+                return Ok(None);
+            }
             // a global aggregate over empty input still has one row
-            self.key_values.push(vec![]);
-            self.accs.extend(self.aggs.iter().map(initial));
+            new_group(&mut self.slots, self.width, &mut self.extremes)?;
+            if let Keys::Any { values, .. } = &mut self.key_state {
+                values.push(vec![]);
+            }
         }
-        let mut columns = Vec::new();
-        for k in 0..self.keys.len() {
-            let values: Vec<Scalar> = self.key_values.iter().map(|kv| kv[k].clone()).collect();
-            columns.push(to_array(self.schema.field(k).data_type(), &values)?);
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        match &self.key_state {
+            Keys::Int { keys, null_group, .. } => {
+                let null = null_group.map(|g| g as usize);
+                columns.push(Arc::new(Int64Array::from_iter(
+                    keys.iter().enumerate().map(|(g, k)| (Some(g) != null).then_some(*k)),
+                )));
+            }
+            Keys::Any { values, .. } => {
+                for k in 0..self.keys.len() {
+                    let column: Vec<Scalar> = values.iter().map(|kv| kv[k].clone()).collect();
+                    columns.push(to_array(self.schema.field(k).data_type(), &column)?);
+                }
+            }
         }
-        for (n, a) in self.aggs.iter().enumerate() {
-            let values: Vec<Scalar> = self.accs.chunks(self.aggs.len()).map(|accs| result(&accs[n])).collect();
-            columns.push(to_array(&a.out_type, &values)?);
+        let groups = self.slots.chunks_exact(self.width);
+        let f = |s: u64| f64::from_bits(s);
+        for (out, dtype) in self.outs.iter().zip(&self.out_types) {
+            let array: ArrayRef = match *out {
+                Out::Rows => Arc::new(Int64Array::from_iter_values(groups.clone().map(|g| g[0] as i64))),
+                Out::NonNull { n } => Arc::new(Int64Array::from_iter_values(groups.clone().map(|g| g[n] as i64))),
+                Out::SumInt { sum, n } => {
+                    Arc::new(Int64Array::from_iter(groups.clone().map(|g| (g[n] > 0).then_some(g[sum] as i64))))
+                }
+                Out::SumFloat { sum, n } => {
+                    Arc::new(Float64Array::from_iter(groups.clone().map(|g| (g[n] > 0).then_some(f(g[sum])))))
+                }
+                Out::Avg { sum, n } => Arc::new(Float64Array::from_iter(
+                    groups.clone().map(|g| (g[n] > 0).then(|| f(g[sum]) / g[n] as f64)),
+                )),
+                Out::Extreme { index } => to_array(dtype, &self.extremes[index])?,
+            };
+            columns.push(array);
         }
         Ok(Some(RecordBatch::try_new(self.schema.clone(), columns)?))
     }
 }
 
-fn initial(a: &Agg) -> Acc {
-    match a.func {
-        Func::Count => Acc::Count(0),
-        Func::Sum if a.out_type == DataType::Int64 => Acc::SumInt(None),
-        Func::Sum => Acc::SumFloat(None),
-        Func::Min | Func::Max => Acc::MinMax(Scalar::Null),
-        Func::Avg => Acc::Avg(0.0, 0),
-    }
-}
-
-fn update(acc: &mut Acc, func: Func, value: Scalar) {
-    if value == Scalar::Null {
-        return;
-    }
-    match acc {
-        Acc::Count(c) => *c += 1,
-        Acc::SumInt(s) => {
-            if let Scalar::Int(v) = value {
-                *s = Some(s.unwrap_or(0).wrapping_add(v));
-            }
-        }
-        Acc::SumFloat(s) => *s = Some(s.unwrap_or(0.0) + value.as_f64().unwrap_or(0.0)),
-        Acc::Avg(sum, n) => {
-            *sum += value.as_f64().unwrap_or(0.0);
-            *n += 1;
-        }
-        Acc::MinMax(cur) => {
-            let better = match func {
-                Func::Min => *cur == Scalar::Null || value.total_cmp(cur).is_lt(),
-                _ => *cur == Scalar::Null || value.total_cmp(cur).is_gt(),
-            };
-            if better {
-                *cur = value;
-            }
-        }
-    }
-}
-
-fn result(acc: &Acc) -> Scalar {
-    match acc {
-        Acc::Count(c) => Scalar::Int(*c),
-        Acc::SumInt(s) => s.map(Scalar::Int).unwrap_or(Scalar::Null),
-        Acc::SumFloat(s) => s.map(Scalar::Float).unwrap_or(Scalar::Null),
-        Acc::MinMax(v) => v.clone(),
-        Acc::Avg(_, 0) => Scalar::Null,
-        Acc::Avg(s, n) => Scalar::Float(s / *n as f64),
+/// The ordering a new value must have against the current one to replace it.
+fn min_or_max(min: bool) -> std::cmp::Ordering {
+    if min {
+        std::cmp::Ordering::Less
+    } else {
+        std::cmp::Ordering::Greater
     }
 }
 
@@ -542,6 +619,60 @@ mod tests {
         let mut second = Harness::<Aggregate>::new(cfg, &a.schema()).unwrap();
         second.restore(&state).unwrap();
         assert_eq!(second.run(&[b]).unwrap(), expected);
+    }
+
+    #[test]
+    fn sums_and_averages_of_one_column_share_its_count_and_all_null_groups_are_null() {
+        let mk = |k: &[&str], q: &[Option<i64>]| {
+            RecordBatch::try_from_iter([
+                ("k", Arc::new(StringArray::from(k.to_vec())) as ArrayRef),
+                ("q", Arc::new(Int64Array::from(q.to_vec())) as ArrayRef),
+            ])
+            .unwrap()
+        };
+        let cfg = r#"
+            group_by = ["k"]
+            aggregates = [
+              { fn = "sum", column = "q", as = "s" },
+              { fn = "avg", column = "q", as = "a" },
+              { fn = "count", column = "q", as = "n" },
+              { fn = "count", as = "rows" },
+              { fn = "sum", column = "q", as = "s2" },
+            ]"#;
+        let a = mk(&["x", "y", "x"], &[Some(i64::MAX), None, Some(3)]);
+        let b = mk(&["y", "x"], &[None, Some(-3)]);
+        let out = Harness::<Aggregate>::new(cfg, &a.schema()).unwrap().run(&[a, b]).unwrap();
+        assert_eq!(out.num_rows(), 2);
+        let s = out.column(1).as_primitive::<Int64Type>();
+        assert_eq!((s.value(0), s.is_null(1)), (i64::MAX, true), "int sums wrap, no values is null");
+        let avg = out.column(2).as_primitive::<Float64Type>();
+        assert_eq!((avg.value(0), avg.is_null(1)), (i64::MAX as f64 / 3.0, true));
+        assert_eq!(out.column(3).as_primitive::<Int64Type>().values().to_vec(), [3, 0]);
+        assert_eq!(out.column(4).as_primitive::<Int64Type>().values().to_vec(), [3, 2]);
+        assert_eq!(out.column(5), out.column(1));
+    }
+
+    #[test]
+    fn a_global_aggregate_over_no_rows_has_one_row() {
+        let s = batch(&[], &[], &[]).schema();
+        let cfg = "aggregates = [{ fn = \"count\", as = \"n\" }, { fn = \"sum\", column = \"amount\", as = \"s\" }]";
+        let out = Harness::<Aggregate>::new(cfg, &s).unwrap().run(&[]).unwrap();
+        assert_eq!(out.num_rows(), 1);
+        assert_eq!(out.column(0).as_primitive::<Int64Type>().value(0), 0);
+        assert!(out.column(1).is_null(0));
+    }
+
+    #[test]
+    fn state_from_another_config_is_refused() {
+        let a = batch(&["DE"], &[Some(1.0)], &[1]);
+        let mut first = Harness::<Aggregate>::new(CFG, &a.schema()).unwrap();
+        first.process(&a).unwrap();
+        let state = first.snapshot().unwrap().unwrap();
+        let other = "group_by = [\"country\"]\naggregates = [{ fn = \"count\", as = \"n\" }]";
+        let mut second = Harness::<Aggregate>::new(other, &a.schema()).unwrap();
+        let e = second.restore(&state).err().unwrap();
+        assert!(e.to_string().contains("not from this version"), "{e}");
+        assert!(second.restore(&state[..state.len() / 2]).is_err(), "a truncated state is an error");
     }
 
     #[test]
