@@ -178,9 +178,11 @@ fn events_schema() -> SchemaRef {
     ]))
 }
 
+/// Writer settings of the generator and the native runner: weir's output defaults (zstd
+/// level 1, row groups of 1Mi rows). The peers are told zstd level 1 too.
 fn props() -> WriterProperties {
     WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
         .set_max_row_group_row_count(Some(1 << 20))
         .build()
 }

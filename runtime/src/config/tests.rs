@@ -119,3 +119,25 @@ fn secrets_resolve_from_env_and_file() {
     assert_eq!(SecretRef::File(f).resolve().unwrap(), b"s3cret");
     assert!(SecretRef::Env("WEIR_TEST_SURELY_UNSET".into()).resolve().unwrap_err().contains("WEIR_TEST_SURELY_UNSET"));
 }
+
+#[test]
+fn output_compression_defaults_to_zstd_1_and_bad_values_name_the_line() {
+    let p = parse(GOOD).unwrap();
+    assert_eq!(p.steps[0].output.as_ref().unwrap().compression, Codec::Zstd(1));
+    let text =
+        GOOD.replace("output = { path = \"out/mart\" }", "output = { path = \"out/mart\", compression = \"ZSTD(9)\" }");
+    assert_eq!(parse(&text).unwrap().steps[1].output.as_ref().unwrap().compression, Codec::Zstd(9));
+    for (value, codec) in [("snappy", Codec::Snappy), ("none", Codec::None), ("zstd", Codec::Zstd(1))] {
+        assert_eq!(Codec::parse(value), Ok(codec));
+    }
+    for bad in ["zstd(0)", "zstd(23)", "gzip", "zstd(x)", "zstd("] {
+        let text = GOOD.replace(
+            "output = { path = \"out/mart\" }",
+            &format!("output = {{ path = \"out/mart\", compression = \"{bad}\" }}"),
+        );
+        let e = errors(&text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].message.contains(bad) && e[0].message.contains("zstd(N)"), "{}", e[0]);
+        assert_eq!((e[0].line, e[0].column), (27, 45), "{}", e[0]);
+    }
+}

@@ -863,6 +863,7 @@ fn run_step(
         schema.clone(),
         step.output.as_ref().and_then(|o| o.partition_by.as_deref()),
         step.output.as_ref().map(|o| o.row_group_size).unwrap_or(1 << 20),
+        step.output.as_ref().map(|o| o.compression).unwrap_or_default(),
     )?;
     if let Some(c) = resume {
         sink.resume(&c.files, c.next_part, c.rows_written)?;
@@ -942,7 +943,9 @@ fn run_step(
     };
     let qstaging = quarantine_staging(&staging);
     let mut qsink = match &checker {
-        Some(c) if c.quarantines() => Some(ParquetSink::new(&qstaging, c.quarantine_schema(), None, 1 << 20)?),
+        Some(c) if c.quarantines() => {
+            Some(ParquetSink::new(&qstaging, c.quarantine_schema(), None, 1 << 20, Default::default())?)
+        }
         _ => None,
     };
     let mut rows_quarantined = 0u64;
@@ -1087,12 +1090,13 @@ fn run_step(
             }
         })();
         let t = CpuTime::now();
+        let encode_cpu = sink.encode_cpu();
         let write_result = match write_result {
             Ok(true) => sink.finish().map(Some).map_err(Error::from),
             Ok(false) => Ok(None),
             Err(e) => Err(e),
         };
-        write_secs += t.elapsed_secs();
+        write_secs += t.elapsed_secs() + encode_cpu();
         if write_result.is_err() {
             cancel.store(true, Ordering::Relaxed);
         }

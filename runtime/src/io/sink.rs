@@ -10,11 +10,12 @@ use std::sync::Arc;
 use arrow_array::{Array, RecordBatch, UInt32Array};
 use arrow_cast::display::ArrayFormatter;
 use arrow_schema::{Schema, SchemaRef};
-use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
+use super::encode::ParallelWriter;
 use super::{Error, Result};
+use crate::config::Codec;
 
 /// The directory name used for null partition values (as Hive does).
 pub const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
@@ -68,17 +69,25 @@ pub struct ParquetSink {
     partition: Option<(usize, String)>,
     file_schema: SchemaRef,
     props: WriterProperties,
-    writers: BTreeMap<String, ArrowWriter<File>>,
+    writers: BTreeMap<String, ParallelWriter>,
     pub rows_written: u64,
     /// Part number of the files being written (`part-00003.parquet`).
     part: u32,
     /// Complete files so far, relative to the staging directory.
     files: Vec<String>,
+    /// CPU nanoseconds of the threads encoding this sink's files.
+    encode_cpu: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ParquetSink {
     /// A sink for batches of `schema`, staged under `staging` (created, must not exist).
-    pub fn new(staging: &Path, schema: SchemaRef, partition_by: Option<&str>, row_group_size: usize) -> Result<Self> {
+    pub fn new(
+        staging: &Path,
+        schema: SchemaRef,
+        partition_by: Option<&str>,
+        row_group_size: usize,
+        codec: Codec,
+    ) -> Result<Self> {
         let partition = match partition_by {
             Some(col) => {
                 let i = schema.index_of(col).map_err(|_| Error::Write {
@@ -102,7 +111,11 @@ impl ParquetSink {
         };
         std::fs::create_dir_all(staging).map_err(|e| Error::io(staging, e))?;
         let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+            .set_compression(match codec {
+                Codec::Zstd(level) => Compression::ZSTD(ZstdLevel::try_new(level).unwrap_or_default()),
+                Codec::Snappy => Compression::SNAPPY,
+                Codec::None => Compression::UNCOMPRESSED,
+            })
             .set_max_row_group_row_count(Some(row_group_size))
             .set_created_by(format!("weir {}", env!("CARGO_PKG_VERSION")))
             .build();
@@ -116,10 +129,11 @@ impl ParquetSink {
             rows_written: 0,
             part: 0,
             files: Vec::new(),
+            encode_cpu: Default::default(),
         })
     }
 
-    fn writer(&mut self, dir: &str) -> Result<&mut ArrowWriter<File>> {
+    fn writer(&mut self, dir: &str) -> Result<&mut ParallelWriter> {
         if !self.writers.contains_key(dir) {
             if self.writers.len() >= MAX_PARTITIONS {
                 return Err(Error::Write {
@@ -133,8 +147,17 @@ impl ParquetSink {
             std::fs::create_dir_all(&dir_path).map_err(|e| Error::io(&dir_path, e))?;
             let path = dir_path.join(format!("part-{:05}.parquet", self.part));
             let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-            let w = ArrowWriter::try_new(file, self.file_schema.clone(), Some(self.props.clone()))
-                .map_err(|e| Error::Write { path: path.clone(), message: e.to_string() })?;
+            // one file at a time gets encoding threads: a partitioned output may hold
+            // thousands of files open
+            let threaded = self.writers.is_empty();
+            let w = ParallelWriter::try_new(
+                file,
+                self.file_schema.clone(),
+                self.props.clone(),
+                threaded,
+                self.encode_cpu.clone(),
+            )
+            .map_err(|e| Error::Write { path: path.clone(), message: e.to_string() })?;
             self.writers.insert(dir.to_string(), w);
         }
         Ok(self.writers.get_mut(dir).expect("inserted above"))
@@ -229,6 +252,13 @@ impl ParquetSink {
         dirs.sort();
         dirs.dedup();
         Ok(dirs)
+    }
+
+    /// CPU seconds the threads encoding this sink's files have used so far (they work
+    /// beside the thread calling [`ParquetSink::write`], which only queues batches).
+    pub fn encode_cpu(&self) -> impl Fn() -> f64 + Send + 'static {
+        let cpu = self.encode_cpu.clone();
+        move || cpu.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9
     }
 
     /// The schema of the batches this sink takes.

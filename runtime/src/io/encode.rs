@@ -1,0 +1,413 @@
+//! A Parquet file writer that encodes the columns of a row group on several threads.
+//!
+//! Encoding (dictionary attempts, statistics, compression) is most of the cost of writing
+//! Parquet, and it is independent per column. Each column's writer still takes its batches
+//! in order, one thread at a time: a column is "checked out" by a worker, which encodes every
+//! slice queued for it and puts it back. Workers pick the column with the longest queue, so a
+//! heavy column (a 64-character hash) and the light ones spread over the threads without a
+//! fixed assignment. The feeding thread blocks when too much is queued, so memory stays
+//! bounded by a few batches per column whatever the file size.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnWriter, ArrowLeafColumn, ArrowRowGroupWriterFactory};
+use parquet::arrow::ArrowWriter;
+use parquet::errors::ParquetError;
+use parquet::file::properties::WriterProperties;
+use parquet::file::writer::SerializedFileWriter;
+
+use crate::cpu_clock::CpuTime;
+
+type Result<T> = std::result::Result<T, ParquetError>;
+
+/// Slices queued per column before the feeding thread waits.
+const QUEUED_PER_COLUMN: usize = 4;
+
+/// Encoding threads for a file: the machine's cores (at least one, at most one per column).
+fn encode_threads(columns: usize) -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    cores.min(columns).max(1)
+}
+
+/// Writes Arrow batches to one Parquet file, row group after row group.
+pub struct ParallelWriter {
+    file: SerializedFileWriter<File>,
+    factory: ArrowRowGroupWriterFactory,
+    schema: SchemaRef,
+    row_group_size: usize,
+    group: Option<RowGroup>,
+    groups_written: usize,
+    threads: usize,
+    /// CPU nanoseconds the encoding threads used (shared by a sink's files).
+    cpu: Arc<AtomicU64>,
+}
+
+impl ParallelWriter {
+    /// A writer for batches of `schema`; the file gets the Arrow schema in its metadata, as
+    /// `ArrowWriter` writes it.
+    /// `cpu` accumulates the CPU time of the encoding threads, in nanoseconds. Without
+    /// `threaded`, columns are encoded on the thread calling [`ParallelWriter::write`] (for the
+    /// many files of a partitioned output, which must not hold threads each).
+    pub fn try_new(
+        file: File,
+        schema: SchemaRef,
+        props: WriterProperties,
+        threaded: bool,
+        cpu: Arc<AtomicU64>,
+    ) -> Result<Self> {
+        let row_group_size = props.max_row_group_row_count().unwrap_or(1 << 20).max(1);
+        let (file, factory) = ArrowWriter::try_new(file, schema.clone(), Some(props))?.into_serialized_writer()?;
+        let columns = file.schema_descr().num_columns();
+        Ok(ParallelWriter {
+            file,
+            factory,
+            schema,
+            row_group_size,
+            group: None,
+            groups_written: 0,
+            threads: if threaded { encode_threads(columns) } else { 0 },
+            cpu,
+        })
+    }
+
+    /// Queue a batch for encoding (split at row group boundaries).
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let mut rest = batch.clone();
+        while rest.num_rows() > 0 {
+            if self.group.is_none() {
+                let writers = self.factory.create_column_writers(self.groups_written)?;
+                self.group = Some(RowGroup::start(writers, self.threads, &self.cpu));
+            }
+            let group = self.group.as_mut().expect("started above");
+            let take = rest.num_rows().min(self.row_group_size - group.rows);
+            let part = rest.slice(0, take);
+            rest = rest.slice(take, rest.num_rows() - take);
+            let mut leaves = Vec::with_capacity(group.columns);
+            if part.num_columns() != self.schema.fields().len() {
+                return Err(ParquetError::General(format!(
+                    "a batch of {} columns for a file of {}",
+                    part.num_columns(),
+                    self.schema.fields().len()
+                )));
+            }
+            for (field, column) in self.schema.fields().iter().zip(part.columns()) {
+                leaves.extend(compute_leaves(field, column)?);
+            }
+            if leaves.len() != group.columns {
+                return Err(ParquetError::General("the batch's columns do not match the file's schema".into()));
+            }
+            group.feed(leaves, take)?;
+            if group.rows >= self.row_group_size {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Finish the row group being encoded and append it to the file.
+    fn flush(&mut self) -> Result<()> {
+        let Some(group) = self.group.take() else { return Ok(()) };
+        if group.rows == 0 {
+            return Ok(());
+        }
+        let writers = group.finish()?;
+        let mut row_group = self.file.next_row_group()?;
+        for w in writers {
+            w.close()?.append_to_row_group(&mut row_group)?;
+        }
+        row_group.close()?;
+        self.groups_written += 1;
+        Ok(())
+    }
+
+    /// Write the last row group and the footer; returns the file.
+    pub fn into_inner(mut self) -> Result<File> {
+        self.flush()?;
+        self.file.into_inner()
+    }
+}
+
+/// The column writers of one row group, shared with the threads encoding it.
+struct RowGroup {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    columns: usize,
+    rows: usize,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Workers wait here for work.
+    work: Condvar,
+    /// The feeding thread waits here for room in the queues.
+    room: Condvar,
+}
+
+struct State {
+    columns: Vec<Column>,
+    queued: usize,
+    /// No more slices will come: workers leave once the queues are empty.
+    closing: bool,
+    /// The first encoding error; every thread stops.
+    error: Option<ParquetError>,
+}
+
+struct Column {
+    /// `None` while a worker encodes with it.
+    writer: Option<ArrowColumnWriter>,
+    queue: VecDeque<ArrowLeafColumn>,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl RowGroup {
+    fn start(writers: Vec<ArrowColumnWriter>, threads: usize, cpu: &Arc<AtomicU64>) -> RowGroup {
+        let columns = writers.len();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                columns: writers.into_iter().map(|w| Column { writer: Some(w), queue: VecDeque::new() }).collect(),
+                queued: 0,
+                closing: false,
+                error: None,
+            }),
+            work: Condvar::new(),
+            room: Condvar::new(),
+        });
+        // (a thread that cannot be started leaves its share to the others, or to the caller)
+        let workers = (0..threads)
+            .filter_map(|i| {
+                let (shared, cpu) = (shared.clone(), cpu.clone());
+                let work = move || {
+                    let start = CpuTime::now();
+                    encode(&shared);
+                    cpu.fetch_add((start.elapsed_secs() * 1e9) as u64, Ordering::Relaxed);
+                };
+                std::thread::Builder::new().name(format!("weir-encode-{i}")).spawn(work).ok()
+            })
+            .collect::<Vec<_>>();
+        RowGroup { shared, workers, columns, rows: 0 }
+    }
+
+    /// Queue one slice per column (in column order), waiting while the queues are full.
+    /// Without encoding threads, encode them here.
+    fn feed(&mut self, leaves: Vec<ArrowLeafColumn>, rows: usize) -> Result<()> {
+        let mut st = lock(&self.shared.state);
+        if self.workers.is_empty() {
+            for (column, leaf) in st.columns.iter_mut().zip(&leaves) {
+                column.writer.as_mut().expect("no worker holds it").write(leaf)?;
+            }
+            self.rows += rows;
+            return Ok(());
+        }
+        while st.queued >= self.columns * QUEUED_PER_COLUMN && st.error.is_none() {
+            st = self.shared.room.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        if let Some(e) = st.error.take() {
+            return Err(e);
+        }
+        for (column, leaf) in st.columns.iter_mut().zip(leaves) {
+            column.queue.push_back(leaf);
+        }
+        st.queued += self.columns;
+        drop(st);
+        self.shared.work.notify_all();
+        self.rows += rows;
+        Ok(())
+    }
+
+    /// Wait for every queued slice to be encoded; returns the column writers in order.
+    fn finish(mut self) -> Result<Vec<ArrowColumnWriter>> {
+        lock(&self.shared.state).closing = true;
+        self.shared.work.notify_all();
+        let mut panicked = false;
+        for w in self.workers.drain(..) {
+            panicked |= w.join().is_err();
+        }
+        let mut st = lock(&self.shared.state);
+        if let Some(e) = st.error.take() {
+            return Err(e);
+        }
+        let writers: Option<Vec<_>> = st.columns.iter_mut().map(|c| c.writer.take()).collect();
+        match writers {
+            Some(w) if !panicked => Ok(w),
+            _ => Err(ParquetError::General("a Parquet encoding thread failed".into())),
+        }
+    }
+}
+
+impl Drop for RowGroup {
+    /// A row group given up on (an error elsewhere): stop the workers.
+    fn drop(&mut self) {
+        if self.workers.is_empty() {
+            return;
+        }
+        {
+            let mut st = lock(&self.shared.state);
+            st.closing = true;
+            st.columns.iter_mut().for_each(|c| c.queue.clear());
+            st.queued = 0;
+        }
+        self.shared.work.notify_all();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A worker: check out the column with the longest queue, encode its slices, put it back.
+fn encode(shared: &Shared) {
+    let mut st = lock(&shared.state);
+    loop {
+        if st.error.is_some() {
+            return;
+        }
+        let next = st
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.writer.is_some() && !c.queue.is_empty())
+            .max_by_key(|(_, c)| c.queue.len())
+            .map(|(i, _)| i);
+        let Some(i) = next else {
+            if st.closing && st.queued == 0 {
+                return;
+            }
+            st = shared.work.wait(st).unwrap_or_else(|p| p.into_inner());
+            continue;
+        };
+        let column = &mut st.columns[i];
+        let mut writer = column.writer.take().expect("checked above");
+        let slices: Vec<ArrowLeafColumn> = column.queue.drain(..).collect();
+        st.queued -= slices.len();
+        drop(st);
+        shared.room.notify_all();
+        let result = slices.iter().try_for_each(|s| writer.write(s));
+        drop(slices);
+        st = lock(&shared.state);
+        st.columns[i].writer = Some(writer);
+        if let Err(e) = result {
+            st.error.get_or_insert(e);
+            drop(st);
+            shared.work.notify_all();
+            shared.room.notify_all();
+            return;
+        }
+        // the column is free again: another worker may be waiting for it
+        shared.work.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::{ArrayRef, Float64Array, Int64Array, StringArray};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    fn batch(start: i64, n: usize) -> RecordBatch {
+        let ids: Vec<i64> = (start..start + n as i64).collect();
+        RecordBatch::try_from_iter([
+            ("id", Arc::new(Int64Array::from(ids.clone())) as ArrayRef),
+            (
+                "hash",
+                Arc::new(StringArray::from_iter(ids.iter().map(|i| (i % 7 != 0).then(|| format!("{i:064x}")))))
+                    as ArrayRef,
+            ),
+            ("x", Arc::new(Float64Array::from_iter_values(ids.iter().map(|i| *i as f64 / 3.0))) as ArrayRef),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn writes_the_same_rows_in_order_with_row_groups_of_the_set_size() {
+        for threaded in [true, false] {
+            same_rows_in_order(threaded);
+        }
+    }
+
+    fn same_rows_in_order(threaded: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        let props = WriterProperties::builder().set_max_row_group_row_count(Some(1000)).build();
+        let mut w = ParallelWriter::try_new(
+            File::create(&path).unwrap(),
+            batch(0, 1).schema(),
+            props,
+            threaded,
+            Default::default(),
+        )
+        .unwrap();
+        let mut expected = Vec::new();
+        let mut start = 0;
+        for n in [1, 999, 1500, 0, 37, 2463] {
+            let b = batch(start, n);
+            w.write(&b).unwrap();
+            expected.push(b);
+            start += n as i64;
+        }
+        w.into_inner().unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap()).unwrap();
+        let sizes: Vec<i64> = reader.metadata().row_groups().iter().map(|g| g.num_rows()).collect();
+        assert_eq!(sizes, [1000, 1000, 1000, 1000, 1000]);
+        let got: Vec<RecordBatch> = reader.build().unwrap().map(|b| b.unwrap()).collect();
+        let schema = expected[0].schema();
+        assert_eq!(
+            arrow_select::concat::concat_batches(&schema, &got).unwrap(),
+            arrow_select::concat::concat_batches(&schema, &expected).unwrap()
+        );
+    }
+
+    #[test]
+    fn an_encoding_error_on_a_worker_comes_back_as_an_error() {
+        for threaded in [true, false] {
+            encoding_error(threaded);
+        }
+    }
+
+    fn encoding_error(threaded: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        let schema = Arc::new(arrow_schema::Schema::new(vec![arrow_schema::Field::new(
+            "id",
+            arrow_schema::DataType::Int64,
+            false,
+        )]));
+        let mut w = ParallelWriter::try_new(
+            File::create(&path).unwrap(),
+            schema,
+            WriterProperties::default(),
+            threaded,
+            Default::default(),
+        )
+        .unwrap();
+        // a batch whose own schema allows the null the file's schema forbids
+        let b =
+            RecordBatch::try_from_iter([("id", Arc::new(Int64Array::from(vec![Some(1), None])) as ArrayRef)]).unwrap();
+        let result = w.write(&b).and_then(|_| w.into_inner().map(|_| ()));
+        let e = result.expect_err("the null must be refused");
+        assert!(e.to_string().to_lowercase().contains("null"), "{e}");
+    }
+
+    #[test]
+    fn a_batch_with_missing_columns_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        let mut w = ParallelWriter::try_new(
+            File::create(&path).unwrap(),
+            batch(0, 1).schema(),
+            Default::default(),
+            true,
+            Default::default(),
+        )
+        .unwrap();
+        let short = batch(0, 3).project(&[0, 1]).unwrap();
+        assert!(w.write(&short).is_err());
+    }
+}
