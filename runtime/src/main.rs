@@ -558,7 +558,7 @@ fn cmd_validate(path: PathBuf, json: bool, cache_dir: Option<PathBuf>) -> anyhow
 fn cmd_inspect(file: PathBuf, json: bool, cache_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let engine =
         PluginEngine::new(cache_dir.or_else(PluginEngine::default_cache_dir)).context("starting the plugin engine")?;
-    let info = engine.inspect(&file).with_context(|| format!("inspecting {}", file.display()))?;
+    let info = engine.time_start(&file).with_context(|| format!("inspecting {}", file.display()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {
@@ -575,6 +575,14 @@ fn cmd_inspect(file: PathBuf, json: bool, cache_dir: Option<PathBuf>) -> anyhow:
                 format!("NOT supported: this weir runs weir:plugin@{}.x", weir::plugin::SUPPORTED_CONTRACT)
             }
         );
+        if let Some(t) = &info.start {
+            let ms = |s: Option<f64>| s.map(|s| format!("{:.1} ms", s * 1e3)).unwrap_or_else(|| "-".into());
+            let compile = match t.compile_secs {
+                Some(s) => format!("compiled in {s:.2} s (kept in the compile cache)"),
+                None => "compiled earlier (from the compile cache)".into(),
+            };
+            println!("start:     {compile}; load {}, instantiate {}", ms(t.load_secs), ms(t.instantiate_secs));
+        }
         println!("imports:");
         for i in &info.imports {
             println!("  {i}");

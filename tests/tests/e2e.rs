@@ -533,6 +533,43 @@ fn plugin_inspect_shows_world_version_digest_imports() {
 }
 
 #[test]
+fn a_plugin_rewritten_in_place_is_hashed_again() {
+    // `weir` remembers a plugin file's digest by its identity (inode, size, mtime, ctime) to
+    // skip reading and hashing it on every start; a rewrite must never be served the digest
+    // (and compiled code) of what the file held before, even with its mtime set back.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p.wasm");
+    let original = std::fs::read(plugin("mask")).unwrap();
+    std::fs::write(&p, &original).unwrap();
+    // only files settled for 2 s are remembered (a rewrite within the timestamp
+    // granularity could keep the identity)
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    let first = weir(dir.path(), &["plugin", "inspect", "p.wasm", "--json"]).json();
+    let again = weir(dir.path(), &["plugin", "inspect", "p.wasm", "--json"]).json();
+    assert_eq!(first["sha256"], again["sha256"]);
+    for key in ["load_secs", "instantiate_secs"] {
+        assert!(again["start"][key].as_f64().unwrap() > 0.0, "{again}");
+    }
+    assert!(again["start"]["compile_secs"].is_null(), "cached the second time: {again}");
+
+    let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
+    let mut changed = original.clone();
+    let last = changed.len() - 1;
+    changed[last] ^= 0x01;
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    std::io::Write::write_all(&mut &f, &changed).unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    let out = weir(dir.path(), &["plugin", "inspect", "p.wasm", "--json"]);
+    if out.code == 0 {
+        assert_ne!(out.json()["sha256"], first["sha256"], "the rewritten file was not hashed again");
+    } else {
+        assert!(out.stderr.contains("p.wasm"), "{}", out.stderr);
+    }
+}
+
+#[test]
 fn help_teaches() {
     let dir = tempfile::tempdir().unwrap();
     let out = weir(dir.path(), &["run", "--help"]);
