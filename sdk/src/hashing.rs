@@ -11,12 +11,12 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 /// Offsets that run backwards or past `data` are an error, never a panic.
 pub fn hash_strings(key: Option<&[u8]>, offsets: &[u32], data: &[u8]) -> Result<Vec<u8>, String> {
     let n = offsets.len().saturating_sub(1);
-    let mut out = Vec::with_capacity(n * 64);
+    let mut out = vec![0u8; n * 64];
     let keyed = match key {
         Some(k) => Some(Hmac::<Sha256>::new_from_slice(k).map_err(|e| e.to_string())?),
         None => None,
     };
-    for i in 0..n {
+    for (i, hex) in out.chunks_exact_mut(64).enumerate() {
         let (start, end) = (offsets[i] as usize, offsets[i + 1] as usize);
         if start > end || end > data.len() {
             return Err(format!("offsets {start}..{end} of value {i} are outside the {} data bytes", data.len()));
@@ -30,9 +30,9 @@ pub fn hash_strings(key: Option<&[u8]>, offsets: &[u32], data: &[u8]) -> Result<
             }
             None => Sha256::digest(value).into(),
         };
-        for b in digest {
-            out.push(HEX[(b >> 4) as usize]);
-            out.push(HEX[(b & 15) as usize]);
+        for (pair, b) in hex.chunks_exact_mut(2).zip(digest) {
+            pair[0] = HEX[(b >> 4) as usize];
+            pair[1] = HEX[(b & 15) as usize];
         }
     }
     Ok(out)
