@@ -344,18 +344,18 @@ fn native(workload: &str, input: &Path, output: &Path) -> Result<()> {
         "W4" => {
             // the same group table as the aggregate plugin
             let mut index = weir_sdk::intset::IntMap::new();
-            let (mut keys, mut sums, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut keys, mut sums, mut counts, mut gids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for b in read_columns(input, Some(&W4_COLUMNS))? {
                 let b = b?;
                 let users = b.column(0).as_primitive::<Int64Type>();
                 let amounts = b.column(1).as_primitive::<Float64Type>();
-                for (u, a) in users.values().iter().zip(amounts.values().iter()) {
-                    let (g, new) = index.get_or_insert(*u, keys.len() as u32);
-                    if new {
-                        keys.push(*u);
-                        sums.push(0.0);
-                        counts.push(0i64);
-                    }
+                gids.clear();
+                index.get_or_insert_all(users.values(), keys.len() as u32, &mut gids, |u| {
+                    keys.push(u);
+                    sums.push(0.0);
+                    counts.push(0i64);
+                });
+                for (&g, a) in gids.iter().zip(amounts.values().iter()) {
                     let g = g as usize;
                     sums[g] += a;
                     counts[g] += 1;

@@ -863,14 +863,19 @@ fn cmd_checks(
         println!("{}", serde_json::to_string_pretty(&results)?);
         return Ok(ExitCode::SUCCESS);
     }
+    // columns as wide as their longest value, so long step and check names stay aligned
+    let width = |header: &str, values: &mut dyn Iterator<Item = usize>| values.fold(header.len(), usize::max);
+    let wp = width("PARTITION", &mut results.iter().map(|c| c.partition.as_deref().unwrap_or("-").chars().count()));
+    let ws = width("STEP", &mut results.iter().map(|c| c.result.step.chars().count()));
+    let wc = width("CHECK", &mut results.iter().map(|c| c.result.check.chars().count()));
     println!(
-        "{:>5}  {:<12}  {:<16}  {:<28}  {:<10}  {:<6}  {:>8}  OBSERVED",
+        "{:>5}  {:<wp$}  {:<ws$}  {:<wc$}  {:<10}  {:<6}  {:>8}  OBSERVED",
         "RUN", "PARTITION", "STEP", "CHECK", "SEVERITY", "PASSED", "FAILING"
     );
     for c in &results {
         let r = &c.result;
         println!(
-            "{:>5}  {:<12}  {:<16}  {:<28}  {:<10}  {:<6}  {:>8}  {} (allowed {})",
+            "{:>5}  {:<wp$}  {:<ws$}  {:<wc$}  {:<10}  {:<6}  {:>8}  {} (allowed {})",
             c.run_id,
             c.partition.as_deref().unwrap_or("-"),
             r.step,

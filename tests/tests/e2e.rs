@@ -1347,6 +1347,13 @@ severity = "warn"
     assert_eq!(failed, [("unique(id)".to_string(), false), ("not_null(country)".to_string(), false)]);
     let table = weir(d, &["checks", "--pipeline", "pipeline.toml"]);
     assert!(table.stdout.contains("e.g. duplicate id=0"), "{}", table.stdout);
+    // the table stays aligned whatever the length of step and check names
+    let lines: Vec<&str> = table.stdout.lines().collect();
+    let at = lines[0].find("SEVERITY").unwrap();
+    for row in lines.iter().skip(1).filter(|l| !l.trim_start().starts_with("e.g.")) {
+        let (before, after) = row.split_at(at);
+        assert!(before.ends_with("  ") && !after.starts_with(' '), "misaligned:\n{}", table.stdout);
+    }
 }
 
 #[test]

@@ -289,7 +289,10 @@ fn encode(shared: &Shared) {
         st.queued -= slices.len();
         drop(st);
         shared.room.notify_all();
-        let result = slices.iter().try_for_each(|s| writer.write(s));
+        // a panic inside the encoder must not leave the feeding thread waiting for room
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| slices.iter().try_for_each(|s| writer.write(s))))
+                .unwrap_or_else(|_| Err(ParquetError::General("the Parquet encoder panicked".into())));
         drop(slices);
         st = lock(&shared.state);
         st.columns[i].writer = Some(writer);
