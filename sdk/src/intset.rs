@@ -110,7 +110,7 @@ impl IntMap {
         out: &mut Vec<u32>,
         mut on_new: impl FnMut(i64),
     ) -> u32 {
-        const AHEAD: usize = 16;
+        const AHEAD: usize = 32;
         out.reserve(keys.len());
         for chunk in keys.chunks(AHEAD) {
             while (self.len + chunk.len()) * 2 > self.slots.len() {

@@ -384,7 +384,7 @@ impl Transform for Aggregate {
                 // 16 rows at a time: load their groups' first slots (misses overlap), then
                 // update from warm cache lines; see IntMap::get_or_insert_all
                 let mut touched = 0u64;
-                for (g16, v16) in gids.chunks(16).zip(a.values().chunks(16)) {
+                for (g16, v16) in gids.chunks(32).zip(a.values().chunks(32)) {
                     for &g in g16 {
                         touched ^= self.slots[g as usize * width];
                     }

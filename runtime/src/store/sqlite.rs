@@ -119,9 +119,14 @@ impl SqliteStore {
         conn.busy_timeout(Duration::from_secs(10)).map_err(|e| open_err(e.to_string()))?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| open_err(e.to_string()))?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(|e| open_err(e.to_string()))?;
-        conn.execute_batch(SCHEMA).map_err(|e| open_err(format!("cannot create tables: {e}")))?;
-        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1')", [])
-            .map_err(|e| open_err(e.to_string()))?;
+        // one transaction: a new store costs one WAL sync, not one per table
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE;\n{SCHEMA}\nINSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');\nCOMMIT;"
+        ))
+        .map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            open_err(format!("cannot create tables: {e}"))
+        })?;
         Ok(SqliteStore { conn: Mutex::new(conn), path: path.to_path_buf() })
     }
 
