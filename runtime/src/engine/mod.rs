@@ -265,37 +265,32 @@ impl Drop for StagingGuard {
 pub const LEASE: Duration = Duration::from_secs(30);
 const HEARTBEAT: Duration = Duration::from_secs(2);
 
-/// Renews a run's lease until dropped.
+/// Renews a run's lease until dropped. Dropping it stops the thread at once (it waits on a
+/// channel, not in sleeps: a run must not end up to a tick later than its work).
 struct Heartbeat {
-    stop: Arc<AtomicBool>,
+    stop: Option<std::sync::mpsc::Sender<()>>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Heartbeat {
     fn start(store: Arc<dyn RunStore>, id: i64) -> Heartbeat {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let handle = std::thread::Builder::new()
             .name("weir-heartbeat".into())
             .spawn(move || {
-                let mut waited = Duration::ZERO;
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(100));
-                    waited += Duration::from_millis(100);
-                    if waited >= HEARTBEAT {
-                        waited = Duration::ZERO;
-                        let _ = store.heartbeat(id);
-                    }
+                // a message or a closed channel both mean stop
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(HEARTBEAT) {
+                    let _ = store.heartbeat(id);
                 }
             })
             .ok();
-        Heartbeat { stop, handle }
+        Heartbeat { stop: Some(stop), handle }
     }
 }
 
 impl Drop for Heartbeat {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        drop(self.stop.take());
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
@@ -1022,18 +1017,22 @@ fn run_step(
         }
 
         // progress
-        let done = Arc::new(AtomicBool::new(false));
+        // (it waits on a channel between updates, so the step ends as soon as its work does)
+        let (done, stopped) = std::sync::mpsc::channel::<()>();
         let progress_handle = options.progress.clone().map(|cb| {
-            let (rr, rw, done, name) = (rows_read.clone(), rows_written.clone(), done.clone(), step.name.clone());
-            scope.spawn(move || {
-                while !done.load(Ordering::Relaxed) {
-                    cb(&Progress {
-                        step: name.clone(),
-                        rows_read: rr.load(Ordering::Relaxed),
-                        rows_written: rw.load(Ordering::Relaxed),
-                        elapsed: started.elapsed(),
-                    });
-                    std::thread::sleep(Duration::from_millis(200));
+            let (rr, rw, name) = (rows_read.clone(), rows_written.clone(), step.name.clone());
+            scope.spawn(move || loop {
+                cb(&Progress {
+                    step: name.clone(),
+                    rows_read: rr.load(Ordering::Relaxed),
+                    rows_written: rw.load(Ordering::Relaxed),
+                    elapsed: started.elapsed(),
+                });
+                if !matches!(
+                    stopped.recv_timeout(Duration::from_millis(200)),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                ) {
+                    break;
                 }
             })
         });
@@ -1102,7 +1101,7 @@ fn run_step(
         }
         drop(rx);
         let reader_result = reader_handle.join().map_err(|_| Error::Internal("the reader thread panicked".into()))?;
-        done.store(true, Ordering::Relaxed);
+        drop(done);
         if let Some(h) = progress_handle {
             let _ = h.join();
         }
