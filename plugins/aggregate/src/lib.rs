@@ -580,6 +580,17 @@ mod tests {
         .unwrap()
     }
 
+    /// `a` processed, its state snapshotted and restored into a fresh instance, which then
+    /// runs `b` to the end: what a run resumed from a checkpoint does.
+    fn resumed(cfg: &str, a: &RecordBatch, b: &RecordBatch) -> RecordBatch {
+        let mut first = Harness::<Aggregate>::new(cfg, &a.schema()).unwrap();
+        first.process(a).unwrap();
+        let state = first.snapshot().unwrap().unwrap();
+        let mut second = Harness::<Aggregate>::new(cfg, &a.schema()).unwrap();
+        second.restore(&state).unwrap();
+        second.run(std::slice::from_ref(b)).unwrap()
+    }
+
     const CFG: &str = r#"
         group_by = ["country"]
         aggregates = [
@@ -614,12 +625,7 @@ mod tests {
         let a = batch(&["DE", "FR", "DE"], &[Some(10.0), Some(5.0), None], &[1, 2, 3]);
         let b = batch(&["FR", "DE", "IT"], &[Some(7.5), Some(2.0), Some(1.0)], &[4, 5, 6]);
         let expected = Harness::<Aggregate>::new(CFG, &a.schema()).unwrap().run(&[a.clone(), b.clone()]).unwrap();
-        let mut first = Harness::<Aggregate>::new(CFG, &a.schema()).unwrap();
-        first.process(&a).unwrap();
-        let state = first.snapshot().unwrap().unwrap();
-        let mut second = Harness::<Aggregate>::new(CFG, &a.schema()).unwrap();
-        second.restore(&state).unwrap();
-        assert_eq!(second.run(&[b]).unwrap(), expected);
+        assert_eq!(resumed(CFG, &a, &b), expected);
     }
 
     #[test]
@@ -637,12 +643,7 @@ mod tests {
         let expected = Harness::<Aggregate>::new(cfg, &a.schema()).unwrap().run(&[a.clone(), b.clone()]).unwrap();
         assert_eq!(expected.num_rows(), 3, "1, null and 2 are three groups");
         assert_eq!(expected.column(1).as_primitive::<Float64Type>().values().to_vec(), [6.0, 8.0, 7.0]);
-        let mut first = Harness::<Aggregate>::new(cfg, &a.schema()).unwrap();
-        first.process(&a).unwrap();
-        let state = first.snapshot().unwrap().unwrap();
-        let mut second = Harness::<Aggregate>::new(cfg, &a.schema()).unwrap();
-        second.restore(&state).unwrap();
-        assert_eq!(second.run(&[b]).unwrap(), expected);
+        assert_eq!(resumed(cfg, &a, &b), expected);
     }
 
     #[test]
@@ -729,12 +730,7 @@ mod tests {
                 e.1 += 1;
             }
         }
-        let mut first = Harness::<Aggregate>::new(cfg, &a.schema()).unwrap();
-        first.process(&a).unwrap();
-        let state = first.snapshot().unwrap().unwrap();
-        let mut second = Harness::<Aggregate>::new(cfg, &a.schema()).unwrap();
-        second.restore(&state).unwrap();
-        let out = second.run(&[b]).unwrap();
+        let out = resumed(cfg, &a, &b);
         assert_eq!(out.column(0).as_primitive::<Int64Type>().values().to_vec(), first_seen);
         for (r, id) in first_seen.iter().enumerate() {
             let (sum, n) = reference[id];

@@ -313,6 +313,7 @@ mod tests {
     use super::*;
     use arrow_array::{ArrayRef, Float64Array, Int64Array, StringArray};
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use std::path::Path;
 
     fn batch(start: i64, n: usize) -> RecordBatch {
         let ids: Vec<i64> = (start..start + n as i64).collect();
@@ -328,6 +329,12 @@ mod tests {
         .unwrap()
     }
 
+    /// A writer of `schema` to `t.parquet` in `dir`.
+    fn open(dir: &Path, schema: SchemaRef, props: WriterProperties, threaded: bool) -> ParallelWriter {
+        let file = File::create(dir.join("t.parquet")).unwrap();
+        ParallelWriter::try_new(file, schema, props, threaded, Default::default()).unwrap()
+    }
+
     #[test]
     fn writes_the_same_rows_in_order_with_row_groups_of_the_set_size() {
         for threaded in [true, false] {
@@ -339,14 +346,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.parquet");
         let props = WriterProperties::builder().set_max_row_group_row_count(Some(1000)).build();
-        let mut w = ParallelWriter::try_new(
-            File::create(&path).unwrap(),
-            batch(0, 1).schema(),
-            props,
-            threaded,
-            Default::default(),
-        )
-        .unwrap();
+        let mut w = open(dir.path(), batch(0, 1).schema(), props, threaded);
         let mut expected = Vec::new();
         let mut start = 0;
         for n in [1, 999, 1500, 0, 37, 2463] {
@@ -376,20 +376,12 @@ mod tests {
 
     fn encoding_error(threaded: bool) {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.parquet");
         let schema = Arc::new(arrow_schema::Schema::new(vec![arrow_schema::Field::new(
             "id",
             arrow_schema::DataType::Int64,
             false,
         )]));
-        let mut w = ParallelWriter::try_new(
-            File::create(&path).unwrap(),
-            schema,
-            WriterProperties::default(),
-            threaded,
-            Default::default(),
-        )
-        .unwrap();
+        let mut w = open(dir.path(), schema, WriterProperties::default(), threaded);
         // a batch whose own schema allows the null the file's schema forbids
         let b =
             RecordBatch::try_from_iter([("id", Arc::new(Int64Array::from(vec![Some(1), None])) as ArrayRef)]).unwrap();
@@ -401,15 +393,7 @@ mod tests {
     #[test]
     fn a_batch_with_missing_columns_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.parquet");
-        let mut w = ParallelWriter::try_new(
-            File::create(&path).unwrap(),
-            batch(0, 1).schema(),
-            Default::default(),
-            true,
-            Default::default(),
-        )
-        .unwrap();
+        let mut w = open(dir.path(), batch(0, 1).schema(), Default::default(), true);
         let short = batch(0, 3).project(&[0, 1]).unwrap();
         assert!(w.write(&short).is_err());
     }

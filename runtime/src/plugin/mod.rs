@@ -266,11 +266,6 @@ impl PluginEngine {
         Ok(LoadedPlugin { info, pre, engine: self.engine.clone() })
     }
 
-    /// Describe a component file without instantiating it.
-    pub fn inspect(&self, path: &Path) -> Result<PluginInfo> {
-        Ok(self.inspect_compiling(path)?.0)
-    }
-
     /// Describe a component file; also the seconds compiling took (`None`: from the cache).
     fn inspect_compiling(&self, path: &Path) -> Result<(PluginInfo, Option<f64>)> {
         let (component, sha256, size, compile_secs) = self.component(path, |_| Ok(()))?;
