@@ -326,7 +326,12 @@ fn native(workload: &str, input: &Path, output: &Path) -> Result<()> {
                     fc("country")?,
                     arrow_cast::cast(&fc("category")?, &DataType::Int64)?,
                     fc("amount")?,
-                    arrow_cast::cast(&fc("ts")?, &DataType::Timestamp(TimeUnit::Microsecond, None))?,
+                    // the cast plugin's parser (fixed-width forms first), so the ratio measures the sandbox
+                    weir_sdk::temporal::cast_column(
+                        fc("ts")?.as_ref(),
+                        &DataType::Timestamp(TimeUnit::Microsecond, None),
+                        &Default::default(),
+                    )?,
                 ];
                 write(RecordBatch::try_new(schema.clone(), cols)?)?;
             }

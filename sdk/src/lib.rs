@@ -54,6 +54,7 @@ pub mod keys;
 pub mod rule;
 pub mod runner;
 pub mod state;
+pub mod temporal;
 pub mod util;
 
 #[cfg(not(target_arch = "wasm32"))]

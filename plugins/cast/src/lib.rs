@@ -15,8 +15,9 @@
 
 use std::sync::Arc;
 
-use weir_sdk::arrow_cast::{can_cast_types, cast_with_options, display::ArrayFormatter, CastOptions};
+use weir_sdk::arrow_cast::{can_cast_types, display::ArrayFormatter, CastOptions};
 use weir_sdk::prelude::*;
+use weir_sdk::temporal::cast_column;
 use weir_sdk::util::{parse_type_name, TYPE_NAMES};
 
 #[derive(Debug, Deserialize)]
@@ -89,7 +90,7 @@ impl Transform for Cast {
         let mut columns = Vec::with_capacity(self.plan.len());
         for p in &self.plan {
             let input = batch.column(p.source);
-            let out = cast_with_options(input, &p.to, &options)?;
+            let out = cast_column(input.as_ref(), &p.to, &options)?;
             if out.null_count() > input.null_count() {
                 let row = (0..input.len()).find(|&r| out.is_null(r) && !input.is_null(r)).unwrap_or(0);
                 let value = ArrayFormatter::try_new(input.as_ref(), &Default::default())
@@ -117,6 +118,7 @@ weir_sdk::export_transform!(Cast);
 mod tests {
     use super::*;
     use weir_sdk::arrow_array::types::{Date32Type, Int64Type, TimestampMicrosecondType};
+    use weir_sdk::arrow_schema::TimeUnit;
     use weir_sdk::testing::Harness;
 
     fn input() -> RecordBatch {
@@ -168,6 +170,46 @@ mod tests {
                 assert_eq!(*row, Some(2));
                 assert_eq!(column.as_deref(), Some("id"));
                 assert!(message.contains("x3"), "{message}");
+            }
+            other => panic!("wrong error {other}"),
+        }
+    }
+
+    #[test]
+    fn text_to_timestamps_in_every_form_and_zone() {
+        let batch = RecordBatch::try_from_iter([(
+            "at",
+            Arc::new(StringArray::from(vec![
+                Some("2024-01-02T10:00:00"),
+                None,
+                Some("2024-01-02 10:00:00.250"),
+                Some("2024-01-02T12:00:00+02:00"),
+            ])) as ArrayRef,
+        )])
+        .unwrap();
+        let cfg = r#"columns = [{ column = "at", type = "timestamp" }, { column = "at", type = "timestamp_tz", rename = "at_utc" }]"#;
+        let mut h = Harness::<Cast>::new(cfg, &batch.schema()).unwrap();
+        let out = h.run(&[batch.clone(), batch.slice(0, 2)]).unwrap();
+        assert_eq!(out.schema().field(1).data_type(), &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())));
+        for c in 0..2 {
+            let at = out.column(c).as_primitive::<TimestampMicrosecondType>();
+            assert_eq!(at.value(0), 1_704_189_600_000_000);
+            assert!(at.is_null(1));
+            assert_eq!(at.value(2), 1_704_189_600_250_000);
+            assert_eq!(at.value(3), 1_704_189_600_000_000);
+            assert_eq!(at.value(4), 1_704_189_600_000_000); // the second batch: fixed-width only
+            assert!(at.is_null(5));
+        }
+        // a date that does not exist is refused by name, whichever path parsed the rest
+        let bad = RecordBatch::try_from_iter([(
+            "at",
+            Arc::new(StringArray::from(vec!["2024-01-02T10:00:00", "2023-02-29T10:00:00"])) as ArrayRef,
+        )])
+        .unwrap();
+        match h.process(&bad).unwrap_err() {
+            Error::InvalidInput { row, column, message } => {
+                assert_eq!((row, column.as_deref()), (Some(1), Some("at")));
+                assert!(message.contains("2023-02-29T10:00:00"), "{message}");
             }
             other => panic!("wrong error {other}"),
         }

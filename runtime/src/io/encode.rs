@@ -7,6 +7,10 @@
 //! heavy column (a 64-character hash) and the light ones spread over the threads without a
 //! fixed assignment. The feeding thread blocks when too much is queued, so memory stays
 //! bounded by a few batches per column whatever the file size.
+//!
+//! A column whose dictionary overflowed in a row group (ids, hashes, timestamps: nearly
+//! every value distinct) is written without one in the row groups after it: each attempt
+//! would hash and store about a megabyte of values only to give up and write them plain.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -16,8 +20,11 @@ use std::thread::JoinHandle;
 
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
-use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnWriter, ArrowLeafColumn, ArrowRowGroupWriterFactory};
+use parquet::arrow::arrow_writer::{
+    compute_leaves, ArrowColumnChunk, ArrowColumnWriter, ArrowLeafColumn, ArrowRowGroupWriterFactory,
+};
 use parquet::arrow::ArrowWriter;
+use parquet::basic::{Encoding, PageType};
 use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
@@ -43,6 +50,8 @@ pub struct ParallelWriter {
     row_group_size: usize,
     group: Option<RowGroup>,
     groups_written: usize,
+    /// Per leaf column: its dictionary overflowed in an earlier row group, so it is plain now.
+    plain: Vec<bool>,
     threads: usize,
     /// CPU nanoseconds the encoding threads used (shared by a sink's files).
     cpu: Arc<AtomicU64>,
@@ -71,6 +80,7 @@ impl ParallelWriter {
             row_group_size,
             group: None,
             groups_written: 0,
+            plain: vec![false; columns],
             threads: if threaded { encode_threads(columns) } else { 0 },
             cpu,
         })
@@ -118,12 +128,34 @@ impl ParallelWriter {
         }
         let writers = group.finish()?;
         let mut row_group = self.file.next_row_group()?;
-        for w in writers {
-            w.close()?.append_to_row_group(&mut row_group)?;
+        let mut overflowed = false;
+        for (w, plain) in writers.into_iter().zip(self.plain.iter_mut()) {
+            let chunk = w.close()?;
+            if !*plain && dictionary_overflowed(&chunk) {
+                *plain = true;
+                overflowed = true;
+            }
+            chunk.append_to_row_group(&mut row_group)?;
         }
         row_group.close()?;
         self.groups_written += 1;
+        if overflowed {
+            self.factory = self.plain_factory()?;
+        }
         Ok(())
+    }
+
+    /// Column writers like the file's, without a dictionary for the columns marked plain.
+    /// (The factory takes its settings from a file writer; one over `io::sink` with the same
+    /// schema and the changed settings makes writers whose chunks the real file accepts.)
+    fn plain_factory(&self) -> Result<ArrowRowGroupWriterFactory> {
+        let descr = self.file.schema_descr();
+        let mut props = self.file.properties().as_ref().clone().into_builder();
+        for (column, _) in descr.columns().iter().zip(&self.plain).filter(|(_, plain)| **plain) {
+            props = props.set_column_dictionary_enabled(column.path().clone(), false);
+        }
+        let shape = SerializedFileWriter::new(std::io::sink(), descr.root_schema_ptr(), Arc::new(props.build()))?;
+        Ok(ArrowRowGroupWriterFactory::new(&shape, self.schema.clone()))
     }
 
     /// Write the last row group and the footer; returns the file.
@@ -131,6 +163,18 @@ impl ParallelWriter {
         self.flush()?;
         self.file.into_inner()
     }
+}
+
+/// A dictionary-encoded column chunk that had to fall back to plain data pages.
+fn dictionary_overflowed(chunk: &ArrowColumnChunk) -> bool {
+    let meta = &chunk.close().metadata;
+    meta.dictionary_page_offset().is_some()
+        && meta.page_encoding_stats().is_some_and(|pages| {
+            pages.iter().any(|p| {
+                matches!(p.page_type, PageType::DATA_PAGE | PageType::DATA_PAGE_V2)
+                    && !matches!(p.encoding, Encoding::RLE_DICTIONARY | Encoding::PLAIN_DICTIONARY)
+            })
+        })
 }
 
 /// The column writers of one row group, shared with the threads encoding it.
@@ -313,6 +357,7 @@ mod tests {
     use super::*;
     use arrow_array::{ArrayRef, Float64Array, Int64Array, StringArray};
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::file::metadata::ParquetMetaDataReader;
     use std::path::Path;
 
     fn batch(start: i64, n: usize) -> RecordBatch {
@@ -325,6 +370,7 @@ mod tests {
                     as ArrayRef,
             ),
             ("x", Arc::new(Float64Array::from_iter_values(ids.iter().map(|i| *i as f64 / 3.0))) as ArrayRef),
+            ("kind", Arc::new(StringArray::from_iter_values(ids.iter().map(|i| format!("k{}", i % 5)))) as ArrayRef),
         ])
         .unwrap()
     }
@@ -338,14 +384,38 @@ mod tests {
     #[test]
     fn writes_the_same_rows_in_order_with_row_groups_of_the_set_size() {
         for threaded in [true, false] {
-            same_rows_in_order(threaded);
+            let props = WriterProperties::builder().set_max_row_group_row_count(Some(1000)).build();
+            same_rows_in_order(threaded, props);
         }
     }
 
-    fn same_rows_in_order(threaded: bool) {
+    #[test]
+    fn a_column_whose_dictionary_overflowed_is_plain_in_later_row_groups() {
+        for threaded in [true, false] {
+            // 4 KiB of dictionary: ids, hashes and floats (all distinct) overflow it in the
+            // first row group; `kind` (5 values) never does
+            let props = WriterProperties::builder()
+                .set_max_row_group_row_count(Some(1000))
+                .set_dictionary_page_size_limit(4096)
+                .build();
+            let meta = same_rows_in_order(threaded, props);
+            let dictionary = |g: usize| -> Vec<bool> {
+                meta.row_group(g).columns().iter().map(|c| c.dictionary_page_offset().is_some()).collect()
+            };
+            assert_eq!(dictionary(0), [true, true, true, true], "every column starts with a dictionary");
+            for g in 1..meta.num_row_groups() {
+                assert_eq!(dictionary(g), [false, false, false, true], "row group {g}");
+                let kind = meta.row_group(g).column(3).page_encoding_stats_mask();
+                assert!(kind.is_some_and(|m| m.is_only(Encoding::RLE_DICTIONARY)), "row group {g}: {kind:?}");
+            }
+        }
+    }
+
+    /// Writes batches of odd sizes and checks the file holds them in order, in row groups of
+    /// 1000 rows; returns the file's metadata.
+    fn same_rows_in_order(threaded: bool, props: WriterProperties) -> parquet::file::metadata::ParquetMetaData {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.parquet");
-        let props = WriterProperties::builder().set_max_row_group_row_count(Some(1000)).build();
         let mut w = open(dir.path(), batch(0, 1).schema(), props, threaded);
         let mut expected = Vec::new();
         let mut start = 0;
@@ -365,6 +435,7 @@ mod tests {
             arrow_select::concat::concat_batches(&schema, &got).unwrap(),
             arrow_select::concat::concat_batches(&schema, &expected).unwrap()
         );
+        ParquetMetaDataReader::new().parse_and_finish(&File::open(&path).unwrap()).unwrap()
     }
 
     #[test]
