@@ -581,7 +581,12 @@ fn cmd_inspect(file: PathBuf, json: bool, cache_dir: Option<PathBuf>) -> anyhow:
                 Some(s) => format!("compiled in {s:.2} s (kept in the compile cache)"),
                 None => "compiled earlier (from the compile cache)".into(),
             };
-            println!("start:     {compile}; load {}, instantiate {}", ms(t.load_secs), ms(t.instantiate_secs));
+            match &t.error {
+                None => {
+                    println!("start:     {compile}; load {}, instantiate {}", ms(t.load_secs), ms(t.instantiate_secs))
+                }
+                Some(e) => println!("start:     CANNOT START in weir's sandbox: {e}"),
+            }
         }
         println!("imports:");
         for i in &info.imports {
@@ -592,7 +597,8 @@ fn cmd_inspect(file: PathBuf, json: bool, cache_dir: Option<PathBuf>) -> anyhow:
             println!("  {e}");
         }
     }
-    Ok(if info.compatible { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILED) })
+    let starts = info.start.as_ref().is_none_or(|t| t.error.is_none());
+    Ok(if info.compatible && starts { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILED) })
 }
 
 /// Find the run store for `weir runs`: --state, $WEIR_STATE, a pipeline file, ./.weir.

@@ -93,7 +93,7 @@ impl<T: Transform> Harness<T> {
     pub fn process(&mut self, batch: &RecordBatch) -> Result<Vec<RecordBatch>> {
         let bytes = ipc::encode(&batch.schema(), std::slice::from_ref(batch))?;
         let out = self.raw.process(&bytes)?;
-        Ok(ipc::decode(&out)?.1)
+        Ok(ipc::decode_owned(out)?.1)
     }
 
     /// End of input.

@@ -511,6 +511,37 @@ fn jsonl_source_with_a_bad_line() {
 }
 
 #[test]
+fn a_plugin_importing_what_weir_lacks_is_described_and_refused() {
+    // the host interface renamed (same length, every occurrence): the contract version is
+    // still supported, but the sandbox has nothing to link the import to
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(plugin("hostile")).unwrap();
+    let (from, to) = (b"weir:plugin/host@0.2.0".as_slice(), b"weir:plugin/hast@0.2.0".as_slice());
+    let mut patched = bytes.clone();
+    let mut i = 0;
+    while i + from.len() <= patched.len() {
+        if &patched[i..i + from.len()] == from {
+            patched[i..i + from.len()].copy_from_slice(to);
+        }
+        i += 1;
+    }
+    assert_ne!(patched, bytes);
+    std::fs::write(dir.path().join("odd.wasm"), patched).unwrap();
+    let out = weir(dir.path(), &["plugin", "inspect", "odd.wasm"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stdout.contains("world:     transform"), "{}", out.stdout);
+    assert!(out.stdout.contains("start:     CANNOT START in weir's sandbox"), "{}", out.stdout);
+    assert!(out.stdout.contains("weir:plugin/hast@0.2.0"), "{}", out.stdout);
+    assert!(out.stdout.contains("exports:\n  weir:plugin/transform@0.2.0"), "{}", out.stdout);
+    let json = weir(dir.path(), &["plugin", "inspect", "odd.wasm", "--json"]).json();
+    assert!(json["start"]["error"].as_str().unwrap().contains("weir:plugin/hast@0.2.0"), "{json}");
+    assert_eq!(json["compatible"], true);
+    // a plugin that starts reports no error
+    let good = weir(dir.path(), &["plugin", "inspect", plugin("hostile").to_str().unwrap(), "--json"]).json();
+    assert!(good["start"]["error"].is_null(), "{good}");
+}
+
+#[test]
 fn plugin_inspect_shows_world_version_digest_imports() {
     use sha2::Digest;
     let p = plugin("mask");

@@ -134,7 +134,7 @@ pub struct PluginInfo {
 }
 
 /// How long starting a plugin takes (what `weir plugin inspect` reports).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct StartTimings {
     /// Seconds compiling the component; `None` when it came from the compile cache.
     pub compile_secs: Option<f64>,
@@ -143,6 +143,9 @@ pub struct StartTimings {
     pub load_secs: Option<f64>,
     /// Seconds for a fresh store and instance (once per step and attempt).
     pub instantiate_secs: Option<f64>,
+    /// Why the plugin cannot start in weir's sandbox (an import weir does not provide, an
+    /// export of the wrong shape); `None` when it starts.
+    pub error: Option<String>,
 }
 
 /// The one engine of a weir process, with its component cache.
@@ -330,20 +333,30 @@ impl PluginEngine {
     /// are described without the load and instantiate timings.
     pub fn time_start(&self, path: &Path) -> Result<PluginInfo> {
         let (mut info, compile_secs) = self.inspect_compiling(path)?;
-        let mut timings = StartTimings { compile_secs, load_secs: None, instantiate_secs: None };
+        let mut timings = StartTimings { compile_secs, load_secs: None, instantiate_secs: None, error: None };
         if info.compatible && matches!(info.world.as_deref(), Some("transform" | "quality-rule")) {
-            let t = std::time::Instant::now();
-            let plugin = self.load(path, None)?;
-            timings.load_secs = Some(t.elapsed().as_secs_f64());
-            let quiet: LogSink = Arc::new(|_: &LogLine| {});
-            let t = std::time::Instant::now();
-            match &plugin.pre {
-                Prepared::Transform(_) => {
-                    drop(TransformInstance::new(&plugin, Limits::default(), Arc::default(), quiet)?)
+            // a plugin that cannot start is still described: the failure is one more finding
+            let mut start = || -> Result<()> {
+                let t = std::time::Instant::now();
+                let plugin = self.load(path, None)?;
+                timings.load_secs = Some(t.elapsed().as_secs_f64());
+                let quiet: LogSink = Arc::new(|_: &LogLine| {});
+                let t = std::time::Instant::now();
+                match &plugin.pre {
+                    Prepared::Transform(_) => {
+                        drop(TransformInstance::new(&plugin, Limits::default(), Arc::default(), quiet)?)
+                    }
+                    Prepared::Rule(_) => drop(RuleInstance::new(&plugin, Limits::default(), quiet)?),
                 }
-                Prepared::Rule(_) => drop(RuleInstance::new(&plugin, Limits::default(), quiet)?),
+                timings.instantiate_secs = Some(t.elapsed().as_secs_f64());
+                Ok(())
+            };
+            if let Err(e) = start() {
+                timings.error = Some(match e {
+                    Error::Incompatible { message, .. } => message,
+                    other => other.to_string(),
+                });
             }
-            timings.instantiate_secs = Some(t.elapsed().as_secs_f64());
         }
         info.start = Some(timings);
         Ok(info)
@@ -834,7 +847,7 @@ impl TransformInstance {
         let ctx = wit_context(ctx);
         let b = &self.bindings;
         let out = self.sb.call(|s| b.weir_plugin_transform().call_init(s, config_json, &schema_bytes, &ctx))?;
-        let schema = decode_guarded(&out).map(|(s, _)| s).map_err(CallError::BadOutput)?;
+        let schema = decode_guarded(out).map(|(s, _)| s).map_err(CallError::BadOutput)?;
         self.declared = Some(schema.clone());
         Ok(schema)
     }
@@ -868,7 +881,7 @@ impl TransformInstance {
         self.timings.record_call(start, end, self.sb.store.data().marks);
         let out = out?;
         self.timings.bytes_out += out.len() as u64;
-        let batches = self.check_output(&out);
+        let batches = self.check_output(out);
         self.timings.host_decode += end.elapsed_secs();
         batches
     }
@@ -885,7 +898,7 @@ impl TransformInstance {
         self.sb.call(|s| b.weir_plugin_transform().call_restore(s, state))
     }
 
-    fn check_output(&self, bytes: &[u8]) -> Result<Vec<RecordBatch>, CallError> {
+    fn check_output(&self, bytes: Vec<u8>) -> Result<Vec<RecordBatch>, CallError> {
         let (schema, batches) = decode_guarded(bytes).map_err(CallError::BadOutput)?;
         let declared = self.declared.as_ref().ok_or_else(|| CallError::Internal("process before init".into()))?;
         let mismatch = |got: &arrow_schema::Schema| CallError::SchemaMismatch {
@@ -1009,9 +1022,10 @@ fn classify(e: wasmtime::Error, memory_hit: bool, limits: Limits, stderr: String
 }
 
 /// Decode plugin output. Untrusted bytes: any failure (even a panic inside the decoder) is
-/// an error, never a crash of the host.
-fn decode_guarded(bytes: &[u8]) -> std::result::Result<(SchemaRef, Vec<RecordBatch>), String> {
-    match std::panic::catch_unwind(|| weir_sdk::ipc::decode(bytes)) {
+/// an error, never a crash of the host. The arrays point into `bytes` (no copy), and are
+/// validated.
+fn decode_guarded(bytes: Vec<u8>) -> std::result::Result<(SchemaRef, Vec<RecordBatch>), String> {
+    match std::panic::catch_unwind(move || weir_sdk::ipc::decode_owned(bytes)) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("the decoder rejected the bytes".into()),
