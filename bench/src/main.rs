@@ -640,15 +640,16 @@ fn run(rows: usize, opts: &RunOpts) -> Result<(Vec<serde_json::Value>, usize)> {
         // native first: it is the reference checksum
         let mut order: Vec<&String> = runners.iter().filter(|r| *r == "native").collect();
         order.extend(runners.iter().filter(|r| *r != "native"));
-        for runner in order {
-            if runner == "per-record" && !matches!(w.as_str(), "W1" | "W2") {
-                continue; // per-record transforms are written for W1 and W2
-            }
-            let out = dir.join(format!("out-{w}-{runner}"));
-            let mut times = Vec::new();
-            let mut rss = 0;
-            let mut split = serde_json::Value::Null;
-            for _ in 0..repeat {
+        // per-record transforms are written for W1 and W2
+        order.retain(|r| *r != "per-record" || matches!(w.as_str(), "W1" | "W2"));
+        // Rounds: every runner once per round, so a slow spell of this shared machine falls on
+        // several runners' timings rather than on all of one runner's
+        let mut times = vec![Vec::new(); order.len()];
+        let mut rss = vec![0; order.len()];
+        let mut split = serde_json::Value::Null;
+        for round in 0..repeat {
+            for (i, runner) in order.iter().enumerate() {
+                let out = dir.join(format!("out-{w}-{runner}"));
                 let _ = std::fs::remove_dir_all(&out);
                 let _ = std::fs::remove_file(&out);
                 let m = match runner.as_str() {
@@ -706,13 +707,20 @@ fn run(rows: usize, opts: &RunOpts) -> Result<(Vec<serde_json::Value>, usize)> {
                             .env("POLARS_MAX_THREADS", "2"),
                     )?,
                 };
-                times.push(m.seconds);
-                rss = rss.max(m.max_rss_kb);
+                if repeat > 1 {
+                    eprintln!("weir-bench: {w} round {}/{repeat} {runner:<14} {:>8.3} s", round + 1, m.seconds);
+                }
+                times[i].push(m.seconds);
+                rss[i] = rss[i].max(m.max_rss_kb);
             }
+        }
+        for (i, runner) in order.iter().enumerate() {
+            let out = dir.join(format!("out-{w}-{runner}"));
+            let (times, rss) = (&mut times[i], rss[i]);
             let produced =
                 if out.with_extension("parquet").exists() { out.with_extension("parquet") } else { out.clone() };
             let sum = checksum(&produced)?;
-            let comparable = runner != "duckdb-sha256"; // sha256 is not HMAC: the nearest built-in, not the same output
+            let comparable = runner.as_str() != "duckdb-sha256"; // sha256 is not HMAC: the nearest built-in, not the same output
             let ok = match (&expected, comparable) {
                 (None, _) => {
                     expected = Some(sum);
@@ -742,7 +750,8 @@ fn run(rows: usize, opts: &RunOpts) -> Result<(Vec<serde_json::Value>, usize)> {
                     "CHECKSUM MISMATCH"
                 }
             );
-            results.push(serde_json::json!({"rows": rows, "workload": w, "runner": runner, "seconds": median, "rows_per_s": rows as f64 / median, "max_rss_mb": rss / 1024, "output_rows": sum.0, "checksum": format!("{:016x}", sum.1), "checksum_ok": ok, "comparable": comparable, "timings": split}));
+            let timings = if runner.as_str() == "weir" { split.clone() } else { serde_json::Value::Null };
+            results.push(serde_json::json!({"rows": rows, "workload": w, "runner": runner, "seconds": median, "all_seconds": times, "rows_per_s": rows as f64 / median, "max_rss_mb": rss / 1024, "output_rows": sum.0, "checksum": format!("{:016x}", sum.1), "checksum_ok": ok, "comparable": comparable, "timings": timings}));
         }
     }
     println!("bench: {rows} rows: {passed} passed, {failed} failed");
@@ -864,13 +873,19 @@ fn render(scales: &[usize], results: &[serde_json::Value]) -> String {
     let mut md = String::new();
     for &rows in scales {
         md.push_str(&format!(
-            "## {rows} rows\n\nMachine: {cores} cores, {cpu}. Median of the timed runs; every output's checksum equals native's unless marked.\n\n| workload | runner | seconds | rows/s | peak RSS MB | vs native | output ok |\n|---|---|---:|---:|---:|---:|---|\n"
+            "## {rows} rows\n\nMachine: {cores} cores, {cpu}. Median of the timed runs (runs taken in rounds: every runner once per round), with the fastest and slowest; every output's checksum equals native's unless marked.\n\n| workload | runner | seconds | min – max s | rows/s | peak RSS MB | vs native | output ok |\n|---|---|---:|---:|---:|---:|---:|---|\n"
         ));
         for r in results.iter().filter(|r| r["rows"] == rows) {
             let w = r["workload"].as_str().unwrap_or("");
             let s = r["seconds"].as_f64();
+            let all: Vec<f64> =
+                r["all_seconds"].as_array().map(|v| v.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default();
+            let range = match (all.iter().copied().reduce(f64::min), all.iter().copied().reduce(f64::max)) {
+                (Some(lo), Some(hi)) => format!("{lo:.2} – {hi:.2}"),
+                _ => "–".into(),
+            };
             md.push_str(&format!(
-                "| {w} | {} | {:.3} | {:.0} | {} | {} | {} |\n",
+                "| {w} | {} | {:.3} | {range} | {:.0} | {} | {} | {} |\n",
                 r["runner"].as_str().unwrap_or(""),
                 s.unwrap_or(f64::NAN),
                 r["rows_per_s"].as_f64().unwrap_or(0.0),

@@ -235,8 +235,21 @@ impl Transform for Filter {
                     let nums = cast(col, &DataType::Float64)?;
                     let nums =
                         nums.as_any().downcast_ref::<Float64Array>().ok_or_else(|| Error::internal("cast to f64"))?;
-                    for (r, k) in keep.iter_mut().enumerate() {
-                        *k &= nums.is_valid(r) && f.holds(nums.value(r).partial_cmp(v));
+                    // one plain comparison loop per operator (NaN compares false, as with
+                    // partial_cmp), then the nulls
+                    let (values, v) = (nums.values().as_ref(), *v);
+                    match f {
+                        Cmp::Eq => compare(&mut keep, values, |x| x == v),
+                        // not `x != v`, which holds for NaN
+                        #[allow(clippy::double_comparisons)]
+                        Cmp::Ne => compare(&mut keep, values, |x| x < v || x > v),
+                        Cmp::Lt => compare(&mut keep, values, |x| x < v),
+                        Cmp::Le => compare(&mut keep, values, |x| x <= v),
+                        Cmp::Gt => compare(&mut keep, values, |x| x > v),
+                        Cmp::Ge => compare(&mut keep, values, |x| x >= v),
+                    }
+                    if let Some(nulls) = nums.nulls() {
+                        keep.iter_mut().zip(nulls.iter()).for_each(|(k, valid)| *k &= valid);
                     }
                 }
                 Test::Num(..) => {}
@@ -277,6 +290,10 @@ impl Transform for Filter {
     }
 }
 
+fn compare(keep: &mut [bool], values: &[f64], test: impl Fn(f64) -> bool) {
+    keep.iter_mut().zip(values).for_each(|(k, x)| *k &= test(*x));
+}
+
 weir_sdk::export_transform!(Filter);
 
 #[cfg(test)]
@@ -304,6 +321,26 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("compare it with a number"), "{e}");
+    }
+
+    #[test]
+    fn numeric_operators_compare_as_partial_cmp_does_with_nan_signed_zero_and_nulls() {
+        let values =
+            [Some(1.0), Some(2.0), Some(f64::NAN), None, Some(-0.0), Some(0.0), Some(3.0), Some(f64::INFINITY)];
+        let b = RecordBatch::try_from_iter([("x", Arc::new(Float64Array::from(values.to_vec())) as ArrayRef)]).unwrap();
+        for (op, cmp) in
+            [("=", Cmp::Eq), ("!=", Cmp::Ne), ("<", Cmp::Lt), ("<=", Cmp::Le), (">", Cmp::Gt), (">=", Cmp::Ge)]
+        {
+            for v in [2.0, 0.0, -1.5] {
+                let cfg = format!("where = [{{ column = \"x\", op = \"{op}\", value = {v:?} }}]");
+                let out = Harness::<Filter>::new(&cfg, &b.schema()).unwrap().run(std::slice::from_ref(&b)).unwrap();
+                let got: Vec<f64> =
+                    out.column(0).as_primitive::<weir_sdk::arrow_array::types::Float64Type>().values().to_vec();
+                let want: Vec<f64> =
+                    values.iter().flatten().copied().filter(|x| cmp.holds(x.partial_cmp(&v))).collect();
+                assert_eq!(format!("{got:?}"), format!("{want:?}"), "x {op} {v}");
+            }
+        }
     }
 
     #[test]
