@@ -364,22 +364,28 @@ fn hostile_output_flood_is_capped_not_fatal() {
     assert!(out.stderr.len() < 512 * 1024, "stdout flood was forwarded uncapped: {} bytes", out.stderr.len());
 }
 
-#[test]
-fn incompatible_contract_version_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let bytes = std::fs::read(plugin("hostile")).unwrap();
-    let (from, to) = (b"weir:plugin/transform@0.2.0".as_slice(), b"weir:plugin/transform@0.9.0".as_slice());
-    let mut patched = bytes.clone();
-    let mut n = 0;
+/// The hostile plugin's bytes with every occurrence of `from` replaced by `to` (same length,
+/// so the component stays well-formed); fails the test if `from` does not occur.
+fn hostile_with(from: &[u8], to: &[u8]) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let mut bytes = std::fs::read(plugin("hostile")).unwrap();
+    let mut replaced = 0;
     let mut i = 0;
-    while i + from.len() <= patched.len() {
-        if &patched[i..i + from.len()] == from {
-            patched[i..i + from.len()].copy_from_slice(to);
-            n += 1;
+    while i + from.len() <= bytes.len() {
+        if &bytes[i..i + from.len()] == from {
+            bytes[i..i + from.len()].copy_from_slice(to);
+            replaced += 1;
         }
         i += 1;
     }
-    assert!(n > 0);
+    assert!(replaced > 0, "{} not in the hostile plugin", String::from_utf8_lossy(from));
+    bytes
+}
+
+#[test]
+fn incompatible_contract_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let patched = hostile_with(b"weir:plugin/transform@0.2.0", b"weir:plugin/transform@0.9.0");
     let wasm = dir.path().join("future.wasm");
     std::fs::write(&wasm, patched).unwrap();
     let out = weir(dir.path(), &["plugin", "inspect", "future.wasm"]);
@@ -515,17 +521,7 @@ fn a_plugin_importing_what_weir_lacks_is_described_and_refused() {
     // the host interface renamed (same length, every occurrence): the contract version is
     // still supported, but the sandbox has nothing to link the import to
     let dir = tempfile::tempdir().unwrap();
-    let bytes = std::fs::read(plugin("hostile")).unwrap();
-    let (from, to) = (b"weir:plugin/host@0.2.0".as_slice(), b"weir:plugin/hast@0.2.0".as_slice());
-    let mut patched = bytes.clone();
-    let mut i = 0;
-    while i + from.len() <= patched.len() {
-        if &patched[i..i + from.len()] == from {
-            patched[i..i + from.len()].copy_from_slice(to);
-        }
-        i += 1;
-    }
-    assert_ne!(patched, bytes);
+    let patched = hostile_with(b"weir:plugin/host@0.2.0", b"weir:plugin/hast@0.2.0");
     std::fs::write(dir.path().join("odd.wasm"), patched).unwrap();
     let out = weir(dir.path(), &["plugin", "inspect", "odd.wasm"]);
     assert_eq!(out.code, 1, "{}", out.stderr);
