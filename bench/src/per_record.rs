@@ -15,9 +15,7 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int32Type, Int64Type};
 use arrow_array::{Array, ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, SchemaRef, TimeUnit};
-use hmac::{Hmac, Mac};
 use parquet::arrow::ArrowWriter;
-use sha2::Sha256;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -32,7 +30,7 @@ use exports::weir_bench::per_record::row_transform::Value;
 struct Host {
     wasi: WasiCtx,
     table: ResourceTable,
-    mac: Hmac<Sha256>,
+    hasher: weir_sdk::hashing::Hasher,
 }
 
 impl WasiView for Host {
@@ -43,15 +41,9 @@ impl WasiView for Host {
 
 impl weir_bench::per_record::host::Host for Host {
     fn hmac_hex(&mut self, value: String) -> String {
-        let mut mac = self.mac.clone();
-        mac.update(value.as_bytes());
-        let digest = mac.finalize().into_bytes();
-        let mut out = String::with_capacity(64);
-        for b in digest {
-            out.push(char::from(b"0123456789abcdef"[(b >> 4) as usize]));
-            out.push(char::from(b"0123456789abcdef"[(b & 15) as usize]));
-        }
-        out
+        let mut hex = [0u8; 64];
+        self.hasher.hex_into(value.as_bytes(), &mut hex);
+        hex.iter().map(|&b| char::from(b)).collect()
     }
 }
 
@@ -74,7 +66,7 @@ pub fn run(workload: &str, plugin: &Path, input: &Path, output: &Path, key: &[u8
     let host = Host {
         wasi: WasiCtxBuilder::new().build(),
         table: ResourceTable::new(),
-        mac: Hmac::<Sha256>::new_from_slice(key).map_err(|e| anyhow!("{e}"))?,
+        hasher: weir_sdk::hashing::Hasher::hmac(key),
     };
     let mut store = Store::new(&engine, host);
     store.set_epoch_deadline(u64::MAX);

@@ -1,10 +1,95 @@
 //! Column hashing as the host does it (native code, SHA extensions where the CPU has them).
 //! The host's `hash-strings` import and the native test harness both call this.
 
-use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
+use sha2::digest::generic_array::GenericArray;
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// The SHA-256 starting state (FIPS 180-4, 5.3.3).
+const IV: [u32; 8] = [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
+
+/// SHA-256, or HMAC-SHA256 with the key's inner and outer blocks absorbed once, so that each
+/// value costs only its own compressions: one for a value under 56 bytes, plus one for the
+/// outer hash of an HMAC. (A cloned `hmac::Hmac` per value also copies and re-pads its block
+/// buffers; this works on the 32-byte state alone.)
+#[derive(Clone, Debug)]
+pub struct Hasher {
+    /// State after the inner key block (HMAC), or the IV (plain SHA-256).
+    inner: [u32; 8],
+    /// State after the outer key block (HMAC only).
+    outer: Option<[u32; 8]>,
+}
+
+impl Hasher {
+    /// Plain SHA-256.
+    pub fn sha256() -> Hasher {
+        Hasher { inner: IV, outer: None }
+    }
+
+    /// HMAC-SHA256 with `key` (RFC 2104: a key longer than a block is hashed first).
+    pub fn hmac(key: &[u8]) -> Hasher {
+        let mut block = [0u8; 64];
+        if key.len() > 64 {
+            block[..32].copy_from_slice(&Hasher::sha256().digest(key));
+        } else {
+            block[..key.len()].copy_from_slice(key);
+        }
+        let keyed = |pad: u8| {
+            let mut state = IV;
+            let padded: [u8; 64] = std::array::from_fn(|i| block[i] ^ pad);
+            compress(&mut state, &padded);
+            state
+        };
+        Hasher { inner: keyed(0x36), outer: Some(keyed(0x5c)) }
+    }
+
+    /// The 32-byte digest of `value`.
+    pub fn digest(&self, value: &[u8]) -> [u8; 32] {
+        // The key block (64 bytes) precedes the value in an HMAC's inner hash.
+        let prefix = if self.outer.is_some() { 64 } else { 0 };
+        let inner = finish(self.inner, prefix, value);
+        match self.outer {
+            Some(outer) => finish(outer, 64, &inner),
+            None => inner,
+        }
+    }
+
+    /// The digest of `value` as 64 lowercase hex characters, written to `out`.
+    pub fn hex_into(&self, value: &[u8], out: &mut [u8; 64]) {
+        for (pair, b) in out.chunks_exact_mut(2).zip(self.digest(value)) {
+            pair[0] = HEX[(b >> 4) as usize];
+            pair[1] = HEX[(b & 15) as usize];
+        }
+    }
+}
+
+fn compress(state: &mut [u32; 8], block: &[u8; 64]) {
+    sha2::compress256(state, std::slice::from_ref(GenericArray::from_slice(block)));
+}
+
+/// Absorb `value` after `prefix` bytes already in `state`, pad (FIPS 180-4, 5.1.1) and return
+/// the digest.
+fn finish(mut state: [u32; 8], prefix: u64, value: &[u8]) -> [u8; 32] {
+    let mut blocks = value.chunks_exact(64);
+    for block in &mut blocks {
+        compress(&mut state, block.try_into().expect("64-byte chunk"));
+    }
+    let tail = blocks.remainder();
+    let bits = (prefix + value.len() as u64).wrapping_mul(8);
+    let mut last = [0u8; 128];
+    last[..tail.len()].copy_from_slice(tail);
+    last[tail.len()] = 0x80;
+    let end = if tail.len() < 56 { 64 } else { 128 };
+    last[end - 8..end].copy_from_slice(&bits.to_be_bytes());
+    for block in last[..end].chunks_exact(64) {
+        compress(&mut state, block.try_into().expect("64-byte chunk"));
+    }
+    let mut digest = [0u8; 32];
+    for (bytes, word) in digest.chunks_exact_mut(4).zip(state) {
+        bytes.copy_from_slice(&word.to_be_bytes());
+    }
+    digest
+}
 
 /// Hash each value `data[offsets[i]..offsets[i+1]]`: HMAC-SHA256 with `key`, or plain
 /// SHA-256 without. Returns the lowercase hex digests concatenated (64 bytes a value).
@@ -12,28 +97,13 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 pub fn hash_strings(key: Option<&[u8]>, offsets: &[u32], data: &[u8]) -> Result<Vec<u8>, String> {
     let n = offsets.len().saturating_sub(1);
     let mut out = vec![0u8; n * 64];
-    let keyed = match key {
-        Some(k) => Some(Hmac::<Sha256>::new_from_slice(k).map_err(|e| e.to_string())?),
-        None => None,
-    };
+    let hasher = key.map_or_else(Hasher::sha256, Hasher::hmac);
     for (i, hex) in out.chunks_exact_mut(64).enumerate() {
         let (start, end) = (offsets[i] as usize, offsets[i + 1] as usize);
         if start > end || end > data.len() {
             return Err(format!("offsets {start}..{end} of value {i} are outside the {} data bytes", data.len()));
         }
-        let value = &data[start..end];
-        let digest: [u8; 32] = match &keyed {
-            Some(mac) => {
-                let mut mac = mac.clone();
-                mac.update(value);
-                mac.finalize().into_bytes().into()
-            }
-            None => Sha256::digest(value).into(),
-        };
-        for (pair, b) in hex.chunks_exact_mut(2).zip(digest) {
-            pair[0] = HEX[(b >> 4) as usize];
-            pair[1] = HEX[(b & 15) as usize];
-        }
+        hasher.hex_into(&data[start..end], hex.try_into().expect("64-byte chunk"));
     }
     Ok(out)
 }
@@ -56,6 +126,30 @@ mod tests {
             std::str::from_utf8(&keyed).unwrap(),
             "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
         );
+    }
+
+    /// Every value length around the block and padding boundaries, keys shorter than, equal
+    /// to and longer than a block: the same digests as the `sha2` and `hmac` crates.
+    #[test]
+    fn same_digests_as_the_reference_crates() {
+        use hmac::{Hmac, Mac};
+        use sha2::{Digest, Sha256};
+        let bytes: Vec<u8> = (0..300u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        for key_len in [0, 1, 31, 63, 64, 65, 100, 200] {
+            let key = &bytes[..key_len];
+            let hasher = Hasher::hmac(key);
+            for len in (0..=140).chain([191, 192, 255, 256, 300]) {
+                let value = &bytes[bytes.len() - len..];
+                let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
+                mac.update(value);
+                let want: [u8; 32] = mac.finalize().into_bytes().into();
+                assert_eq!(hasher.digest(value), want, "hmac key {key_len} bytes, value {len} bytes");
+                if key_len == 0 {
+                    let want: [u8; 32] = Sha256::digest(value).into();
+                    assert_eq!(Hasher::sha256().digest(value), want, "sha256 of {len} bytes");
+                }
+            }
+        }
     }
 
     #[test]
