@@ -10,8 +10,16 @@ use arrow_schema::{ArrowError, Schema, SchemaRef};
 
 /// Encode a schema and zero or more batches as one IPC stream.
 pub fn encode(schema: &Schema, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
-    let capacity = batches.iter().map(|b| b.get_array_memory_size()).sum::<usize>() + 1024;
-    let mut writer = StreamWriter::try_new(Vec::with_capacity(capacity), schema)?;
+    encode_into(Vec::new(), schema, batches)
+}
+
+/// [`encode`] into `buf`, which is cleared first: a caller encoding batch after batch hands
+/// the previous stream's buffer back and so reuses its memory (no fresh pages to fault in and
+/// zero for every batch).
+pub fn encode_into(mut buf: Vec<u8>, schema: &Schema, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
+    buf.clear();
+    buf.reserve(batches.iter().map(|b| b.get_array_memory_size()).sum::<usize>() + 1024);
+    let mut writer = StreamWriter::try_new(buf, schema)?;
     for batch in batches {
         writer.write(batch)?;
     }

@@ -743,6 +743,30 @@ pub struct TransformInstance {
     bindings: bindings::TransformPlugin,
     declared: Option<SchemaRef>,
     timings: CallTimings,
+    encoder: BatchEncoder,
+}
+
+/// Encodes batch after batch to IPC bytes for a plugin, reusing the previous batch's buffer
+/// once the call that read it returns (no fresh pages to fault in and zero per batch).
+#[derive(Default)]
+struct BatchEncoder {
+    buf: Vec<u8>,
+}
+
+impl BatchEncoder {
+    /// A buffer above this size (an unusually large batch) is freed, not kept.
+    const MAX_KEPT: usize = 64 << 20;
+
+    fn encode(&mut self, batch: &RecordBatch) -> Result<Vec<u8>, CallError> {
+        weir_sdk::ipc::encode_into(std::mem::take(&mut self.buf), &batch.schema(), std::slice::from_ref(batch))
+            .map_err(|e| CallError::Internal(format!("host could not encode a batch: {e}")))
+    }
+
+    fn give_back(&mut self, bytes: Vec<u8>) {
+        if bytes.capacity() <= Self::MAX_KEPT {
+            self.buf = bytes;
+        }
+    }
 }
 
 /// Where the time of a plugin's `process` and `finish` calls went, summed over the calls
@@ -822,7 +846,13 @@ impl TransformInstance {
         let Prepared::Transform(pre) = &plugin.pre else { return Err(wrong_world(plugin, "transform")) };
         let mut sb = Sandbox::new(&plugin.engine, limits, secrets, log);
         let bindings = pre.instantiate(&mut sb.store).map_err(|e| sb.instantiate_error(e))?;
-        Ok(TransformInstance { sb, bindings, declared: None, timings: CallTimings::default() })
+        Ok(TransformInstance {
+            sb,
+            bindings,
+            declared: None,
+            timings: CallTimings::default(),
+            encoder: BatchEncoder::default(),
+        })
     }
 
     /// Counters the plugin added so far.
@@ -855,14 +885,14 @@ impl TransformInstance {
     /// One batch in; the batches out, each checked against the declared schema.
     pub fn process(&mut self, batch: &RecordBatch) -> Result<Vec<RecordBatch>, CallError> {
         let t0 = CpuTime::now();
-        let bytes = weir_sdk::ipc::encode(&batch.schema(), std::slice::from_ref(batch))
-            .map_err(|e| CallError::Internal(format!("host could not encode a batch: {e}")))?;
+        let bytes = self.encoder.encode(batch)?;
         self.timings.host_encode += t0.elapsed_secs();
         self.timings.bytes_in += bytes.len() as u64;
         let b = &self.bindings;
         self.sb.store.data_mut().marks = [None; 4];
         let start = CpuTime::now();
         let out = self.sb.call(|s| b.weir_plugin_transform().call_process(s, &bytes));
+        self.encoder.give_back(bytes);
         self.output(start, out)
     }
 
@@ -954,6 +984,7 @@ pub struct RuleVerdict {
 pub struct RuleInstance {
     sb: Sandbox,
     bindings: rule_bindings::QualityRulePlugin,
+    encoder: BatchEncoder,
 }
 
 impl RuleInstance {
@@ -961,7 +992,7 @@ impl RuleInstance {
         let Prepared::Rule(pre) = &plugin.pre else { return Err(wrong_world(plugin, "quality-rule")) };
         let mut sb = Sandbox::new(&plugin.engine, limits, Arc::default(), log);
         let bindings = pre.instantiate(&mut sb.store).map_err(|e| sb.instantiate_error(e))?;
-        Ok(RuleInstance { sb, bindings })
+        Ok(RuleInstance { sb, bindings, encoder: BatchEncoder::default() })
     }
 
     pub fn init(&mut self, config_json: &str, input: &SchemaRef, ctx: &weir_sdk::Context) -> Result<(), CallError> {
@@ -974,10 +1005,11 @@ impl RuleInstance {
 
     /// Judge one batch; row indices are checked against the batch.
     pub fn check(&mut self, batch: &RecordBatch) -> Result<RuleBatch, CallError> {
-        let bytes = weir_sdk::ipc::encode(&batch.schema(), std::slice::from_ref(batch))
-            .map_err(|e| CallError::Internal(format!("host could not encode a batch: {e}")))?;
+        let bytes = self.encoder.encode(batch)?;
         let b = &self.bindings;
-        let v = self.sb.call(|s| b.weir_plugin_quality_rule().call_check(s, &bytes))?;
+        let v = self.sb.call(|s| b.weir_plugin_quality_rule().call_check(s, &bytes));
+        self.encoder.give_back(bytes);
+        let v = v?;
         if let Some(bad) = v.failed_rows.iter().find(|r| **r as usize >= batch.num_rows()) {
             return Err(CallError::BadOutput(format!(
                 "failed row {bad} is outside the batch of {} rows",
