@@ -716,7 +716,7 @@ fn run(rows: usize, opts: &RunOpts) -> Result<(Vec<serde_json::Value>, usize)> {
         }
         for (i, runner) in order.iter().enumerate() {
             let out = dir.join(format!("out-{w}-{runner}"));
-            let (times, rss) = (&mut times[i], rss[i]);
+            let (times, rss) = (&times[i], rss[i]);
             let produced =
                 if out.with_extension("parquet").exists() { out.with_extension("parquet") } else { out.clone() };
             let sum = checksum(&produced)?;
@@ -736,8 +736,11 @@ fn run(rows: usize, opts: &RunOpts) -> Result<(Vec<serde_json::Value>, usize)> {
                     failed += 1;
                 }
             }
-            times.sort_by(f64::total_cmp);
-            let median = times[times.len() / 2];
+            // `times` stays in round order (the JSON shows drift across rounds); the median
+            // comes from a sorted copy
+            let mut sorted = times.clone();
+            sorted.sort_by(f64::total_cmp);
+            let median = sorted[sorted.len() / 2];
             eprintln!(
                 "weir-bench: {w} {runner:<14} {median:>8.3} s  rss {:>6} MB  rows {}  {}",
                 rss / 1024,
