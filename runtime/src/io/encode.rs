@@ -55,8 +55,6 @@ pub struct ParallelWriter {
     threads: usize,
     /// CPU nanoseconds the encoding threads used (shared by a sink's files).
     cpu: Arc<AtomicU64>,
-    /// Bytes of the file already handed to the kernel for write-back.
-    written_back: u64,
 }
 
 impl ParallelWriter {
@@ -85,7 +83,6 @@ impl ParallelWriter {
             plain: vec![false; columns],
             threads: if threaded { encode_threads(columns) } else { 0 },
             cpu,
-            written_back: 0,
         })
     }
 
@@ -142,33 +139,10 @@ impl ParallelWriter {
         }
         row_group.close()?;
         self.groups_written += 1;
-        self.start_write_back();
         if overflowed {
             self.factory = self.plain_factory()?;
         }
         Ok(())
-    }
-
-    /// Ask the kernel to start writing the row groups appended so far to disk, without
-    /// waiting. The fsync that closes the file then only waits for the last row group
-    /// instead of the whole file (a gigabyte of output took 0.19 s to fsync at the end).
-    /// Advisory: the fsync still decides durability and reports any write error.
-    fn start_write_back(&mut self) {
-        if self.file.flush().is_err() {
-            return; // the next write or the close reports it
-        }
-        let end = self.file.bytes_written() as u64;
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::fd::AsRawFd;
-            let (fd, from) = (self.file.inner().as_raw_fd(), self.written_back);
-            // SAFETY: a plain system call on a file descriptor this writer owns; no memory
-            // is passed.
-            unsafe {
-                libc::sync_file_range(fd, from as i64, (end - from) as i64, libc::SYNC_FILE_RANGE_WRITE);
-            }
-        }
-        self.written_back = end;
     }
 
     /// Column writers like the file's, without a dictionary for the columns marked plain.
