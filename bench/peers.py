@@ -1,7 +1,8 @@
 """The peer runners of weir-bench: each workload as a data engineer would write it.
 
-    python peers.py TOOL WORKLOAD INPUT OUTPUT
+    python peers.py TOOL WORKLOAD INPUT OUTPUT [COMPRESSION]
     TOOL: duckdb | duckdb-sha256 | polars | pandas     WORKLOAD: W1 | W2 | W3 | W4
+    COMPRESSION: zstd(N) (default zstd(1)) | snappy | none, as weir-bench --compression
 
 DuckDB is limited to 2 threads, Polars by POLARS_MAX_THREADS=2 (set by the harness);
 pandas is single-threaded. W1's HMAC is a Python function (a UDF for DuckDB), as users
@@ -14,6 +15,21 @@ import sys
 
 KEY = b"bench-key"
 COUNTRIES = [f"C{c:03d}" for c in range(100)]
+
+
+def codec(text):
+    """(name, level) for the output: ("zstd", N), ("snappy", None) or ("none", None)."""
+    text = text.strip().lower()
+    if text in ("snappy", "none"):
+        return text, None
+    if text == "zstd":
+        return "zstd", 1
+    if text.startswith("zstd(") and text.endswith(")") and text[5:-1].isdigit() and 1 <= int(text[5:-1]) <= 22:
+        return "zstd", int(text[5:-1])
+    sys.exit(f"unknown compression {text!r}: use zstd(N) with N from 1 to 22, snappy or none")
+
+
+CODEC = ("zstd", 1)
 
 
 def hmac_hex(s):
@@ -44,7 +60,10 @@ def run_duckdb(w, src, out, builtin_sha=False):
              f"QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY file_row_number) = 1")
     else:
         q = f"SELECT user_id, sum(amount) AS amount_sum, count(*) AS n, avg(amount) AS amount_avg FROM {t} GROUP BY user_id"
-    con.execute(f"COPY ({q}) TO '{out}' (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)")
+    name, level = CODEC
+    options = {"zstd": f"COMPRESSION zstd, COMPRESSION_LEVEL {level}", "snappy": "COMPRESSION snappy",
+               "none": "COMPRESSION uncompressed"}[name]
+    con.execute(f"COPY ({q}) TO '{out}' (FORMAT parquet, {options})")
 
 
 def run_polars(w, src, out):
@@ -67,7 +86,8 @@ def run_polars(w, src, out):
         df = df.group_by("user_id").agg(
             pl.col("amount").sum().alias("amount_sum"), pl.len().cast(pl.Int64).alias("n"), pl.col("amount").mean().alias("amount_avg")
         )
-    df.write_parquet(out, compression="zstd", compression_level=1)
+    name, level = CODEC
+    df.write_parquet(out, compression="uncompressed" if name == "none" else name, compression_level=level)
 
 
 def run_pandas(w, src, out):
@@ -89,11 +109,14 @@ def run_pandas(w, src, out):
     else:
         g = df.groupby("user_id", sort=False)["amount"]
         df = pd.DataFrame({"amount_sum": g.sum(), "n": g.size().astype("int64"), "amount_avg": g.mean()}).reset_index()
-    df.to_parquet(out, index=False, compression="zstd", compression_level=1)
+    name, level = CODEC
+    df.to_parquet(out, index=False, compression=None if name == "none" else name, compression_level=level)
 
 
 if __name__ == "__main__":
     tool, w, src, out = sys.argv[1:5]
+    if len(sys.argv) > 5:
+        CODEC = codec(sys.argv[5])
     if tool == "duckdb":
         run_duckdb(w, src, out)
     elif tool == "duckdb-sha256":

@@ -36,3 +36,10 @@ WEIR_BIN="$target_dir/release/weir" "$py" tests/python/checks.py
 echo "==> benchmark harness at its smallest scale: every runner's output equals native's"
 cargo build --release -p weir-bench
 WEIR_PYTHON="$py" "$target_dir/release/weir-bench" run --rows 3000 --check-only --dir "$target_dir/bench-check"
+echo "==> the same for W1 with every runner writing snappy (weir-bench --compression)"
+WEIR_PYTHON="$py" "$target_dir/release/weir-bench" run --rows 3000 --check-only --workloads W1 \
+  --compression snappy --dir "$target_dir/bench-check"
+if "$target_dir/release/weir-bench" run --compression 'zstd(30)' 2>"$target_dir/bench-check/err"; then
+  echo "weir-bench accepted zstd(30)"; exit 1
+fi
+grep -q 'use zstd(N) with N from 1 to 22, snappy or none' "$target_dir/bench-check/err"

@@ -47,7 +47,14 @@ impl weir_bench::per_record::host::Host for Host {
     }
 }
 
-pub fn run(workload: &str, plugin: &Path, input: &Path, output: &Path, key: &[u8]) -> Result<()> {
+pub fn run(
+    workload: &str,
+    plugin: &Path,
+    input: &Path,
+    output: &Path,
+    key: &[u8],
+    compression: crate::Codec,
+) -> Result<()> {
     let (columns, schema): (Option<&[&str]>, SchemaRef) = match workload {
         "W1" => (None, crate::events_schema()),
         "W2" => (Some(&crate::W2_COLUMNS), crate::w2_schema()),
@@ -74,7 +81,7 @@ pub fn run(workload: &str, plugin: &Path, input: &Path, output: &Path, key: &[u8
     let rt = plugin.weir_bench_per_record_row_transform();
     rt.call_init(&mut store, workload).map_err(|e| anyhow!("{e}"))?.map_err(|e| anyhow!("init: {e}"))?;
 
-    let mut writer = ArrowWriter::try_new(File::create(output)?, schema.clone(), Some(crate::props()))?;
+    let mut writer = ArrowWriter::try_new(File::create(output)?, schema.clone(), Some(crate::props(compression)))?;
     let mut row = Vec::new();
     for batch in crate::read_columns(input, columns)? {
         let batch = batch?;
