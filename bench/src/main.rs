@@ -23,9 +23,9 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use clap::{Parser, Subcommand};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use sha2::{Digest, Sha256};
+use weir::config::Codec;
 
 mod per_record;
 
@@ -60,7 +60,7 @@ enum Cmd {
         input: PathBuf,
         #[arg(long)]
         output: PathBuf,
-        #[arg(long, default_value_t = Codec::Zstd(1))]
+        #[arg(long, default_value_t = Codec::Zstd(1), value_parser = parse_codec)]
         compression: Codec,
     },
     /// Run W1 or W2 through the per-record Wasm transform (one component call per row).
@@ -74,7 +74,7 @@ enum Cmd {
         /// The component [default: dist/bench/record.wasm].
         #[arg(long)]
         plugin: Option<PathBuf>,
-        #[arg(long, default_value_t = Codec::Zstd(1))]
+        #[arg(long, default_value_t = Codec::Zstd(1), value_parser = parse_codec)]
         compression: Codec,
     },
     /// Print the order-insensitive checksum of a Parquet file or dataset directory.
@@ -113,56 +113,16 @@ enum Cmd {
         /// Output compression of every runner: zstd(N), snappy or none. The targets are
         /// judged at zstd(1), weir's default; other codecs show how much of a ratio is the
         /// codec's (the input stays zstd).
-        #[arg(long, default_value_t = Codec::Zstd(1))]
+        #[arg(long, default_value_t = Codec::Zstd(1), value_parser = parse_codec)]
         compression: Codec,
     },
 }
 
-/// How every runner compresses its output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Codec {
-    Zstd(i32),
-    Snappy,
-    None,
-}
-
-impl std::str::FromStr for Codec {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Codec, String> {
-        let s = s.trim().to_ascii_lowercase();
-        let level = |l: &str| l.parse::<i32>().ok().filter(|l| (1..=22).contains(l));
-        match s.as_str() {
-            "zstd" => Ok(Codec::Zstd(1)),
-            "snappy" => Ok(Codec::Snappy),
-            "none" | "uncompressed" => Ok(Codec::None),
-            _ => {
-                s.strip_prefix("zstd(").and_then(|r| r.strip_suffix(')')).and_then(level).map(Codec::Zstd).ok_or_else(
-                    || format!("unknown compression `{s}`: use zstd(N) with N from 1 to 22, snappy or none"),
-                )
-            }
-        }
-    }
-}
-
-/// Written as weir's `output.compression` takes it; the peers get the same text.
-impl std::fmt::Display for Codec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Codec::Zstd(l) => write!(f, "zstd({l})"),
-            Codec::Snappy => f.write_str("snappy"),
-            Codec::None => f.write_str("none"),
-        }
-    }
-}
-
-impl Codec {
-    fn parquet(self) -> Compression {
-        match self {
-            Codec::Zstd(l) => Compression::ZSTD(ZstdLevel::try_new(l).unwrap_or_default()),
-            Codec::Snappy => Compression::SNAPPY,
-            Codec::None => Compression::UNCOMPRESSED,
-        }
-    }
+/// How every runner compresses its output: weir's own `output.compression`, parsed as the
+/// pipeline file's is (with the harness's shorter message).
+fn parse_codec(text: &str) -> std::result::Result<Codec, String> {
+    Codec::parse(text)
+        .map_err(|_| format!("unknown compression `{text}`: use zstd(N) with N from 1 to 22, snappy or none"))
 }
 
 fn main() -> Result<()> {

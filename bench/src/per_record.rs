@@ -53,7 +53,7 @@ pub fn run(
     input: &Path,
     output: &Path,
     key: &[u8],
-    compression: crate::Codec,
+    compression: weir::config::Codec,
 ) -> Result<()> {
     let (columns, schema): (Option<&[&str]>, SchemaRef) = match workload {
         "W1" => (None, crate::events_schema()),

@@ -95,9 +95,13 @@ fn finish(mut state: [u32; 8], prefix: u64, value: &[u8]) -> [u8; 32] {
 /// SHA-256 without. Returns the lowercase hex digests concatenated (64 bytes a value).
 /// Offsets that run backwards or past `data` are an error, never a panic.
 pub fn hash_strings(key: Option<&[u8]>, offsets: &[u32], data: &[u8]) -> Result<Vec<u8>, String> {
+    hash_strings_with(&key.map_or_else(Hasher::sha256, Hasher::hmac), offsets, data)
+}
+
+/// [`hash_strings`] with a hasher prepared once (the host keeps one per granted secret).
+pub fn hash_strings_with(hasher: &Hasher, offsets: &[u32], data: &[u8]) -> Result<Vec<u8>, String> {
     let n = offsets.len().saturating_sub(1);
     let mut out = vec![0u8; n * 64];
-    let hasher = key.map_or_else(Hasher::sha256, Hasher::hmac);
     for (i, hex) in out.chunks_exact_mut(64).enumerate() {
         let (start, end) = (offsets[i] as usize, offsets[i + 1] as usize);
         if start > end || end > data.len() {

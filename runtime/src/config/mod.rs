@@ -335,6 +335,27 @@ impl Codec {
             }
         }
     }
+
+    /// The Parquet writer's setting for this codec.
+    pub fn parquet(self) -> parquet::basic::Compression {
+        use parquet::basic::{Compression, ZstdLevel};
+        match self {
+            Codec::Zstd(level) => Compression::ZSTD(ZstdLevel::try_new(level).unwrap_or_default()),
+            Codec::Snappy => Compression::SNAPPY,
+            Codec::None => Compression::UNCOMPRESSED,
+        }
+    }
+}
+
+/// As `output.compression` is written (`zstd(1)`, `snappy`, `none`); [`Codec::parse`] reads it back.
+impl std::fmt::Display for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Codec::Zstd(level) => write!(f, "zstd({level})"),
+            Codec::Snappy => f.write_str("snappy"),
+            Codec::None => f.write_str("none"),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

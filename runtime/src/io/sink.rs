@@ -10,7 +10,6 @@ use std::sync::Arc;
 use arrow_array::{Array, RecordBatch, UInt32Array};
 use arrow_cast::display::ArrayFormatter;
 use arrow_schema::{Schema, SchemaRef};
-use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
 use super::encode::ParallelWriter;
@@ -111,11 +110,7 @@ impl ParquetSink {
         };
         std::fs::create_dir_all(staging).map_err(|e| Error::io(staging, e))?;
         let props = WriterProperties::builder()
-            .set_compression(match codec {
-                Codec::Zstd(level) => Compression::ZSTD(ZstdLevel::try_new(level).unwrap_or_default()),
-                Codec::Snappy => Compression::SNAPPY,
-                Codec::None => Compression::UNCOMPRESSED,
-            })
+            .set_compression(codec.parquet())
             .set_max_row_group_row_count(Some(row_group_size))
             .set_created_by(format!("weir {}", env!("CARGO_PKG_VERSION")))
             .build();

@@ -547,7 +547,8 @@ pub struct HostState {
     table: ResourceTable,
     memory_cap: u64,
     memory_hit: bool,
-    secrets: Arc<HashMap<String, Vec<u8>>>,
+    /// Per granted secret, its HMAC key state (the key blocks absorbed once, at start-up).
+    hmac_keys: HashMap<String, weir_sdk::hashing::Hasher>,
     counters: HashMap<String, i64>,
     /// When the guest marked each phase of the current call (see `weir_sdk::host::phase`).
     marks: [Option<CpuTime>; 4],
@@ -609,16 +610,17 @@ impl wit_host::Host for HostState {
         offsets: Vec<u32>,
         data: Vec<u8>,
     ) -> std::result::Result<Vec<u8>, String> {
-        let key = match &algorithm {
-            wit_host::HashAlgorithm::Sha256 => None,
-            wit_host::HashAlgorithm::HmacSha256(name) => Some(
-                self.secrets
-                    .get(name)
-                    .ok_or_else(|| format!("secret `{name}` is not granted to this plugin; add it to the plugin's `secrets` list in the pipeline file"))?
-                    .as_slice(),
-            ),
+        let sha256;
+        let hasher = match &algorithm {
+            wit_host::HashAlgorithm::Sha256 => {
+                sha256 = weir_sdk::hashing::Hasher::sha256();
+                &sha256
+            }
+            wit_host::HashAlgorithm::HmacSha256(name) => self.hmac_keys.get(name).ok_or_else(|| {
+                format!("secret `{name}` is not granted to this plugin; add it to the plugin's `secrets` list in the pipeline file")
+            })?,
         };
-        weir_sdk::hashing::hash_strings(key, &offsets, &data)
+        weir_sdk::hashing::hash_strings_with(hasher, &offsets, &data)
     }
 }
 
@@ -648,7 +650,7 @@ impl Sandbox {
             table: ResourceTable::new(),
             memory_cap: limits.memory_bytes,
             memory_hit: false,
-            secrets,
+            hmac_keys: secrets.iter().map(|(name, key)| (name.clone(), weir_sdk::hashing::Hasher::hmac(key))).collect(),
             counters: HashMap::new(),
             marks: [None; 4],
             log,
