@@ -51,6 +51,7 @@ pub mod host;
 pub mod intset;
 pub mod ipc;
 pub mod keys;
+pub mod rewrite;
 pub mod rule;
 pub mod runner;
 pub mod state;
@@ -110,6 +111,16 @@ pub trait Transform: Sized + 'static {
 
     /// Transform one batch. Return an empty batch to emit nothing.
     fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch>;
+
+    /// The columns this instance rewrites in place, when that is all it does: it replaces
+    /// those columns row for row (its output schema is the input schema with only their
+    /// fields changed) and keeps no rows back for `finish`. Then `process` receives batches
+    /// of only these columns, in input order, and returns them as `output_schema` types
+    /// them; the host puts the other columns back without sending them through the
+    /// sandbox (see [`rewrite`]). The default, `None`: whole batches in and out.
+    fn rewrites(&self) -> Option<Vec<String>> {
+        None
+    }
 
     /// End of input: emit what is left. Stateless transforms keep the default.
     fn finish(&mut self) -> Result<Option<RecordBatch>> {

@@ -5,6 +5,7 @@ use arrow_schema::SchemaRef;
 
 use crate::error::{Error, Result};
 use crate::host::{phase, phases};
+use crate::rewrite::Rewrite;
 use crate::{ipc, Context, Transform};
 
 /// A transform that handles Arrow IPC bytes itself. Most plugins implement [`Transform`]
@@ -31,7 +32,11 @@ pub trait RawTransform: Sized + 'static {
 /// that every batch matches the declared output schema.
 pub struct Typed<T: Transform> {
     inner: T,
+    /// What each returned batch must look like: the output schema, or under a column
+    /// rewrite its rewritten columns only.
     output: SchemaRef,
+    /// Under a column rewrite, rows in must equal rows out.
+    rewrite: bool,
 }
 
 /// Parse a plugin's JSON config into its typed form; errors name the field path
@@ -85,8 +90,18 @@ impl<T: Transform> RawTransform for Typed<T> {
             .map_err(|e| Error::internal(format!("bad input schema from host: {e}")))?;
         let inner = T::new(config, &input, &ctx)?;
         let output = inner.output_schema();
-        let bytes = ipc::encode_schema(&output)?;
-        Ok((Typed { inner, output }, bytes))
+        match inner.rewrites() {
+            None => {
+                let bytes = ipc::encode_schema(&output)?;
+                Ok((Typed { inner, output, rewrite: false }, bytes))
+            }
+            Some(names) => {
+                let rewrite = Rewrite::new(&input, &output, &names)
+                    .map_err(|e| Error::internal(format!("the plugin's column rewrite is inconsistent: {e}")))?;
+                let bytes = ipc::encode_schema(&Rewrite::declare(&output, &names))?;
+                Ok((Typed { inner, output: rewrite.output, rewrite: true }, bytes))
+            }
+        }
     }
 
     fn process(&mut self, bytes: &[u8]) -> Result<Vec<u8>> {
@@ -101,6 +116,12 @@ impl<T: Transform> RawTransform for Typed<T> {
         for batch in batches {
             let rows = batch.num_rows() as u64;
             let result = self.inner.process(batch).map_err(|e| e.offset_row(offset))?;
+            if self.rewrite && result.num_rows() as u64 != rows {
+                return Err(Error::internal(format!(
+                    "the plugin rewrites columns but returned {} rows for a batch of {rows}",
+                    result.num_rows()
+                )));
+            }
             if result.num_rows() > 0 {
                 out.push(self.conform(result)?);
             }
@@ -121,6 +142,9 @@ impl<T: Transform> RawTransform for Typed<T> {
     fn finish(&mut self) -> Result<Vec<u8>> {
         phase(phases::DECODED);
         let out = match self.inner.finish()? {
+            Some(b) if b.num_rows() > 0 && self.rewrite => {
+                return Err(Error::internal("the plugin rewrites columns row for row but emitted rows at the end"))
+            }
             Some(b) if b.num_rows() > 0 => vec![self.conform(b)?],
             _ => vec![],
         };

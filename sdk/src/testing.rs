@@ -30,6 +30,7 @@ use arrow_schema::SchemaRef;
 
 use crate::error::{Error, Result};
 use crate::host::Level;
+use crate::rewrite::Rewrite;
 use crate::runner::{RawTransform, Typed};
 use crate::{ipc, Context, Transform};
 
@@ -63,6 +64,9 @@ pub fn counter(name: &str) -> i64 {
 pub struct Harness<T: Transform> {
     raw: Typed<T>,
     output: SchemaRef,
+    /// The instance's column rewrite, if it declared one: batches cross as the host sends
+    /// them (only the rewritten columns) and are put back together as the host does.
+    rewrite: Option<Rewrite>,
     _t: PhantomData<T>,
 }
 
@@ -80,8 +84,13 @@ impl<T: Transform> Harness<T> {
             partition: None,
         };
         let (raw, schema_bytes) = Typed::<T>::init(&json, &ipc::encode_schema(schema)?, ctx)?;
-        let output = ipc::decode_schema(&schema_bytes)?;
-        Ok(Harness { raw, output, _t: PhantomData })
+        let (output, names) =
+            Rewrite::from_metadata(ipc::decode_schema(&schema_bytes)?.as_ref()).map_err(Error::internal)?;
+        let rewrite = match names {
+            Some(names) => Some(Rewrite::new(schema, &output, &names).map_err(Error::internal)?),
+            None => None,
+        };
+        Ok(Harness { raw, output, rewrite, _t: PhantomData })
     }
 
     /// The output schema the instance declared.
@@ -91,9 +100,19 @@ impl<T: Transform> Harness<T> {
 
     /// One batch through `process`, across an IPC round trip.
     pub fn process(&mut self, batch: &RecordBatch) -> Result<Vec<RecordBatch>> {
-        let bytes = ipc::encode(&batch.schema(), std::slice::from_ref(batch))?;
-        let out = self.raw.process(&bytes)?;
-        Ok(ipc::decode_owned(out)?.1)
+        let Some(rewrite) = &self.rewrite else {
+            let bytes = ipc::encode(&batch.schema(), std::slice::from_ref(batch))?;
+            let out = self.raw.process(&bytes)?;
+            return Ok(ipc::decode_owned(out)?.1);
+        };
+        let part = rewrite.project(batch).map_err(Error::internal)?;
+        let bytes = ipc::encode(&part.schema(), std::slice::from_ref(&part))?;
+        let (_, out) = ipc::decode_owned(self.raw.process(&bytes)?)?;
+        let out = arrow_select::concat::concat_batches(&rewrite.output, &out)?;
+        if batch.num_rows() == 0 {
+            return Ok(vec![]);
+        }
+        Ok(vec![rewrite.merge(batch, &out, &self.output).map_err(Error::internal)?])
     }
 
     /// End of input.

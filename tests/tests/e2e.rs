@@ -364,6 +364,82 @@ fn hostile_output_flood_is_capped_not_fatal() {
     assert!(out.stderr.len() < 512 * 1024, "stdout flood was forwarded uncapped: {} bytes", out.stderr.len());
 }
 
+#[test]
+fn hostile_column_rewrite_declarations_are_held_to() {
+    assert_contained(
+        "rewrite_rows",
+        "",
+        &["batch 1", "broke its column rewrite declaration", "returned 2 rows for a batch of 3"],
+    );
+    // refused at init, before any batch
+    let dir = tempfile::tempdir().unwrap();
+    hostile_pipeline(dir.path(), "rewrite_unknown", "");
+    let out = weir(dir.path(), &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(
+            "step `attack`, plugin `hostile`: init failed: broke its column rewrite declaration (`weir.rewrites`): \
+             it names `nope`, which is not a column of the input"
+        ),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    assert!(!dir.path().join("out/data").exists(), "nothing published");
+}
+
+#[test]
+fn a_mask_sends_only_the_columns_it_masks_through_the_sandbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let note = "n".repeat(2000);
+    let mut csv = String::from("id,email,note\n");
+    for i in 0..200 {
+        csv.push_str(&format!("{i},u{i}@example.com,{note}{i}\n"));
+    }
+    std::fs::write(dir.path().join("in.csv"), &csv).unwrap();
+    let text = format!(
+        r#"[pipeline]
+name = "wide"
+
+[sources.input]
+format = "csv"
+path = "in.csv"
+
+[plugins.mask]
+path = "{}"
+
+[steps.masked]
+input = "input"
+output = {{ path = "out/data" }}
+
+[[steps.masked.transforms]]
+plugin = "mask"
+config.columns = {{ email = {{ method = "sha256" }} }}
+"#,
+        plugin("mask").display()
+    );
+    std::fs::write(dir.path().join("pipeline.toml"), text).unwrap();
+    let out = weir(dir.path(), &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let p = &out.json()["steps"][0]["timings"]["plugins"][0];
+    // the notes weigh 400 KB and must not cross; the emails (3.5 KB) and their digests
+    // (12.8 KB) do, with IPC framing
+    assert!(p["bytes_in"].as_u64().unwrap() < 20_000, "{p}");
+    assert!(p["bytes_out"].as_u64().unwrap() < 40_000, "{p}");
+    let files = parquet_files(&dir.path().join("out/data"));
+    let batches = read_parquet(&files[0].0);
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 200);
+    let b = &batches[0];
+    let names: Vec<String> = b.schema().fields().iter().map(|f| f.name().clone()).collect();
+    assert_eq!(names, ["id", "email", "note"], "columns stay in place");
+    assert_eq!(b.column(0).as_primitive::<Int64Type>().value(7), 7);
+    assert_eq!(b.column(2).as_string::<i32>().value(7), format!("{note}7"), "untouched columns are intact");
+    use sha2::Digest;
+    let want: String = sha2::Sha256::digest(b"u7@example.com").iter().map(|x| format!("{x:02x}")).collect();
+    assert_eq!(b.column(1).as_string::<i32>().value(7), want);
+}
+
 /// The hostile plugin's bytes with every occurrence of `from` replaced by `to` (same length,
 /// so the component stays well-formed); fails the test if `from` does not occur.
 fn hostile_with(from: &[u8], to: &[u8]) -> Vec<u8> {

@@ -43,6 +43,33 @@ struct Plan {
 pub struct Cast {
     plan: Vec<Plan>,
     schema: SchemaRef,
+    /// When the config keeps every input column in place (same order, same names) and only
+    /// changes types, the cast is a column rewrite: the host sends only those columns.
+    rewrite: Option<InPlace>,
+}
+
+struct InPlace {
+    names: Vec<String>,
+    /// Over the batch the plugin then receives: the changed columns, in input order.
+    plan: Vec<Plan>,
+    part: SchemaRef,
+}
+
+impl InPlace {
+    fn of(input: &SchemaRef, plan: &[Plan], schema: &SchemaRef) -> Result<Option<InPlace>> {
+        let in_place = plan.len() == input.fields().len()
+            && plan.iter().enumerate().all(|(i, p)| p.source == i && schema.field(i).name() == input.field(i).name());
+        let changed: Vec<usize> =
+            (0..plan.len()).filter(|&i| in_place && &plan[i].to != input.field(i).data_type()).collect();
+        if changed.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(InPlace {
+            names: changed.iter().map(|&i| input.field(i).name().clone()).collect(),
+            plan: changed.iter().enumerate().map(|(k, &i)| Plan { source: k, to: plan[i].to.clone() }).collect(),
+            part: Arc::new(schema.project(&changed)?),
+        }))
+    }
 }
 
 impl Transform for Cast {
@@ -78,17 +105,27 @@ impl Transform for Cast {
             fields.push(Field::new(&name, to.clone(), from.is_nullable()));
             plan.push(Plan { source, to });
         }
-        Ok(Cast { plan, schema: Arc::new(Schema::new(fields)) })
+        let schema = Arc::new(Schema::new(fields));
+        let rewrite = InPlace::of(input, &plan, &schema)?;
+        Ok(Cast { plan, schema, rewrite })
     }
 
     fn output_schema(&self) -> SchemaRef {
         self.schema.clone()
     }
 
+    fn rewrites(&self) -> Option<Vec<String>> {
+        self.rewrite.as_ref().map(|r| r.names.clone())
+    }
+
     fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
         let options = CastOptions { safe: true, ..Default::default() };
-        let mut columns = Vec::with_capacity(self.plan.len());
-        for p in &self.plan {
+        let (plan, schema) = match &self.rewrite {
+            Some(r) => (&r.plan, &r.part),
+            None => (&self.plan, &self.schema),
+        };
+        let mut columns = Vec::with_capacity(plan.len());
+        for p in plan {
             let input = batch.column(p.source);
             let out = cast_column(input.as_ref(), &p.to, &options)?;
             if out.null_count() > input.null_count() {
@@ -101,7 +138,7 @@ impl Transform for Cast {
             }
             columns.push(out);
         }
-        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+        Ok(RecordBatch::try_new(schema.clone(), columns)?)
     }
 }
 
@@ -154,6 +191,47 @@ mod tests {
         assert_eq!(at.value(0), 1_704_189_600_000_000);
         let day = out.column(2).as_primitive::<Date32Type>();
         assert_eq!(day.value(1), 19725); // 2024-01-03
+    }
+
+    #[test]
+    fn casting_every_column_in_place_is_a_rewrite_of_the_changed_ones() {
+        let batch = input();
+        let cfg = r#"columns = [{ column = "id", type = "int64" }, { column = "at", type = "timestamp" }, { column = "junk" }]"#;
+        let mut h = Harness::<Cast>::new(cfg, &batch.schema()).unwrap();
+        let out = h.run(std::slice::from_ref(&batch)).unwrap();
+        assert_eq!(out.column(0).as_primitive::<Int64Type>().values().to_vec(), vec![1, 2, 0]);
+        assert!(out.column(0).is_null(2));
+        assert_eq!(out.column(1).data_type(), &DataType::Timestamp(TimeUnit::Microsecond, None));
+        assert_eq!(out.column(2), batch.column(2), "the unchanged column passes through");
+        let cast = |cfg: &str| {
+            let config = weir_sdk::runner::parse_config(cfg).unwrap();
+            Cast::new(config, &batch.schema(), &Context::default()).unwrap().rewrites()
+        };
+        let all = r#"{"columns": [{"column": "id", "type": "int64"}, {"column": "at"}, {"column": "junk"}]}"#;
+        assert_eq!(cast(all), Some(vec!["id".to_string()]));
+        // selecting, reordering, renaming or changing nothing is not a rewrite
+        assert_eq!(cast(r#"{"columns": [{"column": "id", "type": "int64"}, {"column": "at"}]}"#), None);
+        let swapped = r#"{"columns": [{"column": "at"}, {"column": "id", "type": "int64"}, {"column": "junk"}]}"#;
+        assert_eq!(cast(swapped), None);
+        let renamed =
+            r#"{"columns": [{"column": "id", "type": "int64", "rename": "n"}, {"column": "at"}, {"column": "junk"}]}"#;
+        assert_eq!(cast(renamed), None);
+        assert_eq!(cast(r#"{"columns": [{"column": "id"}, {"column": "at"}, {"column": "junk"}]}"#), None);
+        // a bad value still names its row and column
+        let bad = RecordBatch::try_from_iter([
+            ("id", Arc::new(StringArray::from(vec!["1", "x2"])) as ArrayRef),
+            ("at", Arc::new(StringArray::from(vec!["2024-01-02", "2024-01-02"])) as ArrayRef),
+            ("junk", Arc::new(StringArray::from(vec!["a", "b"])) as ArrayRef),
+        ])
+        .unwrap();
+        let mut h = Harness::<Cast>::new(cfg, &bad.schema()).unwrap();
+        match h.process(&bad).unwrap_err() {
+            Error::InvalidInput { row, column, .. } => {
+                assert_eq!(row, Some(1));
+                assert_eq!(column.as_deref(), Some("id"));
+            }
+            other => panic!("wrong error {other}"),
+        }
     }
 
     #[test]

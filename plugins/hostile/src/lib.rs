@@ -15,12 +15,15 @@
 //! | `schema_lie`  | declares the input schema, returns a batch with an extra column|
 //! | `shout`       | writes 4 MiB to stdout                                         |
 //! | `slow`        | sleeps `sleep_ms` per batch (a well-behaved slow plugin)        |
+//! | `rewrite_rows`| declares it rewrites the first column, returns one row too few |
+//! | `rewrite_unknown` | declares it rewrites a column the input does not have (init) |
 
 use std::io::Write;
 use std::sync::Arc;
 
 use weir_sdk::arrow_array::{ArrayRef, Int64Array, RecordBatch};
 use weir_sdk::arrow_schema::{DataType, Field, Schema};
+use weir_sdk::rewrite::Rewrite;
 use weir_sdk::serde::Deserialize;
 use weir_sdk::{ipc, runner::parse_config, Context, Error, RawTransform, Result};
 
@@ -41,7 +44,18 @@ pub struct Hostile {
 impl RawTransform for Hostile {
     fn init(config: &str, input_schema: &[u8], _ctx: Context) -> Result<(Self, Vec<u8>)> {
         let c: Config = parse_config(config)?;
-        Ok((Hostile { mode: c.mode, sleep_ms: c.sleep_ms, schema: input_schema.to_vec() }, input_schema.to_vec()))
+        let declared = match c.mode.as_str() {
+            "rewrite_rows" | "rewrite_unknown" => {
+                let input = ipc::decode_schema(input_schema)?;
+                let name = match c.mode.as_str() {
+                    "rewrite_rows" => input.fields().first().map(|f| f.name().clone()).unwrap_or_default(),
+                    _ => "nope".to_string(),
+                };
+                ipc::encode_schema(&Rewrite::declare(&input, &[name]))?
+            }
+            _ => input_schema.to_vec(),
+        };
+        Ok((Hostile { mode: c.mode, sleep_ms: c.sleep_ms, schema: input_schema.to_vec() }, declared))
     }
 
     fn process(&mut self, batch: &[u8]) -> Result<Vec<u8>> {
@@ -95,6 +109,12 @@ impl RawTransform for Hostile {
                     }
                 }
                 Ok(batch.to_vec())
+            }
+            "rewrite_rows" => {
+                let (schema, batches) = ipc::decode(batch)?;
+                let short: Vec<RecordBatch> =
+                    batches.iter().map(|b| b.slice(0, b.num_rows().saturating_sub(1))).collect();
+                Ok(ipc::encode(&schema, &short)?)
             }
             "slow" => {
                 std::thread::sleep(std::time::Duration::from_millis(self.sleep_ms));

@@ -41,9 +41,15 @@ pub enum Method {
     Null,
 }
 
+/// Masks rewrite their columns in place: the host sends only the masked columns.
 pub struct Mask {
+    /// Position in the batch the plugin receives (the masked columns, in input order).
     plan: Vec<(usize, Method)>,
+    /// The whole output: the input with the masked fields changed.
     schema: SchemaRef,
+    /// The masked columns as returned.
+    part: SchemaRef,
+    names: Vec<String>,
 }
 
 impl Transform for Mask {
@@ -70,11 +76,21 @@ impl Transform for Mask {
             }
             plan.push((index, method));
         }
-        Ok(Mask { plan, schema: Arc::new(Schema::new(fields)) })
+        plan.sort_by_key(|(index, _)| *index);
+        let positions: Vec<usize> = plan.iter().map(|(index, _)| *index).collect();
+        let schema = Arc::new(Schema::new(fields));
+        let part = Arc::new(schema.project(&positions)?);
+        let names = positions.iter().map(|&i| input.field(i).name().clone()).collect();
+        let plan = plan.into_iter().enumerate().map(|(k, (_, method))| (k, method)).collect();
+        Ok(Mask { plan, schema, part, names })
     }
 
     fn output_schema(&self) -> SchemaRef {
         self.schema.clone()
+    }
+
+    fn rewrites(&self) -> Option<Vec<String>> {
+        Some(self.names.clone())
     }
 
     fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
@@ -100,7 +116,7 @@ impl Transform for Mask {
             columns[*index] = masked;
         }
         host::counter_add("rows_masked", batch.num_rows() as i64);
-        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+        Ok(RecordBatch::try_new(self.part.clone(), columns)?)
     }
 }
 
@@ -172,6 +188,31 @@ mod tests {
             out.column(3).as_string::<i32>().value(0),
             "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
         );
+    }
+
+    #[test]
+    fn rewrites_only_the_masked_columns_in_place() {
+        let batch = input();
+        // `note` before `card` in the config: the rewrite follows the input's order
+        let cfg = "columns.note = { method = \"redact\" }\ncolumns.card = { method = \"null\" }";
+        let mut h = Harness::<Mask>::new(cfg, &batch.schema()).unwrap();
+        assert!(h.output_schema().metadata().is_empty(), "the declaration is the host's, not the output's");
+        let out = h.run(std::slice::from_ref(&batch)).unwrap();
+        assert_eq!(out.schema().fields().len(), 4);
+        assert_eq!(out.column(0), batch.column(0), "untouched columns pass through as they were");
+        assert_eq!(out.column(2), batch.column(2));
+        assert_eq!(out.column(1).null_count(), 3);
+        assert_eq!(out.column(3).as_string::<i32>().value(0), "REDACTED");
+        let mask = Mask::new(
+            weir_sdk::runner::parse_config(
+                r#"{"columns": {"note": {"method": "redact"}, "card": {"method": "null"}}}"#,
+            )
+            .unwrap(),
+            &batch.schema(),
+            &Context::default(),
+        )
+        .unwrap();
+        assert_eq!(mask.rewrites(), Some(vec!["card".to_string(), "note".to_string()]));
     }
 
     #[test]

@@ -96,6 +96,8 @@ pub enum CallError {
     BadOutput(String),
     #[error("returned a batch whose schema [{got}] differs from the schema it declared in init [{declared}]")]
     SchemaMismatch { got: String, declared: String },
+    #[error("broke its column rewrite declaration (`weir.rewrites`): {0}")]
+    Rewrite(String),
 }
 
 /// Per-plugin limits.
@@ -744,6 +746,8 @@ pub struct TransformInstance {
     sb: Sandbox,
     bindings: bindings::TransformPlugin,
     declared: Option<SchemaRef>,
+    /// The plugin rewrites only these columns: only they cross the boundary.
+    rewrite: Option<weir_sdk::rewrite::Rewrite>,
     timings: CallTimings,
     encoder: BatchEncoder,
 }
@@ -852,6 +856,7 @@ impl TransformInstance {
             sb,
             bindings,
             declared: None,
+            rewrite: None,
             timings: CallTimings::default(),
             encoder: BatchEncoder::default(),
         })
@@ -879,7 +884,13 @@ impl TransformInstance {
         let ctx = wit_context(ctx);
         let b = &self.bindings;
         let out = self.sb.call(|s| b.weir_plugin_transform().call_init(s, config_json, &schema_bytes, &ctx))?;
-        let schema = decode_guarded(out).map(|(s, _)| s).map_err(CallError::BadOutput)?;
+        let declared = decode_guarded(out).map(|(s, _)| s).map_err(CallError::BadOutput)?;
+        // a column rewrite: checked here once, then only the rewritten columns cross
+        let (schema, names) = weir_sdk::rewrite::Rewrite::from_metadata(&declared).map_err(CallError::Rewrite)?;
+        self.rewrite = match names {
+            Some(names) => Some(weir_sdk::rewrite::Rewrite::new(input, &schema, &names).map_err(CallError::Rewrite)?),
+            None => None,
+        };
         self.declared = Some(schema.clone());
         Ok(schema)
     }
@@ -887,7 +898,15 @@ impl TransformInstance {
     /// One batch in; the batches out, each checked against the declared schema.
     pub fn process(&mut self, batch: &RecordBatch) -> Result<Vec<RecordBatch>, CallError> {
         let t0 = CpuTime::now();
-        let bytes = self.encoder.encode(batch)?;
+        let part;
+        let sent = match &self.rewrite {
+            Some(rw) => {
+                part = rw.project(batch).map_err(CallError::Internal)?;
+                &part
+            }
+            None => batch,
+        };
+        let bytes = self.encoder.encode(sent)?;
         self.timings.host_encode += t0.elapsed_secs();
         self.timings.bytes_in += bytes.len() as u64;
         let b = &self.bindings;
@@ -895,7 +914,7 @@ impl TransformInstance {
         let start = CpuTime::now();
         let out = self.sb.call(|s| b.weir_plugin_transform().call_process(s, &bytes));
         self.encoder.give_back(bytes);
-        self.output(start, out)
+        self.output(start, out, Some(batch))
     }
 
     /// End of input.
@@ -904,18 +923,62 @@ impl TransformInstance {
         self.sb.store.data_mut().marks = [None; 4];
         let start = CpuTime::now();
         let out = self.sb.call(|s| b.weir_plugin_transform().call_finish(s));
-        self.output(start, out)
+        self.output(start, out, None)
     }
 
-    /// Time a finished call and check its output.
-    fn output(&mut self, start: CpuTime, out: Result<Vec<u8>, CallError>) -> Result<Vec<RecordBatch>, CallError> {
+    /// Time a finished call and check its output; under a column rewrite, put the
+    /// rewritten columns back into `input` (the batch of the call, none for `finish`).
+    fn output(
+        &mut self,
+        start: CpuTime,
+        out: Result<Vec<u8>, CallError>,
+        input: Option<&RecordBatch>,
+    ) -> Result<Vec<RecordBatch>, CallError> {
         let end = CpuTime::now();
         self.timings.record_call(start, end, self.sb.store.data().marks);
         let out = out?;
         self.timings.bytes_out += out.len() as u64;
-        let batches = self.check_output(out);
+        let batches = match &self.rewrite {
+            None => self.check_output(out),
+            Some(rw) => self.check_rewrite(rw, out, input),
+        };
         self.timings.host_decode += end.elapsed_secs();
         batches
+    }
+
+    /// The output of a column-rewriting plugin: its columns back in place, one row per
+    /// input row, nothing at the end.
+    fn check_rewrite(
+        &self,
+        rw: &weir_sdk::rewrite::Rewrite,
+        bytes: Vec<u8>,
+        input: Option<&RecordBatch>,
+    ) -> Result<Vec<RecordBatch>, CallError> {
+        let (schema, batches) = decode_guarded(bytes).map_err(CallError::BadOutput)?;
+        let declared = self.declared.as_ref().ok_or_else(|| CallError::Internal("process before init".into()))?;
+        if !same_shape(&schema, &rw.output) {
+            return Err(CallError::SchemaMismatch {
+                got: weir_sdk::util::schema_text(&schema),
+                declared: weir_sdk::util::schema_text(&rw.output),
+            });
+        }
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        let Some(input) = input else {
+            if rows > 0 {
+                return Err(CallError::Rewrite(format!("it emitted {rows} rows at the end of input")));
+            }
+            return Ok(vec![]);
+        };
+        let rewritten = match batches.len() {
+            1 => batches.into_iter().next().expect("one batch"),
+            _ => arrow_select::concat::concat_batches(&schema, &batches)
+                .map_err(|e| CallError::Rewrite(format!("its batches do not join: {e}")))?,
+        };
+        if input.num_rows() == 0 && rows == 0 {
+            return Ok(vec![]);
+        }
+        let merged = rw.merge(input, &rewritten, declared).map_err(CallError::Rewrite)?;
+        Ok(vec![merged])
     }
 
     /// The plugin's checkpoint state (none when it keeps no state across batches).
