@@ -330,6 +330,7 @@ fn native(workload: &str, input: &Path, output: &Path, compression: Codec) -> Re
         written.set(written.get() + t.elapsed_secs());
         Ok(())
     };
+    // the workloads below read through these, which add their decoding time to `read`
     let read_batches = |input: &Path| read_batches(input).map(|b| timed(b, &read));
     let read_columns = |input: &Path, columns: Option<&[&str]>| read_columns(input, columns).map(|b| timed(b, &read));
     match workload {
@@ -907,18 +908,22 @@ fn startup(report: Option<&Path>) -> Result<()> {
 }
 
 /// Seconds of `runner` on `workload` at `rows`, if it ran.
+/// One runner's result on one workload at one scale.
+fn result<'a>(
+    results: &'a [serde_json::Value],
+    rows: usize,
+    workload: &str,
+    runner: &str,
+) -> Option<&'a serde_json::Value> {
+    results.iter().find(|x| x["rows"] == rows && x["workload"] == workload && x["runner"] == runner)
+}
+
 fn secs(results: &[serde_json::Value], rows: usize, workload: &str, runner: &str) -> Option<f64> {
-    results
-        .iter()
-        .find(|x| x["rows"] == rows && x["workload"] == workload && x["runner"] == runner)
-        .and_then(|x| x["seconds"].as_f64())
+    result(results, rows, workload, runner)?["seconds"].as_f64()
 }
 
 fn rss(results: &[serde_json::Value], rows: usize, workload: &str, runner: &str) -> Option<f64> {
-    results
-        .iter()
-        .find(|x| x["rows"] == rows && x["workload"] == workload && x["runner"] == runner)
-        .and_then(|x| x["max_rss_mb"].as_f64())
+    result(results, rows, workload, runner)?["max_rss_mb"].as_f64()
 }
 
 /// Runners are limited to this many threads.
@@ -926,8 +931,7 @@ const THREADS: f64 = 2.0;
 
 /// The native runner's CPU seconds (read, logic, write) of the last timed run.
 fn native_phases(results: &[serde_json::Value], rows: usize, workload: &str) -> Option<(f64, f64, f64)> {
-    let t =
-        &results.iter().find(|x| x["rows"] == rows && x["workload"] == workload && x["runner"] == "native")?["timings"];
+    let t = &result(results, rows, workload, "native")?["timings"];
     Some((t["read"].as_f64()?, t["compute"].as_f64()?, t["write"].as_f64()?))
 }
 

@@ -59,8 +59,10 @@ impl InPlace {
     fn of(input: &SchemaRef, plan: &[Plan], schema: &SchemaRef) -> Result<Option<InPlace>> {
         let in_place = plan.len() == input.fields().len()
             && plan.iter().enumerate().all(|(i, p)| p.source == i && schema.field(i).name() == input.field(i).name());
-        let changed: Vec<usize> =
-            (0..plan.len()).filter(|&i| in_place && &plan[i].to != input.field(i).data_type()).collect();
+        if !in_place {
+            return Ok(None);
+        }
+        let changed: Vec<usize> = (0..plan.len()).filter(|&i| &plan[i].to != input.field(i).data_type()).collect();
         if changed.is_empty() {
             return Ok(None);
         }
