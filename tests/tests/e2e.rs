@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Date32Type, Float64Type, Int64Type};
@@ -1615,4 +1616,215 @@ output = { path = "out/narrow_csv" }
     let out = weir(d, &["run", "narrow.toml"]);
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("sources.raw.columns names a column the input does not have"), "{}", out.stderr);
+}
+
+// ------------------------------------------------------------------------------------------
+// Copying the columns no plugin touches
+
+/// `rows` events (id from `start`) as Parquet in row groups of 1000 rows, written in batches
+/// of 700 (so row groups and batches do not line up): id, email (some null), note, amount
+/// (some null), flag, and tags, a list (nested, so never copied).
+fn events_parquet(path: &Path, rows: usize, start: i64, codec: parquet::basic::Compression) {
+    use arrow_array::{ArrayRef, BooleanArray, Float64Array, Int64Array, ListArray, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+    let item = Arc::new(Field::new("item", DataType::Int32, true));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("email", DataType::Utf8, true),
+        Field::new("note", DataType::Utf8, false),
+        Field::new("amount", DataType::Float64, true),
+        Field::new("flag", DataType::Boolean, false),
+        Field::new("tags", DataType::List(item), true),
+    ]));
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(codec)
+        .set_max_row_group_row_count(Some(1000))
+        .build();
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, schema.clone(), Some(props)).unwrap();
+    let ids: Vec<i64> = (start..start + rows as i64).collect();
+    for chunk in ids.chunks(700) {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(chunk.to_vec())),
+            Arc::new(StringArray::from_iter(chunk.iter().map(|i| (i % 11 != 0).then(|| format!("u{i}@example.com"))))),
+            Arc::new(StringArray::from_iter_values(
+                chunk.iter().map(|i| format!("note {i} {}", "x".repeat(*i as usize % 40))),
+            )),
+            Arc::new(Float64Array::from_iter(chunk.iter().map(|i| (i % 7 != 0).then(|| *i as f64 / 4.0)))),
+            Arc::new(BooleanArray::from_iter(chunk.iter().map(|i| Some(i % 3 == 0)))),
+            Arc::new(ListArray::from_iter_primitive::<arrow_array::types::Int32Type, _, _>(
+                chunk.iter().map(|i| (i % 5 != 0).then(|| (0..(i % 4) as i32).map(Some).collect::<Vec<_>>())),
+            )),
+        ];
+        w.write(&RecordBatch::try_new(schema.clone(), columns).unwrap()).unwrap();
+    }
+    w.close().unwrap();
+}
+
+/// in/a.parquet (zstd, 2500 rows) and in/b.parquet (snappy, 1200 rows) -> mask email ->
+/// out/data, with `output_extra` in the output table.
+fn copy_pipeline(dir: &Path, output_extra: &str, a_rows: usize) {
+    std::fs::create_dir_all(dir.join("in")).unwrap();
+    events_parquet(&dir.join("in/a.parquet"), a_rows, 0, parquet::basic::Compression::ZSTD(Default::default()));
+    events_parquet(&dir.join("in/b.parquet"), 1200, 100_000, parquet::basic::Compression::SNAPPY);
+    let text = format!(
+        r#"[pipeline]
+name = "copy"
+batch_size = 300
+checkpoint_every = 1
+
+[sources.input]
+format = "parquet"
+path = "in"
+
+[plugins.mask]
+path = "{}"
+
+[steps.masked]
+input = "input"
+output = {{ path = "out/data"{output_extra} }}
+
+[[steps.masked.transforms]]
+plugin = "mask"
+config.columns = {{ email = {{ method = "sha256" }} }}
+"#,
+        plugin("mask").display()
+    );
+    std::fs::write(dir.join("pipeline.toml"), text).unwrap();
+}
+
+/// The compressed bytes of every column chunk named `column` in `path`, by row group.
+fn chunk_bytes(path: &Path, column: &str) -> Vec<Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let meta = parquet::file::metadata::ParquetMetaDataReader::new()
+        .parse_and_finish(&std::fs::File::open(path).unwrap())
+        .unwrap();
+    meta.row_groups()
+        .iter()
+        .map(|g| {
+            let c = g.columns().iter().find(|c| c.column_path().string() == column).unwrap();
+            let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset()) as usize;
+            bytes[start..start + c.compressed_size() as usize].to_vec()
+        })
+        .collect()
+}
+
+#[test]
+fn parquet_columns_no_plugin_touches_are_copied_page_for_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    copy_pipeline(d, "", 2500);
+    let out = weir(d, &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let s = &out.json()["steps"][0];
+    // email is masked, tags is nested: both are decoded; a.parquet's three row groups are
+    // copied, b.parquet (snappy, where the output is zstd) is decoded and encoded again
+    assert_eq!(s["copied_columns"], serde_json::json!(["id", "note", "amount", "flag"]), "{s}");
+    assert_eq!(s["copied_row_groups"], 3, "{s}");
+    assert_eq!(s["rows_written"], 3700, "{s}");
+    assert!(out.stderr.contains("copies 4 column(s) no plugin touches from the input's Parquet pages: id, note"));
+
+    // every value is the input's, email masked (nulls stay null)
+    let mut want = Vec::new();
+    for name in ["a", "b"] {
+        let input = d.join(format!("in/{name}.parquet"));
+        for b in read_parquet(&input) {
+            let email = b.column(1).as_string::<i32>();
+            let masked: arrow_array::StringArray = email
+                .iter()
+                .map(|e| {
+                    e.map(|e| {
+                        use sha2::Digest;
+                        sha2::Sha256::digest(e.as_bytes()).iter().map(|x| format!("{x:02x}")).collect::<String>()
+                    })
+                })
+                .collect();
+            let mut columns = b.columns().to_vec();
+            columns[1] = Arc::new(masked);
+            want.push(arrow_array::RecordBatch::try_new(b.schema(), columns).unwrap());
+        }
+    }
+    let want_dir = d.join("want");
+    std::fs::create_dir_all(&want_dir).unwrap();
+    let f = std::fs::File::create(want_dir.join("x.parquet")).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(f, want[0].schema(), None).unwrap();
+    want.iter().for_each(|b| w.write(b).unwrap());
+    w.close().unwrap();
+    let got = dataset_rows(&d.join("out/data"));
+    assert_eq!(got.len(), 3700);
+    assert_eq!(got, dataset_rows(&want_dir), "the output holds the input's rows, email masked");
+
+    // the copied chunks are the input's bytes, in row groups of the input's sizes, with a page
+    // index that points into the output; b's columns were compressed again, with zstd
+    let outputs = parquet_files(&d.join("out/data"));
+    let mut note_chunks = Vec::new();
+    let mut sizes = Vec::new();
+    for (f, _) in &outputs {
+        note_chunks.extend(chunk_bytes(f, "note"));
+        let meta = parquet::file::metadata::ParquetMetaDataReader::new()
+            .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Optional)
+            .parse_and_finish(&std::fs::File::open(f).unwrap())
+            .unwrap();
+        for (g, rg) in meta.row_groups().iter().enumerate() {
+            sizes.push(rg.num_rows());
+            for (c, col) in rg.columns().iter().enumerate() {
+                assert!(matches!(col.compression(), parquet::basic::Compression::ZSTD(_)), "{}", f.display());
+                let start = col.dictionary_page_offset().unwrap_or(col.data_page_offset());
+                let offsets = meta.page_index().and_then(|i| i.offset_index(g, c));
+                let offsets = offsets.unwrap_or_else(|| panic!("{}: no offset index for column {c}", f.display()));
+                for p in &offsets.page_locations {
+                    assert!(p.offset >= start && p.offset < start + col.compressed_size(), "{p:?}");
+                }
+            }
+        }
+    }
+    for (g, chunk) in chunk_bytes(&d.join("in/a.parquet"), "note").iter().enumerate() {
+        assert!(note_chunks.contains(chunk), "row group {g} of a.parquet was not copied as it is");
+    }
+    assert!(sizes.starts_with(&[1000, 1000, 500]), "a.parquet's row groups keep their sizes: {sizes:?}");
+
+    // `copy_columns = false` decodes and encodes everything, to the same rows
+    let plain = tempfile::tempdir().unwrap();
+    copy_pipeline(plain.path(), ", copy_columns = false", 2500);
+    let out = weir(plain.path(), &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let s = &out.json()["steps"][0];
+    assert_eq!((&s["copied_columns"], &s["copied_row_groups"]), (&serde_json::json!([]), &serde_json::json!(0)));
+    assert_eq!(dataset_rows(&plain.path().join("out/data")), got);
+}
+
+#[test]
+fn a_run_that_copies_columns_resumes_between_row_groups() {
+    let whole = tempfile::tempdir().unwrap();
+    copy_pipeline(whole.path(), "", 6000);
+    let out = weir(whole.path(), &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let want = dataset_rows(&whole.path().join("out/data"));
+    assert_eq!(want.len(), 7200);
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    copy_pipeline(d, "", 6000);
+    // checkpoints come at row group ends (every 4 batches of 300 rows here), never inside one
+    kill_at_nth(
+        d,
+        &["run", "pipeline.toml"],
+        &[("WEIR_DEBUG_PAUSE", "after-checkpoint:3000")],
+        "debug pause at after-checkpoint",
+        2,
+        std::time::Duration::from_millis(60),
+    );
+    let out = weir(d, &["run", "pipeline.toml", "--resume", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let resumed_at: u64 = out
+        .stderr
+        .split("step `masked` resumes after batch ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no resume line: {}", out.stderr));
+    assert!(resumed_at >= 8 && resumed_at.is_multiple_of(4) && resumed_at < 24, "{resumed_at}");
+    let s = &out.json()["steps"][0];
+    assert_eq!(s["copied_row_groups"], 6 - resumed_at / 4, "the rest of a.parquet is still copied: {}", out.stderr);
+    assert_eq!(dataset_rows(&d.join("out/data")), want, "the resumed output equals an uninterrupted run's");
 }

@@ -176,6 +176,7 @@ struct RawOutput {
     partition_by: Option<Spanned<String>>,
     row_group_size: Option<usize>,
     compression: Option<Spanned<String>>,
+    copy_columns: Option<bool>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -296,6 +297,9 @@ pub struct Output {
     pub partition_by: Option<String>,
     pub row_group_size: usize,
     pub compression: Codec,
+    /// Copy the columns no plugin touches from the input's Parquet pages instead of
+    /// decoding and encoding them again (`copy_columns`, default true).
+    pub copy_columns: bool,
 }
 
 /// How output Parquet pages are compressed (`output.compression`).
@@ -701,6 +705,7 @@ impl Pipeline {
                     partition_by: o.partition_by.as_ref().map(|p| p.get_ref().clone()),
                     row_group_size: o.row_group_size.unwrap_or(1 << 20).max(1024),
                     compression,
+                    copy_columns: o.copy_columns.unwrap_or(true),
                 }
             });
             let retry = step_retry.get(name).or_else(|| source_retry.get(input)).copied().unwrap_or(Retry::NONE);

@@ -30,8 +30,8 @@ use arrow_schema::SchemaRef;
 
 use crate::config::{Pipeline, Step};
 use crate::cpu_clock::CpuTime;
-use crate::io::sink::ParquetSink;
-use crate::io::source::{Skipped, SourceReader};
+use crate::io::sink::{CopiedGroup, ParquetSink};
+use crate::io::source::{CopyColumn, Skipped, SourceReader};
 use crate::plugin::{
     CallError, CallTimings, Limits, LoadedPlugin, LogLine, LogSink, PluginEngine, RuleInstance, TransformInstance,
 };
@@ -128,6 +128,10 @@ pub struct StepSummary {
     pub seconds: f64,
     /// Rows moved to the quarantine dataset by `quarantine` checks.
     pub rows_quarantined: u64,
+    /// Columns no plugin touched, copied from the input's Parquet pages where it could be.
+    pub copied_columns: Vec<String>,
+    /// Row groups written that way (the others decoded and encoded every column).
+    pub copied_row_groups: u64,
     /// Every check's result.
     pub checks: Vec<CheckResult>,
     /// Where the step's CPU time went, per stage (stages run in parallel, so these can add
@@ -756,6 +760,43 @@ fn plugin_ctx(
     }
 }
 
+/// The columns of a step's output that can be copied as they are from its input's Parquet
+/// pages: those no transform touches, when the input is Parquet, every transform declared a
+/// column rewrite (rows are then neither added, dropped nor reordered, and the other columns
+/// never reach a sandbox), the step has no checks (they may read any column and quarantine
+/// rows), and the output is one unpartitioned dataset that allows it (`copy_columns`).
+/// Tells the reader; returns the names.
+fn copy_plan(
+    step: &Step,
+    instances: &[(usize, String, TransformInstance)],
+    reader: &mut SourceReader,
+    sink: &ParquetSink,
+) -> Vec<String> {
+    let output = step.output.as_ref();
+    if instances.is_empty()
+        || !step.checks.is_empty()
+        || !reader.is_parquet()
+        || !output.is_none_or(|o| o.copy_columns && o.partition_by.is_none())
+    {
+        return Vec::new();
+    }
+    let mut touched = std::collections::HashSet::new();
+    for (_, _, inst) in instances {
+        let Some(columns) = inst.rewritten_columns() else { return Vec::new() };
+        touched.extend(columns.iter().copied());
+    }
+    let schema = reader.schema();
+    let columns: Vec<CopyColumn> = (0..schema.fields().len())
+        .filter(|i| !touched.contains(i))
+        .filter_map(|position| sink.flat_column(position).map(|descr| CopyColumn { position, descr }))
+        .filter(|c| crate::io::source::placeholder(schema.field(c.position), 1).is_some())
+        .collect();
+    let names = columns.iter().map(|c| schema.field(c.position).name().clone()).collect();
+    let codec = output.map(|o| o.compression).unwrap_or_default().parquet();
+    reader.copy_columns(columns, codec);
+    names
+}
+
 /// A checkpoint marker travelling down a step's stages behind the batches before it.
 struct Mark {
     file: usize,
@@ -770,6 +811,9 @@ struct Mark {
 enum Msg {
     Batch(RecordBatch),
     Checkpoint(Box<Mark>),
+    /// The batches that follow, up to this many rows, are one input row group whose
+    /// untouched columns the sink copies (their values in the batches are placeholders).
+    Copy(Box<CopiedGroup>),
     End,
 }
 
@@ -808,13 +852,6 @@ fn run_step(
         SourceReader::open_dataset(&up.staging, up.schema.clone(), partition_col, pipeline.batch_size)?
     };
     let files = reader.files().len();
-    if let Some(c) = resume {
-        reader.seek(c.file, c.rows)?;
-        log(&format!(
-            "weir: step `{}` resumes after batch {} ({} rows already read and staged)",
-            step.name, c.batches, c.rows_read
-        ));
-    }
 
     // Plugin instances: created and initialised in order, each declaring the schema the next
     // one receives; on resume, each gets its checkpointed state back.
@@ -862,6 +899,23 @@ fn run_step(
     )?;
     if let Some(c) = resume {
         sink.resume(&c.files, c.next_part, c.rows_written)?;
+    }
+    let copied_columns = copy_plan(step, &instances, &mut reader, &sink);
+    if !copied_columns.is_empty() {
+        log(&format!(
+            "weir: step `{}` copies {} column(s) no plugin touches from the input's Parquet pages: {}",
+            step.name,
+            copied_columns.len(),
+            copied_columns.join(", ")
+        ));
+    }
+    // (after the copy plan: the file the run resumes in may copy columns too)
+    if let Some(c) = resume {
+        reader.seek(c.file, c.rows)?;
+        log(&format!(
+            "weir: step `{}` resumes after batch {} ({} rows already read and staged)",
+            step.name, c.batches, c.rows_read
+        ));
     }
     let schema_ipc = weir_sdk::ipc::encode_schema(&schema).map_err(|e| Error::Internal(e.to_string()))?;
 
@@ -944,6 +998,7 @@ fn run_step(
         _ => None,
     };
     let mut rows_quarantined = 0u64;
+    let mut copied_row_groups = 0u64;
 
     let (mut reader_stats, partitions) = std::thread::scope(|scope| -> Result<(Option<ReaderStats>, Vec<String>)> {
         // reader
@@ -955,6 +1010,7 @@ fn run_step(
         let reader_handle = scope.spawn(move || -> std::result::Result<ReaderStats, Error> {
             let mut reader = reader;
             let mut batches = batches_before;
+            let mut marked = batches_before;
             loop {
                 let t = CpuTime::now();
                 let Some(batch) = reader.next() else { break };
@@ -964,11 +1020,18 @@ fn run_step(
                 }
                 let batch = batch?;
                 rr.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+                if let Some(group) = reader.take_copied() {
+                    if tx.send(Msg::Copy(Box::new(group))).is_err() {
+                        return Ok((0, Vec::new()));
+                    }
+                }
                 if tx.send(Msg::Batch(batch)).is_err() {
                     return Ok((0, Vec::new())); // downstream stopped; it reports why
                 }
                 batches += 1;
-                if every > 0 && batches.is_multiple_of(every) {
+                // (a row group whose columns are copied is never split by a checkpoint)
+                if every > 0 && batches - marked >= every && reader.at_row_group_end() {
+                    marked = batches;
                     let (file, rows) = reader.position();
                     let mark = Mark {
                         file,
@@ -1061,6 +1124,12 @@ fn run_step(
                             write_secs += t.elapsed_secs();
                         }
                         rows_written.fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+                    }
+                    Ok(Msg::Copy(group)) => {
+                        let t = CpuTime::now();
+                        sink.copy_next(*group)?;
+                        write_secs += t.elapsed_secs();
+                        copied_row_groups += 1;
                     }
                     Ok(Msg::Checkpoint(mark)) => {
                         // everything before the mark is through every stage: make it durable
@@ -1157,6 +1226,8 @@ fn run_step(
         }
     }
     let summary = StepSummary {
+        copied_columns,
+        copied_row_groups,
         rows_quarantined,
         checks: results,
         name: step.name.clone(),
@@ -1269,6 +1340,11 @@ fn plugin_stage(
                     if output.send(Msg::Batch(o)).is_err() {
                         return Ok(false);
                     }
+                }
+            }
+            Ok(Msg::Copy(group)) => {
+                if output.send(Msg::Copy(group)).is_err() {
+                    return Ok(false);
                 }
             }
             Ok(Msg::Checkpoint(mut mark)) => {

@@ -11,6 +11,11 @@
 //! A column whose dictionary overflowed in a row group (ids, hashes, timestamps: nearly
 //! every value distinct) is written without one in the row groups after it: each attempt
 //! would hash and store about a megabyte of values only to give up and write them plain.
+//!
+//! A row group can also take some of its columns as they are from a row group of an input
+//! Parquet file ([`CopiedGroup`]): their compressed pages are copied into the file, with
+//! their statistics and page index, and never decoded or encoded. The batches of such a row
+//! group carry placeholders in those columns, which the writer never looks at.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -25,7 +30,9 @@ use parquet::arrow::arrow_writer::{
 };
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Encoding, PageType};
+use parquet::column::writer::ColumnCloseResult;
 use parquet::errors::ParquetError;
+use parquet::file::metadata::ParquetMetaData;
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 
@@ -42,6 +49,68 @@ fn encode_threads(columns: usize) -> usize {
     cores.min(columns).max(1)
 }
 
+/// An open file read at explicit offsets (`pread`), never through a shared cursor, so the
+/// reader decoding some of its columns and the writer copying others can use it at once.
+#[derive(Clone, Debug)]
+pub struct SharedFile(pub Arc<File>);
+
+/// A sequential reader of a [`SharedFile`] from an offset.
+pub struct ReadAt {
+    file: Arc<File>,
+    pos: u64,
+}
+
+impl std::io::Read for ReadAt {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl parquet::file::reader::Length for SharedFile {
+    fn len(&self) -> u64 {
+        self.0.metadata().map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+impl parquet::file::reader::ChunkReader for SharedFile {
+    type T = ReadAt;
+
+    fn get_read(&self, start: u64) -> Result<ReadAt> {
+        Ok(ReadAt { file: self.0.clone(), pos: start })
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> Result<bytes::Bytes> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0; length];
+        self.0.read_exact_at(&mut buf, start)?;
+        Ok(buf.into())
+    }
+}
+
+/// Columns of the next row group that come as they are from a row group of an input file.
+#[derive(Clone, Debug)]
+pub struct CopiedGroup {
+    /// The input file, and its length (copied bytes must lie inside it).
+    pub file: SharedFile,
+    pub file_len: u64,
+    pub path: Arc<std::path::PathBuf>,
+    pub metadata: Arc<ParquetMetaData>,
+    pub row_group: usize,
+    /// Rows of the row group: exactly this many rows of batches follow.
+    pub rows: usize,
+    /// (position of the column in the batches, its leaf column in the input file).
+    pub columns: Vec<(usize, usize)>,
+}
+
+/// The copied group of the row group being written: its input leaf per output leaf.
+struct Copying {
+    group: CopiedGroup,
+    from: Vec<Option<usize>>,
+}
+
 /// Writes Arrow batches to one Parquet file, row group after row group.
 pub struct ParallelWriter {
     file: SerializedFileWriter<File>,
@@ -52,6 +121,10 @@ pub struct ParallelWriter {
     groups_written: usize,
     /// Per leaf column: its dictionary overflowed in an earlier row group, so it is plain now.
     plain: Vec<bool>,
+    /// Per field of the schema: its leaf columns (a nested field has several).
+    leaves: Vec<std::ops::Range<usize>>,
+    /// Set while the row group being written copies some columns from an input file.
+    copying: Option<Copying>,
     threads: usize,
     /// CPU nanoseconds the encoding threads used (shared by a sink's files).
     cpu: Arc<AtomicU64>,
@@ -72,7 +145,14 @@ impl ParallelWriter {
     ) -> Result<Self> {
         let row_group_size = props.max_row_group_row_count().unwrap_or(1 << 20).max(1);
         let (file, factory) = ArrowWriter::try_new(file, schema.clone(), Some(props))?.into_serialized_writer()?;
-        let columns = file.schema_descr().num_columns();
+        let descr = file.schema_descr();
+        let columns = descr.num_columns();
+        let mut leaves = vec![0..0; schema.fields().len()];
+        for leaf in 0..columns {
+            if let Some(r) = leaves.get_mut(descr.get_column_root_idx(leaf)) {
+                *r = if r.start == r.end { leaf..leaf + 1 } else { r.start..leaf + 1 };
+            }
+        }
         Ok(ParallelWriter {
             file,
             factory,
@@ -81,13 +161,42 @@ impl ParallelWriter {
             group: None,
             groups_written: 0,
             plain: vec![false; columns],
+            leaves,
+            copying: None,
             threads: if threaded { encode_threads(columns) } else { 0 },
             cpu,
         })
     }
 
+    /// The next `group.rows` rows written make one row group of their own, whose columns
+    /// named in `group` are copied from the input file (the batches' values in those columns
+    /// are placeholders and are ignored).
+    pub fn copy_next(&mut self, group: CopiedGroup) -> Result<()> {
+        self.flush()?;
+        let mut from = vec![None; self.plain.len()];
+        for &(field, input_leaf) in &group.columns {
+            match self.leaves.get(field) {
+                Some(r) if r.len() == 1 => from[r.start] = Some(input_leaf),
+                _ => {
+                    return Err(ParquetError::General(format!(
+                        "column {field} cannot be copied: it is not one leaf column of the file"
+                    )))
+                }
+            }
+        }
+        self.copying = Some(Copying { group, from });
+        Ok(())
+    }
+
     /// Queue a batch for encoding (split at row group boundaries).
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        if batch.num_columns() != self.schema.fields().len() {
+            return Err(ParquetError::General(format!(
+                "a batch of {} columns for a file of {}",
+                batch.num_columns(),
+                self.schema.fields().len()
+            )));
+        }
         let mut rest = batch.clone();
         while rest.num_rows() > 0 {
             if self.group.is_none() {
@@ -95,25 +204,40 @@ impl ParallelWriter {
                 self.group = Some(RowGroup::start(writers, self.threads, &self.cpu));
             }
             let group = self.group.as_mut().expect("started above");
-            let take = rest.num_rows().min(self.row_group_size - group.rows);
+            let size = match &self.copying {
+                Some(c) => {
+                    // a copied row group ends exactly where its input row group does
+                    if group.rows + rest.num_rows() > c.group.rows {
+                        return Err(ParquetError::General(format!(
+                            "{} rows arrived for a row group copied from {} (row group {}) of {} rows",
+                            group.rows + rest.num_rows(),
+                            c.group.path.display(),
+                            c.group.row_group,
+                            c.group.rows
+                        )));
+                    }
+                    c.group.rows
+                }
+                None => self.row_group_size,
+            };
+            let take = rest.num_rows().min(size - group.rows);
             let part = rest.slice(0, take);
             rest = rest.slice(take, rest.num_rows() - take);
             let mut leaves = Vec::with_capacity(group.columns);
-            if part.num_columns() != self.schema.fields().len() {
-                return Err(ParquetError::General(format!(
-                    "a batch of {} columns for a file of {}",
-                    part.num_columns(),
-                    self.schema.fields().len()
-                )));
-            }
-            for (field, column) in self.schema.fields().iter().zip(part.columns()) {
-                leaves.extend(compute_leaves(field, column)?);
-            }
-            if leaves.len() != group.columns {
-                return Err(ParquetError::General("the batch's columns do not match the file's schema".into()));
+            for ((field, column), range) in self.schema.fields().iter().zip(part.columns()).zip(&self.leaves) {
+                if let Some(c) = &self.copying {
+                    if c.from[range.clone()].iter().any(Option::is_some) {
+                        continue;
+                    }
+                }
+                let computed = compute_leaves(field, column)?;
+                if computed.len() != range.len() {
+                    return Err(ParquetError::General("the batch's columns do not match the file's schema".into()));
+                }
+                leaves.extend(range.clone().zip(computed));
             }
             group.feed(leaves, take)?;
-            if group.rows >= self.row_group_size {
+            if group.rows >= size {
                 self.flush()?;
             }
         }
@@ -122,14 +246,39 @@ impl ParallelWriter {
 
     /// Finish the row group being encoded and append it to the file.
     fn flush(&mut self) -> Result<()> {
-        let Some(group) = self.group.take() else { return Ok(()) };
+        let copying = self.copying.take();
+        let Some(group) = self.group.take() else {
+            return match copying {
+                Some(c) if c.group.rows > 0 => Err(ParquetError::General(format!(
+                    "no rows arrived for a row group copied from {} (row group {})",
+                    c.group.path.display(),
+                    c.group.row_group
+                ))),
+                _ => Ok(()),
+            };
+        };
         if group.rows == 0 {
             return Ok(());
+        }
+        if let Some(c) = &copying {
+            if group.rows != c.group.rows {
+                return Err(ParquetError::General(format!(
+                    "{} of {} rows arrived for a row group copied from {} (row group {})",
+                    group.rows,
+                    c.group.rows,
+                    c.group.path.display(),
+                    c.group.row_group
+                )));
+            }
         }
         let writers = group.finish()?;
         let mut row_group = self.file.next_row_group()?;
         let mut overflowed = false;
-        for (w, plain) in writers.into_iter().zip(self.plain.iter_mut()) {
+        for (leaf, (w, plain)) in writers.into_iter().zip(self.plain.iter_mut()).enumerate() {
+            if let Some((c, input_leaf)) = copying.as_ref().and_then(|c| c.from[leaf].map(|i| (c, i))) {
+                row_group.append_column(&c.group.file, copied_chunk(&c.group, input_leaf)?)?;
+                continue;
+            }
             let chunk = w.close()?;
             if !*plain && dictionary_overflowed(&chunk) {
                 *plain = true;
@@ -163,6 +312,47 @@ impl ParallelWriter {
         self.flush()?;
         self.file.into_inner()
     }
+}
+
+/// The column chunk of `input_leaf` in the copied row group, with its statistics and page
+/// index, ready to be spliced into the output. The input file is not trusted: the chunk must
+/// lie inside it, hold one value per row (the copied columns are flat) and its page index
+/// must point inside the chunk, or the index is left out.
+fn copied_chunk(g: &CopiedGroup, input_leaf: usize) -> Result<ColumnCloseResult> {
+    let bad = |what: String| {
+        ParquetError::General(format!(
+            "{}: row group {}, column {}: {what}",
+            g.path.display(),
+            g.row_group,
+            input_leaf + 1
+        ))
+    };
+    let rg = g.metadata.row_groups().get(g.row_group).ok_or_else(|| bad("no such row group".into()))?;
+    let column = rg.columns().get(input_leaf).ok_or_else(|| bad("no such column".into()))?;
+    let start = column.dictionary_page_offset().unwrap_or_else(|| column.data_page_offset());
+    let len = column.compressed_size();
+    let end = start.checked_add(len).unwrap_or(i64::MAX);
+    if start < 4 || len <= 0 || end as u64 > g.file_len {
+        return Err(bad(format!("its pages ({start}..{end}) are not inside the file ({} bytes)", g.file_len)));
+    }
+    if column.num_values() != rg.num_rows() {
+        return Err(bad(format!("{} values in a row group of {} rows", column.num_values(), rg.num_rows())));
+    }
+    let index = g.metadata.page_index();
+    let offset_index = index.and_then(|i| i.offset_index(g.row_group, input_leaf)).filter(|o| {
+        o.page_locations.iter().all(|p| {
+            p.offset >= start && p.compressed_page_size > 0 && p.offset + i64::from(p.compressed_page_size) <= end
+        })
+    });
+    let column_index = offset_index.and_then(|_| index.and_then(|i| i.column_index(g.row_group, input_leaf)));
+    Ok(ColumnCloseResult {
+        bytes_written: len as u64,
+        rows_written: rg.num_rows() as u64,
+        metadata: column.clone(),
+        bloom_filter: None,
+        column_index: column_index.cloned(),
+        offset_index: offset_index.cloned(),
+    })
 }
 
 /// A dictionary-encoded column chunk that had to fall back to plain data pages.
@@ -240,13 +430,13 @@ impl RowGroup {
         RowGroup { shared, workers, columns, rows: 0 }
     }
 
-    /// Queue one slice per column (in column order), waiting while the queues are full.
+    /// Queue slices of the columns given (by leaf index), waiting while the queues are full.
     /// Without encoding threads, encode them here.
-    fn feed(&mut self, leaves: Vec<ArrowLeafColumn>, rows: usize) -> Result<()> {
+    fn feed(&mut self, leaves: Vec<(usize, ArrowLeafColumn)>, rows: usize) -> Result<()> {
         let mut st = lock(&self.shared.state);
         if self.workers.is_empty() {
-            for (column, leaf) in st.columns.iter_mut().zip(&leaves) {
-                column.writer.as_mut().expect("no worker holds it").write(leaf)?;
+            for (i, leaf) in &leaves {
+                st.columns[*i].writer.as_mut().expect("no worker holds it").write(leaf)?;
             }
             self.rows += rows;
             return Ok(());
@@ -257,10 +447,10 @@ impl RowGroup {
         if let Some(e) = st.error.take() {
             return Err(e);
         }
-        for (column, leaf) in st.columns.iter_mut().zip(leaves) {
-            column.queue.push_back(leaf);
+        st.queued += leaves.len();
+        for (i, leaf) in leaves {
+            st.columns[i].queue.push_back(leaf);
         }
-        st.queued += self.columns;
         drop(st);
         self.shared.work.notify_all();
         self.rows += rows;
@@ -467,5 +657,124 @@ mod tests {
         let mut w = open(dir.path(), batch(0, 1).schema(), Default::default(), true);
         let short = batch(0, 3).project(&[0, 1]).unwrap();
         assert!(w.write(&short).is_err());
+    }
+
+    /// The file at `path`, shared, with its metadata and page index.
+    fn shared(path: &Path) -> (SharedFile, Arc<ParquetMetaData>) {
+        let f = File::open(path).unwrap();
+        let meta = ParquetMetaDataReader::new()
+            .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Optional)
+            .parse_and_finish(&f)
+            .unwrap();
+        (SharedFile(Arc::new(f)), Arc::new(meta))
+    }
+
+    fn copied(file: &SharedFile, meta: &Arc<ParquetMetaData>, row_group: usize) -> CopiedGroup {
+        CopiedGroup {
+            file: file.clone(),
+            file_len: file.0.metadata().unwrap().len(),
+            path: Arc::new("t.parquet".into()),
+            metadata: meta.clone(),
+            row_group,
+            rows: meta.row_group(row_group).num_rows() as usize,
+            columns: vec![(1, 1)],
+        }
+    }
+
+    /// `batch(start, n)` with a placeholder (nulls) where the copied `hash` column goes.
+    fn without_hash(start: i64, n: usize) -> RecordBatch {
+        let b = batch(start, n);
+        let mut columns = b.columns().to_vec();
+        columns[1] = arrow_array::new_null_array(&arrow_schema::DataType::Utf8, n);
+        RecordBatch::try_new(b.schema(), columns).unwrap()
+    }
+
+    /// An input of 2500 rows in row groups of 1000 rows (`t.parquet` in `dir`).
+    fn input(dir: &Path) -> (SharedFile, Arc<ParquetMetaData>) {
+        let props = WriterProperties::builder().set_max_row_group_row_count(Some(1000)).build();
+        let mut w = open(dir, batch(0, 1).schema(), props, true);
+        w.write(&batch(0, 2500)).unwrap();
+        w.into_inner().unwrap();
+        shared(&dir.join("t.parquet"))
+    }
+
+    fn read_all(path: &Path) -> RecordBatch {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap()).unwrap();
+        let schema = reader.schema().clone();
+        let got: Vec<RecordBatch> = reader.build().unwrap().map(|b| b.unwrap()).collect();
+        arrow_select::concat::concat_batches(&schema, &got).unwrap()
+    }
+
+    #[test]
+    fn a_copied_column_is_the_input_chunk_and_the_others_are_encoded() {
+        for threaded in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let (file, meta) = input(dir.path());
+            let out = dir.path().join("copy.parquet");
+            let mut w = ParallelWriter::try_new(
+                File::create(&out).unwrap(),
+                batch(0, 1).schema(),
+                // the output's own row group size does not split a copied row group
+                WriterProperties::builder().set_max_row_group_row_count(Some(300)).build(),
+                threaded,
+                Default::default(),
+            )
+            .unwrap();
+            for g in 0..3 {
+                let group = copied(&file, &meta, g);
+                let (start, rows) = (g as i64 * 1000, group.rows);
+                w.copy_next(group).unwrap();
+                let b = without_hash(start, rows);
+                w.write(&b.slice(0, rows / 3)).unwrap();
+                w.write(&b.slice(rows / 3, rows - rows / 3)).unwrap();
+            }
+            // then rows of its own, in its own row group size
+            w.write(&batch(2500, 400)).unwrap();
+            w.into_inner().unwrap();
+            let got = read_all(&out);
+            let want = batch(0, 2900);
+            assert_eq!(got.columns(), want.columns(), "threaded: {threaded}");
+            let (_, out_meta) = shared(&out);
+            let sizes: Vec<i64> = out_meta.row_groups().iter().map(|g| g.num_rows()).collect();
+            assert_eq!(sizes, [1000, 1000, 500, 300, 100]);
+            let bytes = |path: &Path, m: &ParquetMetaData, g: usize| {
+                let c = m.row_group(g).column(1);
+                let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset()) as usize;
+                std::fs::read(path).unwrap()[start..start + c.compressed_size() as usize].to_vec()
+            };
+            for g in 0..3 {
+                assert_eq!(bytes(&out, &out_meta, g), bytes(&dir.path().join("t.parquet"), &meta, g));
+                assert_eq!(out_meta.row_group(g).column(1).statistics(), meta.row_group(g).column(1).statistics());
+            }
+        }
+    }
+
+    #[test]
+    fn a_copied_row_group_gets_exactly_its_rows_from_inside_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, meta) = input(dir.path());
+        let writer = |name: &str| open(&dir.path().join(name), batch(0, 1).schema(), Default::default(), true);
+        std::fs::create_dir_all(dir.path().join("few")).unwrap();
+        std::fs::create_dir_all(dir.path().join("many")).unwrap();
+        std::fs::create_dir_all(dir.path().join("outside")).unwrap();
+
+        let mut w = writer("few");
+        w.copy_next(copied(&file, &meta, 0)).unwrap();
+        w.write(&without_hash(0, 999)).unwrap();
+        let e = w.into_inner().expect_err("a row short");
+        assert!(e.to_string().contains("999 of 1000 rows arrived"), "{e}");
+
+        let mut w = writer("many");
+        w.copy_next(copied(&file, &meta, 0)).unwrap();
+        let e = w.write(&without_hash(0, 1001)).expect_err("a row too many");
+        assert!(e.to_string().contains("1001 rows arrived for a row group copied from t.parquet"), "{e}");
+
+        // a footer pointing past the end of the file (as a truncated or forged one may)
+        let mut w = writer("outside");
+        let mut group = copied(&file, &meta, 2);
+        group.file_len = 100;
+        w.copy_next(group).unwrap();
+        let e = w.write(&without_hash(2000, 500)).expect_err("outside the file");
+        assert!(e.to_string().contains("are not inside the file (100 bytes)"), "{e}");
     }
 }

@@ -12,6 +12,7 @@ use arrow_cast::display::ArrayFormatter;
 use arrow_schema::{Schema, SchemaRef};
 use parquet::file::properties::WriterProperties;
 
+pub use super::encode::CopiedGroup;
 use super::encode::ParallelWriter;
 use super::{Error, Result};
 use crate::config::Codec;
@@ -195,6 +196,30 @@ impl ParquetSink {
             self.rows_written += part.num_rows() as u64;
         }
         Ok(())
+    }
+
+    /// The next `group.rows` rows make a row group of their own that copies some columns as
+    /// they are from an input file's row group (see [`CopiedGroup`]). Unpartitioned only.
+    pub fn copy_next(&mut self, group: CopiedGroup) -> Result<()> {
+        if self.partition.is_some() {
+            return Err(Error::Internal("a partitioned output cannot copy column chunks".into()));
+        }
+        let staging = self.staging.clone();
+        self.writer("")?.copy_next(group).map_err(|e| Error::Write { path: staging, message: e.to_string() })
+    }
+
+    /// The Parquet column an output field is written as, when it is one flat column (the
+    /// only kind whose chunks can be copied from an input file). Unpartitioned only.
+    pub fn flat_column(&self, field: usize) -> Option<parquet::schema::types::ColumnDescPtr> {
+        if self.partition.is_some() {
+            return None;
+        }
+        let descr = parquet::arrow::ArrowSchemaConverter::new().convert(&self.file_schema).ok()?;
+        let leaves: Vec<usize> = (0..descr.num_columns()).filter(|&l| descr.get_column_root_idx(l) == field).collect();
+        match leaves[..] {
+            [leaf] if descr.column(leaf).path().parts().len() == 1 => Some(descr.column(leaf)),
+            _ => None,
+        }
     }
 
     /// Close the files being written (fsync'd) so they count as complete; later batches go to

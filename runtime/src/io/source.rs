@@ -8,7 +8,15 @@ use std::sync::Arc;
 
 use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder,
+};
+use parquet::arrow::ProjectionMask;
+use parquet::basic::Compression;
+use parquet::file::metadata::PageIndexPolicy;
+use parquet::schema::types::ColumnDescPtr;
+
+use super::encode::{CopiedGroup, SharedFile};
 
 use super::text::{infer_type, parse_json, parse_text, Cell, ColumnBuilder};
 use super::{Error, Result};
@@ -48,6 +56,44 @@ struct ReadSpec {
     root: Option<PathBuf>,
     /// Parquet: read only these columns.
     projection: Option<Vec<String>>,
+    /// Parquet: columns to copy from the files' pages instead of decoding them.
+    copy: Option<Arc<CopySpec>>,
+}
+
+/// A column a step copies as it is from the input's Parquet pages to its output.
+#[derive(Clone, Debug)]
+pub struct CopyColumn {
+    /// Its position in the reader's schema.
+    pub position: usize,
+    /// The Parquet column the output writes it as: an input file's column must be the same
+    /// for its pages to be copied.
+    pub descr: ColumnDescPtr,
+}
+
+#[derive(Debug)]
+struct CopySpec {
+    columns: Vec<CopyColumn>,
+    /// The output's codec: pages compressed otherwise are decoded and written again.
+    codec: Compression,
+    /// What the batches carry in place of a copied column, `batch_size` rows long.
+    placeholders: Vec<(usize, ArrayRef)>,
+}
+
+/// A value-less stand-in for a column the writer copies instead of encoding: nulls when the
+/// field allows them, else zeroes (empty strings, false). `None` for a type whose zeroes
+/// are not valid values (such a column is read as usual).
+pub fn placeholder(field: &Field, rows: usize) -> Option<ArrayRef> {
+    let nulls = arrow_array::new_null_array(field.data_type(), rows);
+    if field.is_nullable() {
+        return Some(nulls);
+    }
+    match field.data_type() {
+        t if t.is_primitive() || matches!(t, DataType::Boolean | DataType::Utf8 | DataType::Binary) => {
+            let data = nulls.to_data().into_builder().nulls(None).build().ok()?;
+            Some(arrow_array::make_array(data))
+        }
+        _ => None,
+    }
 }
 
 enum FileReader {
@@ -131,6 +177,7 @@ impl SourceReader {
             hive_types: HashMap::new(),
             root,
             projection: None,
+            copy: None,
         };
         let mut spec = spec;
         let schema = match source.format {
@@ -202,6 +249,7 @@ impl SourceReader {
             hive_types,
             root: Some(root.to_path_buf()),
             projection: None,
+            copy: None,
         };
         Ok(SourceReader::new(schema, files, spec, None))
     }
@@ -216,6 +264,45 @@ impl SourceReader {
 
     pub fn files(&self) -> &[PathBuf] {
         &self.files
+    }
+
+    /// Whether this reader decodes Parquet files (whose pages columns can be copied from).
+    pub fn is_parquet(&self) -> bool {
+        self.spec.format == Format::Parquet && self.project.is_none()
+    }
+
+    /// Copy `columns` from the files' pages instead of decoding them, in files where each
+    /// of them is the same Parquet column as the output's and compressed with `codec`. The
+    /// batches of such a file carry placeholders in those columns and come in whole row
+    /// groups, each announced by [`SourceReader::take_copied`]. Files that do not qualify
+    /// are read as usual.
+    pub fn copy_columns(&mut self, columns: Vec<CopyColumn>, codec: Compression) {
+        let mut placeholders = Vec::new();
+        let mut kept = Vec::new();
+        for c in columns {
+            if let Some(p) = placeholder(self.schema.field(c.position), self.spec.batch_size) {
+                placeholders.push((c.position, p));
+                kept.push(c);
+            }
+        }
+        self.spec.copy = (!kept.is_empty()).then(|| Arc::new(CopySpec { columns: kept, codec, placeholders }));
+    }
+
+    /// The row group whose batches start with the batch [`Iterator::next`] just returned,
+    /// when it copies columns.
+    pub fn take_copied(&mut self) -> Option<CopiedGroup> {
+        match self.current.as_mut() {
+            Some(FileReader::Parquet(f)) => f.copy.as_mut().and_then(|c| c.pending.take()),
+            _ => None,
+        }
+    }
+
+    /// False inside a row group that copies columns: a checkpoint must not split it.
+    pub fn at_row_group_end(&self) -> bool {
+        match &self.current {
+            Some(FileReader::Parquet(f)) => f.copy.as_ref().is_none_or(|c| c.left == 0),
+            _ => true,
+        }
     }
 
     fn open_next(&mut self) -> Result<bool> {
@@ -755,23 +842,154 @@ fn parquet_schema(file: &Path, spec: &ReadSpec) -> Result<SchemaRef> {
 
 struct ParquetFile {
     path: PathBuf,
-    reader: ParquetRecordBatchReader,
+    /// The file's reader; when copying, the current row group's (none between them).
+    reader: Option<ParquetRecordBatchReader>,
     schema: SchemaRef,
     /// Constant columns from the file's hive directories: (position in schema, value).
     hive: Vec<(usize, String)>,
     consumed: u64,
+    copy: Option<FileCopy>,
+}
+
+/// A file read row group by row group, some of its columns copied rather than decoded.
+struct FileCopy {
+    spec: Arc<CopySpec>,
+    file: SharedFile,
+    file_len: u64,
+    path: Arc<PathBuf>,
+    meta: ArrowReaderMetadata,
+    /// The columns decoded (every column but the copied ones).
+    mask: ProjectionMask,
+    /// (position in the batches, leaf column in the file) of the copied columns.
+    columns: Vec<(usize, usize)>,
+    batch_size: usize,
+    next_group: usize,
+    /// Rows of the current row group not read yet.
+    left: usize,
+    /// The current row group, until the engine takes it.
+    pending: Option<CopiedGroup>,
+}
+
+impl FileCopy {
+    /// Copying for this file, when every copied column is the output's Parquet column and
+    /// compressed with its codec, and `offset` (a resumed run) falls between row groups.
+    fn open(path: &Path, spec: &ReadSpec, schema: &SchemaRef, offset: u64) -> Result<Option<FileCopy>> {
+        let Some(copy) = spec.copy.clone() else { return Ok(None) };
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+        let options = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Optional);
+        let Ok(meta) = ArrowReaderMetadata::load(&f, options) else { return Ok(None) };
+        let parquet = meta.metadata();
+        let descr = parquet.file_metadata().schema_descr();
+        let mut columns = Vec::new();
+        for c in &copy.columns {
+            let name = schema.field(c.position).name();
+            // (a column not in the file, such as a hive partition value, is not copied)
+            let Some(leaf) = (0..descr.num_columns()).find(|&l| descr.column(l).path().parts() == [name.clone()])
+            else {
+                continue;
+            };
+            if *descr.column(leaf) != *c.descr {
+                return Ok(None);
+            }
+            let same_codec = parquet
+                .row_groups()
+                .iter()
+                .all(|g| std::mem::discriminant(&g.column(leaf).compression()) == std::mem::discriminant(&copy.codec));
+            if !same_codec {
+                return Ok(None);
+            }
+            columns.push((c.position, leaf));
+        }
+        if columns.is_empty() {
+            return Ok(None);
+        }
+        let mut next_group = parquet.num_row_groups();
+        let mut start = 0u64;
+        for (i, g) in parquet.row_groups().iter().enumerate() {
+            if start == offset {
+                next_group = i;
+                break;
+            }
+            start += g.num_rows().max(0) as u64;
+        }
+        if next_group == parquet.num_row_groups() && start != offset {
+            return Ok(None);
+        }
+        let copied: Vec<&String> = columns.iter().map(|(p, _)| schema.field(*p).name()).collect();
+        let roots: Vec<usize> = (0..descr.root_schema().get_fields().len())
+            .filter(|&r| {
+                let name = descr.root_schema().get_fields()[r].name().to_string();
+                !copied.contains(&&name) && spec.projection.as_ref().is_none_or(|p| p.contains(&name))
+            })
+            .collect();
+        let mask = ProjectionMask::roots(descr, roots);
+        Ok(Some(FileCopy {
+            spec: copy,
+            file: SharedFile(Arc::new(f)),
+            file_len,
+            path: Arc::new(path.to_path_buf()),
+            meta,
+            mask,
+            columns,
+            batch_size: spec.batch_size,
+            next_group,
+            left: 0,
+            pending: None,
+        }))
+    }
+
+    /// A reader of the next non-empty row group (and its announcement), or none at the end.
+    fn next_group(&mut self) -> parquet::errors::Result<Option<ParquetRecordBatchReader>> {
+        let groups = self.meta.metadata().row_groups();
+        while self.next_group < groups.len() {
+            let g = self.next_group;
+            self.next_group += 1;
+            let rows = usize::try_from(groups[g].num_rows()).unwrap_or(0);
+            if rows == 0 {
+                continue;
+            }
+            let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(self.file.clone(), self.meta.clone())
+                .with_projection(self.mask.clone())
+                .with_row_groups(vec![g])
+                .with_batch_size(self.batch_size)
+                .build()?;
+            self.left = rows;
+            self.pending = Some(CopiedGroup {
+                file: self.file.clone(),
+                file_len: self.file_len,
+                path: self.path.clone(),
+                metadata: self.meta.metadata().clone(),
+                row_group: g,
+                rows,
+                columns: self.columns.clone(),
+            });
+            return Ok(Some(reader));
+        }
+        Ok(None)
+    }
 }
 
 impl ParquetFile {
     fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Self> {
         let bad = |message: String| Error::Input { file: path.to_path_buf(), line: 0, column: None, message };
-        let f = File::open(path).map_err(|e| Error::io(path, e))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(f)
-            .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
         let hive: Vec<(usize, String)> = hive_values(spec.root.as_deref(), path)
             .into_iter()
             .filter_map(|(k, v)| schema.index_of(&k).ok().map(|i| (i, v)))
             .collect();
+        if let Some(copy) = FileCopy::open(path, spec, schema, offset)? {
+            return Ok(ParquetFile {
+                path: path.to_path_buf(),
+                reader: None,
+                schema: schema.clone(),
+                hive,
+                consumed: offset,
+                copy: Some(copy),
+            });
+        }
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(f)
+            .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
         let file_fields = builder.schema().fields().len();
         let builder = match &spec.projection {
             None => builder,
@@ -784,7 +1002,7 @@ impl ParquetFile {
                     .filter(|(_, f)| cols.contains(f.name()))
                     .map(|(i, _)| i)
                     .collect();
-                let mask = parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), roots);
+                let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
                 builder.with_projection(mask)
             }
         };
@@ -800,24 +1018,58 @@ impl ParquetFile {
             .with_offset(offset as usize)
             .build()
             .map_err(|e| bad(e.to_string()))?;
-        Ok(ParquetFile { path: path.to_path_buf(), reader, schema: schema.clone(), hive, consumed: offset })
+        Ok(ParquetFile {
+            path: path.to_path_buf(),
+            reader: Some(reader),
+            schema: schema.clone(),
+            hive,
+            consumed: offset,
+            copy: None,
+        })
     }
 
     fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
-        let batch = match self.reader.next() {
-            None => return Ok(None),
-            Some(Err(e)) => {
-                return Err(Error::Input {
-                    file: self.path.clone(),
-                    line: 0,
-                    column: None,
-                    message: format!("corrupt Parquet data: {e}"),
-                })
-            }
-            Some(Ok(b)) => b,
+        let corrupt = |path: &Path, e: &dyn std::fmt::Display| Error::Input {
+            file: path.to_path_buf(),
+            line: 0,
+            column: None,
+            message: format!("corrupt Parquet data: {e}"),
         };
+        let batch = loop {
+            if self.reader.is_none() {
+                let Some(copy) = self.copy.as_mut() else { return Ok(None) };
+                match copy.next_group() {
+                    Ok(Some(r)) => self.reader = Some(r),
+                    Ok(None) => return Ok(None),
+                    Err(e) => return Err(corrupt(&self.path, &e)),
+                }
+            }
+            let next = self.reader.as_mut().and_then(|r| r.next());
+            match next {
+                None if self.copy.is_some() => {
+                    self.reader = None;
+                    let left = self.copy.as_ref().map_or(0, |c| c.left);
+                    if left > 0 {
+                        return Err(corrupt(&self.path, &format!("a row group ended {left} rows short of its length")));
+                    }
+                }
+                None => return Ok(None),
+                Some(Err(e)) => return Err(corrupt(&self.path, &e)),
+                Some(Ok(b)) => break b,
+            }
+        };
+        if let Some(copy) = self.copy.as_mut() {
+            copy.left = copy
+                .left
+                .checked_sub(batch.num_rows())
+                .ok_or_else(|| corrupt(&self.path, &"a row group holds more rows than its metadata says"))?;
+        }
         self.consumed += batch.num_rows() as u64;
         let batch_schema = batch.schema();
+        let copied = |i: usize| {
+            let c = self.copy.as_ref()?;
+            c.columns.iter().any(|(p, _)| *p == i).then(|| c.spec.placeholders.iter().find(|(p, _)| *p == i))?
+        };
         let mut ordered: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
         for (i, f) in self.schema.fields().iter().enumerate() {
             if let Some((_, v)) = self.hive.iter().find(|(h, _)| *h == i) {
@@ -828,6 +1080,12 @@ impl ParquetFile {
                     arrow_cast::cast(&strings, f.data_type()).map_err(|e| Error::Internal(e.to_string()))?
                 };
                 ordered.push(col);
+            } else if let Some((_, p)) = copied(i) {
+                ordered.push(if p.len() >= batch.num_rows() {
+                    p.slice(0, batch.num_rows())
+                } else {
+                    placeholder(f, batch.num_rows()).ok_or_else(|| Error::Internal("no placeholder".into()))?
+                });
             } else {
                 let idx = batch_schema.index_of(f.name()).map_err(|_| Error::Input {
                     file: self.path.clone(),

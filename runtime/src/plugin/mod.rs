@@ -895,6 +895,12 @@ impl TransformInstance {
         Ok(schema)
     }
 
+    /// Positions of the columns the plugin rewrites, when `init` declared a column rewrite
+    /// (it then leaves every other column as it is, row for row).
+    pub fn rewritten_columns(&self) -> Option<&[usize]> {
+        self.rewrite.as_ref().map(|r| r.columns.as_slice())
+    }
+
     /// One batch in; the batches out, each checked against the declared schema.
     pub fn process(&mut self, batch: &RecordBatch) -> Result<Vec<RecordBatch>, CallError> {
         let t0 = CpuTime::now();
