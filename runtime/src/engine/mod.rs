@@ -785,16 +785,16 @@ fn copy_plan(
         let Some(columns) = inst.rewritten_columns() else { return Vec::new() };
         touched.extend(columns.iter().copied());
     }
-    let schema = reader.schema();
-    let columns: Vec<CopyColumn> = (0..schema.fields().len())
-        .filter(|i| !touched.contains(i))
-        .filter_map(|position| sink.flat_column(position).map(|descr| CopyColumn { position, descr }))
-        .filter(|c| crate::io::source::placeholder(schema.field(c.position), 1).is_some())
+    let columns: Vec<CopyColumn> = sink
+        .flat_columns()
+        .into_iter()
+        .enumerate()
+        .filter(|(position, _)| !touched.contains(position))
+        .filter_map(|(position, descr)| descr.map(|descr| CopyColumn { position, descr }))
         .collect();
-    let names = columns.iter().map(|c| schema.field(c.position).name().clone()).collect();
     let codec = output.map(|o| o.compression).unwrap_or_default().parquet();
-    reader.copy_columns(columns, codec);
-    names
+    let schema = reader.schema();
+    reader.copy_columns(columns, codec).into_iter().map(|p| schema.field(p).name().clone()).collect()
 }
 
 /// A checkpoint marker travelling down a step's stages behind the batches before it.

@@ -83,7 +83,15 @@ impl parquet::file::reader::ChunkReader for SharedFile {
     }
 
     fn get_bytes(&self, start: u64, length: usize) -> Result<bytes::Bytes> {
+        use parquet::file::reader::Length;
         use std::os::unix::fs::FileExt;
+        // the range comes from the file's own footer: check it before allocating for it
+        if start.checked_add(length as u64).is_none_or(|end| end > self.len()) {
+            return Err(ParquetError::EOF(format!(
+                "{length} bytes at {start} lie past the end of the file ({} bytes)",
+                self.len()
+            )));
+        }
         let mut buf = vec![0; length];
         self.0.read_exact_at(&mut buf, start)?;
         Ok(buf.into())
@@ -247,30 +255,20 @@ impl ParallelWriter {
     /// Finish the row group being encoded and append it to the file.
     fn flush(&mut self) -> Result<()> {
         let copying = self.copying.take();
-        let Some(group) = self.group.take() else {
-            return match copying {
-                Some(c) if c.group.rows > 0 => Err(ParquetError::General(format!(
-                    "no rows arrived for a row group copied from {} (row group {})",
-                    c.group.path.display(),
-                    c.group.row_group
-                ))),
-                _ => Ok(()),
-            };
-        };
-        if group.rows == 0 {
-            return Ok(());
-        }
+        let group = self.group.take().filter(|g| g.rows > 0);
+        let rows = group.as_ref().map_or(0, |g| g.rows);
         if let Some(c) = &copying {
-            if group.rows != c.group.rows {
+            if rows != c.group.rows {
                 return Err(ParquetError::General(format!(
                     "{} of {} rows arrived for a row group copied from {} (row group {})",
-                    group.rows,
+                    rows,
                     c.group.rows,
                     c.group.path.display(),
                     c.group.row_group
                 )));
             }
         }
+        let Some(group) = group else { return Ok(()) };
         let writers = group.finish()?;
         let mut row_group = self.file.next_row_group()?;
         let mut overflowed = false;
@@ -333,7 +331,11 @@ fn copied_chunk(g: &CopiedGroup, input_leaf: usize) -> Result<ColumnCloseResult>
     let len = column.compressed_size();
     let end = start.checked_add(len).unwrap_or(i64::MAX);
     if start < 4 || len <= 0 || end as u64 > g.file_len {
-        return Err(bad(format!("its pages ({start}..{end}) are not inside the file ({} bytes)", g.file_len)));
+        return Err(bad(format!(
+            "its pages ({start}..{end}) are not inside the file ({} bytes): the file's footer does not \
+             match its data (a damaged or forged file); re-create it from its source",
+            g.file_len
+        )));
     }
     if column.num_values() != rg.num_rows() {
         return Err(bad(format!("{} values in a row group of {} rows", column.num_values(), rg.num_rows())));

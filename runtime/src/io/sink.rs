@@ -208,18 +208,28 @@ impl ParquetSink {
         self.writer("")?.copy_next(group).map_err(|e| Error::Write { path: staging, message: e.to_string() })
     }
 
-    /// The Parquet column an output field is written as, when it is one flat column (the
-    /// only kind whose chunks can be copied from an input file). Unpartitioned only.
-    pub fn flat_column(&self, field: usize) -> Option<parquet::schema::types::ColumnDescPtr> {
-        if self.partition.is_some() {
-            return None;
+    /// Per output field, the Parquet column it is written as when it is one flat column (the
+    /// only kind whose chunks can be copied from an input file). None for a partitioned
+    /// output, which cannot copy.
+    pub fn flat_columns(&self) -> Vec<Option<parquet::schema::types::ColumnDescPtr>> {
+        let fields = self.file_schema.fields().len();
+        let descr = match parquet::arrow::ArrowSchemaConverter::new().convert(&self.file_schema) {
+            Ok(d) if self.partition.is_none() => d,
+            _ => return vec![None; fields],
+        };
+        let mut leaves: Vec<Vec<usize>> = vec![Vec::new(); fields];
+        for leaf in 0..descr.num_columns() {
+            if let Some(l) = leaves.get_mut(descr.get_column_root_idx(leaf)) {
+                l.push(leaf);
+            }
         }
-        let descr = parquet::arrow::ArrowSchemaConverter::new().convert(&self.file_schema).ok()?;
-        let leaves: Vec<usize> = (0..descr.num_columns()).filter(|&l| descr.get_column_root_idx(l) == field).collect();
-        match leaves[..] {
-            [leaf] if descr.column(leaf).path().parts().len() == 1 => Some(descr.column(leaf)),
-            _ => None,
-        }
+        leaves
+            .into_iter()
+            .map(|l| match l[..] {
+                [leaf] if descr.column(leaf).path().parts().len() == 1 => Some(descr.column(leaf)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Close the files being written (fsync'd) so they count as complete; later batches go to

@@ -275,8 +275,9 @@ impl SourceReader {
     /// of them is the same Parquet column as the output's and compressed with `codec`. The
     /// batches of such a file carry placeholders in those columns and come in whole row
     /// groups, each announced by [`SourceReader::take_copied`]. Files that do not qualify
-    /// are read as usual.
-    pub fn copy_columns(&mut self, columns: Vec<CopyColumn>, codec: Compression) {
+    /// are read as usual. Returns the positions of the columns it will copy (not those whose
+    /// type has no placeholder).
+    pub fn copy_columns(&mut self, columns: Vec<CopyColumn>, codec: Compression) -> Vec<usize> {
         let mut placeholders = Vec::new();
         let mut kept = Vec::new();
         for c in columns {
@@ -285,7 +286,9 @@ impl SourceReader {
                 kept.push(c);
             }
         }
+        let positions = kept.iter().map(|c| c.position).collect();
         self.spec.copy = (!kept.is_empty()).then(|| Arc::new(CopySpec { columns: kept, codec, placeholders }));
+        positions
     }
 
     /// The row group whose batches start with the batch [`Iterator::next`] just returned,
