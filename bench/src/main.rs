@@ -132,6 +132,8 @@ fn parse_codec(text: &str) -> std::result::Result<Codec, String> {
 }
 
 fn main() -> Result<()> {
+    // the native and per-record runners get the same heap settings as weir
+    weir::malloc_tuning::tune();
     match Cli::parse().command {
         Cmd::Generate { rows, out, seed } => generate(rows, &out, seed),
         Cmd::Native { workload, input, output, compression, timings } => {

@@ -28,6 +28,7 @@ pub mod config;
 pub mod cpu_clock;
 pub mod engine;
 pub mod io;
+pub mod malloc_tuning;
 pub mod plugin;
 pub mod quality;
 pub mod store;

@@ -267,6 +267,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    weir::malloc_tuning::tune();
     let cli = Cli::parse();
     match cli.command {
         Command::Run { pipeline, partition, json, cache_dir, no_progress, quiet, force, state, resume, timings } => {
