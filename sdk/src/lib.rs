@@ -52,6 +52,7 @@ pub mod intset;
 pub mod ipc;
 pub mod keys;
 pub mod rewrite;
+pub mod row_filter;
 pub mod rule;
 pub mod runner;
 pub mod state;
@@ -120,6 +121,22 @@ pub trait Transform: Sized + 'static {
     /// sandbox (see [`rewrite`]). The default, `None`: whole batches in and out.
     fn rewrites(&self) -> Option<Vec<String>> {
         None
+    }
+
+    /// The columns this instance's row filter reads, when all it does is keep or drop rows:
+    /// its output schema is its input schema, it keeps no rows back for `finish`, and whether
+    /// it keeps a row depends on these columns only. The host then calls [`Transform::keep`]
+    /// (not `process`) with batches of only these columns, in input order, and drops the
+    /// rows itself; the other columns never cross the sandbox boundary (see [`row_filter`]).
+    /// The default, `None`: whole batches in and out.
+    fn filter_columns(&self) -> Option<Vec<String>> {
+        None
+    }
+
+    /// Under [`Transform::filter_columns`]: one value per row of `batch` (those columns
+    /// only): true keeps the row, false or null drops it.
+    fn keep(&mut self, _batch: &RecordBatch) -> Result<arrow_array::BooleanArray> {
+        Err(Error::internal("the plugin declares filter columns but does not implement `keep`"))
     }
 
     /// End of input: emit what is left. Stateless transforms keep the default.

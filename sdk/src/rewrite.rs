@@ -70,21 +70,12 @@ impl Rewrite {
     /// Split a declared output schema into the schema without the declaration and the
     /// declared names (none when the plugin declares no rewrite).
     pub fn from_metadata(declared: &Schema) -> Result<(SchemaRef, Option<Vec<String>>), String> {
-        let Some(text) = declared.metadata().get(METADATA_KEY) else {
-            return Ok((Arc::new(declared.clone()), None));
-        };
-        let names: Vec<String> = serde_json::from_str(text)
-            .map_err(|e| format!("its `{METADATA_KEY}` metadata is not a JSON array of column names: {e}"))?;
-        let mut metadata = declared.metadata().clone();
-        metadata.remove(METADATA_KEY);
-        Ok((Arc::new(Schema::new_with_metadata(declared.fields().clone(), metadata)), Some(names)))
+        split_declaration(declared, METADATA_KEY)
     }
 
     /// `output` with a declaration of `names` in its metadata, as `init` returns it.
     pub fn declare(output: &Schema, names: &[String]) -> Schema {
-        let mut metadata = output.metadata().clone();
-        metadata.insert(METADATA_KEY.to_string(), serde_json::to_string(names).unwrap_or_else(|_| "[]".to_string()));
-        Schema::new_with_metadata(output.fields().clone(), metadata)
+        add_declaration(output, METADATA_KEY, names)
     }
 
     /// The part of `batch` the plugin receives (no copy).
@@ -121,6 +112,25 @@ impl Rewrite {
         }
         RecordBatch::try_new(output.clone(), columns).map_err(|e| e.to_string())
     }
+}
+
+/// `declared` without the metadata entry `key`, and the column names it held (a JSON array).
+pub(crate) fn split_declaration(declared: &Schema, key: &str) -> Result<(SchemaRef, Option<Vec<String>>), String> {
+    let Some(text) = declared.metadata().get(key) else {
+        return Ok((Arc::new(declared.clone()), None));
+    };
+    let names: Vec<String> = serde_json::from_str(text)
+        .map_err(|e| format!("its `{key}` metadata is not a JSON array of column names: {e}"))?;
+    let mut metadata = declared.metadata().clone();
+    metadata.remove(key);
+    Ok((Arc::new(Schema::new_with_metadata(declared.fields().clone(), metadata)), Some(names)))
+}
+
+/// `output` with `names` declared under the metadata entry `key`.
+pub(crate) fn add_declaration(output: &Schema, key: &str, names: &[String]) -> Schema {
+    let mut metadata = output.metadata().clone();
+    metadata.insert(key.to_string(), serde_json::to_string(names).unwrap_or_else(|_| "[]".to_string()));
+    Schema::new_with_metadata(output.fields().clone(), metadata)
 }
 
 #[cfg(test)]

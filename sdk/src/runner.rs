@@ -1,11 +1,14 @@
 //! The bytes-level plugin interface and the adapter that turns a [`Transform`] into one.
 
+use std::sync::Arc;
+
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 
 use crate::error::{Error, Result};
 use crate::host::{phase, phases};
 use crate::rewrite::Rewrite;
+use crate::row_filter::RowFilter;
 use crate::{ipc, Context, Transform};
 
 /// A transform that handles Arrow IPC bytes itself. Most plugins implement [`Transform`]
@@ -32,11 +35,23 @@ pub trait RawTransform: Sized + 'static {
 /// that every batch matches the declared output schema.
 pub struct Typed<T: Transform> {
     inner: T,
-    /// What each returned batch must look like: the output schema, or under a column
-    /// rewrite its rewritten columns only.
+    /// What each returned batch must look like: the output schema, under a column rewrite
+    /// its rewritten columns only, under a row filter the mask.
     output: SchemaRef,
-    /// Under a column rewrite, rows in must equal rows out.
-    rewrite: bool,
+    mode: Mode,
+    /// What the batches in must look like (checked under a row filter).
+    input: SchemaRef,
+}
+
+/// How batches cross: whole, only the rewritten columns, or a filter's columns in and a
+/// mask out.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Whole,
+    /// Rows in must equal rows out.
+    Rewrite,
+    /// One mask value per row in; the batches in hold only the filter's columns.
+    Filter,
 }
 
 /// Parse a plugin's JSON config into its typed form; errors name the field path
@@ -90,17 +105,23 @@ impl<T: Transform> RawTransform for Typed<T> {
             .map_err(|e| Error::internal(format!("bad input schema from host: {e}")))?;
         let inner = T::new(config, &input, &ctx)?;
         let output = inner.output_schema();
-        match inner.rewrites() {
-            None => {
+        let inconsistent = |what: &str, e: String| Error::internal(format!("the plugin's {what} is inconsistent: {e}"));
+        match (inner.rewrites(), inner.filter_columns()) {
+            (None, None) => {
                 let bytes = ipc::encode_schema(&output)?;
-                Ok((Typed { inner, output, rewrite: false }, bytes))
+                Ok((Typed { inner, output, mode: Mode::Whole, input }, bytes))
             }
-            Some(names) => {
-                let rewrite = Rewrite::new(&input, &output, &names)
-                    .map_err(|e| Error::internal(format!("the plugin's column rewrite is inconsistent: {e}")))?;
+            (Some(names), None) => {
+                let rewrite = Rewrite::new(&input, &output, &names).map_err(|e| inconsistent("column rewrite", e))?;
                 let bytes = ipc::encode_schema(&Rewrite::declare(&output, &names))?;
-                Ok((Typed { inner, output: rewrite.output, rewrite: true }, bytes))
+                Ok((Typed { inner, output: rewrite.output, mode: Mode::Rewrite, input: rewrite.input }, bytes))
             }
+            (None, Some(names)) => {
+                let filter = RowFilter::new(&input, &output, &names).map_err(|e| inconsistent("row filter", e))?;
+                let bytes = ipc::encode_schema(&RowFilter::declare(&output, &names))?;
+                Ok((Typed { inner, output: RowFilter::mask_schema(), mode: Mode::Filter, input: filter.input }, bytes))
+            }
+            (Some(_), Some(_)) => Err(Error::internal("the plugin declares both a column rewrite and a row filter")),
         }
     }
 
@@ -115,8 +136,37 @@ impl<T: Transform> RawTransform for Typed<T> {
         let mut offset = 0u64;
         for batch in batches {
             let rows = batch.num_rows() as u64;
+            if self.mode == Mode::Filter {
+                let got = batch.schema();
+                let same = got.fields().len() == self.input.fields().len()
+                    && got
+                        .fields()
+                        .iter()
+                        .zip(self.input.fields())
+                        .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
+                if !same {
+                    return Err(Error::internal(format!(
+                        "the host sent columns [{}] to a row filter that reads [{}]: it does not know \
+                         `weir.filter` declarations; use a newer weir",
+                        crate::util::schema_text(&batch.schema()),
+                        crate::util::schema_text(&self.input)
+                    )));
+                }
+                let mask = self.inner.keep(&batch).map_err(|e| e.offset_row(offset))?;
+                if mask.len() as u64 != rows {
+                    return Err(Error::internal(format!(
+                        "the plugin filters rows but returned {} mask values for a batch of {rows}",
+                        mask.len()
+                    )));
+                }
+                if rows > 0 {
+                    out.push(RecordBatch::try_new(self.output.clone(), vec![Arc::new(mask)])?);
+                }
+                offset += rows;
+                continue;
+            }
             let result = self.inner.process(batch).map_err(|e| e.offset_row(offset))?;
-            if self.rewrite && result.num_rows() as u64 != rows {
+            if self.mode == Mode::Rewrite && result.num_rows() as u64 != rows {
                 return Err(Error::internal(format!(
                     "the plugin rewrites columns but returned {} rows for a batch of {rows}",
                     result.num_rows()
@@ -142,8 +192,11 @@ impl<T: Transform> RawTransform for Typed<T> {
     fn finish(&mut self) -> Result<Vec<u8>> {
         phase(phases::DECODED);
         let out = match self.inner.finish()? {
-            Some(b) if b.num_rows() > 0 && self.rewrite => {
+            Some(b) if b.num_rows() > 0 && self.mode == Mode::Rewrite => {
                 return Err(Error::internal("the plugin rewrites columns row for row but emitted rows at the end"))
+            }
+            Some(b) if b.num_rows() > 0 && self.mode == Mode::Filter => {
+                return Err(Error::internal("the plugin filters rows but emitted rows at the end"))
             }
             Some(b) if b.num_rows() > 0 => vec![self.conform(b)?],
             _ => vec![],

@@ -31,6 +31,7 @@ use arrow_schema::SchemaRef;
 use crate::error::{Error, Result};
 use crate::host::Level;
 use crate::rewrite::Rewrite;
+use crate::row_filter::RowFilter;
 use crate::runner::{RawTransform, Typed};
 use crate::{ipc, Context, Transform};
 
@@ -67,6 +68,9 @@ pub struct Harness<T: Transform> {
     /// The instance's column rewrite, if it declared one: batches cross as the host sends
     /// them (only the rewritten columns) and are put back together as the host does.
     rewrite: Option<Rewrite>,
+    /// The instance's row filter, if it declared one: the filter's columns cross, a mask
+    /// comes back and the rows are dropped as the host drops them.
+    filter: Option<RowFilter>,
     _t: PhantomData<T>,
 }
 
@@ -90,7 +94,12 @@ impl<T: Transform> Harness<T> {
             Some(names) => Some(Rewrite::new(schema, &output, &names).map_err(Error::internal)?),
             None => None,
         };
-        Ok(Harness { raw, output, rewrite, _t: PhantomData })
+        let (output, names) = RowFilter::from_metadata(&output).map_err(Error::internal)?;
+        let filter = match names {
+            Some(names) => Some(RowFilter::new(schema, &output, &names).map_err(Error::internal)?),
+            None => None,
+        };
+        Ok(Harness { raw, output, rewrite, filter, _t: PhantomData })
     }
 
     /// The output schema the instance declared.
@@ -100,6 +109,13 @@ impl<T: Transform> Harness<T> {
 
     /// One batch through `process`, across an IPC round trip.
     pub fn process(&mut self, batch: &RecordBatch) -> Result<Vec<RecordBatch>> {
+        if let Some(filter) = &self.filter {
+            let part = filter.project(batch).map_err(Error::internal)?;
+            let bytes = ipc::encode(&part.schema(), std::slice::from_ref(&part))?;
+            let (_, masks) = ipc::decode_owned(self.raw.process(&bytes)?)?;
+            let kept = filter.apply(batch, &masks, &self.output).map_err(Error::internal)?;
+            return Ok(if kept.num_rows() > 0 { vec![kept] } else { vec![] });
+        }
         let Some(rewrite) = &self.rewrite else {
             let bytes = ipc::encode(&batch.schema(), std::slice::from_ref(batch))?;
             let out = self.raw.process(&bytes)?;

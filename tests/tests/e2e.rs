@@ -390,6 +390,92 @@ fn hostile_column_rewrite_declarations_are_held_to() {
 }
 
 #[test]
+fn hostile_row_filter_declarations_are_held_to() {
+    assert_contained(
+        "filter_rows",
+        "",
+        &["batch 1", "broke its row filter declaration", "returned 2 mask values for a batch of 3 rows"],
+    );
+    assert_contained(
+        "filter_type",
+        "",
+        &["batch 1", "broke its row filter declaration", "where a filter returns one Boolean column"],
+    );
+    // refused at init, before any batch
+    let dir = tempfile::tempdir().unwrap();
+    hostile_pipeline(dir.path(), "filter_schema", "");
+    let out = weir(dir.path(), &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("init failed: broke its row filter declaration (`weir.filter`): its output schema [")
+            && out.stderr.contains("is not its input schema"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    assert!(!dir.path().join("out/data").exists(), "nothing published");
+}
+
+#[test]
+fn a_filter_sends_only_the_columns_it_tests_and_the_host_drops_the_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let note = "n".repeat(2000);
+    let mut csv = String::from("id,amount,country,note\n");
+    for i in 0..300 {
+        let country = ["DE", "FR", "US"][i % 3];
+        csv.push_str(&format!("{i},{}.5,{country},{note}{i}\n", i % 50));
+    }
+    std::fs::write(dir.path().join("in.csv"), &csv).unwrap();
+    let text = format!(
+        r#"[pipeline]
+name = "wide"
+batch_size = 64
+
+[sources.input]
+format = "csv"
+path = "in.csv"
+
+[plugins.filter]
+path = "{}"
+
+[steps.kept]
+input = "input"
+output = {{ path = "out/data" }}
+
+[[steps.kept.transforms]]
+plugin = "filter"
+config.where = [{{ column = "amount", op = ">", value = 20 }}, {{ column = "country", op = "in", values = ["DE", "US"] }}]
+"#,
+        plugin("filter").display()
+    );
+    std::fs::write(dir.path().join("pipeline.toml"), text).unwrap();
+    let out = weir(dir.path(), &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let json = out.json();
+    let p = &json["steps"][0]["timings"]["plugins"][0];
+    // the notes weigh 600 KB and never cross; amounts and countries (about 4 KB) go in and
+    // one mask bit per row comes back, with IPC framing
+    assert!(p["bytes_in"].as_u64().unwrap() < 40_000, "{p}");
+    assert!(p["bytes_out"].as_u64().unwrap() < 10_000, "{p}");
+    let want: Vec<usize> = (0..300).filter(|i| i % 50 >= 20 && i % 3 != 1).collect();
+    assert_eq!(json["steps"][0]["counters"]["filter"]["rows_kept"], want.len());
+    assert_eq!(json["steps"][0]["rows_written"], want.len());
+    let files = parquet_files(&dir.path().join("out/data"));
+    let batches = read_parquet(&files[0].0);
+    let names: Vec<String> = batches[0].schema().fields().iter().map(|f| f.name().clone()).collect();
+    assert_eq!(names, ["id", "amount", "country", "note"], "every column stays");
+    let mut got = Vec::new();
+    for b in &batches {
+        for r in 0..b.num_rows() {
+            let id = b.column(0).as_primitive::<Int64Type>().value(r);
+            assert_eq!(b.column(3).as_string::<i32>().value(r), format!("{note}{id}"), "rows stay whole");
+            got.push(id as usize);
+        }
+    }
+    assert_eq!(got, want, "the rows kept, in input order");
+}
+
+#[test]
 fn a_mask_sends_only_the_columns_it_masks_through_the_sandbox() {
     let dir = tempfile::tempdir().unwrap();
     let note = "n".repeat(2000);

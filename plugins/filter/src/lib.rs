@@ -16,6 +16,7 @@ use std::collections::HashSet;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use weir_sdk::arrow_array::{BooleanArray, Float64Array};
+use weir_sdk::arrow_buffer::BooleanBuffer;
 use weir_sdk::arrow_cast::cast;
 use weir_sdk::arrow_select::filter::filter_record_batch;
 use weir_sdk::prelude::*;
@@ -153,6 +154,7 @@ impl ShortSet {
 }
 
 struct Plan {
+    /// Position of the column among the filter's columns (the batches `keep` gets).
     index: usize,
     numeric: bool,
     test: Test,
@@ -161,6 +163,8 @@ struct Plan {
 pub struct Filter {
     plans: Vec<Plan>,
     schema: SchemaRef,
+    /// The columns the conditions read: input positions, ascending.
+    columns: Vec<usize>,
 }
 
 fn text(v: &weir_sdk::serde_json::Value) -> String {
@@ -216,14 +220,31 @@ impl Transform for Filter {
             };
             plans.push(Plan { index, numeric, test });
         }
-        Ok(Filter { plans, schema: input.clone() })
+        // plans read the batches `keep` gets: only the columns named, in input order
+        let mut columns: Vec<usize> = plans.iter().map(|p| p.index).collect();
+        columns.sort_unstable();
+        columns.dedup();
+        for p in &mut plans {
+            p.index = columns.binary_search(&p.index).unwrap_or_default();
+        }
+        Ok(Filter { plans, schema: input.clone(), columns })
     }
 
     fn output_schema(&self) -> SchemaRef {
         self.schema.clone()
     }
 
+    /// Only the columns the conditions read cross into the sandbox; the host drops the rows.
+    fn filter_columns(&self) -> Option<Vec<String>> {
+        (!self.columns.is_empty()).then(|| self.columns.iter().map(|&i| self.schema.field(i).name().clone()).collect())
+    }
+
     fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
+        let keep = self.keep(&batch.project(&self.columns)?)?;
+        Ok(filter_record_batch(&batch, &keep)?)
+    }
+
+    fn keep(&mut self, batch: &RecordBatch) -> Result<BooleanArray> {
         let n = batch.num_rows();
         let mut keep = vec![true; n];
         for p in &self.plans {
@@ -285,8 +306,9 @@ impl Transform for Filter {
                 }
             }
         }
-        host::counter_add("rows_kept", keep.iter().filter(|k| **k).count() as i64);
-        Ok(filter_record_batch(&batch, &BooleanArray::from(keep))?)
+        let keep = BooleanArray::from(BooleanBuffer::collect_bool(n, |i| keep[i]));
+        host::counter_add("rows_kept", keep.true_count() as i64);
+        Ok(keep)
     }
 }
 

@@ -17,13 +17,17 @@
 //! | `slow`        | sleeps `sleep_ms` per batch (a well-behaved slow plugin)        |
 //! | `rewrite_rows`| declares it rewrites the first column, returns one row too few |
 //! | `rewrite_unknown` | declares it rewrites a column the input does not have (init) |
+//! | `filter_rows` | declares a row filter on the first column, returns one mask value too few |
+//! | `filter_type` | declares a row filter on the first column, returns the column, not a mask |
+//! | `filter_schema` | declares a row filter but an output schema with a column dropped (init) |
 
 use std::io::Write;
 use std::sync::Arc;
 
-use weir_sdk::arrow_array::{ArrayRef, Int64Array, RecordBatch};
+use weir_sdk::arrow_array::{ArrayRef, BooleanArray, Int64Array, RecordBatch};
 use weir_sdk::arrow_schema::{DataType, Field, Schema};
 use weir_sdk::rewrite::Rewrite;
+use weir_sdk::row_filter::RowFilter;
 use weir_sdk::serde::Deserialize;
 use weir_sdk::{ipc, runner::parse_config, Context, Error, RawTransform, Result};
 
@@ -52,6 +56,15 @@ impl RawTransform for Hostile {
                     _ => "nope".to_string(),
                 };
                 ipc::encode_schema(&Rewrite::declare(&input, &[name]))?
+            }
+            "filter_rows" | "filter_type" | "filter_schema" => {
+                let input = ipc::decode_schema(input_schema)?;
+                let first = input.fields().first().map(|f| f.name().clone()).unwrap_or_default();
+                let output = match c.mode.as_str() {
+                    "filter_schema" => Schema::new(input.fields().iter().skip(1).cloned().collect::<Vec<_>>()),
+                    _ => input.as_ref().clone(),
+                };
+                ipc::encode_schema(&RowFilter::declare(&output, &[first]))?
             }
             _ => input_schema.to_vec(),
         };
@@ -116,6 +129,15 @@ impl RawTransform for Hostile {
                     batches.iter().map(|b| b.slice(0, b.num_rows().saturating_sub(1))).collect();
                 Ok(ipc::encode(&schema, &short)?)
             }
+            "filter_rows" => {
+                let (_, batches) = ipc::decode(batch)?;
+                let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+                let mask = BooleanArray::from(vec![true; rows.saturating_sub(1)]);
+                let schema = RowFilter::mask_schema();
+                Ok(ipc::encode(&schema, &[RecordBatch::try_new(schema.clone(), vec![Arc::new(mask) as ArrayRef])?])?)
+            }
+            // the filter's column itself, as if it were a mask
+            "filter_type" => Ok(batch.to_vec()),
             "slow" => {
                 std::thread::sleep(std::time::Duration::from_millis(self.sleep_ms));
                 Ok(batch.to_vec())

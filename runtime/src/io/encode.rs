@@ -19,6 +19,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
+use std::io::BufWriter;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -53,6 +54,41 @@ fn encode_threads(columns: usize) -> usize {
 /// reader decoding some of its columns and the writer copying others can use it at once.
 #[derive(Clone, Debug)]
 pub struct SharedFile(pub Arc<File>);
+
+/// Bytes a write to the output file gathers, at most.
+const WRITE_BUFFER: usize = 1 << 20;
+/// Bytes a copied chunk is read in (the last read of a chunk reads up to this much past its
+/// end).
+const COPY_READ: usize = 256 << 10;
+
+impl SharedFile {
+    /// The file read sequentially in large reads, for copying a column chunk (the Parquet
+    /// writer copies through an 8 KiB buffer: a system call each, unbuffered).
+    pub fn buffered(&self) -> BufferedFile {
+        BufferedFile(self.clone())
+    }
+}
+
+/// A [`SharedFile`] whose sequential readers read ahead in large blocks.
+pub struct BufferedFile(SharedFile);
+
+impl parquet::file::reader::Length for BufferedFile {
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+}
+
+impl parquet::file::reader::ChunkReader for BufferedFile {
+    type T = std::io::BufReader<ReadAt>;
+
+    fn get_read(&self, start: u64) -> Result<Self::T> {
+        Ok(std::io::BufReader::with_capacity(COPY_READ, self.0.get_read(start)?))
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> Result<bytes::Bytes> {
+        self.0.get_bytes(start, length)
+    }
+}
 
 /// A sequential reader of a [`SharedFile`] from an offset.
 pub struct ReadAt {
@@ -121,7 +157,8 @@ struct Copying {
 
 /// Writes Arrow batches to one Parquet file, row group after row group.
 pub struct ParallelWriter {
-    file: SerializedFileWriter<File>,
+    /// (buffered: the Parquet writer writes copied chunks 8 KiB at a time)
+    file: SerializedFileWriter<BufWriter<File>>,
     factory: ArrowRowGroupWriterFactory,
     schema: SchemaRef,
     row_group_size: usize,
@@ -152,6 +189,7 @@ impl ParallelWriter {
         cpu: Arc<AtomicU64>,
     ) -> Result<Self> {
         let row_group_size = props.max_row_group_row_count().unwrap_or(1 << 20).max(1);
+        let file = BufWriter::with_capacity(WRITE_BUFFER, file);
         let (file, factory) = ArrowWriter::try_new(file, schema.clone(), Some(props))?.into_serialized_writer()?;
         let descr = file.schema_descr();
         let columns = descr.num_columns();
@@ -274,7 +312,7 @@ impl ParallelWriter {
         let mut overflowed = false;
         for (leaf, (w, plain)) in writers.into_iter().zip(self.plain.iter_mut()).enumerate() {
             if let Some((c, input_leaf)) = copying.as_ref().and_then(|c| c.from[leaf].map(|i| (c, i))) {
-                row_group.append_column(&c.group.file, copied_chunk(&c.group, input_leaf)?)?;
+                row_group.append_column(&c.group.file.buffered(), copied_chunk(&c.group, input_leaf)?)?;
                 continue;
             }
             let chunk = w.close()?;
@@ -286,7 +324,7 @@ impl ParallelWriter {
         }
         row_group.close()?;
         self.groups_written += 1;
-        start_writeback(self.file.inner());
+        start_writeback(self.file.inner().get_ref());
         if overflowed {
             self.factory = self.plain_factory()?;
         }
@@ -309,7 +347,7 @@ impl ParallelWriter {
     /// Write the last row group and the footer; returns the file.
     pub fn into_inner(mut self) -> Result<File> {
         self.flush()?;
-        self.file.into_inner()
+        self.file.into_inner()?.into_inner().map_err(|e| ParquetError::External(Box::new(e.into_error())))
     }
 }
 

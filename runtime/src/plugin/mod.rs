@@ -98,6 +98,8 @@ pub enum CallError {
     SchemaMismatch { got: String, declared: String },
     #[error("broke its column rewrite declaration (`weir.rewrites`): {0}")]
     Rewrite(String),
+    #[error("broke its row filter declaration (`weir.filter`): {0}")]
+    Filter(String),
 }
 
 /// Per-plugin limits.
@@ -748,6 +750,9 @@ pub struct TransformInstance {
     declared: Option<SchemaRef>,
     /// The plugin rewrites only these columns: only they cross the boundary.
     rewrite: Option<weir_sdk::rewrite::Rewrite>,
+    /// The plugin keeps or drops rows reading only these columns: only they cross, a mask
+    /// comes back and the host drops the rows.
+    row_filter: Option<weir_sdk::row_filter::RowFilter>,
     timings: CallTimings,
     encoder: BatchEncoder,
 }
@@ -857,6 +862,7 @@ impl TransformInstance {
             bindings,
             declared: None,
             rewrite: None,
+            row_filter: None,
             timings: CallTimings::default(),
             encoder: BatchEncoder::default(),
         })
@@ -891,6 +897,19 @@ impl TransformInstance {
             Some(names) => Some(weir_sdk::rewrite::Rewrite::new(input, &schema, &names).map_err(CallError::Rewrite)?),
             None => None,
         };
+        // a row filter: likewise, only the columns it reads cross and a mask comes back
+        let (schema, names) = weir_sdk::row_filter::RowFilter::from_metadata(&schema).map_err(CallError::Filter)?;
+        self.row_filter = match names {
+            Some(_) if self.rewrite.is_some() => {
+                return Err(CallError::Filter(
+                    "it also declares a column rewrite; a plugin declares one or neither".into(),
+                ))
+            }
+            Some(names) => {
+                Some(weir_sdk::row_filter::RowFilter::new(input, &schema, &names).map_err(CallError::Filter)?)
+            }
+            None => None,
+        };
         self.declared = Some(schema.clone());
         Ok(schema)
     }
@@ -905,12 +924,16 @@ impl TransformInstance {
     pub fn process(&mut self, batch: &RecordBatch) -> Result<Vec<RecordBatch>, CallError> {
         let t0 = CpuTime::now();
         let part;
-        let sent = match &self.rewrite {
-            Some(rw) => {
+        let sent = match (&self.rewrite, &self.row_filter) {
+            (Some(rw), _) => {
                 part = rw.project(batch).map_err(CallError::Internal)?;
                 &part
             }
-            None => batch,
+            (None, Some(f)) => {
+                part = f.project(batch).map_err(CallError::Internal)?;
+                &part
+            }
+            (None, None) => batch,
         };
         let bytes = self.encoder.encode(sent)?;
         self.timings.host_encode += t0.elapsed_secs();
@@ -944,9 +967,10 @@ impl TransformInstance {
         self.timings.record_call(start, end, self.sb.store.data().marks);
         let out = out?;
         self.timings.bytes_out += out.len() as u64;
-        let batches = match &self.rewrite {
-            None => self.check_output(out),
-            Some(rw) => self.check_rewrite(rw, out, input),
+        let batches = match (&self.rewrite, &self.row_filter) {
+            (Some(rw), _) => self.check_rewrite(rw, out, input),
+            (None, Some(f)) => self.check_filter(f, out, input),
+            (None, None) => self.check_output(out),
         };
         self.timings.host_decode += end.elapsed_secs();
         batches
@@ -985,6 +1009,27 @@ impl TransformInstance {
         }
         let merged = rw.merge(input, &rewritten, declared).map_err(CallError::Rewrite)?;
         Ok(vec![merged])
+    }
+
+    /// The output of a row filter: a mask, one value per input row, applied here; nothing
+    /// at the end.
+    fn check_filter(
+        &self,
+        filter: &weir_sdk::row_filter::RowFilter,
+        bytes: Vec<u8>,
+        input: Option<&RecordBatch>,
+    ) -> Result<Vec<RecordBatch>, CallError> {
+        let (_, masks) = decode_guarded(bytes).map_err(CallError::BadOutput)?;
+        let declared = self.declared.as_ref().ok_or_else(|| CallError::Internal("process before init".into()))?;
+        let Some(input) = input else {
+            let rows: usize = masks.iter().map(|b| b.num_rows()).sum();
+            if rows > 0 {
+                return Err(CallError::Filter(format!("it emitted {rows} rows at the end of input")));
+            }
+            return Ok(vec![]);
+        };
+        let kept = filter.apply(input, &masks, declared).map_err(CallError::Filter)?;
+        Ok(if kept.num_rows() > 0 { vec![kept] } else { vec![] })
     }
 
     /// The plugin's checkpoint state (none when it keeps no state across batches).
