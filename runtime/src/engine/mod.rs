@@ -1046,6 +1046,7 @@ fn run_step(
                     }
                 }
             }
+            *read_secs += reader.helper_cpu_secs();
             let _ = tx.send(Msg::End);
             Ok((skipped_before + reader.total_skipped(), reader.skipped.clone()))
         });

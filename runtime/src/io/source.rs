@@ -4,7 +4,10 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
@@ -17,6 +20,7 @@ use parquet::file::metadata::PageIndexPolicy;
 use parquet::schema::types::ColumnDescPtr;
 
 use super::encode::{CopiedGroup, SharedFile};
+use crate::cpu_clock::CpuTime;
 
 use super::text::{infer_type, parse_json, parse_text, Cell, ColumnBuilder};
 use super::{Error, Result};
@@ -58,6 +62,8 @@ struct ReadSpec {
     projection: Option<Vec<String>>,
     /// Parquet: columns to copy from the files' pages instead of decoding them.
     copy: Option<Arc<CopySpec>>,
+    /// CPU nanoseconds of the threads that decode part of a Parquet file's columns.
+    helper_cpu: Arc<AtomicU64>,
 }
 
 /// A column a step copies as it is from the input's Parquet pages to its output.
@@ -178,6 +184,7 @@ impl SourceReader {
             root,
             projection: None,
             copy: None,
+            helper_cpu: Arc::default(),
         };
         let mut spec = spec;
         let schema = match source.format {
@@ -250,6 +257,7 @@ impl SourceReader {
             root: Some(root.to_path_buf()),
             projection: None,
             copy: None,
+            helper_cpu: Arc::default(),
         };
         Ok(SourceReader::new(schema, files, spec, None))
     }
@@ -306,6 +314,12 @@ impl SourceReader {
             Some(FileReader::Parquet(f)) => f.copy.as_ref().is_none_or(|c| c.left == 0),
             _ => true,
         }
+    }
+
+    /// CPU seconds spent so far decoding on threads other than the caller's (a large Parquet
+    /// file's columns are decoded in two halves, one on a thread of its own).
+    pub fn helper_cpu_secs(&self) -> f64 {
+        self.spec.helper_cpu.load(Ordering::Relaxed) as f64 / 1e9
     }
 
     fn open_next(&mut self) -> Result<bool> {
@@ -852,6 +866,90 @@ struct ParquetFile {
     hive: Vec<(usize, String)>,
     consumed: u64,
     copy: Option<FileCopy>,
+    /// The other half of the columns, decoded on a thread of its own.
+    helper: Option<HalfReader>,
+}
+
+/// Batches of some of a file's columns, decoded on a thread of its own: the same rows, batch
+/// for batch, as the reader of the other columns on the calling thread.
+struct HalfReader {
+    batches: Option<Receiver<std::result::Result<RecordBatch, arrow_schema::ArrowError>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HalfReader {
+    /// Batches decoded ahead, at most: enough to keep the thread busy, little memory.
+    const AHEAD: usize = 2;
+
+    fn spawn(reader: ParquetRecordBatchReader, cpu: Arc<AtomicU64>) -> Option<HalfReader> {
+        let (tx, rx) = sync_channel(Self::AHEAD);
+        let work = move || {
+            let start = CpuTime::now();
+            for batch in reader {
+                if tx.send(batch).is_err() {
+                    break; // the file was dropped
+                }
+            }
+            cpu.fetch_add((start.elapsed_secs() * 1e9) as u64, Ordering::Relaxed);
+        };
+        let thread = std::thread::Builder::new().name("weir-read-half".into()).spawn(work).ok()?;
+        Some(HalfReader { batches: Some(rx), thread: Some(thread) })
+    }
+
+    /// The next batch; none at the end (or when the thread died, which the row check
+    /// catches).
+    fn next(&mut self) -> Option<std::result::Result<RecordBatch, arrow_schema::ArrowError>> {
+        self.batches.as_ref()?.recv().ok()
+    }
+}
+
+impl Drop for HalfReader {
+    fn drop(&mut self) {
+        // the thread stops at its next send
+        self.batches = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The projected root columns of a file in two halves of about equal decoded size (the
+/// metadata's uncompressed sizes), when the file has enough rows after `offset` for a
+/// second decoding thread to pay off.
+fn split_roots(
+    meta: &parquet::file::metadata::ParquetMetaData,
+    roots: &[usize],
+    batch_size: usize,
+    offset: u64,
+) -> Option<(Vec<usize>, Vec<usize>)> {
+    let rows = meta.file_metadata().num_rows().max(0) as u64;
+    if roots.len() < 2 || rows.saturating_sub(offset) < 4 * batch_size as u64 {
+        return None;
+    }
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return None;
+    }
+    let descr = meta.file_metadata().schema_descr();
+    let mut sizes: Vec<(usize, i64)> = roots.iter().map(|&r| (r, 0)).collect();
+    for g in meta.row_groups() {
+        for (leaf, c) in g.columns().iter().enumerate() {
+            let root = descr.get_column_root_idx(leaf);
+            if let Some(s) = sizes.iter_mut().find(|(r, _)| *r == root) {
+                s.1 = s.1.saturating_add(c.uncompressed_size().max(0));
+            }
+        }
+    }
+    // largest first, each to the lighter half
+    sizes.sort_by_key(|(r, size)| (std::cmp::Reverse(*size), *r));
+    let (mut a, mut b) = ((Vec::new(), 0i64), (Vec::new(), 0i64));
+    for (root, size) in sizes {
+        let half = if a.1 <= b.1 { &mut a } else { &mut b };
+        half.0.push(root);
+        half.1 = half.1.saturating_add(size);
+    }
+    a.0.sort_unstable();
+    b.0.sort_unstable();
+    Some((a.0, b.0))
 }
 
 /// A file read row group by row group, some of its columns copied rather than decoded.
@@ -988,39 +1086,46 @@ impl ParquetFile {
                 hive,
                 consumed: offset,
                 copy: Some(copy),
+                helper: None,
             });
         }
         let f = File::open(path).map_err(|e| Error::io(path, e))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(f)
+        let meta = ArrowReaderMetadata::load(&f, ArrowReaderOptions::new())
             .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
-        let file_fields = builder.schema().fields().len();
-        let builder = match &spec.projection {
-            None => builder,
-            Some(cols) => {
-                let roots: Vec<usize> = builder
-                    .schema()
-                    .fields()
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, f)| cols.contains(f.name()))
-                    .map(|(i, _)| i)
-                    .collect();
-                let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
-                builder.with_projection(mask)
-            }
-        };
+        // read at offsets, so that two threads can decode columns of it at once
+        let file = SharedFile(Arc::new(f));
+        let file_fields = meta.schema().fields().len();
+        let roots: Vec<usize> = meta
+            .schema()
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| spec.projection.as_ref().is_none_or(|cols| cols.contains(f.name())))
+            .map(|(i, _)| i)
+            .collect();
         if spec.projection.is_none() && file_fields + hive.len() != schema.fields().len() {
             return Err(bad(format!(
                 "has columns [{}], which differ from the first file's [{}]",
-                weir_sdk::util::schema_text(builder.schema()),
+                weir_sdk::util::schema_text(meta.schema()),
                 weir_sdk::util::schema_text(schema)
             )));
         }
-        let reader = builder
-            .with_batch_size(spec.batch_size)
-            .with_offset(offset as usize)
-            .build()
-            .map_err(|e| bad(e.to_string()))?;
+        let reader_of = |roots: Vec<usize>| {
+            let mask = ProjectionMask::roots(meta.metadata().file_metadata().schema_descr(), roots);
+            ParquetRecordBatchReaderBuilder::new_with_metadata(file.clone(), meta.clone())
+                .with_projection(mask)
+                .with_batch_size(spec.batch_size)
+                .with_offset(offset as usize)
+                .build()
+                .map_err(|e| bad(e.to_string()))
+        };
+        let (reader, helper) = match split_roots(meta.metadata(), &roots, spec.batch_size, offset) {
+            Some((mine, theirs)) => match HalfReader::spawn(reader_of(theirs)?, spec.helper_cpu.clone()) {
+                Some(helper) => (reader_of(mine)?, Some(helper)),
+                None => (reader_of(roots)?, None),
+            },
+            None => (reader_of(roots)?, None),
+        };
         Ok(ParquetFile {
             path: path.to_path_buf(),
             reader: Some(reader),
@@ -1028,6 +1133,7 @@ impl ParquetFile {
             hive,
             consumed: offset,
             copy: None,
+            helper,
         })
     }
 
@@ -1056,10 +1162,37 @@ impl ParquetFile {
                         return Err(corrupt(&self.path, &format!("a row group ended {left} rows short of its length")));
                     }
                 }
-                None => return Ok(None),
+                None => {
+                    if let Some(Ok(b)) = self.helper.as_mut().and_then(HalfReader::next) {
+                        let more = format!("some columns hold {} rows more than others", b.num_rows());
+                        return Err(corrupt(&self.path, &more));
+                    }
+                    return Ok(None);
+                }
                 Some(Err(e)) => return Err(corrupt(&self.path, &e)),
                 Some(Ok(b)) => break b,
             }
+        };
+        let batch = match self.helper.as_mut() {
+            None => batch,
+            Some(helper) => match helper.next() {
+                Some(Ok(other)) if other.num_rows() == batch.num_rows() => {
+                    let (mut fields, mut columns) = (batch.schema().fields().to_vec(), batch.columns().to_vec());
+                    fields.extend(other.schema().fields().iter().cloned());
+                    columns.extend(other.columns().iter().cloned());
+                    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(|e| corrupt(&self.path, &e))?
+                }
+                Some(Ok(other)) => {
+                    let rows = format!(
+                        "a batch of {} rows in some columns has {} in others",
+                        batch.num_rows(),
+                        other.num_rows()
+                    );
+                    return Err(corrupt(&self.path, &rows));
+                }
+                Some(Err(e)) => return Err(corrupt(&self.path, &e)),
+                None => return Err(corrupt(&self.path, &"some columns end before others")),
+            },
         };
         if let Some(copy) = self.copy.as_mut() {
             copy.left = copy
@@ -1106,5 +1239,80 @@ impl ParquetFile {
             message: format!("does not match the dataset schema: {e}"),
         })?;
         Ok(Some(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::{Float64Array, Int64Array};
+
+    fn batch(rows: usize) -> RecordBatch {
+        let ids: Vec<i64> = (0..rows as i64).collect();
+        let notes: Vec<String> = (0..rows).map(|i| format!("note {i} {}", "x".repeat(i % 40))).collect();
+        let amounts: Vec<Option<f64>> = (0..rows).map(|i| (i % 7 != 0).then_some(i as f64 / 4.0)).collect();
+        let codes: Vec<Option<&str>> = (0..rows).map(|i| (i % 5 != 0).then_some(["DE", "FR", "US"][i % 3])).collect();
+        RecordBatch::try_from_iter([
+            ("id", Arc::new(Int64Array::from(ids)) as ArrayRef),
+            ("note", Arc::new(StringArray::from(notes))),
+            ("amount", Arc::new(Float64Array::from(amounts))),
+            ("code", Arc::new(StringArray::from(codes))),
+        ])
+        .unwrap()
+    }
+
+    fn write(dir: &Path, b: &RecordBatch) {
+        let f = File::create(dir.join("part-0.parquet")).unwrap();
+        let props =
+            parquet::file::properties::WriterProperties::builder().set_max_row_group_row_count(Some(700)).build();
+        let mut w = parquet::arrow::ArrowWriter::try_new(f, b.schema(), Some(props)).unwrap();
+        w.write(b).unwrap();
+        w.close().unwrap();
+    }
+
+    /// A large file's columns are decoded in two halves, one on a thread of its own: the
+    /// batches are the file's rows, whole and in order, from the start and from an offset
+    /// (a resumed run), across row groups.
+    #[test]
+    fn a_file_decoded_in_two_halves_reads_as_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = batch(2000);
+        write(dir.path(), &all);
+        for start in [0u64, 1234] {
+            let mut reader = SourceReader::open_dataset(dir.path(), all.schema(), None, 100).unwrap();
+            if start > 0 {
+                reader.seek(0, start).unwrap();
+            }
+            let batches: Vec<RecordBatch> = reader.by_ref().map(|b| b.unwrap()).collect();
+            assert!(batches.iter().all(|b| b.num_rows() <= 100 && b.schema() == all.schema()));
+            let got = arrow_select::concat::concat_batches(&all.schema(), &batches).unwrap();
+            let want = all.slice(start as usize, all.num_rows() - start as usize);
+            assert_eq!(got, want, "from row {start}");
+            if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+                assert!(reader.helper_cpu_secs() > 0.0, "the second half was decoded on its own thread");
+            }
+        }
+    }
+
+    /// A file too small to split, or with one column, is read on the calling thread alone.
+    #[test]
+    fn small_or_narrow_files_are_not_split() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = batch(300);
+        write(dir.path(), &small);
+        let mut reader = SourceReader::open_dataset(dir.path(), small.schema(), None, 100).unwrap();
+        let rows: usize = reader.by_ref().map(|b| b.unwrap().num_rows()).sum();
+        assert_eq!(rows, 300);
+        assert_eq!(reader.helper_cpu_secs(), 0.0);
+        let meta =
+            ArrowReaderMetadata::load(&File::open(dir.path().join("part-0.parquet")).unwrap(), Default::default())
+                .unwrap();
+        assert_eq!(split_roots(meta.metadata(), &[0], 10, 0), None);
+        let halves = split_roots(meta.metadata(), &[0, 1, 2, 3], 10, 0);
+        if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+            // the notes are the largest column: alone in one half
+            assert_eq!(halves, Some((vec![1], vec![0, 2, 3])));
+        }
+        assert_eq!(split_roots(meta.metadata(), &[0, 1, 2, 3], 10, 290), None, "too few rows left");
     }
 }
