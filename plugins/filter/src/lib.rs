@@ -165,6 +165,8 @@ pub struct Filter {
     schema: SchemaRef,
     /// The columns the conditions read: input positions, ascending.
     columns: Vec<usize>,
+    /// Scratch: positions of the rows still kept.
+    rows: Vec<u32>,
 }
 
 fn text(v: &weir_sdk::serde_json::Value) -> String {
@@ -227,7 +229,7 @@ impl Transform for Filter {
         for p in &mut plans {
             p.index = columns.binary_search(&p.index).unwrap_or_default();
         }
-        Ok(Filter { plans, schema: input.clone(), columns })
+        Ok(Filter { plans, schema: input.clone(), columns, rows: Vec::new() })
     }
 
     fn output_schema(&self) -> SchemaRef {
@@ -277,31 +279,28 @@ impl Transform for Filter {
                 Test::Text(f, v) => {
                     let s = cast(col, &DataType::Utf8)?;
                     let s = s.as_string::<i32>();
-                    for (r, k) in keep.iter_mut().enumerate() {
-                        if *k {
-                            *k = s.is_valid(r) && f.holds(Some(s.value(r).cmp(v.as_str())));
-                        }
+                    for &r in kept_rows(&keep, &mut self.rows) {
+                        let r = r as usize;
+                        keep[r] = s.is_valid(r) && f.holds(Some(s.value(r).cmp(v.as_str())));
                     }
                 }
                 Test::InShort(set, want) => {
                     let s = cast(col, &DataType::Utf8)?;
                     let s = s.as_string::<i32>();
                     let (offsets, data) = (s.value_offsets(), s.value_data());
-                    for (r, k) in keep.iter_mut().enumerate() {
-                        if *k {
-                            let found = ShortSet::pack(data, offsets[r] as usize, offsets[r + 1] as usize)
-                                .is_some_and(|key| set.contains(key));
-                            *k = s.is_valid(r) && found == *want;
-                        }
+                    for &r in kept_rows(&keep, &mut self.rows) {
+                        let r = r as usize;
+                        let found = ShortSet::pack(data, offsets[r] as usize, offsets[r + 1] as usize)
+                            .is_some_and(|key| set.contains(key));
+                        keep[r] = s.is_valid(r) && found == *want;
                     }
                 }
                 Test::In(set, want) => {
                     let s = cast(col, &DataType::Utf8)?;
                     let s = s.as_string::<i32>();
-                    for (r, k) in keep.iter_mut().enumerate() {
-                        if *k {
-                            *k = s.is_valid(r) && set.contains(s.value(r)) == *want;
-                        }
+                    for &r in kept_rows(&keep, &mut self.rows) {
+                        let r = r as usize;
+                        keep[r] = s.is_valid(r) && set.contains(s.value(r)) == *want;
                     }
                 }
             }
@@ -310,6 +309,19 @@ impl Transform for Filter {
         host::counter_add("rows_kept", keep.true_count() as i64);
         Ok(keep)
     }
+}
+
+/// The positions of the rows still kept, gathered without a branch per row (whether a row
+/// survived an earlier condition is as good as random to the branch predictor).
+fn kept_rows<'a>(keep: &[bool], rows: &'a mut Vec<u32>) -> &'a [u32] {
+    rows.clear();
+    rows.resize(keep.len(), 0);
+    let mut n = 0;
+    for (r, k) in keep.iter().enumerate() {
+        rows[n] = r as u32;
+        n += usize::from(*k);
+    }
+    &rows[..n]
 }
 
 fn compare(keep: &mut [bool], values: &[f64], test: impl Fn(f64) -> bool) {
