@@ -163,6 +163,11 @@ pub struct ParallelWriter {
     schema: SchemaRef,
     row_group_size: usize,
     group: Option<RowGroup>,
+    /// The row group before `group`, when it copies columns: every row fed, its threads
+    /// finishing the encoding. It is appended to the file when the next one is full (or at
+    /// the end), so that its slowest column holds up neither the feeding thread nor the next
+    /// row group.
+    finishing: Option<(RowGroup, Option<Copying>)>,
     groups_written: usize,
     /// Per leaf column: its dictionary overflowed in an earlier row group, so it is plain now.
     plain: Vec<bool>,
@@ -205,6 +210,7 @@ impl ParallelWriter {
             schema,
             row_group_size,
             group: None,
+            finishing: None,
             groups_written: 0,
             plain: vec![false; columns],
             leaves,
@@ -246,7 +252,8 @@ impl ParallelWriter {
         let mut rest = batch.clone();
         while rest.num_rows() > 0 {
             if self.group.is_none() {
-                let writers = self.factory.create_column_writers(self.groups_written)?;
+                let ordinal = self.groups_written + usize::from(self.finishing.is_some());
+                let writers = self.factory.create_column_writers(ordinal)?;
                 self.group = Some(RowGroup::start(writers, self.threads, &self.cpu));
             }
             let group = self.group.as_mut().expect("started above");
@@ -307,6 +314,23 @@ impl ParallelWriter {
             }
         }
         let Some(group) = group else { return Ok(()) };
+        self.append_finishing()?;
+        group.close();
+        // A row group that copies columns has few left to encode, often one heavy one, which
+        // one thread encodes while the others idle: the next row group starts meanwhile
+        // (W1: 1.83 -> 1.66 s). Otherwise the columns already spread over the threads, and a
+        // second group's threads would only compete with the rest of the step.
+        let overlap = copying.is_some() && self.threads > 0;
+        self.finishing = Some((group, copying));
+        if !overlap {
+            self.append_finishing()?;
+        }
+        Ok(())
+    }
+
+    /// Wait for the finishing row group's encoding and append it to the file.
+    fn append_finishing(&mut self) -> Result<()> {
+        let Some((group, copying)) = self.finishing.take() else { return Ok(()) };
         let writers = group.finish()?;
         let mut row_group = self.file.next_row_group()?;
         let mut overflowed = false;
@@ -347,6 +371,7 @@ impl ParallelWriter {
     /// Write the last row group and the footer; returns the file.
     pub fn into_inner(mut self) -> Result<File> {
         self.flush()?;
+        self.append_finishing()?;
         self.file.into_inner()?.into_inner().map_err(|e| ParquetError::External(Box::new(e.into_error())))
     }
 }
@@ -517,10 +542,15 @@ impl RowGroup {
         Ok(())
     }
 
-    /// Wait for every queued slice to be encoded; returns the column writers in order.
-    fn finish(mut self) -> Result<Vec<ArrowColumnWriter>> {
+    /// No more slices come: the workers leave once they have encoded what is queued.
+    fn close(&self) {
         lock(&self.shared.state).closing = true;
         self.shared.work.notify_all();
+    }
+
+    /// Wait for every queued slice to be encoded; returns the column writers in order.
+    fn finish(mut self) -> Result<Vec<ArrowColumnWriter>> {
+        self.close();
         let mut panicked = false;
         for w in self.workers.drain(..) {
             panicked |= w.join().is_err();
@@ -834,7 +864,12 @@ mod tests {
         let mut group = copied(&file, &meta, 2);
         group.file_len = 100;
         w.copy_next(group).unwrap();
-        let e = w.write(&without_hash(2000, 500)).expect_err("outside the file");
+        // (the group is appended, and its copied chunks checked, after the next one or at
+        // the end: the error comes from whichever call does it)
+        let e = match w.write(&without_hash(2000, 500)) {
+            Err(e) => e,
+            Ok(()) => w.into_inner().expect_err("outside the file"),
+        };
         assert!(e.to_string().contains("are not inside the file (100 bytes)"), "{e}");
     }
 }
