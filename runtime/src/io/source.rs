@@ -885,9 +885,17 @@ impl HalfReader {
         let (tx, rx) = sync_channel(Self::AHEAD);
         let work = move || {
             let start = CpuTime::now();
-            for batch in reader {
-                if tx.send(batch).is_err() {
-                    break; // the file was dropped
+            let mut reader = reader;
+            loop {
+                // a decoder panic on a damaged file is that file's error, not a lost thread
+                let batch = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.next())) {
+                    Ok(Some(batch)) => batch,
+                    Ok(None) => break,
+                    Err(_) => Err(arrow_schema::ArrowError::ParquetError("the decoder failed on damaged data".into())),
+                };
+                let failed = batch.is_err();
+                if tx.send(batch).is_err() || failed {
+                    break; // the file was dropped, or this half cannot go on
                 }
             }
             cpu.fetch_add((start.elapsed_secs() * 1e9) as u64, Ordering::Relaxed);
