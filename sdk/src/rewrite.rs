@@ -32,19 +32,7 @@ pub struct Rewrite {
 impl Rewrite {
     /// Check that `output` is `input` with exactly the fields named in `names` replaced.
     pub fn new(input: &Schema, output: &Schema, names: &[String]) -> Result<Rewrite, String> {
-        if names.is_empty() {
-            return Err("it names no columns".into());
-        }
-        let mut columns = Vec::with_capacity(names.len());
-        for name in names {
-            let i =
-                input.index_of(name).map_err(|_| format!("it names `{name}`, which is not a column of the input"))?;
-            if columns.contains(&i) {
-                return Err(format!("it names `{name}` twice"));
-            }
-            columns.push(i);
-        }
-        columns.sort_unstable();
+        let columns = declared_columns(input, names)?;
         if output.fields().len() != input.fields().len() {
             return Err(format!(
                 "its output has {} columns and its input {}; a rewrite keeps every column in place",
@@ -112,6 +100,24 @@ impl Rewrite {
         }
         RecordBatch::try_new(output.clone(), columns).map_err(|e| e.to_string())
     }
+}
+
+/// Positions of the declared column `names` in `input`, ascending; each must be a column of
+/// it, named once.
+pub(crate) fn declared_columns(input: &Schema, names: &[String]) -> Result<Vec<usize>, String> {
+    if names.is_empty() {
+        return Err("it names no columns".into());
+    }
+    let mut columns = Vec::with_capacity(names.len());
+    for name in names {
+        let i = input.index_of(name).map_err(|_| format!("it names `{name}`, which is not a column of the input"))?;
+        if columns.contains(&i) {
+            return Err(format!("it names `{name}` twice"));
+        }
+        columns.push(i);
+    }
+    columns.sort_unstable();
+    Ok(columns)
 }
 
 /// `declared` without the metadata entry `key`, and the column names it held (a JSON array).

@@ -33,19 +33,7 @@ pub struct RowFilter {
 impl RowFilter {
     /// Check that `output` is `input` and that `names` are columns of it.
     pub fn new(input: &Schema, output: &Schema, names: &[String]) -> Result<RowFilter, String> {
-        if names.is_empty() {
-            return Err("it names no columns".into());
-        }
-        let mut columns = Vec::with_capacity(names.len());
-        for name in names {
-            let i =
-                input.index_of(name).map_err(|_| format!("it names `{name}`, which is not a column of the input"))?;
-            if columns.contains(&i) {
-                return Err(format!("it names `{name}` twice"));
-            }
-            columns.push(i);
-        }
-        columns.sort_unstable();
+        let columns = crate::rewrite::declared_columns(input, names)?;
         let same = output.fields().len() == input.fields().len()
             && input.fields().iter().zip(output.fields()).all(|(a, b)| {
                 a.name() == b.name() && a.data_type() == b.data_type() && a.is_nullable() == b.is_nullable()

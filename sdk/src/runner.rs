@@ -77,13 +77,7 @@ pub fn parse_config<C: serde::de::DeserializeOwned>(json: &str) -> Result<C> {
 impl<T: Transform> Typed<T> {
     fn conform(&self, batch: RecordBatch) -> Result<RecordBatch> {
         let got = batch.schema();
-        let same_shape = got.fields().len() == self.output.fields().len()
-            && got
-                .fields()
-                .iter()
-                .zip(self.output.fields())
-                .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
-        if !same_shape {
+        if !crate::util::same_shape(&got, &self.output) {
             return Err(Error::internal(format!(
                 "the plugin returned a batch with schema [{}] but declared [{}]",
                 crate::util::schema_text(&got),
@@ -137,14 +131,7 @@ impl<T: Transform> RawTransform for Typed<T> {
         for batch in batches {
             let rows = batch.num_rows() as u64;
             if self.mode == Mode::Filter {
-                let got = batch.schema();
-                let same = got.fields().len() == self.input.fields().len()
-                    && got
-                        .fields()
-                        .iter()
-                        .zip(self.input.fields())
-                        .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
-                if !same {
+                if !crate::util::same_shape(&batch.schema(), &self.input) {
                     return Err(Error::internal(format!(
                         "the host sent columns [{}] to a row filter that reads [{}]: it does not know \
                          `weir.filter` declarations; use a newer weir",

@@ -43,6 +43,14 @@ pub fn with_schema(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch
 }
 
 /// `name: type` pairs of a schema, for messages.
+/// Whether two schemas have the same column names and types, in the same order
+/// (nullability and metadata aside): what a batch must share with the schema it is checked
+/// against.
+pub fn same_shape(a: &Schema, b: &Schema) -> bool {
+    a.fields().len() == b.fields().len()
+        && a.fields().iter().zip(b.fields()).all(|(x, y)| x.name() == y.name() && x.data_type() == y.data_type())
+}
+
 pub fn schema_text(schema: &Schema) -> String {
     schema.fields().iter().map(|f| format!("{}: {}", f.name(), f.data_type())).collect::<Vec<_>>().join(", ")
 }

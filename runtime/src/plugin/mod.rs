@@ -986,7 +986,7 @@ impl TransformInstance {
     ) -> Result<Vec<RecordBatch>, CallError> {
         let (schema, batches) = decode_guarded(bytes).map_err(CallError::BadOutput)?;
         let declared = self.declared.as_ref().ok_or_else(|| CallError::Internal("process before init".into()))?;
-        if !same_shape(&schema, &rw.output) {
+        if !weir_sdk::util::same_shape(&schema, &rw.output) {
             return Err(CallError::SchemaMismatch {
                 got: weir_sdk::util::schema_text(&schema),
                 declared: weir_sdk::util::schema_text(&rw.output),
@@ -1051,7 +1051,7 @@ impl TransformInstance {
             got: weir_sdk::util::schema_text(got),
             declared: weir_sdk::util::schema_text(declared),
         };
-        if !same_shape(&schema, declared) {
+        if !weir_sdk::util::same_shape(&schema, declared) {
             return Err(mismatch(&schema));
         }
         let mut out = Vec::with_capacity(batches.len());
@@ -1140,11 +1140,6 @@ impl RuleInstance {
         let v = self.sb.call(|s| b.weir_plugin_quality_rule().call_finish(s))?;
         Ok(RuleVerdict { passed: v.passed, observed: v.observed, message: v.message })
     }
-}
-
-fn same_shape(a: &arrow_schema::Schema, b: &arrow_schema::Schema) -> bool {
-    a.fields().len() == b.fields().len()
-        && a.fields().iter().zip(b.fields()).all(|(x, y)| x.name() == y.name() && x.data_type() == y.data_type())
 }
 
 fn deadline_ticks(timeout: Duration) -> u64 {
