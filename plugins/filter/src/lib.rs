@@ -95,29 +95,57 @@ impl Hasher for WordHasher {
     }
 }
 
-/// A set of strings of at most 7 bytes, each packed with its length into one word: a lookup
-/// is one unaligned load, a multiply and (nearly always) one probe, with no byte loop.
+/// A set of strings of at most 7 bytes, each packed with its length into one word. Every
+/// key sits within `PROBES` slots of its home slot, so a lookup is one unaligned load, a
+/// multiply and `PROBES` compares with no branch: whether a row's value is in the set is as
+/// good as random to the branch predictor, and a probe loop mispredicted on most rows.
 struct ShortSet {
+    /// `mask + PROBES` slots: a home slot near the end probes past it without wrapping.
     slots: Vec<u64>,
     mask: usize,
+    multiplier: u64,
 }
 
 /// Never a packed value: those have a length of 0..=7 in the top byte.
 const EMPTY: u64 = u64::MAX;
 
+/// Slots a lookup compares, from the key's home slot on.
+const PROBES: usize = 4;
+
 impl ShortSet {
+    /// `None` when a value is longer than 7 bytes or no table of a bounded size keeps every
+    /// key within `PROBES` slots of home (then the caller uses a hashed set).
     fn new(values: &[String]) -> Option<ShortSet> {
-        let keys: Vec<u64> = values.iter().map(|v| Self::pack(v.as_bytes(), 0, v.len())).collect::<Option<_>>()?;
-        let size = (keys.len() * 4).next_power_of_two().max(8);
-        let mut set = ShortSet { slots: vec![EMPTY; size], mask: size - 1 };
-        for k in keys {
-            let mut i = set.home(k);
-            while set.slots[i] != EMPTY && set.slots[i] != k {
-                i = (i + 1) & set.mask;
+        let mut keys: Vec<u64> = values.iter().map(|v| Self::pack(v.as_bytes(), 0, v.len())).collect::<Option<_>>()?;
+        keys.sort_unstable();
+        keys.dedup();
+        let smallest = (keys.len() * 4).next_power_of_two().max(8);
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        for size in (0..4).map(|shift| smallest << shift) {
+            for _ in 0..16 {
+                let mut set = ShortSet { slots: vec![EMPTY; size + PROBES], mask: size - 1, multiplier: seed | 1 };
+                if keys.iter().all(|&k| set.place(k)) {
+                    return Some(set);
+                }
+                // the next odd multiplier (splitmix64 step)
+                seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                seed = (seed ^ (seed >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                seed = (seed ^ (seed >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             }
-            set.slots[i] = k;
         }
-        Some(set)
+        None
+    }
+
+    /// Put `key` in the first free slot of its probe window; false when the window is full.
+    fn place(&mut self, key: u64) -> bool {
+        let home = self.home(key);
+        match self.slots[home..home + PROBES].iter().position(|s| *s == EMPTY) {
+            Some(i) => {
+                self.slots[home + i] = key;
+                true
+            }
+            None => false,
+        }
     }
 
     /// `data[start..end]` with its length as one word, or `None` when longer than 7 bytes.
@@ -137,19 +165,18 @@ impl ShortSet {
 
     #[inline]
     fn home(&self, key: u64) -> usize {
-        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & self.mask
+        (key.wrapping_mul(self.multiplier) >> 32) as usize & self.mask
     }
 
     #[inline]
     fn contains(&self, key: u64) -> bool {
-        let mut i = self.home(key);
-        loop {
-            match self.slots[i] {
-                s if s == key => return true,
-                EMPTY => return false,
-                _ => i = (i + 1) & self.mask,
-            }
-        }
+        let home = self.home(key);
+        let window: &[u64; PROBES] = match self.slots[home..home + PROBES].try_into() {
+            Ok(w) => w,
+            Err(_) => return false,
+        };
+        // `|` rather than `any`, which would stop (and branch) at the first match
+        window.iter().fold(false, |found, s| found | (*s == key))
     }
 }
 
@@ -382,6 +409,20 @@ mod tests {
         // with a value longer than 7 bytes (a hashed set) and with short values only (packed)
         in_and_not_in(&["", "abcdefgh", "abcdefghi", "ü-ünïcode-long-string-xx"]);
         in_and_not_in(&["", "a", "abcdefg", "ü", "C001", "C001"]);
+    }
+
+    #[test]
+    fn a_short_set_finds_its_members_and_nothing_else_at_any_size() {
+        for n in [1usize, 2, 100, 200, 5000] {
+            let values: Vec<String> = (0..n).map(|i| format!("C{i:03}")).collect();
+            let set = ShortSet::new(&values).expect("codes this short and this few fit a window table");
+            let key = |v: &str| ShortSet::pack(v.as_bytes(), 0, v.len()).unwrap();
+            assert!(values.iter().all(|v| set.contains(key(v))), "{n} members");
+            for other in (n..n + 300).map(|i| format!("C{i:03}")).chain(["".into(), "C".into(), "c000".into()]) {
+                assert!(!set.contains(key(&other)), "{other} is not among {n}");
+            }
+        }
+        assert!(ShortSet::new(&["abcdefgh".to_string()]).is_none(), "8 bytes do not pack");
     }
 
     fn in_and_not_in(set: &[&str]) {
