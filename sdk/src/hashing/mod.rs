@@ -80,33 +80,32 @@ impl Hasher {
         }
     }
 
-    /// The hex digests of two values at once, when they have as many blocks; false (and
-    /// nothing written) otherwise.
+    /// The hex digests of `N` values at once (into `out`, 64 bytes each), when they have as
+    /// many blocks; false (and nothing written) otherwise.
     ///
     /// # Safety
     /// The CPU must have what [`x86::available`] checks for.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn hex2(&self, values: [&[u8]; 2], out: [&mut [u8]; 2]) -> bool {
+    unsafe fn hex_lanes<const N: usize>(&self, values: [&[u8]; N], out: &mut [u8]) -> bool {
         let prefix = self.prefix();
-        let (tail0, n0) = padded(prefix, values[0]);
-        let (tail1, n1) = padded(prefix, values[1]);
-        if values[0].len() / 64 != values[1].len() / 64 || n0 != n1 {
+        let tails: [([u8; 128], usize); N] = std::array::from_fn(|l| padded(prefix, values[l]));
+        let whole = values[0].len() / 64;
+        if values.iter().zip(&tails).any(|(v, t)| v.len() / 64 != whole || t.1 != tails[0].1) {
             return false;
         }
-        let (mut s0, mut s1) = (self.inner, self.inner);
-        for (b0, b1) in values[0].chunks_exact(64).zip(values[1].chunks_exact(64)) {
-            x86::compress2([&mut s0, &mut s1], [block(b0), block(b1)]);
+        let mut states = [self.inner; N];
+        for b in 0..whole {
+            x86::compress_lanes(&mut states, std::array::from_fn(|l| block(&values[l][64 * b..])));
         }
-        for k in 0..n0 {
-            x86::compress2([&mut s0, &mut s1], [block(&tail0[64 * k..]), block(&tail1[64 * k..])]);
+        for k in 0..tails[0].1 {
+            x86::compress_lanes(&mut states, std::array::from_fn(|l| block(&tails[l].0[64 * k..])));
         }
         if let Some(outer) = self.outer {
-            let (d0, _) = padded(64, &words_to_bytes(&s0));
-            let (d1, _) = padded(64, &words_to_bytes(&s1));
-            (s0, s1) = (outer, outer);
-            x86::compress2([&mut s0, &mut s1], [block(&d0), block(&d1)]);
+            let digests: [[u8; 128]; N] = std::array::from_fn(|l| padded(64, &words_to_bytes(&states[l])).0);
+            states = [outer; N];
+            x86::compress_lanes(&mut states, std::array::from_fn(|l| block(&digests[l])));
         }
-        for (state, out) in [s0, s1].iter().zip(out) {
+        for (state, out) in states.iter().zip(out.chunks_exact_mut(64)) {
             x86::hex(state, out.try_into().expect("64-byte digest"));
         }
         true
@@ -185,18 +184,29 @@ pub fn hash_strings_with(hasher: &Hasher, offsets: &[u32], data: &[u8]) -> Resul
     let mut out = vec![0u8; n * 64];
     #[cfg(target_arch = "x86_64")]
     if x86::available() {
-        let mut pairs = out.chunks_exact_mut(128);
-        for (p, pair) in (&mut pairs).enumerate() {
-            let values = [value(2 * p)?, value(2 * p + 1)?];
-            let (first, second) = pair.split_at_mut(64);
-            // SAFETY: `available` said the CPU has the instructions.
-            if !unsafe { hasher.hex2(values, [&mut *first, &mut *second]) } {
-                hasher.hex_into(values[0], first.try_into().expect("64-byte chunk"));
-                hasher.hex_into(values[1], second.try_into().expect("64-byte chunk"));
+        // four values at a time; a group whose lengths differ in block count goes two at a
+        // time, then one at a time
+        let mut i = 0;
+        for group in out.chunks_mut(256) {
+            let m = group.len() / 64;
+            // SAFETY (hex_lanes): `available` said the CPU has the instructions.
+            if m == 4 {
+                let values = [value(i)?, value(i + 1)?, value(i + 2)?, value(i + 3)?];
+                if unsafe { hasher.hex_lanes(values, group) } {
+                    i += 4;
+                    continue;
+                }
             }
-        }
-        if let Ok(last) = <&mut [u8; 64]>::try_from(pairs.into_remainder()) {
-            hasher.hex_into(value(n - 1)?, last);
+            for pair in group.chunks_mut(128) {
+                if pair.len() == 128 && unsafe { hasher.hex_lanes([value(i)?, value(i + 1)?], pair) } {
+                    i += 2;
+                    continue;
+                }
+                for hex in pair.chunks_exact_mut(64) {
+                    hasher.hex_into(value(i)?, hex.try_into().expect("64-byte chunk"));
+                    i += 1;
+                }
+            }
         }
         return Ok(out);
     }
@@ -250,7 +260,7 @@ mod tests {
         }
     }
 
-    /// A column of values hashed together (two at a time where the CPU can) gives each value
+    /// A column of values hashed together (four or two at a time where the CPU can) gives each value
     /// the reference crates' digest: neighbours of equal and different block counts, an odd
     /// count, empty values.
     #[test]
