@@ -54,6 +54,47 @@ pub struct Dedup {
     seen_null: bool,
 }
 
+impl Dedup {
+    /// The key columns' input positions, ascending and each once.
+    fn key_order(&self) -> Vec<usize> {
+        let mut order = self.keys.clone();
+        order.sort_unstable();
+        order.dedup();
+        order
+    }
+
+    /// keep = "first": for each row, whether its key is new (the key is then seen).
+    fn first_seen(&mut self, key_cols: &[&ArrayRef]) -> Result<Vec<bool>> {
+        let rows = key_cols.first().map_or(0, |c| c.len());
+        let keep: Vec<bool> = if self.int_key {
+            let ids = key_cols[0].as_primitive::<weir_sdk::arrow_array::types::Int64Type>();
+            (0..rows)
+                .map(|r| {
+                    if ids.is_null(r) {
+                        !std::mem::replace(&mut self.seen_null, true)
+                    } else {
+                        self.seen_int.insert(ids.value(r))
+                    }
+                })
+                .collect()
+        } else {
+            let mut keep = Vec::with_capacity(rows);
+            for row in 0..rows {
+                encode_key(key_cols, row, &mut self.buf)?;
+                let new = !self.seen.contains_key(&self.buf);
+                if new {
+                    self.seen.insert(self.buf.clone(), 0);
+                }
+                keep.push(new);
+            }
+            keep
+        };
+        let dropped = keep.iter().filter(|k| !**k).count();
+        host::counter_add("duplicates_dropped", dropped as i64);
+        Ok(keep)
+    }
+}
+
 impl Transform for Dedup {
     type Config = Config;
 
@@ -108,36 +149,26 @@ impl Transform for Dedup {
         self.schema.clone()
     }
 
+    /// keep = "first" only keeps or drops rows, deciding from the key: it is a row filter, so
+    /// only the key columns cross into the sandbox and the host drops the rows.
+    fn filter_columns(&self) -> Option<Vec<String>> {
+        (self.keep == Keep::First)
+            .then(|| self.key_order().into_iter().map(|i| self.schema.field(i).name().clone()).collect())
+    }
+
+    fn keep(&mut self, batch: &RecordBatch) -> Result<BooleanArray> {
+        // the batch holds the key columns only, in input order
+        let order = self.key_order();
+        let key_cols: Vec<&ArrayRef> =
+            self.keys.iter().map(|k| batch.column(order.binary_search(k).unwrap_or_default())).collect();
+        Ok(BooleanArray::from(self.first_seen(&key_cols)?))
+    }
+
     fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
         let key_cols: Vec<&ArrayRef> = self.keys.iter().map(|&i| batch.column(i)).collect();
         match self.keep {
-            Keep::First if self.int_key => {
-                let ids = key_cols[0].as_primitive::<weir_sdk::arrow_array::types::Int64Type>();
-                let keep: Vec<bool> = (0..ids.len())
-                    .map(|r| {
-                        if ids.is_null(r) {
-                            !std::mem::replace(&mut self.seen_null, true)
-                        } else {
-                            self.seen_int.insert(ids.value(r))
-                        }
-                    })
-                    .collect();
-                let dropped = keep.iter().filter(|k| !**k).count();
-                host::counter_add("duplicates_dropped", dropped as i64);
-                Ok(filter_record_batch(&batch, &BooleanArray::from(keep))?)
-            }
             Keep::First => {
-                let mut keep = Vec::with_capacity(batch.num_rows());
-                for row in 0..batch.num_rows() {
-                    encode_key(&key_cols, row, &mut self.buf)?;
-                    let new = !self.seen.contains_key(&self.buf);
-                    if new {
-                        self.seen.insert(self.buf.clone(), 0);
-                    }
-                    keep.push(new);
-                }
-                let dropped = keep.iter().filter(|k| !**k).count();
-                host::counter_add("duplicates_dropped", dropped as i64);
+                let keep = self.first_seen(&key_cols)?;
                 Ok(filter_record_batch(&batch, &BooleanArray::from(keep))?)
             }
             Keep::Last => {
@@ -297,6 +328,32 @@ mod tests {
             assert_eq!(got, expected, "{cfg}");
             assert!(second.restore(&state[..state.len() - 1]).is_err(), "a truncated state is an error");
         }
+    }
+
+    #[test]
+    fn keep_first_is_a_row_filter_on_the_key_columns_in_any_order() {
+        let a = batch(&[1, 1, 2, 1], &[1, 2, 1, 1], &["x", "x", "x", "y"]);
+        // key columns named out of input order, and one named twice
+        let dedup = |key: &[&str], keep| {
+            let config = Config { key: key.iter().map(|k| k.to_string()).collect(), keep, order_by: None };
+            Dedup::new(config, &a.schema(), &Context::default()).unwrap()
+        };
+        for (key, filter, kept) in [
+            (vec!["tag", "id"], vec!["id", "tag"], vec![1, 2, 1]),
+            (vec!["id", "id"], vec!["id"], vec![1, 2]),
+            (vec!["v"], vec!["v"], vec![1, 1]),
+        ] {
+            let cfg = format!("key = {key:?}");
+            let d = dedup(&key, Keep::First);
+            assert_eq!(d.filter_columns(), Some(filter.iter().map(|s| s.to_string()).collect()), "{cfg}");
+            // the harness sends only those columns and drops the rows as the host does
+            let out = Harness::<Dedup>::new(&cfg, &a.schema()).unwrap().run(std::slice::from_ref(&a)).unwrap();
+            assert_eq!(out.num_columns(), 3, "{cfg}: every column stays");
+            let ids: Vec<i64> =
+                out.column(0).as_primitive::<weir_sdk::arrow_array::types::Int64Type>().values().to_vec();
+            assert_eq!(ids, kept, "{cfg}");
+        }
+        assert_eq!(dedup(&["id"], Keep::Last).filter_columns(), None, "keep = last emits at the end: not a filter");
     }
 
     #[test]
