@@ -38,14 +38,10 @@ pub fn cast_column(array: &dyn Array, to: &DataType, options: &CastOptions) -> R
 /// or `None` for anything else (including dates that do not exist and second 60).
 ///
 /// The digits are checked and combined a word at a time (eight bytes per operation, no
-/// branch per character): in a plugin this runs once per value of a column.
-pub fn fixed_width_timestamp_micros(text: &[u8]) -> Option<i64> {
-    parse_fixed_width(text)
-}
-
-/// [`fixed_width_timestamp_micros`], inlined into the column loop.
+/// branch per character): in a plugin this runs once per value of a column, so it is
+/// inlined into the column loop.
 #[inline(always)]
-fn parse_fixed_width(text: &[u8]) -> Option<i64> {
+pub fn fixed_width_timestamp_micros(text: &[u8]) -> Option<i64> {
     let time = match text.len() {
         10 => None,
         19 => Some(load(&text[11..19])),
@@ -121,7 +117,7 @@ pub fn text_to_timestamps(array: &dyn Array, to: &DataType) -> Option<ArrayRef> 
     let (offsets, data) = (text.value_offsets(), text.value_data());
     let mut values = vec![0i64; text.len()];
     for (i, (v, w)) in values.iter_mut().zip(offsets.windows(2)).enumerate() {
-        match data.get(w[0] as usize..w[1] as usize).and_then(parse_fixed_width) {
+        match data.get(w[0] as usize..w[1] as usize).and_then(fixed_width_timestamp_micros) {
             Some(micros) => *v = micros,
             // what lies under a null slot is not looked at (and stays 0)
             None if text.is_null(i) => {}
@@ -130,9 +126,7 @@ pub fn text_to_timestamps(array: &dyn Array, to: &DataType) -> Option<ArrayRef> 
     }
     if let Some(nulls) = text.nulls() {
         // a null slot whose bytes happened to parse
-        for i in (0..values.len()).filter(|i| nulls.is_null(*i)) {
-            values[i] = 0;
-        }
+        values.iter_mut().zip(nulls.iter()).filter(|(_, valid)| !valid).for_each(|(v, _)| *v = 0);
     }
     let out = PrimitiveArray::<TimestampMicrosecondType>::new(values.into(), text.nulls().cloned());
     Some(Arc::new(out.with_timezone_opt(tz)))

@@ -52,17 +52,14 @@ pub struct Dedup {
     int_key: bool,
     seen_int: IntSet,
     seen_null: bool,
+    /// The key columns' input positions, ascending and each once: the columns a row filter
+    /// call receives.
+    filter_columns: Vec<usize>,
+    /// Where each key column (in `keys` order) is among `filter_columns`.
+    filter_keys: Vec<usize>,
 }
 
 impl Dedup {
-    /// The key columns' input positions, ascending and each once.
-    fn key_order(&self) -> Vec<usize> {
-        let mut order = self.keys.clone();
-        order.sort_unstable();
-        order.dedup();
-        order
-    }
-
     /// keep = "first": for each row, whether its key is new (the key is then seen).
     fn first_seen(&mut self, key_cols: &[&ArrayRef]) -> Result<Vec<bool>> {
         let rows = key_cols.first().map_or(0, |c| c.len());
@@ -125,8 +122,14 @@ impl Transform for Dedup {
             }
             (Keep::First, None) => None,
         };
+        let mut filter_columns = keys.clone();
+        filter_columns.sort_unstable();
+        filter_columns.dedup();
+        let filter_keys = keys.iter().map(|k| filter_columns.binary_search(k).unwrap_or_default()).collect();
         Ok(Dedup {
             keys,
+            filter_columns,
+            filter_keys,
             order_by,
             keep: config.keep,
             schema: input.clone(),
@@ -153,14 +156,12 @@ impl Transform for Dedup {
     /// only the key columns cross into the sandbox and the host drops the rows.
     fn filter_columns(&self) -> Option<Vec<String>> {
         (self.keep == Keep::First)
-            .then(|| self.key_order().into_iter().map(|i| self.schema.field(i).name().clone()).collect())
+            .then(|| self.filter_columns.iter().map(|&i| self.schema.field(i).name().clone()).collect())
     }
 
     fn keep(&mut self, batch: &RecordBatch) -> Result<BooleanArray> {
         // the batch holds the key columns only, in input order
-        let order = self.key_order();
-        let key_cols: Vec<&ArrayRef> =
-            self.keys.iter().map(|k| batch.column(order.binary_search(k).unwrap_or_default())).collect();
+        let key_cols: Vec<&ArrayRef> = self.filter_keys.iter().map(|&k| batch.column(k)).collect();
         Ok(BooleanArray::from(self.first_seen(&key_cols)?))
     }
 
