@@ -1,5 +1,6 @@
 //! Built-in sources and sinks.
 
+mod dict;
 mod encode;
 pub mod sink;
 pub mod source;
