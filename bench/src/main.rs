@@ -152,8 +152,17 @@ fn main() -> Result<()> {
             println!("{rows} {sum:016x}");
             Ok(())
         }
-        Cmd::Startup { report } => startup(report.as_deref()),
+        Cmd::Startup { report } => {
+            if let Some(p) = &report {
+                report_dir(p)?;
+            }
+            startup(report.as_deref())
+        }
         Cmd::Run { rows, repeat, workloads, runners, dir, check_only, report, compression } => {
+            // (before the runs: a report that cannot be written must not cost a long run)
+            if let Some(p) = &report {
+                report_dir(p)?;
+            }
             let opts = RunOpts { repeat, workloads, runners, dir, check_only, compression };
             let mut all = Vec::new();
             let mut failed = 0;
@@ -166,8 +175,10 @@ fn main() -> Result<()> {
                 let md = render(&rows, &all, compression);
                 println!("{md}");
                 if let Some(path) = report {
-                    std::fs::write(&path, &md)?;
-                    std::fs::write(path.with_extension("json"), serde_json::to_string_pretty(&all)?)?;
+                    std::fs::write(&path, &md).with_context(|| format!("write {}", path.display()))?;
+                    let json = path.with_extension("json");
+                    std::fs::write(&json, serde_json::to_string_pretty(&all)?)
+                        .with_context(|| format!("write {}", json.display()))?;
                 }
             }
             if failed > 0 {
@@ -904,9 +915,18 @@ fn startup(report: Option<&Path>) -> Result<()> {
     if let Some(p) = report {
         let mut text = std::fs::read_to_string(p).unwrap_or_default();
         text.push_str(&md);
-        std::fs::write(p, text)?;
+        std::fs::write(p, text).with_context(|| format!("write {}", p.display()))?;
     }
     Ok(())
+}
+
+/// Create the folder a report goes to, naming it if that fails.
+fn report_dir(report: &Path) -> Result<()> {
+    match report.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create {} for the report {}", dir.display(), report.display())),
+        None => Ok(()),
+    }
 }
 
 /// Seconds of `runner` on `workload` at `rows`, if it ran.

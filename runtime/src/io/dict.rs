@@ -124,8 +124,10 @@ struct Slot {
 const FREE: Slot = Slot { tag: 0, key: EMPTY, stamp: 0 };
 
 impl Table {
-    fn new() -> Self {
-        Table { slots: vec![FREE; 1024], mask: 1023 }
+    /// A table that holds `entries` without growing (at least 1024 slots).
+    fn new(entries: usize) -> Self {
+        let size = (entries * 2).next_power_of_two().max(1024);
+        Table { slots: vec![FREE; size], mask: size - 1 }
     }
 
     /// Double the table, placing every entry again by the hash of its tag.
@@ -341,7 +343,9 @@ pub(crate) struct DictColumn {
 }
 
 impl DictColumn {
-    pub(crate) fn new(descr: ColumnDescPtr, kind: DictKind, props: &WriterProperties) -> Result<Self> {
+    /// An encoder for one chunk of the column `descr`, expecting about `entries` distinct
+    /// values (the previous row group's count: the table is sized once, not grown).
+    pub(crate) fn new(descr: ColumnDescPtr, kind: DictKind, props: &WriterProperties, entries: usize) -> Result<Self> {
         let compression = props.compression(descr.path());
         let codec = create_codec(compression, &CodecOptionsBuilder::default().build())?;
         let key = std::collections::hash_map::RandomState::new().hash_one(0x5745_4952u64);
@@ -362,9 +366,9 @@ impl DictColumn {
                     bytes: Vec::new(),
                     ends: Vec::new(),
                     hashes: Vec::new(),
-                    table: Table::new(),
+                    table: Table::new(entries),
                 }),
-                _ => Values::Num(Numbers { values: Vec::new(), table: Table::new() }),
+                _ => Values::Num(Numbers { values: Vec::with_capacity(entries), table: Table::new(entries) }),
             },
             plain: false,
             page: Filling { page_no: 1, ..Default::default() },
@@ -379,7 +383,8 @@ impl DictColumn {
         self.plain
     }
 
-    fn entries(&self) -> usize {
+    /// Distinct values so far.
+    pub(crate) fn entries(&self) -> usize {
         match &self.values {
             Values::Num(n) => n.values.len(),
             Values::Str(s) => s.ends.len(),

@@ -178,6 +178,8 @@ pub struct ParallelWriter {
     plain: Vec<bool>,
     /// Per leaf column: the values our dictionary encoder takes for it, if it takes it.
     dict: Vec<Option<DictKind>>,
+    /// Per leaf column: distinct values in its last dictionary chunk (to size the next).
+    dict_entries: Vec<usize>,
     /// Per field of the schema: its leaf columns (a nested field has several).
     leaves: Vec<std::ops::Range<usize>>,
     /// Set while the row group being written copies some columns from an input file.
@@ -228,6 +230,7 @@ impl ParallelWriter {
             groups_written: 0,
             plain: vec![false; columns],
             dict,
+            dict_entries: vec![0; columns],
             leaves,
             copying: None,
             threads: if threaded { encode_threads(columns) } else { 0 },
@@ -368,6 +371,7 @@ impl ParallelWriter {
                     chunk.append_to_row_group(&mut row_group)?;
                 }
                 Encoder::Dict(d) => {
+                    self.dict_entries[leaf] = d.entries();
                     if d.overflowed() {
                         *plain = true;
                         overflowed = true;
@@ -397,7 +401,8 @@ impl ParallelWriter {
             .enumerate()
             .map(|(leaf, w)| match self.dict[leaf] {
                 Some(kind) if !self.plain[leaf] => {
-                    Ok(Encoder::Dict(Box::new(DictColumn::new(descr.column(leaf), kind, props)?)))
+                    let entries = self.dict_entries[leaf];
+                    Ok(Encoder::Dict(Box::new(DictColumn::new(descr.column(leaf), kind, props, entries)?)))
                 }
                 _ => Ok(Encoder::Arrow(Box::new(w))),
             })
