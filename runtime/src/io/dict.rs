@@ -337,6 +337,8 @@ pub(crate) struct DictColumn {
     /// Once the dictionary outgrew its limit the chunk goes on in PLAIN pages.
     plain: bool,
     page: Filling,
+    /// The codec's output, reused page after page.
+    scratch: Vec<u8>,
     pages: Vec<DataPage>,
     total_rows: u64,
     total_nans: u64,
@@ -372,6 +374,7 @@ impl DictColumn {
             },
             plain: false,
             page: Filling { page_no: 1, ..Default::default() },
+            scratch: Vec::new(),
             pages: Vec::new(),
             total_rows: 0,
             total_nans: 0,
@@ -691,14 +694,17 @@ impl DictColumn {
         Ok(())
     }
 
+    /// The page's bytes compressed, in an allocation of their size: a chunk's pages wait
+    /// in memory until its dictionary page is written, and a codec's output buffer is
+    /// reserved at the input's size (W2: 40 MB more peak memory when pages kept them).
     fn compress(&mut self, buf: Vec<u8>) -> Result<Bytes> {
         Ok(match &mut self.codec {
             Some(c) => {
-                let mut out = Vec::with_capacity(buf.len() / 2 + 64);
-                c.compress(&buf, &mut out)?;
-                Bytes::from(out)
+                self.scratch.clear();
+                c.compress(&buf, &mut self.scratch)?;
+                Bytes::copy_from_slice(&self.scratch)
             }
-            None => Bytes::from(buf),
+            None => Bytes::copy_from_slice(&buf),
         })
     }
 
