@@ -131,16 +131,25 @@ impl Table {
     }
 
     /// Double the table, placing every entry again by the hash of its tag.
-    /// Note that the page `page_no` uses the entry in slot `i`; returns its position.
+    /// Note that `page` uses the entry in slot `i`.
     #[inline(always)]
-    fn note(&mut self, i: usize, page: &mut Filling) -> u32 {
+    fn note(&mut self, i: usize, page: &mut Filling) {
         let slot = &mut self.slots[i];
         page.indices.push(u64::from(slot.key));
         if slot.stamp != page.page_no {
             slot.stamp = page.page_no;
             page.used.push(slot.key);
         }
-        slot.key
+    }
+
+    /// Put the new entry `k` (tagged `tag`) in the free slot `i`, used by `page`; returns
+    /// whether the table is now more than half full and must grow.
+    #[inline(always)]
+    fn place(&mut self, i: usize, tag: u64, k: u32, page: &mut Filling) -> bool {
+        self.slots[i] = Slot { tag, key: k, stamp: page.page_no };
+        page.indices.push(u64::from(k));
+        page.used.push(k);
+        (k as usize + 1) * 2 > self.slots.len()
     }
 
     /// Hint the slot for `hash` into the cache ahead of its lookup.
@@ -212,12 +221,8 @@ impl Numbers {
         loop {
             let s = self.table.slots[i];
             if s.key == EMPTY {
-                let k = self.values.len() as u32;
                 self.values.push(v);
-                self.table.slots[i] = Slot { tag: v, key: k, stamp: page.page_no };
-                page.indices.push(u64::from(k));
-                page.used.push(k);
-                if self.values.len() * 2 > self.table.slots.len() {
+                if self.table.place(i, v, self.values.len() as u32 - 1, page) {
                     self.table.grow(self.values.iter().copied(), |v| mix(v, key));
                 }
                 return;
@@ -255,14 +260,10 @@ impl Strings {
         loop {
             let s = self.table.slots[i];
             if s.key == EMPTY {
-                let k = self.ends.len() as u32;
                 self.bytes.extend_from_slice(v);
                 self.ends.push(self.bytes.len() as u32);
                 self.hashes.push(h);
-                self.table.slots[i] = Slot { tag: h, key: k, stamp: page.page_no };
-                page.indices.push(u64::from(k));
-                page.used.push(k);
-                if self.ends.len() * 2 > self.table.slots.len() {
+                if self.table.place(i, h, self.ends.len() as u32 - 1, page) {
                     self.table.grow(self.hashes.iter().copied(), |h| h);
                 }
                 return;

@@ -302,6 +302,15 @@ impl ParallelWriter {
                     }
                 }
                 if range.len() == 1 && group.dict[range.start] {
+                    // (our encoder reads the values by the file's type: the batch must have it)
+                    if column.data_type() != field.data_type() {
+                        return Err(ParquetError::General(format!(
+                            "column `{}`: a batch of {} for a file column of {}",
+                            field.name(),
+                            column.data_type(),
+                            field.data_type()
+                        )));
+                    }
                     leaves.push((range.start, Leaf::Array(column.clone())));
                     continue;
                 }
