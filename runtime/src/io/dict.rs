@@ -25,7 +25,6 @@ use parquet::column::page::{CompressedPage, Page, PageWriter};
 use parquet::column::writer::ColumnCloseResult;
 use parquet::compression::{create_codec, Codec, CodecOptionsBuilder};
 use parquet::data_type::ByteArray;
-use parquet::encodings::rle::RleEncoder;
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{
     ColumnChunkMetaData, ColumnIndexBuilder, LevelHistogram, OffsetIndexBuilder, PageEncodingStats,
@@ -135,7 +134,7 @@ impl Table {
     #[inline(always)]
     fn note(&mut self, i: usize, page: &mut Filling) {
         let slot = &mut self.slots[i];
-        page.indices.push(u64::from(slot.key));
+        page.indices.push(slot.key);
         if slot.stamp != page.page_no {
             slot.stamp = page.page_no;
             page.used.push(slot.key);
@@ -147,7 +146,7 @@ impl Table {
     #[inline(always)]
     fn place(&mut self, i: usize, tag: u64, k: u32, page: &mut Filling) -> bool {
         self.slots[i] = Slot { tag, key: k, stamp: page.page_no };
-        page.indices.push(u64::from(k));
+        page.indices.push(k);
         page.used.push(k);
         (k as usize + 1) * 2 > self.slots.len()
     }
@@ -199,11 +198,93 @@ fn hash_bytes(b: &[u8], key: u64) -> u64 {
     }
     let rest = chunks.remainder();
     if !rest.is_empty() {
-        let mut tail = [0u8; 8];
-        tail[..rest.len()].copy_from_slice(rest);
-        h = mix(u64::from_le_bytes(tail), h);
+        h = mix(tail_bits(rest), h);
     }
     mix(h, key)
+}
+
+/// The 1 to 7 bytes of `rest` as a little-endian number, read in at most two loads that
+/// may overlap (a copy into a zeroed buffer is a call to `memcpy` for every short string:
+/// a country code's lookup spent a third of its time there).
+#[inline(always)]
+fn tail_bits(rest: &[u8]) -> u64 {
+    let n = rest.len();
+    if n >= 4 {
+        let lo = u64::from(u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")));
+        let hi = u64::from(u32::from_le_bytes(rest[n - 4..].try_into().expect("4 bytes")));
+        // the overlapping bytes are the same bytes, at the same places
+        lo | hi << (8 * (n - 4))
+    } else {
+        let (a, b, c) = (u64::from(rest[0]), u64::from(rest[n / 2]), u64::from(rest[n - 1]));
+        a | b << (8 * (n / 2)) | c << (8 * (n - 1))
+    }
+}
+
+/// Whether two strings are equal, short ones (codes, ids) compared as numbers rather than
+/// through a call to `memcmp`.
+#[inline(always)]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && if (1..8).contains(&a.len()) { tail_bits(a) == tail_bits(b) } else { a == b }
+}
+
+/// Append `n` as an unsigned LEB128 number (the run headers of the RLE / bit-packed hybrid).
+fn uleb(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// Dictionary positions of `width` bits in Parquet's RLE / bit-packed hybrid: a value
+/// repeated at least eight times is one RLE run; the rest is bit-packed in groups of eight,
+/// a group that starts eight equal values ending a bit-packed run (only the page's last
+/// group is padded, with zeros). The crate's encoder also looks for runs that start inside
+/// a group; this one does not, which costs a few bytes on pages of long runs and saves a
+/// run check per value.
+fn put_indices(width: u8, indices: &[u32], out: &mut Vec<u8>) {
+    let w = usize::from(width);
+    let n = indices.len();
+    out.reserve(n.div_ceil(8) * w + 16);
+    let starts_run = |i: usize| i + 8 <= n && indices[i + 1..i + 8].iter().all(|&x| x == indices[i]);
+    let mut i = 0;
+    while i < n {
+        if starts_run(i) {
+            let v = indices[i];
+            let run = indices[i..].iter().take_while(|&&x| x == v).count();
+            uleb(out, (run as u64) << 1);
+            out.extend_from_slice(&v.to_le_bytes()[..w.div_ceil(8)]);
+            i += run;
+            continue;
+        }
+        let start = i;
+        i += 8;
+        while i < n && !starts_run(i) {
+            i += 8;
+        }
+        let end = i.min(n);
+        let groups = (end - start).div_ceil(8);
+        uleb(out, ((groups as u64) << 1) | 1);
+        pack_bits(&indices[start..end], w, groups * 8, out);
+        i = end;
+    }
+}
+
+/// `values` (each below 2^`w`), padded with zeros to `count`, packed `w` bits each from the
+/// lowest bit up. `count * w` is a multiple of 8.
+#[inline]
+fn pack_bits(values: &[u32], w: usize, count: usize, out: &mut Vec<u8>) {
+    let (mut acc, mut bits) = (0u64, 0usize);
+    for k in 0..count {
+        acc |= u64::from(values.get(k).copied().unwrap_or(0)) << bits;
+        bits += w;
+        if bits >= 32 {
+            out.extend_from_slice(&(acc as u32).to_le_bytes());
+            acc >>= 32;
+            bits -= 32;
+        }
+    }
+    out.extend_from_slice(&acc.to_le_bytes()[..bits / 8]);
 }
 
 /// Distinct numbers in order of first appearance, as bit patterns (an i32's u32 bits, an
@@ -268,7 +349,7 @@ impl Strings {
                 }
                 return;
             }
-            if s.tag == h && self.get(s.key) == v {
+            if s.tag == h && same_bytes(self.get(s.key), v) {
                 self.table.note(i, page);
                 return;
             }
@@ -286,7 +367,7 @@ enum Values {
 #[derive(Default)]
 struct Filling {
     /// Dictionary positions of its non-null values (dictionary pages).
-    indices: Vec<u64>,
+    indices: Vec<u32>,
     /// PLAIN bytes of its non-null values (plain pages).
     plain: Vec<u8>,
     /// Validity of its rows (nullable columns): their definition levels, bit by bit.
@@ -626,13 +707,6 @@ impl DictColumn {
             // validity bits themselves (eight rows a byte, first row in the lowest bit).
             let rows = self.page.rows;
             let mut levels = Vec::with_capacity(rows / 8 + 16);
-            let uleb = |out: &mut Vec<u8>, mut n: u64| {
-                while n >= 0x80 {
-                    out.push((n as u8) | 0x80);
-                    n >>= 7;
-                }
-                out.push(n as u8);
-            };
             if self.page.nulls == 0 || self.page.nulls == rows as u64 {
                 uleb(&mut levels, (rows as u64) << 1);
                 levels.push(u8::from(self.page.nulls == 0));
@@ -656,9 +730,7 @@ impl DictColumn {
         } else {
             let width = self.bit_width();
             buf.push(width);
-            let mut enc = RleEncoder::new_from_buf(width, buf);
-            enc.put_batch(&self.page.indices);
-            buf = enc.consume();
+            put_indices(width, &self.page.indices, &mut buf);
             Encoding::RLE_DICTIONARY
         };
         let uncompressed = buf.len();
@@ -1010,4 +1082,76 @@ fn truncate_max(v: &[u8], limit: Option<usize>) -> (Vec<u8>, bool) {
         }
     }
     (v.to_vec(), true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parquet::encodings::rle::RleDecoder;
+
+    #[test]
+    fn a_short_tail_reads_as_its_bytes_zero_padded() {
+        let bytes = [0x11u8, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77];
+        for n in 1..=7 {
+            let mut padded = [0u8; 8];
+            padded[..n].copy_from_slice(&bytes[..n]);
+            assert_eq!(tail_bits(&bytes[..n]), u64::from_le_bytes(padded), "{n} bytes");
+        }
+        for (a, b, same) in [("", "", true), ("C001", "C001", true), ("C001", "C002", false), ("ab", "abc", false)] {
+            assert_eq!(same_bytes(a.as_bytes(), b.as_bytes()), same, "{a:?} {b:?}");
+        }
+        let long = "a string longer than eight bytes";
+        assert!(same_bytes(long.as_bytes(), long.to_string().as_bytes()));
+        assert!(!same_bytes(long.as_bytes(), long.replace('r', "R").as_bytes()));
+    }
+
+    /// What the crate's decoder reads back from our runs.
+    fn decoded(width: u8, encoded: &[u8], n: usize) -> Vec<u32> {
+        let mut d = RleDecoder::new(width);
+        d.set_data(Bytes::copy_from_slice(encoded)).unwrap();
+        let mut out = vec![0u32; n];
+        assert_eq!(d.get_batch(&mut out).unwrap(), n);
+        out
+    }
+
+    #[test]
+    fn indices_read_back_through_the_crates_decoder() {
+        // a fixed pseudo-random sequence: no dependency on a generator crate
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for width in 0u8..=20 {
+            let max = if width == 0 { 1 } else { 1u64 << width };
+            for n in [1usize, 7, 8, 9, 15, 16, 17, 63, 64, 65, 1000, 20_000] {
+                // random values, runs starting anywhere (inside a group too), and a mix
+                let random: Vec<u32> = (0..n).map(|_| (next() % max) as u32).collect();
+                let mut runs = Vec::with_capacity(n);
+                while runs.len() < n {
+                    let v = (next() % max) as u32;
+                    let len = (next() % 40) as usize + 1;
+                    runs.extend(std::iter::repeat_n(v, len.min(n - runs.len())));
+                }
+                let mixed: Vec<u32> = random.iter().zip(&runs).map(|(r, s)| if r % 3 == 0 { *r } else { *s }).collect();
+                for values in [random, runs, mixed] {
+                    let mut out = Vec::new();
+                    put_indices(width, &values, &mut out);
+                    assert_eq!(decoded(width, &out, n), values, "width {width}, {n} values");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn long_runs_take_a_few_bytes() {
+        let mut values = vec![5u32; 10_000];
+        values.extend(std::iter::repeat_n(9u32, 10_000));
+        let mut out = Vec::new();
+        put_indices(4, &values, &mut out);
+        assert!(out.len() <= 8, "two RLE runs, {} bytes", out.len());
+        assert_eq!(decoded(4, &out, values.len()), values);
+    }
 }
