@@ -258,6 +258,26 @@ enum PluginCommand {
         #[arg(long)]
         cache_dir: Option<PathBuf>,
     },
+    /// Show the compiled-plugin cache: where it is, its entries, its size and limit.
+    ///
+    /// Each plugin version weir loads is compiled once and kept here. The cache keeps to a
+    /// size limit (2048 MB; set WEIR_CACHE_MAX_MB to change it): when a new plugin is
+    /// compiled, the entries used longest ago are removed until it fits. `--clear` removes
+    /// every compiled entry (the next run of each plugin compiles it again).
+    #[command(
+        after_help = "Examples:\n  weir plugin cache\n  WEIR_CACHE_MAX_MB=500 weir plugin cache --json\n  weir plugin cache --clear"
+    )]
+    Cache {
+        /// Remove every compiled plugin from the cache.
+        #[arg(long)]
+        clear: bool,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The cache directory [default: $WEIR_CACHE_DIR, else ~/.cache/weir].
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -293,6 +313,7 @@ fn main() -> ExitCode {
         Command::Recover { pipeline, state } => report(cmd_recover(pipeline, state)),
         Command::Validate { pipeline, json, cache_dir } => report(cmd_validate(pipeline, json, cache_dir)),
         Command::Plugin(PluginCommand::Inspect { file, json, cache_dir }) => report(cmd_inspect(file, json, cache_dir)),
+        Command::Plugin(PluginCommand::Cache { clear, json, cache_dir }) => report(cmd_cache(clear, json, cache_dir)),
     }
 }
 
@@ -554,6 +575,71 @@ fn cmd_validate(path: PathBuf, json: bool, cache_dir: Option<PathBuf>) -> anyhow
         }
     }
     Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_INVALID) })
+}
+
+fn cmd_cache(clear: bool, json: bool, cache_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    use weir::plugin::cache;
+    let dir = cache_dir
+        .or_else(PluginEngine::default_cache_dir)
+        .context("no cache directory: set WEIR_CACHE_DIR or HOME, or pass --cache-dir")?;
+    let removed = if clear {
+        Some(cache::clear(&dir).with_context(|| format!("clearing the plugin cache {}", dir.display()))?)
+    } else {
+        None
+    };
+    let entries = cache::entries(&dir).with_context(|| format!("reading the plugin cache {}", dir.display()))?;
+    let (limit, problem) = cache::limit_bytes();
+    if let Some(p) = problem {
+        eprintln!("weir: warning: {p}");
+    }
+    let bytes: u64 = entries.iter().map(|e| e.bytes).sum();
+    let mb = |b: u64| b as f64 / 1e6;
+    if json {
+        let list: Vec<serde_json::Value> = entries
+            .iter()
+            .rev()
+            .map(|e| {
+                let used = e.used.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                serde_json::json!({ "file": e.path, "bytes": e.bytes, "last_used_unix": used })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "dir": dir,
+            "entries": entries.len(),
+            "bytes": bytes,
+            "limit_bytes": limit,
+            "removed": removed.map(|r| serde_json::json!({ "entries": r.entries, "bytes": r.bytes })),
+            "compiled": list,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(r) = removed {
+        println!("removed {} compiled plugin(s), {:.1} MB, from {}", r.entries, mb(r.bytes), dir.display());
+    }
+    println!("cache:     {}", dir.display());
+    println!(
+        "compiled:  {} plugin version(s), {:.1} MB (limit {} MB; {} sets it)",
+        entries.len(),
+        mb(bytes),
+        limit >> 20,
+        cache::LIMIT_ENV
+    );
+    if let Some(newest) = entries.last() {
+        let ago = newest.used.elapsed().map_or(0, |d| d.as_secs());
+        println!("last used: {} ({} ago)", newest.path.display(), human_age(ago));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `secs` as the largest whole unit: 42 s, 5 min, 3 h, 2 days.
+fn human_age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s} s"),
+        s if s < 7200 => format!("{} min", s / 60),
+        s if s < 172_800 => format!("{} h", s / 3600),
+        s => format!("{} days", s / 86_400),
+    }
 }
 
 fn cmd_inspect(file: PathBuf, json: bool, cache_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {

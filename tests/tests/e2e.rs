@@ -723,6 +723,86 @@ fn plugin_inspect_shows_world_version_digest_imports() {
 }
 
 #[test]
+fn the_compile_cache_keeps_to_its_limit_dropping_what_was_used_longest_ago() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(cache.join("venv")).unwrap();
+    // two compiled entries from earlier plugin versions (8 MB each, sparse), the older
+    // one used longest ago, and files that are not compiled plugins
+    let old = |name: &str, secs_ago: u64| {
+        let p = cache.join(format!("{name}-0000000000000000.cwasm"));
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(secs_ago)).unwrap();
+        p
+    };
+    let oldest = old("aaaa", 7200);
+    let older = old("bbbb", 3600);
+    std::fs::write(cache.join("notes.txt"), "mine").unwrap();
+    std::fs::write(cache.join("venv").join("python"), "mine").unwrap();
+    let cache_arg = cache.to_str().unwrap();
+    let mask = plugin("mask");
+    let run = |args: &[&str], limit: &str| {
+        let out = weir_command(dir.path(), args).env("WEIR_CACHE_MAX_MB", limit).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // compiling mask (about 7 MB of code) takes the cache past 20 MB: the entry used
+    // longest ago goes, the other stays, and so does the new one
+    let (code, _, err) = run(&["plugin", "inspect", mask.to_str().unwrap(), "--cache-dir", cache_arg], "20");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("removed 1 compiled plugin(s) used longest ago"), "{err}");
+    assert!(!oldest.exists(), "the entry used longest ago is removed");
+    assert!(older.exists(), "the cache fits again after one removal");
+    assert!(cache.join("notes.txt").exists() && cache.join("venv").join("python").exists());
+    let listed = |limit: &str| {
+        let (code, out, err) = run(&["plugin", "cache", "--json", "--cache-dir", cache_arg], limit);
+        assert_eq!(code, Some(0), "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let json = listed("20");
+    assert_eq!(json["entries"], 2, "{json}");
+    assert_eq!(json["limit_bytes"], 20u64 << 20);
+    let newest = json["compiled"][0]["file"].as_str().unwrap().to_string();
+    assert_ne!(newest, older.to_str().unwrap(), "newest first: {json}");
+
+    // a load from the cache marks the entry used: set it back an hour, load, look again
+    let f = std::fs::File::options().write(true).open(&newest).unwrap();
+    f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600 * 5)).unwrap();
+    drop(f);
+    let (code, out, err) = run(&["plugin", "inspect", mask.to_str().unwrap(), "--cache-dir", cache_arg], "20");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("from the compile cache"), "{out}");
+    let age = std::fs::metadata(&newest).unwrap().modified().unwrap().elapsed().unwrap();
+    assert!(age.as_secs() < 600, "loading marked the entry used ({age:?} ago)");
+
+    // an unusable limit is named (and the default kept)
+    let (_, out, err) = run(&["plugin", "cache", "--cache-dir", cache_arg], "lots");
+    assert!(err.contains("WEIR_CACHE_MAX_MB=\"lots\" is not a whole number"), "{err}");
+    assert!(out.contains("limit 2048 MB"), "{out}");
+
+    // with a limit of 0, a newly compiled plugin is kept, alone
+    let dedup = plugin("dedup");
+    let (code, _, err) = run(&["plugin", "inspect", dedup.to_str().unwrap(), "--cache-dir", cache_arg], "0");
+    assert_eq!(code, Some(0), "{err}");
+    let json = listed("0");
+    assert_eq!(json["entries"], 1, "{json}");
+    assert_ne!(json["compiled"][0]["file"].as_str().unwrap(), newest, "the new entry is the one kept");
+    assert!(!older.exists());
+
+    // --clear removes compiled entries only
+    let (code, out, err) = run(&["plugin", "cache", "--clear", "--cache-dir", cache_arg], "20");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("removed 1 compiled plugin(s)"), "{out}");
+    assert_eq!(listed("20")["entries"], 0);
+    assert!(cache.join("notes.txt").exists() && cache.join("venv").join("python").exists());
+}
+
+#[test]
 fn a_plugin_rewritten_in_place_is_hashed_again() {
     // `weir` remembers a plugin file's digest by its identity (inode, size, mtime, ctime) to
     // skip reading and hashing it on every start; a rewrite must never be served the digest

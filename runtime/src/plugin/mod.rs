@@ -9,6 +9,8 @@
 
 mod pipe;
 
+pub mod cache;
+
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -324,7 +326,10 @@ impl PluginEngine {
         // `compile_or_load` serialised with the same engine settings (the key includes the
         // engine's compatibility hash). A file that fails to load is recompiled and replaced.
         match unsafe { Component::deserialize_file(&self.engine, &file) } {
-            Ok(c) => Some(c),
+            Ok(c) => {
+                cache::mark_used(&file);
+                Some(c)
+            }
             Err(e) => {
                 tracing_warn(&format!("ignoring unreadable cached component {}: {e}", file.display()));
                 None
@@ -402,6 +407,26 @@ impl PluginEngine {
         format!("{sha256}-{:016x}.cwasm", h.finish())
     }
 
+    /// Keep the cache within its size limit after `written` was added (see [`cache`]).
+    fn prune_cache(&self, written: &Path) {
+        let Some(dir) = &self.cache_dir else { return };
+        let (limit, problem) = cache::limit_bytes();
+        if let Some(p) = problem {
+            tracing_warn(&p);
+        }
+        match cache::prune(dir, limit, written) {
+            Ok(r) if r.entries > 0 => tracing_info(&format!(
+                "removed {} compiled plugin(s) used longest ago ({:.0} MB) to keep {} within {} MB",
+                r.entries,
+                r.bytes as f64 / 1e6,
+                dir.display(),
+                limit >> 20
+            )),
+            Ok(_) => {}
+            Err(e) => tracing_warn(&format!("could not prune the plugin cache {}: {e}", dir.display())),
+        }
+    }
+
     /// The compiled component, and whether it came from the cache.
     fn compile_or_load(&self, path: &Path, bytes: &[u8], sha256: &str) -> Result<(Component, bool)> {
         if let Some(c) = self.cached(sha256) {
@@ -413,8 +438,8 @@ impl PluginEngine {
         if let Some(file) = &cached {
             if let Ok(serialized) = component.serialize() {
                 let tmp = file.with_extension(format!("tmp{}", std::process::id()));
-                if std::fs::write(&tmp, &serialized).is_ok() {
-                    let _ = std::fs::rename(&tmp, file);
+                if std::fs::write(&tmp, &serialized).is_ok() && std::fs::rename(&tmp, file).is_ok() {
+                    self.prune_cache(file);
                 }
                 let _ = std::fs::remove_file(&tmp);
             }
@@ -504,6 +529,10 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 
 fn tracing_warn(message: &str) {
     eprintln!("weir: warning: {message}");
+}
+
+fn tracing_info(message: &str) {
+    eprintln!("weir: {message}");
 }
 
 fn version_supported(v: &str) -> bool {
