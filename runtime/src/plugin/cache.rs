@@ -36,18 +36,16 @@ pub struct Entry {
 /// The size limit: `WEIR_CACHE_MAX_MB` if it is a whole number of MB, else the default
 /// (with the reason when the variable is set but unusable).
 pub fn limit_bytes() -> (u64, Option<String>) {
-    match std::env::var(LIMIT_ENV) {
-        Err(std::env::VarError::NotPresent) => (DEFAULT_LIMIT_BYTES, None),
-        Ok(v) => match v.trim().parse::<u64>() {
-            Ok(mb) => (mb.saturating_mul(1 << 20), None),
-            Err(_) => (
-                DEFAULT_LIMIT_BYTES,
-                Some(format!("{LIMIT_ENV}={v:?} is not a whole number of MB; the cache keeps to 2048 MB")),
-            ),
-        },
-        Err(std::env::VarError::NotUnicode(_)) => {
-            (DEFAULT_LIMIT_BYTES, Some(format!("{LIMIT_ENV} is not text; the cache keeps to 2048 MB")))
-        }
+    let Some(v) = std::env::var_os(LIMIT_ENV) else { return (DEFAULT_LIMIT_BYTES, None) };
+    match v.to_str().and_then(|t| t.trim().parse::<u64>().ok()) {
+        Some(mb) => (mb.saturating_mul(1 << 20), None),
+        None => (
+            DEFAULT_LIMIT_BYTES,
+            Some(format!(
+                "{LIMIT_ENV}={v:?} is not a whole number of MB; the cache keeps to {} MB",
+                DEFAULT_LIMIT_BYTES >> 20
+            )),
+        ),
     }
 }
 
