@@ -89,7 +89,9 @@ pub enum Error {
     Publish { step: String, message: String },
     #[error("{0}")]
     Store(#[from] store::Error),
-    #[error("run #{id} of this pipeline and partition is still running (pid {pid} on {host}); wait for it, or stop it first")]
+    #[error("step `{step}`: publish broke off after {made} of {total} switches: {message}\nthe run had decided to publish: `weir recover` (or the next `weir run`) completes it from its staged output once the cause is fixed")]
+    PublishInterrupted { step: String, made: usize, total: usize, message: String },
+    #[error("run #{id} of this pipeline and partition is still running (pid {pid} on {host}); pass --wait to run after it, or stop it first")]
     AlreadyRunning { id: i64, pid: u32, host: String },
     #[error("backfill: {0}")]
     Backfill(String),
@@ -124,9 +126,11 @@ impl Error {
             | Error::Secret { .. } => ErrorKind::User,
             Error::Io(io::Error::Input { .. }) | Error::Io(io::Error::NoInput { .. }) => ErrorKind::User,
             Error::Io(io::Error::Internal(_)) | Error::Internal(_) => ErrorKind::Internal,
-            Error::Io(_) | Error::Publish { .. } | Error::Store(_) | Error::AlreadyRunning { .. } => {
-                ErrorKind::External
-            }
+            Error::Io(_)
+            | Error::Publish { .. }
+            | Error::PublishInterrupted { .. }
+            | Error::Store(_)
+            | Error::AlreadyRunning { .. } => ErrorKind::External,
         }
     }
 }

@@ -80,6 +80,11 @@ enum Command {
         /// of starting over (the output equals an uninterrupted run's).
         #[arg(long)]
         resume: bool,
+        /// If a run of the same pipeline and partition is live, wait for it to end (then run,
+        /// or find its output up to date) instead of refusing. Runs of other partitions never
+        /// wait for each other.
+        #[arg(long)]
+        wait: bool,
         /// After the summary, print where each step's time went: reading, each plugin's
         /// boundary (IPC encode, copy in, guest decode / compute / encode, copy out, output
         /// validation), checks and writing. Always part of `--json`.
@@ -142,8 +147,13 @@ enum Command {
         #[arg(long)]
         state: Option<PathBuf>,
     },
-    /// Find runs of a pipeline that died (killed, machine lost), mark them FAILED and remove
-    /// their staging. `weir run` does this itself before it starts.
+    /// Find runs of a pipeline that died (killed, machine lost) and settle them.
+    ///
+    /// A run that died before deciding to publish is marked FAILED and its staging removed:
+    /// the datasets are as they were. A run that died after deciding (every check had
+    /// passed, its switches were recorded) is completed: its remaining switches are made
+    /// from its staged output and it is recorded SUCCESS with a note, so every dataset ends
+    /// up from that one run. `weir run` does this itself before it starts.
     Recover {
         /// The pipeline file.
         pipeline: PathBuf,
@@ -290,20 +300,31 @@ fn main() -> ExitCode {
     weir::malloc_tuning::tune();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { pipeline, partition, json, cache_dir, no_progress, quiet, force, state, resume, timings } => {
-            cmd_run(RunArgs {
-                path: pipeline,
-                partition,
-                json,
-                cache_dir,
-                no_progress,
-                quiet,
-                force,
-                state,
-                resume,
-                timings,
-            })
-        }
+        Command::Run {
+            pipeline,
+            partition,
+            json,
+            cache_dir,
+            no_progress,
+            quiet,
+            force,
+            state,
+            resume,
+            wait,
+            timings,
+        } => cmd_run(RunArgs {
+            path: pipeline,
+            partition,
+            json,
+            cache_dir,
+            no_progress,
+            quiet,
+            force,
+            state,
+            resume,
+            wait,
+            timings,
+        }),
         Command::Runs(args) => report(cmd_runs(args)),
         Command::Checks { pipeline, run, failed, limit, json, state } => {
             report(cmd_checks(pipeline, run, failed, limit, json, state))
@@ -337,11 +358,12 @@ struct RunArgs {
     force: bool,
     state: Option<PathBuf>,
     resume: bool,
+    wait: bool,
     timings: bool,
 }
 
 fn cmd_run(args: RunArgs) -> ExitCode {
-    let RunArgs { path, partition, json, cache_dir, no_progress, quiet, force, state, resume, timings } = args;
+    let RunArgs { path, partition, json, cache_dir, no_progress, quiet, force, state, resume, wait, timings } = args;
     let pipeline = match Pipeline::load(&path) {
         Ok(p) => p,
         Err(e) => {
@@ -387,6 +409,7 @@ fn cmd_run(args: RunArgs) -> ExitCode {
         force,
         backfill_id: None,
         resume,
+        wait,
     };
     let result = engine::run(&pipeline, &options);
     if show_progress {
@@ -436,7 +459,9 @@ fn cmd_run(args: RunArgs) -> ExitCode {
                 weir::ErrorKind::Internal => "",
             };
             eprintln!("error: run failed{kind}: {e}");
-            eprintln!("nothing was published by this run");
+            if !matches!(e, weir::Error::PublishInterrupted { .. }) {
+                eprintln!("nothing was published by this run");
+            }
             ExitCode::from(EXIT_FAILED)
         }
     }
@@ -742,6 +767,9 @@ fn cmd_runs(args: RunsArgs) -> anyhow::Result<ExitCode> {
         if let Some(e) = &run.error {
             println!("error     {e}");
         }
+        if let Some(n) = &run.note {
+            println!("note      {n}");
+        }
         println!("config    sha256 {}", run.config_sha256);
         for (name, digest) in &run.plugins {
             println!("plugin    {name:<12} sha256 {digest}");
@@ -759,6 +787,18 @@ fn cmd_runs(args: RunsArgs) -> anyhow::Result<ExitCode> {
             match &a.error {
                 None => println!("attempt   {:<20} #{} ok", a.step, a.attempt),
                 Some(e) => println!("attempt   {:<20} #{} failed: {}", a.step, a.attempt, e.replace('\n', " ")),
+            }
+        }
+        if let Some(d) = &run.decision {
+            println!(
+                "decided   {}   to make {} switch(es), {} still to make",
+                format_time(d.at_ms),
+                d.switches.len(),
+                d.pending()
+            );
+            for sw in &d.switches {
+                let state = if sw.done_at_ms.is_some() { "made   " } else { "pending" };
+                println!("switch    {state} {:<10} {}", sw.kind, sw.target.display());
             }
         }
         for p in &run.published {
@@ -779,7 +819,7 @@ fn cmd_runs(args: RunsArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:>5}  {:<8}  {:<16}  {:<12}  {:<21}  {:>9}  {:>12}  ERROR",
+        "{:>5}  {:<8}  {:<16}  {:<12}  {:<21}  {:>9}  {:>12}  ERROR / NOTE",
         "ID", "STATUS", "PIPELINE", "PARTITION", "STARTED", "SECONDS", "ROWS OUT"
     );
     for r in &runs {
@@ -788,7 +828,7 @@ fn cmd_runs(args: RunsArgs) -> anyhow::Result<ExitCode> {
             .map(|f| format!("{:.2}", (f - r.started_at_ms) as f64 / 1000.0))
             .unwrap_or_else(|| "-".into());
         let rows: u64 = r.steps.iter().map(|s| s.rows_written).sum();
-        let mut err = r.error.clone().unwrap_or_default().replace('\n', " ");
+        let mut err = r.error.clone().or_else(|| r.note.clone()).unwrap_or_default().replace('\n', " ");
         if err.len() > 80 {
             let cut = (0..=80).rev().find(|i| err.is_char_boundary(*i)).unwrap_or(0);
             err.truncate(cut);
@@ -823,7 +863,14 @@ fn cmd_recover(path: PathBuf, state: Option<PathBuf>) -> anyhow::Result<ExitCode
     let store = engine::open_store(&pipeline, &options)?;
     let dead =
         engine::recover(store.as_ref(), Some(&pipeline.name), "weir recover", &|l: &str| eprintln!("{l}"), false)?;
-    println!("recovered {} run{} of {}", dead.len(), if dead.len() == 1 { "" } else { "s" }, pipeline.name);
+    let completed = dead.iter().filter(|r| r.decision.is_some()).count();
+    println!(
+        "recovered {} run{} of {}: {completed} completed (had decided to publish), {} discarded",
+        dead.len(),
+        if dead.len() == 1 { "" } else { "s" },
+        pipeline.name,
+        dead.len() - completed
+    );
     Ok(ExitCode::SUCCESS)
 }
 

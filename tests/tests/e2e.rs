@@ -1123,20 +1123,303 @@ fn kill_9_at_any_point_leaves_old_or_new_and_is_recovered() {
     assert_eq!(dataset_rows(&d.join("out/a")), new_a, "a was switched: exactly the new state");
     assert_eq!(snapshot(&d.join("out/b")), snap_b, "b was not: exactly the old state");
 
-    // the next run recovers the dead one (no `weir recover` needed) and publishes all
+    // the next run recovers the dead one (no `weir recover` needed): it had decided to
+    // publish, so its remaining switch is made from its staged output, and the new run finds
+    // the same input already published
     let out = weir(d, &["run", "pipeline.toml", "--json"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(
-        out.stderr.contains("weir: recovered run #") && out.stderr.contains("1 switch(es) had been published"),
+        out.stderr.contains("weir: recovered run #") && out.stderr.contains("it had decided to publish"),
         "{}",
         out.stderr
     );
+    assert_eq!(out.json()["status"], "UP_TO_DATE", "{}", out.stdout);
     assert_eq!(dataset_rows(&d.join("out/a")), new_a);
     assert_eq!(dataset_rows(&d.join("out/b")), new_b);
     assert_eq!(entries(&d.join("out")), ["a", "b"], "no staging left");
     let runs = weir(d, &["runs", "--pipeline", "pipeline.toml", "--json"]).json();
     let statuses: Vec<&str> = runs.as_array().unwrap().iter().map(|r| r["status"].as_str().unwrap()).collect();
-    assert_eq!(statuses, ["SUCCESS", "FAILED", "FAILED", "FAILED", "SUCCESS"], "nothing is left RUNNING");
+    assert_eq!(statuses, ["SUCCESS", "FAILED", "FAILED", "SUCCESS"], "nothing is left RUNNING");
+    assert!(runs[0]["note"].as_str().unwrap().contains("completed by recovery"), "{}", runs[0]);
+}
+
+/// A run writing three things at once: `a` (whole), `a`'s quarantined rows and one
+/// partition of `b`, from `in/{partition}.csv`.
+fn all_or_nothing_pipeline(dir: &Path) {
+    let text = r#"[pipeline]
+name = "wap"
+
+[sources.input]
+format = "csv"
+path = "in/{partition}.csv"
+
+[steps.a]
+input = "input"
+output = { path = "out/a" }
+
+[[steps.a.checks]]
+check = "not_null"
+column = "name"
+severity = "quarantine"
+tolerance = 0.5
+
+[steps.b]
+input = "input"
+output = { path = "out/b", partition_by = "day" }
+"#;
+    std::fs::write(dir.join("pipeline.toml"), text).unwrap();
+    std::fs::create_dir_all(dir.join("in")).unwrap();
+}
+
+const MON_V1: &str = "day,id,name\nmon,1,a\nmon,2,\nmon,3,c\n";
+const MON_V2: &str = "day,id,name\nmon,1,A\nmon,2,B\nmon,3,\nmon,4,D\n";
+
+/// (id, run id) of every quarantined row.
+fn quarantined(dir: &Path) -> Vec<(i64, i64)> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::Int64Type;
+    let mut out = Vec::new();
+    for (f, _) in parquet_files(&dir.join("out/a_quarantine")) {
+        for b in read_parquet(&f) {
+            let id = b.column_by_name("id").unwrap().as_primitive::<Int64Type>();
+            let run = b.column_by_name("_weir_run_id").unwrap().as_primitive::<Int64Type>();
+            out.extend((0..b.num_rows()).map(|r| (id.value(r), run.value(r))));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_crash_anywhere_in_a_publish_is_rolled_back_before_the_decision_and_forward_after_it() {
+    let ms = std::time::Duration::from_millis;
+    let run_mon = ["run", "pipeline.toml", "--partition", "mon"];
+    // what v2 looks like, from an uninterrupted run elsewhere
+    let other = tempfile::tempdir().unwrap();
+    all_or_nothing_pipeline(other.path());
+    std::fs::write(other.path().join("in/mon.csv"), MON_V2).unwrap();
+    let ok = weir(other.path(), &run_mon);
+    assert!(ok.code == 0 || ok.code == 3, "{}", ok.stderr);
+    let (v2_a, v2_b) = (dataset_rows(&other.path().join("out/a")), dataset_rows(&other.path().join("out/b")));
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    all_or_nothing_pipeline(d);
+    let publish_v1 = || {
+        std::fs::write(d.join("in/mon.csv"), MON_V1).unwrap();
+        let ok = weir(d, &run_mon);
+        assert!(ok.code == 0 || ok.code == 3, "{}", ok.stderr);
+    };
+    publish_v1();
+    let (v1_a, v1_b) = (dataset_rows(&d.join("out/a")), dataset_rows(&d.join("out/b")));
+    assert_ne!((&v1_a, &v1_b), (&v2_a, &v2_b));
+    // which version each published dataset holds, and which run the quarantine came from
+    let state = || {
+        let version = |rows: Vec<String>, v1: &Vec<String>, v2: &Vec<String>| match rows {
+            r if &r == v1 => "v1",
+            r if &r == v2 => "v2",
+            _ => "neither",
+        };
+        let q = quarantined(d);
+        let q_version = match q.iter().map(|(id, _)| *id).collect::<Vec<_>>().as_slice() {
+            [2] => "v1",
+            [3] => "v2",
+            _ => "neither",
+        };
+        (
+            [
+                version(dataset_rows(&d.join("out/a")), &v1_a, &v2_a),
+                q_version,
+                version(dataset_rows(&d.join("out/b")), &v1_b, &v2_b),
+            ],
+            q.first().map(|(_, run)| *run).unwrap_or(-1),
+        )
+    };
+    let last_run = || weir(d, &["runs", "--pipeline", "pipeline.toml", "--json"]).json()[0].clone();
+
+    // (pause point, its nth occurrence, whether the run had decided to publish by then);
+    // the run makes three switches: a, a's quarantine, b's partition
+    let points = [
+        ("before-publish", 1, false),
+        ("after-decision", 1, true),
+        ("after-switch", 1, true),
+        ("between-publishes", 1, true),
+        ("after-switch", 2, true),
+        ("between-publishes", 2, true),
+        ("after-switch", 3, true),
+        ("before-finish", 1, true),
+    ];
+    let mut last_killed = 0;
+    for (i, (point, nth, decided)) in points.into_iter().enumerate() {
+        let at = format!("{point} #{nth}");
+        publish_v1();
+        assert_eq!(state().0, ["v1"; 3], "{at}: the previous round left one run's output");
+        std::fs::write(d.join("in/mon.csv"), MON_V2).unwrap();
+        let pause = format!("{point}#{nth}:20000");
+        kill_at(d, &run_mon, &[("WEIR_DEBUG_PAUSE", &pause)], &format!("debug pause at {point}"), ms(0));
+        let killed = last_run();
+        assert_eq!(killed["status"], "RUNNING", "{at}");
+        let killed_id = killed["id"].as_i64().unwrap();
+        last_killed = killed_id;
+        if !decided {
+            assert_eq!(state().0, ["v1"; 3], "{at}: nothing is switched before the decision");
+        }
+        let staged_before: Vec<String> =
+            entries(&d.join("out")).into_iter().filter(|e| e.contains("weir-staging")).collect();
+        assert!(decided || !staged_before.is_empty(), "{at}: the killed run left its staging");
+
+        // settle it with `weir recover` or with the next plain `weir run`, in turn
+        let by_recover = i % 2 == 0;
+        let out = if by_recover { weir(d, &["recover", "pipeline.toml"]) } else { weir(d, &run_mon) };
+        assert!(out.code == 0 || out.code == 3, "{at}: {}", out.stderr);
+        let (published, q_run) = state();
+        let killed = weir(d, &["runs", "show", &killed_id.to_string(), "--pipeline", "pipeline.toml", "--json"]).json();
+        if decided {
+            assert_eq!(published, ["v2"; 3], "{at}: every dataset from the decided run");
+            assert_eq!(q_run, killed_id, "{at}: the quarantine too");
+            assert_eq!(killed["status"], "SUCCESS", "{at}: {killed}");
+            let note = killed["note"].as_str().unwrap();
+            assert!(note.contains("completed by recovery after it crashed"), "{at}: {note}");
+            assert!(killed["decision"]["switches"].as_array().unwrap().iter().all(|s| !s["done_at_ms"].is_null()));
+            assert_eq!(killed["published"].as_array().unwrap().len(), 3, "{at}: every switch audited once");
+            if by_recover {
+                assert!(out.stdout.contains("1 completed (had decided to publish)"), "{at}: {}", out.stdout);
+            } else {
+                assert!(
+                    out.stdout.contains("up to date"),
+                    "{at}: the input was published by the recovered run: {}",
+                    out.stdout
+                );
+            }
+        } else {
+            assert_eq!(killed["status"], "FAILED", "{at}: {killed}");
+            assert!(killed["decision"].is_null() && killed["published"].as_array().unwrap().is_empty());
+            if by_recover {
+                assert_eq!(published, ["v1"; 3], "{at}: discarded, the old datasets stay");
+                assert!(out.stdout.contains("0 completed"), "{at}: {}", out.stdout);
+            } else {
+                assert_eq!(published, ["v2"; 3], "{at}: the new run published all");
+                assert_ne!(q_run, killed_id);
+            }
+        }
+        assert_eq!(entries(&d.join("out")), ["a", "a_quarantine", "b"], "{at}: no staging left");
+        assert_eq!(entries(&d.join("out/b")), ["day=mon"], "{at}");
+        assert_eq!(entries(&d.join("out/a_quarantine")), ["partition=mon"], "{at}");
+    }
+    // a publish that breaks off after the decision (here a file stands where the quarantine
+    // dataset's folder belongs) is recorded FAILED with its decision kept; no other run may
+    // publish until it is completed, and recovery completes it once the cause is fixed
+    publish_v1();
+    std::fs::remove_dir_all(d.join("out/a_quarantine")).unwrap();
+    std::fs::write(d.join("out/a_quarantine"), "in the way").unwrap();
+    std::fs::write(d.join("in/mon.csv"), MON_V2).unwrap();
+    let out = weir(d, &run_mon);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("publish broke off after 1 of 3 switches"), "{}", out.stderr);
+    assert!(out.stderr.contains("`weir recover` (or the next `weir run`) completes it"), "{}", out.stderr);
+    assert!(!out.stderr.contains("nothing was published"), "{}", out.stderr);
+    let broken = last_run();
+    assert_eq!(broken["status"], "FAILED");
+    let broken_id = broken["id"].as_i64().unwrap();
+    let again = weir(d, &run_mon);
+    assert_eq!(again.code, 1, "{}", again.stderr);
+    assert!(
+        again.stderr.contains(&format!("run #{broken_id} had decided to publish, but its switch 2 of 3")),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(last_run()["id"].as_i64().unwrap(), broken_id, "no new run started over it");
+    std::fs::remove_file(d.join("out/a_quarantine")).unwrap();
+    let rec = weir(d, &["recover", "pipeline.toml"]);
+    assert_eq!(rec.code, 0, "{}", rec.stderr);
+    let (published, q_run) = state();
+    assert_eq!((published, q_run), (["v2"; 3], broken_id));
+    let fixed = last_run();
+    assert_eq!(fixed["status"], "SUCCESS");
+    assert!(fixed["note"].as_str().unwrap().contains("completed by recovery after its publish broke off"), "{fixed}");
+
+    // the table says what happened
+    let table = weir(d, &["runs", "--pipeline", "pipeline.toml"]);
+    assert!(table.stdout.contains("completed by recovery"), "{}", table.stdout);
+    let show = weir(d, &["runs", "show", &last_killed.to_string(), "--pipeline", "pipeline.toml"]);
+    assert!(show.stdout.contains("note      completed by recovery"), "{}", show.stdout);
+    assert!(show.stdout.contains("switch    made    quarantine"), "{}", show.stdout);
+}
+
+/// Start `weir` with `args` in `dir`, holding its lease `pause_ms` before it publishes.
+fn spawn_paused(dir: &Path, args: &[&str], pause_ms: u64) -> std::process::Child {
+    weir_command(dir, args)
+        .env("WEIR_DEBUG_PAUSE", format!("before-publish:{pause_ms}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finished(child: std::process::Child) -> Output {
+    let out = child.wait_with_output().unwrap();
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn of_eight_runs_of_one_partition_started_at_once_one_runs_and_with_wait_all_run_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    all_or_nothing_pipeline(d);
+    std::fs::write(d.join("in/mon.csv"), MON_V1).unwrap();
+    std::fs::write(d.join("in/tue.csv"), "day,id,name\ntue,9,z\n").unwrap();
+    let mon = ["run", "pipeline.toml", "--partition", "mon", "--force"];
+    let mut children: Vec<_> = (0..8).map(|_| spawn_paused(d, &mon, 3000)).collect();
+    // a run of another partition is not held up by them
+    children.push(spawn_paused(d, &["run", "pipeline.toml", "--partition", "tue"], 0));
+    let mut outs: Vec<Output> = children.into_iter().map(finished).collect();
+    let tue = outs.pop().unwrap();
+    assert!(tue.code == 0 || tue.code == 3, "{}", tue.stderr);
+    let ran: Vec<&Output> = outs.iter().filter(|o| o.code == 0 || o.code == 3).collect();
+    assert_eq!(ran.len(), 1, "exactly one runs: {outs:#?}");
+    let runs = weir(d, &["runs", "--pipeline", "pipeline.toml", "--json"]).json();
+    let mon_runs: Vec<&serde_json::Value> =
+        runs.as_array().unwrap().iter().filter(|r| r["partition"] == "mon").collect();
+    assert_eq!(mon_runs.len(), 1, "the refused runs leave no record: {runs}");
+    assert_eq!(mon_runs[0]["status"], "SUCCESS");
+    let winner = mon_runs[0]["id"].as_i64().unwrap();
+    for o in outs.iter().filter(|o| o.code != 0 && o.code != 3) {
+        assert_eq!(o.code, 1, "{}", o.stderr);
+        assert!(
+            o.stderr.contains(&format!("run #{winner} of this pipeline and partition is still running (pid "))
+                && o.stderr.contains("pass --wait"),
+            "the refusal names the live run: {}",
+            o.stderr
+        );
+    }
+
+    // with --wait they run one after another
+    let waiting: Vec<_> = (0..3).map(|_| spawn_paused(d, &[&mon[..], &["--wait"]].concat(), 300)).collect();
+    let outs: Vec<Output> = waiting.into_iter().map(finished).collect();
+    for o in &outs {
+        assert!(o.code == 0 || o.code == 3, "{}", o.stderr);
+    }
+    assert!(outs.iter().filter(|o| o.stderr.contains("weir: waiting for run #")).count() >= 2, "{outs:#?}");
+    let runs = weir(d, &["runs", "--pipeline", "pipeline.toml", "--json"]).json();
+    let mut spans: Vec<(i64, i64)> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["partition"] == "mon" && r["id"].as_i64().unwrap() > winner)
+        .map(|r| {
+            assert_eq!(r["status"], "SUCCESS");
+            (r["started_at_ms"].as_i64().unwrap(), r["finished_at_ms"].as_i64().unwrap())
+        })
+        .collect();
+    spans.sort();
+    assert_eq!(spans.len(), 3);
+    for w in spans.windows(2) {
+        assert!(w[1].0 >= w[0].1, "runs of one partition overlapped: {spans:?}");
+    }
 }
 
 #[test]

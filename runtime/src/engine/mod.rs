@@ -13,7 +13,9 @@
 //! into a partial output downstream.
 //!
 //! Outputs are written to staging directories beside the datasets. Only when every step
-//! has succeeded are they published (see [`publish`]); on failure they are removed.
+//! has succeeded are they published (see [`publish`]); on failure they are removed. The
+//! decision to publish is recorded before the first switch: a run that crashes after it is
+//! completed by recovery ([`recover`]), so the published datasets always come from one run.
 
 pub mod backfill;
 mod publish;
@@ -36,10 +38,13 @@ use crate::plugin::{
     CallError, CallTimings, Limits, LoadedPlugin, LogLine, LogSink, PluginEngine, RuleInstance, TransformInstance,
 };
 use crate::quality::{CheckResult, Checker, History, Kind, RelTarget, Severity};
-use crate::store::{Checkpoint, NewRun, PublishEntry, RunFilter, RunRecord, RunStore, SqliteStore, Status, StepRows};
+use crate::store::{
+    Checkpoint, Decision, NewRun, PlannedSwitch, PublishEntry, RunFilter, RunRecord, RunStore, SqliteStore, Status,
+    StepRows,
+};
 use crate::{Error, Result};
 
-pub use publish::publish_output;
+pub use publish::{complete_switch, dir_token};
 
 /// A progress callback.
 pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
@@ -66,6 +71,8 @@ pub struct RunOptions {
     pub backfill_id: Option<i64>,
     /// Continue the newest crashed run of this partition from its last checkpoints.
     pub resume: bool,
+    /// When a run of the same partition is live, wait for it to end instead of refusing.
+    pub wait: bool,
 }
 
 impl Default for RunOptions {
@@ -79,6 +86,7 @@ impl Default for RunOptions {
             force: false,
             backfill_id: None,
             resume: false,
+            wait: false,
         }
     }
 }
@@ -243,6 +251,14 @@ struct StagingGuard {
 }
 
 impl StagingGuard {
+    /// The run decided to publish `plan`: what it staged for it is no longer this guard's
+    /// to remove (if the publish breaks off, recovery completes it from there), and the
+    /// folders it created hold, or will hold, published data.
+    fn decided(&mut self, plan: &[PlannedSwitch]) {
+        self.staging.retain(|d| !plan.iter().any(|sw| sw.staged.starts_with(d)));
+        self.created_parents.clear();
+    }
+
     fn add(&mut self, staging: &Path) {
         if let Some(parent) = staging.parent() {
             if !parent.exists() && !self.created_parents.iter().any(|p| p == parent) {
@@ -268,6 +284,8 @@ impl Drop for StagingGuard {
 /// How long a RUNNING run may go without a heartbeat before another run declares it dead.
 pub const LEASE: Duration = Duration::from_secs(30);
 const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How often `--wait` asks the store whether the live run has ended.
+const WAIT_POLL: Duration = Duration::from_millis(200);
 
 /// Renews a run's lease until dropped. Dropping it stops the thread at once (it waits on a
 /// channel, not in sleeps: a run must not end up to a tick later than its work).
@@ -307,7 +325,11 @@ pub fn open_store(pipeline: &Pipeline, options: &RunOptions) -> Result<Arc<Sqlit
     Ok(Arc::new(SqliteStore::open(&path)?))
 }
 
-/// Mark dead RUNNING runs of the pipeline FAILED and remove what they staged.
+/// Find dead runs of the pipeline. One that had not decided to publish is marked FAILED and
+/// what it staged is removed (unless kept for `--resume`); one that had decided is completed:
+/// its remaining switches are made from its staged output and it is recorded SUCCESS with a
+/// note. Fails (after trying every run) if a decided run cannot be completed: no other run
+/// may publish over a half-published one.
 pub fn recover(
     store: &dyn RunStore,
     pipeline: Option<&str>,
@@ -316,24 +338,85 @@ pub fn recover(
     keep_staging: bool,
 ) -> Result<Vec<RunRecord>> {
     let dead = store.recover_stale(pipeline, LEASE.as_millis() as i64, by)?;
+    let mut first_error = None;
     for r in &dead {
+        if let Some(decision) = &r.decision {
+            if let Err(e) = roll_forward(store, r, decision, log) {
+                log(&format!("weir: error: {e}"));
+                first_error.get_or_insert(e);
+            }
+            continue;
+        }
         if !keep_staging {
             remove_staging(r);
         }
-        let published = if r.published.is_empty() {
-            "nothing was published".to_string()
-        } else {
-            format!("{} switch(es) had been published", r.published.len())
-        };
         log(&format!(
-            "weir: recovered run #{} of `{}`: {}; {published}; {}",
+            "weir: recovered run #{} of `{}`: {}; it had not decided to publish, so nothing was published; {}",
             r.id,
             r.pipeline,
             r.error.as_deref().unwrap_or("crashed"),
             if keep_staging { "its staging is kept for --resume" } else { "its staging was removed" }
         ));
     }
-    Ok(dead)
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(dead),
+    }
+}
+
+/// Complete the publish of a run that had decided to publish: make each switch not yet made
+/// (a switch made but not recorded is recognised by its token), then record it SUCCESS.
+fn roll_forward(store: &dyn RunStore, r: &RunRecord, decision: &Decision, log: &dyn Fn(&str)) -> Result<()> {
+    let total = decision.switches.len();
+    let recorded = total - decision.pending();
+    let mut made_now = 0;
+    for (seq, sw) in decision.switches.iter().enumerate() {
+        let (switch, now) =
+            publish::complete_switch(&sw.staged, &sw.target, &sw.token, sw.replaces, log).map_err(|e| {
+                let message = format!(
+                    "run #{} had decided to publish, but its switch {} of {total} ({}) cannot be completed: {e}",
+                    r.id,
+                    seq + 1,
+                    sw.target.display()
+                );
+                let _ = store.finish_run(r.id, Status::Failed, &[], Some(&message));
+                Error::Publish { step: sw.step.clone(), message }
+            })?;
+        made_now += usize::from(now);
+        if sw.done_at_ms.is_none() {
+            let entry = PublishEntry {
+                step: sw.step.clone(),
+                path: sw.target.clone(),
+                partition: sw.partition.clone(),
+                action: switch.as_str().into(),
+            };
+            store.record_switch(r.id, seq, &entry)?;
+        }
+    }
+    // what is left there is replaced data and emptied partition staging folders
+    remove_staging(r);
+    let cause = r.error.as_deref().unwrap_or("crashed");
+    let note = format!(
+        "completed by recovery after {}; of its {total} switches {recorded} had been made and recorded by the run, \
+         {} made but not recorded, {made_now} made by recovery",
+        if let Some(c) = cause.strip_prefix("crashed: ") {
+            format!("it crashed ({c})")
+        } else if let Some(c) = cause.strip_prefix("publish broke off: ") {
+            format!("its publish broke off ({c})")
+        } else {
+            cause.to_string()
+        },
+        total - recorded - made_now
+    );
+    store.complete_recovered(r.id, &note)?;
+    if let (Some(b), Some(p)) = (r.backfill_id, &r.partition) {
+        store.set_backfill_partition(b, p, "SUCCESS", Some(r.id), None)?;
+    }
+    log(&format!(
+        "weir: recovered run #{} of `{}`: it had decided to publish; {made_now} of its {total} switches completed from its staged output; recorded SUCCESS",
+        r.id, r.pipeline
+    ));
+    Ok(())
 }
 
 fn remove_staging(r: &RunRecord) {
@@ -345,16 +428,36 @@ fn remove_staging(r: &RunRecord) {
 }
 
 /// Pause at a named point when `WEIR_DEBUG_PAUSE=<point>:<ms>` says so (crash tests kill
-/// the process there). Points: `after-checkpoint`, `before-publish`, `between-publishes`.
+/// the process there); `<point>#<n>:<ms>` pauses only at the point's nth occurrence in the
+/// process. Points: `after-checkpoint`, `before-publish` (before the decision),
+/// `after-decision`, `after-switch` (a switch made, not yet recorded), `between-publishes`
+/// (after each recorded switch), `before-finish` (all switched, SUCCESS not yet recorded).
 fn debug_pause(point: &str, log: &dyn Fn(&str)) {
+    static SEEN: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
     let Ok(spec) = std::env::var("WEIR_DEBUG_PAUSE") else { return };
+    let nth = {
+        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        match seen.iter_mut().find(|(p, _)| p == point) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                seen.push((point.to_string(), 1));
+                1
+            }
+        }
+    };
     for part in spec.split(',') {
-        if let Some((p, ms)) = part.split_once(':') {
-            if p == point {
-                if let Ok(ms) = ms.parse::<u64>() {
-                    log(&format!("weir: debug pause at {point} for {ms} ms"));
-                    std::thread::sleep(Duration::from_millis(ms));
-                }
+        let Some((at, ms)) = part.split_once(':') else { continue };
+        let (p, only) = match at.split_once('#') {
+            Some((p, n)) => (p, n.parse::<usize>().ok()),
+            None => (at, None),
+        };
+        if p == point && only.is_none_or(|n| n == nth) {
+            if let Ok(ms) = ms.parse::<u64>() {
+                log(&format!("weir: debug pause at {point} for {ms} ms"));
+                std::thread::sleep(Duration::from_millis(ms));
             }
         }
     }
@@ -506,7 +609,7 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
             break;
         }
         let keep = resume_from.as_ref().map(|(r, _)| r.id);
-        for r in dead.iter().filter(|r| Some(r.id) != keep) {
+        for r in dead.iter().filter(|r| Some(r.id) != keep && r.decision.is_none()) {
             remove_staging(r);
         }
         match &resume_from {
@@ -515,40 +618,12 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
         }
     }
 
-    // An identical run that already published makes this one a no-op.
-    if !options.force && resume_from.is_none() {
-        if let Some(last) = store.last_success(&pipeline.name, options.partition.as_deref())? {
-            let outputs_there = pipeline.steps.iter().filter_map(|s| s.output.as_ref()).all(|o| o.path.exists());
-            if last.fingerprint == fp && outputs_there {
-                log(&format!("weir: up to date: run #{} published this exact input, config and plugins (use --force to run again)", last.id));
-                return Ok(RunSummary {
-                    pipeline: pipeline.name.clone(),
-                    partition: options.partition.clone(),
-                    status: "UP_TO_DATE".into(),
-                    run_id: None,
-                    identical_to: Some(last.id),
-                    resumed_from: None,
-                    seconds: started.elapsed().as_secs_f64(),
-                    steps: Vec::new(),
-                });
-            }
-        }
-    }
-    let live: Vec<RunRecord> = store
-        .runs(&RunFilter { pipeline: Some(pipeline.name.clone()), status: Some(Status::Running), limit: 0 })?
-        .into_iter()
-        .filter(|r| r.partition == options.partition)
-        .collect();
-    if let Some(r) = live.first() {
-        return Err(Error::AlreadyRunning { id: r.id, pid: r.pid, host: r.host.clone() });
-    }
-
     let new_run = NewRun {
         pipeline: pipeline.name.clone(),
         partition: options.partition.clone(),
         config_sha256: pipeline.config_sha256.clone(),
         plugins: loaded.iter().map(|(n, p)| (n.clone(), p.info.sha256.clone())).collect(),
-        fingerprint: fp,
+        fingerprint: fp.clone(),
         staging: pipeline
             .steps
             .iter()
@@ -559,7 +634,43 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
             .collect(),
         backfill_id: options.backfill_id,
     };
-    let id = store.begin_run(&new_run)?;
+    let mut waited_for = None;
+    let id = loop {
+        // An identical run that already published makes this one a no-op.
+        if !options.force && resume_from.is_none() {
+            if let Some(last) = store.last_success(&pipeline.name, options.partition.as_deref())? {
+                let outputs_there = pipeline.steps.iter().filter_map(|s| s.output.as_ref()).all(|o| o.path.exists());
+                if last.fingerprint == fp && outputs_there {
+                    log(&format!("weir: up to date: run #{} published this exact input, config and plugins (use --force to run again)", last.id));
+                    return Ok(RunSummary {
+                        pipeline: pipeline.name.clone(),
+                        partition: options.partition.clone(),
+                        status: "UP_TO_DATE".into(),
+                        run_id: None,
+                        identical_to: Some(last.id),
+                        resumed_from: None,
+                        seconds: started.elapsed().as_secs_f64(),
+                        steps: Vec::new(),
+                    });
+                }
+            }
+        }
+        // One live run per pipeline and partition, decided by the store in one transaction.
+        match store.begin_run(&new_run) {
+            Ok(id) => break id,
+            Err(crate::store::Error::Busy { id, pid, host }) if options.wait => {
+                if waited_for != Some(id) {
+                    log(&format!("weir: waiting for run #{id} of this partition (pid {pid} on {host}) to end"));
+                    waited_for = Some(id);
+                }
+                std::thread::sleep(WAIT_POLL);
+                // the run waited for may die instead of ending: settle it as a new run would
+                recover(store.as_ref(), Some(&pipeline.name), "a waiting run", &*log, false)?;
+            }
+            Err(crate::store::Error::Busy { id, pid, host }) => return Err(Error::AlreadyRunning { id, pid, host }),
+            Err(e) => return Err(e.into()),
+        }
+    };
     let heartbeat = Heartbeat::start(store.clone(), id);
     // A resumed run adopts the crashed run's staging and checkpoints.
     if let Some((old, checkpoints)) = &resume_from {
@@ -581,17 +692,8 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
     drop(heartbeat);
     match result {
         Ok(steps) => {
-            let rows: Vec<StepRows> = steps
-                .iter()
-                .map(|s| StepRows {
-                    step: s.name.clone(),
-                    rows_read: s.rows_read,
-                    rows_written: s.rows_written,
-                    rows_skipped: s.rows_skipped,
-                    rows_quarantined: 0,
-                })
-                .collect();
-            store.finish_run(id, Status::Success, &rows, None)?;
+            debug_pause("before-finish", &*log);
+            store.finish_run(id, Status::Success, &step_rows(&steps), None)?;
             Ok(RunSummary {
                 pipeline: pipeline.name.clone(),
                 partition: options.partition.clone(),
@@ -698,39 +800,92 @@ fn execute(
     }
 
     debug_pause("before-publish", &*log);
-    for step in &pipeline.steps {
-        let s = &staged[&step.name];
-        let Some(out) = &s.output else { continue };
-        let by_partition = out.partition_by.is_some() && options.partition.is_some();
-        // Each switch is recorded in the audit log before the next one happens.
-        let mut after = |p: publish::Published<'_>| -> std::result::Result<(), String> {
-            let entry = PublishEntry {
-                step: s.step.clone(),
-                path: p.target.to_path_buf(),
-                partition: p.partition.map(str::to_string),
-                action: p.switch.as_str().into(),
-            };
-            store.record_publish(run_id, &entry).map_err(|e| e.to_string())?;
-            debug_pause("between-publishes", &*log);
-            Ok(())
+    let plan = plan_switches(pipeline, options, &staged)?;
+    store.record_decision(run_id, &step_rows(&summaries), &plan)?;
+    guard.decided(&plan);
+    debug_pause("after-decision", &*log);
+    for (seq, sw) in plan.iter().enumerate() {
+        let switch = publish::switch_dir(&sw.staged, &sw.target, &*log).map_err(|message| {
+            Error::PublishInterrupted { step: sw.step.clone(), made: seq, total: plan.len(), message }
+        })?;
+        debug_pause("after-switch", &*log);
+        let entry = PublishEntry {
+            step: sw.step.clone(),
+            path: sw.target.clone(),
+            partition: sw.partition.clone(),
+            action: switch.as_str().into(),
         };
-        publish_output(&s.staging, &out.path, by_partition, &s.partitions, &*log, &mut after)
-            .map_err(|e| Error::Publish { step: s.step.clone(), message: e })?;
-        // Quarantined rows: one directory per run partition, replaced when it is rerun, so a
-        // rerun never duplicates them.
-        if let Some(q) = &s.quarantine {
-            let target = quarantine_target(&out.path, options.partition.as_deref());
-            let switch = publish::switch_dir(q, &target, &*log)
-                .map_err(|e| Error::Publish { step: s.step.clone(), message: e })?;
-            after(publish::Published { target: &target, partition: None, switch })
-                .map_err(|e| Error::Publish { step: s.step.clone(), message: e })?;
+        store.record_switch(run_id, seq, &entry)?;
+        debug_pause("between-publishes", &*log);
+    }
+    // a partition run switched each partition out of its step's staging folder, now empty
+    for s in staged.values() {
+        if s.staging.exists() {
+            let _ = std::fs::remove_dir_all(&s.staging);
         }
-        if let Some(summary) = summaries.iter_mut().find(|x: &&mut StepSummary| x.name == step.name) {
+        if let Some(summary) = summaries.iter_mut().find(|x: &&mut StepSummary| x.name == s.step) {
             summary.partitions = s.partitions.clone();
         }
     }
     drop(guard);
     Ok(summaries)
+}
+
+/// Rows per step, as the run store records them.
+fn step_rows(steps: &[StepSummary]) -> Vec<StepRows> {
+    steps
+        .iter()
+        .map(|s| StepRows {
+            step: s.name.clone(),
+            rows_read: s.rows_read,
+            rows_written: s.rows_written,
+            rows_skipped: s.rows_skipped,
+            rows_quarantined: s.rows_quarantined,
+        })
+        .collect()
+}
+
+/// Every switch that publishes what the run staged, in the order they are made: per step
+/// (in pipeline order) its dataset or, in a partition run of a partitioned output, each
+/// partition it wrote; then its quarantined rows.
+fn plan_switches(
+    pipeline: &Pipeline,
+    options: &RunOptions,
+    staged: &HashMap<String, Staged>,
+) -> Result<Vec<PlannedSwitch>> {
+    let mut plan = Vec::new();
+    for step in &pipeline.steps {
+        let s = &staged[&step.name];
+        let Some(out) = &s.output else { continue };
+        let mut add = |kind: &str, from: PathBuf, to: PathBuf, partition: Option<String>| -> Result<()> {
+            let token = publish::dir_token(&from).ok_or_else(|| Error::Publish {
+                step: s.step.clone(),
+                message: format!("its staged output {} is missing", from.display()),
+            })?;
+            plan.push(PlannedSwitch {
+                step: s.step.clone(),
+                kind: kind.into(),
+                replaces: to.exists(),
+                staged: from,
+                target: to,
+                partition,
+                token,
+                done_at_ms: None,
+            });
+            Ok(())
+        };
+        if out.partition_by.is_some() && options.partition.is_some() {
+            for p in &s.partitions {
+                add("partition", s.staging.join(p), out.path.join(p), Some(p.clone()))?;
+            }
+        } else {
+            add("dataset", s.staging.clone(), out.path.clone(), None)?;
+        }
+        if let Some(q) = &s.quarantine {
+            add("quarantine", q.clone(), quarantine_target(&out.path, options.partition.as_deref()), None)?;
+        }
+    }
+    Ok(plan)
 }
 
 fn staging_dir(pipeline: &Pipeline, step: &Step, run_id: &str) -> PathBuf {

@@ -14,6 +14,22 @@
 //!
 //! On a filesystem without `RENAME_EXCHANGE` the switch falls back to two renames (the old
 //! directory moved aside, then the new one in) and says so in the log.
+//!
+//! A run publishes all or nothing, across every dataset it writes:
+//!
+//! ```text
+//!   every check passed
+//!     -> plan: one PlannedSwitch per dataset, partition and quarantine directory,
+//!        each with the staged directory's token (device:inode)
+//!     -> the run store records the decision               <- the commit point
+//!     -> switch 1, record it; switch 2, record it; ...
+//!     -> the run store records SUCCESS
+//! ```
+//!
+//! A crash before the decision leaves every dataset as it was and the staging is removed.
+//! A crash after it is rolled forward by whoever recovers the run ([`complete_switch`]):
+//! the exchange carries the staged directory's inode to the target, so a switch made but
+//! not yet recorded is recognised by its token and not made twice.
 
 use std::path::{Path, PathBuf};
 
@@ -60,6 +76,59 @@ fn exchange(_a: &Path, _b: &Path) -> std::io::Result<()> {
     Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
 }
 
+/// Where the two-rename fallback keeps the replaced data until it is removed: beside the
+/// staged directory, so recovery finds it from the staged path alone.
+fn aside_path(staged: &Path) -> PathBuf {
+    let mut name = staged.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".weir-old");
+    staged.with_file_name(name)
+}
+
+/// A directory's identity, `device:inode`, which a rename or exchange keeps.
+pub fn dir_token(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(dir).ok().filter(|m| m.is_dir())?;
+    Some(format!("{}:{}", m.dev(), m.ino()))
+}
+
+/// Make a decided switch whose outcome is unknown (its run crashed around it): if the
+/// target already is the staged directory (same token) it was made, and the replaced data
+/// left at the staged path is removed; if the staged directory is still there, it is
+/// switched now. Returns the switch and whether this call made it.
+pub fn complete_switch(
+    staged: &Path,
+    target: &Path,
+    token: &str,
+    replaces: bool,
+    log: &dyn Fn(&str),
+) -> Result<(Switch, bool), String> {
+    let made = if replaces { Switch::Replaced } else { Switch::Created };
+    if dir_token(target).as_deref() == Some(token) {
+        for leftover in [staged.to_path_buf(), aside_path(staged)] {
+            if leftover.exists() {
+                std::fs::remove_dir_all(&leftover)
+                    .map_err(|e| format!("switched, but cannot remove the old copy at {}: {e}", leftover.display()))?;
+            }
+        }
+        return Ok((made, false));
+    }
+    if dir_token(staged).as_deref() == Some(token) {
+        // a crash inside the two-rename fallback may have left the target moved aside
+        let aside = aside_path(staged);
+        if !target.exists() && aside.exists() {
+            std::fs::rename(&aside, target)
+                .map_err(|e| format!("cannot move {} back to {}: {e}", aside.display(), target.display()))?;
+        }
+        return switch_dir(staged, target, log).map(|s| (s, true));
+    }
+    Err(format!(
+        "neither {} nor {} is the staged output this run decided to publish (directory {token}); \
+         was one of them moved or removed by hand?",
+        target.display(),
+        staged.display()
+    ))
+}
+
 /// Put the complete directory `new` at `target`, atomically. `new` is gone afterwards.
 pub fn switch_dir(new: &Path, target: &Path, log: &dyn Fn(&str)) -> Result<Switch, String> {
     let parent = target.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
@@ -83,8 +152,7 @@ pub fn switch_dir(new: &Path, target: &Path, log: &dyn Fn(&str)) -> Result<Switc
                 "weir: warning: atomic exchange unavailable on this filesystem ({e}); publishing {} with two renames",
                 target.display()
             ));
-            let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let old = parent.join(format!(".{name}.weir-old-{}", std::process::id()));
+            let old = aside_path(new);
             let _ = std::fs::remove_dir_all(&old);
             std::fs::rename(target, &old).map_err(|e| format!("cannot move {} aside: {e}", target.display()))?;
             if let Err(e) = std::fs::rename(new, target) {
@@ -96,37 +164,6 @@ pub fn switch_dir(new: &Path, target: &Path, log: &dyn Fn(&str)) -> Result<Switc
         }
     }
     Ok(Switch::Replaced)
-}
-
-/// One switch the publish made, reported as it happens.
-pub struct Published<'a> {
-    pub target: &'a Path,
-    pub partition: Option<&'a str>,
-    pub switch: Switch,
-}
-
-/// Publish `staging` as `target`: whole, or partition by partition for a partitioned output
-/// in a partition run. `after` is called after each switch (to record it) and may stop the
-/// publish by returning an error.
-pub fn publish_output(
-    staging: &Path,
-    target: &Path,
-    by_partition: bool,
-    partitions: &[String],
-    log: &dyn Fn(&str),
-    after: &mut dyn FnMut(Published<'_>) -> Result<(), String>,
-) -> Result<(), String> {
-    if by_partition {
-        std::fs::create_dir_all(target).map_err(|e| format!("cannot create {}: {e}", target.display()))?;
-        for p in partitions {
-            let switch = switch_dir(&staging.join(p), &target.join(p), log)?;
-            after(Published { target: &target.join(p), partition: Some(p), switch })?;
-        }
-        let _ = std::fs::remove_dir_all(staging);
-        return Ok(());
-    }
-    let switch = switch_dir(staging, target, log)?;
-    after(Published { target, partition: None, switch })
 }
 
 #[cfg(test)]
@@ -149,5 +186,50 @@ mod tests {
         let mut names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
         names.sort();
         assert_eq!(names, ["ds"]);
+    }
+
+    #[test]
+    fn a_switch_whose_outcome_is_unknown_is_made_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (staged, target) = (dir.path().join(".ds.staging-1"), dir.path().join("ds"));
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::write(target.join("part.txt"), "old").unwrap();
+        std::fs::create_dir_all(&staged).unwrap();
+        std::fs::write(staged.join("part.txt"), "new").unwrap();
+        let token = dir_token(&staged).unwrap();
+        // not made yet: made now
+        assert_eq!(complete_switch(&staged, &target, &token, true, &|_| {}).unwrap(), (Switch::Replaced, true));
+        assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "new");
+        // made (and its old copy removed): recognised, nothing changes
+        assert_eq!(complete_switch(&staged, &target, &token, true, &|_| {}).unwrap(), (Switch::Replaced, false));
+        assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "new");
+
+        // made, but the crash came before the old copy was removed: the old copy goes
+        let staged2 = dir.path().join(".ds.staging-2");
+        std::fs::create_dir_all(&staged2).unwrap();
+        std::fs::write(staged2.join("part.txt"), "newer").unwrap();
+        let token2 = dir_token(&staged2).unwrap();
+        exchange(&staged2, &target).unwrap();
+        assert_eq!(complete_switch(&staged2, &target, &token2, true, &|_| {}).unwrap(), (Switch::Replaced, false));
+        assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "newer");
+        assert!(!staged2.exists(), "the replaced data is removed");
+
+        // a crash inside the two-rename fallback, between its renames: the target is put back
+        // and then switched
+        let staged3 = dir.path().join(".ds.staging-3");
+        std::fs::create_dir_all(&staged3).unwrap();
+        std::fs::write(staged3.join("part.txt"), "newest").unwrap();
+        let token3 = dir_token(&staged3).unwrap();
+        std::fs::rename(&target, aside_path(&staged3)).unwrap();
+        assert_eq!(complete_switch(&staged3, &target, &token3, true, &|_| {}).unwrap(), (Switch::Replaced, true));
+        assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "newest");
+        let mut names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        names.sort();
+        assert_eq!(names, ["ds"]);
+
+        // neither side is the staged output: refused, nothing touched
+        let err = complete_switch(&staged3, &target, "1:1", true, &|_| {}).unwrap_err();
+        assert!(err.contains("moved or removed by hand"), "{err}");
+        assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "newest");
     }
 }

@@ -8,11 +8,22 @@
 //!
 //! ```text
 //! begin_run ──> RUNNING (lease: heartbeat every few seconds, pid and host recorded)
-//!                  │  publish: one audit entry per exchanged dataset or partition
+//!                  │  every check passed:
+//!                  │  record_decision: the switches to make, rows per step   one transaction
+//!                  │  publish: record_switch after each switch (audit entry + switch done)
 //!                  ├──> finish_run(SUCCESS, rows per step)   one transaction
 //!                  ├──> finish_run(FAILED, error)
-//!                  └──> (process killed) ──> recover_stale: FAILED "crashed", staging removed
+//!                  └──> (process killed) ──> recover_stale:
+//!                         no decision: FAILED "crashed", staging removed
+//!                         decided:     claimed by the recovering process, which completes
+//!                                      the remaining switches from the staged data, then
+//!                                      complete_recovered: SUCCESS with a note
 //! ```
+//!
+//! The decision is the commit point: once it is recorded, the run's staged outputs are
+//! published, by the run itself or by whoever recovers it, and never thrown away. A run
+//! whose publish failed after its decision (an I/O error) is recorded FAILED with its
+//! decision kept, and the next recovery completes it before any other run may publish.
 
 mod sqlite;
 
@@ -114,6 +125,46 @@ pub struct RunRecord {
     /// Every attempt of every step, failed ones with their error.
     pub attempts: Vec<Attempt>,
     pub backfill_id: Option<i64>,
+    /// The commit decision, once every check has passed: the switches to make.
+    pub decision: Option<Decision>,
+    /// How the run ended when that needs saying (`completed by recovery ...`).
+    pub note: Option<String>,
+}
+
+/// A run's decision to publish: every switch it will make, recorded before the first one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Decision {
+    pub at_ms: i64,
+    pub switches: Vec<PlannedSwitch>,
+}
+
+impl Decision {
+    /// The switches not made yet.
+    pub fn pending(&self) -> usize {
+        self.switches.iter().filter(|s| s.done_at_ms.is_none()).count()
+    }
+}
+
+/// One atomic switch a run has decided to make: staged data that becomes what readers see.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PlannedSwitch {
+    pub step: String,
+    /// `dataset` (a whole dataset), `partition` (one partition directory) or `quarantine`
+    /// (the step's quarantined rows for the run's partition).
+    pub kind: String,
+    /// Where the run staged it.
+    pub staged: PathBuf,
+    /// What readers see once it is switched.
+    pub target: PathBuf,
+    /// The partition directory (`day=mon`), for a `partition` switch.
+    pub partition: Option<String>,
+    /// Whether the target existed when the run decided (the switch replaces it).
+    pub replaces: bool,
+    /// How a made switch is recognised, whoever looks: for a directory its device and
+    /// inode (`dev:ino`), which the atomic exchange carries to the target.
+    pub token: String,
+    /// When the switch was made and recorded (none: not yet).
+    pub done_at_ms: Option<i64>,
 }
 
 /// A backfill: a persisted plan of partitions and how far it got.
@@ -211,26 +262,44 @@ pub enum Error {
     Sqlite(#[from] rusqlite::Error),
     #[error("run store holds unreadable data: {0}")]
     Corrupt(String),
+    /// [`RunStore::begin_run`] found a live run of the same pipeline and partition.
+    #[error("run #{id} of this pipeline and partition is still running (pid {pid} on {host})")]
+    Busy { id: i64, pid: u32, host: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The run store interface.
 pub trait RunStore: Send + Sync {
-    /// Record a new RUNNING run; returns its id.
+    /// Record a new RUNNING run; returns its id. Atomic with the check that no other run
+    /// of the same pipeline and partition is RUNNING: of any number of runs starting at
+    /// once, one gets an id and the others [`Error::Busy`] naming it. (Dead runs must have
+    /// been recovered first: a RUNNING record counts as live.)
     fn begin_run(&self, run: &NewRun) -> Result<i64>;
     /// Renew a running run's lease.
     fn heartbeat(&self, id: i64) -> Result<()>;
-    /// Record one publish action of a running run (before the next one happens).
-    fn record_publish(&self, id: i64, entry: &PublishEntry) -> Result<()>;
+    /// Record a run's decision to publish, before its first switch: the switches in the
+    /// order they will be made, and the rows per step. One transaction.
+    fn record_decision(&self, id: i64, steps: &[StepRows], switches: &[PlannedSwitch]) -> Result<()>;
+    /// Record that switch `seq` of the decision was made, with its audit entry (before the
+    /// next switch happens). One transaction.
+    fn record_switch(&self, id: i64, seq: usize, entry: &PublishEntry) -> Result<()>;
     /// Record one attempt of a step (`error` is none when it succeeded).
     fn record_attempt(&self, id: i64, step: &str, attempt: u32, error: Option<&str>) -> Result<()>;
-    /// Close a run: status, rows and error together, in one transaction.
+    /// Close a run: status, rows and error together, in one transaction. Empty `steps`
+    /// keep the rows recorded with the decision, if any.
     fn finish_run(&self, id: i64, status: Status, steps: &[StepRows], error: Option<&str>) -> Result<()>;
     /// Find RUNNING runs of `pipeline` whose process is gone (same host, pid dead) or whose
-    /// lease expired; mark them FAILED with a reason and return them (with their staging
-    /// paths, for the caller to remove).
+    /// lease expired, atomically (two recovering processes never both get one):
+    /// - without a decision: mark them FAILED with a reason and return them (with their
+    ///   staging paths, for the caller to remove);
+    /// - with a decision and switches still to make (also FAILED runs whose publish broke
+    ///   off): claim them for this process (RUNNING, its pid, a fresh lease) and return them
+    ///   with their decision, for the caller to complete and then
+    ///   [`complete_recovered`](RunStore::complete_recovered).
     fn recover_stale(&self, pipeline: Option<&str>, lease_ms: i64, by: &str) -> Result<Vec<RunRecord>>;
+    /// Close a run whose decided publish was completed by recovery: SUCCESS with `note`.
+    fn complete_recovered(&self, id: i64, note: &str) -> Result<()>;
     /// Runs, newest first.
     fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>>;
     /// One run.

@@ -4,11 +4,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::{
-    host_name, now_ms, pid_alive, Attempt, BackfillPartition, BackfillRecord, CheckFilter, Checkpoint, Error, NewRun,
-    PublishEntry, Result, RunFilter, RunRecord, RunStore, Status, StepRows, StoredCheck,
+    host_name, now_ms, pid_alive, Attempt, BackfillPartition, BackfillRecord, CheckFilter, Checkpoint, Decision, Error,
+    NewRun, PlannedSwitch, PublishEntry, Result, RunFilter, RunRecord, RunStore, Status, StepRows, StoredCheck,
 };
 
 const SCHEMA: &str = r#"
@@ -33,7 +33,9 @@ CREATE TABLE IF NOT EXISTS pipeline_run (
     staging_json    TEXT NOT NULL DEFAULT '[]',
     watermark_start TEXT,
     watermark_end   TEXT,
-    backfill_id     INTEGER
+    backfill_id     INTEGER,
+    decided_at_ms   INTEGER,
+    note            TEXT
 );
 CREATE INDEX IF NOT EXISTS pipeline_run_by_pipeline ON pipeline_run (pipeline, partition, status);
 CREATE TABLE IF NOT EXISTS publish_audit (
@@ -45,6 +47,19 @@ CREATE TABLE IF NOT EXISTS publish_audit (
     at_ms     INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS publish_audit_by_run ON publish_audit (run_id);
+CREATE TABLE IF NOT EXISTS commit_switch (
+    run_id     INTEGER NOT NULL REFERENCES pipeline_run(id),
+    seq        INTEGER NOT NULL,
+    step       TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    staged     TEXT NOT NULL,
+    target     TEXT NOT NULL,
+    partition  TEXT,
+    replaces   INTEGER NOT NULL,
+    token      TEXT NOT NULL,
+    done_at_ms INTEGER,
+    PRIMARY KEY (run_id, seq)
+);
 CREATE TABLE IF NOT EXISTS backfill (
     id             INTEGER PRIMARY KEY AUTOINCREMENT,
     pipeline       TEXT NOT NULL,
@@ -119,11 +134,16 @@ impl SqliteStore {
         conn.busy_timeout(Duration::from_secs(10)).map_err(|e| open_err(e.to_string()))?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| open_err(e.to_string()))?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(|e| open_err(e.to_string()))?;
-        // one transaction: a new store costs one WAL sync, not one per table
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE;\n{SCHEMA}\nINSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');\nCOMMIT;"
-        ))
-        .map_err(|e| {
+        // one transaction: a new store costs one WAL sync, not one per table; IMMEDIATE, so
+        // two processes upgrading an older store at once do not both add its new columns
+        let create = |conn: &Connection| -> rusqlite::Result<()> {
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+            let upgrade = upgrade_statements(conn)?;
+            conn.execute_batch(&format!(
+                "{SCHEMA}\n{upgrade}\nINSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', '2');\nCOMMIT;"
+            ))
+        };
+        create(&conn).map_err(|e| {
             let _ = conn.execute_batch("ROLLBACK");
             open_err(format!("cannot create tables: {e}"))
         })?;
@@ -140,7 +160,25 @@ impl SqliteStore {
     }
 }
 
-const COLUMNS: &str = "id, pipeline, partition, status, attempt, started_at_ms, finished_at_ms, heartbeat_at_ms, pid, host, error, config_sha256, plugins_json, fingerprint, steps_json, staging_json, backfill_id";
+/// Columns added since schema version 1, with their declarations: a store written by an
+/// earlier weir gains them when opened.
+const ADDED_RUN_COLUMNS: [(&str, &str); 2] = [("decided_at_ms", "INTEGER"), ("note", "TEXT")];
+
+/// `ALTER TABLE` statements bringing an older store's tables up to date.
+fn upgrade_statements(conn: &Connection) -> rusqlite::Result<String> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('pipeline_run')")?;
+    let have: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+    if have.is_empty() {
+        return Ok(String::new()); // a new store: SCHEMA creates every column
+    }
+    Ok(ADDED_RUN_COLUMNS
+        .iter()
+        .filter(|(name, _)| !have.iter().any(|h| h == name))
+        .map(|(name, decl)| format!("ALTER TABLE pipeline_run ADD COLUMN {name} {decl};\n"))
+        .collect())
+}
+
+const COLUMNS: &str = "id, pipeline, partition, status, attempt, started_at_ms, finished_at_ms, heartbeat_at_ms, pid, host, error, config_sha256, plugins_json, fingerprint, steps_json, staging_json, backfill_id, decided_at_ms, note";
 
 fn read_run(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
     let status: String = row.get(3)?;
@@ -167,6 +205,21 @@ fn read_run(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
         published: Vec::new(),
         attempts: Vec::new(),
         backfill_id: row.get(16)?,
+        decision: row.get::<_, Option<i64>>(17)?.map(|at_ms| Decision { at_ms, switches: Vec::new() }),
+        note: row.get(18)?,
+    })
+}
+
+fn read_switch(row: &Row<'_>) -> rusqlite::Result<PlannedSwitch> {
+    Ok(PlannedSwitch {
+        step: row.get(0)?,
+        kind: row.get(1)?,
+        staged: PathBuf::from(row.get::<_, String>(2)?),
+        target: PathBuf::from(row.get::<_, String>(3)?),
+        partition: row.get(4)?,
+        replaces: row.get(5)?,
+        token: row.get(6)?,
+        done_at_ms: row.get(7)?,
     })
 }
 
@@ -194,6 +247,14 @@ impl SqliteStore {
                     Ok(Attempt { step: row.get(0)?, attempt: row.get(1)?, error: row.get(2)?, at_ms: row.get(3)? })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
+        }
+        let mut switches = conn.prepare(
+            "SELECT step, kind, staged, target, partition, replaces, token, done_at_ms FROM commit_switch WHERE run_id = ?1 ORDER BY seq",
+        )?;
+        for r in &mut runs {
+            if let Some(d) = &mut r.decision {
+                d.switches = switches.query_map([r.id], read_switch)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            }
         }
         Ok(runs)
     }
@@ -241,14 +302,27 @@ impl SqliteStore {
 
 impl RunStore for SqliteStore {
     fn begin_run(&self, run: &NewRun) -> Result<i64> {
-        let conn = self.conn();
+        let mut conn = self.conn();
+        // IMMEDIATE: the write lock is held from the check to the insert, so two processes
+        // starting the same partition at once cannot both pass the check
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let live = tx
+            .query_row(
+                "SELECT id, pid, host FROM pipeline_run WHERE pipeline = ?1 AND partition IS ?2 AND status = 'RUNNING' ORDER BY id LIMIT 1",
+                params![run.pipeline, run.partition],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, u32>(1)?, r.get::<_, String>(2)?)),
+            )
+            .optional()?;
+        if let Some((id, pid, host)) = live {
+            return Err(Error::Busy { id, pid, host });
+        }
         let now = now_ms();
-        let attempt: u32 = conn.query_row(
+        let attempt: u32 = tx.query_row(
             "SELECT COUNT(*) + 1 FROM pipeline_run WHERE pipeline = ?1 AND partition IS ?2 AND fingerprint = ?3",
             params![run.pipeline, run.partition, run.fingerprint],
             |r| r.get(0),
         )?;
-        conn.execute(
+        tx.execute(
             "INSERT INTO pipeline_run (pipeline, partition, logical_date, status, attempt, started_at_ms, heartbeat_at_ms, pid, host, config_sha256, plugins_json, fingerprint, backfill_id)
              VALUES (?1, ?2, ?2, 'RUNNING', ?3, ?4, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
@@ -264,13 +338,14 @@ impl RunStore for SqliteStore {
                 run.backfill_id
             ],
         )?;
-        let id = conn.last_insert_rowid();
+        let id = tx.last_insert_rowid();
         let staging: Vec<String> =
             run.staging.iter().map(|p| p.to_string_lossy().replace("{run}", &id.to_string())).collect();
-        conn.execute(
+        tx.execute(
             "UPDATE pipeline_run SET staging_json = ?2 WHERE id = ?1",
             params![id, serde_json::to_string(&staging).unwrap_or_default()],
         )?;
+        tx.commit()?;
         Ok(id)
     }
 
@@ -282,11 +357,47 @@ impl RunStore for SqliteStore {
         Ok(())
     }
 
-    fn record_publish(&self, id: i64, e: &PublishEntry) -> Result<()> {
-        self.conn().execute(
-            "INSERT INTO publish_audit (run_id, step, path, partition, action, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![id, e.step, e.path.to_string_lossy(), e.partition, e.action, now_ms()],
+    fn record_decision(&self, id: i64, steps: &[StepRows], switches: &[PlannedSwitch]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE pipeline_run SET decided_at_ms = ?2, steps_json = ?3 WHERE id = ?1",
+            params![id, now_ms(), serde_json::to_string(steps).unwrap_or_default()],
         )?;
+        for (seq, s) in switches.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO commit_switch (run_id, seq, step, kind, staged, target, partition, replaces, token)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    id,
+                    seq as i64,
+                    s.step,
+                    s.kind,
+                    s.staged.to_string_lossy(),
+                    s.target.to_string_lossy(),
+                    s.partition,
+                    s.replaces,
+                    s.token
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn record_switch(&self, id: i64, seq: usize, e: &PublishEntry) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let now = now_ms();
+        tx.execute(
+            "UPDATE commit_switch SET done_at_ms = ?3 WHERE run_id = ?1 AND seq = ?2",
+            params![id, seq as i64, now],
+        )?;
+        tx.execute(
+            "INSERT INTO publish_audit (run_id, step, path, partition, action, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id, e.step, e.path.to_string_lossy(), e.partition, e.action, now],
+        )?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -302,27 +413,44 @@ impl RunStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
-            "UPDATE pipeline_run SET status = ?2, finished_at_ms = ?3, steps_json = ?4, error = ?5 WHERE id = ?1",
-            params![id, status.as_str(), now_ms(), serde_json::to_string(steps).unwrap_or_default(), error],
+            "UPDATE pipeline_run SET status = ?2, finished_at_ms = ?3, error = ?5,
+                    steps_json = CASE WHEN ?4 IS NULL THEN steps_json ELSE ?4 END WHERE id = ?1",
+            params![
+                id,
+                status.as_str(),
+                now_ms(),
+                (!steps.is_empty()).then(|| serde_json::to_string(steps).unwrap_or_default()),
+                error
+            ],
         )?;
         tx.commit()?;
         Ok(())
     }
 
     fn recover_stale(&self, pipeline: Option<&str>, lease_ms: i64, by: &str) -> Result<Vec<RunRecord>> {
-        let conn = self.conn();
-        let running: Vec<RunRecord> = {
-            let mut stmt = conn.prepare(&format!(
-                "SELECT {COLUMNS} FROM pipeline_run WHERE status = 'RUNNING' AND (?1 IS NULL OR pipeline = ?1)"
+        let mut conn = self.conn();
+        // IMMEDIATE: the write lock is taken before reading, so two recovering processes
+        // never both see (and claim) the same run
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let candidates: Vec<RunRecord> = {
+            let mut stmt = tx.prepare(&format!(
+                "SELECT {COLUMNS} FROM pipeline_run r
+                 WHERE (?1 IS NULL OR pipeline = ?1)
+                   AND (status = 'RUNNING'
+                        OR (status = 'FAILED' AND decided_at_ms IS NOT NULL
+                            AND EXISTS (SELECT 1 FROM commit_switch c WHERE c.run_id = r.id AND c.done_at_ms IS NULL)))
+                 ORDER BY id"
             ))?;
             let rows = stmt.query_map(params![pipeline], read_run)?.collect::<rusqlite::Result<Vec<_>>>()?;
             rows
         };
         let now = now_ms();
         let here = host_name();
-        let mut dead = Vec::new();
-        for r in running {
-            let reason = if r.host == here && r.pid != std::process::id() && !pid_alive(r.pid) {
+        let mut found = Vec::new();
+        for mut r in candidates {
+            let reason = if r.status == Status::Failed {
+                format!("publish broke off: {}", r.error.as_deref().unwrap_or("no error recorded"))
+            } else if r.host == here && r.pid != std::process::id() && !pid_alive(r.pid) {
                 format!("crashed: process {} on {} is gone (found by {by})", r.pid, r.host)
             } else if now - r.heartbeat_at_ms > lease_ms {
                 format!(
@@ -332,16 +460,35 @@ impl RunStore for SqliteStore {
             } else {
                 continue;
             };
-            conn.execute(
-                "UPDATE pipeline_run SET status = 'FAILED', finished_at_ms = ?2, error = ?3 WHERE id = ?1 AND status = 'RUNNING'",
-                params![r.id, now, reason],
-            )?;
-            let mut r = r;
-            r.status = Status::Failed;
+            if r.decision.is_some() {
+                // decided: claim it to complete its publish
+                tx.execute(
+                    "UPDATE pipeline_run SET status = 'RUNNING', pid = ?2, host = ?3, heartbeat_at_ms = ?4, error = ?5 WHERE id = ?1",
+                    params![r.id, std::process::id(), here, now, reason],
+                )?;
+                r.status = Status::Running;
+                (r.pid, r.host, r.heartbeat_at_ms) = (std::process::id(), here.clone(), now);
+            } else {
+                tx.execute(
+                    "UPDATE pipeline_run SET status = 'FAILED', finished_at_ms = ?2, error = ?3 WHERE id = ?1",
+                    params![r.id, now, reason],
+                )?;
+                r.status = Status::Failed;
+            }
             r.error = Some(reason);
-            dead.push(r);
+            found.push(r);
         }
-        self.with_published(&conn, dead)
+        let found = self.with_published(&tx, found)?;
+        tx.commit()?;
+        Ok(found)
+    }
+
+    fn complete_recovered(&self, id: i64, note: &str) -> Result<()> {
+        self.conn().execute(
+            "UPDATE pipeline_run SET status = 'SUCCESS', finished_at_ms = ?2, error = NULL, note = ?3 WHERE id = ?1",
+            params![id, now_ms(), note],
+        )?;
+        Ok(())
     }
 
     fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>> {
@@ -577,12 +724,27 @@ mod tests {
         let r = store.run(id).unwrap().unwrap();
         assert_eq!(r.status, Status::Running);
         assert_eq!(r.staging, [PathBuf::from(format!("/tmp/x.weir-staging-{id}"))]);
+        let switch = PlannedSwitch {
+            step: "s".into(),
+            kind: "dataset".into(),
+            staged: "/tmp/x.weir-staging-1".into(),
+            target: "/o".into(),
+            partition: None,
+            replaces: false,
+            token: "1:2".into(),
+            done_at_ms: None,
+        };
+        store.record_decision(id, &[], std::slice::from_ref(&switch)).unwrap();
         store
-            .record_publish(
+            .record_switch(
                 id,
+                0,
                 &PublishEntry { step: "s".into(), path: "/o".into(), partition: None, action: "created".into() },
             )
             .unwrap();
+        let d = store.run(id).unwrap().unwrap().decision.unwrap();
+        assert_eq!((d.switches.len(), d.pending()), (1, 0));
+        assert_eq!(d.switches[0].token, "1:2");
         let rows =
             [StepRows { step: "s".into(), rows_read: 10, rows_written: 9, rows_skipped: 1, rows_quarantined: 0 }];
         store.finish_run(id, Status::Success, &rows, None).unwrap();
@@ -591,11 +753,19 @@ mod tests {
         assert!(store.last_success("p", None).unwrap().is_none());
         let id2 = store.begin_run(&new_run("f1")).unwrap();
         assert_eq!(store.run(id2).unwrap().unwrap().attempt, 2);
+        // one live run per pipeline and partition; other partitions are free
+        match store.begin_run(&new_run("f2")) {
+            Err(Error::Busy { id, pid, .. }) => assert_eq!((id, pid), (id2, std::process::id())),
+            other => panic!("expected Busy, got {other:?}"),
+        }
+        let other_partition =
+            store.begin_run(&NewRun { partition: Some("2024-01-02".into()), ..new_run("f2") }).unwrap();
+        store.finish_run(other_partition, Status::Success, &[], None).unwrap();
         store.finish_run(id2, Status::Failed, &[], Some("boom")).unwrap();
         let failed = store.runs(&RunFilter { status: Some(Status::Failed), ..Default::default() }).unwrap();
         assert_eq!(failed.len(), 1);
         assert_eq!(failed[0].error.as_deref(), Some("boom"));
-        assert_eq!(store.runs(&RunFilter { limit: 1, ..Default::default() }).unwrap()[0].id, id2);
+        assert_eq!(store.runs(&RunFilter { limit: 1, ..Default::default() }).unwrap()[0].id, other_partition);
     }
 
     #[test]
@@ -617,5 +787,87 @@ mod tests {
         store.conn().execute("UPDATE pipeline_run SET pid = 999999999 WHERE id = ?1", [id]).unwrap();
         let dead = store.recover_stale(None, 60_000, "test").unwrap();
         assert!(dead[0].error.as_deref().unwrap().contains("is gone"), "{:?}", dead[0].error);
+    }
+
+    #[test]
+    fn a_decided_run_is_claimed_for_completion_once_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
+        let id = store.begin_run(&new_run("f")).unwrap();
+        let switches: Vec<PlannedSwitch> = (0..3)
+            .map(|i| PlannedSwitch {
+                step: "s".into(),
+                kind: "partition".into(),
+                staged: format!("/st/p{i}").into(),
+                target: format!("/o/p{i}").into(),
+                partition: Some(format!("p{i}")),
+                replaces: i > 0,
+                token: format!("9:{i}"),
+                done_at_ms: None,
+            })
+            .collect();
+        let rows = [StepRows { step: "s".into(), rows_read: 7, rows_written: 6, rows_skipped: 1, rows_quarantined: 2 }];
+        store.record_decision(id, &rows, &switches).unwrap();
+        let entry = PublishEntry { step: "s".into(), path: "/o/p0".into(), partition: None, action: "created".into() };
+        store.record_switch(id, 0, &entry).unwrap();
+        // the process died
+        store.conn().execute("UPDATE pipeline_run SET pid = 999999999 WHERE id = ?1", [id]).unwrap();
+        let found = store.recover_stale(Some("p"), 60_000, "test").unwrap();
+        assert_eq!(found.len(), 1);
+        let r = &found[0];
+        assert_eq!((r.status, r.pid), (Status::Running, std::process::id()), "claimed, not failed");
+        let d = r.decision.as_ref().unwrap();
+        assert_eq!(d.pending(), 2);
+        assert_eq!(d.switches[2].target, PathBuf::from("/o/p2"));
+        assert_eq!(r.published.len(), 1);
+        // claimed by this live process: nobody else takes it
+        assert!(store.recover_stale(Some("p"), 60_000, "test").unwrap().is_empty());
+        store.complete_recovered(id, "completed by recovery").unwrap();
+        let r = store.run(id).unwrap().unwrap();
+        assert_eq!(
+            (r.status, r.note.as_deref(), r.error.as_deref()),
+            (Status::Success, Some("completed by recovery"), None)
+        );
+        assert_eq!(r.steps, rows, "the rows recorded with the decision");
+
+        // a decided run whose publish failed in-process is FAILED, then completed by recovery
+        let id = store.begin_run(&new_run("g")).unwrap();
+        store.record_decision(id, &rows, &switches[..1]).unwrap();
+        store.finish_run(id, Status::Failed, &[], Some("disk full")).unwrap();
+        assert_eq!(store.run(id).unwrap().unwrap().steps, rows, "empty rows keep the decision's");
+        let found = store.recover_stale(None, 60_000, "test").unwrap();
+        assert_eq!(found.len(), 1);
+        assert!(found[0].error.as_deref().unwrap().contains("disk full"));
+        // an undecided FAILED run is history, not something to recover
+        store.complete_recovered(id, "x").unwrap();
+        let id = store.begin_run(&new_run("h")).unwrap();
+        store.finish_run(id, Status::Failed, &[], Some("boom")).unwrap();
+        assert!(store.recover_stale(None, 60_000, "test").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_store_from_schema_version_1_gains_the_new_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            let v1 = SCHEMA.replace(
+                "    backfill_id     INTEGER,\n    decided_at_ms   INTEGER,\n    note            TEXT\n",
+                "    backfill_id     INTEGER\n",
+            );
+            assert_ne!(v1, SCHEMA);
+            conn.execute_batch(&v1).unwrap();
+            conn.execute(
+                "INSERT INTO pipeline_run (pipeline, status, started_at_ms, heartbeat_at_ms, pid, host, config_sha256, plugins_json, fingerprint)
+                 VALUES ('p', 'SUCCESS', 1, 1, 1, 'h', 'c', '{}', 'f')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let runs = store.runs(&RunFilter::default()).unwrap();
+        assert_eq!((runs.len(), runs[0].note.clone(), runs[0].decision.is_none()), (1, None, true));
+        drop(store);
+        SqliteStore::open(&path).unwrap(); // and opens again
     }
 }
