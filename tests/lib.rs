@@ -127,3 +127,37 @@ pub fn entries(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Run `weir` with `args` in `dir` to completion; also returns its peak resident memory in
+/// bytes (from the kernel's accounting of that one child process).
+#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its rusage
+pub fn weir_with_peak_rss(dir: &Path, args: &[&str]) -> (Output, u64) {
+    use std::io::Read;
+    let mut child = weir_command(dir, args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run weir");
+    let mut out_pipe = child.stdout.take().expect("stdout");
+    let mut err_pipe = child.stderr.take().expect("stderr");
+    let out_thread = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out_pipe.read_to_end(&mut s);
+        s
+    });
+    let mut stderr = Vec::new();
+    let _ = err_pipe.read_to_end(&mut stderr);
+    let stdout = out_thread.join().expect("stdout reader");
+    let mut status = 0;
+    // SAFETY: rusage is plain data the kernel fills in; the pid is our own child, reaped here.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    assert!(pid > 0, "wait4 failed: {}", std::io::Error::last_os_error());
+    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
+    let output = Output {
+        code,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    };
+    (output, usage.ru_maxrss as u64 * 1024)
+}

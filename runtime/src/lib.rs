@@ -99,6 +99,8 @@ pub enum Error {
     Resume(String),
     #[error("step `{step}`: {message}")]
     Check { step: String, message: String },
+    #[error("step `{step}`: its output cannot be published: {message}")]
+    Output { step: String, message: String },
     #[error("step `{step}` failed its quality gate, so nothing was published:\n{message}")]
     CheckFailed { step: String, message: String },
     #[error("internal error (a bug in weir, please report it): {0}")]
@@ -119,6 +121,7 @@ impl Error {
             | Error::Backfill(_)
             | Error::Resume(_)
             | Error::Check { .. }
+            | Error::Output { .. }
             | Error::CheckFailed { .. }
             | Error::PluginConfig { .. }
             | Error::PluginLoad { .. }

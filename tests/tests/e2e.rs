@@ -280,9 +280,11 @@ output = {{ path = "out/data" }}
 
 [[steps.attack.transforms]]
 plugin = "hostile"
-config = {{ mode = "{mode}" }}
+config = {{ {config} }}
 "#,
-        plugin("hostile").display()
+        plugin("hostile").display(),
+        // a mode name, or the whole config table's contents
+        config = if mode.contains('=') { mode.to_string() } else { format!("mode = \"{mode}\"") }
     );
     std::fs::write(dir.join("pipeline.toml"), text).unwrap();
 }
@@ -299,13 +301,17 @@ fn assert_contained(mode: &str, limits: &str, expect: &[&str]) -> Output {
     assert!(!before.is_empty());
 
     hostile_pipeline(dir.path(), mode, limits);
-    let out = weir(dir.path(), &["run", "pipeline.toml"]);
+    let (out, peak) = weir_with_peak_rss(dir.path(), &["run", "pipeline.toml"]);
     assert_eq!(out.code, 1, "mode {mode} must fail the run: {}", out.stderr);
+    // weir's own memory: the plugin's memory cap plus the host's, nowhere near what the
+    // attack asked for (plugin linear memory counts in weir's RSS)
+    assert!(peak < 768 << 20, "mode {mode}: weir's peak RSS was {} MiB", peak >> 20);
     for e in expect {
         assert!(out.stderr.contains(e), "mode {mode}: expected {e:?} in:\n{}", out.stderr);
     }
     assert!(
-        out.stderr.contains("pipeline `hostile`, step `attack`, plugin `hostile (transform 1 of 1)`"),
+        // `hostile (transform 1 of 1)` in a batch, `hostile` at init
+        out.stderr.contains("pipeline `hostile`, step `attack`, plugin `hostile"),
         "{}",
         out.stderr
     );
@@ -319,7 +325,7 @@ fn assert_contained(mode: &str, limits: &str, expect: &[&str]) -> Output {
 #[test]
 fn hostile_infinite_loop_hits_the_deadline() {
     let started = std::time::Instant::now();
-    assert_contained("loop", "timeout_ms = 300", &["batch 1", "exceeded its CPU deadline of 300ms"]);
+    assert_contained("loop", "timeout_ms = 300", &["batch 1", "exceeded its wall-clock deadline of 300ms"]);
     // not a timing assertion on weir's speed: a guard that the deadline stopped the loop at all
     assert!(started.elapsed() < std::time::Duration::from_secs(120));
 }
@@ -363,6 +369,116 @@ fn hostile_output_flood_is_capped_not_fatal() {
     assert!(out.stderr.contains("[attack/hostile] stdout:"), "{}", out.stderr);
     assert!(out.stderr.contains("bytes dropped"), "{}", out.stderr);
     assert!(out.stderr.len() < 512 * 1024, "stdout flood was forwarded uncapped: {} bytes", out.stderr.len());
+}
+
+#[test]
+fn hostile_sleep_is_cut_short_at_the_deadline() {
+    // a plugin blocked in a WASI sleep (a host call the epoch ticker cannot interrupt)
+    let started = std::time::Instant::now();
+    assert_contained(
+        r#"mode = "slow", sleep_ms = 120000"#,
+        "timeout_ms = 500",
+        &["batch 1", "exceeded its wall-clock deadline of 500ms"],
+    );
+    // a guard that the deadline held at all, not a timing assertion: the sleep asked for 120 s
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "{:?}", started.elapsed());
+}
+
+#[test]
+fn hostile_log_flood_is_capped_per_call_and_per_run_and_said_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // three batches of 200,000 log lines of 1 KiB each: 600 MB asked for
+    hostile_pipeline(dir.path(), "log_flood", "max_log_kb = 100\ntimeout_ms = 60000");
+    let text = std::fs::read_to_string(dir.path().join("pipeline.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("pipeline.toml"),
+        text.replace("name = \"hostile\"", "name = \"hostile\"\nbatch_size = 1"),
+    )
+    .unwrap();
+    let (out, peak) = weir_with_peak_rss(dir.path(), &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 0, "a flood is capped, not fatal: {}", &out.stderr[out.stderr.len().saturating_sub(2000)..]);
+    assert!(out.stderr.len() < 300 << 10, "the log was flooded: {} bytes", out.stderr.len());
+    let notes: Vec<&str> = out.stderr.lines().filter(|l| !l.contains("xxxxxxxx")).collect();
+    assert!(
+        notes
+            .iter()
+            .any(|l| l.contains("log lines, ") && l.contains("dropped: `log` is capped at 65536 bytes per call")),
+        "the per-call cap is said: {notes:#?}"
+    );
+    let said = out.stderr.matches("log budget of 100 KiB per run reached (max_log_kb)").count();
+    assert_eq!(said, 1, "the run cap is said once");
+    assert!(out.stderr.contains("over this run its log caps dropped 599900 lines"), "the total is counted");
+    assert!(peak < 512 << 20, "weir's peak RSS was {} MiB", peak >> 20);
+    assert_eq!(dataset_rows(&dir.path().join("out/data")).len(), 3, "every row published");
+}
+
+#[test]
+fn hostile_counter_flood_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    hostile_pipeline(dir.path(), "counter_flood", "");
+    let out = weir(dir.path(), &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stderr.matches("at most 1000 distinct counter names per plugin").count(), 1, "{}", out.stderr);
+    let counters = &out.json()["steps"][0]["counters"]["hostile"];
+    assert_eq!(counters.as_object().unwrap().len(), 1000, "{counters}");
+    assert!(out.stderr.contains("99000 new counter names were refused"), "{}", out.stderr);
+}
+
+#[test]
+fn hostile_output_amplification_hits_the_output_budget() {
+    // 3 input rows, 4,294,967,295 output rows of type Null (which cost nothing in Arrow IPC)
+    assert_contained(
+        "amplify",
+        "",
+        &[
+            "batch 1",
+            "returned 4294967295 rows in one call",
+            "output budget of 100000000 rows per call (max_output_rows)",
+        ],
+    );
+    assert_contained("amplify", "max_output_rows = 2", &["returned 4294967295 rows", "budget of 2 rows per call"]);
+}
+
+#[test]
+fn hostile_output_schemas_weir_cannot_publish_are_refused_at_init() {
+    for (mode, expect) in [
+        ("dup_columns", "column `x` appears twice"),
+        ("case_columns", "columns `x` and `X` differ only in case"),
+        ("weir_column", "column `_weir_run_id` uses weir's own `_weir_` prefix"),
+        ("union_column", "column `u` has type Union"),
+    ] {
+        let out = assert_contained(mode, "", &["init", expect]);
+        assert!(out.stderr.contains("cannot publish"), "{mode}: {}", out.stderr);
+    }
+}
+
+#[test]
+fn an_output_that_cannot_be_partitioned_fails_at_once_and_is_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("in.csv"), INPUT_CSV).unwrap();
+    std::fs::write(
+        d.join("pipeline.toml"),
+        r#"[pipeline]
+name = "nopart"
+
+[sources.input]
+format = "csv"
+path = "in.csv"
+
+[steps.s]
+input = "input"
+output = { path = "out/s", partition_by = "day" }
+retry = { attempts = 3, backoff_ms = 1 }
+"#,
+    )
+    .unwrap();
+    let out = weir(d, &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("partition_by column `day` is not in the step's output"), "{}", out.stderr);
+    assert!(!out.stderr.contains("retrying"), "a user error is not retried: {}", out.stderr);
+    let run = &weir(d, &["runs", "--pipeline", "pipeline.toml", "--json"]).json()[0];
+    assert_eq!(run["attempts"].as_array().unwrap().len(), 1, "{run}");
 }
 
 #[test]
@@ -1250,8 +1366,10 @@ fn a_crash_anywhere_in_a_publish_is_rolled_back_before_the_decision_and_forward_
         ("before-finish", 1, true),
     ];
     let mut last_killed = 0;
-    for (i, (point, nth, decided)) in points.into_iter().enumerate() {
-        let at = format!("{point} #{nth}");
+    // each point settled by `weir recover`, then again by the next plain `weir run`
+    let rounds = points.iter().flat_map(|p| [(*p, true), (*p, false)]);
+    for ((point, nth, decided), by_recover) in rounds {
+        let at = format!("{point} #{nth}, then {}", if by_recover { "weir recover" } else { "weir run" });
         publish_v1();
         assert_eq!(state().0, ["v1"; 3], "{at}: the previous round left one run's output");
         std::fs::write(d.join("in/mon.csv"), MON_V2).unwrap();
@@ -1268,8 +1386,6 @@ fn a_crash_anywhere_in_a_publish_is_rolled_back_before_the_decision_and_forward_
             entries(&d.join("out")).into_iter().filter(|e| e.contains("weir-staging")).collect();
         assert!(decided || !staged_before.is_empty(), "{at}: the killed run left its staging");
 
-        // settle it with `weir recover` or with the next plain `weir run`, in turn
-        let by_recover = i % 2 == 0;
         let out = if by_recover { weir(d, &["recover", "pipeline.toml"]) } else { weir(d, &run_mon) };
         assert!(out.code == 0 || out.code == 3, "{at}: {}", out.stderr);
         let (published, q_run) = state();
@@ -2003,7 +2119,7 @@ severity = "warn"
     checked_pipeline(d, "");
     assert_eq!(weir(d, &["run", "pipeline.toml"]).code, 0);
     let before = snapshot(&d.join("out"));
-    for (mode, expect) in [("trap", "trapped (crashed)"), ("loop", "exceeded its CPU deadline of 300ms")] {
+    for (mode, expect) in [("trap", "trapped (crashed)"), ("loop", "exceeded its wall-clock deadline of 300ms")] {
         checked_pipeline(
             d,
             &format!("\n[[steps.data.checks]]\ncheck = \"plugin\"\nplugin = \"hostile_rule\"\nconfig = {{ mode = \"{mode}\" }}\n"),

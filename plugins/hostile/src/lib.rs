@@ -20,6 +20,13 @@
 //! | `filter_rows` | declares a row filter on the first column, returns one mask value too few |
 //! | `filter_type` | declares a row filter on the first column, returns the column, not a mask |
 //! | `filter_schema` | declares a row filter but an output schema with a column dropped (init) |
+//! | `log_flood`   | logs 200,000 lines of 1 KiB per batch through the `log` import  |
+//! | `counter_flood` | adds 100,000 distinct counter names per batch                 |
+//! | `amplify`     | declares one Null column; returns 4,294,967,295 rows per batch   |
+//! | `dup_columns` | declares an output schema with column `x` twice (init)          |
+//! | `case_columns`| declares columns `x` and `X` (init)                             |
+//! | `weir_column` | declares a column `_weir_run_id` (init)                         |
+//! | `union_column`| declares a column of a Union type, which Parquet cannot hold (init) |
 
 use std::io::Write;
 use std::sync::Arc;
@@ -65,6 +72,29 @@ impl RawTransform for Hostile {
                     _ => input.as_ref().clone(),
                 };
                 ipc::encode_schema(&RowFilter::declare(&output, &[first]))?
+            }
+            "amplify" => ipc::encode_schema(&Schema::new(vec![Field::new("x", DataType::Null, true)]))?,
+            "dup_columns" | "case_columns" | "weir_column" => {
+                let (a, b) = match c.mode.as_str() {
+                    "dup_columns" => ("x", "x"),
+                    "case_columns" => ("x", "X"),
+                    _ => ("x", "_weir_run_id"),
+                };
+                ipc::encode_schema(&Schema::new(vec![
+                    Field::new(a, DataType::Int64, true),
+                    Field::new(b, DataType::Int64, true),
+                ]))?
+            }
+            "union_column" => {
+                let fields = weir_sdk::arrow_schema::UnionFields::try_new(
+                    vec![0, 1],
+                    vec![Field::new("i", DataType::Int64, true), Field::new("s", DataType::Utf8, true)],
+                )?;
+                ipc::encode_schema(&Schema::new(vec![Field::new(
+                    "u",
+                    DataType::Union(fields, weir_sdk::arrow_schema::UnionMode::Dense),
+                    false,
+                )]))?
             }
             _ => input_schema.to_vec(),
         };
@@ -138,6 +168,24 @@ impl RawTransform for Hostile {
             }
             // the filter's column itself, as if it were a mask
             "filter_type" => Ok(batch.to_vec()),
+            "log_flood" => {
+                let line = "x".repeat(1024);
+                for _ in 0..200_000 {
+                    weir_sdk::host::log(weir_sdk::host::Level::Info, &line);
+                }
+                Ok(batch.to_vec())
+            }
+            "counter_flood" => {
+                for i in 0..100_000 {
+                    weir_sdk::host::counter_add(&format!("c{i}"), 1);
+                }
+                Ok(batch.to_vec())
+            }
+            "amplify" => {
+                let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Null, true)]));
+                let column = Arc::new(weir_sdk::arrow_array::NullArray::new(u32::MAX as usize)) as ArrayRef;
+                Ok(ipc::encode(&schema, &[RecordBatch::try_new(schema.clone(), vec![column])?])?)
+            }
             "slow" => {
                 std::thread::sleep(std::time::Duration::from_millis(self.sleep_ms));
                 Ok(batch.to_vec())

@@ -4,6 +4,7 @@
 //! column it is about, plus a hint. Validation collects every problem it can find in one
 //! pass, so `weir validate` reports them all at once.
 
+use crate::plugin::Limits;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -112,6 +113,9 @@ struct RawPlugin {
     sha256: Option<Spanned<String>>,
     memory_mb: Option<Spanned<u64>>,
     timeout_ms: Option<Spanned<u64>>,
+    max_output_rows: Option<Spanned<u64>>,
+    max_output_mb: Option<Spanned<u64>>,
+    max_log_kb: Option<Spanned<u64>>,
     #[serde(default)]
     secrets: Vec<Spanned<String>>,
 }
@@ -279,8 +283,28 @@ pub struct Plugin {
     pub sha256: Option<String>,
     pub memory_bytes: u64,
     pub timeout: Duration,
+    /// Rows one call may return (`max_output_rows`).
+    pub output_rows: u64,
+    /// Arrow IPC bytes one call may return (`max_output_mb`).
+    pub output_bytes: u64,
+    /// Log bytes (log lines, stdout, stderr) forwarded per run (`max_log_kb`).
+    pub log_bytes: usize,
     pub secrets: Vec<String>,
     pub line: usize,
+}
+
+impl Plugin {
+    /// The limits an instance of this plugin runs under.
+    pub fn limits(&self) -> crate::plugin::Limits {
+        crate::plugin::Limits {
+            memory_bytes: self.memory_bytes,
+            timeout: self.timeout,
+            output_rows: self.output_rows,
+            output_bytes: self.output_bytes,
+            log_bytes: self.log_bytes,
+            ..crate::plugin::Limits::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -604,6 +628,24 @@ impl Pipeline {
                     ));
                 }
             }
+            let mut bounded = |key: &str, v: &Option<Spanned<u64>>, default: u64, min: u64, max: u64| -> u64 {
+                match v {
+                    Some(v) if *v.get_ref() < min || *v.get_ref() > max => {
+                        errors.push(ctx.at(
+                            v.span().start,
+                            &format!("plugins.{name}.{key} must be between {min} and {max}"),
+                            None,
+                        ));
+                        default
+                    }
+                    Some(v) => *v.get_ref(),
+                    None => default,
+                }
+            };
+            let output_rows =
+                bounded("max_output_rows", &r.max_output_rows, Limits::DEFAULT_OUTPUT_ROWS, 1, u32::MAX as u64);
+            let output_mb = bounded("max_output_mb", &r.max_output_mb, Limits::DEFAULT_OUTPUT_MB, 1, 4096);
+            let log_kb = bounded("max_log_kb", &r.max_log_kb, Limits::DEFAULT_LOG_KB as u64, 0, 1 << 20);
             let timeout_ms = r.timeout_ms.as_ref().map(|t| *t.get_ref()).unwrap_or(10_000);
             if let Some(t) = &r.timeout_ms {
                 if *t.get_ref() == 0 || *t.get_ref() > 3_600_000 {
@@ -631,6 +673,9 @@ impl Pipeline {
                     sha256: r.sha256.as_ref().map(|s| s.get_ref().trim().to_lowercase()),
                     memory_bytes: memory_mb << 20,
                     timeout: Duration::from_millis(timeout_ms),
+                    output_rows,
+                    output_bytes: output_mb << 20,
+                    log_bytes: (log_kb as usize) << 10,
                     secrets: r.secrets.iter().map(|s| s.get_ref().clone()).collect(),
                     line: ctx.line_col(p.span().start).0,
                 },

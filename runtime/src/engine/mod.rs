@@ -35,7 +35,7 @@ use crate::cpu_clock::CpuTime;
 use crate::io::sink::{CopiedGroup, ParquetSink};
 use crate::io::source::{CopyColumn, Skipped, SourceReader};
 use crate::plugin::{
-    CallError, CallTimings, Limits, LoadedPlugin, LogLine, LogSink, PluginEngine, RuleInstance, TransformInstance,
+    CallError, CallTimings, LoadedPlugin, LogLine, LogSink, PluginEngine, RuleInstance, TransformInstance,
 };
 use crate::quality::{CheckResult, Checker, History, Kind, RelTarget, Severity};
 use crate::store::{
@@ -899,6 +899,11 @@ fn staging_dir(pipeline: &Pipeline, step: &Step, run_id: &str) -> PathBuf {
     }
 }
 
+/// How errors name a step's transform: `mask (transform 2 of 3)`.
+fn transform_label(step: &Step, index: usize) -> String {
+    format!("{} (transform {} of {})", step.transforms[index].plugin, index + 1, step.transforms.len())
+}
+
 fn plugin_ctx(
     pipeline: &Pipeline,
     step: &str,
@@ -1019,7 +1024,7 @@ fn run_step(
         let prefix = format!("[{}/{}]", step.name, t.plugin);
         let plog = log.clone();
         let sink: LogSink = Arc::new(move |l: &LogLine| plog(&format!("{prefix} {}: {}", l.level, l.message)));
-        let limits = Limits { memory_bytes: p.memory_bytes, timeout: p.timeout, ..Limits::default() };
+        let limits = p.limits();
         let fail = |cause: String| Error::Plugin(plugin_ctx(pipeline, &step.name, &t.plugin, None, cause));
         let mut inst = TransformInstance::new(&loaded[&t.plugin], limits, Arc::new(granted), sink)
             .map_err(|e| fail(e.to_string()))?;
@@ -1045,6 +1050,20 @@ fn run_step(
         instances.push((i, t.plugin.clone(), inst));
     }
 
+    if let Some(out) = &step.output {
+        crate::io::sink::check_output_schema(&schema, out.partition_by.as_deref()).map_err(|m| {
+            match step.transforms.last() {
+                Some(t) => Error::Plugin(plugin_ctx(
+                    pipeline,
+                    &step.name,
+                    &t.plugin,
+                    None,
+                    format!("init declared an output schema weir cannot publish: {m}"),
+                )),
+                None => Error::Output { step: step.name.clone(), message: m },
+            }
+        })?;
+    }
     let mut sink = ParquetSink::new(
         &staging,
         schema.clone(),
@@ -1107,7 +1126,7 @@ fn run_step(
         for (i, c) in step.checks.iter().enumerate() {
             if let Kind::Plugin { plugin, config_json } = &c.kind {
                 let p = &pipeline.plugins[plugin];
-                let limits = Limits { memory_bytes: p.memory_bytes, timeout: p.timeout, ..Limits::default() };
+                let limits = p.limits();
                 let prefix = format!("[{}/{}]", step.name, plugin);
                 let plog = log.clone();
                 let sink: LogSink = Arc::new(move |l: &LogLine| plog(&format!("{prefix} {}: {}", l.level, l.message)));
@@ -1207,7 +1226,7 @@ fn run_step(
         });
 
         // plugin stages
-        for (index, plugin, inst) in instances {
+        for (index, _, inst) in instances {
             let (tx, next_rx) = sync_channel::<Msg>(cap);
             let input = std::mem::replace(&mut rx, next_rx);
             let errors = errors.clone();
@@ -1218,7 +1237,7 @@ fn run_step(
                 Error::Plugin(crate::PluginFailure {
                     pipeline: pipeline.name.clone(),
                     step: step.name.clone(),
-                    plugin: format!("{plugin} (transform {} of {})", index + 1, step.transforms.len()),
+                    plugin: transform_label(step, index),
                     batch,
                     cause,
                 })

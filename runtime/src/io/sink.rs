@@ -79,6 +79,62 @@ pub struct ParquetSink {
     encode_cpu: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// Whether a step's output of `schema` can be written faithfully by this sink, partitioned
+/// by `partition_by`; the reason if not. Checked before any batch is read, so a plugin that
+/// declares an unwritable schema fails at init, naming the column.
+pub fn check_output_schema(schema: &Schema, partition_by: Option<&str>) -> std::result::Result<(), String> {
+    use arrow_schema::DataType;
+    // the Parquet schema converter panics on some types instead of returning an error
+    fn unwritable(dt: &DataType) -> bool {
+        match dt {
+            DataType::Union(..) => true,
+            DataType::List(f)
+            | DataType::LargeList(f)
+            | DataType::ListView(f)
+            | DataType::LargeListView(f)
+            | DataType::FixedSizeList(f, _)
+            | DataType::Map(f, _)
+            | DataType::RunEndEncoded(_, f) => unwritable(f.data_type()),
+            DataType::Struct(fs) => fs.iter().any(|f| unwritable(f.data_type())),
+            DataType::Dictionary(_, v) => unwritable(v),
+            _ => false,
+        }
+    }
+    for f in schema.fields() {
+        if unwritable(f.data_type()) {
+            return Err(format!("column `{}` has type {}, which Parquet cannot hold", f.name(), f.data_type()));
+        }
+    }
+    let mut file_fields: Vec<_> = schema.fields().iter().cloned().collect();
+    if let Some(col) = partition_by {
+        let i = schema.index_of(col).map_err(|_| {
+            format!(
+                "partition_by column `{col}` is not in the step's output (columns: {})",
+                weir_sdk::util::schema_text(schema)
+            )
+        })?;
+        let dt = schema.field(i).data_type();
+        let value_type = match dt {
+            DataType::Dictionary(_, v) => v.as_ref(),
+            other => other,
+        };
+        let names_a_directory = value_type.is_primitive()
+            || matches!(value_type, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Boolean);
+        if !names_a_directory {
+            return Err(format!(
+                "partition_by column `{col}` has type {dt}, which cannot name a partition directory; partition by a string, number, boolean, date or timestamp column"
+            ));
+        }
+        file_fields.remove(i);
+    }
+    let file_schema = Schema::new(file_fields);
+    match std::panic::catch_unwind(|| parquet::arrow::ArrowSchemaConverter::new().convert(&file_schema)) {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("Parquet cannot hold it: {e}")),
+        Err(_) => Err("Parquet cannot hold one of its column types".into()),
+    }
+}
+
 impl ParquetSink {
     /// A sink for batches of `schema`, staged under `staging` (created, must not exist).
     pub fn new(

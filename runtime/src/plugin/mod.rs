@@ -1,5 +1,6 @@
 //! The plugin host: one wasmtime engine, components compiled once and cached on disk, and
-//! sandboxed instances with memory caps, CPU deadlines and captured output.
+//! sandboxed instances with memory caps, wall-clock deadlines, output budgets and captured,
+//! capped output.
 //!
 //! Sandbox defaults: no preopened directories, no environment variables, no arguments, no
 //! sockets (TCP, UDP and name lookup all denied), stdin closed, stdout/stderr captured and
@@ -88,8 +89,12 @@ pub enum CallError {
     InvalidInput { row: Option<u64>, column: Option<String>, message: String },
     #[error("plugin error: {0}")]
     Internal(String),
-    #[error("exceeded its CPU deadline of {0:?} for one call and was stopped")]
+    #[error("exceeded its wall-clock deadline of {0:?} for one call (timeout_ms) and was stopped")]
     Deadline(Duration),
+    #[error("returned {got} in one call, over its output budget of {budget} per call ({key}); raise `{key}` on the plugin if that much output is legitimate")]
+    OutputBudget { got: String, budget: String, key: &'static str },
+    #[error("declared an output schema weir cannot publish faithfully: {0}")]
+    BadSchema(String),
     #[error("hit its memory cap of {} MiB and was stopped", .0 / (1024 * 1024))]
     Memory(u64),
     #[error("trapped (crashed): {message}{}", if stderr.is_empty() { String::new() } else { format!("\n  plugin stderr: {stderr}") })]
@@ -109,15 +114,41 @@ pub enum CallError {
 pub struct Limits {
     /// Linear-memory cap per instance, in bytes.
     pub memory_bytes: u64,
-    /// CPU deadline per call.
+    /// Wall-clock deadline per call, whatever the plugin does or waits on (an epoch
+    /// ticker interrupts running code; a sleep is cut short at the deadline).
     pub timeout: Duration,
-    /// Captured stdout/stderr kept between two calls; the rest is dropped.
+    /// Per call: bytes of stdout, of stderr and of `log` lines forwarded; the rest is
+    /// dropped and counted.
     pub output_cap: usize,
+    /// Per instance (a step's run of the plugin): bytes of stdout, stderr and `log` lines
+    /// forwarded in all; the rest is dropped, said once, and counted.
+    pub log_bytes: usize,
+    /// Rows one call may return.
+    pub output_rows: u64,
+    /// Arrow IPC bytes one call may return.
+    pub output_bytes: u64,
+}
+
+impl Limits {
+    pub const DEFAULT_MEMORY_MB: u64 = 256;
+    pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+    pub const DEFAULT_LOG_KB: usize = 1024;
+    pub const DEFAULT_OUTPUT_ROWS: u64 = 100_000_000;
+    pub const DEFAULT_OUTPUT_MB: u64 = 1024;
+    /// Distinct counter names one instance may create.
+    pub const MAX_COUNTERS: usize = 1000;
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { memory_bytes: 256 << 20, timeout: Duration::from_secs(10), output_cap: 64 << 10 }
+        Limits {
+            memory_bytes: Self::DEFAULT_MEMORY_MB << 20,
+            timeout: Duration::from_millis(Self::DEFAULT_TIMEOUT_MS),
+            output_cap: 64 << 10,
+            log_bytes: Self::DEFAULT_LOG_KB << 10,
+            output_rows: Self::DEFAULT_OUTPUT_ROWS,
+            output_bytes: Self::DEFAULT_OUTPUT_MB << 20,
+        }
     }
 }
 
@@ -198,6 +229,7 @@ impl PluginEngine {
         let engine = Engine::new(&config).map_err(|e| Error::Engine(e.to_string()))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| Error::Engine(e.to_string()))?;
+        shadow_clock_subscriptions(&mut linker).map_err(|e| Error::Engine(e.to_string()))?;
         wit_host::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| Error::Engine(e.to_string()))?;
         wit_types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| Error::Engine(e.to_string()))?;
 
@@ -583,9 +615,159 @@ pub struct HostState {
     /// Per granted secret, its HMAC key state (the key blocks absorbed once, at start-up).
     hmac_keys: HashMap<String, weir_sdk::hashing::Hasher>,
     counters: HashMap<String, i64>,
+    /// Counter names refused past [`Limits::MAX_COUNTERS`].
+    counters_refused: u64,
     /// When the guest marked each phase of the current call (see `weir_sdk::host::phase`).
     marks: [Option<CpuTime>; 4],
     log: LogSink,
+    limits: Limits,
+    /// When the current call must end (none between calls).
+    deadline: Option<std::time::Instant>,
+    /// Set when a sleep of the current call was cut short at its deadline.
+    sleep_cut: Arc<AtomicBool>,
+    /// The origin of the guest's monotonic clock.
+    clock_origin: std::time::Instant,
+    budget: LogBudget,
+}
+
+/// What a plugin may still write to weir's log, and what it lost.
+#[derive(Debug, Default)]
+struct LogBudget {
+    /// Bytes of `log` lines this call.
+    call_bytes: usize,
+    /// Bytes forwarded this run (log lines, stdout, stderr).
+    run_bytes: usize,
+    /// Dropped this call (log lines only; stdout/stderr count their own).
+    call_dropped: (u64, u64),
+    /// Dropped over the run: lines, bytes.
+    run_dropped: (u64, u64),
+    /// The run's cap was reached and said.
+    run_cap_said: bool,
+}
+
+impl HostState {
+    /// Whether `len` more bytes may go to the log; counts them either way. `per_call`
+    /// applies the per-call cap too (log lines; stdout/stderr are capped by their pipes).
+    fn admit(&mut self, len: usize, per_call: bool) -> bool {
+        let b = &mut self.budget;
+        let over_call = per_call && b.call_bytes + len > self.limits.output_cap;
+        let over_run = b.run_bytes + len > self.limits.log_bytes;
+        if over_call || over_run {
+            if per_call {
+                b.call_dropped.0 += 1;
+                b.call_dropped.1 += len as u64;
+            }
+            b.run_dropped.0 += 1;
+            b.run_dropped.1 += len as u64;
+            return false;
+        }
+        if per_call {
+            b.call_bytes += len;
+        }
+        b.run_bytes += len;
+        true
+    }
+
+    /// Say once that the run's log budget is spent.
+    fn say_run_cap(&mut self) {
+        if self.budget.run_bytes + 1024 > self.limits.log_bytes
+            && self.budget.run_dropped.0 > 0
+            && !self.budget.run_cap_said
+        {
+            self.budget.run_cap_said = true;
+            (self.log)(&LogLine {
+                level: "warn",
+                message: format!(
+                    "log budget of {} KiB per run reached (max_log_kb): this plugin's further log lines, stdout and stderr are dropped and counted",
+                    self.limits.log_bytes >> 10
+                ),
+            });
+        }
+    }
+
+    /// The guest's monotonic clock, in nanoseconds.
+    fn clock_now(&self) -> u64 {
+        self.clock_origin.elapsed().as_nanos() as u64
+    }
+
+    /// When a sleep of `d` that starts now ends: at the call's deadline at the latest.
+    /// Past the deadline already, the call is stopped.
+    fn sleep(&self, d: Duration) -> wasmtime::Result<CappedSleep> {
+        let now = std::time::Instant::now();
+        let until = now.checked_add(d).unwrap_or(now + Duration::from_secs(365 * 86_400));
+        let (until, cut) = match self.deadline {
+            Some(deadline) if now >= deadline => return Err(wasmtime::Trap::Interrupt.into()),
+            Some(deadline) => (until.min(deadline), until > deadline),
+            None => (until, false),
+        };
+        Ok(CappedSleep { until: tokio::time::Instant::from_std(until), cut: cut.then(|| self.sleep_cut.clone()) })
+    }
+}
+
+/// A plugin's sleep (a clock subscription), cut short at its call's deadline; a sleep that
+/// was cut says so when it ends, and the call fails with its deadline.
+struct CappedSleep {
+    until: tokio::time::Instant,
+    cut: Option<Arc<AtomicBool>>,
+}
+
+#[wasmtime_wasi::async_trait]
+impl wasmtime_wasi::p2::Pollable for CappedSleep {
+    async fn ready(&mut self) {
+        tokio::time::sleep_until(self.until).await;
+        if let Some(cut) = &self.cut {
+            cut.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The guest's monotonic clock: time since the instance was made (shared with the host's
+/// sleep replacement, which needs to turn the guest's instants into durations).
+struct GuestClock {
+    origin: std::time::Instant,
+}
+
+impl wasmtime_wasi::HostMonotonicClock for GuestClock {
+    fn resolution(&self) -> u64 {
+        1
+    }
+    fn now(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
+    }
+}
+
+/// Replace WASI's clock subscriptions with ones that end at the call's deadline: a plugin
+/// blocked in a sleep cannot hold a run past its deadline (the epoch ticker only stops
+/// running code).
+fn shadow_clock_subscriptions(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::p2::DynPollable;
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance("wasi:clocks/monotonic-clock@0.2.12")?;
+    clock.func_wrap(
+        "subscribe-duration",
+        |mut store: wasmtime::StoreContextMut<'_, HostState>,
+         (nanos,): (u64,)|
+         -> wasmtime::Result<(Resource<DynPollable>,)> {
+            let state = store.data_mut();
+            let sleep = state.sleep(Duration::from_nanos(nanos))?;
+            let sleep = state.table.push(sleep)?;
+            Ok((wasmtime_wasi::p2::subscribe(&mut state.table, sleep)?,))
+        },
+    )?;
+    clock.func_wrap(
+        "subscribe-instant",
+        |mut store: wasmtime::StoreContextMut<'_, HostState>,
+         (when,): (u64,)|
+         -> wasmtime::Result<(Resource<DynPollable>,)> {
+            let state = store.data_mut();
+            let sleep = state.sleep(Duration::from_nanos(when.saturating_sub(state.clock_now())))?;
+            let sleep = state.table.push(sleep)?;
+            Ok((wasmtime_wasi::p2::subscribe(&mut state.table, sleep)?,))
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 impl WasiView for HostState {
@@ -620,8 +802,15 @@ impl wit_host::Host for HostState {
             Error => "error",
         };
         let mut message = message;
-        message.truncate(8 * 1024);
-        (self.log)(&LogLine { level, message });
+        if message.len() > 8 * 1024 {
+            let cut = (0..=8 * 1024).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
+            message.truncate(cut);
+        }
+        if self.admit(message.len(), true) {
+            (self.log)(&LogLine { level, message });
+        } else {
+            self.say_run_cap();
+        }
     }
 
     fn counter_add(&mut self, name: String, delta: i64) {
@@ -631,9 +820,22 @@ impl wit_host::Host for HostState {
             }
             return;
         }
-        if self.counters.len() < 1000 || self.counters.contains_key(&name) {
+        if self.counters.len() < Limits::MAX_COUNTERS || self.counters.contains_key(&name) {
             let c = self.counters.entry(name).or_insert(0);
             *c = c.saturating_add(delta);
+        } else {
+            if self.counters_refused == 0 {
+                let mut name = name;
+                name.truncate((0..=64.min(name.len())).rev().find(|&i| name.is_char_boundary(i)).unwrap_or(0));
+                (self.log)(&LogLine {
+                    level: "warn",
+                    message: format!(
+                        "counter `{name}` refused: at most {} distinct counter names per plugin; further new names are dropped and counted",
+                        Limits::MAX_COUNTERS
+                    ),
+                });
+            }
+            self.counters_refused += 1;
         }
     }
 
@@ -667,13 +869,32 @@ struct Sandbox {
     stderr_tail: String,
 }
 
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let state = self.store.data();
+        let (lines, bytes) = state.budget.run_dropped;
+        let mut lost = Vec::new();
+        if lines > 0 || bytes > 0 {
+            lost.push(format!("its log caps dropped {lines} lines ({bytes} bytes)"));
+        }
+        if state.counters_refused > 0 {
+            lost.push(format!("{} new counter names were refused", state.counters_refused));
+        }
+        if !lost.is_empty() {
+            (state.log)(&LogLine { level: "warn", message: format!("over this run {}", lost.join("; ")) });
+        }
+    }
+}
+
 impl Sandbox {
     fn new(engine: &Engine, limits: Limits, secrets: Arc<HashMap<String, Vec<u8>>>, log: LogSink) -> Sandbox {
         let stdout = CappedPipe::new(limits.output_cap);
         let stderr = CappedPipe::new(limits.output_cap);
+        let clock_origin = std::time::Instant::now();
         let wasi = WasiCtxBuilder::new()
             .stdout(stdout.clone())
             .stderr(stderr.clone())
+            .monotonic_clock(GuestClock { origin: clock_origin })
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -685,8 +906,14 @@ impl Sandbox {
             memory_hit: false,
             hmac_keys: secrets.iter().map(|(name, key)| (name.clone(), weir_sdk::hashing::Hasher::hmac(key))).collect(),
             counters: HashMap::new(),
+            counters_refused: 0,
             marks: [None; 4],
             log,
+            limits,
+            deadline: None,
+            sleep_cut: Arc::default(),
+            clock_origin,
+            budget: LogBudget::default(),
         };
         let mut store = Store::new(engine, state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
@@ -712,8 +939,18 @@ impl Sandbox {
             return Err(CallError::Internal("instance is unusable after an earlier trap".into()));
         }
         self.store.set_epoch_deadline(deadline_ticks(self.limits.timeout));
+        let state = self.store.data_mut();
+        state.deadline = Some(std::time::Instant::now() + self.limits.timeout);
+        state.budget.call_bytes = 0;
+        state.sleep_cut.store(false, Ordering::Relaxed);
         let result = f(&mut self.store);
+        self.store.data_mut().deadline = None;
         self.forward_output();
+        if self.store.data().sleep_cut.load(Ordering::Relaxed) {
+            // it waited until its deadline: the call is over, whatever it returned
+            self.poisoned = true;
+            return Err(CallError::Deadline(self.limits.timeout));
+        }
         match result {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(match e {
@@ -731,21 +968,38 @@ impl Sandbox {
     }
 
     fn forward_output(&mut self) {
+        let log = self.store.data().log.clone();
+        let (lines, bytes) = std::mem::take(&mut self.store.data_mut().budget.call_dropped);
+        if lines > 0 && !self.store.data().budget.run_cap_said {
+            log(&LogLine {
+                level: "warn",
+                message: format!(
+                    "({lines} log lines, {bytes} bytes, dropped: `log` is capped at {} bytes per call)",
+                    self.limits.output_cap
+                ),
+            });
+        }
         for (pipe, level) in [(&self.stdout, "stdout"), (&self.stderr, "stderr")] {
             let (bytes, dropped) = pipe.drain();
             let text = String::from_utf8_lossy(&bytes);
-            let log = self.store.data().log.clone();
+            let state = self.store.data_mut();
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                log(&LogLine { level, message: line.to_string() });
+                if state.admit(line.len(), false) {
+                    log(&LogLine { level, message: line.to_string() });
+                }
             }
+            state.say_run_cap();
             if dropped > 0 {
-                log(&LogLine {
-                    level,
-                    message: format!(
-                        "({dropped} more bytes dropped: output is capped at {} bytes per call)",
-                        self.limits.output_cap
-                    ),
-                });
+                state.budget.run_dropped.1 += dropped;
+                if !state.budget.run_cap_said {
+                    log(&LogLine {
+                        level,
+                        message: format!(
+                            "({dropped} more bytes dropped: output is capped at {} bytes per call)",
+                            self.limits.output_cap
+                        ),
+                    });
+                }
             }
             if level == "stderr" && !bytes.is_empty() {
                 // keep the tail for trap messages (a panic message ends up here)
@@ -939,6 +1193,7 @@ impl TransformInstance {
             }
             None => None,
         };
+        publishable_names(&schema).map_err(CallError::BadSchema)?;
         self.declared = Some(schema.clone());
         Ok(schema)
     }
@@ -996,6 +1251,14 @@ impl TransformInstance {
         self.timings.record_call(start, end, self.sb.store.data().marks);
         let out = out?;
         self.timings.bytes_out += out.len() as u64;
+        let limits = self.sb.limits;
+        if out.len() as u64 > limits.output_bytes {
+            return Err(CallError::OutputBudget {
+                got: format!("{} bytes of Arrow IPC", out.len()),
+                budget: format!("{} MiB", limits.output_bytes >> 20),
+                key: "max_output_mb",
+            });
+        }
         let batches = match (&self.rewrite, &self.row_filter) {
             (Some(rw), _) => self.check_rewrite(rw, out, input),
             (None, Some(f)) => self.check_filter(f, out, input),
@@ -1083,6 +1346,14 @@ impl TransformInstance {
         if !weir_sdk::util::same_shape(&schema, declared) {
             return Err(mismatch(&schema));
         }
+        let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+        if rows > self.sb.limits.output_rows {
+            return Err(CallError::OutputBudget {
+                got: format!("{rows} rows"),
+                budget: format!("{} rows", self.sb.limits.output_rows),
+                key: "max_output_rows",
+            });
+        }
         let mut out = Vec::with_capacity(batches.len());
         for b in batches {
             if b.num_rows() == 0 {
@@ -1169,6 +1440,30 @@ impl RuleInstance {
         let v = self.sb.call(|s| b.weir_plugin_quality_rule().call_finish(s))?;
         Ok(RuleVerdict { passed: v.passed, observed: v.observed, message: v.message })
     }
+}
+
+/// Column names every dataset can hold as they are: none empty, no two equal ignoring case
+/// (DuckDB, Hive and Spark resolve names case-insensitively, and DuckDB renames a
+/// duplicate), none in weir's own `_weir_` namespace.
+pub fn publishable_names(schema: &arrow_schema::Schema) -> std::result::Result<(), String> {
+    let mut seen: HashMap<String, &str> = HashMap::new();
+    for (i, f) in schema.fields().iter().enumerate() {
+        let name = f.name().as_str();
+        if name.trim().is_empty() {
+            return Err(format!("column #{} has an empty name", i + 1));
+        }
+        if name.to_ascii_lowercase().starts_with("_weir_") {
+            return Err(format!("column `{name}` uses weir's own `_weir_` prefix"));
+        }
+        if let Some(first) = seen.insert(name.to_lowercase(), name) {
+            return Err(if first == name {
+                format!("column `{name}` appears twice")
+            } else {
+                format!("columns `{first}` and `{name}` differ only in case, which readers treat as the same name")
+            });
+        }
+    }
+    Ok(())
 }
 
 fn deadline_ticks(timeout: Duration) -> u64 {
