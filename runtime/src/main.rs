@@ -104,8 +104,9 @@ enum Command {
     /// time, resumable.
     ///
     /// Every output must be partitioned (partition_by) and a source path must use
-    /// {partition}. Progress shows partitions done / failed / left; the exit code is 1 and
-    /// the backfill PARTIAL when any partition failed.
+    /// {partition}. Progress shows partitions done / failed / left. Exit codes as for
+    /// `weir run`: 1 (and the backfill PARTIAL) when any partition failed, 3 when every
+    /// partition succeeded but some with warnings (each listed), 0 otherwise.
     #[command(
         after_help = "Examples:\n  weir backfill pipeline.toml --from 2024-01-01 --to 2024-03-31 --parallel 2\n  weir backfill pipeline.toml --from 2024-01-01T00 --to 2024-01-01T23 --every hour\n  weir backfill pipeline.toml --partitions eu,us,apac\n  weir backfill pipeline.toml --resume 3                 # partitions not yet successful\n  weir backfill pipeline.toml --resume 3 --only-failed   # just the failed ones"
     )]
@@ -776,11 +777,12 @@ fn cmd_runs(args: RunsArgs) -> anyhow::Result<ExitCode> {
         }
         for s in &run.steps {
             println!(
-                "step      {:<20} read {:>10}  written {:>10}  skipped {:>6}",
+                "step      {:<20} read {:>10}  written {:>10}  skipped {:>6}  quarantined {:>6}",
                 s.step,
                 thousands(s.rows_read),
                 thousands(s.rows_written),
-                thousands(s.rows_skipped)
+                thousands(s.rows_skipped),
+                thousands(s.rows_quarantined)
             );
         }
         for a in &run.attempts {
@@ -938,6 +940,11 @@ fn cmd_backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
         for (p, e) in &summary.failed {
             println!("  failed {p}: {e}");
         }
+        for (p, warnings) in &summary.warned {
+            for w in warnings {
+                println!("  warning {p}: {w}");
+            }
+        }
         if !summary.failed.is_empty() {
             println!(
                 "fix the cause, then: weir backfill {} --resume {} --only-failed",
@@ -946,10 +953,13 @@ fn cmd_backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    Ok(if summary.failed.is_empty() && summary.status == weir::store::Status::Success {
-        ExitCode::SUCCESS
-    } else {
+    // the same codes as `weir run`: 1 failed, 3 succeeded with warnings
+    Ok(if !summary.failed.is_empty() || summary.status != weir::store::Status::Success {
         ExitCode::from(EXIT_FAILED)
+    } else if !summary.warned.is_empty() {
+        ExitCode::from(EXIT_WARNINGS)
+    } else {
+        ExitCode::SUCCESS
     })
 }
 
@@ -983,6 +993,15 @@ fn cmd_backfills(pipeline: Option<String>, json: bool, state: Option<PathBuf>) -
     }
     if list.is_empty() {
         println!("(no backfills)");
+    }
+    let file = pipeline.as_deref().filter(|p| p.ends_with(".toml")).unwrap_or("PIPELINE.toml");
+    for b in list.iter().filter(|b| b.interrupted.is_some()) {
+        println!(
+            "backfill #{} was interrupted ({}); continue it with: weir backfill {file} --resume {}",
+            b.id,
+            b.interrupted.as_deref().unwrap_or_default(),
+            b.id
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

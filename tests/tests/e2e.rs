@@ -1398,6 +1398,7 @@ fn a_crash_anywhere_in_a_publish_is_rolled_back_before_the_decision_and_forward_
             assert!(note.contains("completed by recovery after it crashed"), "{at}: {note}");
             assert!(killed["decision"]["switches"].as_array().unwrap().iter().all(|s| !s["done_at_ms"].is_null()));
             assert_eq!(killed["published"].as_array().unwrap().len(), 3, "{at}: every switch audited once");
+            assert_eq!(killed["steps"][0]["rows_quarantined"], 1, "{at}: recorded with the decision");
             if by_recover {
                 assert!(out.stdout.contains("1 completed (had decided to publish)"), "{at}: {}", out.stdout);
             } else {
@@ -1737,7 +1738,16 @@ config = {{ mode = "slow", sleep_ms = 100 }}
     let args = ["backfill", "pipeline.toml", "--from", "2024-01-01", "--to", "2024-01-30", "--parallel", "2"];
     kill_at(d, &args, &[], "(8 done", std::time::Duration::ZERO);
     let b = weir(d, &["backfills", "--pipeline", "pipeline.toml", "--json"]).json();
-    assert_eq!(b[0]["status"], "RUNNING", "killed: the plan is persisted, not finished");
+    assert_eq!(b[0]["status"], "INTERRUPTED", "killed: the plan is persisted, not finished: {}", b[0]);
+    assert!(b[0]["interrupted"].as_str().unwrap().contains("is gone"), "{}", b[0]);
+    let table = weir(d, &["backfills", "--pipeline", "pipeline.toml"]);
+    assert!(table.stdout.contains("INTERRUPTED"), "{}", table.stdout);
+    assert!(
+        table.stdout.contains("backfill #1 was interrupted (its process ")
+            && table.stdout.contains("continue it with: weir backfill pipeline.toml --resume 1"),
+        "{}",
+        table.stdout
+    );
     assert_eq!(b[0]["partitions"].as_array().unwrap().len(), 30);
     let done_before = b[0]["partitions"].as_array().unwrap().iter().filter(|p| p["status"] == "SUCCESS").count();
     assert!((8..30).contains(&done_before), "{done_before}");
@@ -1779,6 +1789,51 @@ config = {{ mode = "slow", sleep_ms = 100 }}
         let ok = runs.iter().filter(|r| r["partition"] == p.as_str() && r["status"] == "SUCCESS").count();
         assert_eq!(ok, 1, "partition {p} published by {ok} successful runs");
     }
+}
+
+#[test]
+fn backfill_exit_codes_agree_with_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("data")).unwrap();
+    std::fs::write(d.join("data/eu.csv"), "region,id,name\neu,1,a\neu,2,b\n").unwrap();
+    std::fs::write(d.join("data/us.csv"), "region,id,name\nus,3,c\nus,4,\n").unwrap();
+    std::fs::write(
+        d.join("pipeline.toml"),
+        r#"[pipeline]
+name = "regions"
+
+[sources.input]
+format = "csv"
+path = "data/{partition}.csv"
+
+[steps.copy]
+input = "input"
+output = { path = "out/data", partition_by = "region" }
+
+[[steps.copy.checks]]
+check = "not_null"
+column = "name"
+severity = "warn"
+"#,
+    )
+    .unwrap();
+    // a failed `warn` check: exit 3, as `weir run` does, with the warning listed
+    let run = weir(d, &["run", "pipeline.toml", "--partition", "us"]);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    let out = weir(d, &["backfill", "pipeline.toml", "--partitions", "eu,us", "--force"]);
+    assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("backfill #1 SUCCESS: 2 partitions ran, 2 succeeded, 0 failed"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("warning us: check `not_null(name)` on `copy` (warn): 1 of 2 rows fail"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("warning eu"), "{}", out.stdout);
+    // no warnings: 0
+    std::fs::write(d.join("data/us.csv"), "region,id,name\nus,3,c\nus,4,d\n").unwrap();
+    let out = weir(d, &["backfill", "pipeline.toml", "--partitions", "eu,us"]);
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
 }
 
 #[test]
@@ -1997,6 +2052,10 @@ severity = "warn"
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(out.stderr.contains("step `data` failed its quality gate"), "{}", out.stderr);
     assert!(out.stderr.contains("check `not_null(country)` (block) failed: 4 of 10 rows fail"), "{}", out.stderr);
+    // one line per distinct reason, with the rows it is about
+    let table = weir(d, &["checks", "--pipeline", "pipeline.toml", "--failed"]);
+    let samples: Vec<&str> = table.stdout.lines().filter(|l| l.trim_start().starts_with("e.g.")).collect();
+    assert_eq!(samples, ["       e.g. country is null (rows 1, 4, 7, 10)"], "{}", table.stdout);
     assert_eq!(snapshot(&d.join("out")), before, "a blocked run leaves the published data as it was");
     assert_eq!(entries(&d.join("out")), ["data"]);
 
@@ -2114,6 +2173,10 @@ severity = "warn"
     assert_eq!((c["check"].as_str(), c["failing_rows"].as_u64()), (Some("plugin(formats)"), Some(2)));
     assert!(c["observed"].as_str().unwrap().contains("the rule says: 2 of 4 values malformed"), "{c}");
     assert!(c["sample"][0].as_str().unwrap().contains("\"de\" is not a valid IsoCountry"), "{c}");
+    // what the rule measured is recorded and shown
+    assert_eq!(c["metrics"]["failing_rows"].as_f64(), Some(2.0), "{c}");
+    let stored = weir(d, &["checks", "--pipeline", "pipeline.toml", "--json"]).json();
+    assert_eq!(stored[0]["metrics"]["failing_rows"].as_f64(), Some(2.0), "{stored}");
 
     // a published state, then hostile rules: the check fails clearly, nothing is published
     checked_pipeline(d, "");

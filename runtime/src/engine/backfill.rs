@@ -106,6 +106,9 @@ pub struct BackfillSummary {
     pub succeeded: usize,
     /// Failed partitions with their errors.
     pub failed: Vec<(String, String)>,
+    /// Partitions that succeeded with warnings (a `warn` check failed, or more rows were
+    /// quarantined than a check tolerates), with the failed checks.
+    pub warned: Vec<(String, Vec<String>)>,
     /// Partitions of the plan that were already done and not run again.
     pub already_done: usize,
 }
@@ -172,6 +175,13 @@ pub fn resume(
             b.pipeline, pipeline.name
         )));
     }
+    if b.status == Status::Running {
+        return Err(Error::Backfill(format!(
+            "backfill #{id} is still running (pid {} on {}); resume it once it has ended or been interrupted",
+            b.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+            b.host.as_deref().unwrap_or("?")
+        )));
+    }
     let todo: Vec<String> = b
         .partitions
         .iter()
@@ -190,6 +200,9 @@ pub fn resume(
     execute(pipeline, store, id, todo, done, parallel, options)
 }
 
+/// How one partition went: the warnings of a success, or the error.
+type Outcome = std::result::Result<Vec<String>, String>;
+
 fn execute(
     pipeline: &Pipeline,
     store: Arc<SqliteStore>,
@@ -199,9 +212,16 @@ fn execute(
     parallel: usize,
     options: &RunOptions,
 ) -> Result<BackfillSummary> {
+    store.backfill_heartbeat(id)?;
+    let lease = {
+        let store = store.clone();
+        super::Heartbeat::every(move || {
+            let _ = store.backfill_heartbeat(id);
+        })
+    };
     let total = todo.len();
     let queue = Mutex::new(todo.into_iter().collect::<VecDeque<String>>());
-    let results: Mutex<Vec<(String, std::result::Result<(), String>)>> = Mutex::new(Vec::new());
+    let results: Mutex<Vec<(String, Outcome)>> = Mutex::new(Vec::new());
     let log = options.log.clone();
     std::thread::scope(|scope| {
         for _ in 0..parallel.max(1).min(total.max(1)) {
@@ -220,7 +240,14 @@ fn execute(
                 let outcome = match run(pipeline, &opts) {
                     Ok(s) => {
                         let _ = store.set_backfill_partition(id, &p, "SUCCESS", s.run_id.or(s.identical_to), None);
-                        Ok(())
+                        Ok(s.steps
+                            .iter()
+                            .flat_map(|st| st.checks.iter())
+                            .filter(|c| !c.passed)
+                            .map(|c| {
+                                format!("check `{}` on `{}` ({}): {}", c.check, c.step, c.severity.as_str(), c.observed)
+                            })
+                            .collect())
                     }
                     Err(e) => {
                         let msg = e.to_string();
@@ -240,6 +267,7 @@ fn execute(
             });
         }
     });
+    drop(lease);
     let results = results.into_inner().unwrap_or_else(|e| e.into_inner());
     // the whole plan decides the status, not only what this invocation ran
     let plan = store.backfill(id)?.map(|b| b.partitions).unwrap_or_default();
@@ -248,12 +276,18 @@ fn execute(
     store.set_backfill_status(id, status)?;
     let failed: Vec<(String, String)> =
         results.iter().filter_map(|(p, o)| o.as_ref().err().map(|e| (p.clone(), e.clone()))).collect();
+    let mut warned: Vec<(String, Vec<String>)> = results
+        .iter()
+        .filter_map(|(p, o)| o.as_ref().ok().filter(|w| !w.is_empty()).map(|w| (p.clone(), w.clone())))
+        .collect();
+    warned.sort();
     Ok(BackfillSummary {
         id,
         status,
         ran: results.len(),
         succeeded: results.len() - failed.len(),
         failed,
+        warned,
         already_done,
     })
 }

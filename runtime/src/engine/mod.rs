@@ -282,7 +282,7 @@ impl Drop for StagingGuard {
 }
 
 /// How long a RUNNING run may go without a heartbeat before another run declares it dead.
-pub const LEASE: Duration = Duration::from_secs(30);
+pub const LEASE: Duration = crate::store::LEASE;
 const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How often `--wait` asks the store whether the live run has ended.
 const WAIT_POLL: Duration = Duration::from_millis(200);
@@ -295,14 +295,22 @@ struct Heartbeat {
 }
 
 impl Heartbeat {
+    /// Renew a run's lease.
     fn start(store: Arc<dyn RunStore>, id: i64) -> Heartbeat {
+        Heartbeat::every(move || {
+            let _ = store.heartbeat(id);
+        })
+    }
+
+    /// Call `beat` every few seconds until dropped.
+    fn every(beat: impl Fn() + Send + 'static) -> Heartbeat {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let handle = std::thread::Builder::new()
             .name("weir-heartbeat".into())
             .spawn(move || {
                 // a message or a closed channel both mean stop
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(HEARTBEAT) {
-                    let _ = store.heartbeat(id);
+                    beat();
                 }
             })
             .ok();

@@ -1386,6 +1386,7 @@ fn wit_context(ctx: &weir_sdk::Context) -> wit_types::Context {
 pub struct RuleBatch {
     pub failed_rows: Vec<u32>,
     pub reasons: Vec<String>,
+    pub metrics: Vec<(String, f64)>,
 }
 
 /// A quality rule's verdict on the partition.
@@ -1394,6 +1395,7 @@ pub struct RuleVerdict {
     pub passed: bool,
     pub observed: Option<String>,
     pub message: String,
+    pub metrics: Vec<(String, f64)>,
 }
 
 /// One sandboxed instance of a quality-rule plugin.
@@ -1432,13 +1434,22 @@ impl RuleInstance {
                 batch.num_rows()
             )));
         }
-        Ok(RuleBatch { failed_rows: v.failed_rows, reasons: v.reasons })
+        Ok(RuleBatch {
+            failed_rows: v.failed_rows,
+            reasons: v.reasons,
+            metrics: v.metrics.into_iter().map(|m| (m.name, m.value)).collect(),
+        })
     }
 
     pub fn finish(&mut self) -> Result<RuleVerdict, CallError> {
         let b = &self.bindings;
         let v = self.sb.call(|s| b.weir_plugin_quality_rule().call_finish(s))?;
-        Ok(RuleVerdict { passed: v.passed, observed: v.observed, message: v.message })
+        Ok(RuleVerdict {
+            passed: v.passed,
+            observed: v.observed,
+            message: v.message,
+            metrics: v.metrics.into_iter().map(|m| (m.name, m.value)).collect(),
+        })
     }
 }
 

@@ -8,7 +8,7 @@
 //! Every check then has a result: passed or not, observed value, threshold, failing rows
 //! and a capped sample. A failed `block` check fails the run before anything is published.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow_array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray};
@@ -157,9 +157,15 @@ pub struct CheckResult {
     pub threshold: String,
     pub failing_rows: u64,
     pub sample: Vec<String>,
+    /// What a quality-rule plugin measured: its batches' metrics summed by name, then its
+    /// final verdict's (which win for the names they repeat).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 const SAMPLE: usize = 5;
+/// Distinct metric names kept per rule check (a plugin could send any number).
+const MAX_RULE_METRICS: usize = 100;
 
 /// History the dataset-level checks compare against.
 #[derive(Debug, Clone, Default)]
@@ -174,9 +180,36 @@ pub struct History {
 
 struct RowState {
     failing: u64,
-    sample: Vec<String>,
+    /// Up to [`SAMPLE`] distinct reasons, each with its count and first row numbers.
+    sample: Vec<SampleReason>,
     seen: HashSet<Vec<u8>>,
 }
+
+/// One distinct reason rows failed a check for.
+struct SampleReason {
+    why: String,
+    count: u64,
+    /// 1-based numbers, in the step's output order, of the first rows failing for it.
+    rows: Vec<u64>,
+}
+
+impl SampleReason {
+    /// `country is null (rows 1, 4, 7 and 2 more)`
+    fn describe(&self) -> String {
+        let list: Vec<String> = self.rows.iter().map(u64::to_string).collect();
+        let more = self.count - self.rows.len() as u64;
+        format!(
+            "{} (row{} {}{})",
+            self.why,
+            if self.count == 1 { "" } else { "s" },
+            list.join(", "),
+            if more > 0 { format!(" and {more} more") } else { String::new() }
+        )
+    }
+}
+
+/// Row numbers kept per sampled reason.
+const SAMPLE_ROWS: usize = 5;
 
 /// Applies a step's checks to its output, batch by batch.
 pub struct Checker {
@@ -185,7 +218,10 @@ pub struct Checker {
     states: Vec<RowState>,
     /// Relationship targets: check index -> values present there.
     targets: HashMap<usize, HashSet<String>>,
+    /// Rows kept (that go on to the output).
     rows: u64,
+    /// Rows checked so far, kept or not: numbers failing rows for the samples.
+    rows_checked: u64,
     nulls: HashMap<String, u64>,
     sums: HashMap<String, (f64, u64)>,
     newest: HashMap<String, i64>,
@@ -196,6 +232,8 @@ pub struct Checker {
     rules: HashMap<usize, crate::plugin::RuleInstance>,
     /// A rule plugin that failed (trap, deadline, bad answer): its check fails with this.
     rule_errors: HashMap<usize, String>,
+    /// What rule plugins measured, by check index.
+    rule_metrics: HashMap<usize, BTreeMap<String, f64>>,
 }
 
 fn formatter(array: &dyn Array) -> Option<ArrayFormatter<'_>> {
@@ -247,6 +285,7 @@ impl Checker {
             states,
             targets,
             rows: 0,
+            rows_checked: 0,
             nulls: HashMap::new(),
             sums: HashMap::new(),
             newest: HashMap::new(),
@@ -255,6 +294,7 @@ impl Checker {
             partition: partition.unwrap_or("__all__").to_string(),
             rules: HashMap::new(),
             rule_errors: HashMap::new(),
+            rule_metrics: HashMap::new(),
         })
     }
 
@@ -289,8 +329,17 @@ impl Checker {
             let state = &mut self.states[ci];
             for (row, why) in fails {
                 state.failing += 1;
-                if state.sample.len() < SAMPLE {
-                    state.sample.push(why.clone());
+                let number = self.rows_checked + row as u64 + 1;
+                let room = state.sample.len() < SAMPLE;
+                match state.sample.iter_mut().find(|s| s.why == why) {
+                    Some(s) => {
+                        s.count += 1;
+                        if s.rows.len() < SAMPLE_ROWS {
+                            s.rows.push(number);
+                        }
+                    }
+                    None if room => state.sample.push(SampleReason { why: why.clone(), count: 1, rows: vec![number] }),
+                    None => {}
                 }
                 if severity == Severity::Quarantine && keep[row] {
                     keep[row] = false;
@@ -298,6 +347,7 @@ impl Checker {
                 }
             }
         }
+        self.rows_checked += n as u64;
         // metrics for the dataset-level checks, over the rows that stay
         let kept_rows = keep.iter().filter(|k| **k).count() as u64;
         self.rows += kept_rows;
@@ -423,6 +473,12 @@ impl Checker {
                 let Some(rule) = self.rules.get_mut(&ci) else { return Ok(out) };
                 match rule.check(batch) {
                     Ok(v) => {
+                        let metrics = self.rule_metrics.entry(ci).or_default();
+                        for (name, value) in v.metrics {
+                            if metrics.len() < MAX_RULE_METRICS || metrics.contains_key(&name) {
+                                *metrics.entry(name).or_insert(0.0) += value;
+                            }
+                        }
                         for (i, row) in v.failed_rows.iter().enumerate() {
                             let why = v
                                 .reasons
@@ -495,10 +551,11 @@ impl Checker {
                 threshold: String::new(),
                 failing_rows: 0,
                 sample: Vec::new(),
+                metrics: self.rule_metrics.remove(&ci).unwrap_or_default(),
             };
             if c.kind.is_row_level() {
                 r.failing_rows = st.failing;
-                r.sample = st.sample.clone();
+                r.sample = st.sample.iter().map(SampleReason::describe).collect();
                 r.observed = format!("{} of {} rows fail", st.failing, total);
                 r.threshold = format!("at most {allowed} (tolerance {})", c.tolerance);
                 // quarantined rows are handled: the check fails (is reported) only past tolerance
@@ -507,6 +564,11 @@ impl Checker {
                     r.passed = false;
                     r.observed = err.clone();
                 } else if let Some(v) = verdicts.get(&ci) {
+                    for (name, value) in &v.metrics {
+                        if r.metrics.len() < MAX_RULE_METRICS || r.metrics.contains_key(name) {
+                            r.metrics.insert(name.clone(), *value);
+                        }
+                    }
                     r.passed &= v.passed;
                     let said = v.observed.clone().unwrap_or_else(|| v.message.clone());
                     if !said.is_empty() {

@@ -41,6 +41,9 @@ pub enum Status {
     Failed,
     /// A backfill in which some partitions failed.
     Partial,
+    /// A backfill whose process died (or stopped renewing its lease) while it ran; shown,
+    /// never stored: `weir backfill --resume` continues it.
+    Interrupted,
 }
 
 impl Status {
@@ -50,6 +53,7 @@ impl Status {
             Status::Success => "SUCCESS",
             Status::Failed => "FAILED",
             Status::Partial => "PARTIAL",
+            Status::Interrupted => "INTERRUPTED",
         }
     }
 
@@ -59,6 +63,7 @@ impl Status {
             "SUCCESS" => Status::Success,
             "FAILED" => Status::Failed,
             "PARTIAL" => Status::Partial,
+            "INTERRUPTED" => Status::Interrupted,
             _ => return None,
         })
     }
@@ -178,6 +183,13 @@ pub struct BackfillRecord {
     pub status: Status,
     pub created_at_ms: i64,
     pub finished_at_ms: Option<i64>,
+    /// The process running it (the latest one, after a resume) and its lease.
+    pub pid: Option<u32>,
+    pub host: Option<String>,
+    pub heartbeat_at_ms: Option<i64>,
+    /// Why it shows as INTERRUPTED: its process is gone or its lease expired.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interrupted: Option<String>,
     pub partitions: Vec<BackfillPartition>,
 }
 
@@ -332,6 +344,8 @@ pub trait RunStore: Send + Sync {
     ) -> Result<()>;
     /// Set a backfill's status (RUNNING, SUCCESS, PARTIAL).
     fn set_backfill_status(&self, id: i64, status: Status) -> Result<()>;
+    /// Renew a running backfill's lease, as this process's (pid and host recorded).
+    fn backfill_heartbeat(&self, id: i64) -> Result<()>;
     /// One backfill with its partitions.
     fn backfill(&self, id: i64) -> Result<Option<BackfillRecord>>;
     /// Backfills, newest first.
@@ -339,6 +353,9 @@ pub trait RunStore: Send + Sync {
     /// The newest SUCCESS run of a pipeline for a partition.
     fn last_success(&self, pipeline: &str, partition: Option<&str>) -> Result<Option<RunRecord>>;
 }
+
+/// How long a RUNNING run or backfill may go without a heartbeat before it counts as dead.
+pub const LEASE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {

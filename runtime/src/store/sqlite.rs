@@ -67,7 +67,10 @@ CREATE TABLE IF NOT EXISTS backfill (
     parallel       INTEGER NOT NULL,
     status         TEXT NOT NULL,
     created_at_ms  INTEGER NOT NULL,
-    finished_at_ms INTEGER
+    finished_at_ms INTEGER,
+    pid             INTEGER,
+    host            TEXT,
+    heartbeat_at_ms INTEGER
 );
 CREATE TABLE IF NOT EXISTS backfill_partition (
     backfill_id INTEGER NOT NULL REFERENCES backfill(id),
@@ -95,7 +98,8 @@ CREATE TABLE IF NOT EXISTS data_quality_check (
     observed    TEXT,
     threshold   TEXT,
     failing_rows INTEGER,
-    sample_json TEXT
+    sample_json TEXT,
+    metrics_json TEXT
 );
 CREATE TABLE IF NOT EXISTS watermark (
     pipeline   TEXT NOT NULL,
@@ -160,22 +164,29 @@ impl SqliteStore {
     }
 }
 
-/// Columns added since schema version 1, with their declarations: a store written by an
-/// earlier weir gains them when opened.
-const ADDED_RUN_COLUMNS: [(&str, &str); 2] = [("decided_at_ms", "INTEGER"), ("note", "TEXT")];
+/// Columns added since schema version 1 (table, column, declaration): a store written by
+/// an earlier weir gains them when opened.
+const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
+    ("pipeline_run", "decided_at_ms", "INTEGER"),
+    ("pipeline_run", "note", "TEXT"),
+    ("data_quality_check", "metrics_json", "TEXT"),
+    ("backfill", "pid", "INTEGER"),
+    ("backfill", "host", "TEXT"),
+    ("backfill", "heartbeat_at_ms", "INTEGER"),
+];
 
 /// `ALTER TABLE` statements bringing an older store's tables up to date.
 fn upgrade_statements(conn: &Connection) -> rusqlite::Result<String> {
-    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('pipeline_run')")?;
-    let have: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-    if have.is_empty() {
-        return Ok(String::new()); // a new store: SCHEMA creates every column
+    let mut out = String::new();
+    for (table, column, decl) in ADDED_COLUMNS {
+        let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
+        let have: Vec<String> = stmt.query_map([table], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        // a table not there yet is created by SCHEMA with every column
+        if !have.is_empty() && !have.iter().any(|h| h == column) {
+            out.push_str(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl};\n"));
+        }
     }
-    Ok(ADDED_RUN_COLUMNS
-        .iter()
-        .filter(|(name, _)| !have.iter().any(|h| h == name))
-        .map(|(name, decl)| format!("ALTER TABLE pipeline_run ADD COLUMN {name} {decl};\n"))
-        .collect())
+    Ok(out)
 }
 
 const COLUMNS: &str = "id, pipeline, partition, status, attempt, started_at_ms, finished_at_ms, heartbeat_at_ms, pid, host, error, config_sha256, plugins_json, fingerprint, steps_json, staging_json, backfill_id, decided_at_ms, note";
@@ -264,12 +275,13 @@ impl SqliteStore {
     fn load_backfills(&self, clause: &str, args: impl rusqlite::Params) -> Result<Vec<BackfillRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
-            "SELECT id, pipeline, spec, parallel, status, created_at_ms, finished_at_ms FROM backfill {clause}"
+            "SELECT id, pipeline, spec, parallel, status, created_at_ms, finished_at_ms, pid, host, heartbeat_at_ms FROM backfill {clause}"
         ))?;
+        let (now, here) = (now_ms(), host_name());
         let mut out = stmt
             .query_map(args, |r| {
                 let status: String = r.get(4)?;
-                Ok(BackfillRecord {
+                let mut b = BackfillRecord {
                     id: r.get(0)?,
                     pipeline: r.get(1)?,
                     spec: r.get(2)?,
@@ -277,8 +289,28 @@ impl SqliteStore {
                     status: Status::parse(&status).unwrap_or(Status::Failed),
                     created_at_ms: r.get(5)?,
                     finished_at_ms: r.get(6)?,
+                    pid: r.get(7)?,
+                    host: r.get(8)?,
+                    heartbeat_at_ms: r.get(9)?,
+                    interrupted: None,
                     partitions: Vec::new(),
-                })
+                };
+                if b.status == Status::Running {
+                    b.interrupted = match (b.pid, &b.host, b.heartbeat_at_ms) {
+                        (Some(pid), Some(host), _) if *host == here && pid != std::process::id() && !pid_alive(pid) => {
+                            Some(format!("its process {pid} on {host} is gone"))
+                        }
+                        (_, _, Some(at)) if now - at > super::LEASE.as_millis() as i64 => {
+                            Some(format!("no heartbeat for {} s", (now - at) / 1000))
+                        }
+                        (_, _, None) => Some("it was started by a weir that kept no lease".into()),
+                        _ => None,
+                    };
+                    if b.interrupted.is_some() {
+                        b.status = Status::Interrupted;
+                    }
+                }
+                Ok(b)
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         let mut parts = conn.prepare(
@@ -523,8 +555,8 @@ impl RunStore for SqliteStore {
         let tx = conn.transaction()?;
         for r in results {
             tx.execute(
-                "INSERT INTO data_quality_check (run_id, partition, dataset, check_name, severity, passed, observed, threshold, failing_rows, sample_json)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO data_quality_check (run_id, partition, dataset, check_name, severity, passed, observed, threshold, failing_rows, sample_json, metrics_json)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     run_id,
                     partition,
@@ -535,7 +567,8 @@ impl RunStore for SqliteStore {
                     r.observed,
                     r.threshold,
                     r.failing_rows as i64,
-                    serde_json::to_string(&r.sample).unwrap_or_default()
+                    serde_json::to_string(&r.sample).unwrap_or_default(),
+                    serde_json::to_string(&r.metrics).unwrap_or_default()
                 ],
             )?;
         }
@@ -548,7 +581,7 @@ impl RunStore for SqliteStore {
         let conn = self.conn();
         let limit = if f.limit == 0 { i64::MAX } else { f.limit as i64 };
         let mut stmt = conn.prepare(
-            "SELECT c.run_id, r.pipeline, c.partition, c.dataset, c.check_name, c.severity, c.passed, c.observed, c.threshold, c.failing_rows, c.sample_json
+            "SELECT c.run_id, r.pipeline, c.partition, c.dataset, c.check_name, c.severity, c.passed, c.observed, c.threshold, c.failing_rows, c.sample_json, c.metrics_json
              FROM data_quality_check c JOIN pipeline_run r ON r.id = c.run_id
              WHERE (?1 IS NULL OR c.run_id = ?1) AND (?2 IS NULL OR r.pipeline = ?2) AND (?3 = 0 OR c.passed = 0)
              ORDER BY c.run_id DESC, c.rowid LIMIT ?4",
@@ -574,6 +607,10 @@ impl RunStore for SqliteStore {
                         threshold: r.get(8)?,
                         failing_rows: r.get::<_, i64>(9)? as u64,
                         sample: serde_json::from_str(&sample).unwrap_or_default(),
+                        metrics: r
+                            .get::<_, Option<String>>(11)?
+                            .and_then(|m| serde_json::from_str(&m).ok())
+                            .unwrap_or_default(),
                     },
                 })
             })?
@@ -674,6 +711,14 @@ impl RunStore for SqliteStore {
         self.conn().execute(
             "UPDATE backfill SET status = ?2, finished_at_ms = ?3 WHERE id = ?1",
             params![id, status.as_str(), finished],
+        )?;
+        Ok(())
+    }
+
+    fn backfill_heartbeat(&self, id: i64) -> Result<()> {
+        self.conn().execute(
+            "UPDATE backfill SET pid = ?2, host = ?3, heartbeat_at_ms = ?4 WHERE id = ?1",
+            params![id, std::process::id(), host_name(), now_ms()],
         )?;
         Ok(())
     }
@@ -867,6 +912,7 @@ mod tests {
         let store = SqliteStore::open(&path).unwrap();
         let runs = store.runs(&RunFilter::default()).unwrap();
         assert_eq!((runs.len(), runs[0].note.clone(), runs[0].decision.is_none()), (1, None, true));
+        assert!(store.check_results(&CheckFilter::default()).unwrap().is_empty(), "the checks table reads too");
         drop(store);
         SqliteStore::open(&path).unwrap(); // and opens again
     }
