@@ -756,6 +756,15 @@ impl Pipeline {
             let retry = step_retry.get(name).or_else(|| source_retry.get(input)).copied().unwrap_or(Retry::NONE);
             let mut checks = Vec::new();
             for c in &r.checks {
+                if let Some((key, allowed)) = misplaced_check_key(c.get_ref()) {
+                    let at = find_key(ctx.text, c.span(), key).unwrap_or(c.span().start);
+                    errors.push(ctx.at(
+                        at,
+                        &format!("steps.{name}.checks: `{key}` does not belong on a `{}` check", c.get_ref().check),
+                        Some(&format!("a `{}` check takes {allowed}", c.get_ref().check)),
+                    ));
+                    continue;
+                }
                 match parse_check(c.get_ref(), &base) {
                     Ok(mut check) => {
                         check.line = ctx.line_col(c.span().start).0;
@@ -881,6 +890,63 @@ impl SecretRef {
             }
         }
     }
+}
+
+/// The first key of a check table that its kind does not take, with the keys it does take
+/// (none for an unknown kind: [`parse_check`] names that).
+fn misplaced_check_key(c: &RawCheck) -> Option<(&'static str, String)> {
+    let own: &[&str] = match c.check.as_str() {
+        "not_null" => &["column"],
+        "accepted_values" => &["column", "values"],
+        "range" => &["column", "min", "max"],
+        "regex" => &["column", "pattern"],
+        "unique" => &["column", "columns"],
+        "relationships" => &["column", "to"],
+        "row_count" => &["min", "max"],
+        "volume" => &["max_change"],
+        "freshness" => &["column", "max_age"],
+        "anomaly" => &["metric", "column", "runs", "z"],
+        "plugin" => &["plugin", "config"],
+        _ => return None,
+    };
+    let set = [
+        ("column", c.column.is_some()),
+        ("columns", c.columns.is_some()),
+        ("values", c.values.is_some()),
+        ("min", c.min.is_some()),
+        ("max", c.max.is_some()),
+        ("pattern", c.pattern.is_some()),
+        ("max_change", c.max_change.is_some()),
+        ("max_age", c.max_age.is_some()),
+        ("to", c.to.is_some()),
+        ("metric", c.metric.is_some()),
+        ("runs", c.runs.is_some()),
+        ("z", c.z.is_some()),
+        ("plugin", c.plugin.is_some()),
+        ("config", c.config.is_some()),
+    ];
+    let key = set.iter().find(|(k, present)| *present && !own.contains(k))?.0;
+    let takes: Vec<&str> = own.iter().copied().chain(["severity", "tolerance", "name"]).collect();
+    Some((key, takes.join(", ")))
+}
+
+/// Where `key = ...` stands in the table at `span` of `text` (a key, not a value that spells
+/// it). The span of an `[[array.of.tables]]` entry covers its header: its keys follow, up to
+/// the next header.
+fn find_key(text: &str, span: std::ops::Range<usize>, key: &str) -> Option<usize> {
+    let end = text.get(span.end..)?.find("\n[").map(|i| span.end + i).unwrap_or(text.len());
+    let span = span.start..end.max(span.end);
+    let slice = text.get(span.clone())?;
+    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    slice
+        .match_indices(key)
+        .map(|(i, _)| i)
+        .find(|&i| {
+            let before_ok = slice[..i].chars().next_back().is_none_or(|c| !is_ident(c) && c != '"' && c != '\'');
+            let after = &slice[i + key.len()..];
+            before_ok && after.trim_start_matches([' ', '\t']).starts_with('=')
+        })
+        .map(|i| span.start + i)
 }
 
 /// Turn a check table into a [`crate::quality::Check`]; the error says what is missing.

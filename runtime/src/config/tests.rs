@@ -145,3 +145,37 @@ fn output_compression_defaults_to_zstd_1_and_bad_values_name_the_line() {
         assert_eq!((e[0].line, e[0].column), (27, 45), "{}", e[0]);
     }
 }
+
+#[test]
+fn a_check_table_takes_only_its_own_kinds_keys() {
+    let text = format!(
+        "{GOOD}\n[[steps.mart.checks]]\ncheck = \"not_null\"\ncolumn = \"id\"\npattern = \"^x\"\n\n[[steps.mart.checks]]\ncheck = \"unique\"\ncolumn = \"id\"\nmin = 3\n"
+    );
+    let e = errors(&text);
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(e[0].message.contains("`pattern` does not belong on a `not_null` check"), "{}", e[0]);
+    assert_eq!(e[0].hint.as_deref(), Some("a `not_null` check takes column, severity, tolerance, name"));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[e[0].line - 1], "pattern = \"^x\"", "the key's own line: {}", e[0]);
+    assert_eq!(e[0].column, 1);
+    assert!(e[1].message.contains("`min` does not belong on a `unique` check"), "{}", e[1]);
+    assert_eq!(lines[e[1].line - 1], "min = 3", "{}", e[1]);
+    // the keys a kind takes are fine, inline tables too
+    let ok = format!(
+        "{GOOD}\n[[steps.mart.checks]]\ncheck = \"regex\"\ncolumn = \"email\"\npattern = \"column\"\nseverity = \"warn\"\n"
+    );
+    parse(&ok).unwrap();
+}
+
+#[test]
+fn plugin_limits_have_defaults_and_bounds() {
+    let p = parse(GOOD).unwrap();
+    let limits = p.plugins["mask"].limits();
+    assert_eq!((limits.output_rows, limits.output_bytes, limits.log_bytes), (100_000_000, 1 << 30, 1 << 20));
+    let text = GOOD.replace("secrets = [\"k\"]", "secrets = [\"k\"]\nmax_output_rows = 0\nmax_log_kb = 16");
+    let e = errors(&text);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].message.contains("plugins.mask.max_output_rows must be between 1 and 4294967295"), "{}", e[0]);
+    let text = GOOD.replace("secrets = [\"k\"]", "secrets = [\"k\"]\nmax_log_kb = 16");
+    assert_eq!(parse(&text).unwrap().plugins["mask"].limits().log_bytes, 16 << 10);
+}
