@@ -17,8 +17,7 @@ use arrow_schema::{ArrowError, DataType, TimeUnit};
 
 /// `arrow_cast::cast_with_options`, with text to timestamps through
 /// [`text_to_timestamps`] first, and the `UTC` zone cast as the offset `+00:00` (the same
-/// instant; arrow_cast is built without a time zone database here and refuses the name)
-/// and labelled `UTC` again.
+/// instant, without a look-up in the time zone database) and labelled `UTC` again.
 pub fn cast_column(array: &dyn Array, to: &DataType, options: &CastOptions) -> Result<ArrayRef, ArrowError> {
     if let Some(fast) = text_to_timestamps(array, to) {
         return Ok(fast);

@@ -70,9 +70,23 @@ pub fn parse_type_name(name: &str) -> Option<DataType> {
         "date" | "date32" => DataType::Date32,
         "timestamp" => DataType::Timestamp(TimeUnit::Microsecond, None),
         "timestamp_tz" => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-        _ => return None,
+        other => {
+            // timestamp_tz(America/New_York): instants shown, cast to dates and partitioned
+            // in that zone (an IANA name or a fixed offset such as +02:00)
+            const OPEN: &str = "timestamp_tz(";
+            if !other.starts_with(OPEN) || !other.ends_with(')') {
+                return None;
+            }
+            // zone names are case-sensitive: take it from the name as written (ASCII
+            // lowercasing kept every byte where it was)
+            let original = name.trim();
+            let zone = original[OPEN.len()..original.len() - 1].trim();
+            zone.parse::<arrow_array::timezone::Tz>().ok()?;
+            DataType::Timestamp(TimeUnit::Microsecond, Some(zone.into()))
+        }
     })
 }
 
 /// The names [`parse_type_name`] accepts, for error messages.
-pub const TYPE_NAMES: &str = "string, int32, int64, float64, float32, bool, date, timestamp, timestamp_tz";
+pub const TYPE_NAMES: &str =
+    "string, int32, int64, float64, float32, bool, date, timestamp, timestamp_tz (UTC), timestamp_tz(ZONE) (an IANA zone such as America/New_York, or an offset such as +02:00)";

@@ -2456,3 +2456,80 @@ fn a_run_that_copies_columns_resumes_between_row_groups() {
     assert_eq!(s["copied_row_groups"], 6 - resumed_at / 4, "the rest of a.parquet is still copied: {}", out.stderr);
     assert_eq!(dataset_rows(&d.join("out/data")), want, "the resumed output equals an uninterrupted run's");
 }
+
+#[test]
+fn named_time_zones_with_dst_cast_partition_and_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // instants around New York's DST switches, and dates whose local day differs from UTC's
+    let instants = [
+        ("1", "2024-01-01T04:30:00Z", "2023-12-31", "2023-12-31T23:30:00-05:00"),
+        ("2", "2024-03-10T06:30:00Z", "2024-03-10", "2024-03-10T01:30:00-05:00"),
+        ("3", "2024-03-10T07:30:00Z", "2024-03-10", "2024-03-10T03:30:00-04:00"),
+        ("4", "2024-07-01T04:30:00Z", "2024-07-01", "2024-07-01T00:30:00-04:00"),
+        ("5", "2024-11-03T05:30:00Z", "2024-11-03", "2024-11-03T01:30:00-04:00"),
+        ("6", "2024-11-03T06:30:00Z", "2024-11-03", "2024-11-03T01:30:00-05:00"),
+    ];
+    let csv: String =
+        std::iter::once("id,at\n".to_string()).chain(instants.iter().map(|(i, t, ..)| format!("{i},{t}\n"))).collect();
+    std::fs::write(d.join("in.csv"), csv).unwrap();
+    std::fs::write(
+        d.join("pipeline.toml"),
+        format!(
+            r#"[pipeline]
+name = "zones"
+
+[sources.input]
+format = "csv"
+path = "in.csv"
+schema = {{ id = "int64", at = "timestamp_tz" }}
+
+[plugins.cast]
+path = "{}"
+
+[steps.local]
+input = "input"
+output = {{ path = "out/local", partition_by = "local_day" }}
+
+[[steps.local.transforms]]
+plugin = "cast"
+config = {{ columns = [{{ column = "id" }}, {{ column = "at", type = "date", rename = "utc_day" }}, {{ column = "at", type = "timestamp_tz(America/New_York)", rename = "local_at" }}] }}
+
+[[steps.local.transforms]]
+plugin = "cast"
+config = {{ columns = [{{ column = "id" }}, {{ column = "utc_day" }}, {{ column = "local_at" }}, {{ column = "local_at", type = "date", rename = "local_day" }}] }}
+
+[[steps.local.checks]]
+check = "freshness"
+column = "local_at"
+max_age = "36500d"
+
+[steps.by_instant]
+input = "local"
+output = {{ path = "out/by_instant", partition_by = "local_at" }}
+"#,
+            plugin("cast").display()
+        ),
+    )
+    .unwrap();
+    let out = weir(d, &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    // every row's local time and day, read back from the published files
+    let rows = dataset_rows(&d.join("out/local"));
+    for (id, at, day, local) in instants {
+        let utc_day = &at[..10];
+        let want = format!("[(\"local_day\", \"{day}\")] {id},{utc_day},{local}");
+        assert!(rows.contains(&want), "{want} not in {rows:#?}");
+    }
+    assert_eq!(
+        entries(&d.join("out/local")),
+        ["local_day=2023-12-31", "local_day=2024-03-10", "local_day=2024-07-01", "local_day=2024-11-03"]
+    );
+    // the freshness check reads instants, not New York wall-clock times
+    let check = &out.json()["steps"][0]["checks"][0];
+    assert!(check["observed"].as_str().unwrap().contains("(2024-11-03 06:30:00Z)"), "{check}");
+    // a zoned timestamp names partitions in its zone: 03:30 exists only after the switch
+    let dirs = entries(&d.join("out/by_instant"));
+    assert_eq!(dirs.len(), 6, "{dirs:?}");
+    assert!(dirs.iter().any(|n| n.starts_with("local_at=2024-03-10T03")), "{dirs:?}");
+}

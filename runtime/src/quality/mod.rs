@@ -675,9 +675,18 @@ fn fmt_bound(b: Option<f64>) -> String {
     b.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
 
-/// Seconds since the epoch of a timestamp or date column.
+/// Seconds since the epoch of a timestamp or date column. A zoned timestamp's values are
+/// instants already: its zone only says how to show them (casting it to a naive timestamp
+/// would give local wall-clock times instead).
 fn to_epoch_seconds(array: &ArrayRef) -> Result<Vec<Option<i64>>, String> {
-    let t = arrow_cast::cast(array, &DataType::Timestamp(arrow_schema::TimeUnit::Second, None))
+    let instants = match array.data_type() {
+        DataType::Timestamp(unit, Some(_)) => {
+            let data = array.to_data().into_builder().data_type(DataType::Timestamp(*unit, None));
+            arrow_array::make_array(data.build().map_err(|e| e.to_string())?)
+        }
+        _ => array.clone(),
+    };
+    let t = arrow_cast::cast(&instants, &DataType::Timestamp(arrow_schema::TimeUnit::Second, None))
         .map_err(|e| e.to_string())?;
     let t = t.as_any().downcast_ref::<arrow_array::TimestampSecondArray>().ok_or("not a timestamp")?;
     Ok(t.iter().collect())
