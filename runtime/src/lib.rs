@@ -108,13 +108,17 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether retrying may help: I/O failures and input that is not there yet. Invalid
-    /// input, plugin failures and config errors are never transient.
+    /// Whether retrying the step may help: external failures (I/O, input not there yet),
+    /// decided by [`Error::kind`] alone, except those a retry cannot change (another run
+    /// holds the partition; a publish that broke off after its decision is completed by
+    /// recovery, not by running the step again).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Io(io::Error::Io { .. } | io::Error::NoInput { .. } | io::Error::Write { .. }))
+        self.kind() == ErrorKind::External
+            && !matches!(self, Error::AlreadyRunning { .. } | Error::PublishInterrupted { .. })
     }
 
-    /// Classify: does the user fix it, might a retry help, or is it a bug?
+    /// Classify: does the user fix it, might a retry help, or is it a bug? Decided here, in
+    /// one place, from where the error was raised.
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Config(_)
@@ -127,9 +131,10 @@ impl Error {
             | Error::PluginLoad { .. }
             | Error::Plugin(_)
             | Error::Secret { .. } => ErrorKind::User,
-            Error::Io(io::Error::Input { .. }) | Error::Io(io::Error::NoInput { .. }) => ErrorKind::User,
+            // malformed data is the user's to fix; input that is not there yet may arrive
+            Error::Io(io::Error::Input { .. }) => ErrorKind::User,
             Error::Io(io::Error::Internal(_)) | Error::Internal(_) => ErrorKind::Internal,
-            Error::Io(_)
+            Error::Io(io::Error::NoInput { .. } | io::Error::Io { .. } | io::Error::Write { .. })
             | Error::Publish { .. }
             | Error::PublishInterrupted { .. }
             | Error::Store(_)
@@ -140,3 +145,37 @@ impl Error {
 
 /// `Result` with the weir [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_classification_decides_retries() {
+        let input = io::Error::Input { file: "a.csv".into(), line: 3, column: None, message: "bad".into() };
+        let cases: Vec<(Error, ErrorKind, bool)> = vec![
+            (Error::Io(io::Error::NoInput { pattern: "in/*.csv".into() }), ErrorKind::External, true),
+            (
+                Error::Io(io::Error::Write { path: "out".into(), message: "disk full".into() }),
+                ErrorKind::External,
+                true,
+            ),
+            (Error::Io(input), ErrorKind::User, false),
+            (
+                Error::Output { step: "s".into(), message: "partition_by column `day` is missing".into() },
+                ErrorKind::User,
+                false,
+            ),
+            (Error::AlreadyRunning { id: 1, pid: 2, host: "h".into() }, ErrorKind::External, false),
+            (
+                Error::PublishInterrupted { step: "s".into(), made: 1, total: 3, message: "x".into() },
+                ErrorKind::External,
+                false,
+            ),
+            (Error::Internal("bug".into()), ErrorKind::Internal, false),
+        ];
+        for (e, kind, transient) in cases {
+            assert_eq!((e.kind(), e.is_transient()), (kind, transient), "{e}");
+        }
+    }
+}

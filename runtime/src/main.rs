@@ -739,9 +739,9 @@ fn locate_store(state: Option<PathBuf>, pipeline: Option<&str>) -> anyhow::Resul
 }
 
 fn cmd_runs(args: RunsArgs) -> anyhow::Result<ExitCode> {
-    use weir::store::{format_time, RunFilter, RunStore, SqliteStore, Status};
+    use weir::store::{format_time, RunFilter, Status};
     let (path, pipeline) = locate_store(args.state, args.pipeline.as_deref())?;
-    let store = SqliteStore::open(&path)?;
+    let store = weir::store::open(&path)?;
     if let Some(RunsCommand::Show { id }) = args.show {
         let run = store.run(id)?.ok_or_else(|| anyhow::anyhow!("no run #{id} in {}", path.display()))?;
         if args.json {
@@ -878,7 +878,6 @@ fn cmd_recover(path: PathBuf, state: Option<PathBuf>) -> anyhow::Result<ExitCode
 
 fn cmd_backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
     use weir::engine::backfill::{self, PartitionSpec};
-    use weir::store::RunStore;
     let pipeline = match Pipeline::load(&args.pipeline) {
         Ok(p) => p,
         Err(e) => {
@@ -964,9 +963,9 @@ fn cmd_backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn cmd_backfills(pipeline: Option<String>, json: bool, state: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    use weir::store::{format_time, RunStore, SqliteStore};
+    use weir::store::format_time;
     let (path, name) = locate_store(state, pipeline.as_deref())?;
-    let store = SqliteStore::open(&path)?;
+    let store = weir::store::open(&path)?;
     let list = store.backfills(name.as_deref(), 50)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
@@ -1014,9 +1013,9 @@ fn cmd_checks(
     json: bool,
     state: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
-    use weir::store::{CheckFilter, RunStore, SqliteStore};
+    use weir::store::CheckFilter;
     let (path, name) = locate_store(state, pipeline.as_deref())?;
-    let store = SqliteStore::open(&path)?;
+    let store = weir::store::open(&path)?;
     let results = store.check_results(&CheckFilter { run_id: run, pipeline: name, failed_only: failed, limit })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&results)?);

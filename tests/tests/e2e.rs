@@ -416,8 +416,9 @@ fn hostile_log_flood_is_capped_per_call_and_per_run_and_said_once() {
 fn hostile_counter_flood_is_bounded() {
     let dir = tempfile::tempdir().unwrap();
     hostile_pipeline(dir.path(), "counter_flood", "");
-    let out = weir(dir.path(), &["run", "pipeline.toml", "--json"]);
+    let (out, peak) = weir_with_peak_rss(dir.path(), &["run", "pipeline.toml", "--json"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(peak < 512 << 20, "weir's peak RSS was {} MiB", peak >> 20);
     assert_eq!(out.stderr.matches("at most 1000 distinct counter names per plugin").count(), 1, "{}", out.stderr);
     let counters = &out.json()["steps"][0]["counters"]["hostile"];
     assert_eq!(counters.as_object().unwrap().len(), 1000, "{counters}");

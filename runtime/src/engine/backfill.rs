@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{run, RunOptions};
 use crate::config::Pipeline;
-use crate::store::{RunStore, SqliteStore, Status};
+use crate::store::{RunStore, Status};
 use crate::{Error, Result};
 
 /// Which partitions a backfill covers.
@@ -166,9 +166,10 @@ pub fn resume(
 ) -> Result<BackfillSummary> {
     check_backfillable(pipeline)?;
     let store = super::open_store(pipeline, options)?;
-    let b = store
-        .backfill(id)?
-        .ok_or_else(|| Error::Backfill(format!("no backfill #{id} in {}", store.path().display())))?;
+    let b = store.backfill(id)?.ok_or_else(|| {
+        let path = options.state.clone().unwrap_or_else(|| pipeline.state_path.clone());
+        Error::Backfill(format!("no backfill #{id} in {}", path.display()))
+    })?;
     if b.pipeline != pipeline.name {
         return Err(Error::Backfill(format!(
             "backfill #{id} belongs to pipeline `{}`, not `{}`",
@@ -205,7 +206,7 @@ type Outcome = std::result::Result<Vec<String>, String>;
 
 fn execute(
     pipeline: &Pipeline,
-    store: Arc<SqliteStore>,
+    store: Arc<dyn RunStore>,
     id: i64,
     todo: Vec<String>,
     already_done: usize,

@@ -39,8 +39,7 @@ use crate::plugin::{
 };
 use crate::quality::{CheckResult, Checker, History, Kind, RelTarget, Severity};
 use crate::store::{
-    Checkpoint, Decision, NewRun, PlannedSwitch, PublishEntry, RunFilter, RunRecord, RunStore, SqliteStore, Status,
-    StepRows,
+    Checkpoint, Decision, NewRun, PlannedSwitch, PublishEntry, RunFilter, RunRecord, RunStore, Status, StepRows,
 };
 use crate::{Error, Result};
 
@@ -328,9 +327,9 @@ impl Drop for Heartbeat {
 }
 
 /// Open the pipeline's run store (`options.state`, else the pipeline's `state`).
-pub fn open_store(pipeline: &Pipeline, options: &RunOptions) -> Result<Arc<SqliteStore>> {
+pub fn open_store(pipeline: &Pipeline, options: &RunOptions) -> Result<Arc<dyn RunStore>> {
     let path = options.state.clone().unwrap_or_else(|| pipeline.state_path.clone());
-    Ok(Arc::new(SqliteStore::open(&path)?))
+    Ok(crate::store::open(&path)?)
 }
 
 /// Find dead runs of the pipeline. One that had not decided to publish is marked FAILED and

@@ -354,6 +354,20 @@ pub trait RunStore: Send + Sync {
     fn last_success(&self, pipeline: &str, partition: Option<&str>) -> Result<Option<RunRecord>>;
 }
 
+/// Open the run store at `location`, the one place a store is opened. Today a path to the
+/// embedded SQLite file (created if missing); a `postgres://` URL will select the shared
+/// store behind the same trait.
+pub fn open(location: &std::path::Path) -> Result<std::sync::Arc<dyn RunStore>> {
+    let text = location.to_string_lossy();
+    if let Some((scheme, _)) = text.split_once("://") {
+        return Err(Error::Open {
+            path: location.to_path_buf(),
+            message: format!("`{scheme}://` run stores are not supported yet; give the path of an SQLite file"),
+        });
+    }
+    Ok(std::sync::Arc::new(SqliteStore::open(location)?))
+}
+
 /// How long a RUNNING run or backfill may go without a heartbeat before it counts as dead.
 pub const LEASE: std::time::Duration = std::time::Duration::from_secs(30);
 
