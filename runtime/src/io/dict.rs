@@ -12,6 +12,18 @@
 //!
 //! Only columns whose settings it writes the same way as the crate's writer get it (see
 //! [`DictKind::for_column`]); every other column keeps the crate's writer.
+//!
+//! **Upgrading parquet.** This module is the only user of the crate's semver-exempt
+//! `experimental` API (the `experimental` feature in runtime/Cargo.toml): `compression`
+//! (`create_codec`, `Codec`) here and `encodings::rle::RleDecoder` in its tests. A new
+//! parquet version may change them without notice, and may change what the crate's own
+//! writer puts in a chunk (page cuts, statistics, histograms, page index) that this
+//! encoder mirrors. After an upgrade: build, then run
+//! `cargo test -p weir --release io::` — `randomized_schemas_and_settings_write_what_the_crate_writes`
+//! (in io/encode.rs) writes generated schemas, null densities, value distributions,
+//! dictionary overflows and page sizes with both writers and compares values, statistics
+//! and page index; if it fails, fix this module or let [`DictKind::for_column`] hand the
+//! affected columns back to the crate's writer.
 
 use std::hash::BuildHasher;
 
@@ -465,7 +477,10 @@ struct Filling {
 struct DataPage {
     page: CompressedPage,
     rows: usize,
-    /// Min and max as PLAIN bytes (empty for a page of nulls or NaNs), nulls, NaNs.
+    /// Whether the page has a min and max (not a page of nulls only). Not the same as
+    /// `min` being empty: the empty string is a string page's smallest value.
+    ranged: bool,
+    /// Min and max as PLAIN bytes (empty when not `ranged`), nulls, NaNs.
     min: Vec<u8>,
     max: Vec<u8>,
     nulls: u64,
@@ -791,6 +806,7 @@ impl DictColumn {
         };
         let uncompressed = buf.len();
         let buf = self.compress(buf)?;
+        let ranged = range.is_some();
         let (min, max) = range.unwrap_or_default();
         let p = &mut self.page;
         let page = Page::DataPage {
@@ -804,6 +820,7 @@ impl DictColumn {
         self.pages.push(DataPage {
             page: CompressedPage::new(page, uncompressed),
             rows: p.rows,
+            ranged,
             min,
             max,
             nulls: p.nulls,
@@ -905,7 +922,7 @@ impl DictColumn {
                 }
                 nulls += p.nulls;
                 let null_page = p.nulls == p.rows as u64;
-                if !p.min.is_empty() {
+                if p.ranged {
                     if let Some((last_min, last_max)) = &last {
                         ascending &= !(less(self.kind, &p.min, last_min) || less(self.kind, &p.max, last_max));
                         descending &= !(less(self.kind, last_min, &p.min) || less(self.kind, last_max, &p.max));

@@ -1004,6 +1004,210 @@ mod tests {
         mine
     }
 
+    /// One generated column: its type, and how its values and nulls are drawn.
+    struct GenColumn {
+        data_type: arrow_schema::DataType,
+        nullable: bool,
+        /// Nulls per 1000 rows.
+        nulls: u64,
+        /// 0 constant, 1 a few values, 2 many, 3 all distinct, 4 runs, 5 extremes.
+        shape: u64,
+    }
+
+    impl GenColumn {
+        /// The value key of row `r` (before the type's mapping).
+        fn key(&self, r: usize, rand: u64) -> i64 {
+            let r = r as i64;
+            match self.shape {
+                0 => 7,
+                1 => (rand % 5) as i64 - 2,
+                2 => (rand % 2000) as i64 - 1000,
+                3 => r * 3 - 500,
+                4 => r / (1 + (r % 37)) - 20,
+                _ => [i64::MIN, -1, 0, 1, i64::MAX][(rand % 5) as usize],
+            }
+        }
+
+        fn array(&self, rows: usize, next: &mut impl FnMut() -> u64) -> ArrayRef {
+            use arrow_array::{Date32Array, Int32Array, TimestampMicrosecondArray};
+            use arrow_schema::DataType;
+            let mut valid = Vec::with_capacity(rows);
+            let mut keys = Vec::with_capacity(rows);
+            for r in 0..rows {
+                let rand = next();
+                valid.push(!(self.nullable && rand % 1000 < self.nulls));
+                keys.push(self.key(r, rand >> 16));
+            }
+            fn opt<T>(valid: &[bool], i: usize, v: T) -> Option<T> {
+                valid[i].then_some(v)
+            }
+            match &self.data_type {
+                DataType::Int32 => {
+                    Arc::new(Int32Array::from_iter(keys.iter().enumerate().map(|(i, k)| opt(&valid, i, *k as i32))))
+                }
+                DataType::Date32 => Arc::new(Date32Array::from_iter(
+                    keys.iter().enumerate().map(|(i, k)| opt(&valid, i, (*k % 100_000) as i32)),
+                )),
+                DataType::Int64 => {
+                    Arc::new(Int64Array::from_iter(keys.iter().enumerate().map(|(i, k)| opt(&valid, i, *k))))
+                }
+                DataType::Timestamp(_, _) => Arc::new(TimestampMicrosecondArray::from_iter(
+                    keys.iter().enumerate().map(|(i, k)| opt(&valid, i, k.wrapping_mul(1_000_003))),
+                )),
+                DataType::Float64 => Arc::new(Float64Array::from_iter(keys.iter().enumerate().map(|(i, k)| {
+                    let v = match k.rem_euclid(41) {
+                        0 if self.shape == 5 => f64::NAN,
+                        1 if self.shape == 5 => -0.0,
+                        2 if self.shape == 5 => f64::INFINITY,
+                        _ => *k as f64 * 0.37,
+                    };
+                    opt(&valid, i, v)
+                }))),
+                _ => Arc::new(StringArray::from_iter(keys.iter().enumerate().map(|(i, k)| {
+                    let s = match k.rem_euclid(53) {
+                        0 => String::new(),
+                        1 => format!("{k:x}").repeat(12),
+                        _ => format!("v{k}"),
+                    };
+                    opt(&valid, i, s)
+                }))),
+            }
+        }
+    }
+
+    #[test]
+    fn randomized_schemas_and_settings_write_what_the_crate_writes() {
+        use arrow_schema::{DataType, Field, Schema, TimeUnit};
+        // a fixed pseudo-random sequence: the same cases every run, no generator crate
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let types = [
+            DataType::Int32,
+            DataType::Date32,
+            DataType::Int64,
+            DataType::Timestamp(TimeUnit::Microsecond, None),
+            DataType::Float64,
+            DataType::Utf8,
+        ];
+        for case in 0..120 {
+            let dict_limit = [256usize, 4096, 1 << 20][(next() % 3) as usize];
+            // whole pages per batch and per row group, pages of whole 1024-value mini
+            // batches (the crate checks its page limit once per mini batch, we at the row)
+            // and no dictionary overflow: both writers then cut the same pages, so their
+            // page indexes must agree too
+            let aligned = dict_limit == 1 << 20 && next() % 2 == 0;
+            let page_rows = if aligned { [1024, 2048, 4096] } else { [64usize, 1000, 4096] }[(next() % 3) as usize];
+            let batch_rows: Vec<usize> = (0..1 + next() % 6)
+                .map(|_| if aligned { page_rows * (1 + next() % 4) as usize } else { 1 + (next() % 5000) as usize })
+                .collect();
+            let rows: usize = batch_rows.iter().sum();
+            let group = if aligned { page_rows * (1 + next() % 8) as usize } else { 500 + (next() % 20_000) as usize };
+            let columns: Vec<GenColumn> = (0..1 + next() % 6)
+                .map(|_| {
+                    let nullable = next() % 3 != 0;
+                    GenColumn {
+                        data_type: types[(next() % types.len() as u64) as usize].clone(),
+                        nullable,
+                        nulls: if nullable { [0, 100, 500, 990, 1000][(next() % 5) as usize] } else { 0 },
+                        shape: next() % 6,
+                    }
+                })
+                .collect();
+            let schema = Arc::new(Schema::new(
+                columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| Field::new(format!("c{i}"), c.data_type.clone(), c.nullable))
+                    .collect::<Vec<_>>(),
+            ));
+            let arrays: Vec<ArrayRef> = columns.iter().map(|c| c.array(rows, &mut next)).collect();
+            let all = RecordBatch::try_new(schema.clone(), arrays).unwrap();
+            let mut at = 0;
+            let batches: Vec<RecordBatch> = batch_rows
+                .iter()
+                .map(|n| {
+                    at += n;
+                    all.slice(at - n, *n)
+                })
+                .collect();
+            let props = WriterProperties::builder()
+                .set_data_page_row_count_limit(page_rows)
+                .set_dictionary_page_size_limit(dict_limit)
+                .set_max_row_group_row_count(Some(group))
+                .build();
+            let at = format!(
+                "case {case}: {rows} rows in {batch_rows:?}, pages of {page_rows}, dictionary {dict_limit} B, \
+                 groups of {group}, columns {:?}",
+                columns.iter().map(|c| (&c.data_type, c.nulls, c.shape)).collect::<Vec<_>>()
+            );
+
+            let dir = tempfile::tempdir().unwrap();
+            let theirs = dir.path().join("crate.parquet");
+            let mut w = open(dir.path(), schema.clone(), props.clone(), next() % 2 == 0);
+            assert!(w.ours().iter().all(|o| *o), "{at}: our encoder takes every column");
+            let mut reference =
+                ArrowWriter::try_new(File::create(&theirs).unwrap(), schema.clone(), Some(props)).unwrap();
+            for b in &batches {
+                w.write(b).unwrap();
+                reference.write(b).unwrap();
+            }
+            w.into_inner().unwrap();
+            reference.close().unwrap();
+
+            // the same values come back, row for row (NaN is not equal to itself: compare
+            // the rows' debug text)
+            let read = |path: &Path| {
+                let r = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap()).unwrap().build().unwrap();
+                let got: Vec<RecordBatch> = r.map(|b| b.unwrap()).collect();
+                format!("{:?}", arrow_select::concat::concat_batches(&schema, &got).unwrap().columns())
+            };
+            let expected = format!("{:?}", all.columns());
+            assert_eq!(read(&dir.path().join("t.parquet")), expected, "{at}: our file");
+            assert_eq!(read(&theirs), expected, "{at}: the crate's file");
+
+            let meta = |path: &Path| {
+                ParquetMetaDataReader::new()
+                    .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Required)
+                    .with_metadata_options(Some(
+                        parquet::file::metadata::ParquetMetaDataOptions::new().with_encoding_stats_as_mask(false),
+                    ))
+                    .parse_and_finish(&File::open(path).unwrap())
+                    .unwrap()
+            };
+            let (mine, crate_) = (meta(&dir.path().join("t.parquet")), meta(&theirs));
+            assert_eq!(mine.num_row_groups(), crate_.num_row_groups(), "{at}");
+            for g in 0..mine.num_row_groups() {
+                for (c, (a, b)) in mine.row_group(g).columns().iter().zip(crate_.row_group(g).columns()).enumerate() {
+                    let at = format!("{at}; row group {g}, column {c}");
+                    assert_eq!(format!("{:?}", a.statistics()), format!("{:?}", b.statistics()), "{at}");
+                    assert_eq!(a.num_values(), b.num_values(), "{at}");
+                    assert_eq!(a.definition_level_histogram(), b.definition_level_histogram(), "{at}");
+                    assert_eq!(a.unencoded_byte_array_data_bytes(), b.unencoded_byte_array_data_bytes(), "{at}");
+                    if !aligned {
+                        continue;
+                    }
+                    assert_eq!(a.page_encoding_stats(), b.page_encoding_stats(), "{at}");
+                    let (pa, pb) = (mine.page_index().unwrap(), crate_.page_index().unwrap());
+                    assert_eq!(
+                        format!("{:?}", pa.column_index(g, c)),
+                        format!("{:?}", pb.column_index(g, c)),
+                        "{at}: column index"
+                    );
+                    let first_rows = |o: &parquet::file::page_index::offset_index::OffsetIndexMetaData| -> Vec<i64> {
+                        o.page_locations.iter().map(|p| p.first_row_index).collect()
+                    };
+                    let (oa, ob) = (pa.offset_index(g, c).unwrap(), pb.offset_index(g, c).unwrap());
+                    assert_eq!(first_rows(oa), first_rows(ob), "{at}: pages");
+                }
+            }
+        }
+    }
+
     #[test]
     fn an_encoding_error_on_a_worker_comes_back_as_an_error() {
         for threaded in [true, false] {
