@@ -49,48 +49,7 @@ enum Command {
     #[command(
         after_help = "Examples:\n  weir run examples/orders/pipeline.toml\n  weir run pipeline.toml --partition 2024-01-03   # {partition} in source paths\n  weir run pipeline.toml --json | jq .steps"
     )]
-    Run {
-        /// The pipeline file.
-        pipeline: PathBuf,
-        /// The run's partition: replaces `{partition}` in source paths; with a partitioned
-        /// output only the partitions this run wrote are replaced. Without it, `{partition}`
-        /// matches every partition and outputs are replaced whole.
-        #[arg(long, short)]
-        partition: Option<String>,
-        /// Print the run summary as JSON on stdout (logs stay on stderr).
-        #[arg(long)]
-        json: bool,
-        /// Where compiled plugins are cached [default: $WEIR_CACHE_DIR, else ~/.cache/weir].
-        #[arg(long)]
-        cache_dir: Option<PathBuf>,
-        /// Do not show progress, even on a terminal.
-        #[arg(long)]
-        no_progress: bool,
-        /// Only print errors and the summary.
-        #[arg(long, short)]
-        quiet: bool,
-        /// Run even if an identical run (same input files, config and plugins) already
-        /// published; by default such a rerun is recognised and does nothing.
-        #[arg(long)]
-        force: bool,
-        /// The run store [default: `[pipeline] state`, else .weir/state.db beside the file].
-        #[arg(long)]
-        state: Option<PathBuf>,
-        /// Continue the newest crashed run of this partition from its last checkpoint instead
-        /// of starting over (the output equals an uninterrupted run's).
-        #[arg(long)]
-        resume: bool,
-        /// If a run of the same pipeline and partition is live, wait for it to end (then run,
-        /// or find its output up to date) instead of refusing. Runs of other partitions never
-        /// wait for each other.
-        #[arg(long)]
-        wait: bool,
-        /// After the summary, print where each step's time went: reading, each plugin's
-        /// boundary (IPC encode, copy in, guest decode / compute / encode, copy out, output
-        /// validation), checks and writing. Always part of `--json`.
-        #[arg(long)]
-        timings: bool,
-    },
+    Run(RunArgs),
     /// Run history: status, times, rows per step, plugins and their digests.
     ///
     /// `weir runs` lists runs, newest first; `weir runs show ID` shows one in full, with
@@ -301,31 +260,7 @@ fn main() -> ExitCode {
     weir::malloc_tuning::tune();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run {
-            pipeline,
-            partition,
-            json,
-            cache_dir,
-            no_progress,
-            quiet,
-            force,
-            state,
-            resume,
-            wait,
-            timings,
-        } => cmd_run(RunArgs {
-            path: pipeline,
-            partition,
-            json,
-            cache_dir,
-            no_progress,
-            quiet,
-            force,
-            state,
-            resume,
-            wait,
-            timings,
-        }),
+        Command::Run(args) => cmd_run(args),
         Command::Runs(args) => report(cmd_runs(args)),
         Command::Checks { pipeline, run, failed, limit, json, state } => {
             report(cmd_checks(pipeline, run, failed, limit, json, state))
@@ -349,17 +284,48 @@ fn report(result: anyhow::Result<ExitCode>) -> ExitCode {
     }
 }
 
+#[derive(Args)]
 struct RunArgs {
+    /// The pipeline file.
+    #[arg(value_name = "PIPELINE")]
     path: PathBuf,
+    /// The run's partition: replaces `{partition}` in source paths; with a partitioned
+    /// output only the partitions this run wrote are replaced. Without it, `{partition}`
+    /// matches every partition and outputs are replaced whole.
+    #[arg(long, short)]
     partition: Option<String>,
+    /// Print the run summary as JSON on stdout (logs stay on stderr).
+    #[arg(long)]
     json: bool,
+    /// Where compiled plugins are cached [default: $WEIR_CACHE_DIR, else ~/.cache/weir].
+    #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Do not show progress, even on a terminal.
+    #[arg(long)]
     no_progress: bool,
+    /// Only print errors and the summary.
+    #[arg(long, short)]
     quiet: bool,
+    /// Run even if an identical run (same input files, config and plugins) already
+    /// published; by default such a rerun is recognised and does nothing.
+    #[arg(long)]
     force: bool,
+    /// The run store [default: `[pipeline] state`, else .weir/state.db beside the file].
+    #[arg(long)]
     state: Option<PathBuf>,
+    /// Continue the newest crashed run of this partition from its last checkpoint instead
+    /// of starting over (the output equals an uninterrupted run's).
+    #[arg(long)]
     resume: bool,
+    /// If a run of the same pipeline and partition is live, wait for it to end (then run,
+    /// or find its output up to date) instead of refusing. Runs of other partitions never
+    /// wait for each other.
+    #[arg(long)]
     wait: bool,
+    /// After the summary, print where each step's time went: reading, each plugin's
+    /// boundary (IPC encode, copy in, guest decode / compute / encode, copy out, output
+    /// validation), checks and writing. Always part of `--json`.
+    #[arg(long)]
     timings: bool,
 }
 

@@ -357,8 +357,13 @@ pub fn recover(
         if !keep_staging {
             remove_staging(r);
         }
+        let published = match r.published.len() {
+            0 => "it had not decided to publish, so nothing was published".to_string(),
+            // a run of a weir from before decisions were recorded
+            n => format!("{n} switch(es) had been published by a weir that recorded no decision to complete"),
+        };
         log(&format!(
-            "weir: recovered run #{} of `{}`: {}; it had not decided to publish, so nothing was published; {}",
+            "weir: recovered run #{} of `{}`: {}; {published}; {}",
             r.id,
             r.pipeline,
             r.error.as_deref().unwrap_or("crashed"),

@@ -895,6 +895,17 @@ mod tests {
         }
     }
 
+    /// A file's metadata with its page index, encoding stats as a list.
+    fn metadata(path: &Path) -> ParquetMetaData {
+        ParquetMetaDataReader::new()
+            .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Required)
+            .with_metadata_options(Some(
+                parquet::file::metadata::ParquetMetaDataOptions::new().with_encoding_stats_as_mask(false),
+            ))
+            .parse_and_finish(&File::open(path).unwrap())
+            .unwrap()
+    }
+
     /// Write `kinds` with our writer and the crate's, in `groups` row groups: the same rows
     /// come back, with the same statistics and histograms, and (with `same_pages`) the same
     /// page index. Returns our metadata.
@@ -927,16 +938,7 @@ mod tests {
         // (NaN is not equal to itself: compare the rows' encodings)
         let rows = |b: &RecordBatch| format!("{:?}", b.columns());
         assert_eq!(rows(&read(&ours)), rows(&expected));
-        let meta = |path: &Path| {
-            ParquetMetaDataReader::new()
-                .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Required)
-                .with_metadata_options(Some(
-                    parquet::file::metadata::ParquetMetaDataOptions::new().with_encoding_stats_as_mask(false),
-                ))
-                .parse_and_finish(&File::open(path).unwrap())
-                .unwrap()
-        };
-        let (mine, crate_) = (meta(&ours), meta(&theirs));
+        let (mine, crate_) = (metadata(&ours), metadata(&theirs));
         assert_eq!(mine.num_row_groups(), groups);
         assert_eq!(crate_.num_row_groups(), groups);
         for g in 0..groups {
@@ -1170,16 +1172,7 @@ mod tests {
             assert_eq!(read(&dir.path().join("t.parquet")), expected, "{at}: our file");
             assert_eq!(read(&theirs), expected, "{at}: the crate's file");
 
-            let meta = |path: &Path| {
-                ParquetMetaDataReader::new()
-                    .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Required)
-                    .with_metadata_options(Some(
-                        parquet::file::metadata::ParquetMetaDataOptions::new().with_encoding_stats_as_mask(false),
-                    ))
-                    .parse_and_finish(&File::open(path).unwrap())
-                    .unwrap()
-            };
-            let (mine, crate_) = (meta(&dir.path().join("t.parquet")), meta(&theirs));
+            let (mine, crate_) = (metadata(&dir.path().join("t.parquet")), metadata(&theirs));
             assert_eq!(mine.num_row_groups(), crate_.num_row_groups(), "{at}");
             for g in 0..mine.num_row_groups() {
                 for (c, (a, b)) in mine.row_group(g).columns().iter().zip(crate_.row_group(g).columns()).enumerate() {

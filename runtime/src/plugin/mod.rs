@@ -910,7 +910,8 @@ impl Sandbox {
             marks: [None; 4],
             log,
             limits,
-            deadline: None,
+            // instantiation may run guest code too (start functions): it has a deadline
+            deadline: Some(std::time::Instant::now() + limits.timeout),
             sleep_cut: Arc::default(),
             clock_origin,
             budget: LogBudget::default(),
