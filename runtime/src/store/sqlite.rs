@@ -484,6 +484,10 @@ impl RunStore for SqliteStore {
                 format!("publish broke off: {}", r.error.as_deref().unwrap_or("no error recorded"))
             } else if r.host == here && r.pid != std::process::id() && !pid_alive(r.pid) {
                 format!("crashed: process {} on {} is gone (found by {by})", r.pid, r.host)
+            } else if r.decision.is_some() && r.host == here && pid_alive(r.pid) {
+                // a decided run whose process is visibly alive here is publishing, however
+                // late its heartbeat: completing it alongside could switch a dataset back
+                continue;
             } else if now - r.heartbeat_at_ms > lease_ms {
                 format!(
                     "crashed: no heartbeat for {} s (lease expired; found by {by})",
