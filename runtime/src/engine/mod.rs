@@ -379,22 +379,38 @@ pub fn recover(
 /// Complete the publish of a run that had decided to publish: make each switch not yet made
 /// (a switch made but not recorded is recognised by its token), then record it SUCCESS.
 fn roll_forward(store: &dyn RunStore, r: &RunRecord, decision: &Decision, log: &dyn Fn(&str)) -> Result<()> {
+    complete_decided(store, r, decision, log).inspect_err(|e| {
+        // FAILED with its decision kept: the next recovery tries again, and no other run
+        // publishes meanwhile
+        let _ = store.finish_run(r.id, Status::Failed, &[], Some(&e.to_string()));
+    })
+}
+
+fn complete_decided(store: &dyn RunStore, r: &RunRecord, decision: &Decision, log: &dyn Fn(&str)) -> Result<()> {
     let total = decision.switches.len();
     let recorded = total - decision.pending();
-    let mut made_now = 0;
+    let (mut made_now, mut superseded) = (0, 0);
     for (seq, sw) in decision.switches.iter().enumerate() {
+        if sw.done_at_ms.is_none() && !store.renew_lease(r.id)? {
+            return Err(Error::Publish {
+                step: sw.step.clone(),
+                message: format!("run #{} was taken over by another process while it was being completed", r.id),
+            });
+        }
         let (switch, now) =
-            publish::complete_switch(&sw.staged, &sw.target, &sw.token, sw.replaces, log).map_err(|e| {
-                let message = format!(
-                    "run #{} had decided to publish, but its switch {} of {total} ({}) cannot be completed: {e}",
-                    r.id,
-                    seq + 1,
-                    sw.target.display()
-                );
-                let _ = store.finish_run(r.id, Status::Failed, &[], Some(&message));
-                Error::Publish { step: sw.step.clone(), message }
-            })?;
+            publish::complete_switch(&sw.staged, &sw.target, &sw.token, sw.target_token.as_deref(), log).map_err(
+                |e| Error::Publish {
+                    step: sw.step.clone(),
+                    message: format!(
+                        "run #{} had decided to publish, but its switch {} of {total} ({}) cannot be completed: {e}",
+                        r.id,
+                        seq + 1,
+                        sw.target.display()
+                    ),
+                },
+            )?;
         made_now += usize::from(now);
+        superseded += usize::from(switch == publish::Switch::Superseded);
         if sw.done_at_ms.is_none() {
             let entry = PublishEntry {
                 step: sw.step.clone(),
@@ -410,7 +426,7 @@ fn roll_forward(store: &dyn RunStore, r: &RunRecord, decision: &Decision, log: &
     let cause = r.error.as_deref().unwrap_or("crashed");
     let note = format!(
         "completed by recovery after {}; of its {total} switches {recorded} had been made and recorded by the run, \
-         {} made but not recorded, {made_now} made by recovery",
+         {} made but not recorded, {made_now} made by recovery{}",
         if let Some(c) = cause.strip_prefix("crashed: ") {
             format!("it crashed ({c})")
         } else if let Some(c) = cause.strip_prefix("publish broke off: ") {
@@ -418,7 +434,12 @@ fn roll_forward(store: &dyn RunStore, r: &RunRecord, decision: &Decision, log: &
         } else {
             cause.to_string()
         },
-        total - recorded - made_now
+        total - recorded - made_now - superseded,
+        if superseded > 0 {
+            format!(", {superseded} superseded (a later run had replaced the target)")
+        } else {
+            String::new()
+        }
     );
     store.complete_recovered(r.id, &note)?;
     if let (Some(b), Some(p)) = (r.backfill_id, &r.partition) {
@@ -646,7 +667,7 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
             .collect(),
         backfill_id: options.backfill_id,
     };
-    let mut waited_for = None;
+    let (mut waited_for, mut completing) = (None, None);
     let id = loop {
         // An identical run that already published makes this one a no-op.
         if !options.force && resume_from.is_none() {
@@ -680,6 +701,11 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
                 recover(store.as_ref(), Some(&pipeline.name), "a waiting run", &*log, false)?;
             }
             Err(crate::store::Error::Busy { id, pid, host }) => return Err(Error::AlreadyRunning { id, pid, host }),
+            Err(crate::store::Error::Unfinished { id }) if completing != Some(id) => {
+                // a run's publish broke off after we looked: complete it, then try again
+                completing = Some(id);
+                recover(store.as_ref(), Some(&pipeline.name), "a new run", &*log, false)?;
+            }
             Err(e) => return Err(e.into()),
         }
     };
@@ -817,9 +843,17 @@ fn execute(
     guard.decided(&plan);
     debug_pause("after-decision", &*log);
     for (seq, sw) in plan.iter().enumerate() {
-        let switch = publish::switch_dir(&sw.staged, &sw.target, &*log).map_err(|message| {
-            Error::PublishInterrupted { step: sw.step.clone(), made: seq, total: plan.len(), message }
-        })?;
+        let interrupted = |message: String| Error::PublishInterrupted {
+            step: sw.step.clone(),
+            // a switch whose old copy could not be removed was made all the same
+            made: seq + usize::from(publish::dir_token(&sw.target).as_deref() == Some(sw.token.as_str())),
+            total: plan.len(),
+            message,
+        };
+        if !store.renew_lease(run_id)? {
+            return Err(interrupted("the run was taken over by another process (its lease had expired)".into()));
+        }
+        let switch = publish::switch_dir(&sw.staged, &sw.target, &*log).map_err(interrupted)?;
         debug_pause("after-switch", &*log);
         let entry = PublishEntry {
             step: sw.step.clone(),
@@ -830,10 +864,14 @@ fn execute(
         store.record_switch(run_id, seq, &entry)?;
         debug_pause("between-publishes", &*log);
     }
-    // a partition run switched each partition out of its step's staging folder, now empty
+    // a partition run switched each partition out of its step's staging folder, now empty;
+    // its dataset's folder exists even when the run wrote no partition
     for s in staged.values() {
         if s.staging.exists() {
             let _ = std::fs::remove_dir_all(&s.staging);
+        }
+        if let Some(out) = &s.output {
+            let _ = std::fs::create_dir_all(&out.path);
         }
         if let Some(summary) = summaries.iter_mut().find(|x: &&mut StepSummary| x.name == s.step) {
             summary.partitions = s.partitions.clone();
@@ -874,14 +912,16 @@ fn plan_switches(
                 step: s.step.clone(),
                 message: format!("its staged output {} is missing", from.display()),
             })?;
+            let target_token = publish::dir_token(&to);
             plan.push(PlannedSwitch {
                 step: s.step.clone(),
                 kind: kind.into(),
-                replaces: to.exists(),
+                replaces: target_token.is_some(),
                 staged: from,
                 target: to,
                 partition,
                 token,
+                target_token,
                 done_at_ms: None,
             });
             Ok(())

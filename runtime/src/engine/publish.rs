@@ -20,7 +20,7 @@
 //! ```text
 //!   every check passed
 //!     -> plan: one PlannedSwitch per dataset, partition and quarantine directory,
-//!        each with the staged directory's token (device:inode)
+//!        each with the staged directory's token (its inode) and the target's
 //!     -> the run store records the decision               <- the commit point
 //!     -> switch 1, record it; switch 2, record it; ...
 //!     -> the run store records SUCCESS
@@ -29,7 +29,8 @@
 //! A crash before the decision leaves every dataset as it was and the staging is removed.
 //! A crash after it is rolled forward by whoever recovers the run ([`complete_switch`]):
 //! the exchange carries the staged directory's inode to the target, so a switch made but
-//! not yet recorded is recognised by its token and not made twice.
+//! not yet recorded is recognised by its token and not made twice; a target that a later
+//! run replaced since the decision is left alone (the switch is superseded).
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +39,8 @@ use std::path::{Path, PathBuf};
 pub enum Switch {
     Created,
     Replaced,
+    /// Not made: a later run had replaced the target since the decision.
+    Superseded,
 }
 
 impl Switch {
@@ -45,6 +48,7 @@ impl Switch {
         match self {
             Switch::Created => "created",
             Switch::Replaced => "replaced",
+            Switch::Superseded => "superseded",
         }
     }
 }
@@ -84,26 +88,35 @@ fn aside_path(staged: &Path) -> PathBuf {
     staged.with_file_name(name)
 }
 
-/// A directory's identity, `device:inode`, which a rename or exchange keeps.
+/// A directory's identity, its inode, which a rename or exchange keeps.
 pub fn dir_token(dir: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::symlink_metadata(dir).ok().filter(|m| m.is_dir())?;
-    Some(format!("{}:{}", m.dev(), m.ino()))
+    Some(m.ino().to_string())
+}
+
+/// Whether two tokens name the same directory (an older `device:inode` token compares by
+/// its inode).
+fn same_dir(a: Option<&str>, b: &str) -> bool {
+    let inode = |t: &str| t.rsplit(':').next().unwrap_or(t).to_string();
+    a.is_some_and(|a| inode(a) == inode(b))
 }
 
 /// Make a decided switch whose outcome is unknown (its run crashed around it): if the
 /// target already is the staged directory (same token) it was made, and the replaced data
-/// left at the staged path is removed; if the staged directory is still there, it is
-/// switched now. Returns the switch and whether this call made it.
+/// left at the staged path is removed; if the staged directory is still there and the
+/// target is still what the run decided to replace (`target_token`; none: no target), it
+/// is switched now; if a later run replaced the target since, it is superseded and the
+/// staged output removed. Returns the switch and whether this call made it.
 pub fn complete_switch(
     staged: &Path,
     target: &Path,
     token: &str,
-    replaces: bool,
+    target_token: Option<&str>,
     log: &dyn Fn(&str),
 ) -> Result<(Switch, bool), String> {
-    let made = if replaces { Switch::Replaced } else { Switch::Created };
-    if dir_token(target).as_deref() == Some(token) {
+    let made = if target_token.is_some() { Switch::Replaced } else { Switch::Created };
+    if same_dir(dir_token(target).as_deref(), token) {
         for leftover in [staged.to_path_buf(), aside_path(staged)] {
             if leftover.exists() {
                 std::fs::remove_dir_all(&leftover)
@@ -112,12 +125,22 @@ pub fn complete_switch(
         }
         return Ok((made, false));
     }
-    if dir_token(staged).as_deref() == Some(token) {
+    if same_dir(dir_token(staged).as_deref(), token) {
         // a crash inside the two-rename fallback may have left the target moved aside
         let aside = aside_path(staged);
         if !target.exists() && aside.exists() {
             std::fs::rename(&aside, target)
                 .map_err(|e| format!("cannot move {} back to {}: {e}", aside.display(), target.display()))?;
+        }
+        let now = dir_token(target);
+        let as_decided = match target_token {
+            Some(t) => same_dir(now.as_deref(), t),
+            None => now.is_none(),
+        };
+        if !as_decided {
+            std::fs::remove_dir_all(staged)
+                .map_err(|e| format!("cannot remove the superseded output {}: {e}", staged.display()))?;
+            return Ok((Switch::Superseded, false));
         }
         return switch_dir(staged, target, log).map(|s| (s, true));
     }
@@ -197,11 +220,18 @@ mod tests {
         std::fs::create_dir_all(&staged).unwrap();
         std::fs::write(staged.join("part.txt"), "new").unwrap();
         let token = dir_token(&staged).unwrap();
+        let old = dir_token(&target);
         // not made yet: made now
-        assert_eq!(complete_switch(&staged, &target, &token, true, &|_| {}).unwrap(), (Switch::Replaced, true));
+        assert_eq!(
+            complete_switch(&staged, &target, &token, old.as_deref(), &|_| {}).unwrap(),
+            (Switch::Replaced, true)
+        );
         assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "new");
         // made (and its old copy removed): recognised, nothing changes
-        assert_eq!(complete_switch(&staged, &target, &token, true, &|_| {}).unwrap(), (Switch::Replaced, false));
+        assert_eq!(
+            complete_switch(&staged, &target, &token, old.as_deref(), &|_| {}).unwrap(),
+            (Switch::Replaced, false)
+        );
         assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "new");
 
         // made, but the crash came before the old copy was removed: the old copy goes
@@ -209,8 +239,12 @@ mod tests {
         std::fs::create_dir_all(&staged2).unwrap();
         std::fs::write(staged2.join("part.txt"), "newer").unwrap();
         let token2 = dir_token(&staged2).unwrap();
+        let old2 = dir_token(&target);
         exchange(&staged2, &target).unwrap();
-        assert_eq!(complete_switch(&staged2, &target, &token2, true, &|_| {}).unwrap(), (Switch::Replaced, false));
+        assert_eq!(
+            complete_switch(&staged2, &target, &token2, old2.as_deref(), &|_| {}).unwrap(),
+            (Switch::Replaced, false)
+        );
         assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "newer");
         assert!(!staged2.exists(), "the replaced data is removed");
 
@@ -220,16 +254,36 @@ mod tests {
         std::fs::create_dir_all(&staged3).unwrap();
         std::fs::write(staged3.join("part.txt"), "newest").unwrap();
         let token3 = dir_token(&staged3).unwrap();
+        let old3 = dir_token(&target);
         std::fs::rename(&target, aside_path(&staged3)).unwrap();
-        assert_eq!(complete_switch(&staged3, &target, &token3, true, &|_| {}).unwrap(), (Switch::Replaced, true));
+        assert_eq!(
+            complete_switch(&staged3, &target, &token3, old3.as_deref(), &|_| {}).unwrap(),
+            (Switch::Replaced, true)
+        );
         assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "newest");
         let mut names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
         names.sort();
         assert_eq!(names, ["ds"]);
 
+        // a later run replaced the target after the decision: the old decision's switch is
+        // superseded, never made over the newer data
+        let (staged4, newer) = (dir.path().join(".ds.staging-4"), dir.path().join(".ds.staging-5"));
+        for (d, text) in [(&staged4, "decided long ago"), (&newer, "newer")] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("part.txt"), text).unwrap();
+        }
+        let (token4, old4) = (dir_token(&staged4).unwrap(), dir_token(&target));
+        switch_dir(&newer, &target, &|_| {}).unwrap();
+        assert_eq!(
+            complete_switch(&staged4, &target, &token4, old4.as_deref(), &|_| {}).unwrap(),
+            (Switch::Superseded, false)
+        );
+        assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "newer");
+        assert!(!staged4.exists(), "the superseded output is removed");
+
         // neither side is the staged output: refused, nothing touched
-        let err = complete_switch(&staged3, &target, "1:1", true, &|_| {}).unwrap_err();
+        let err = complete_switch(&staged3, &target, "1:1", old3.as_deref(), &|_| {}).unwrap_err();
         assert!(err.contains("moved or removed by hand"), "{err}");
-        assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "newest");
+        assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "newer");
     }
 }

@@ -189,7 +189,8 @@ struct RowState {
 struct SampleReason {
     why: String,
     count: u64,
-    /// 1-based numbers, in the step's output order, of the first rows failing for it.
+    /// 1-based numbers of the first rows failing for it, counted as rows reach the checks
+    /// in this run (quarantined rows included; a resumed run counts from its restart).
     rows: Vec<u64>,
 }
 
@@ -474,7 +475,8 @@ impl Checker {
                 match rule.check(batch) {
                     Ok(v) => {
                         let metrics = self.rule_metrics.entry(ci).or_default();
-                        for (name, value) in v.metrics {
+                        // (JSON has no NaN or infinity: such a value would lose them all)
+                        for (name, value) in v.metrics.into_iter().filter(|(_, v)| v.is_finite()) {
                             if metrics.len() < MAX_RULE_METRICS || metrics.contains_key(&name) {
                                 *metrics.entry(name).or_insert(0.0) += value;
                             }
@@ -564,7 +566,7 @@ impl Checker {
                     r.passed = false;
                     r.observed = err.clone();
                 } else if let Some(v) = verdicts.get(&ci) {
-                    for (name, value) in &v.metrics {
+                    for (name, value) in v.metrics.iter().filter(|(_, v)| v.is_finite()) {
                         if r.metrics.len() < MAX_RULE_METRICS || r.metrics.contains_key(name) {
                             r.metrics.insert(name.clone(), *value);
                         }

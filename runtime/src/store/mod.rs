@@ -134,6 +134,8 @@ pub struct RunRecord {
     pub decision: Option<Decision>,
     /// How the run ended when that needs saying (`completed by recovery ...`).
     pub note: Option<String>,
+    /// The identity of the process that runs it (see [`process_start`]).
+    pub proc_start: Option<String>,
 }
 
 /// A run's decision to publish: every switch it will make, recorded before the first one.
@@ -165,9 +167,13 @@ pub struct PlannedSwitch {
     pub partition: Option<String>,
     /// Whether the target existed when the run decided (the switch replaces it).
     pub replaces: bool,
-    /// How a made switch is recognised, whoever looks: for a directory its device and
-    /// inode (`dev:ino`), which the atomic exchange carries to the target.
+    /// How a made switch is recognised, whoever looks: for a directory its inode, which the
+    /// atomic exchange carries to the target (the device number is left out: it can change
+    /// across a remount or reboot; staged output and target share one filesystem).
     pub token: String,
+    /// The target's own identity when the run decided (none: it did not exist). A target
+    /// that is neither this nor the staged output was replaced by a later run since.
+    pub target_token: Option<String>,
     /// When the switch was made and recorded (none: not yet).
     pub done_at_ms: Option<i64>,
 }
@@ -277,6 +283,9 @@ pub enum Error {
     /// [`RunStore::begin_run`] found a live run of the same pipeline and partition.
     #[error("run #{id} of this pipeline and partition is still running (pid {pid} on {host})")]
     Busy { id: i64, pid: u32, host: String },
+    /// [`RunStore::begin_run`] found a run of the pipeline whose decided publish broke off.
+    #[error("run #{id} decided to publish but its publish broke off; `weir recover` completes it")]
+    Unfinished { id: i64 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -290,6 +299,9 @@ pub trait RunStore: Send + Sync {
     fn begin_run(&self, run: &NewRun) -> Result<i64>;
     /// Renew a running run's lease.
     fn heartbeat(&self, id: i64) -> Result<()>;
+    /// Renew the lease of a run this process holds; false when it no longer holds it
+    /// (another process completed or took over the run). Asked before each switch.
+    fn renew_lease(&self, id: i64) -> Result<bool>;
     /// Record a run's decision to publish, before its first switch: the switches in the
     /// order they will be made, and the rows per step. One transaction.
     fn record_decision(&self, id: i64, steps: &[StepRows], switches: &[PlannedSwitch]) -> Result<()>;
@@ -384,6 +396,53 @@ pub fn host_name() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".into())
+}
+
+/// Which process a pid is: this boot's id and the process's start time, so a pid reused by
+/// another process (after a crash, or a reboot) is not taken for the run's. `None` where
+/// `/proc` does not say.
+pub fn process_start(pid: u32) -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // the fields after the command name (which may hold spaces and parentheses); the
+    // start time is the 22nd field of the line, the 20th after the name
+    let start = stat.rsplit_once(')')?.1.split_whitespace().nth(19)?;
+    Some(format!("{}:{start}", boot.trim()))
+}
+
+/// Whether the process that recorded `start` (see [`process_start`]) as `pid` still runs:
+/// compared by identity where it was recorded, by pid alone otherwise.
+pub fn process_alive(pid: u32, start: Option<&str>) -> bool {
+    match start {
+        Some(s) => process_start(pid).as_deref() == Some(s),
+        None => pid_alive(pid),
+    }
+}
+
+/// Runs this process is executing or completing: a RUNNING record with this process's
+/// identity that is not among them was left behind (a failed completion, say).
+static OWNED: std::sync::Mutex<Vec<i64>> = std::sync::Mutex::new(Vec::new());
+
+fn owned() -> std::sync::MutexGuard<'static, Vec<i64>> {
+    OWNED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// This process runs `id` from now on.
+pub fn own(id: i64) {
+    let mut o = owned();
+    if !o.contains(&id) {
+        o.push(id);
+    }
+}
+
+/// This process no longer runs `id`.
+pub fn disown(id: i64) {
+    owned().retain(|x| *x != id);
+}
+
+/// Whether this process runs `id`.
+pub fn owns(id: i64) -> bool {
+    owned().contains(&id)
 }
 
 /// Whether a process with this pid exists on this machine.

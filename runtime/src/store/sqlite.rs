@@ -7,8 +7,9 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::{
-    host_name, now_ms, pid_alive, Attempt, BackfillPartition, BackfillRecord, CheckFilter, Checkpoint, Decision, Error,
-    NewRun, PlannedSwitch, PublishEntry, Result, RunFilter, RunRecord, RunStore, Status, StepRows, StoredCheck,
+    disown, host_name, now_ms, own, owns, pid_alive, process_alive, process_start, Attempt, BackfillPartition,
+    BackfillRecord, CheckFilter, Checkpoint, Decision, Error, NewRun, PlannedSwitch, PublishEntry, Result, RunFilter,
+    RunRecord, RunStore, Status, StepRows, StoredCheck,
 };
 
 const SCHEMA: &str = r#"
@@ -35,7 +36,8 @@ CREATE TABLE IF NOT EXISTS pipeline_run (
     watermark_end   TEXT,
     backfill_id     INTEGER,
     decided_at_ms   INTEGER,
-    note            TEXT
+    note            TEXT,
+    proc_start      TEXT
 );
 CREATE INDEX IF NOT EXISTS pipeline_run_by_pipeline ON pipeline_run (pipeline, partition, status);
 CREATE TABLE IF NOT EXISTS publish_audit (
@@ -57,6 +59,7 @@ CREATE TABLE IF NOT EXISTS commit_switch (
     partition  TEXT,
     replaces   INTEGER NOT NULL,
     token      TEXT NOT NULL,
+    target_token TEXT,
     done_at_ms INTEGER,
     PRIMARY KEY (run_id, seq)
 );
@@ -166,9 +169,11 @@ impl SqliteStore {
 
 /// Columns added since schema version 1 (table, column, declaration): a store written by
 /// an earlier weir gains them when opened.
-const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 8] = [
     ("pipeline_run", "decided_at_ms", "INTEGER"),
     ("pipeline_run", "note", "TEXT"),
+    ("pipeline_run", "proc_start", "TEXT"),
+    ("commit_switch", "target_token", "TEXT"),
     ("data_quality_check", "metrics_json", "TEXT"),
     ("backfill", "pid", "INTEGER"),
     ("backfill", "host", "TEXT"),
@@ -189,7 +194,7 @@ fn upgrade_statements(conn: &Connection) -> rusqlite::Result<String> {
     Ok(out)
 }
 
-const COLUMNS: &str = "id, pipeline, partition, status, attempt, started_at_ms, finished_at_ms, heartbeat_at_ms, pid, host, error, config_sha256, plugins_json, fingerprint, steps_json, staging_json, backfill_id, decided_at_ms, note";
+const COLUMNS: &str = "id, pipeline, partition, status, attempt, started_at_ms, finished_at_ms, heartbeat_at_ms, pid, host, error, config_sha256, plugins_json, fingerprint, steps_json, staging_json, backfill_id, decided_at_ms, note, proc_start";
 
 fn read_run(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
     let status: String = row.get(3)?;
@@ -218,6 +223,7 @@ fn read_run(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
         backfill_id: row.get(16)?,
         decision: row.get::<_, Option<i64>>(17)?.map(|at_ms| Decision { at_ms, switches: Vec::new() }),
         note: row.get(18)?,
+        proc_start: row.get(19)?,
     })
 }
 
@@ -231,7 +237,17 @@ fn read_switch(row: &Row<'_>) -> rusqlite::Result<PlannedSwitch> {
         replaces: row.get(5)?,
         token: row.get(6)?,
         done_at_ms: row.get(7)?,
+        target_token: row.get(8)?,
     })
+}
+
+/// Whether the process that runs `r` (recorded on this host) still does: this process only
+/// for the runs it holds; another by its identity, so a reused pid is not taken for it.
+fn alive_here(r: &RunRecord) -> bool {
+    if r.pid == std::process::id() && r.proc_start == process_start(r.pid) {
+        return owns(r.id);
+    }
+    process_alive(r.pid, r.proc_start.as_deref())
 }
 
 impl SqliteStore {
@@ -260,7 +276,7 @@ impl SqliteStore {
                 .collect::<rusqlite::Result<Vec<_>>>()?;
         }
         let mut switches = conn.prepare(
-            "SELECT step, kind, staged, target, partition, replaces, token, done_at_ms FROM commit_switch WHERE run_id = ?1 ORDER BY seq",
+            "SELECT step, kind, staged, target, partition, replaces, token, done_at_ms, target_token FROM commit_switch WHERE run_id = ?1 ORDER BY seq",
         )?;
         for r in &mut runs {
             if let Some(d) = &mut r.decision {
@@ -348,6 +364,20 @@ impl RunStore for SqliteStore {
         if let Some((id, pid, host)) = live {
             return Err(Error::Busy { id, pid, host });
         }
+        // a run of the pipeline that decided to publish and broke off must be completed
+        // first (whatever its partition): publishing over it could be undone when it is
+        let unfinished = tx
+            .query_row(
+                "SELECT id FROM pipeline_run r WHERE pipeline = ?1 AND status = 'FAILED' AND decided_at_ms IS NOT NULL
+                   AND EXISTS (SELECT 1 FROM commit_switch c WHERE c.run_id = r.id AND c.done_at_ms IS NULL)
+                 ORDER BY id LIMIT 1",
+                params![run.pipeline],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?;
+        if let Some(id) = unfinished {
+            return Err(Error::Unfinished { id });
+        }
         let now = now_ms();
         let attempt: u32 = tx.query_row(
             "SELECT COUNT(*) + 1 FROM pipeline_run WHERE pipeline = ?1 AND partition IS ?2 AND fingerprint = ?3",
@@ -355,8 +385,8 @@ impl RunStore for SqliteStore {
             |r| r.get(0),
         )?;
         tx.execute(
-            "INSERT INTO pipeline_run (pipeline, partition, logical_date, status, attempt, started_at_ms, heartbeat_at_ms, pid, host, config_sha256, plugins_json, fingerprint, backfill_id)
-             VALUES (?1, ?2, ?2, 'RUNNING', ?3, ?4, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO pipeline_run (pipeline, partition, logical_date, status, attempt, started_at_ms, heartbeat_at_ms, pid, host, config_sha256, plugins_json, fingerprint, backfill_id, proc_start)
+             VALUES (?1, ?2, ?2, 'RUNNING', ?3, ?4, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 run.pipeline,
                 run.partition,
@@ -367,7 +397,8 @@ impl RunStore for SqliteStore {
                 run.config_sha256,
                 serde_json::to_string(&run.plugins).unwrap_or_default(),
                 run.fingerprint,
-                run.backfill_id
+                run.backfill_id,
+                process_start(std::process::id())
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -378,15 +409,21 @@ impl RunStore for SqliteStore {
             params![id, serde_json::to_string(&staging).unwrap_or_default()],
         )?;
         tx.commit()?;
+        own(id);
         Ok(id)
     }
 
     fn heartbeat(&self, id: i64) -> Result<()> {
-        self.conn().execute(
-            "UPDATE pipeline_run SET heartbeat_at_ms = ?2 WHERE id = ?1 AND status = 'RUNNING'",
-            params![id, now_ms()],
+        self.renew_lease(id).map(|_| ())
+    }
+
+    fn renew_lease(&self, id: i64) -> Result<bool> {
+        let changed = self.conn().execute(
+            "UPDATE pipeline_run SET heartbeat_at_ms = ?2
+             WHERE id = ?1 AND status = 'RUNNING' AND pid = ?3 AND host = ?4 AND proc_start IS ?5",
+            params![id, now_ms(), std::process::id(), host_name(), process_start(std::process::id())],
         )?;
-        Ok(())
+        Ok(changed == 1)
     }
 
     fn record_decision(&self, id: i64, steps: &[StepRows], switches: &[PlannedSwitch]) -> Result<()> {
@@ -398,8 +435,8 @@ impl RunStore for SqliteStore {
         )?;
         for (seq, s) in switches.iter().enumerate() {
             tx.execute(
-                "INSERT INTO commit_switch (run_id, seq, step, kind, staged, target, partition, replaces, token)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO commit_switch (run_id, seq, step, kind, staged, target, partition, replaces, token, target_token)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     id,
                     seq as i64,
@@ -409,7 +446,8 @@ impl RunStore for SqliteStore {
                     s.target.to_string_lossy(),
                     s.partition,
                     s.replaces,
-                    s.token
+                    s.token,
+                    s.target_token
                 ],
             )?;
         }
@@ -442,6 +480,7 @@ impl RunStore for SqliteStore {
     }
 
     fn finish_run(&self, id: i64, status: Status, steps: &[StepRows], error: Option<&str>) -> Result<()> {
+        disown(id);
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
@@ -482,9 +521,9 @@ impl RunStore for SqliteStore {
         for mut r in candidates {
             let reason = if r.status == Status::Failed {
                 format!("publish broke off: {}", r.error.as_deref().unwrap_or("no error recorded"))
-            } else if r.host == here && r.pid != std::process::id() && !pid_alive(r.pid) {
+            } else if r.host == here && !alive_here(&r) {
                 format!("crashed: process {} on {} is gone (found by {by})", r.pid, r.host)
-            } else if r.decision.is_some() && r.host == here && pid_alive(r.pid) {
+            } else if r.decision.is_some() && r.host == here {
                 // a decided run whose process is visibly alive here is publishing, however
                 // late its heartbeat: completing it alongside could switch a dataset back
                 continue;
@@ -499,9 +538,10 @@ impl RunStore for SqliteStore {
             if r.decision.is_some() {
                 // decided: claim it to complete its publish
                 tx.execute(
-                    "UPDATE pipeline_run SET status = 'RUNNING', pid = ?2, host = ?3, heartbeat_at_ms = ?4, error = ?5 WHERE id = ?1",
-                    params![r.id, std::process::id(), here, now, reason],
+                    "UPDATE pipeline_run SET status = 'RUNNING', pid = ?2, host = ?3, heartbeat_at_ms = ?4, error = ?5, proc_start = ?6 WHERE id = ?1",
+                    params![r.id, std::process::id(), here, now, reason, process_start(std::process::id())],
                 )?;
+                own(r.id);
                 r.status = Status::Running;
                 (r.pid, r.host, r.heartbeat_at_ms) = (std::process::id(), here.clone(), now);
             } else {
@@ -520,6 +560,7 @@ impl RunStore for SqliteStore {
     }
 
     fn complete_recovered(&self, id: i64, note: &str) -> Result<()> {
+        disown(id);
         self.conn().execute(
             "UPDATE pipeline_run SET status = 'SUCCESS', finished_at_ms = ?2, error = NULL, note = ?3 WHERE id = ?1",
             params![id, now_ms(), note],
@@ -781,6 +822,7 @@ mod tests {
             partition: None,
             replaces: false,
             token: "1:2".into(),
+            target_token: None,
             done_at_ms: None,
         };
         store.record_decision(id, &[], std::slice::from_ref(&switch)).unwrap();
@@ -852,6 +894,7 @@ mod tests {
                 partition: Some(format!("p{i}")),
                 replaces: i > 0,
                 token: format!("9:{i}"),
+                target_token: (i > 0).then(|| format!("8:{i}")),
                 done_at_ms: None,
             })
             .collect();
@@ -884,6 +927,11 @@ mod tests {
         store.record_decision(id, &rows, &switches[..1]).unwrap();
         store.finish_run(id, Status::Failed, &[], Some("disk full")).unwrap();
         assert_eq!(store.run(id).unwrap().unwrap().steps, rows, "empty rows keep the decision's");
+        // until it is completed, no run of the pipeline starts, whatever its partition
+        match store.begin_run(&NewRun { partition: Some("another".into()), ..new_run("z") }) {
+            Err(Error::Unfinished { id: unfinished }) => assert_eq!(unfinished, id),
+            other => panic!("expected Unfinished, got {other:?}"),
+        }
         let found = store.recover_stale(None, 60_000, "test").unwrap();
         assert_eq!(found.len(), 1);
         assert!(found[0].error.as_deref().unwrap().contains("disk full"));
@@ -900,11 +948,23 @@ mod tests {
         let path = dir.path().join("state.db");
         {
             let conn = Connection::open(&path).unwrap();
-            let v1 = SCHEMA.replace(
-                "    backfill_id     INTEGER,\n    decided_at_ms   INTEGER,\n    note            TEXT\n",
-                "    backfill_id     INTEGER\n",
-            );
-            assert_ne!(v1, SCHEMA);
+            // every column added since, taken out again
+            let mut v1 = SCHEMA.to_string();
+            for (from, to) in [
+                (
+                    "    backfill_id     INTEGER,\n    decided_at_ms   INTEGER,\n    note            TEXT,\n    proc_start      TEXT\n",
+                    "    backfill_id     INTEGER\n",
+                ),
+                ("    sample_json TEXT,\n    metrics_json TEXT\n", "    sample_json TEXT\n"),
+                ("    token      TEXT NOT NULL,\n    target_token TEXT,\n", "    token      TEXT NOT NULL,\n"),
+                (
+                    "    finished_at_ms INTEGER,\n    pid             INTEGER,\n    host            TEXT,\n    heartbeat_at_ms INTEGER\n",
+                    "    finished_at_ms INTEGER\n",
+                ),
+            ] {
+                assert!(v1.contains(from), "{from}");
+                v1 = v1.replace(from, to);
+            }
             conn.execute_batch(&v1).unwrap();
             conn.execute(
                 "INSERT INTO pipeline_run (pipeline, status, started_at_ms, heartbeat_at_ms, pid, host, config_sha256, plugins_json, fingerprint)
@@ -917,6 +977,7 @@ mod tests {
         let runs = store.runs(&RunFilter::default()).unwrap();
         assert_eq!((runs.len(), runs[0].note.clone(), runs[0].decision.is_none()), (1, None, true));
         assert!(store.check_results(&CheckFilter::default()).unwrap().is_empty(), "the checks table reads too");
+        assert!(store.backfills(None, 0).unwrap().is_empty(), "and the backfills table");
         drop(store);
         SqliteStore::open(&path).unwrap(); // and opens again
     }
