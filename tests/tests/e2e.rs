@@ -2534,3 +2534,97 @@ output = {{ path = "out/by_instant", partition_by = "local_at" }}
     assert_eq!(dirs.len(), 6, "{dirs:?}");
     assert!(dirs.iter().any(|n| n.starts_with("local_at=2024-03-10T03")), "{dirs:?}");
 }
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+fn bzip2(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn compressed_csv_and_json_lines_stream_whatever_their_names_say() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("csv")).unwrap();
+    std::fs::create_dir_all(d.join("jsonl")).unwrap();
+    let rows = |from: i64, to: i64| -> String { (from..=to).map(|i| format!("{i},n{i}\n")).collect() };
+    let csv = |from, to| format!("id,name\n{}", rows(from, to));
+    // two gzip members in one file (as `cat a.gz b.gz` makes)
+    let mut two_members = gzip(csv(1, 2).as_bytes());
+    two_members.extend(gzip(rows(3, 4).as_bytes()));
+    std::fs::write(d.join("csv/p1.csv.gz"), two_members).unwrap();
+    std::fs::write(d.join("csv/p2.csv.zst"), zstd::encode_all(csv(5, 6).as_bytes(), 3).unwrap()).unwrap();
+    std::fs::write(d.join("csv/p3.csv.bz2"), bzip2(csv(7, 8).as_bytes())).unwrap();
+    // misnamed both ways: gzip named .csv, plain text named .csv.gz
+    std::fs::write(d.join("csv/p4.csv"), gzip(csv(9, 10).as_bytes())).unwrap();
+    std::fs::write(d.join("csv/p5.csv.gz"), csv(11, 12)).unwrap();
+    let jsonl = |from: i64, to: i64| -> String {
+        (from..=to).map(|i| format!("{{\"id\": {i}, \"name\": \"n{i}\"}}\n")).collect()
+    };
+    std::fs::write(d.join("jsonl/a.jsonl.gz"), gzip(jsonl(1, 3).as_bytes())).unwrap();
+    std::fs::write(d.join("jsonl/b.jsonl.zst"), zstd::encode_all(jsonl(4, 6).as_bytes(), 3).unwrap()).unwrap();
+    let pipeline = |extra: &str| {
+        format!(
+            r#"[pipeline]
+name = "compressed"
+
+[sources.csv]
+format = "csv"
+path = "csv"
+schema = {{ id = "int64", name = "string" }}
+retry = {{ attempts = 3, backoff_ms = 1 }}
+
+[sources.jsonl]
+format = "jsonl"
+path = "jsonl"
+schema = {{ id = "int64", name = "string" }}
+
+[steps.from_csv]
+input = "csv"
+output = {{ path = "out/csv" }}
+
+[steps.from_jsonl]
+input = "jsonl"
+output = {{ path = "out/jsonl" }}
+{extra}"#
+        )
+    };
+    std::fs::write(d.join("pipeline.toml"), pipeline("")).unwrap();
+    let out = weir(d, &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let ids = |ds: &str| -> Vec<String> {
+        let mut v: Vec<String> =
+            dataset_rows(&d.join(ds)).into_iter().map(|r| r.trim_start_matches("[] ").to_string()).collect();
+        v.sort_by_key(|r| r.split(',').next().unwrap().parse::<i64>().unwrap());
+        v
+    };
+    let want = |n: i64| -> Vec<String> { (1..=n).map(|i| format!("{i},n{i}")).collect() };
+    assert_eq!(ids("out/csv"), want(12));
+    assert_eq!(ids("out/jsonl"), want(6));
+    assert_eq!(out.json()["steps"][0]["files"], 5, "every compressed name is found in the folder");
+
+    // a bad row inside a compressed file is named by its line in the decompressed text
+    std::fs::write(d.join("csv/p3.csv.bz2"), bzip2(b"id,name\n7,n7\nseven,n8\n")).unwrap();
+    let out = weir(d, &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("p3.csv.bz2:3: column `id`"), "{}", out.stderr);
+    std::fs::write(d.join("csv/p3.csv.bz2"), bzip2(csv(7, 8).as_bytes())).unwrap();
+
+    // a truncated file is the data's fault: named, not retried, nothing published
+    let before = snapshot(&d.join("out"));
+    let whole = gzip(csv(1, 2000).as_bytes());
+    std::fs::write(d.join("csv/p1.csv.gz"), &whole[..whole.len() / 2]).unwrap();
+    let out = weir(d, &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("p1.csv.gz") && out.stderr.contains("not a valid gzip stream"), "{}", out.stderr);
+    assert!(!out.stderr.contains("retrying"), "{}", out.stderr);
+    assert_eq!(snapshot(&d.join("out")), before);
+}

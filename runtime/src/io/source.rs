@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -148,6 +148,110 @@ pub fn expand_paths(pattern: &str, partition: Option<&str>, format: Format) -> R
     Ok(files)
 }
 
+/// Extensions of the compressed inputs read as they stream (gzip, zstd, bzip2); which codec
+/// a file holds is told by its first bytes, so a misnamed file reads all the same.
+const COMPRESSED: [&str; 5] = ["gz", "gzip", "zst", "zstd", "bz2"];
+
+/// Whether a file name is `*.ext`, or `*.ext.gz` and the like for text formats.
+fn has_ext(name: &str, ext: &str) -> bool {
+    let base = match name.rsplit_once('.') {
+        Some((base, c)) if ext != "parquet" && COMPRESSED.contains(&c) => base,
+        _ => name,
+    };
+    base.rsplit_once('.').is_some_and(|(_, e)| e == ext)
+}
+
+/// A compressed input's codec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TextCodec {
+    Gzip,
+    Zstd,
+    Bzip2,
+}
+
+impl TextCodec {
+    /// Told by a file's first bytes (magic numbers).
+    fn sniff(head: &[u8]) -> Option<Self> {
+        match head {
+            [0x1f, 0x8b, ..] => Some(TextCodec::Gzip),
+            [0x28, 0xb5, 0x2f, 0xfd, ..] => Some(TextCodec::Zstd),
+            [b'B', b'Z', b'h', b'1'..=b'9', ..] => Some(TextCodec::Bzip2),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            TextCodec::Gzip => "gzip",
+            TextCodec::Zstd => "zstd",
+            TextCodec::Bzip2 => "bzip2",
+        }
+    }
+}
+
+/// A decoder's complaint about its input: the file is corrupt or truncated (the user's to
+/// fix, never retried), as opposed to the disk failing under it.
+#[derive(Debug)]
+pub(crate) struct CorruptInput(String);
+
+impl std::fmt::Display for CorruptInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CorruptInput {}
+
+/// What a decoder said, if it was about the data.
+pub(crate) fn corrupt_input(e: &std::io::Error) -> Option<String> {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<CorruptInput>()).map(|c| c.0.clone())
+}
+
+/// Reads a compressed input, its decoder's data errors tagged as [`CorruptInput`].
+struct Decoded {
+    inner: Box<dyn Read + Send>,
+    codec: TextCodec,
+}
+
+impl Read for Decoded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::ErrorKind::*;
+        self.inner.read(buf).map_err(|e| match e.kind() {
+            InvalidInput | InvalidData | UnexpectedEof | Other => std::io::Error::other(CorruptInput(format!(
+                "not a valid {} stream (corrupt or truncated): {e}",
+                self.codec.name()
+            ))),
+            _ => e,
+        })
+    }
+}
+
+/// Open a text input (CSV, JSON lines): plain, or gzip, zstd or bzip2 decompressed as it
+/// is read, never whole in memory; the codec is told by the file's first bytes.
+fn open_text(path: &Path) -> Result<Box<dyn Read + Send>> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut head = [0u8; 4];
+    let mut got = 0;
+    while got < head.len() {
+        match file.read(&mut head[got..]).map_err(|e| Error::io(path, e))? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    file.seek(SeekFrom::Start(0)).map_err(|e| Error::io(path, e))?;
+    let Some(codec) = TextCodec::sniff(&head[..got]) else { return Ok(Box::new(file)) };
+    let buffered = BufReader::with_capacity(256 << 10, file);
+    let inner: Box<dyn Read + Send> = match codec {
+        TextCodec::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
+        TextCodec::Zstd => {
+            Box::new(zstd::stream::read::Decoder::with_buffer(buffered).map_err(|e| Error::io(path, e))?)
+        }
+        TextCodec::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(buffered)),
+    };
+    Ok(Box::new(Decoded { inner, codec }))
+}
+
 fn collect_dir(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) -> Result<()> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     for entry in entries {
@@ -160,7 +264,7 @@ fn collect_dir(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) -> Result<()> {
         }
         if path.is_dir() {
             collect_dir(&path, ext, out)?;
-        } else if path.extension().is_some_and(|e| e == ext) {
+        } else if has_ext(&name, ext) {
             out.push(path);
         }
     }
@@ -422,12 +526,15 @@ impl SourceReader {
 // ---------------------------------------------------------------------------------------
 // CSV
 
-fn csv_reader(path: &Path, delimiter: u8, header: bool) -> Result<csv::Reader<File>> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    Ok(csv::ReaderBuilder::new().delimiter(delimiter).has_headers(header).flexible(true).from_reader(file))
+/// A text input as read: plain or decompressed.
+type TextInput = Box<dyn Read + Send>;
+
+fn csv_reader(path: &Path, delimiter: u8, header: bool) -> Result<csv::Reader<TextInput>> {
+    let input = open_text(path)?;
+    Ok(csv::ReaderBuilder::new().delimiter(delimiter).has_headers(header).flexible(true).from_reader(input))
 }
 
-fn csv_header(path: &Path, reader: &mut csv::Reader<File>, header: bool) -> Result<Vec<String>> {
+fn csv_header(path: &Path, reader: &mut csv::Reader<TextInput>, header: bool) -> Result<Vec<String>> {
     let rec = reader.byte_headers().map_err(|e| csv_error(path, e))?.clone();
     let mut names = Vec::new();
     for (i, f) in rec.iter().enumerate() {
@@ -449,7 +556,10 @@ fn csv_header(path: &Path, reader: &mut csv::Reader<File>, header: bool) -> Resu
 fn csv_error(path: &Path, e: csv::Error) -> Error {
     let line = e.position().map(|p| p.line()).unwrap_or(0);
     match e.into_kind() {
-        csv::ErrorKind::Io(io) => Error::io(path, io),
+        csv::ErrorKind::Io(io) => match corrupt_input(&io) {
+            Some(message) => Error::Input { file: path.to_path_buf(), line, column: None, message },
+            None => Error::io(path, io),
+        },
         other => Error::Input { file: path.to_path_buf(), line, column: None, message: format!("{other:?}") },
     }
 }
@@ -504,7 +614,7 @@ fn csv_schema(files: &[PathBuf], source: &Source) -> Result<SchemaRef> {
 
 struct CsvFile {
     path: PathBuf,
-    reader: csv::Reader<File>,
+    reader: csv::Reader<TextInput>,
     /// For each schema column, its index in this file's records.
     positions: Vec<usize>,
     schema: SchemaRef,
@@ -659,12 +769,15 @@ fn jsonl_schema(files: &[PathBuf], source: &Source) -> Result<SchemaRef> {
         return Ok(Arc::new(Schema::new(fields)));
     }
     let path = &files[0];
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = open_text(path)?;
     let mut order: Vec<String> = Vec::new();
     let mut samples: HashMap<String, Vec<String>> = HashMap::new();
     let mut kinds: HashMap<String, DataType> = HashMap::new();
     for line in BufReader::new(file).lines().take(source.infer_rows) {
-        let line = line.map_err(|e| Error::io(path, e))?;
+        let line = line.map_err(|e| match corrupt_input(&e) {
+            Some(message) => Error::Input { file: path.clone(), line: 0, column: None, message },
+            None => Error::io(path, e),
+        })?;
         let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
@@ -704,7 +817,7 @@ fn jsonl_schema(files: &[PathBuf], source: &Source) -> Result<SchemaRef> {
 
 struct JsonlFile {
     path: PathBuf,
-    lines: std::io::Lines<BufReader<File>>,
+    lines: std::io::Lines<BufReader<TextInput>>,
     line: u64,
     schema: SchemaRef,
     builders: Vec<ColumnBuilder>,
@@ -714,7 +827,7 @@ struct JsonlFile {
 
 impl JsonlFile {
     fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = open_text(path)?;
         let builders = schema
             .fields()
             .iter()
@@ -790,7 +903,14 @@ impl JsonlFile {
                     }
                     return Err(err);
                 }
-                Err(e) => return Err(Error::io(&self.path, e)),
+                Err(e) => {
+                    return Err(match corrupt_input(&e) {
+                        Some(message) => {
+                            Error::Input { file: self.path.clone(), line: self.line, column: None, message }
+                        }
+                        None => Error::io(&self.path, e),
+                    })
+                }
             };
             if line.trim().is_empty() {
                 continue;
