@@ -742,30 +742,19 @@ impl wasmtime_wasi::HostMonotonicClock for GuestClock {
 fn shadow_clock_subscriptions(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     use wasmtime::component::Resource;
     use wasmtime_wasi::p2::DynPollable;
+    type Subscribed = wasmtime::Result<(Resource<DynPollable>,)>;
+    /// A pollable for a sleep of `nanos` (or until the guest's clock reads `nanos`).
+    fn subscribe(mut store: wasmtime::StoreContextMut<'_, HostState>, nanos: u64, absolute: bool) -> Subscribed {
+        let state = store.data_mut();
+        let nanos = if absolute { nanos.saturating_sub(state.clock_now()) } else { nanos };
+        let sleep = state.sleep(Duration::from_nanos(nanos))?;
+        let sleep = state.table.push(sleep)?;
+        Ok((wasmtime_wasi::p2::subscribe(&mut state.table, sleep)?,))
+    }
     linker.allow_shadowing(true);
     let mut clock = linker.instance("wasi:clocks/monotonic-clock@0.2.12")?;
-    clock.func_wrap(
-        "subscribe-duration",
-        |mut store: wasmtime::StoreContextMut<'_, HostState>,
-         (nanos,): (u64,)|
-         -> wasmtime::Result<(Resource<DynPollable>,)> {
-            let state = store.data_mut();
-            let sleep = state.sleep(Duration::from_nanos(nanos))?;
-            let sleep = state.table.push(sleep)?;
-            Ok((wasmtime_wasi::p2::subscribe(&mut state.table, sleep)?,))
-        },
-    )?;
-    clock.func_wrap(
-        "subscribe-instant",
-        |mut store: wasmtime::StoreContextMut<'_, HostState>,
-         (when,): (u64,)|
-         -> wasmtime::Result<(Resource<DynPollable>,)> {
-            let state = store.data_mut();
-            let sleep = state.sleep(Duration::from_nanos(when.saturating_sub(state.clock_now())))?;
-            let sleep = state.table.push(sleep)?;
-            Ok((wasmtime_wasi::p2::subscribe(&mut state.table, sleep)?,))
-        },
-    )?;
+    clock.func_wrap("subscribe-duration", |store, (nanos,): (u64,)| subscribe(store, nanos, false))?;
+    clock.func_wrap("subscribe-instant", |store, (when,): (u64,)| subscribe(store, when, true))?;
     linker.allow_shadowing(false);
     Ok(())
 }
