@@ -2628,3 +2628,66 @@ output = {{ path = "out/jsonl" }}
     assert!(!out.stderr.contains("retrying"), "{}", out.stderr);
     assert_eq!(snapshot(&d.join("out")), before);
 }
+
+#[test]
+fn a_backfill_killed_mid_publish_is_completed_and_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("data")).unwrap();
+    for day in 1..=3 {
+        std::fs::write(d.join(format!("data/d_2024-01-{day:02}.csv")), day_file(day, true)).unwrap();
+    }
+    std::fs::write(
+        d.join("pipeline.toml"),
+        r#"[pipeline]
+name = "daily"
+
+[sources.input]
+format = "csv"
+path = "data/d_{partition}.csv"
+
+[steps.copy]
+input = "input"
+output = { path = "out/data", partition_by = "day" }
+
+[steps.again]
+input = "copy"
+output = { path = "out/again", partition_by = "day" }
+"#,
+    )
+    .unwrap();
+    // one partition at a time; killed after the first partition's first switch
+    let args = ["backfill", "pipeline.toml", "--from", "2024-01-01", "--to", "2024-01-03", "--parallel", "1"];
+    kill_at(
+        d,
+        &args,
+        &[("WEIR_DEBUG_PAUSE", "between-publishes#1:20000")],
+        "debug pause at between-publishes",
+        std::time::Duration::ZERO,
+    );
+    let b = &weir(d, &["backfills", "--pipeline", "pipeline.toml", "--json"]).json()[0];
+    assert_eq!(b["status"], "INTERRUPTED", "{b}");
+    assert_eq!(entries(&d.join("out/data")), ["day=2024-01-01"], "the first switch was made");
+    assert!(!d.join("out/again/day=2024-01-01").exists(), "the second not yet");
+
+    // recovery completes the decided run and marks its partition done in the plan
+    let rec = weir(d, &["recover", "pipeline.toml"]);
+    assert!(rec.stdout.contains("1 completed (had decided to publish)"), "{}", rec.stdout);
+    assert_eq!(entries(&d.join("out/again")), ["day=2024-01-01"]);
+    let b = &weir(d, &["backfills", "--pipeline", "pipeline.toml", "--json"]).json()[0];
+    let first = &b["partitions"][0];
+    assert_eq!((first["partition"].as_str(), first["status"].as_str()), (Some("2024-01-01"), Some("SUCCESS")), "{b}");
+
+    // resuming runs only the rest
+    let out = weir(d, &["backfill", "pipeline.toml", "--resume", "1", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let s = out.json();
+    assert_eq!(
+        (s["ran"].as_u64(), s["already_done"].as_u64(), s["status"].as_str()),
+        (Some(2), Some(1), Some("SUCCESS"))
+    );
+    for ds in ["out/data", "out/again"] {
+        assert_eq!(entries(&d.join(ds)), ["day=2024-01-01", "day=2024-01-02", "day=2024-01-03"], "{ds}");
+        assert_eq!(dataset_rows(&d.join(ds)).len(), 6, "{ds}");
+    }
+}
