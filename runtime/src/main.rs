@@ -3,13 +3,13 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use weir::config::Pipeline;
-use weir::engine::{self, Progress, RunOptions, RunSummary};
+use weir::engine::{self, Level, Progress, RunOptions, RunSummary};
 use weir::plugin::PluginEngine;
 
 const EXIT_FAILED: u8 = 1;
@@ -34,8 +34,62 @@ const EXIT_WARNINGS: u8 = 3;
     after_help = "Start with: weir validate examples/orders/pipeline.toml && weir run examples/orders/pipeline.toml"
 )]
 struct Cli {
+    /// Log level: error, warn, info, debug or trace [default: $WEIR_LOG, else info; warn
+    /// with `run --quiet`]. Plugins' log lines keep their own levels (stdout as info,
+    /// stderr as warn).
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Log lines as `text` (the message alone) or `json` (one object a line: timestamp,
+    /// level, message), on stderr.
+    #[arg(long, global = true, value_name = "FORMAT", default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The progress bar on screen, which log lines are written around.
+static PROGRESS: Mutex<Option<indicatif::ProgressBar>> = Mutex::new(None);
+
+/// stderr, with the progress bar (if any) hidden while a log line is written.
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let bar = PROGRESS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match bar {
+            Some(bar) => bar.suspend(|| std::io::stderr().write_all(buf)).map(|_| buf.len()),
+            None => std::io::stderr().write_all(buf).map(|_| buf.len()),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// Send log lines through `tracing` at `level` and above, as text or JSON.
+fn init_logging(level: Level, format: LogFormat) {
+    let builder = tracing_subscriber::fmt().with_max_level(level).with_writer(|| LogWriter).with_ansi(false);
+    let _ = match format {
+        LogFormat::Text => builder.without_time().with_level(false).with_target(false).try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init(),
+    };
+}
+
+/// The `tracing` event for one of weir's log lines.
+fn log_line(level: Level, line: &str) {
+    match level {
+        Level::ERROR => tracing::error!(target: "weir", "{line}"),
+        Level::WARN => tracing::warn!(target: "weir", "{line}"),
+        Level::INFO => tracing::info!(target: "weir", "{line}"),
+        Level::DEBUG => tracing::debug!(target: "weir", "{line}"),
+        _ => tracing::trace!(target: "weir", "{line}"),
+    }
 }
 
 #[derive(Subcommand)]
@@ -259,6 +313,19 @@ fn main() -> ExitCode {
     }
     weir::malloc_tuning::tune();
     let cli = Cli::parse();
+    let quiet = matches!(&cli.command, Command::Run(a) if a.quiet);
+    let level = match cli.log_level.clone().or_else(|| std::env::var("WEIR_LOG").ok().filter(|v| !v.is_empty())) {
+        Some(name) => match name.parse::<Level>() {
+            Ok(level) => level,
+            Err(_) => {
+                eprintln!("error: unknown log level `{name}`; use error, warn, info, debug or trace");
+                return ExitCode::from(EXIT_INVALID);
+            }
+        },
+        None if quiet => Level::WARN,
+        None => Level::INFO,
+    };
+    init_logging(level, cli.log_format);
     match cli.command {
         Command::Run(args) => cmd_run(args),
         Command::Runs(args) => report(cmd_runs(args)),
@@ -340,29 +407,21 @@ fn cmd_run(args: RunArgs) -> ExitCode {
     };
     let tty = std::io::stderr().is_terminal();
     let show_progress = tty && !no_progress && !json && !quiet;
-    let log: Arc<dyn Fn(&str) + Send + Sync> = if quiet {
-        Arc::new(|line: &str| {
-            if line.contains(" error: ") || line.contains(" warn: ") {
-                eprintln!("{line}")
-            }
-        })
-    } else if show_progress {
-        Arc::new(|line: &str| eprintln!("\r\x1b[2K{line}"))
-    } else {
-        Arc::new(|line: &str| eprintln!("{line}"))
-    };
+    let log: engine::LogFn = Arc::new(log_line);
     let progress: Option<engine::ProgressFn> = if show_progress {
-        Some(Arc::new(|p: &Progress| {
-            let mut err = std::io::stderr().lock();
-            let _ = write!(
-                err,
-                "\r\x1b[2K  {}: {} rows read, {} written ({:.1} s)",
+        let bar = indicatif::ProgressBar::new_spinner();
+        if let Ok(style) = indicatif::ProgressStyle::with_template("  {spinner} {msg}") {
+            bar.set_style(style);
+        }
+        *PROGRESS.lock().unwrap_or_else(|e| e.into_inner()) = Some(bar.clone());
+        Some(Arc::new(move |p: &Progress| {
+            bar.set_message(format!(
+                "{}: {} rows read, {} written ({:.1} s)",
                 p.step,
                 thousands(p.rows_read),
                 thousands(p.rows_written),
                 p.elapsed.as_secs_f64()
-            );
-            let _ = err.flush();
+            ));
         }))
     } else {
         None
@@ -379,8 +438,8 @@ fn cmd_run(args: RunArgs) -> ExitCode {
         wait,
     };
     let result = engine::run(&pipeline, &options);
-    if show_progress {
-        eprint!("\r\x1b[2K");
+    if let Some(bar) = PROGRESS.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        bar.finish_and_clear();
     }
     match result {
         Ok(summary) => {
@@ -829,8 +888,7 @@ fn cmd_recover(path: PathBuf, state: Option<PathBuf>) -> anyhow::Result<ExitCode
     };
     let options = RunOptions { state, ..RunOptions::default() };
     let store = engine::open_store(&pipeline, &options)?;
-    let dead =
-        engine::recover(store.as_ref(), Some(&pipeline.name), "weir recover", &|l: &str| eprintln!("{l}"), false)?;
+    let dead = engine::recover(store.as_ref(), Some(&pipeline.name), "weir recover", &log_line, false)?;
     let completed = dead.iter().filter(|r| r.decision.is_some()).count();
     println!(
         "recovered {} run{} of {}: {completed} completed (had decided to publish), {} discarded",
@@ -856,6 +914,7 @@ fn cmd_backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
         cache_dir: args.cache_dir.or_else(PluginEngine::default_cache_dir),
         state: args.state,
         force: args.force,
+        log: Arc::new(log_line),
         ..RunOptions::default()
     };
     let parallel = args.parallel;

@@ -2691,3 +2691,46 @@ output = { path = "out/again", partition_by = "day" }
         assert_eq!(dataset_rows(&d.join(ds)).len(), 6, "{ds}");
     }
 }
+
+#[test]
+fn log_lines_have_levels_and_can_be_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("in.csv"), "id,name\n1,a\nx,b\n2,c\n").unwrap();
+    std::fs::write(
+        d.join("pipeline.toml"),
+        r#"[pipeline]
+name = "logs"
+
+[sources.input]
+format = "csv"
+path = "in.csv"
+schema = { id = "int64", name = "string" }
+on_error = "skip"
+
+[steps.s]
+input = "input"
+output = { path = "out/s" }
+"#,
+    )
+    .unwrap();
+    // machines get one JSON object a line, each with its level
+    let out = weir(d, &["run", "pipeline.toml", "--force", "--log-format", "json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let lines: Vec<serde_json::Value> =
+        out.stderr.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    let skipped = lines.iter().find(|l| l["message"].as_str().unwrap().contains("in.csv:3: column `id`")).unwrap();
+    assert_eq!(skipped["level"], "WARN", "{skipped}");
+    assert!(lines.iter().all(|l| l["timestamp"].is_string()));
+    // --quiet keeps warnings (the skipped row) and drops the rest; --log-level decides too
+    let quiet = weir(d, &["run", "pipeline.toml", "--force", "--quiet"]);
+    assert!(quiet.stderr.contains("in.csv:3: column `id`"), "{}", quiet.stderr);
+    let errors_only = weir(d, &["run", "pipeline.toml", "--force", "--log-level", "error"]);
+    assert_eq!(errors_only.stderr, "", "nothing at error level in a good run");
+    let bad = weir(d, &["run", "pipeline.toml", "--log-level", "loud"]);
+    assert_eq!(bad.code, 2);
+    assert!(bad.stderr.contains("unknown log level `loud`"), "{}", bad.stderr);
+    let env = weir_command(d, &["run", "pipeline.toml", "--force"]).env("WEIR_LOG", "warn").output().unwrap();
+    let env_err = String::from_utf8_lossy(&env.stderr);
+    assert!(env_err.contains("weir: skipped") && !env_err.contains("weir: plugin"), "{env_err}");
+}

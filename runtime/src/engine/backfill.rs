@@ -147,11 +147,10 @@ pub fn start(
     let partitions = spec.partitions().map_err(Error::Backfill)?;
     let store = super::open_store(pipeline, options)?;
     let id = store.create_backfill(&pipeline.name, &spec.describe(), parallel as u32, &partitions)?;
-    (options.log)(&format!(
-        "weir: backfill #{id}: {} partitions ({}), {parallel} at a time",
-        partitions.len(),
-        spec.describe()
-    ));
+    (options.log)(
+        super::Level::INFO,
+        &format!("weir: backfill #{id}: {} partitions ({}), {parallel} at a time", partitions.len(), spec.describe()),
+    );
     execute(pipeline, store, id, partitions, 0, parallel, options)
 }
 
@@ -191,12 +190,15 @@ pub fn resume(
         .collect();
     let done = b.partitions.len() - todo.len();
     let parallel = parallel.unwrap_or(b.parallel as usize).max(1);
-    (options.log)(&format!(
-        "weir: backfill #{id}: resuming {} of {} partitions{}",
-        todo.len(),
-        b.partitions.len(),
-        if only_failed { " (only the failed ones)" } else { "" }
-    ));
+    (options.log)(
+        super::Level::INFO,
+        &format!(
+            "weir: backfill #{id}: resuming {} of {} partitions{}",
+            todo.len(),
+            b.partitions.len(),
+            if only_failed { " (only the failed ones)" } else { "" }
+        ),
+    );
     store.set_backfill_status(id, Status::Running)?;
     execute(pipeline, store, id, todo, done, parallel, options)
 }
@@ -235,7 +237,7 @@ fn execute(
                     partition: Some(p.clone()),
                     backfill_id: Some(id),
                     progress: None,
-                    log: Arc::new(move |l: &str| inner(&format!("{prefix}{l}"))),
+                    log: Arc::new(move |level, l: &str| inner(level, &format!("{prefix}{l}"))),
                     ..options.clone()
                 };
                 let outcome = match run(pipeline, &opts) {
@@ -259,12 +261,15 @@ fn execute(
                 let mut r = results.lock().unwrap_or_else(|e| e.into_inner());
                 r.push((p.clone(), outcome.clone()));
                 let failed = r.iter().filter(|(_, o)| o.is_err()).count();
-                log(&format!(
-                    "weir: backfill #{id}: {p} {} ({} done, {failed} failed, {} left)",
-                    if outcome.is_ok() { "SUCCESS" } else { "FAILED" },
-                    r.len() - failed,
-                    total - r.len()
-                ));
+                log(
+                    super::Level::INFO,
+                    &format!(
+                        "weir: backfill #{id}: {p} {} ({} done, {failed} failed, {} left)",
+                        if outcome.is_ok() { "SUCCESS" } else { "FAILED" },
+                        r.len() - failed,
+                        total - r.len()
+                    ),
+                );
             });
         }
     });

@@ -48,6 +48,11 @@ pub use publish::{complete_switch, dir_token};
 /// A progress callback.
 pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 
+pub use tracing::Level;
+
+/// Where log lines go, each with its level (weir's own and the plugins').
+pub type LogFn = Arc<dyn Fn(Level, &str) + Send + Sync>;
+
 /// Skipped-row count and the first skipped rows, from the reader thread.
 type ReaderStats = (u64, Vec<Skipped>);
 
@@ -59,7 +64,7 @@ pub struct RunOptions {
     /// Compiled-component cache; `None` compiles every time.
     pub cache_dir: Option<PathBuf>,
     /// Where log lines (weir's and plugins') go.
-    pub log: Arc<dyn Fn(&str) + Send + Sync>,
+    pub log: LogFn,
     /// Called about every 200 ms with the live counters, for a progress display.
     pub progress: Option<ProgressFn>,
     /// The run store file; `None` uses the pipeline's (`<pipeline dir>/.weir/state.db`).
@@ -79,7 +84,7 @@ impl Default for RunOptions {
         RunOptions {
             partition: None,
             cache_dir: PluginEngine::default_cache_dir(),
-            log: Arc::new(|line| eprintln!("{line}")),
+            log: Arc::new(|_, line| eprintln!("{line}")),
             progress: None,
             state: None,
             force: false,
@@ -341,7 +346,7 @@ pub fn recover(
     store: &dyn RunStore,
     pipeline: Option<&str>,
     by: &str,
-    log: &dyn Fn(&str),
+    log: &dyn Fn(Level, &str),
     keep_staging: bool,
 ) -> Result<Vec<RunRecord>> {
     let dead = store.recover_stale(pipeline, LEASE.as_millis() as i64, by)?;
@@ -349,7 +354,7 @@ pub fn recover(
     for r in &dead {
         if let Some(decision) = &r.decision {
             if let Err(e) = roll_forward(store, r, decision, log) {
-                log(&format!("weir: error: {e}"));
+                log(Level::ERROR, &format!("weir: error: {e}"));
                 first_error.get_or_insert(e);
             }
             continue;
@@ -362,13 +367,16 @@ pub fn recover(
             // a run of a weir from before decisions were recorded
             n => format!("{n} switch(es) had been published by a weir that recorded no decision to complete"),
         };
-        log(&format!(
-            "weir: recovered run #{} of `{}`: {}; {published}; {}",
-            r.id,
-            r.pipeline,
-            r.error.as_deref().unwrap_or("crashed"),
-            if keep_staging { "its staging is kept for --resume" } else { "its staging was removed" }
-        ));
+        log(
+            Level::WARN,
+            &format!(
+                "weir: recovered run #{} of `{}`: {}; {published}; {}",
+                r.id,
+                r.pipeline,
+                r.error.as_deref().unwrap_or("crashed"),
+                if keep_staging { "its staging is kept for --resume" } else { "its staging was removed" }
+            ),
+        );
     }
     match first_error {
         Some(e) => Err(e),
@@ -378,7 +386,7 @@ pub fn recover(
 
 /// Complete the publish of a run that had decided to publish: make each switch not yet made
 /// (a switch made but not recorded is recognised by its token), then record it SUCCESS.
-fn roll_forward(store: &dyn RunStore, r: &RunRecord, decision: &Decision, log: &dyn Fn(&str)) -> Result<()> {
+fn roll_forward(store: &dyn RunStore, r: &RunRecord, decision: &Decision, log: &dyn Fn(Level, &str)) -> Result<()> {
     complete_decided(store, r, decision, log).inspect_err(|e| {
         // FAILED with its decision kept: the next recovery tries again, and no other run
         // publishes meanwhile
@@ -386,7 +394,7 @@ fn roll_forward(store: &dyn RunStore, r: &RunRecord, decision: &Decision, log: &
     })
 }
 
-fn complete_decided(store: &dyn RunStore, r: &RunRecord, decision: &Decision, log: &dyn Fn(&str)) -> Result<()> {
+fn complete_decided(store: &dyn RunStore, r: &RunRecord, decision: &Decision, log: &dyn Fn(Level, &str)) -> Result<()> {
     let total = decision.switches.len();
     let recorded = total - decision.pending();
     let (mut made_now, mut superseded) = (0, 0);
@@ -445,7 +453,7 @@ fn complete_decided(store: &dyn RunStore, r: &RunRecord, decision: &Decision, lo
     if let (Some(b), Some(p)) = (r.backfill_id, &r.partition) {
         store.set_backfill_partition(b, p, "SUCCESS", Some(r.id), None)?;
     }
-    log(&format!(
+    log(Level::INFO, &format!(
         "weir: recovered run #{} of `{}`: it had decided to publish; {made_now} of its {total} switches completed from its staged output; recorded SUCCESS",
         r.id, r.pipeline
     ));
@@ -465,7 +473,7 @@ fn remove_staging(r: &RunRecord) {
 /// process. Points: `after-checkpoint`, `before-publish` (before the decision),
 /// `after-decision`, `after-switch` (a switch made, not yet recorded), `between-publishes`
 /// (after each recorded switch), `before-finish` (all switched, SUCCESS not yet recorded).
-fn debug_pause(point: &str, log: &dyn Fn(&str)) {
+fn debug_pause(point: &str, log: &dyn Fn(Level, &str)) {
     static SEEN: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
     let Ok(spec) = std::env::var("WEIR_DEBUG_PAUSE") else { return };
     let nth = {
@@ -489,7 +497,7 @@ fn debug_pause(point: &str, log: &dyn Fn(&str)) {
         };
         if p == point && only.is_none_or(|n| n == nth) {
             if let Ok(ms) = ms.parse::<u64>() {
-                log(&format!("weir: debug pause at {point} for {ms} ms"));
+                log(Level::WARN, &format!("weir: debug pause at {point} for {ms} ms"));
                 std::thread::sleep(Duration::from_millis(ms));
             }
         }
@@ -604,13 +612,16 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
         let lp = engine
             .load(&p.path, p.sha256.as_deref())
             .map_err(|e| Error::PluginLoad { plugin: name.clone(), message: e.to_string() })?;
-        log(&format!(
-            "weir: plugin `{name}` ready ({} contract {}, sha256 {}…, {:.0} ms)",
-            lp.info.world.as_deref().unwrap_or("?"),
-            lp.info.contract_version.as_deref().unwrap_or("?"),
-            &lp.info.sha256[..12],
-            t.elapsed().as_secs_f64() * 1000.0
-        ));
+        log(
+            Level::INFO,
+            &format!(
+                "weir: plugin `{name}` ready ({} contract {}, sha256 {}…, {:.0} ms)",
+                lp.info.world.as_deref().unwrap_or("?"),
+                lp.info.contract_version.as_deref().unwrap_or("?"),
+                &lp.info.sha256[..12],
+                t.elapsed().as_secs_f64() * 1000.0
+            ),
+        );
         loaded.insert(name.clone(), lp);
     }
 
@@ -646,8 +657,12 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
             remove_staging(r);
         }
         match &resume_from {
-            Some((r, c)) => log(&format!("weir: resuming run #{} from its checkpoints ({} steps)", r.id, c.len())),
-            None => log("weir: nothing to resume (no crashed run with checkpoints); running from the start"),
+            Some((r, c)) => {
+                log(Level::INFO, &format!("weir: resuming run #{} from its checkpoints ({} steps)", r.id, c.len()))
+            }
+            None => {
+                log(Level::INFO, "weir: nothing to resume (no crashed run with checkpoints); running from the start")
+            }
         }
     }
 
@@ -674,7 +689,7 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
             if let Some(last) = store.last_success(&pipeline.name, options.partition.as_deref())? {
                 let outputs_there = pipeline.steps.iter().filter_map(|s| s.output.as_ref()).all(|o| o.path.exists());
                 if last.fingerprint == fp && outputs_there {
-                    log(&format!("weir: up to date: run #{} published this exact input, config and plugins (use --force to run again)", last.id));
+                    log(Level::INFO, &format!("weir: up to date: run #{} published this exact input, config and plugins (use --force to run again)", last.id));
                     return Ok(RunSummary {
                         pipeline: pipeline.name.clone(),
                         partition: options.partition.clone(),
@@ -693,7 +708,10 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
             Ok(id) => break id,
             Err(crate::store::Error::Busy { id, pid, host }) if options.wait => {
                 if waited_for != Some(id) {
-                    log(&format!("weir: waiting for run #{id} of this partition (pid {pid} on {host}) to end"));
+                    log(
+                        Level::INFO,
+                        &format!("weir: waiting for run #{id} of this partition (pid {pid} on {host}) to end"),
+                    );
                     waited_for = Some(id);
                 }
                 std::thread::sleep(WAIT_POLL);
@@ -745,7 +763,7 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
         }
         Err(e) => {
             if let Err(store_err) = store.finish_run(id, Status::Failed, &[], Some(&e.to_string())) {
-                log(&format!("weir: warning: could not record the failure of run #{id}: {store_err}"));
+                log(Level::WARN, &format!("weir: warning: could not record the failure of run #{id}: {store_err}"));
             }
             Err(e)
         }
@@ -773,7 +791,10 @@ fn execute(
         let checkpoint = resume.and_then(|cs| cs.iter().find(|c| c.step == step.name));
         if let Some(c) = checkpoint.filter(|c| c.complete) {
             // finished before the crash: its staging is complete
-            log(&format!("weir: step `{}` was complete before the crash; reusing its staged output", step.name));
+            log(
+                Level::INFO,
+                &format!("weir: step `{}` was complete before the crash; reusing its staged output", step.name),
+            );
             let schema = weir_sdk::ipc::decode_schema(&c.schema).map_err(|e| Error::Resume(e.to_string()))?;
             summaries.push(StepSummary {
                 name: step.name.clone(),
@@ -815,17 +836,20 @@ fn execute(
                     store.record_attempt(run_id, &step.name, attempt, Some(&e.to_string()))?;
                     if !e.is_transient() || attempt >= step.retry.attempts {
                         if attempt > 1 {
-                            log(&format!("weir: step `{}` failed after {attempt} attempts", step.name));
+                            log(Level::WARN, &format!("weir: step `{}` failed after {attempt} attempts", step.name));
                         }
                         return Err(e);
                     }
                     let wait = jittered(step.retry.backoff(attempt), step.retry.jitter);
-                    log(&format!(
-                        "weir: step `{}` attempt {attempt} of {} failed (transient): {e}; retrying in {} ms",
-                        step.name,
-                        step.retry.attempts,
-                        wait.as_millis()
-                    ));
+                    log(
+                        Level::WARN,
+                        &format!(
+                            "weir: step `{}` attempt {attempt} of {} failed (transient): {e}; retrying in {} ms",
+                            step.name,
+                            step.retry.attempts,
+                            wait.as_millis()
+                        ),
+                    );
                     let _ = std::fs::remove_dir_all(&staging);
                     checkpoint = None; // a retry starts the step afresh
                     std::thread::sleep(wait);
@@ -948,6 +972,17 @@ fn staging_dir(pipeline: &Pipeline, step: &Step, run_id: &str) -> PathBuf {
             o.path.with_file_name(format!(".{name}.weir-staging-{run_id}"))
         }
         None => pipeline.file.parent().unwrap_or(Path::new(".")).join(format!(".weir-staging-{}-{run_id}", step.name)),
+    }
+}
+
+/// The level a plugin's log line is logged at (`stdout` as info, `stderr` as a warning).
+fn plugin_level(level: &str) -> Level {
+    match level {
+        "trace" => Level::TRACE,
+        "debug" => Level::DEBUG,
+        "warn" | "stderr" => Level::WARN,
+        "error" => Level::ERROR,
+        _ => Level::INFO,
     }
 }
 
@@ -1075,7 +1110,8 @@ fn run_step(
             p.secrets.iter().filter_map(|s| secrets.get(s).map(|v| (s.clone(), v.clone()))).collect();
         let prefix = format!("[{}/{}]", step.name, t.plugin);
         let plog = log.clone();
-        let sink: LogSink = Arc::new(move |l: &LogLine| plog(&format!("{prefix} {}: {}", l.level, l.message)));
+        let sink: LogSink =
+            Arc::new(move |l: &LogLine| plog(plugin_level(l.level), &format!("{prefix} {}: {}", l.level, l.message)));
         let limits = p.limits();
         let fail = |cause: String| Error::Plugin(plugin_ctx(pipeline, &step.name, &t.plugin, None, cause));
         let mut inst = TransformInstance::new(&loaded[&t.plugin], limits, Arc::new(granted), sink)
@@ -1128,20 +1164,26 @@ fn run_step(
     }
     let copied_columns = copy_plan(step, &instances, &mut reader, &sink);
     if !copied_columns.is_empty() {
-        log(&format!(
-            "weir: step `{}` copies {} column(s) no plugin touches from the input's Parquet pages: {}",
-            step.name,
-            copied_columns.len(),
-            copied_columns.join(", ")
-        ));
+        log(
+            Level::INFO,
+            &format!(
+                "weir: step `{}` copies {} column(s) no plugin touches from the input's Parquet pages: {}",
+                step.name,
+                copied_columns.len(),
+                copied_columns.join(", ")
+            ),
+        );
     }
     // (after the copy plan: the file the run resumes in may copy columns too)
     if let Some(c) = resume {
         reader.seek(c.file, c.rows)?;
-        log(&format!(
-            "weir: step `{}` resumes after batch {} ({} rows already read and staged)",
-            step.name, c.batches, c.rows_read
-        ));
+        log(
+            Level::INFO,
+            &format!(
+                "weir: step `{}` resumes after batch {} ({} rows already read and staged)",
+                step.name, c.batches, c.rows_read
+            ),
+        );
     }
     let schema_ipc = weir_sdk::ipc::encode_schema(&schema).map_err(|e| Error::Internal(e.to_string()))?;
 
@@ -1181,7 +1223,9 @@ fn run_step(
                 let limits = p.limits();
                 let prefix = format!("[{}/{}]", step.name, plugin);
                 let plog = log.clone();
-                let sink: LogSink = Arc::new(move |l: &LogLine| plog(&format!("{prefix} {}: {}", l.level, l.message)));
+                let sink: LogSink = Arc::new(move |l: &LogLine| {
+                    plog(plugin_level(l.level), &format!("{prefix} {}: {}", l.level, l.message))
+                });
                 let fail = |cause: String| check_err(format!("check `{}`: plugin `{plugin}` {cause}", c.name));
                 let mut rule = RuleInstance::new(&loaded[plugin], limits, sink).map_err(|e| fail(e.to_string()))?;
                 let ctx = weir_sdk::Context {
@@ -1412,10 +1456,10 @@ fn run_step(
     }
     let (rows_skipped, skipped) = reader_stats.take().unwrap_or_default();
     for s in skipped.iter().take(5) {
-        log(&format!("weir: skipped {}:{}: {}", s.file.display(), s.line, s.message));
+        log(Level::WARN, &format!("weir: skipped {}:{}: {}", s.file.display(), s.line, s.message));
     }
     if rows_skipped > 5 {
-        log(&format!("weir: … {} more rows skipped in {}", rows_skipped - 5, step.input));
+        log(Level::WARN, &format!("weir: … {} more rows skipped in {}", rows_skipped - 5, step.input));
     }
     // Quality gate: every check's result is recorded; a failed `block` check stops here,
     // before anything is published.
@@ -1442,14 +1486,17 @@ fn run_step(
             return Err(Error::CheckFailed { step: step.name.clone(), message: blocking.join("\n") });
         }
         for r in results.iter().filter(|r| !r.passed) {
-            log(&format!(
-                "weir: check `{}` on `{}` ({}) failed: {}; allowed {}",
-                r.check,
-                r.step,
-                r.severity.as_str(),
-                r.observed,
-                r.threshold
-            ));
+            log(
+                Level::INFO,
+                &format!(
+                    "weir: check `{}` on `{}` ({}) failed: {}; allowed {}",
+                    r.check,
+                    r.step,
+                    r.severity.as_str(),
+                    r.observed,
+                    r.threshold
+                ),
+            );
         }
     }
     let summary = StepSummary {

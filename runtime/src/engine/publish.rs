@@ -113,7 +113,7 @@ pub fn complete_switch(
     target: &Path,
     token: &str,
     target_token: Option<&str>,
-    log: &dyn Fn(&str),
+    log: &dyn Fn(super::Level, &str),
 ) -> Result<(Switch, bool), String> {
     let made = if target_token.is_some() { Switch::Replaced } else { Switch::Created };
     if same_dir(dir_token(target).as_deref(), token) {
@@ -153,7 +153,7 @@ pub fn complete_switch(
 }
 
 /// Put the complete directory `new` at `target`, atomically. `new` is gone afterwards.
-pub fn switch_dir(new: &Path, target: &Path, log: &dyn Fn(&str)) -> Result<Switch, String> {
+pub fn switch_dir(new: &Path, target: &Path, log: &dyn Fn(super::Level, &str)) -> Result<Switch, String> {
     let parent = target.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     std::fs::create_dir_all(&parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
     sync_dir(new);
@@ -171,10 +171,13 @@ pub fn switch_dir(new: &Path, target: &Path, log: &dyn Fn(&str)) -> Result<Switc
                 .map_err(|e| format!("published, but cannot remove the old copy at {}: {e}", new.display()))?;
         }
         Err(e) => {
-            log(&format!(
+            log(
+                super::Level::WARN,
+                &format!(
                 "weir: warning: atomic exchange unavailable on this filesystem ({e}); publishing {} with two renames",
                 target.display()
-            ));
+            ),
+            );
             let old = aside_path(new);
             let _ = std::fs::remove_dir_all(&old);
             std::fs::rename(target, &old).map_err(|e| format!("cannot move {} aside: {e}", target.display()))?;
@@ -201,7 +204,7 @@ mod tests {
             let new = dir.path().join(format!(".ds.staging-{i}"));
             std::fs::create_dir_all(&new).unwrap();
             std::fs::write(new.join("part.txt"), content).unwrap();
-            let s = switch_dir(&new, &target, &|_| {}).unwrap();
+            let s = switch_dir(&new, &target, &|_, _| {}).unwrap();
             assert_eq!(s, if i == 0 { Switch::Created } else { Switch::Replaced });
             assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), *content);
             assert!(!new.exists(), "the old copy is removed");
@@ -223,13 +226,13 @@ mod tests {
         let old = dir_token(&target);
         // not made yet: made now
         assert_eq!(
-            complete_switch(&staged, &target, &token, old.as_deref(), &|_| {}).unwrap(),
+            complete_switch(&staged, &target, &token, old.as_deref(), &|_, _| {}).unwrap(),
             (Switch::Replaced, true)
         );
         assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "new");
         // made (and its old copy removed): recognised, nothing changes
         assert_eq!(
-            complete_switch(&staged, &target, &token, old.as_deref(), &|_| {}).unwrap(),
+            complete_switch(&staged, &target, &token, old.as_deref(), &|_, _| {}).unwrap(),
             (Switch::Replaced, false)
         );
         assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "new");
@@ -242,7 +245,7 @@ mod tests {
         let old2 = dir_token(&target);
         exchange(&staged2, &target).unwrap();
         assert_eq!(
-            complete_switch(&staged2, &target, &token2, old2.as_deref(), &|_| {}).unwrap(),
+            complete_switch(&staged2, &target, &token2, old2.as_deref(), &|_, _| {}).unwrap(),
             (Switch::Replaced, false)
         );
         assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "newer");
@@ -257,7 +260,7 @@ mod tests {
         let old3 = dir_token(&target);
         std::fs::rename(&target, aside_path(&staged3)).unwrap();
         assert_eq!(
-            complete_switch(&staged3, &target, &token3, old3.as_deref(), &|_| {}).unwrap(),
+            complete_switch(&staged3, &target, &token3, old3.as_deref(), &|_, _| {}).unwrap(),
             (Switch::Replaced, true)
         );
         assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "newest");
@@ -273,16 +276,16 @@ mod tests {
             std::fs::write(d.join("part.txt"), text).unwrap();
         }
         let (token4, old4) = (dir_token(&staged4).unwrap(), dir_token(&target));
-        switch_dir(&newer, &target, &|_| {}).unwrap();
+        switch_dir(&newer, &target, &|_, _| {}).unwrap();
         assert_eq!(
-            complete_switch(&staged4, &target, &token4, old4.as_deref(), &|_| {}).unwrap(),
+            complete_switch(&staged4, &target, &token4, old4.as_deref(), &|_, _| {}).unwrap(),
             (Switch::Superseded, false)
         );
         assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "newer");
         assert!(!staged4.exists(), "the superseded output is removed");
 
         // neither side is the staged output: refused, nothing touched
-        let err = complete_switch(&staged3, &target, "1:1", old3.as_deref(), &|_| {}).unwrap_err();
+        let err = complete_switch(&staged3, &target, "1:1", old3.as_deref(), &|_, _| {}).unwrap_err();
         assert!(err.contains("moved or removed by hand"), "{err}");
         assert_eq!(std::fs::read_to_string(target.join("part.txt")).unwrap(), "newer");
     }
