@@ -2734,3 +2734,53 @@ output = { path = "out/s" }
     let env_err = String::from_utf8_lossy(&env.stderr);
     assert!(env_err.contains("weir: skipped") && !env_err.contains("weir: plugin"), "{env_err}");
 }
+
+#[test]
+fn csv_null_markers_read_as_null() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("in.csv"), "id,amount,name\n1,NULL,a\n2,\\N,NULL\n3,4.5,\n").unwrap();
+    let pipeline = |extra: &str| {
+        format!(
+            "[pipeline]\nname = \"nulls\"\n\n[sources.input]\nformat = \"csv\"\npath = \"in.csv\"\n{extra}\n\n[steps.s]\ninput = \"input\"\noutput = {{ path = \"out/s\" }}\n"
+        )
+    };
+    // without markers, NULL in a number column is bad data, named
+    std::fs::write(
+        d.join("pipeline.toml"),
+        pipeline("schema = { id = \"int64\", amount = \"float64\", name = \"string\" }"),
+    )
+    .unwrap();
+    let out = weir(d, &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("in.csv:2: column `amount`: cannot parse \"NULL\""), "{}", out.stderr);
+    // with them, both markers are nulls in every column, and inference ignores them
+    for schema in ["schema = { id = \"int64\", amount = \"float64\", name = \"string\" }\n", ""] {
+        std::fs::write(d.join("pipeline.toml"), pipeline(&format!("{schema}null_values = [\"NULL\", \"\\\\N\"]")))
+            .unwrap();
+        let out = weir(d, &["run", "pipeline.toml", "--force"]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let rows = dataset_rows(&d.join("out/s"));
+        assert_eq!(rows, ["[] 1,,a", "[] 2,,", "[] 3,4.5,"], "{schema}");
+        let f = &parquet_files(&d.join("out/s"))[0].0;
+        let schema_read = read_parquet(f)[0].schema();
+        assert_eq!(schema_read.field(1).data_type(), &arrow_schema::DataType::Float64, "inferred past the markers");
+        let names = read_parquet(f)[0].column(2).clone();
+        assert_eq!(names.null_count(), 2, "NULL and the empty field");
+    }
+    // a marker on a source that is not CSV is refused with its line
+    std::fs::write(
+        d.join("pipeline.toml"),
+        "[pipeline]\nname = \"nulls\"\n\n[sources.input]\nformat = \"jsonl\"\npath = \"in.jsonl\"\nnull_values = [\"NULL\"]\n\n[steps.s]\ninput = \"input\"\noutput = { path = \"out/s\" }\n",
+    )
+    .unwrap();
+    let out = weir(d, &["validate", "pipeline.toml"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("pipeline.toml:7:") || out.stderr.contains("pipeline.toml:7:"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(format!("{}{}", out.stdout, out.stderr).contains("null_values applies to csv sources only"));
+}

@@ -98,6 +98,7 @@ struct RawSource {
     #[serde(default = "yes")]
     header: bool,
     infer_rows: Option<usize>,
+    null_values: Option<Spanned<Vec<String>>>,
     retry: Option<Spanned<Retry>>,
     columns: Option<Vec<String>>,
 }
@@ -271,6 +272,8 @@ pub struct Source {
     pub delimiter: u8,
     pub header: bool,
     pub infer_rows: usize,
+    /// CSV: field texts read as null besides the empty field (`NULL`, `\N`, `NA`).
+    pub null_values: Vec<String>,
     pub retry: Retry,
     /// Only these columns, in this order (Parquet reads only them).
     pub columns: Option<Vec<String>>,
@@ -562,6 +565,13 @@ impl Pipeline {
             if r.path.get_ref().trim().is_empty() {
                 errors.push(ctx.at(r.path.span().start, &format!("sources.{name}.path is empty"), None));
             }
+            if let Some(n) = r.null_values.as_ref().filter(|_| r.format != Format::Csv) {
+                errors.push(ctx.at(
+                    n.span().start,
+                    &format!("sources.{name}.null_values applies to csv sources only"),
+                    Some("JSON lines have null; Parquet has nulls of its own"),
+                ));
+            }
             let path = if Path::new(r.path.get_ref()).is_absolute() {
                 r.path.get_ref().clone()
             } else {
@@ -578,6 +588,7 @@ impl Pipeline {
                     delimiter,
                     header: r.header,
                     infer_rows: r.infer_rows.unwrap_or(1000).max(1),
+                    null_values: r.null_values.as_ref().map(|n| n.get_ref().clone()).unwrap_or_default(),
                     retry: source_retry.get(name).copied().unwrap_or(Retry::NONE),
                     columns: r.columns.clone(),
                 },

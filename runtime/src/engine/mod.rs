@@ -221,6 +221,7 @@ fn relationship_values(
                 delimiter: b',',
                 header: true,
                 infer_rows: 1,
+                null_values: Vec::new(),
                 retry: crate::config::Retry::NONE,
                 columns: None,
             };

@@ -55,6 +55,8 @@ struct ReadSpec {
     on_error: OnError,
     delimiter: u8,
     header: bool,
+    /// CSV: field texts read as null besides the empty field.
+    null_values: Arc<Vec<String>>,
     /// Types of hive partition columns (`key=value` directories); others are strings.
     hive_types: HashMap<String, DataType>,
     root: Option<PathBuf>,
@@ -284,6 +286,7 @@ impl SourceReader {
             on_error: source.on_error,
             delimiter: source.delimiter,
             header: source.header,
+            null_values: Arc::new(source.null_values.clone()),
             hive_types: HashMap::new(),
             root,
             projection: None,
@@ -357,6 +360,7 @@ impl SourceReader {
             on_error: OnError::Fail,
             delimiter: b',',
             header: true,
+            null_values: Arc::default(),
             hive_types,
             root: Some(root.to_path_buf()),
             projection: None,
@@ -597,6 +601,8 @@ fn csv_schema(files: &[PathBuf], source: &Source) -> Result<SchemaRef> {
         match reader.read_record(&mut rec) {
             Ok(true) => {
                 for (i, v) in rec.iter().enumerate().take(names.len()) {
+                    // a null marker says nothing about the column's type
+                    let v = if source.null_values.iter().any(|n| n == v) { "" } else { v };
                     samples[i].push(v.to_string());
                 }
             }
@@ -626,6 +632,8 @@ struct CsvFile {
     cells: Vec<Cell>,
     /// Records consumed (good, bad and skipped): the position checkpoints record.
     consumed: u64,
+    /// Field texts read as null besides the empty field.
+    null_values: Arc<Vec<String>>,
 }
 
 impl CsvFile {
@@ -663,6 +671,7 @@ impl CsvFile {
             width: names.len(),
             cells: Vec::new(),
             consumed: 0,
+            null_values: spec.null_values.clone(),
         })
     }
 
@@ -748,6 +757,10 @@ impl CsvFile {
                 column: Some(f.name().clone()),
                 message: format!("invalid UTF-8 at byte {} of the field", e.valid_up_to()),
             })?;
+            if self.null_values.iter().any(|n| n == text) {
+                self.cells.push(Cell::Null);
+                continue;
+            }
             let cell = parse_text(text, f.data_type()).map_err(|message| Error::Input {
                 file: self.path.clone(),
                 line,
