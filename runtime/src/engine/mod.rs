@@ -43,8 +43,6 @@ use crate::store::{
 };
 use crate::{Error, Result};
 
-pub use publish::{complete_switch, dir_token};
-
 /// A progress callback.
 pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 
@@ -354,9 +352,11 @@ pub fn recover(
     let mut first_error = None;
     for r in &dead {
         if let Some(decision) = &r.decision {
-            if let Err(e) = roll_forward(store, r, decision, log) {
-                log(Level::ERROR, &format!("weir: error: {e}"));
-                first_error.get_or_insert(e);
+            match roll_forward(store, r, decision, log) {
+                Ok(()) => {}
+                // the first is returned (and reported by the caller), the others logged
+                Err(e) if first_error.is_some() => log(Level::ERROR, &format!("weir: error: {e}")),
+                Err(e) => first_error = Some(e),
             }
             continue;
         }

@@ -1232,14 +1232,7 @@ mod tests {
 
     #[test]
     fn indices_read_back_through_the_crates_decoder() {
-        // a fixed pseudo-random sequence: no dependency on a generator crate
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = super::super::xorshift(0x2545_F491_4F6C_DD1D);
         for width in 0u8..=20 {
             let max = if width == 0 { 1 } else { 1u64 << width };
             for n in [1usize, 7, 8, 9, 15, 16, 17, 63, 64, 65, 1000, 20_000] {

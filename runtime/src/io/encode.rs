@@ -1080,14 +1080,8 @@ mod tests {
     #[test]
     fn randomized_schemas_and_settings_write_what_the_crate_writes() {
         use arrow_schema::{DataType, Field, Schema, TimeUnit};
-        // a fixed pseudo-random sequence: the same cases every run, no generator crate
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        // the same cases every run
+        let mut next = super::super::xorshift(0x9E37_79B9_7F4A_7C15);
         let types = [
             DataType::Int32,
             DataType::Date32,
@@ -1102,7 +1096,7 @@ mod tests {
             // batches (the crate checks its page limit once per mini batch, we at the row)
             // and no dictionary overflow: both writers then cut the same pages, so their
             // page indexes must agree too
-            let aligned = dict_limit == 1 << 20 && next() % 2 == 0;
+            let aligned = dict_limit == 1 << 20 && next().is_multiple_of(2);
             let page_rows = if aligned { [1024, 2048, 4096] } else { [64usize, 1000, 4096] }[(next() % 3) as usize];
             let batch_rows: Vec<usize> = (0..1 + next() % 6)
                 .map(|_| if aligned { page_rows * (1 + next() % 4) as usize } else { 1 + (next() % 5000) as usize })
@@ -1111,7 +1105,7 @@ mod tests {
             let group = if aligned { page_rows * (1 + next() % 8) as usize } else { 500 + (next() % 20_000) as usize };
             let columns: Vec<GenColumn> = (0..1 + next() % 6)
                 .map(|_| {
-                    let nullable = next() % 3 != 0;
+                    let nullable = !next().is_multiple_of(3);
                     GenColumn {
                         data_type: types[(next() % types.len() as u64) as usize].clone(),
                         nullable,
@@ -1150,7 +1144,7 @@ mod tests {
 
             let dir = tempfile::tempdir().unwrap();
             let theirs = dir.path().join("crate.parquet");
-            let mut w = open(dir.path(), schema.clone(), props.clone(), next() % 2 == 0);
+            let mut w = open(dir.path(), schema.clone(), props.clone(), next().is_multiple_of(2));
             assert!(w.ours().iter().all(|o| *o), "{at}: our encoder takes every column");
             let mut reference =
                 ArrowWriter::try_new(File::create(&theirs).unwrap(), schema.clone(), Some(props)).unwrap();

@@ -390,12 +390,23 @@ pub fn now_ms() -> i64 {
 
 /// This machine's name, for run records.
 pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "localhost".into())
+    // read once: every lease renewal names the host
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .map(|s| s.trim().to_string())
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    })
+    .clone()
+}
+
+/// [`process_start`] of this process, read once.
+pub fn own_process_start() -> Option<String> {
+    static START: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    START.get_or_init(|| process_start(std::process::id())).clone()
 }
 
 /// Which process a pid is: this boot's id and the process's start time, so a pid reused by

@@ -7,7 +7,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::{
-    disown, host_name, now_ms, own, owns, pid_alive, process_alive, process_start, Attempt, BackfillPartition,
+    disown, host_name, now_ms, own, own_process_start, owns, pid_alive, process_alive, Attempt, BackfillPartition,
     BackfillRecord, CheckFilter, Checkpoint, Decision, Error, NewRun, PlannedSwitch, PublishEntry, Result, RunFilter,
     RunRecord, RunStore, Status, StepRows, StoredCheck,
 };
@@ -244,7 +244,7 @@ fn read_switch(row: &Row<'_>) -> rusqlite::Result<PlannedSwitch> {
 /// Whether the process that runs `r` (recorded on this host) still does: this process only
 /// for the runs it holds; another by its identity, so a reused pid is not taken for it.
 fn alive_here(r: &RunRecord) -> bool {
-    if r.pid == std::process::id() && r.proc_start == process_start(r.pid) {
+    if r.pid == std::process::id() && r.proc_start == own_process_start() {
         return owns(r.id);
     }
     process_alive(r.pid, r.proc_start.as_deref())
@@ -398,7 +398,7 @@ impl RunStore for SqliteStore {
                 serde_json::to_string(&run.plugins).unwrap_or_default(),
                 run.fingerprint,
                 run.backfill_id,
-                process_start(std::process::id())
+                own_process_start()
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -421,7 +421,7 @@ impl RunStore for SqliteStore {
         let changed = self.conn().execute(
             "UPDATE pipeline_run SET heartbeat_at_ms = ?2
              WHERE id = ?1 AND status = 'RUNNING' AND pid = ?3 AND host = ?4 AND proc_start IS ?5",
-            params![id, now_ms(), std::process::id(), host_name(), process_start(std::process::id())],
+            params![id, now_ms(), std::process::id(), host_name(), own_process_start()],
         )?;
         Ok(changed == 1)
     }
@@ -539,7 +539,7 @@ impl RunStore for SqliteStore {
                 // decided: claim it to complete its publish
                 tx.execute(
                     "UPDATE pipeline_run SET status = 'RUNNING', pid = ?2, host = ?3, heartbeat_at_ms = ?4, error = ?5, proc_start = ?6 WHERE id = ?1",
-                    params![r.id, std::process::id(), here, now, reason, process_start(std::process::id())],
+                    params![r.id, std::process::id(), here, now, reason, own_process_start()],
                 )?;
                 own(r.id);
                 r.status = Status::Running;
