@@ -128,7 +128,7 @@ fn check_backfillable(pipeline: &Pipeline) -> Result<()> {
             }
         }
     }
-    if !pipeline.sources.values().any(|s| s.path.contains("{partition}")) {
+    if !pipeline.sources.values().any(crate::io::source::reads_partition) {
         return Err(Error::Backfill(
             "no source path uses {partition}: every partition would read the same input".into(),
         ));

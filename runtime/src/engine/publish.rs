@@ -32,7 +32,12 @@
 //! not yet recorded is recognised by its token and not made twice; a target that a later
 //! run replaced since the decision is left alone (the switch is superseded).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+use super::{debug_pause, Level, Staged};
+use crate::config::{Output, Pipeline};
+use crate::store::{PlannedSwitch, PublishEntry, RunStore};
 
 /// What one switch did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +118,7 @@ pub fn complete_switch(
     target: &Path,
     token: &str,
     target_token: Option<&str>,
-    log: &dyn Fn(super::Level, &str),
+    log: &dyn Fn(Level, &str),
 ) -> Result<(Switch, bool), String> {
     let made = if target_token.is_some() { Switch::Replaced } else { Switch::Created };
     if same_dir(dir_token(target).as_deref(), token) {
@@ -153,7 +158,7 @@ pub fn complete_switch(
 }
 
 /// Put the complete directory `new` at `target`, atomically. `new` is gone afterwards.
-pub fn switch_dir(new: &Path, target: &Path, log: &dyn Fn(super::Level, &str)) -> Result<Switch, String> {
+pub fn switch_dir(new: &Path, target: &Path, log: &dyn Fn(Level, &str)) -> Result<Switch, String> {
     let parent = target.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     std::fs::create_dir_all(&parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
     sync_dir(new);
@@ -190,6 +195,142 @@ pub fn switch_dir(new: &Path, target: &Path, log: &dyn Fn(super::Level, &str)) -
         }
     }
     Ok(Switch::Replaced)
+}
+
+/// The commit half of the sink protocol: how a step's staged output becomes what readers
+/// see, and how a decided commit interrupted by a crash is completed. The engine records the
+/// plan as the run's decision, then makes each switch and records it; recovery completes a
+/// decided plan with [`Publisher::complete`]. A sink that commits otherwise (a table
+/// format's transaction log, an object store) brings its own publisher, chosen by the
+/// switches' `kind`.
+pub(super) trait Publisher: Sync {
+    /// The switches that publish one step's staged output, in the order they are made.
+    fn plan(&self, staged: &Staged, partition: Option<&str>) -> Result<Vec<PlannedSwitch>, String>;
+
+    /// Make one switch.
+    fn switch(&self, sw: &PlannedSwitch, log: &dyn Fn(Level, &str)) -> Result<Switch, String>;
+
+    /// Whether a planned switch has been made (whoever made it).
+    fn made(&self, sw: &PlannedSwitch) -> bool;
+
+    /// Settle a decided switch after a crash: made already, made now (`true`), or
+    /// superseded by a later run.
+    fn complete(&self, sw: &PlannedSwitch, log: &dyn Fn(Level, &str)) -> Result<(Switch, bool), String>;
+}
+
+/// Local directories switched into place with `renameat2(RENAME_EXCHANGE)`: the Parquet
+/// dataset (whole, or partition by partition in a `--partition` run) and its quarantine.
+pub(super) struct LocalDirs;
+
+/// The publisher of switches of `kind` (`dataset`, `partition` and `quarantine`: all
+/// local directories so far), as recovery finds them in a decision.
+pub(super) fn publisher(_kind: &str) -> &'static dyn Publisher {
+    &LocalDirs
+}
+
+/// The publisher of a step's output.
+fn publisher_for(_output: &Output) -> &'static dyn Publisher {
+    &LocalDirs
+}
+
+impl Publisher for LocalDirs {
+    fn plan(&self, s: &Staged, partition: Option<&str>) -> Result<Vec<PlannedSwitch>, String> {
+        let mut plan = Vec::new();
+        let Some(out) = &s.output else { return Ok(plan) };
+        let mut add = |kind: &str, from: PathBuf, to: PathBuf, partition: Option<String>| -> Result<(), String> {
+            let token = dir_token(&from).ok_or_else(|| format!("its staged output {} is missing", from.display()))?;
+            let target_token = dir_token(&to);
+            plan.push(PlannedSwitch {
+                step: s.step.clone(),
+                kind: kind.into(),
+                replaces: target_token.is_some(),
+                staged: from,
+                target: to,
+                partition,
+                token,
+                target_token,
+                done_at_ms: None,
+            });
+            Ok(())
+        };
+        if out.partition_by.is_some() && partition.is_some() {
+            for p in &s.partitions {
+                add("partition", s.staging.join(p), out.path.join(p), Some(p.clone()))?;
+            }
+        } else {
+            add("dataset", s.staging.clone(), out.path.clone(), None)?;
+        }
+        if let Some(q) = &s.quarantine {
+            add("quarantine", q.clone(), super::staging::quarantine_target(&out.path, partition), None)?;
+        }
+        Ok(plan)
+    }
+
+    fn switch(&self, sw: &PlannedSwitch, log: &dyn Fn(Level, &str)) -> Result<Switch, String> {
+        switch_dir(&sw.staged, &sw.target, log)
+    }
+
+    fn made(&self, sw: &PlannedSwitch) -> bool {
+        dir_token(&sw.target).as_deref() == Some(sw.token.as_str())
+    }
+
+    fn complete(&self, sw: &PlannedSwitch, log: &dyn Fn(Level, &str)) -> Result<(Switch, bool), String> {
+        complete_switch(&sw.staged, &sw.target, &sw.token, sw.target_token.as_deref(), log)
+    }
+}
+
+/// Every switch that publishes what the run staged, in the order they are made: per step
+/// (in pipeline order) its dataset or, in a partition run of a partitioned output, each
+/// partition it wrote; then its quarantined rows.
+pub(super) fn plan(
+    pipeline: &Pipeline,
+    partition: Option<&str>,
+    staged: &HashMap<String, Staged>,
+) -> crate::Result<Vec<PlannedSwitch>> {
+    let mut plan = Vec::new();
+    for step in &pipeline.steps {
+        let s = &staged[&step.name];
+        let Some(out) = &s.output else { continue };
+        let switches = publisher_for(out)
+            .plan(s, partition)
+            .map_err(|message| crate::Error::Publish { step: s.step.clone(), message })?;
+        plan.extend(switches);
+    }
+    Ok(plan)
+}
+
+/// Make every switch of a decided plan, each recorded once made; the lease is renewed
+/// before each, and a run whose lease was taken over stops.
+pub(super) fn publish(
+    store: &dyn RunStore,
+    run_id: i64,
+    plan: &[PlannedSwitch],
+    log: &dyn Fn(Level, &str),
+) -> crate::Result<()> {
+    for (seq, sw) in plan.iter().enumerate() {
+        let publisher = publisher(&sw.kind);
+        let interrupted = |message: String| crate::Error::PublishInterrupted {
+            step: sw.step.clone(),
+            // a switch whose old copy could not be removed was made all the same
+            made: seq + usize::from(publisher.made(sw)),
+            total: plan.len(),
+            message,
+        };
+        if !store.renew_lease(run_id)? {
+            return Err(interrupted("the run was taken over by another process (its lease had expired)".into()));
+        }
+        let switch = publisher.switch(sw, log).map_err(interrupted)?;
+        debug_pause("after-switch", log);
+        let entry = PublishEntry {
+            step: sw.step.clone(),
+            path: sw.target.clone(),
+            partition: sw.partition.clone(),
+            action: switch.as_str().into(),
+        };
+        store.record_switch(run_id, seq, &entry)?;
+        debug_pause("between-publishes", log);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

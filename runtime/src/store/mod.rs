@@ -216,18 +216,21 @@ pub struct Checkpoint {
     pub step: String,
     /// The step finished: its staging is complete.
     pub complete: bool,
-    /// Source position: the file (index in the sorted file list) and the records of it
-    /// consumed (good and skipped).
-    pub file: usize,
-    pub rows: u64,
+    /// Where the source continues, as the source wrote it (files: file index and records
+    /// of it consumed). Null in a complete step's checkpoint, and in one written by a weir
+    /// from before sources wrote their own positions (such a run is not resumed).
+    #[serde(default)]
+    pub source: serde_json::Value,
+    /// How far the sink's output is durable, as the sink wrote it.
+    #[serde(default)]
+    pub sink: serde_json::Value,
     pub batches: u64,
     pub rows_read: u64,
     pub rows_written: u64,
     pub rows_skipped: u64,
-    /// Staged files complete at this point (relative to the staging directory).
-    pub files: Vec<String>,
-    /// The next part number the sink uses.
-    pub next_part: u32,
+    /// A complete step: the partitions its output staged.
+    #[serde(default, alias = "files")]
+    pub partitions: Vec<String>,
     /// The step's output schema, as an Arrow IPC stream.
     pub schema: Vec<u8>,
     /// Each plugin's snapshot, in transform order (none for stateless ones).

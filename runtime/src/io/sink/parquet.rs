@@ -12,10 +12,10 @@ use arrow_cast::display::ArrayFormatter;
 use arrow_schema::{Schema, SchemaRef};
 use parquet::file::properties::WriterProperties;
 
-pub use super::encode::CopiedGroup;
-use super::encode::ParallelWriter;
-use super::{Error, Result};
+use super::{Sink, SinkPosition};
 use crate::config::Codec;
+use crate::io::encode::{CopiedGroup, ParallelWriter};
+use crate::io::{Error, Result};
 
 /// The directory name used for null partition values (as Hive does).
 pub const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
@@ -64,7 +64,6 @@ pub fn unescape_partition(v: &str) -> String {
 /// Writes one step's output into a staging directory.
 pub struct ParquetSink {
     staging: PathBuf,
-    schema: SchemaRef,
     /// (index of the partition column in the input, its name)
     partition: Option<(usize, String)>,
     file_schema: SchemaRef,
@@ -173,7 +172,6 @@ impl ParquetSink {
             .build();
         Ok(ParquetSink {
             staging: staging.to_path_buf(),
-            schema,
             partition,
             file_schema,
             props,
@@ -216,7 +214,7 @@ impl ParquetSink {
     }
 
     /// Write one batch (split by partition value when the output is partitioned).
-    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+    fn write_batch(&mut self, batch: &RecordBatch) -> Result<()> {
         let staging = self.staging.clone();
         let werr = |e: parquet::errors::ParquetError| Error::Write { path: staging.clone(), message: e.to_string() };
         let Some((pcol, pname)) = self.partition.clone() else {
@@ -254,20 +252,81 @@ impl ParquetSink {
         Ok(())
     }
 
-    /// The next `group.rows` rows make a row group of their own that copies some columns as
-    /// they are from an input file's row group (see [`CopiedGroup`]). Unpartitioned only.
-    pub fn copy_next(&mut self, group: CopiedGroup) -> Result<()> {
-        if self.partition.is_some() {
-            return Err(Error::Internal("a partitioned output cannot copy column chunks".into()));
+    /// Close the files being written (fsync'd) so they count as complete; later batches go to
+    /// new part files. Called at checkpoints.
+    fn rotate(&mut self) -> Result<()> {
+        for (dir, w) in std::mem::take(&mut self.writers) {
+            let name = format!("part-{:05}.parquet", self.part);
+            let rel = if dir.is_empty() { name } else { format!("{dir}/{name}") };
+            let file =
+                w.into_inner().map_err(|e| Error::Write { path: self.staging.join(&rel), message: e.to_string() })?;
+            file.sync_all().map_err(|e| Error::io(&self.staging.join(&rel), e))?;
+            self.files.push(rel);
         }
-        let staging = self.staging.clone();
-        self.writer("")?.copy_next(group).map_err(|e| Error::Write { path: staging, message: e.to_string() })
+        self.part += 1;
+        Ok(())
+    }
+}
+
+impl Sink for ParquetSink {
+    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.write_batch(batch)
+    }
+
+    /// Close the files being written (fsync'd) so they count as complete; later batches go
+    /// to new part files. The position is the complete files and the next part number.
+    fn checkpoint(&mut self) -> Result<SinkPosition> {
+        self.rotate()?;
+        let progress = Progress { files: self.files.clone(), next_part: self.part };
+        serde_json::to_value(progress).map_err(|e| Error::Internal(e.to_string()))
+    }
+
+    /// Continue a staging directory from a checkpoint: keep its files, delete anything
+    /// written after them, and write new parts from its next part number on.
+    fn resume(&mut self, at: &SinkPosition, rows_written: u64) -> Result<()> {
+        let position: Progress = serde_json::from_value(at.clone())
+            .map_err(|e| Error::Internal(format!("a Parquet sink cannot continue from {at}: {e}")))?;
+        let (files, next_part) = (position.files, position.next_part);
+        let mut present = Vec::new();
+        collect_files(&self.staging, &self.staging, &mut present);
+        for rel in present {
+            if !files.contains(&rel) {
+                let p = self.staging.join(&rel);
+                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+            }
+        }
+        self.files = files;
+        self.part = next_part;
+        self.rows_written = rows_written;
+        Ok(())
+    }
+
+    /// Close every file (fsync'd). Returns the partition directories holding data (empty for
+    /// an unpartitioned output). An unpartitioned output with no rows still gets a file, so
+    /// readers see the schema.
+    fn finish(mut self: Box<Self>) -> Result<Vec<String>> {
+        if self.partition.is_none() && self.writers.is_empty() && self.files.is_empty() {
+            self.writer("")?;
+        }
+        self.rotate()?;
+        let mut dirs: Vec<String> =
+            self.files.iter().filter_map(|f| f.split_once('/').map(|(d, _)| d.to_string())).collect();
+        dirs.sort();
+        dirs.dedup();
+        Ok(dirs)
+    }
+
+    /// CPU seconds the threads encoding this sink's files have used so far (they work
+    /// beside the thread calling [`Sink::write`], which only queues batches).
+    fn encode_cpu(&self) -> Box<dyn Fn() -> f64 + Send> {
+        let cpu = self.encode_cpu.clone();
+        Box::new(move || cpu.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9)
     }
 
     /// Per output field, the Parquet column it is written as when it is one flat column (the
     /// only kind whose chunks can be copied from an input file). None for a partitioned
     /// output, which cannot copy.
-    pub fn flat_columns(&self) -> Vec<Option<parquet::schema::types::ColumnDescPtr>> {
+    fn copy_targets(&self) -> Vec<Option<parquet::schema::types::ColumnDescPtr>> {
         let fields = self.file_schema.fields().len();
         let descr = match parquet::arrow::ArrowSchemaConverter::new().convert(&self.file_schema) {
             Ok(d) if self.partition.is_none() => d,
@@ -288,69 +347,24 @@ impl ParquetSink {
             .collect()
     }
 
-    /// Close the files being written (fsync'd) so they count as complete; later batches go to
-    /// new part files. Called at checkpoints.
-    pub fn rotate(&mut self) -> Result<()> {
-        for (dir, w) in std::mem::take(&mut self.writers) {
-            let name = format!("part-{:05}.parquet", self.part);
-            let rel = if dir.is_empty() { name } else { format!("{dir}/{name}") };
-            let file =
-                w.into_inner().map_err(|e| Error::Write { path: self.staging.join(&rel), message: e.to_string() })?;
-            file.sync_all().map_err(|e| Error::io(&self.staging.join(&rel), e))?;
-            self.files.push(rel);
+    /// The next `group.rows` rows make a row group of their own that copies some columns as
+    /// they are from an input file's row group (see [`CopiedGroup`]). Unpartitioned only.
+    fn copy_next(&mut self, group: CopiedGroup) -> Result<()> {
+        if self.partition.is_some() {
+            return Err(Error::Internal("a partitioned output cannot copy column chunks".into()));
         }
-        self.part += 1;
-        Ok(())
+        let staging = self.staging.clone();
+        self.writer("")?.copy_next(group).map_err(|e| Error::Write { path: staging, message: e.to_string() })
     }
+}
 
-    /// Continue a staging directory from a checkpoint: keep `files`, delete anything written
-    /// after them, and write new parts from `next_part` on.
-    pub fn resume(&mut self, files: &[String], next_part: u32, rows_written: u64) -> Result<()> {
-        let mut present = Vec::new();
-        collect_files(&self.staging, &self.staging, &mut present);
-        for rel in present {
-            if !files.contains(&rel) {
-                let p = self.staging.join(&rel);
-                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
-            }
-        }
-        self.files = files.to_vec();
-        self.part = next_part;
-        self.rows_written = rows_written;
-        Ok(())
-    }
-
-    /// Complete files so far and the next part number, for a checkpoint.
-    pub fn progress(&self) -> (Vec<String>, u32) {
-        (self.files.clone(), self.part)
-    }
-
-    /// Close every file (fsync'd). Returns the partition directories holding data (empty for
-    /// an unpartitioned output). An unpartitioned output with no rows still gets a file, so
-    /// readers see the schema.
-    pub fn finish(mut self) -> Result<Vec<String>> {
-        if self.partition.is_none() && self.writers.is_empty() && self.files.is_empty() {
-            self.writer("")?;
-        }
-        self.rotate()?;
-        let mut dirs: Vec<String> =
-            self.files.iter().filter_map(|f| f.split_once('/').map(|(d, _)| d.to_string())).collect();
-        dirs.sort();
-        dirs.dedup();
-        Ok(dirs)
-    }
-
-    /// CPU seconds the threads encoding this sink's files have used so far (they work
-    /// beside the thread calling [`ParquetSink::write`], which only queues batches).
-    pub fn encode_cpu(&self) -> impl Fn() -> f64 + Send + 'static {
-        let cpu = self.encode_cpu.clone();
-        move || cpu.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9
-    }
-
-    /// The schema of the batches this sink takes.
-    pub fn schema(&self) -> SchemaRef {
-        self.schema.clone()
-    }
+/// What a checkpoint records of a Parquet sink.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Progress {
+    /// Complete files, relative to the staging directory.
+    files: Vec<String>,
+    /// The part number the next files get.
+    next_part: u32,
 }
 
 fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) {

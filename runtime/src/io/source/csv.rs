@@ -1,0 +1,271 @@
+//! CSV files: header, declared or inferred types, `null_values`, `on_error`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+
+use super::files::{open_text, FileBatches, ReadSpec, TextInput};
+use super::{corrupt_input, Skipped};
+use crate::config::{OnError, Source};
+use crate::io::text::{infer_type, parse_text, Cell, ColumnBuilder};
+use crate::io::{Error, Result};
+
+fn csv_reader(path: &Path, delimiter: u8, header: bool) -> Result<csv::Reader<TextInput>> {
+    let input = open_text(path)?;
+    Ok(csv::ReaderBuilder::new().delimiter(delimiter).has_headers(header).flexible(true).from_reader(input))
+}
+
+fn csv_header(path: &Path, reader: &mut csv::Reader<TextInput>, header: bool) -> Result<Vec<String>> {
+    let rec = reader.byte_headers().map_err(|e| csv_error(path, e))?.clone();
+    let mut names = Vec::new();
+    for (i, f) in rec.iter().enumerate() {
+        if !header {
+            names.push(format!("column_{}", i + 1));
+            continue;
+        }
+        let name = std::str::from_utf8(f).map_err(|_| Error::Input {
+            file: path.to_path_buf(),
+            line: 1,
+            column: Some(format!("#{}", i + 1)),
+            message: "the header is not valid UTF-8".into(),
+        })?;
+        names.push(name.trim().to_string());
+    }
+    Ok(names)
+}
+
+fn csv_error(path: &Path, e: csv::Error) -> Error {
+    let line = e.position().map(|p| p.line()).unwrap_or(0);
+    match e.into_kind() {
+        csv::ErrorKind::Io(io) => match corrupt_input(&io) {
+            Some(message) => Error::Input { file: path.to_path_buf(), line, column: None, message },
+            None => Error::io(path, io),
+        },
+        other => Error::Input { file: path.to_path_buf(), line, column: None, message: format!("{other:?}") },
+    }
+}
+
+/// The columns of a CSV source: its header with the declared types, or types inferred from
+/// the first rows of the first file.
+pub(super) fn schema(files: &[PathBuf], source: &Source) -> Result<SchemaRef> {
+    let path = &files[0];
+    let mut reader = csv_reader(path, source.delimiter, source.header)?;
+    let names = csv_header(path, &mut reader, source.header)?;
+    let declared: HashMap<&str, &DataType> = source.schema.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    if !declared.is_empty() {
+        let missing: Vec<&str> =
+            source.schema.iter().map(|(n, _)| n.as_str()).filter(|n| !names.iter().any(|h| h == n)).collect();
+        let undeclared: Vec<&str> = names.iter().map(String::as_str).filter(|n| !declared.contains_key(n)).collect();
+        if !missing.is_empty() || !undeclared.is_empty() {
+            let mut msg = String::new();
+            if !missing.is_empty() {
+                msg.push_str(&format!("declared columns missing from the header: {}. ", missing.join(", ")));
+            }
+            if !undeclared.is_empty() {
+                msg.push_str(&format!(
+                    "header columns not declared in sources.{}.schema: {}",
+                    source.name,
+                    undeclared.join(", ")
+                ));
+            }
+            return Err(Error::Input { file: path.clone(), line: 1, column: None, message: msg.trim().to_string() });
+        }
+        let fields: Vec<Field> = names.iter().map(|n| Field::new(n, declared[n.as_str()].clone(), true)).collect();
+        return Ok(Arc::new(Schema::new(fields)));
+    }
+    // infer from the first rows of the first file
+    let mut samples: Vec<Vec<String>> = vec![Vec::new(); names.len()];
+    let mut rec = csv::StringRecord::new();
+    for _ in 0..source.infer_rows {
+        match reader.read_record(&mut rec) {
+            Ok(true) => {
+                for (i, v) in rec.iter().enumerate().take(names.len()) {
+                    // a null marker says nothing about the column's type
+                    let v = if source.null_values.iter().any(|n| n == v) { "" } else { v };
+                    samples[i].push(v.to_string());
+                }
+            }
+            Ok(false) => break,
+            Err(_) => continue, // bad rows are reported when read for real
+        }
+    }
+    let fields: Vec<Field> = names
+        .iter()
+        .zip(&samples)
+        .map(|(n, s)| Field::new(n, infer_type(s.iter().map(String::as_str)), true))
+        .collect();
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+pub(super) struct CsvFile {
+    path: PathBuf,
+    reader: csv::Reader<TextInput>,
+    /// For each schema column, its index in this file's records.
+    positions: Vec<usize>,
+    schema: SchemaRef,
+    builders: Vec<ColumnBuilder>,
+    batch_size: usize,
+    on_error: OnError,
+    record: csv::ByteRecord,
+    width: usize,
+    cells: Vec<Cell>,
+    /// Records consumed (good, bad and skipped): the position checkpoints record.
+    consumed: u64,
+    /// Field texts read as null besides the empty field.
+    null_values: Arc<Vec<String>>,
+}
+
+impl CsvFile {
+    pub(super) fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Self> {
+        let mut reader = csv_reader(path, spec.delimiter, spec.header)?;
+        let names = csv_header(path, &mut reader, spec.header)?;
+        let mut positions = Vec::new();
+        for f in schema.fields() {
+            let pos = names.iter().position(|n| n == f.name()).ok_or_else(|| Error::Input {
+                file: path.to_path_buf(),
+                line: 1,
+                column: Some(f.name().clone()),
+                message: format!(
+                    "the header lacks column `{}` (the files of one source must share their columns)",
+                    f.name()
+                ),
+            })?;
+            positions.push(pos);
+        }
+        let builders = schema
+            .fields()
+            .iter()
+            .map(|f| ColumnBuilder::new(f.data_type(), spec.batch_size.min(8192)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|m| Error::Input { file: path.to_path_buf(), line: 0, column: None, message: m })?;
+        let mut file = CsvFile {
+            path: path.to_path_buf(),
+            reader,
+            positions,
+            schema: schema.clone(),
+            builders,
+            batch_size: spec.batch_size,
+            on_error: spec.on_error,
+            record: csv::ByteRecord::new(),
+            width: names.len(),
+            cells: Vec::new(),
+            consumed: 0,
+            null_values: spec.null_values.clone(),
+        };
+        file.skip(offset)?;
+        Ok(file)
+    }
+
+    fn read_batch(&mut self, skipped: &mut Vec<Skipped>) -> Result<Option<RecordBatch>> {
+        let mut rows = 0;
+        let mut eof = false;
+        while rows < self.batch_size {
+            let read = self.reader.read_byte_record(&mut self.record);
+            if !matches!(read, Ok(false)) {
+                self.consumed += 1;
+            }
+            match read {
+                Ok(false) => {
+                    eof = true;
+                    break;
+                }
+                Ok(true) => {}
+                Err(e) => {
+                    let err = csv_error(&self.path, e);
+                    match (&err, self.on_error) {
+                        (Error::Input { line, message, .. }, OnError::Skip) => {
+                            skipped.push(Skipped { file: self.path.clone(), line: *line, message: message.clone() });
+                            continue;
+                        }
+                        _ => return Err(err),
+                    }
+                }
+            }
+            let line = self.record.position().map(|p| p.line()).unwrap_or(0);
+            match self.parse_row(line) {
+                Ok(()) => {
+                    for (b, c) in self.builders.iter_mut().zip(self.cells.drain(..)) {
+                        b.push(c);
+                    }
+                    rows += 1;
+                }
+                Err(err) => match (self.on_error, &err) {
+                    (OnError::Skip, Error::Input { message, column, .. }) => skipped.push(Skipped {
+                        file: self.path.clone(),
+                        line,
+                        message: match column {
+                            Some(c) => format!("column `{c}`: {message}"),
+                            None => message.clone(),
+                        },
+                    }),
+                    _ => return Err(err),
+                },
+            }
+        }
+        if rows == 0 && eof {
+            return Ok(None);
+        }
+        let columns: Vec<ArrayRef> = self.builders.iter_mut().map(|b| b.finish()).collect();
+        Ok(Some(RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))?))
+    }
+
+    /// Skip `n` records (resuming from a checkpoint).
+    fn skip(&mut self, n: u64) -> Result<()> {
+        while self.consumed < n {
+            match self.reader.read_byte_record(&mut self.record) {
+                Ok(false) => break,
+                Ok(true) | Err(_) => self.consumed += 1,
+            }
+        }
+        Ok(())
+    }
+
+    fn parse_row(&mut self, line: u64) -> Result<()> {
+        self.cells.clear();
+        if self.record.len() != self.width {
+            return Err(Error::Input {
+                file: self.path.clone(),
+                line,
+                column: None,
+                message: format!("expected {} fields, found {}", self.width, self.record.len()),
+            });
+        }
+        for (f, &pos) in self.schema.fields().iter().zip(&self.positions) {
+            let raw = &self.record[pos];
+            let text = std::str::from_utf8(raw).map_err(|e| Error::Input {
+                file: self.path.clone(),
+                line,
+                column: Some(f.name().clone()),
+                message: format!("invalid UTF-8 at byte {} of the field", e.valid_up_to()),
+            })?;
+            if self.null_values.iter().any(|n| n == text) {
+                self.cells.push(Cell::Null);
+                continue;
+            }
+            let cell = parse_text(text, f.data_type()).map_err(|message| Error::Input {
+                file: self.path.clone(),
+                line,
+                column: Some(f.name().clone()),
+                message,
+            })?;
+            self.cells.push(cell);
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// JSON lines
+
+impl FileBatches for CsvFile {
+    fn next_batch(&mut self, skipped: &mut Vec<Skipped>) -> Result<Option<RecordBatch>> {
+        self.read_batch(skipped)
+    }
+
+    fn consumed(&self) -> u64 {
+        self.consumed
+    }
+}

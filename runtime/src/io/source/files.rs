@@ -1,0 +1,498 @@
+//! Sources made of files: a path, directory or glob expanded into a sorted file list, read
+//! file after file by a per-format reader (CSV, JSON lines, Parquet). Positions are
+//! (file index, records of it consumed).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use arrow_schema::{DataType, SchemaRef};
+use parquet::basic::Compression;
+
+use super::parquet::{CopyColumn, CopySpec};
+use super::{Position, Skipped, Source};
+use crate::config::{Format, OnError};
+use crate::io::encode::CopiedGroup;
+use crate::io::{Error, Result};
+
+/// Rows skipped whose place is kept for the summary; the rest are counted.
+const SKIPPED_KEPT: usize = 20;
+
+/// Batches from the files of a source, in file order.
+pub struct FileSource {
+    schema: SchemaRef,
+    files: Vec<PathBuf>,
+    next_file: usize,
+    current: Option<Box<dyn FileBatches>>,
+    spec: ReadSpec,
+    /// Rows skipped so far: the first ones with their place, and the count of the others.
+    skipped: Vec<Skipped>,
+    skipped_count: u64,
+    /// `columns = [...]` on a CSV or JSON-lines source: indices kept from each batch.
+    project: Option<Vec<usize>>,
+}
+
+/// How a source's files are read: the configuration every per-file reader shares.
+#[derive(Clone)]
+pub(super) struct ReadSpec {
+    pub format: Format,
+    pub batch_size: usize,
+    pub on_error: OnError,
+    pub delimiter: u8,
+    pub header: bool,
+    /// CSV: field texts read as null besides the empty field.
+    pub null_values: Arc<Vec<String>>,
+    /// Types of hive partition columns (`key=value` directories); others are strings.
+    pub hive_types: HashMap<String, DataType>,
+    pub root: Option<PathBuf>,
+    /// Parquet: read only these columns.
+    pub projection: Option<Vec<String>>,
+    /// Parquet: columns to copy from the files' pages instead of decoding them.
+    pub copy: Option<Arc<CopySpec>>,
+    /// CPU nanoseconds of the threads that decode part of a Parquet file's columns.
+    pub helper_cpu: Arc<AtomicU64>,
+}
+
+impl ReadSpec {
+    fn new(format: Format, batch_size: usize) -> ReadSpec {
+        ReadSpec {
+            format,
+            batch_size,
+            on_error: OnError::Fail,
+            delimiter: b',',
+            header: true,
+            null_values: Arc::default(),
+            hive_types: HashMap::new(),
+            root: None,
+            projection: None,
+            copy: None,
+            helper_cpu: Arc::default(),
+        }
+    }
+}
+
+/// One file's batches, as a format reads them.
+pub(super) trait FileBatches: Send {
+    /// The next batch of the file; skipped rows are added to `skipped`.
+    fn next_batch(&mut self, skipped: &mut Vec<Skipped>) -> Result<Option<RecordBatch>>;
+    /// Records of the file consumed so far (good, bad and skipped): what a position holds.
+    fn consumed(&self) -> u64;
+    /// Parquet with copied columns: the row group the last batch started.
+    fn take_copied(&mut self) -> Option<CopiedGroup> {
+        None
+    }
+    /// Parquet with copied columns: false inside a row group.
+    fn at_row_group_end(&self) -> bool {
+        true
+    }
+}
+
+/// A file's reader, positioned after `offset` records.
+fn open_file(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Box<dyn FileBatches>> {
+    Ok(match spec.format {
+        Format::Csv => Box::new(super::csv::CsvFile::open(path, schema, spec, offset)?),
+        Format::Jsonl => Box::new(super::jsonl::JsonlFile::open(path, schema, spec, offset)?),
+        Format::Parquet => Box::new(super::parquet::ParquetFile::open(path, schema, spec, offset)?),
+    })
+}
+
+/// The schema of a source's files (declared, inferred or read from the first file).
+fn schema_of(files: &[PathBuf], source: &crate::config::Source, spec: &ReadSpec) -> Result<SchemaRef> {
+    match source.format {
+        Format::Csv => super::csv::schema(files, source),
+        Format::Jsonl => super::jsonl::schema(files, source),
+        Format::Parquet => super::parquet::schema(&files[0], spec),
+    }
+}
+
+/// Every input file's name, size and modification time, hashed.
+pub(super) fn fingerprint(source: &crate::config::Source, partition: Option<&str>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    match expand_paths(&source.path, partition, source.format) {
+        Ok(files) => {
+            for f in files {
+                let meta = std::fs::metadata(&f);
+                let (len, mtime) = meta
+                    .map(|m| {
+                        let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+                        (m.len(), mtime.map(|d| d.as_nanos()).unwrap_or(0))
+                    })
+                    .unwrap_or((0, 0));
+                h.update(format!("file {} {len} {mtime}\0", f.display()).as_bytes());
+            }
+        }
+        Err(e) => h.update(format!("source {} error {e}\0", source.name).as_bytes()),
+    }
+    crate::plugin::hex(&h.finalize())
+}
+
+/// Expand a source path (file, directory or glob; `{partition}` substituted, or matching
+/// every partition when the run has none) into a sorted list of files.
+pub fn expand_paths(pattern: &str, partition: Option<&str>, format: Format) -> Result<Vec<PathBuf>> {
+    let pattern = pattern.replace("{partition}", partition.unwrap_or("*"));
+    let ext = match format {
+        Format::Csv => "csv",
+        Format::Jsonl => "jsonl",
+        Format::Parquet => "parquet",
+    };
+    let mut files = Vec::new();
+    if pattern.contains(['*', '?', '[']) {
+        let paths = glob::glob(&pattern).map_err(|e| Error::Input {
+            file: PathBuf::from(&pattern),
+            line: 0,
+            column: None,
+            message: format!("bad glob pattern: {e}"),
+        })?;
+        for p in paths.flatten() {
+            if p.is_file() {
+                files.push(p);
+            } else if p.is_dir() {
+                collect_dir(&p, ext, &mut files)?;
+            }
+        }
+    } else {
+        let p = PathBuf::from(&pattern);
+        if p.is_dir() {
+            collect_dir(&p, ext, &mut files)?;
+        } else if p.is_file() {
+            files.push(p);
+        }
+    }
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        return Err(Error::NoInput { pattern });
+    }
+    Ok(files)
+}
+
+/// Extensions of the compressed inputs read as they stream (gzip, zstd, bzip2); which codec
+/// a file holds is told by its first bytes, so a misnamed file reads all the same.
+const COMPRESSED: [&str; 5] = ["gz", "gzip", "zst", "zstd", "bz2"];
+
+/// Whether a file name is `*.ext`, or `*.ext.gz` and the like for text formats.
+fn has_ext(name: &str, ext: &str) -> bool {
+    let base = match name.rsplit_once('.') {
+        Some((base, c)) if ext != "parquet" && COMPRESSED.contains(&c) => base,
+        _ => name,
+    };
+    base.rsplit_once('.').is_some_and(|(_, e)| e == ext)
+}
+
+/// A compressed input's codec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TextCodec {
+    Gzip,
+    Zstd,
+    Bzip2,
+}
+
+impl TextCodec {
+    /// Told by a file's first bytes (magic numbers).
+    fn sniff(head: &[u8]) -> Option<Self> {
+        match head {
+            [0x1f, 0x8b, ..] => Some(TextCodec::Gzip),
+            [0x28, 0xb5, 0x2f, 0xfd, ..] => Some(TextCodec::Zstd),
+            [b'B', b'Z', b'h', b'1'..=b'9', ..] => Some(TextCodec::Bzip2),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            TextCodec::Gzip => "gzip",
+            TextCodec::Zstd => "zstd",
+            TextCodec::Bzip2 => "bzip2",
+        }
+    }
+}
+
+/// A decoder's complaint about its input: the file is corrupt or truncated (the user's to
+/// fix, never retried), as opposed to the disk failing under it.
+#[derive(Debug)]
+pub(crate) struct CorruptInput(String);
+
+impl std::fmt::Display for CorruptInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CorruptInput {}
+
+/// What a decoder said, if it was about the data.
+pub(crate) fn corrupt_input(e: &std::io::Error) -> Option<String> {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<CorruptInput>()).map(|c| c.0.clone())
+}
+
+/// Reads a compressed input, its decoder's data errors tagged as [`CorruptInput`].
+struct Decoded {
+    inner: Box<dyn Read + Send>,
+    codec: TextCodec,
+}
+
+impl Read for Decoded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::ErrorKind::*;
+        self.inner.read(buf).map_err(|e| match e.kind() {
+            InvalidInput | InvalidData | UnexpectedEof | Other => std::io::Error::other(CorruptInput(format!(
+                "not a valid {} stream (corrupt or truncated): {e}",
+                self.codec.name()
+            ))),
+            _ => e,
+        })
+    }
+}
+
+/// A text input as read: plain or decompressed.
+pub(super) type TextInput = Box<dyn Read + Send>;
+
+/// Open a text input (CSV, JSON lines): plain, or gzip, zstd or bzip2 decompressed as it
+/// is read, never whole in memory; the codec is told by the file's first bytes.
+pub(super) fn open_text(path: &Path) -> Result<TextInput> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut head = [0u8; 4];
+    let mut got = 0;
+    while got < head.len() {
+        match file.read(&mut head[got..]).map_err(|e| Error::io(path, e))? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    file.seek(SeekFrom::Start(0)).map_err(|e| Error::io(path, e))?;
+    let Some(codec) = TextCodec::sniff(&head[..got]) else { return Ok(Box::new(file)) };
+    let buffered = BufReader::with_capacity(256 << 10, file);
+    let inner: Box<dyn Read + Send> = match codec {
+        TextCodec::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
+        TextCodec::Zstd => {
+            Box::new(zstd::stream::read::Decoder::with_buffer(buffered).map_err(|e| Error::io(path, e))?)
+        }
+        TextCodec::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(buffered)),
+    };
+    Ok(Box::new(Decoded { inner, codec }))
+}
+
+fn collect_dir(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') || name.starts_with('_') {
+            continue;
+        }
+        if path.is_dir() {
+            collect_dir(&path, ext, out)?;
+        } else if has_ext(&name, ext) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+impl FileSource {
+    /// Open a configured source for one run.
+    pub fn open(source: &crate::config::Source, partition: Option<&str>, batch_size: usize) -> Result<FileSource> {
+        let files = expand_paths(&source.path, partition, source.format)?;
+        // A Parquet directory is a dataset: its `key=value` folders become string columns.
+        let dir = PathBuf::from(source.path.replace("{partition}", partition.unwrap_or("*")));
+        let mut spec = ReadSpec {
+            on_error: source.on_error,
+            delimiter: source.delimiter,
+            header: source.header,
+            null_values: Arc::new(source.null_values.clone()),
+            root: (source.format == Format::Parquet && dir.is_dir()).then_some(dir),
+            ..ReadSpec::new(source.format, batch_size)
+        };
+        let schema = schema_of(&files, source, &spec)?;
+        // `columns`: Parquet reads only those; CSV and JSON lines parse all, then keep those.
+        let Some(cols) = &source.columns else { return Ok(FileSource::new(schema, files, spec, None)) };
+        let mut indices = Vec::new();
+        for c in cols {
+            indices.push(schema.index_of(c).map_err(|_| Error::Input {
+                file: files[0].clone(),
+                line: 0,
+                column: Some(c.clone()),
+                message: format!(
+                    "sources.{}.columns names a column the input does not have (it has: {})",
+                    source.name,
+                    weir_sdk::util::schema_text(&schema)
+                ),
+            })?);
+        }
+        if source.format != Format::Parquet {
+            return Ok(FileSource::new(schema, files, spec, Some(indices)));
+        }
+        spec.projection = Some(cols.clone());
+        let projected = Arc::new(schema.project(&indices).map_err(|e| Error::Internal(e.to_string()))?);
+        Ok(FileSource::new(projected, files, spec, None))
+    }
+
+    fn new(schema: SchemaRef, files: Vec<PathBuf>, spec: ReadSpec, project: Option<Vec<usize>>) -> FileSource {
+        FileSource { schema, files, next_file: 0, current: None, spec, skipped: Vec::new(), skipped_count: 0, project }
+    }
+
+    /// Read a Parquet dataset directory (hive partitions become columns of the given
+    /// types). Used for a step reading an earlier step's output.
+    pub fn open_dataset(
+        root: &Path,
+        schema: SchemaRef,
+        partition_column: Option<&str>,
+        batch_size: usize,
+    ) -> Result<FileSource> {
+        let mut files = Vec::new();
+        if root.is_dir() {
+            collect_dir(root, "parquet", &mut files)?;
+        }
+        files.sort();
+        let mut spec = ReadSpec { root: Some(root.to_path_buf()), ..ReadSpec::new(Format::Parquet, batch_size) };
+        if let Some(col) = partition_column {
+            if let Ok(f) = schema.field_with_name(col) {
+                spec.hive_types.insert(col.to_string(), f.data_type().clone());
+            }
+        }
+        Ok(FileSource::new(schema, files, spec, None))
+    }
+
+    /// Read Parquet files at a path (a file, a dataset directory or a glob) with the schema
+    /// of the first.
+    pub fn open_parquet(path: &Path, batch_size: usize) -> Result<FileSource> {
+        let pattern = path.to_string_lossy();
+        let files = expand_paths(&pattern, None, Format::Parquet)?;
+        let spec =
+            ReadSpec { root: path.is_dir().then(|| path.to_path_buf()), ..ReadSpec::new(Format::Parquet, batch_size) };
+        let schema = super::parquet::schema(&files[0], &spec)?;
+        Ok(FileSource::new(schema, files, spec, None))
+    }
+
+    fn open_at(&mut self, offset: u64) -> Result<bool> {
+        if self.next_file >= self.files.len() {
+            return Ok(false);
+        }
+        let path = self.files[self.next_file].clone();
+        self.next_file += 1;
+        self.current = Some(open_file(&path, &self.schema, &self.spec, offset)?);
+        Ok(true)
+    }
+
+    /// Where the next record comes from: (file index, records of it consumed).
+    fn file_position(&self) -> (usize, u64) {
+        match &self.current {
+            Some(f) => (self.next_file - 1, f.consumed()),
+            None => (self.next_file, 0),
+        }
+    }
+
+    /// Continue at (file index, records of it consumed).
+    fn seek_file(&mut self, file: usize, rows: u64) -> Result<()> {
+        self.current = None;
+        self.next_file = file.min(self.files.len());
+        if rows > 0 {
+            self.open_at(rows)?;
+        }
+        Ok(())
+    }
+}
+
+impl Source for FileSource {
+    /// The schema of the batches this reader yields (after `columns`).
+    fn schema(&self) -> SchemaRef {
+        match &self.project {
+            Some(p) => Arc::new(self.schema.project(p).unwrap_or_else(|_| self.schema.as_ref().clone())),
+            None => self.schema.clone(),
+        }
+    }
+
+    fn next_batch(&mut self) -> Option<Result<RecordBatch>> {
+        loop {
+            if self.current.is_none() {
+                match self.open_at(0) {
+                    Ok(true) => {}
+                    Ok(false) => return None,
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+            let result = match self.current.as_mut() {
+                Some(r) => r.next_batch(&mut self.skipped),
+                None => Ok(None),
+            };
+            // keep the first few skip locations for the summary; count them all
+            if self.skipped.len() > SKIPPED_KEPT {
+                self.skipped_count += (self.skipped.len() - SKIPPED_KEPT) as u64;
+                self.skipped.truncate(SKIPPED_KEPT);
+            }
+            match result {
+                Ok(Some(batch)) if batch.num_rows() > 0 => {
+                    return Some(match &self.project {
+                        Some(p) => batch.project(p).map_err(|e| Error::Internal(e.to_string())),
+                        None => Ok(batch),
+                    })
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) => self.current = None,
+                Err(e) => {
+                    self.current = None;
+                    self.next_file = self.files.len();
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+
+    fn position(&self) -> Position {
+        let (file, rows) = self.file_position();
+        serde_json::json!({ "file": file, "rows": rows })
+    }
+
+    fn seek(&mut self, at: &Position) -> Result<()> {
+        let field = |k: &str| at.get(k).and_then(serde_json::Value::as_u64);
+        match (field("file"), field("rows")) {
+            (Some(file), Some(rows)) => self.seek_file(file as usize, rows),
+            _ => Err(Error::Internal(format!("a file source cannot continue from {at}"))),
+        }
+    }
+
+    /// False inside a row group that copies columns: a checkpoint must not split it.
+    fn at_boundary(&self) -> bool {
+        self.current.as_ref().is_none_or(|f| f.at_row_group_end())
+    }
+
+    fn skipped(&self) -> (u64, Vec<Skipped>) {
+        (self.skipped_count + self.skipped.len() as u64, self.skipped.clone())
+    }
+
+    fn inputs(&self) -> usize {
+        self.files.len()
+    }
+
+    /// CPU seconds spent so far decoding on threads other than the caller's (a large Parquet
+    /// file's columns are decoded in two halves, one on a thread of its own).
+    fn helper_cpu_secs(&self) -> f64 {
+        self.spec.helper_cpu.load(Ordering::Relaxed) as f64 / 1e9
+    }
+
+    /// Copy `columns` from the files' pages instead of decoding them, in files where each
+    /// of them is the same Parquet column as the output's and compressed with `codec`. The
+    /// batches of such a file carry placeholders in those columns and come in whole row
+    /// groups, each announced by [`Source::take_copied`]. Files that do not qualify are read
+    /// as usual. Only Parquet sources read whole (no `columns`) offer it.
+    fn copy_columns(&mut self, columns: Vec<CopyColumn>, codec: Compression) -> Vec<usize> {
+        if self.spec.format != Format::Parquet || self.project.is_some() {
+            return Vec::new();
+        }
+        let (spec, positions) = CopySpec::new(&self.schema, columns, codec, self.spec.batch_size);
+        self.spec.copy = spec.map(Arc::new);
+        positions
+    }
+
+    fn take_copied(&mut self) -> Option<CopiedGroup> {
+        self.current.as_mut().and_then(|f| f.take_copied())
+    }
+}
