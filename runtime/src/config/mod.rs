@@ -485,23 +485,7 @@ impl Pipeline {
         };
 
         // secrets
-        let mut secrets = BTreeMap::new();
-        for (name, s) in &raw.secrets {
-            let at = s.span().start;
-            match (&s.get_ref().env, &s.get_ref().file) {
-                (Some(env), None) => {
-                    secrets.insert(name.clone(), SecretRef::Env(env.clone()));
-                }
-                (None, Some(file)) => {
-                    secrets.insert(name.clone(), SecretRef::File(base.join(file)));
-                }
-                _ => errors.push(ctx.at(
-                    at,
-                    &format!("secret `{name}` must name exactly one of `env` or `file`"),
-                    Some("secrets.mask_key = { env = \"WEIR_MASK_KEY\" } or { file = \"secrets/mask.key\" }; never the key itself"),
-                )),
-            }
-        }
+        let secrets = parse_secrets(&ctx, &base, &raw, &mut errors);
 
         let mut check_retry = |r: &Option<Spanned<Retry>>, what: &str| -> Retry {
             match r {
@@ -529,301 +513,9 @@ impl Pipeline {
         }
 
         // sources
-        let mut sources = BTreeMap::new();
-        for (name, s) in &raw.sources {
-            let r = s.get_ref();
-            let mut schema = Vec::new();
-            for (col, ty) in &r.schema {
-                match weir_sdk::util::parse_type_name(ty.get_ref()) {
-                    Some(t) => schema.push((col.clone(), t)),
-                    None => errors.push(ctx.at(
-                        ty.span().start,
-                        &format!("sources.{name}.schema.{col}: unknown type `{}`", ty.get_ref()),
-                        Some(&format!("use one of {}", weir_sdk::util::TYPE_NAMES)),
-                    )),
-                }
-            }
-            if r.format == Format::Parquet && !schema.is_empty() {
-                errors.push(ctx.at(
-                    s.span().start,
-                    &format!("sources.{name}: parquet files carry their own schema; remove `schema`"),
-                    None,
-                ));
-            }
-            let delimiter = match &r.delimiter {
-                None => b',',
-                Some(d) if d.get_ref().len() == 1 => d.get_ref().as_bytes()[0],
-                Some(d) => {
-                    errors.push(ctx.at(
-                        d.span().start,
-                        &format!("sources.{name}.delimiter must be one ASCII character"),
-                        None,
-                    ));
-                    b','
-                }
-            };
-            if r.path.get_ref().trim().is_empty() {
-                errors.push(ctx.at(r.path.span().start, &format!("sources.{name}.path is empty"), None));
-            }
-            if let Some(n) = r.null_values.as_ref().filter(|_| r.format != Format::Csv) {
-                errors.push(ctx.at(
-                    n.span().start,
-                    &format!("sources.{name}.null_values applies to csv sources only"),
-                    Some("JSON lines have null; Parquet has nulls of its own"),
-                ));
-            }
-            let path = if Path::new(r.path.get_ref()).is_absolute() {
-                r.path.get_ref().clone()
-            } else {
-                base.join(r.path.get_ref()).to_string_lossy().into_owned()
-            };
-            sources.insert(
-                name.clone(),
-                Source {
-                    name: name.clone(),
-                    format: r.format,
-                    path,
-                    schema,
-                    on_error: r.on_error,
-                    delimiter,
-                    header: r.header,
-                    infer_rows: r.infer_rows.unwrap_or(1000).max(1),
-                    null_values: r.null_values.as_ref().map(|n| n.get_ref().clone()).unwrap_or_default(),
-                    retry: source_retry.get(name).copied().unwrap_or(Retry::NONE),
-                    columns: r.columns.clone(),
-                },
-            );
-        }
-
-        // plugins
-        let mut plugins = BTreeMap::new();
-        for (name, p) in &raw.plugins {
-            let r = p.get_ref();
-            let path = base.join(r.path.get_ref());
-            if !path.is_file() {
-                errors.push(ctx.at(
-                    r.path.span().start,
-                    &format!("plugin `{name}`: file {} does not exist", path.display()),
-                    Some("paths are relative to the pipeline file; build first-party plugins with scripts/build-plugins.sh"),
-                ));
-            } else if let Some(pin) = &r.sha256 {
-                match std::fs::read(&path) {
-                    Ok(bytes) => {
-                        use sha2::Digest;
-                        let actual = crate::plugin::hex(&sha2::Sha256::digest(&bytes));
-                        if !actual.eq_ignore_ascii_case(pin.get_ref().trim()) {
-                            errors.push(ctx.at(
-                                pin.span().start,
-                                &format!(
-                                    "plugin `{name}`: sha256 pin does not match {} (the file's sha256 is {actual})",
-                                    path.display()
-                                ),
-                                Some("the plugin changed since it was pinned: review it, then update the pin"),
-                            ));
-                        }
-                    }
-                    Err(e) => errors.push(ctx.at(
-                        r.path.span().start,
-                        &format!("plugin `{name}`: cannot read {}: {e}", path.display()),
-                        None,
-                    )),
-                }
-            }
-            let memory_mb = r.memory_mb.as_ref().map(|m| *m.get_ref()).unwrap_or(256);
-            if let Some(m) = &r.memory_mb {
-                if *m.get_ref() < 16 || *m.get_ref() > 4096 {
-                    errors.push(ctx.at(
-                        m.span().start,
-                        &format!("plugins.{name}.memory_mb must be between 16 and 4096"),
-                        None,
-                    ));
-                }
-            }
-            let mut bounded = |key: &str, v: &Option<Spanned<u64>>, default: u64, min: u64, max: u64| -> u64 {
-                match v {
-                    Some(v) if *v.get_ref() < min || *v.get_ref() > max => {
-                        errors.push(ctx.at(
-                            v.span().start,
-                            &format!("plugins.{name}.{key} must be between {min} and {max}"),
-                            None,
-                        ));
-                        default
-                    }
-                    Some(v) => *v.get_ref(),
-                    None => default,
-                }
-            };
-            let output_rows =
-                bounded("max_output_rows", &r.max_output_rows, Limits::DEFAULT_OUTPUT_ROWS, 1, u32::MAX as u64);
-            let output_mb = bounded("max_output_mb", &r.max_output_mb, Limits::DEFAULT_OUTPUT_MB, 1, 4096);
-            let log_kb = bounded("max_log_kb", &r.max_log_kb, Limits::DEFAULT_LOG_KB as u64, 0, 1 << 20);
-            let timeout_ms = r.timeout_ms.as_ref().map(|t| *t.get_ref()).unwrap_or(10_000);
-            if let Some(t) = &r.timeout_ms {
-                if *t.get_ref() == 0 || *t.get_ref() > 3_600_000 {
-                    errors.push(ctx.at(
-                        t.span().start,
-                        &format!("plugins.{name}.timeout_ms must be between 1 and 3600000"),
-                        None,
-                    ));
-                }
-            }
-            for s in &r.secrets {
-                if !secrets.contains_key(s.get_ref()) && !raw.secrets.contains_key(s.get_ref()) {
-                    errors.push(ctx.at(
-                        s.span().start,
-                        &format!("plugin `{name}` is granted secret `{}`, which is not declared", s.get_ref()),
-                        Some(&format!("declare it: [secrets] {} = {{ env = \"...\" }}", s.get_ref())),
-                    ));
-                }
-            }
-            plugins.insert(
-                name.clone(),
-                Plugin {
-                    name: name.clone(),
-                    path,
-                    sha256: r.sha256.as_ref().map(|s| s.get_ref().trim().to_lowercase()),
-                    memory_bytes: memory_mb << 20,
-                    timeout: Duration::from_millis(timeout_ms),
-                    output_rows,
-                    output_bytes: output_mb << 20,
-                    log_bytes: (log_kb as usize) << 10,
-                    secrets: r.secrets.iter().map(|s| s.get_ref().clone()).collect(),
-                    line: ctx.line_col(p.span().start).0,
-                },
-            );
-        }
-
-        // steps
-        let mut steps = Vec::new();
-        if raw.steps.is_empty() {
-            errors.push(ctx.at(
-                raw.pipeline.span().start,
-                "the pipeline has no steps",
-                Some("add a [steps.<name>] table with an input and an output"),
-            ));
-        }
-        for (name, s) in &raw.steps {
-            let r = s.get_ref();
-            let input = r.input.get_ref();
-            if !sources.contains_key(input) && !raw.steps.contains_key(input) {
-                let known: Vec<&String> = raw.sources.keys().chain(raw.steps.keys()).collect();
-                errors.push(ctx.at(
-                    r.input.span().start,
-                    &format!("step `{name}` reads `{input}`, which is neither a source nor a step"),
-                    Some(&format!("known sources and steps: {}", join(&known))),
-                ));
-            }
-            if sources.contains_key(input) && raw.steps.contains_key(input) {
-                errors.push(ctx.at(
-                    r.input.span().start,
-                    &format!("`{input}` is both a source and a step; rename one"),
-                    None,
-                ));
-            }
-            let mut transforms = Vec::new();
-            for t in &r.transforms {
-                let plugin = t.get_ref().plugin.get_ref();
-                if !raw.plugins.contains_key(plugin) {
-                    let known: Vec<&String> = raw.plugins.keys().collect();
-                    errors.push(ctx.at(
-                        t.get_ref().plugin.span().start,
-                        &format!("step `{name}` uses plugin `{plugin}`, which is not declared"),
-                        Some(&if known.is_empty() {
-                            format!("declare it: [plugins.{plugin}] path = \"...wasm\"")
-                        } else {
-                            format!("declared plugins: {}", join(&known))
-                        }),
-                    ));
-                }
-                let json = weir_sdk::config::toml_to_json(&toml::Value::Table(t.get_ref().config.clone()));
-                transforms.push(TransformRef {
-                    plugin: plugin.clone(),
-                    config_json: json.to_string(),
-                    line: ctx.line_col(t.span().start).0,
-                });
-            }
-            let output = r.output.as_ref().map(|o| {
-                let _ = o.format;
-                if let Some(p) = &o.partition_by {
-                    if p.get_ref().is_empty() {
-                        errors.push(ctx.at(p.span().start, "partition_by is empty", None));
-                    }
-                }
-                let compression = match &o.compression {
-                    None => Codec::default(),
-                    Some(c) => Codec::parse(c.get_ref()).unwrap_or_else(|message| {
-                        errors.push(ctx.at(c.span().start, &message, None));
-                        Codec::default()
-                    }),
-                };
-                Output {
-                    path: base.join(o.path.get_ref()),
-                    partition_by: o.partition_by.as_ref().map(|p| p.get_ref().clone()),
-                    row_group_size: o.row_group_size.unwrap_or(1 << 20).max(1024),
-                    compression,
-                    copy_columns: o.copy_columns.unwrap_or(true),
-                }
-            });
-            let retry = step_retry.get(name).or_else(|| source_retry.get(input)).copied().unwrap_or(Retry::NONE);
-            let mut checks = Vec::new();
-            for c in &r.checks {
-                if let Some((key, allowed)) = misplaced_check_key(c.get_ref()) {
-                    let at = find_key(ctx.text, c.span(), key).unwrap_or(c.span().start);
-                    errors.push(ctx.at(
-                        at,
-                        &format!("steps.{name}.checks: `{key}` does not belong on a `{}` check", c.get_ref().check),
-                        Some(&format!("a `{}` check takes {allowed}", c.get_ref().check)),
-                    ));
-                    continue;
-                }
-                match parse_check(c.get_ref(), &base) {
-                    Ok(mut check) => {
-                        check.line = ctx.line_col(c.span().start).0;
-                        if let crate::quality::Kind::Relationships {
-                            target: crate::quality::RelTarget::Step(t), ..
-                        } = &check.kind
-                        {
-                            if !raw.steps.contains_key(t) {
-                                errors.push(ctx.at(
-                                    c.span().start,
-                                    &format!("check `{}` refers to step `{t}`, which does not exist", check.name),
-                                    None,
-                                ));
-                            }
-                        }
-                        if let crate::quality::Kind::Plugin { plugin, .. } = &check.kind {
-                            if !raw.plugins.contains_key(plugin) {
-                                errors.push(ctx.at(
-                                    c.span().start,
-                                    &format!("check `{}` uses plugin `{plugin}`, which is not declared", check.name),
-                                    Some(&format!("declare it: [plugins.{plugin}] path = \"...wasm\"")),
-                                ));
-                            }
-                        }
-                        if checks.iter().any(|x: &crate::quality::Check| x.name == check.name) {
-                            errors.push(ctx.at(
-                                c.span().start,
-                                &format!("two checks of step `{name}` are named `{}`", check.name),
-                                Some("give one a `name`"),
-                            ));
-                        }
-                        checks.push(check);
-                    }
-                    Err((message, hint)) => {
-                        errors.push(ctx.at(c.span().start, &format!("steps.{name}.checks: {message}"), hint.as_deref()))
-                    }
-                }
-            }
-            steps.push(Step {
-                name: name.clone(),
-                input: input.clone(),
-                transforms,
-                output,
-                line: ctx.line_col(s.span().start).0,
-                retry,
-                checks,
-            });
-        }
+        let sources = parse_sources(&ctx, &base, &raw, &source_retry, &mut errors);
+        let plugins = parse_plugins(&ctx, &base, &raw, &secrets, &mut errors);
+        let steps = parse_steps(&ctx, &base, &raw, &sources, &step_retry, &source_retry, &mut errors);
 
         // Two steps writing one place would overwrite each other.
         let mut outputs: HashMap<PathBuf, &str> = HashMap::new();
@@ -1081,6 +773,360 @@ fn parse_check(c: &RawCheck, base: &Path) -> Result<crate::quality::Check, (Stri
         }
     });
     Ok(Check { name, kind, severity, tolerance, line: 0 })
+}
+
+/// `[secrets]`: each names an environment variable or a file, never the value.
+fn parse_secrets(
+    ctx: &Ctx<'_>,
+    base: &Path,
+    raw: &RawFile,
+    errors: &mut Vec<Diagnostic>,
+) -> BTreeMap<String, SecretRef> {
+    let mut secrets = BTreeMap::new();
+    for (name, s) in &raw.secrets {
+        let at = s.span().start;
+        match (&s.get_ref().env, &s.get_ref().file) {
+            (Some(env), None) => {
+                secrets.insert(name.clone(), SecretRef::Env(env.clone()));
+            }
+            (None, Some(file)) => {
+                secrets.insert(name.clone(), SecretRef::File(base.join(file)));
+            }
+            _ => errors.push(ctx.at(
+                at,
+                &format!("secret `{name}` must name exactly one of `env` or `file`"),
+                Some("secrets.mask_key = { env = \"WEIR_MASK_KEY\" } or { file = \"secrets/mask.key\" }; never the key itself"),
+            )),
+        }
+    }
+    secrets
+}
+
+/// `[sources.*]`.
+fn parse_sources(
+    ctx: &Ctx<'_>,
+    base: &Path,
+    raw: &RawFile,
+    source_retry: &BTreeMap<String, Retry>,
+    errors: &mut Vec<Diagnostic>,
+) -> BTreeMap<String, Source> {
+    let mut sources = BTreeMap::new();
+    for (name, s) in &raw.sources {
+        let r = s.get_ref();
+        let mut schema = Vec::new();
+        for (col, ty) in &r.schema {
+            match weir_sdk::util::parse_type_name(ty.get_ref()) {
+                Some(t) => schema.push((col.clone(), t)),
+                None => errors.push(ctx.at(
+                    ty.span().start,
+                    &format!("sources.{name}.schema.{col}: unknown type `{}`", ty.get_ref()),
+                    Some(&format!("use one of {}", weir_sdk::util::TYPE_NAMES)),
+                )),
+            }
+        }
+        if r.format == Format::Parquet && !schema.is_empty() {
+            errors.push(ctx.at(
+                s.span().start,
+                &format!("sources.{name}: parquet files carry their own schema; remove `schema`"),
+                None,
+            ));
+        }
+        let delimiter = match &r.delimiter {
+            None => b',',
+            Some(d) if d.get_ref().len() == 1 => d.get_ref().as_bytes()[0],
+            Some(d) => {
+                errors.push(ctx.at(
+                    d.span().start,
+                    &format!("sources.{name}.delimiter must be one ASCII character"),
+                    None,
+                ));
+                b','
+            }
+        };
+        if r.path.get_ref().trim().is_empty() {
+            errors.push(ctx.at(r.path.span().start, &format!("sources.{name}.path is empty"), None));
+        }
+        if let Some(n) = r.null_values.as_ref().filter(|_| r.format != Format::Csv) {
+            errors.push(ctx.at(
+                n.span().start,
+                &format!("sources.{name}.null_values applies to csv sources only"),
+                Some("JSON lines have null; Parquet has nulls of its own"),
+            ));
+        }
+        let path = if Path::new(r.path.get_ref()).is_absolute() {
+            r.path.get_ref().clone()
+        } else {
+            base.join(r.path.get_ref()).to_string_lossy().into_owned()
+        };
+        sources.insert(
+            name.clone(),
+            Source {
+                name: name.clone(),
+                format: r.format,
+                path,
+                schema,
+                on_error: r.on_error,
+                delimiter,
+                header: r.header,
+                infer_rows: r.infer_rows.unwrap_or(1000).max(1),
+                null_values: r.null_values.as_ref().map(|n| n.get_ref().clone()).unwrap_or_default(),
+                retry: source_retry.get(name).copied().unwrap_or(Retry::NONE),
+                columns: r.columns.clone(),
+            },
+        );
+    }
+    sources
+}
+
+/// `[plugins.*]`: each file exists (and matches its pin).
+fn parse_plugins(
+    ctx: &Ctx<'_>,
+    base: &Path,
+    raw: &RawFile,
+    secrets: &BTreeMap<String, SecretRef>,
+    errors: &mut Vec<Diagnostic>,
+) -> BTreeMap<String, Plugin> {
+    let mut plugins = BTreeMap::new();
+    for (name, p) in &raw.plugins {
+        let r = p.get_ref();
+        let path = base.join(r.path.get_ref());
+        if !path.is_file() {
+            errors.push(ctx.at(
+                r.path.span().start,
+                &format!("plugin `{name}`: file {} does not exist", path.display()),
+                Some(
+                    "paths are relative to the pipeline file; build first-party plugins with scripts/build-plugins.sh",
+                ),
+            ));
+        } else if let Some(pin) = &r.sha256 {
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    use sha2::Digest;
+                    let actual = crate::plugin::hex(&sha2::Sha256::digest(&bytes));
+                    if !actual.eq_ignore_ascii_case(pin.get_ref().trim()) {
+                        errors.push(ctx.at(
+                            pin.span().start,
+                            &format!(
+                                "plugin `{name}`: sha256 pin does not match {} (the file's sha256 is {actual})",
+                                path.display()
+                            ),
+                            Some("the plugin changed since it was pinned: review it, then update the pin"),
+                        ));
+                    }
+                }
+                Err(e) => errors.push(ctx.at(
+                    r.path.span().start,
+                    &format!("plugin `{name}`: cannot read {}: {e}", path.display()),
+                    None,
+                )),
+            }
+        }
+        let memory_mb = r.memory_mb.as_ref().map(|m| *m.get_ref()).unwrap_or(256);
+        if let Some(m) = &r.memory_mb {
+            if *m.get_ref() < 16 || *m.get_ref() > 4096 {
+                errors.push(ctx.at(
+                    m.span().start,
+                    &format!("plugins.{name}.memory_mb must be between 16 and 4096"),
+                    None,
+                ));
+            }
+        }
+        let mut bounded = |key: &str, v: &Option<Spanned<u64>>, default: u64, min: u64, max: u64| -> u64 {
+            match v {
+                Some(v) if *v.get_ref() < min || *v.get_ref() > max => {
+                    errors.push(ctx.at(
+                        v.span().start,
+                        &format!("plugins.{name}.{key} must be between {min} and {max}"),
+                        None,
+                    ));
+                    default
+                }
+                Some(v) => *v.get_ref(),
+                None => default,
+            }
+        };
+        let output_rows =
+            bounded("max_output_rows", &r.max_output_rows, Limits::DEFAULT_OUTPUT_ROWS, 1, u32::MAX as u64);
+        let output_mb = bounded("max_output_mb", &r.max_output_mb, Limits::DEFAULT_OUTPUT_MB, 1, 4096);
+        let log_kb = bounded("max_log_kb", &r.max_log_kb, Limits::DEFAULT_LOG_KB as u64, 0, 1 << 20);
+        let timeout_ms = r.timeout_ms.as_ref().map(|t| *t.get_ref()).unwrap_or(10_000);
+        if let Some(t) = &r.timeout_ms {
+            if *t.get_ref() == 0 || *t.get_ref() > 3_600_000 {
+                errors.push(ctx.at(
+                    t.span().start,
+                    &format!("plugins.{name}.timeout_ms must be between 1 and 3600000"),
+                    None,
+                ));
+            }
+        }
+        for s in &r.secrets {
+            if !secrets.contains_key(s.get_ref()) && !raw.secrets.contains_key(s.get_ref()) {
+                errors.push(ctx.at(
+                    s.span().start,
+                    &format!("plugin `{name}` is granted secret `{}`, which is not declared", s.get_ref()),
+                    Some(&format!("declare it: [secrets] {} = {{ env = \"...\" }}", s.get_ref())),
+                ));
+            }
+        }
+        plugins.insert(
+            name.clone(),
+            Plugin {
+                name: name.clone(),
+                path,
+                sha256: r.sha256.as_ref().map(|s| s.get_ref().trim().to_lowercase()),
+                memory_bytes: memory_mb << 20,
+                timeout: Duration::from_millis(timeout_ms),
+                output_rows,
+                output_bytes: output_mb << 20,
+                log_bytes: (log_kb as usize) << 10,
+                secrets: r.secrets.iter().map(|s| s.get_ref().clone()).collect(),
+                line: ctx.line_col(p.span().start).0,
+            },
+        );
+    }
+    plugins
+}
+
+/// `[steps.*]`: inputs, transforms, outputs and checks, in file order.
+fn parse_steps(
+    ctx: &Ctx<'_>,
+    base: &Path,
+    raw: &RawFile,
+    sources: &BTreeMap<String, Source>,
+    step_retry: &BTreeMap<String, Retry>,
+    source_retry: &BTreeMap<String, Retry>,
+    errors: &mut Vec<Diagnostic>,
+) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if raw.steps.is_empty() {
+        errors.push(ctx.at(
+            raw.pipeline.span().start,
+            "the pipeline has no steps",
+            Some("add a [steps.<name>] table with an input and an output"),
+        ));
+    }
+    for (name, s) in &raw.steps {
+        let r = s.get_ref();
+        let input = r.input.get_ref();
+        if !sources.contains_key(input) && !raw.steps.contains_key(input) {
+            let known: Vec<&String> = raw.sources.keys().chain(raw.steps.keys()).collect();
+            errors.push(ctx.at(
+                r.input.span().start,
+                &format!("step `{name}` reads `{input}`, which is neither a source nor a step"),
+                Some(&format!("known sources and steps: {}", join(&known))),
+            ));
+        }
+        if sources.contains_key(input) && raw.steps.contains_key(input) {
+            errors.push(ctx.at(
+                r.input.span().start,
+                &format!("`{input}` is both a source and a step; rename one"),
+                None,
+            ));
+        }
+        let mut transforms = Vec::new();
+        for t in &r.transforms {
+            let plugin = t.get_ref().plugin.get_ref();
+            if !raw.plugins.contains_key(plugin) {
+                let known: Vec<&String> = raw.plugins.keys().collect();
+                errors.push(ctx.at(
+                    t.get_ref().plugin.span().start,
+                    &format!("step `{name}` uses plugin `{plugin}`, which is not declared"),
+                    Some(&if known.is_empty() {
+                        format!("declare it: [plugins.{plugin}] path = \"...wasm\"")
+                    } else {
+                        format!("declared plugins: {}", join(&known))
+                    }),
+                ));
+            }
+            let json = weir_sdk::config::toml_to_json(&toml::Value::Table(t.get_ref().config.clone()));
+            transforms.push(TransformRef {
+                plugin: plugin.clone(),
+                config_json: json.to_string(),
+                line: ctx.line_col(t.span().start).0,
+            });
+        }
+        let output = r.output.as_ref().map(|o| {
+            let _ = o.format;
+            if let Some(p) = &o.partition_by {
+                if p.get_ref().is_empty() {
+                    errors.push(ctx.at(p.span().start, "partition_by is empty", None));
+                }
+            }
+            let compression = match &o.compression {
+                None => Codec::default(),
+                Some(c) => Codec::parse(c.get_ref()).unwrap_or_else(|message| {
+                    errors.push(ctx.at(c.span().start, &message, None));
+                    Codec::default()
+                }),
+            };
+            Output {
+                path: base.join(o.path.get_ref()),
+                partition_by: o.partition_by.as_ref().map(|p| p.get_ref().clone()),
+                row_group_size: o.row_group_size.unwrap_or(1 << 20).max(1024),
+                compression,
+                copy_columns: o.copy_columns.unwrap_or(true),
+            }
+        });
+        let retry = step_retry.get(name).or_else(|| source_retry.get(input)).copied().unwrap_or(Retry::NONE);
+        let mut checks = Vec::new();
+        for c in &r.checks {
+            if let Some((key, allowed)) = misplaced_check_key(c.get_ref()) {
+                let at = find_key(ctx.text, c.span(), key).unwrap_or(c.span().start);
+                errors.push(ctx.at(
+                    at,
+                    &format!("steps.{name}.checks: `{key}` does not belong on a `{}` check", c.get_ref().check),
+                    Some(&format!("a `{}` check takes {allowed}", c.get_ref().check)),
+                ));
+                continue;
+            }
+            match parse_check(c.get_ref(), base) {
+                Ok(mut check) => {
+                    check.line = ctx.line_col(c.span().start).0;
+                    if let crate::quality::Kind::Relationships { target: crate::quality::RelTarget::Step(t), .. } =
+                        &check.kind
+                    {
+                        if !raw.steps.contains_key(t) {
+                            errors.push(ctx.at(
+                                c.span().start,
+                                &format!("check `{}` refers to step `{t}`, which does not exist", check.name),
+                                None,
+                            ));
+                        }
+                    }
+                    if let crate::quality::Kind::Plugin { plugin, .. } = &check.kind {
+                        if !raw.plugins.contains_key(plugin) {
+                            errors.push(ctx.at(
+                                c.span().start,
+                                &format!("check `{}` uses plugin `{plugin}`, which is not declared", check.name),
+                                Some(&format!("declare it: [plugins.{plugin}] path = \"...wasm\"")),
+                            ));
+                        }
+                    }
+                    if checks.iter().any(|x: &crate::quality::Check| x.name == check.name) {
+                        errors.push(ctx.at(
+                            c.span().start,
+                            &format!("two checks of step `{name}` are named `{}`", check.name),
+                            Some("give one a `name`"),
+                        ));
+                    }
+                    checks.push(check);
+                }
+                Err((message, hint)) => {
+                    errors.push(ctx.at(c.span().start, &format!("steps.{name}.checks: {message}"), hint.as_deref()))
+                }
+            }
+        }
+        steps.push(Step {
+            name: name.clone(),
+            input: input.clone(),
+            transforms,
+            output,
+            line: ctx.line_col(s.span().start).0,
+            retry,
+            checks,
+        });
+    }
+    steps
 }
 
 struct Ctx<'a> {
