@@ -190,12 +190,17 @@ pub struct PluginEngine {
     engine: Engine,
     linker: Linker<HostState>,
     cache_dir: Option<PathBuf>,
-    stop_ticker: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
 }
 
-impl Drop for PluginEngine {
+/// Keeps the epoch ticker running while the engine or any plugin it loaded is alive: a
+/// plugin's deadline is counted in the ticker's epochs, so a plugin that outlives the
+/// engine it came from must keep it going (else a looping plugin is never stopped).
+struct Ticker(Arc<AtomicBool>);
+
+impl Drop for Ticker {
     fn drop(&mut self) {
-        self.stop_ticker.store(true, Ordering::Relaxed);
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -205,6 +210,7 @@ pub struct LoadedPlugin {
     pub info: PluginInfo,
     pre: Prepared,
     engine: Engine,
+    _ticker: Arc<Ticker>,
 }
 
 #[derive(Clone)]
@@ -257,7 +263,7 @@ impl PluginEngine {
                 tracing_warn(&format!("component cache {} unusable ({e}); compiling without it", dir.display()));
             }
         }
-        Ok(PluginEngine { engine, linker, cache_dir, stop_ticker: stop })
+        Ok(PluginEngine { engine, linker, cache_dir, ticker: Arc::new(Ticker(stop)) })
     }
 
     /// The default cache directory: `$WEIR_CACHE_DIR`, else `$XDG_CACHE_HOME/weir`, else
@@ -304,7 +310,7 @@ impl PluginEngine {
                 })
             }
         };
-        Ok(LoadedPlugin { info, pre, engine: self.engine.clone() })
+        Ok(LoadedPlugin { info, pre, engine: self.engine.clone(), _ticker: self.ticker.clone() })
     }
 
     /// Describe a component file; also the seconds compiling took (`None`: from the cache).
