@@ -231,7 +231,7 @@ fn read(
     }
     let _ = tx.send(Msg::End);
     let (skipped, first) = source.skipped();
-    Ok((base.rows_skipped + skipped, first, secs + source.helper_cpu_secs()))
+    Ok((base.rows_skipped + skipped, first.to_vec(), secs + source.helper_cpu_secs()))
 }
 
 /// A transform's thread: each batch through the sandbox, a snapshot at each mark, the

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use arrow_array::RecordBatch;
+use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, SchemaRef};
 use parquet::basic::Compression;
 
@@ -17,6 +17,7 @@ use super::parquet::{CopyColumn, CopySpec};
 use super::{Position, Skipped, Source};
 use crate::config::{Format, OnError};
 use crate::io::encode::CopiedGroup;
+use crate::io::text::ColumnBuilder;
 use crate::io::{Error, Result};
 
 /// Rows skipped whose place is kept for the summary; the rest are counted.
@@ -89,6 +90,22 @@ pub(super) trait FileBatches: Send {
     fn at_row_group_end(&self) -> bool {
         true
     }
+}
+
+/// One column builder per field of a text format's batches.
+pub(super) fn text_builders(path: &Path, schema: &SchemaRef, batch_size: usize) -> Result<Vec<ColumnBuilder>> {
+    schema
+        .fields()
+        .iter()
+        .map(|f| ColumnBuilder::new(f.data_type(), batch_size.min(8192)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|m| Error::Input { file: path.to_path_buf(), line: 0, column: None, message: m })
+}
+
+/// The rows the builders hold, as a batch (the builders start over).
+pub(super) fn finish_batch(schema: &SchemaRef, builders: &mut [ColumnBuilder]) -> Result<RecordBatch> {
+    let columns: Vec<ArrayRef> = builders.iter_mut().map(|b| b.finish()).collect();
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// A file's reader, positioned after `offset` records.
@@ -464,8 +481,8 @@ impl Source for FileSource {
         self.current.as_ref().is_none_or(|f| f.at_row_group_end())
     }
 
-    fn skipped(&self) -> (u64, Vec<Skipped>) {
-        (self.skipped_count + self.skipped.len() as u64, self.skipped.clone())
+    fn skipped(&self) -> (u64, &[Skipped]) {
+        (self.skipped_count + self.skipped.len() as u64, &self.skipped)
     }
 
     fn inputs(&self) -> usize {

@@ -5,10 +5,10 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, RecordBatch};
+use arrow_array::RecordBatch;
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 
-use super::files::{open_text, FileBatches, ReadSpec, TextInput};
+use super::files::{finish_batch, open_text, text_builders, FileBatches, ReadSpec, TextInput};
 use super::{corrupt_input, Skipped};
 use crate::config::{OnError, Source};
 use crate::io::text::{infer_type, parse_json, Cell, ColumnBuilder};
@@ -80,12 +80,7 @@ pub(super) struct JsonlFile {
 impl JsonlFile {
     pub(super) fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Self> {
         let file = open_text(path)?;
-        let builders = schema
-            .fields()
-            .iter()
-            .map(|f| ColumnBuilder::new(f.data_type(), spec.batch_size.min(8192)))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|m| Error::Input { file: path.to_path_buf(), line: 0, column: None, message: m })?;
+        let builders = text_builders(path, schema, spec.batch_size)?;
         let mut file = JsonlFile {
             path: path.to_path_buf(),
             lines: BufReader::new(file).lines(),
@@ -190,8 +185,7 @@ impl JsonlFile {
         if rows == 0 && eof {
             return Ok(None);
         }
-        let columns: Vec<ArrayRef> = self.builders.iter_mut().map(|b| b.finish()).collect();
-        Ok(Some(RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))?))
+        finish_batch(&self.schema, &mut self.builders).map(Some)
     }
 }
 

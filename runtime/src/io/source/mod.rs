@@ -71,7 +71,7 @@ pub trait Source: Send {
     }
 
     /// Rows skipped so far (`on_error = "skip"`), and the first few with their place.
-    fn skipped(&self) -> (u64, Vec<Skipped>);
+    fn skipped(&self) -> (u64, &[Skipped]);
 
     /// How many inputs (files, tables, pages) the run reads, for its summary.
     fn inputs(&self) -> usize;
