@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use weir::config::Pipeline;
 use weir::engine::{self, Level, Progress, RunOptions, RunSummary};
 use weir::plugin::PluginEngine;
@@ -36,7 +37,9 @@ const EXIT_WARNINGS: u8 = 3;
 struct Cli {
     /// Log level: error, warn, info, debug or trace [default: $WEIR_LOG, else info; warn
     /// with `run --quiet`]. Plugins' log lines keep their own levels (stdout as info,
-    /// stderr as warn).
+    /// stderr as warn) and have their own target: `info,weir::plugin=warn` logs weir at info
+    /// and plugins at warn, `weir::plugin=off` silences plugins (weir's notes about them
+    /// stay).
     #[arg(long, global = true, value_name = "LEVEL")]
     log_level: Option<String>,
     /// Log lines as `text` (the message alone) or `json` (one object a line: timestamp,
@@ -72,24 +75,77 @@ impl Write for LogWriter {
     }
 }
 
-/// Send log lines through `tracing` at `level` and above, as text or JSON.
-fn init_logging(level: Level, format: LogFormat) {
-    let builder = tracing_subscriber::fmt().with_max_level(level).with_writer(|| LogWriter).with_ansi(false);
+/// What `--log-level` / `WEIR_LOG` select: a level (`info`), target directives
+/// (`weir::plugin=warn`), or both (`info,weir::plugin=off`). Without a bare level, `default`
+/// applies to everything the directives do not name.
+fn log_filter(spec: &str, default: Level) -> Result<Targets, String> {
+    let mut has_level = false;
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            None => {
+                part.parse::<Level>().map_err(|_| {
+                    format!("unknown log level `{part}`; use error, warn, info, debug or trace, or TARGET=LEVEL")
+                })?;
+                has_level = true;
+            }
+            Some((target, level)) => {
+                if target.trim().is_empty() || level.trim().parse::<LevelFilter>().is_err() {
+                    return Err(format!(
+                        "bad log directive `{part}`: write TARGET=LEVEL (e.g. weir::plugin=warn; LEVEL may be off)"
+                    ));
+                }
+            }
+        }
+    }
+    // empty parts are dropped: tracing reads an empty directive as `error` for everything
+    let mut parts: Vec<String> = spec.split(',').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect();
+    if !has_level {
+        parts.insert(0, default.to_string());
+    }
+    let spec = parts.join(",");
+    spec.parse::<Targets>().map_err(|e| format!("bad log directives `{spec}`: {e}"))
+}
+
+/// Send log lines through `tracing`, filtered by `filter`, as text or JSON.
+fn init_logging(filter: Targets, format: LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let builder =
+        tracing_subscriber::fmt().with_max_level(LevelFilter::TRACE).with_writer(|| LogWriter).with_ansi(false);
     let _ = match format {
-        LogFormat::Text => builder.without_time().with_level(false).with_target(false).try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init(),
+        LogFormat::Text => builder.without_time().with_level(false).with_target(false).finish().with(filter).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .finish()
+            .with(filter)
+            .try_init(),
     };
 }
 
-/// The `tracing` event for one of weir's log lines.
+/// The `tracing` event for a log line, under a target known at compile time.
+macro_rules! event_at {
+    ($target:literal, $level:expr, $line:expr) => {
+        match $level {
+            Level::ERROR => tracing::error!(target: $target, "{}", $line),
+            Level::WARN => tracing::warn!(target: $target, "{}", $line),
+            Level::INFO => tracing::info!(target: $target, "{}", $line),
+            Level::DEBUG => tracing::debug!(target: $target, "{}", $line),
+            _ => tracing::trace!(target: $target, "{}", $line),
+        }
+    };
+}
+
+/// One of weir's own log lines (target `weir`).
 fn log_line(level: Level, line: &str) {
-    match level {
-        Level::ERROR => tracing::error!(target: "weir", "{line}"),
-        Level::WARN => tracing::warn!(target: "weir", "{line}"),
-        Level::INFO => tracing::info!(target: "weir", "{line}"),
-        Level::DEBUG => tracing::debug!(target: "weir", "{line}"),
-        _ => tracing::trace!(target: "weir", "{line}"),
-    }
+    event_at!("weir", level, line)
+}
+
+/// A line a plugin wrote (target `weir::plugin`).
+fn plugin_log_line(level: Level, line: &str) {
+    event_at!("weir::plugin", level, line)
 }
 
 #[derive(Subcommand)]
@@ -314,18 +370,15 @@ fn main() -> ExitCode {
     weir::malloc_tuning::tune();
     let cli = Cli::parse();
     let quiet = matches!(&cli.command, Command::Run(a) if a.quiet);
-    let level = match cli.log_level.clone().or_else(|| std::env::var("WEIR_LOG").ok().filter(|v| !v.is_empty())) {
-        Some(name) => match name.parse::<Level>() {
-            Ok(level) => level,
-            Err(_) => {
-                eprintln!("error: unknown log level `{name}`; use error, warn, info, debug or trace");
-                return ExitCode::from(EXIT_INVALID);
-            }
-        },
-        None if quiet => Level::WARN,
-        None => Level::INFO,
-    };
-    init_logging(level, cli.log_format);
+    let default = if quiet { Level::WARN } else { Level::INFO };
+    let spec = cli.log_level.clone().or_else(|| std::env::var("WEIR_LOG").ok().filter(|v| !v.is_empty()));
+    match log_filter(spec.as_deref().unwrap_or(""), default) {
+        Ok(filter) => init_logging(filter, cli.log_format),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    }
     match cli.command {
         Command::Run(args) => cmd_run(args),
         Command::Runs(args) => report(cmd_runs(args)),
@@ -430,6 +483,7 @@ fn cmd_run(args: RunArgs) -> ExitCode {
         partition,
         cache_dir: cache_dir.or_else(PluginEngine::default_cache_dir),
         log,
+        plugin_log: Arc::new(plugin_log_line),
         progress,
         state,
         force,
@@ -915,6 +969,7 @@ fn cmd_backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
         state: args.state,
         force: args.force,
         log: Arc::new(log_line),
+        plugin_log: Arc::new(plugin_log_line),
         ..RunOptions::default()
     };
     let parallel = args.parallel;

@@ -369,6 +369,19 @@ fn hostile_output_flood_is_capped_not_fatal() {
     assert!(out.stderr.contains("[attack/hostile] stdout:"), "{}", out.stderr);
     assert!(out.stderr.contains("bytes dropped"), "{}", out.stderr);
     assert!(out.stderr.len() < 512 * 1024, "stdout flood was forwarded uncapped: {} bytes", out.stderr.len());
+    // the plugin's own lines have their own target: silenced alone, weir's notes about them stay
+    let quiet = weir(dir.path(), &["run", "pipeline.toml", "--force", "--log-level", "weir::plugin=off"]);
+    assert_eq!(quiet.code, 0, "{}", quiet.stderr);
+    assert!(!quiet.stderr.contains("!!!!"), "{}", quiet.stderr);
+    assert!(quiet.stderr.contains("bytes dropped") && quiet.stderr.contains("weir: plugin"), "{}", quiet.stderr);
+    let json = weir(dir.path(), &["run", "pipeline.toml", "--force", "--log-format", "json"]);
+    let lines: Vec<serde_json::Value> = json.stderr.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let target = |text: &str| {
+        let line = lines.iter().find(|l| l["message"].as_str().unwrap().contains(text)).unwrap();
+        line["target"].as_str().unwrap().to_string()
+    };
+    assert_eq!(target("stdout: !!!!"), "weir::plugin");
+    assert_eq!(target("bytes dropped"), "weir");
 }
 
 #[test]
@@ -2730,9 +2743,63 @@ output = { path = "out/s" }
     let bad = weir(d, &["run", "pipeline.toml", "--log-level", "loud"]);
     assert_eq!(bad.code, 2);
     assert!(bad.stderr.contains("unknown log level `loud`"), "{}", bad.stderr);
+    let bad = weir(d, &["run", "pipeline.toml", "--log-level", "weir::plugin=chatty"]);
+    assert_eq!(bad.code, 2);
+    assert!(bad.stderr.contains("bad log directive `weir::plugin=chatty`"), "{}", bad.stderr);
+    // a directive alone keeps the default level for the rest
+    let plugins_quiet = weir(d, &["run", "pipeline.toml", "--force", "--log-level", "weir::plugin=warn"]);
+    assert!(plugins_quiet.stderr.contains("weir: skipped"), "{}", plugins_quiet.stderr);
     let env = weir_command(d, &["run", "pipeline.toml", "--force"]).env("WEIR_LOG", "warn").output().unwrap();
     let env_err = String::from_utf8_lossy(&env.stderr);
     assert!(env_err.contains("weir: skipped") && !env_err.contains("weir: plugin"), "{env_err}");
+}
+
+#[test]
+fn csv_dialects_keep_their_line_numbers_and_bad_keys_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // two lines before the header, Latin-1 text, a backslash-escaped quote, a bad row on line 6
+    let mut text = b"Export\n# from the ledger\nid,name\n1,\"Zo\xeb\"\n2,\"say \\\"hi\\\"\"\nx,bad\n".to_vec();
+    text.extend_from_slice(b"3,\"caf\xe9\"\n");
+    std::fs::write(d.join("in.csv"), &text).unwrap();
+    let pipeline = |extra: &str| {
+        format!(
+            "[pipeline]\nname = \"dialects\"\n\n[sources.input]\nformat = \"csv\"\npath = \"in.csv\"\nschema = {{ id = \"int64\", name = \"string\" }}\n{extra}\n\n[steps.s]\ninput = \"input\"\noutput = {{ path = \"out/s\" }}\n"
+        )
+    };
+    std::fs::write(d.join("pipeline.toml"), pipeline("skip_rows = 2\nencoding = \"latin1\"\nescape = \"\\\\\""))
+        .unwrap();
+    let out = weir(d, &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("in.csv:6: column `id`: cannot parse \"x\""), "{}", out.stderr);
+    std::fs::write(
+        d.join("pipeline.toml"),
+        pipeline("skip_rows = 2\nencoding = \"latin1\"\nescape = \"\\\\\"\non_error = \"skip\""),
+    )
+    .unwrap();
+    let out = weir(d, &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let rows = dataset_rows(&d.join("out/s"));
+    let names: Vec<&str> = rows.iter().map(|r| r.split_once(',').unwrap().1).collect();
+    assert_eq!(names, ["Zoë", "say \"hi\"", "café"]);
+    // without the encoding, the Latin-1 byte is bad UTF-8, named with its line and the advice
+    std::fs::write(d.join("pipeline.toml"), pipeline("skip_rows = 2\nescape = \"\\\\\"")).unwrap();
+    let out = weir(d, &["run", "pipeline.toml"]);
+    assert!(out.stderr.contains("in.csv:4: column `name`: invalid UTF-8"), "{}", out.stderr);
+    // more lines skipped than the file has
+    std::fs::write(d.join("pipeline.toml"), pipeline("skip_rows = 50")).unwrap();
+    let out = weir(d, &["run", "pipeline.toml"]);
+    assert!(out.stderr.contains("the file ends before the 50 lines skip_rows skips"), "{}", out.stderr);
+    // keys in the wrong place, and an encoding nobody knows, each named at its line
+    std::fs::write(d.join("pipeline.toml"), pipeline("encoding = \"klingon\"\nquote = \"''\"")).unwrap();
+    let out = weir(d, &["validate", "pipeline.toml"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("unknown encoding `klingon`"), "{}", out.stderr);
+    assert!(out.stderr.contains("sources.input.quote must be one ASCII character"), "{}", out.stderr);
+    let jsonl = pipeline("skip_rows = 1").replace("format = \"csv\"", "format = \"jsonl\"");
+    std::fs::write(d.join("pipeline.toml"), jsonl).unwrap();
+    let out = weir(d, &["validate", "pipeline.toml"]);
+    assert!(out.stderr.contains("sources.input.skip_rows applies to csv sources only"), "{}", out.stderr);
 }
 
 #[test]

@@ -99,6 +99,10 @@ struct RawSource {
     header: bool,
     infer_rows: Option<usize>,
     null_values: Option<Spanned<Vec<String>>>,
+    quote: Option<Spanned<String>>,
+    escape: Option<Spanned<String>>,
+    skip_rows: Option<Spanned<u64>>,
+    encoding: Option<Spanned<String>>,
     retry: Option<Spanned<Retry>>,
     columns: Option<Vec<String>>,
 }
@@ -194,6 +198,19 @@ pub enum Format {
     Csv,
     Jsonl,
     Parquet,
+    Avro,
+}
+
+impl Format {
+    /// The format's name in a pipeline file, which is also its files' extension.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Csv => "csv",
+            Format::Jsonl => "jsonl",
+            Format::Parquet => "parquet",
+            Format::Avro => "avro",
+        }
+    }
 }
 
 /// Output formats.
@@ -274,6 +291,15 @@ pub struct Source {
     pub infer_rows: usize,
     /// CSV: field texts read as null besides the empty field (`NULL`, `\N`, `NA`).
     pub null_values: Vec<String>,
+    /// CSV: the quote character (default `"`; a doubled quote inside quotes is one quote).
+    pub quote: u8,
+    /// CSV: the character that escapes the next one inside quotes (e.g. `\`), if any.
+    pub escape: Option<u8>,
+    /// CSV: lines before the header (or the first row), skipped unread.
+    pub skip_rows: u64,
+    /// CSV and JSON lines: the text's encoding, as a WHATWG label known to `encoding_rs`
+    /// (`latin1` is Windows-1252); `None` for UTF-8.
+    pub encoding: Option<String>,
     pub retry: Retry,
     /// Only these columns, in this order (Parquet reads only them).
     pub columns: Option<Vec<String>>,
@@ -824,25 +850,55 @@ fn parse_sources(
                 )),
             }
         }
-        if r.format == Format::Parquet && !schema.is_empty() {
+        if matches!(r.format, Format::Parquet | Format::Avro) && !schema.is_empty() {
             errors.push(ctx.at(
                 s.span().start,
-                &format!("sources.{name}: parquet files carry their own schema; remove `schema`"),
+                &format!("sources.{name}: {} files carry their own schema; remove `schema`", r.format.name()),
                 None,
             ));
         }
-        let delimiter = match &r.delimiter {
-            None => b',',
+        let mut one_char = |key: &str, value: &Option<Spanned<String>>, default: u8| match value {
+            None => default,
             Some(d) if d.get_ref().len() == 1 => d.get_ref().as_bytes()[0],
             Some(d) => {
-                errors.push(ctx.at(
-                    d.span().start,
-                    &format!("sources.{name}.delimiter must be one ASCII character"),
-                    None,
-                ));
-                b','
+                errors.push(ctx.at(d.span().start, &format!("sources.{name}.{key} must be one ASCII character"), None));
+                default
             }
         };
+        let delimiter = one_char("delimiter", &r.delimiter, b',');
+        let quote = one_char("quote", &r.quote, b'"');
+        let escape = r.escape.is_some().then(|| one_char("escape", &r.escape, b'\\'));
+        let encoding = r.encoding.as_ref().and_then(|e| match encoding_rs::Encoding::for_label(e.get_ref().trim().as_bytes()) {
+            Some(enc) if enc == encoding_rs::UTF_8 => None,
+            Some(enc) => Some(enc.name().to_string()),
+            None => {
+                errors.push(ctx.at(
+                    e.span().start,
+                    &format!("sources.{name}.encoding: unknown encoding `{}`", e.get_ref()),
+                    Some("use utf-8 (the default), latin1 (read as windows-1252), or another WHATWG label such as iso-8859-15, utf-16le or shift_jis"),
+                ));
+                None
+            }
+        });
+        if r.format != Format::Csv {
+            for (key, span) in [
+                ("delimiter", r.delimiter.as_ref().map(|v| v.span())),
+                ("quote", r.quote.as_ref().map(|v| v.span())),
+                ("escape", r.escape.as_ref().map(|v| v.span())),
+                ("skip_rows", r.skip_rows.as_ref().map(|v| v.span())),
+            ] {
+                if let Some(span) = span {
+                    errors.push(ctx.at(span.start, &format!("sources.{name}.{key} applies to csv sources only"), None));
+                }
+            }
+        }
+        if let Some(e) = r.encoding.as_ref().filter(|_| matches!(r.format, Format::Parquet | Format::Avro)) {
+            errors.push(ctx.at(
+                e.span().start,
+                &format!("sources.{name}.encoding applies to csv and jsonl sources only"),
+                Some("Parquet and Avro strings are UTF-8 by definition"),
+            ));
+        }
         if r.path.get_ref().trim().is_empty() {
             errors.push(ctx.at(r.path.span().start, &format!("sources.{name}.path is empty"), None));
         }
@@ -870,6 +926,10 @@ fn parse_sources(
                 header: r.header,
                 infer_rows: r.infer_rows.unwrap_or(1000).max(1),
                 null_values: r.null_values.as_ref().map(|n| n.get_ref().clone()).unwrap_or_default(),
+                quote,
+                escape,
+                skip_rows: r.skip_rows.as_ref().map_or(0, |n| *n.get_ref()),
+                encoding,
                 retry: source_retry.get(name).copied().unwrap_or(Retry::NONE),
                 columns: r.columns.clone(),
             },

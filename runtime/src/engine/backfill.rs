@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use super::{run, RunOptions};
+use super::{run, LogFn, RunOptions};
 use crate::config::Pipeline;
 use crate::store::{RunStore, Status};
 use crate::{Error, Result};
@@ -231,13 +231,16 @@ fn execute(
             scope.spawn(|| loop {
                 let Some(p) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else { break };
                 let _ = store.set_backfill_partition(id, &p, "RUNNING", None, None);
-                let prefix = format!("[{p}] ");
-                let inner = log.clone();
+                let prefixed = |inner: &LogFn| -> LogFn {
+                    let (prefix, inner) = (format!("[{p}] "), inner.clone());
+                    Arc::new(move |level, l: &str| inner(level, &format!("{prefix}{l}")))
+                };
                 let opts = RunOptions {
                     partition: Some(p.clone()),
                     backfill_id: Some(id),
                     progress: None,
-                    log: Arc::new(move |level, l: &str| inner(level, &format!("{prefix}{l}"))),
+                    log: prefixed(&log),
+                    plugin_log: prefixed(&options.plugin_log),
                     ..options.clone()
                 };
                 let outcome = match run(pipeline, &opts) {

@@ -68,8 +68,12 @@ pub struct RunOptions {
     pub partition: Option<String>,
     /// Compiled-component cache; `None` compiles every time.
     pub cache_dir: Option<PathBuf>,
-    /// Where log lines (weir's and plugins') go.
+    /// Where weir's own log lines go (its notes about plugins included).
     pub log: LogFn,
+    /// Where the lines plugins write go (their `log` calls, stdout and stderr), already
+    /// prefixed with `[step/plugin]`: the binary logs them under the target `weir::plugin`,
+    /// so `WEIR_LOG=info,weir::plugin=warn` quiets chatty plugins alone.
+    pub plugin_log: LogFn,
     /// Called about every 200 ms with the live counters, for a progress display.
     pub progress: Option<ProgressFn>,
     /// The run store file; `None` uses the pipeline's (`<pipeline dir>/.weir/state.db`).
@@ -90,6 +94,7 @@ impl Default for RunOptions {
             partition: None,
             cache_dir: PluginEngine::default_cache_dir(),
             log: Arc::new(|_, line| eprintln!("{line}")),
+            plugin_log: Arc::new(|_, line| eprintln!("{line}")),
             progress: None,
             state: None,
             force: false,

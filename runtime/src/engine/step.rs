@@ -73,11 +73,15 @@ impl StepCtx<'_> {
     }
 }
 
-/// Where a plugin's log lines go: weir's log, prefixed with the step and plugin.
+/// Where a plugin's log lines go, prefixed with the step and plugin: the plugin's own lines
+/// to the plugins' log, weir's notes about it to weir's.
 pub(super) fn plugin_log(ctx: &StepCtx<'_>, plugin: &str) -> LogSink {
     let prefix = format!("[{}/{plugin}]", ctx.step.name);
-    let log = ctx.options.log.clone();
-    Arc::new(move |l: &LogLine| log(plugin_level(l.level), &format!("{prefix} {}: {}", l.level, l.message)))
+    let (own, notes) = (ctx.options.plugin_log.clone(), ctx.options.log.clone());
+    Arc::new(move |l: &LogLine| {
+        let log = if l.own { &own } else { &notes };
+        log(plugin_level(l.level), &format!("{prefix} {}: {}", l.level, l.message))
+    })
 }
 
 /// How errors name a step's transform: `mask (transform 2 of 3)`.

@@ -607,6 +607,9 @@ pub fn hex(bytes: &[u8]) -> String {
 pub struct LogLine {
     pub level: &'static str,
     pub message: String,
+    /// Written by the plugin itself (its `log` calls, stdout and stderr), not weir's notes
+    /// about it (caps reached, lines dropped).
+    pub own: bool,
 }
 
 /// Where a plugin's log lines go.
@@ -687,6 +690,7 @@ impl HostState {
                     "log budget of {} KiB per run reached (max_log_kb): this plugin's further log lines, stdout and stderr are dropped and counted",
                     self.limits.log_bytes >> 10
                 ),
+                own: false,
             });
         }
     }
@@ -802,7 +806,7 @@ impl wit_host::Host for HostState {
             message.truncate(cut);
         }
         if self.admit(message.len(), true) {
-            (self.log)(&LogLine { level, message });
+            (self.log)(&LogLine { level, message, own: true });
         } else {
             self.say_run_cap();
         }
@@ -828,6 +832,7 @@ impl wit_host::Host for HostState {
                         "counter `{name}` refused: at most {} distinct counter names per plugin; further new names are dropped and counted",
                         Limits::MAX_COUNTERS
                     ),
+                    own: false,
                 });
             }
             self.counters_refused += 1;
@@ -876,7 +881,7 @@ impl Drop for Sandbox {
             lost.push(format!("{} new counter names were refused", state.counters_refused));
         }
         if !lost.is_empty() {
-            (state.log)(&LogLine { level: "warn", message: format!("over this run {}", lost.join("; ")) });
+            (state.log)(&LogLine { level: "warn", message: format!("over this run {}", lost.join("; ")), own: false });
         }
     }
 }
@@ -973,6 +978,7 @@ impl Sandbox {
                     "({lines} log lines, {bytes} bytes, dropped: `log` is capped at {} bytes per call)",
                     self.limits.output_cap
                 ),
+                own: false,
             });
         }
         for (pipe, level) in [(&self.stdout, "stdout"), (&self.stderr, "stderr")] {
@@ -981,7 +987,7 @@ impl Sandbox {
             let state = self.store.data_mut();
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
                 if state.admit(line.len(), false) {
-                    log(&LogLine { level, message: line.to_string() });
+                    log(&LogLine { level, message: line.to_string(), own: true });
                 }
             }
             state.say_run_cap();
@@ -994,6 +1000,7 @@ impl Sandbox {
                             "({dropped} more bytes dropped: output is capped at {} bytes per call)",
                             self.limits.output_cap
                         ),
+                        own: false,
                     });
                 }
             }

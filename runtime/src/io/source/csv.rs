@@ -1,6 +1,7 @@
 //! CSV files: header, declared or inferred types, `null_values`, `on_error`.
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,32 +14,62 @@ use crate::config::{OnError, Source};
 use crate::io::text::{infer_type, parse_text, Cell, ColumnBuilder};
 use crate::io::{Error, Result};
 
-fn csv_reader(path: &Path, delimiter: u8, header: bool) -> Result<csv::Reader<TextInput>> {
-    let input = open_text(path)?;
-    Ok(csv::ReaderBuilder::new().delimiter(delimiter).has_headers(header).flexible(true).from_reader(input))
+/// A CSV file in its dialect, past its `skip_rows` lines.
+fn csv_reader(path: &Path, spec: &ReadSpec) -> Result<csv::Reader<TextInput>> {
+    let mut input = open_text(path, spec.encoding)?;
+    if spec.skip_rows > 0 {
+        let mut lines = BufReader::new(input);
+        let mut line = Vec::new();
+        for n in 0..spec.skip_rows {
+            line.clear();
+            let read = lines.read_until(b'\n', &mut line).map_err(|e| match corrupt_input(&e) {
+                Some(message) => Error::Input { file: path.to_path_buf(), line: n + 1, column: None, message },
+                None => Error::io(path, e),
+            })?;
+            if read == 0 {
+                return Err(Error::Input {
+                    file: path.to_path_buf(),
+                    line: n,
+                    column: None,
+                    message: format!("the file ends before the {} lines skip_rows skips", spec.skip_rows),
+                });
+            }
+        }
+        input = Box::new(lines);
+    }
+    Ok(csv::ReaderBuilder::new()
+        .delimiter(spec.delimiter)
+        .quote(spec.quote)
+        .escape(spec.escape)
+        .has_headers(spec.header)
+        .flexible(true)
+        .from_reader(input))
 }
 
-fn csv_header(path: &Path, reader: &mut csv::Reader<TextInput>, header: bool) -> Result<Vec<String>> {
-    let rec = reader.byte_headers().map_err(|e| csv_error(path, e))?.clone();
+fn csv_header(path: &Path, reader: &mut csv::Reader<TextInput>, spec: &ReadSpec) -> Result<Vec<String>> {
+    let rec = reader.byte_headers().map_err(|e| csv_error(path, e, spec.skip_rows))?.clone();
     let mut names = Vec::new();
     for (i, f) in rec.iter().enumerate() {
-        if !header {
+        if !spec.header {
             names.push(format!("column_{}", i + 1));
             continue;
         }
         let name = std::str::from_utf8(f).map_err(|_| Error::Input {
             file: path.to_path_buf(),
-            line: 1,
+            line: spec.skip_rows + 1,
             column: Some(format!("#{}", i + 1)),
-            message: "the header is not valid UTF-8".into(),
+            message: "the header is not valid UTF-8 (for Latin-1 or Windows-1252 text, set encoding = \"latin1\")"
+                .into(),
         })?;
         names.push(name.trim().to_string());
     }
     Ok(names)
 }
 
-fn csv_error(path: &Path, e: csv::Error) -> Error {
-    let line = e.position().map(|p| p.line()).unwrap_or(0);
+/// `e` as an input error at its line in the file (`skipped` lines come before what the
+/// CSV reader counts).
+fn csv_error(path: &Path, e: csv::Error, skipped: u64) -> Error {
+    let line = e.position().map(|p| p.line() + skipped).unwrap_or(0);
     match e.into_kind() {
         csv::ErrorKind::Io(io) => match corrupt_input(&io) {
             Some(message) => Error::Input { file: path.to_path_buf(), line, column: None, message },
@@ -50,10 +81,10 @@ fn csv_error(path: &Path, e: csv::Error) -> Error {
 
 /// The columns of a CSV source: its header with the declared types, or types inferred from
 /// the first rows of the first file.
-pub(super) fn schema(files: &[PathBuf], source: &Source) -> Result<SchemaRef> {
+pub(super) fn schema(files: &[PathBuf], source: &Source, spec: &ReadSpec) -> Result<SchemaRef> {
     let path = &files[0];
-    let mut reader = csv_reader(path, source.delimiter, source.header)?;
-    let names = csv_header(path, &mut reader, source.header)?;
+    let mut reader = csv_reader(path, spec)?;
+    let names = csv_header(path, &mut reader, spec)?;
     let declared: HashMap<&str, &DataType> = source.schema.iter().map(|(n, t)| (n.as_str(), t)).collect();
     if !declared.is_empty() {
         let missing: Vec<&str> =
@@ -71,7 +102,12 @@ pub(super) fn schema(files: &[PathBuf], source: &Source) -> Result<SchemaRef> {
                     undeclared.join(", ")
                 ));
             }
-            return Err(Error::Input { file: path.clone(), line: 1, column: None, message: msg.trim().to_string() });
+            return Err(Error::Input {
+                file: path.clone(),
+                line: spec.skip_rows + 1,
+                column: None,
+                message: msg.trim().to_string(),
+            });
         }
         let fields: Vec<Field> = names.iter().map(|n| Field::new(n, declared[n.as_str()].clone(), true)).collect();
         return Ok(Arc::new(Schema::new(fields)));
@@ -116,17 +152,19 @@ pub(super) struct CsvFile {
     consumed: u64,
     /// Field texts read as null besides the empty field.
     null_values: Arc<Vec<String>>,
+    /// Lines skipped before the reader's first (`skip_rows`): added to its line numbers.
+    skipped_lines: u64,
 }
 
 impl CsvFile {
     pub(super) fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Self> {
-        let mut reader = csv_reader(path, spec.delimiter, spec.header)?;
-        let names = csv_header(path, &mut reader, spec.header)?;
+        let mut reader = csv_reader(path, spec)?;
+        let names = csv_header(path, &mut reader, spec)?;
         let mut positions = Vec::new();
         for f in schema.fields() {
             let pos = names.iter().position(|n| n == f.name()).ok_or_else(|| Error::Input {
                 file: path.to_path_buf(),
-                line: 1,
+                line: spec.skip_rows + 1,
                 column: Some(f.name().clone()),
                 message: format!(
                     "the header lacks column `{}` (the files of one source must share their columns)",
@@ -149,6 +187,7 @@ impl CsvFile {
             cells: Vec::new(),
             consumed: 0,
             null_values: spec.null_values.clone(),
+            skipped_lines: spec.skip_rows,
         };
         file.skip(offset)?;
         Ok(file)
@@ -169,7 +208,7 @@ impl CsvFile {
                 }
                 Ok(true) => {}
                 Err(e) => {
-                    let err = csv_error(&self.path, e);
+                    let err = csv_error(&self.path, e, self.skipped_lines);
                     match (&err, self.on_error) {
                         (Error::Input { line, message, .. }, OnError::Skip) => {
                             skipped.push(Skipped { file: self.path.clone(), line: *line, message: message.clone() });
@@ -179,7 +218,7 @@ impl CsvFile {
                     }
                 }
             }
-            let line = self.record.position().map(|p| p.line()).unwrap_or(0);
+            let line = self.record.position().map(|p| p.line() + self.skipped_lines).unwrap_or(0);
             match self.parse_row(line) {
                 Ok(()) => {
                     for (b, c) in self.builders.iter_mut().zip(self.cells.drain(..)) {
@@ -250,9 +289,6 @@ impl CsvFile {
         Ok(())
     }
 }
-
-// ---------------------------------------------------------------------------------------
-// JSON lines
 
 impl FileBatches for CsvFile {
     fn next_batch(&mut self, skipped: &mut Vec<Skipped>) -> Result<Option<RecordBatch>> {

@@ -47,6 +47,12 @@ pub(super) struct ReadSpec {
     pub header: bool,
     /// CSV: field texts read as null besides the empty field.
     pub null_values: Arc<Vec<String>>,
+    /// CSV: quote and escape characters, and lines to skip before the header.
+    pub quote: u8,
+    pub escape: Option<u8>,
+    pub skip_rows: u64,
+    /// CSV and JSON lines: the text's encoding when it is not UTF-8.
+    pub encoding: Option<&'static encoding_rs::Encoding>,
     /// Types of hive partition columns (`key=value` directories); others are strings.
     pub hive_types: HashMap<String, DataType>,
     pub root: Option<PathBuf>,
@@ -67,6 +73,10 @@ impl ReadSpec {
             delimiter: b',',
             header: true,
             null_values: Arc::default(),
+            quote: b'"',
+            escape: None,
+            skip_rows: 0,
+            encoding: None,
             hive_types: HashMap::new(),
             root: None,
             projection: None,
@@ -114,15 +124,17 @@ fn open_file(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> R
         Format::Csv => Box::new(super::csv::CsvFile::open(path, schema, spec, offset)?),
         Format::Jsonl => Box::new(super::jsonl::JsonlFile::open(path, schema, spec, offset)?),
         Format::Parquet => Box::new(super::parquet::ParquetFile::open(path, schema, spec, offset)?),
+        Format::Avro => Box::new(super::avro::AvroFile::open(path, schema, spec, offset)?),
     })
 }
 
 /// The schema of a source's files (declared, inferred or read from the first file).
 fn schema_of(files: &[PathBuf], source: &crate::config::Source, spec: &ReadSpec) -> Result<SchemaRef> {
     match source.format {
-        Format::Csv => super::csv::schema(files, source),
-        Format::Jsonl => super::jsonl::schema(files, source),
+        Format::Csv => super::csv::schema(files, source, spec),
+        Format::Jsonl => super::jsonl::schema(files, source, spec),
         Format::Parquet => super::parquet::schema(&files[0], spec),
+        Format::Avro => super::avro::schema(files, spec),
     }
 }
 
@@ -152,11 +164,7 @@ pub(super) fn fingerprint(source: &crate::config::Source, partition: Option<&str
 /// every partition when the run has none) into a sorted list of files.
 pub fn expand_paths(pattern: &str, partition: Option<&str>, format: Format) -> Result<Vec<PathBuf>> {
     let pattern = pattern.replace("{partition}", partition.unwrap_or("*"));
-    let ext = match format {
-        Format::Csv => "csv",
-        Format::Jsonl => "jsonl",
-        Format::Parquet => "parquet",
-    };
+    let ext = format.name();
     let mut files = Vec::new();
     if pattern.contains(['*', '?', '[']) {
         let paths = glob::glob(&pattern).map_err(|e| Error::Input {
@@ -195,7 +203,7 @@ const COMPRESSED: [&str; 5] = ["gz", "gzip", "zst", "zstd", "bz2"];
 /// Whether a file name is `*.ext`, or `*.ext.gz` and the like for text formats.
 fn has_ext(name: &str, ext: &str) -> bool {
     let base = match name.rsplit_once('.') {
-        Some((base, c)) if ext != "parquet" && COMPRESSED.contains(&c) => base,
+        Some((base, c)) if matches!(ext, "csv" | "jsonl") && COMPRESSED.contains(&c) => base,
         _ => name,
     };
     base.rsplit_once('.').is_some_and(|(_, e)| e == ext)
@@ -269,9 +277,30 @@ impl Read for Decoded {
 /// A text input as read: plain or decompressed.
 pub(super) type TextInput = Box<dyn Read + Send>;
 
-/// Open a text input (CSV, JSON lines): plain, or gzip, zstd or bzip2 decompressed as it
-/// is read, never whole in memory; the codec is told by the file's first bytes.
-pub(super) fn open_text(path: &Path) -> Result<TextInput> {
+/// Open a text input (CSV, JSON lines) as UTF-8 text without a byte-order mark: plain, or
+/// gzip, zstd or bzip2 decompressed as it is read, never whole in memory (the codec is told
+/// by the file's first bytes), then transcoded from `encoding` if it is not UTF-8.
+pub(super) fn open_text(path: &Path, encoding: Option<&'static encoding_rs::Encoding>) -> Result<TextInput> {
+    let raw = open_raw(path, encoding.is_none())?;
+    let mut text = encoding_rs_io::DecodeReaderBytesBuilder::new();
+    Ok(match (encoding, raw) {
+        // a plain UTF-8 file is read as it is, past its byte-order mark
+        (None, Raw::Plain(file)) => Box::new(file),
+        (None, Raw::Decoded(inner)) => Box::new(text.utf8_passthru(true).strip_bom(true).build(inner)),
+        // a byte-order mark overrides the declared encoding, as browsers do
+        (Some(enc), Raw::Plain(file)) => Box::new(text.encoding(Some(enc)).build(file)),
+        (Some(enc), Raw::Decoded(inner)) => Box::new(text.encoding(Some(enc)).build(inner)),
+    })
+}
+
+/// A text file's bytes: the file itself (positioned past a UTF-8 byte-order mark when
+/// `skip_bom`), or a decompressing reader.
+enum Raw {
+    Plain(File),
+    Decoded(TextInput),
+}
+
+fn open_raw(path: &Path, skip_bom: bool) -> Result<Raw> {
     use std::io::{Seek, SeekFrom};
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut head = [0u8; 4];
@@ -282,8 +311,9 @@ pub(super) fn open_text(path: &Path) -> Result<TextInput> {
             n => got += n,
         }
     }
-    file.seek(SeekFrom::Start(0)).map_err(|e| Error::io(path, e))?;
-    let Some(codec) = TextCodec::sniff(&head[..got]) else { return Ok(Box::new(file)) };
+    let bom = skip_bom && head[..got].starts_with(b"\xEF\xBB\xBF");
+    file.seek(SeekFrom::Start(if bom { 3 } else { 0 })).map_err(|e| Error::io(path, e))?;
+    let Some(codec) = TextCodec::sniff(&head[..got]) else { return Ok(Raw::Plain(file)) };
     let buffered = BufReader::with_capacity(256 << 10, file);
     let inner: Box<dyn Read + Send> = match codec {
         TextCodec::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
@@ -292,7 +322,7 @@ pub(super) fn open_text(path: &Path) -> Result<TextInput> {
         }
         TextCodec::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(buffered)),
     };
-    Ok(Box::new(Decoded { inner, codec }))
+    Ok(Raw::Decoded(Box::new(Decoded { inner, codec })))
 }
 
 fn collect_dir(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -325,6 +355,11 @@ impl FileSource {
             delimiter: source.delimiter,
             header: source.header,
             null_values: Arc::new(source.null_values.clone()),
+            quote: source.quote,
+            escape: source.escape,
+            skip_rows: source.skip_rows,
+            // checked when the pipeline was parsed
+            encoding: source.encoding.as_deref().and_then(|l| encoding_rs::Encoding::for_label(l.as_bytes())),
             root: (source.format == Format::Parquet && dir.is_dir()).then_some(dir),
             ..ReadSpec::new(source.format, batch_size)
         };

@@ -15,13 +15,13 @@ use crate::io::text::{infer_type, parse_json, Cell, ColumnBuilder};
 use crate::io::{Error, Result};
 
 /// The columns of a JSON-lines source: declared, or inferred from the first lines.
-pub(super) fn schema(files: &[PathBuf], source: &Source) -> Result<SchemaRef> {
+pub(super) fn schema(files: &[PathBuf], source: &Source, spec: &ReadSpec) -> Result<SchemaRef> {
     if !source.schema.is_empty() {
         let fields: Vec<Field> = source.schema.iter().map(|(n, t)| Field::new(n, t.clone(), true)).collect();
         return Ok(Arc::new(Schema::new(fields)));
     }
     let path = &files[0];
-    let file = open_text(path)?;
+    let file = open_text(path, spec.encoding)?;
     let mut order: Vec<String> = Vec::new();
     let mut samples: HashMap<String, Vec<String>> = HashMap::new();
     let mut kinds: HashMap<String, DataType> = HashMap::new();
@@ -79,7 +79,7 @@ pub(super) struct JsonlFile {
 
 impl JsonlFile {
     pub(super) fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Self> {
-        let file = open_text(path)?;
+        let file = open_text(path, spec.encoding)?;
         let builders = text_builders(path, schema, spec.batch_size)?;
         let mut file = JsonlFile {
             path: path.to_path_buf(),

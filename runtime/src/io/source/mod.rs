@@ -22,6 +22,7 @@
 //! is an optional capability: [`Source::copy_columns`] and [`Source::take_copied`] default
 //! to "not offered", and only the Parquet reader offers it.
 
+mod avro;
 mod csv;
 mod files;
 mod jsonl;

@@ -1,0 +1,226 @@
+"""Text sources as other readers see them: weir's output compared with pyarrow's and DuckDB's
+reading of the same input.
+
+Writes CSV files in the dialects users meet (a title before the header, Latin-1 text, a
+byte-order mark, backslash escapes, quoted fields spanning lines, null markers) and the
+same rows as JSON lines, plain and gzip, zstd or bzip2 compressed; runs each through
+`weir run` (the binary in $WEIR_BIN) into Parquet; and checks the published rows equal
+what pyarrow's CSV reader and DuckDB's read_csv / read_json make of the input.
+"""
+import bz2
+import gzip
+import json
+import os
+import pathlib
+import subprocess
+import tempfile
+
+import duckdb
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.dataset as ds
+
+from report import check, finish
+
+weir = os.environ["WEIR_BIN"]
+root = pathlib.Path(__file__).resolve().parents[2]
+env = dict(os.environ, WEIR_CACHE_DIR=str(root / "target/weir-test-cache"))
+
+ROWS = [
+    (1, "Zoë", "café au lait", 2.5),
+    (2, "Ægir", 'a "quoted" word', None),
+    (3, "Łukasz", "two\nlines", -1.0),  # Ł is not Latin-1: only in the UTF-8 variants
+    (4, "plain", "x", 0.0),
+]
+
+
+def csv_text(rows, escape):
+    """The rows as CSV: quotes escaped by doubling, or by `escape`."""
+    out = ["id,name,note,amount"]
+    for i, name, note, amount in rows:
+        q = note.replace('"', escape + '"' if escape else '""')
+        out.append(f'{i},"{name}","{q}",{"" if amount is None else amount}')
+    return "\n".join(out) + "\n"
+
+
+def run_weir(d, source_toml, name):
+    (d / "pipeline.toml").write_text(
+        f"""[pipeline]
+name = "{name}"
+
+[sources.input]
+{source_toml}
+schema = {{ id = "int64", name = "string", note = "string", amount = "float64" }}
+
+[steps.s]
+input = "input"
+output = {{ path = "out/{name}" }}
+"""
+    )
+    p = subprocess.run([weir, "run", "pipeline.toml", "--force", "--quiet"], cwd=d, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        return None, p.stderr
+    t = ds.dataset(d / "out" / name, format="parquet").to_table()
+    return sorted(zip(*(t.column(c).to_pylist() for c in ["id", "name", "note", "amount"]))), ""
+
+
+def duck_rows(sql):
+    con = duckdb.connect()
+    return sorted(tuple(r) for r in con.execute(f"SELECT id, name, note, amount FROM {sql}").fetchall())
+
+
+def pa_rows(path, **opts):
+    read = pacsv.ReadOptions(**opts.get("read", {}))
+    parse = pacsv.ParseOptions(newlines_in_values=True, **opts.get("parse", {}))
+    conv = pacsv.ConvertOptions(
+        column_types={"id": "int64", "name": "string", "note": "string", "amount": "float64"},
+        strings_can_be_null=False,
+        quoted_strings_can_be_null=False,
+    )
+    t = pacsv.read_csv(str(path), read_options=read, parse_options=parse, convert_options=conv)
+    return sorted(zip(*(t.column(c).to_pylist() for c in ["id", "name", "note", "amount"])))
+
+
+def compare(label, weir_rows, err, *others):
+    check(f"{label}: weir reads it", weir_rows is not None, err[-2000:])
+    if weir_rows is None:
+        return
+    check(f"{label}: the rows are the input's", len(weir_rows) == len(others[0][1]), str(weir_rows))
+    for reader, rows in others:
+        check(f"{label}: weir equals {reader}", weir_rows == rows, f"\nweir:  {weir_rows}\n{reader}: {rows}")
+
+
+with tempfile.TemporaryDirectory() as tmp:
+    d = pathlib.Path(tmp)
+
+    # a title and a comment line before the header, Latin-1 bytes, backslash escapes
+    latin = [r for r in ROWS if r[0] != 3]
+    (d / "latin.csv").write_bytes(("Export of 2024-01-01\n# written by a legacy system\n" + csv_text(latin, "\\")).encode("latin-1"))
+    rows, err = run_weir(d, 'format = "csv"\npath = "latin.csv"\nskip_rows = 2\nencoding = "latin1"\nescape = "\\\\"', "latin")
+    compare(
+        "latin1 + skip_rows + escape",
+        rows,
+        err,
+        ("pyarrow", pa_rows(d / "latin.csv", read={"skip_rows": 2, "encoding": "latin1"}, parse={"escape_char": "\\"})),
+        ("duckdb", duck_rows(f"read_csv('{d}/latin.csv', skip=2, encoding='latin-1', escape='\\', header=true, "
+                             "columns={'id':'BIGINT','name':'VARCHAR','note':'VARCHAR','amount':'DOUBLE'})")),
+    )
+
+    # UTF-8 with a byte-order mark, quotes doubled, a field spanning two lines
+    (d / "bom.csv").write_bytes(b"\xef\xbb\xbf" + csv_text(ROWS, None).encode())
+    rows, err = run_weir(d, 'format = "csv"\npath = "bom.csv"', "bom")
+    compare(
+        "utf-8 with a BOM, multi-line field",
+        rows,
+        err,
+        ("pyarrow", pa_rows(d / "bom.csv")),
+        ("duckdb", duck_rows(f"read_csv('{d}/bom.csv', header=true, "
+                             "columns={'id':'BIGINT','name':'VARCHAR','note':'VARCHAR','amount':'DOUBLE'})")),
+    )
+
+    # the same CSV compressed three ways (pyarrow and DuckDB know them by extension)
+    text = csv_text(ROWS, None).encode()
+    zst = pa.compress(text, codec="zstd", asbytes=True)
+    for ext, data in [("gz", gzip.compress(text)), ("zst", zst), ("bz2", bz2.compress(text))]:
+        (d / f"c.csv.{ext}").write_bytes(data)
+        rows, err = run_weir(d, f'format = "csv"\npath = "c.csv.{ext}"', f"csv_{ext}")
+        others = [("pyarrow", pa_rows(d / f"c.csv.{ext}"))]
+        if ext != "bz2":  # DuckDB reads gzip and zstd, not bzip2
+            others.append(("duckdb", duck_rows(f"read_csv('{d}/c.csv.{ext}', header=true, "
+                                               "columns={'id':'BIGINT','name':'VARCHAR','note':'VARCHAR','amount':'DOUBLE'})")))
+        compare(f"csv {ext}", rows, err, *others)
+
+    # JSON lines: gzip-compressed, and Latin-1
+    lines = "".join(json.dumps({"id": i, "name": n, "note": t, "amount": a}, ensure_ascii=False) + "\n" for i, n, t, a in ROWS)
+    (d / "e.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    rows, err = run_weir(d, 'format = "jsonl"\npath = "e.jsonl.gz"', "jsonl_gz")
+    compare(
+        "jsonl gzip",
+        rows,
+        err,
+        ("duckdb", duck_rows(f"read_json('{d}/e.jsonl.gz', format='newline_delimited', "
+                             "columns={'id':'BIGINT','name':'VARCHAR','note':'VARCHAR','amount':'DOUBLE'})")),
+    )
+    latin_lines = "".join(json.dumps({"id": i, "name": n, "note": t, "amount": a}, ensure_ascii=False) + "\n" for i, n, t, a in latin)
+    (d / "latin.jsonl").write_bytes(latin_lines.encode("latin-1"))
+    rows, err = run_weir(d, 'format = "jsonl"\npath = "latin.jsonl"\nencoding = "latin1"', "jsonl_latin")
+    # DuckDB reads JSON as UTF-8 only: compare with its reading of the same rows re-encoded
+    (d / "latin-as-utf8.jsonl").write_text(latin_lines)
+    compare(
+        "jsonl latin1",
+        rows,
+        err,
+        ("duckdb (utf-8 copy)", duck_rows(f"read_json('{d}/latin-as-utf8.jsonl', format='newline_delimited', "
+                                         "columns={'id':'BIGINT','name':'VARCHAR','note':'VARCHAR','amount':'DOUBLE'})")),
+    )
+
+    # Avro object container files written by fastavro: logical types, optional, nested and
+    # repeated fields, an enum; uncompressed, deflate and bzip2 blocks
+    import datetime
+    import decimal
+
+    import fastavro
+
+    schema = fastavro.parse_schema({
+        "type": "record", "name": "Event", "fields": [
+            {"name": "id", "type": "long"},
+            {"name": "name", "type": ["null", "string"]},
+            {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+            {"name": "day", "type": {"type": "int", "logicalType": "date"}},
+            {"name": "price", "type": {"type": "bytes", "logicalType": "decimal", "precision": 10, "scale": 2}},
+            {"name": "kind", "type": {"type": "enum", "name": "Kind", "symbols": ["A", "B"]}},
+            {"name": "score", "type": ["null", "double"]},
+            {"name": "tags", "type": {"type": "array", "items": "string"}},
+            {"name": "geo", "type": {"type": "record", "name": "Geo", "fields": [
+                {"name": "lat", "type": "double"}, {"name": "lon", "type": "double"}]}},
+        ]})
+    utc = datetime.timezone.utc
+    records = [
+        {"id": i, "name": None if i % 4 == 0 else f"n{i}ü",
+         "ts": datetime.datetime(2024, 1, 1, tzinfo=utc) + datetime.timedelta(seconds=i * 3601, microseconds=i),
+         "day": datetime.date(2024, 1, 1) + datetime.timedelta(days=i % 40),
+         "price": decimal.Decimal(i * 37 % 10000) / 100, "kind": "AB"[i % 2],
+         "score": None if i % 5 == 0 else i / 8, "tags": [f"t{j}" for j in range(i % 3)],
+         "geo": {"lat": i / 3, "lon": -i / 7}}
+        for i in range(2500)
+    ]
+
+    def normal(v):
+        """A value as both readers give it, in one form."""
+        if isinstance(v, datetime.datetime):
+            return int((v.replace(tzinfo=v.tzinfo or utc) - datetime.datetime(1970, 1, 1, tzinfo=utc)) / datetime.timedelta(microseconds=1))
+        if isinstance(v, dict):
+            return tuple(sorted((k, normal(x)) for k, x in v.items()))
+        if isinstance(v, list):
+            return tuple(normal(x) for x in v)
+        return v
+
+    cols = [f["name"] for f in schema["fields"]]
+    for codec in ["null", "deflate", "bzip2"]:
+        with open(d / f"ev-{codec}.avro", "wb") as f:
+            fastavro.writer(f, schema, records, codec=codec, sync_interval=4000)
+        (d / "pipeline.toml").write_text(
+            f"""[pipeline]
+name = "avro_{codec}"
+batch_size = 1000
+
+[sources.input]
+format = "avro"
+path = "ev-{codec}.avro"
+
+[steps.s]
+input = "input"
+output = {{ path = "out/avro_{codec}" }}
+"""
+        )
+        p = subprocess.run([weir, "run", "pipeline.toml", "--force", "--quiet"], cwd=d, env=env, capture_output=True, text=True)
+        check(f"avro {codec}: weir reads it", p.returncode == 0, p.stderr[-2000:])
+        if p.returncode != 0:
+            continue
+        t = ds.dataset(d / "out" / f"avro_{codec}", format="parquet").to_table()
+        got = sorted(tuple(normal(v) for v in row) for row in zip(*(t.column(c).to_pylist() for c in cols)))
+        with open(d / f"ev-{codec}.avro", "rb") as f:
+            want = sorted(tuple(normal(r[c]) for c in cols) for r in fastavro.reader(f))
+        check(f"avro {codec}: weir equals fastavro", got == want, f"\nweir:     {got[:3]}\nfastavro: {want[:3]}")
+
+finish("sources")
