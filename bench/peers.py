@@ -1,13 +1,14 @@
 """The peer runners of weir-bench: each workload as a data engineer would write it.
 
     python peers.py TOOL WORKLOAD INPUT OUTPUT [COMPRESSION]
-    TOOL: duckdb | duckdb-sha256 | polars | pandas     WORKLOAD: W1 | W2 | W3 | W4
+    TOOL: duckdb | duckdb-sha256 | polars | pandas     WORKLOAD: W1 | W2 | W3 | W4 | I1 | I2 | I3
     COMPRESSION: zstd(N) (default zstd(1)) | snappy | none, as weir-bench --compression
 
 DuckDB is limited to 2 threads, Polars by POLARS_MAX_THREADS=2 (set by the harness);
 pandas is single-threaded. W1's HMAC is a Python function (a UDF for DuckDB), as users
 would write it; duckdb-sha256 uses DuckDB's built-in sha256 (the nearest built-in; not the
-same output, so not compared).
+same output, so not compared). The ingest workloads (I1 CSV, I2 JSON lines, I3 gzip CSV)
+read the raw file with the events columns declared, as weir is told them, and write Parquet.
 """
 import hashlib
 import hmac
@@ -36,13 +37,24 @@ def hmac_hex(s):
     return None if s is None else hmac.new(KEY, s.encode(), hashlib.sha256).hexdigest()
 
 
+# the events table's columns, declared to every ingest runner
+EVENTS = [("event_id", "BIGINT", "Int64"), ("user_id", "BIGINT", "Int64"), ("email", "VARCHAR", "String"),
+          ("name", "VARCHAR", "String"), ("country", "VARCHAR", "String"), ("category", "INTEGER", "Int32"),
+          ("amount", "DOUBLE", "Float64"), ("ts", "VARCHAR", "String"), ("flag", "BOOLEAN", "Boolean")]
+
+
 def run_duckdb(w, src, out, builtin_sha=False):
     import duckdb
 
     con = duckdb.connect()
     con.execute("SET threads = 2")
     t = f"read_parquet('{src}')"
-    if w == "W1":
+    columns = "{" + ", ".join(f"'{n}': '{d}'" for n, d, _ in EVENTS) + "}"
+    if w in ("I1", "I3"):
+        q = f"SELECT * FROM read_csv('{src}', header = true, columns = {columns})"
+    elif w == "I2":
+        q = f"SELECT * FROM read_json('{src}', format = 'newline_delimited', columns = {columns})"
+    elif w == "W1":
         if builtin_sha:
             email = "sha256(email)"
         else:
@@ -69,8 +81,16 @@ def run_duckdb(w, src, out, builtin_sha=False):
 def run_polars(w, src, out):
     import polars as pl
 
-    df = pl.read_parquet(src)
-    if w == "W1":
+    schema = {n: getattr(pl, p) for n, _, p in EVENTS}
+    if w in ("I1", "I3"):
+        df = pl.read_csv(src, schema=schema)
+    elif w == "I2":
+        df = pl.read_ndjson(src, schema=schema)
+    else:
+        df = pl.read_parquet(src)
+    if w.startswith("I"):
+        pass  # ingest: the table as read
+    elif w == "W1":
         df = df.with_columns(
             pl.col("email").map_elements(hmac_hex, return_dtype=pl.String),
             pl.lit(None, dtype=pl.String).alias("name"),

@@ -1,7 +1,8 @@
 //! weir-bench: the benchmark harness.
 //!
 //! `weir-bench run --rows 10000000` generates a seeded `events` table (Parquet, zstd), runs
-//! four workloads (W1 PII mask, W2 filter + cast, W3 dedup, W4 group-by) with every runner
+//! four transform workloads (W1 PII mask, W2 filter + cast, W3 dedup, W4 group-by) and three
+//! ingest workloads (I1 CSV, I2 JSON lines, I3 gzip CSV, each to Parquet) with every runner
 //! (weir with its Wasm plugins, native arrow-rs, DuckDB, Polars, pandas), checks that every
 //! runner's output has the same order-insensitive checksum as the native one before its time
 //! counts, and prints a table (median wall time, rows/s, peak RSS, ratios). `--check-only`
@@ -29,11 +30,13 @@ use sha2::{Digest, Sha256};
 use weir::config::Codec;
 use weir::cpu_clock::CpuTime;
 
+mod ingest;
 mod per_record;
 
 /// The HMAC key every runner uses for W1.
 const KEY: &[u8] = b"bench-key";
-const WORKLOADS: [&str; 4] = ["W1", "W2", "W3", "W4"];
+/// Transform workloads (W), then ingest workloads (I, see ingest.rs).
+const WORKLOADS: [&str; 7] = ["W1", "W2", "W3", "W4", "I1", "I2", "I3"];
 const BATCH: usize = 64 * 1024;
 
 #[derive(Parser)]
@@ -347,6 +350,11 @@ fn native(workload: &str, input: &Path, output: &Path, compression: Codec) -> Re
     let read_batches = |input: &Path| read_batches(input).map(|b| timed(b, &read));
     let read_columns = |input: &Path, columns: Option<&[&str]>| read_columns(input, columns).map(|b| timed(b, &read));
     match workload {
+        w if ingest::is_ingest(w) => {
+            for b in timed(ingest::read(w, input)?, &read) {
+                write(b?)?;
+            }
+        }
         "W1" => {
             for b in read_batches(input)? {
                 let b = b?;
@@ -593,6 +601,12 @@ config.aggregates = [{ fn = "sum", column = "amount", as = "amount_sum" }, { fn 
         "W4" => format!("columns = [{}]", W4_COLUMNS.map(|c| format!("\"{c}\"")).join(", ")),
         _ => String::new(),
     };
+    // ingest: the raw file with its columns declared, and no transform
+    let (source, transforms) = if ingest::is_ingest(workload) {
+        (ingest::weir_source(workload, input), String::new())
+    } else {
+        (format!("format = \"parquet\"\npath = \"{}\"\n{columns}", input.display()), transforms)
+    };
     format!(
         r#"[pipeline]
 name = "bench_{workload}"
@@ -603,9 +617,7 @@ state = "state-{workload}.db"
 key = {{ file = "{key}" }}
 
 [sources.events]
-format = "parquet"
-path = "{input}"
-{columns}
+{source}
 
 [plugins.mask]
 path = "{mask}"
@@ -629,7 +641,6 @@ output = {{ path = "{output}", compression = "{compression}" }}
 {transforms}
 "#,
         key = key.display(),
-        input = input.display(),
         output = output.display(),
         mask = p("mask"),
         filter = p("filter"),
@@ -710,8 +721,13 @@ fn run(rows: usize, opts: &RunOpts) -> Result<(Vec<serde_json::Value>, usize)> {
         // native first: it is the reference checksum
         let mut order: Vec<&String> = runners.iter().filter(|r| *r == "native").collect();
         order.extend(runners.iter().filter(|r| *r != "native"));
-        // per-record transforms are written for W1 and W2
+        // per-record transforms are written for W1 and W2; ingest is weir, native, DuckDB
+        // and Polars (pandas and DuckDB's sha256 variant add nothing there)
         order.retain(|r| *r != "per-record" || matches!(w.as_str(), "W1" | "W2"));
+        if ingest::is_ingest(w) {
+            order.retain(|r| !matches!(r.as_str(), "pandas" | "duckdb-sha256"));
+        }
+        let input = if ingest::is_ingest(w) { ingest::prepare(w, &input)? } else { input.clone() };
         // Rounds: every runner once per round, so a slow spell of this shared machine falls on
         // several runners' timings rather than on all of one runner's
         let mut times = vec![Vec::new(); order.len()];
@@ -1033,7 +1049,7 @@ fn render(scales: &[usize], results: &[serde_json::Value], compression: Codec) -
                 ratio(secs(results, rows, w, "per-record"), weir),
             ));
         }
-        md.push_str("\nWhere weir's time went (`weir run --json`, CPU seconds per stage of the last timed run; stages run on their own threads, in parallel). Boundary = host IPC encode + copy in + guest IPC decode + guest IPC encode + copy out + host validation of the output.\n\n| workload | read + decode Parquet | host encode | copy in | guest decode | guest compute | guest encode | copy out | validate | write Parquet | boundary share of CPU |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        md.push_str("\nWhere weir's time went (`weir run --json`, CPU seconds per stage of the last timed run; stages run on their own threads, in parallel). Boundary = host IPC encode + copy in + guest IPC decode + guest IPC encode + copy out + host validation of the output.\n\n| workload | read + decode the input | host encode | copy in | guest decode | guest compute | guest encode | copy out | validate | write Parquet | boundary share of CPU |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in results.iter().filter(|r| r["rows"] == rows && r["runner"] == "weir") {
             let t = &r["timings"];
             let Some(plugins) = t["plugins"].as_array() else { continue };
@@ -1067,7 +1083,7 @@ fn render(scales: &[usize], results: &[serde_json::Value], compression: Codec) -
             ));
         }
         if WORKLOADS.iter().any(|w| native_phases(results, rows, w).is_some()) {
-            md.push_str("\nThe native runner's time split (CPU seconds of its one thread, last timed run). Half of its total is what weir would take doing exactly native's work on its two threads with the sandbox free and no thread ever waiting: the reference the 10x targets below are set against.\n\n| workload | read + decode Parquet | workload logic | write Parquet | total | total / 2 |\n|---|---:|---:|---:|---:|---:|\n");
+            md.push_str("\nThe native runner's time split (CPU seconds of its one thread, last timed run). Half of its total is what weir would take doing exactly native's work on its two threads with the sandbox free and no thread ever waiting: the reference the 10x targets below are set against.\n\n| workload | read + decode the input | workload logic | write Parquet | total | total / 2 |\n|---|---:|---:|---:|---:|---:|\n");
             for w in WORKLOADS {
                 if let Some((r, c, wr)) = native_phases(results, rows, w) {
                     let total = r + c + wr;
@@ -1117,6 +1133,16 @@ fn render(scales: &[usize], results: &[serde_json::Value], compression: Codec) -
                     verdict(b / a >= 10.0),
                     at_ideal(w, b)
                 ));
+            }
+        }
+        for w in ingest::WORKLOADS {
+            for peer in ["duckdb", "polars"] {
+                if let (Some(a), Some(b)) = (s(w, "weir"), s(w, peer)) {
+                    line(format!(
+                        "{w}: weir {a:.2} s vs {peer} {b:.2} s (target: at or under {peer}): {}",
+                        verdict(a <= b)
+                    ));
+                }
             }
         }
         for w in WORKLOADS {

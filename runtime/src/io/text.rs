@@ -146,6 +146,14 @@ impl ColumnBuilder {
         }
     }
 
+    /// Append text to a string column (any other column gets a null: callers check types).
+    pub fn push_str(&mut self, text: &str) {
+        match self {
+            ColumnBuilder::Utf8(b) => b.append_value(text),
+            b => b.push_null(),
+        }
+    }
+
     fn push_null(&mut self) {
         match self {
             ColumnBuilder::Utf8(b) => b.append_null(),

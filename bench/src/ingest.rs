@@ -1,0 +1,119 @@
+//! The ingest workloads: the events table as it lands in a raw zone, read into Parquet with
+//! nothing else done. I1 is CSV, I2 JSON lines, I3 gzip-compressed CSV. The inputs are
+//! written once per scale from the events Parquet file with arrow-rs's own CSV and JSON
+//! writers; the native runner reads them back with arrow-rs's own readers.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use arrow_array::RecordBatch;
+
+/// The ingest workloads, after the transform workloads.
+pub const WORKLOADS: [&str; 3] = ["I1", "I2", "I3"];
+
+pub fn is_ingest(workload: &str) -> bool {
+    WORKLOADS.contains(&workload)
+}
+
+/// The input file of an ingest workload, next to the events Parquet file it is made from.
+pub fn input_path(workload: &str, parquet: &Path) -> PathBuf {
+    let ext = match workload {
+        "I1" => "csv",
+        "I2" => "jsonl",
+        _ => "csv.gz",
+    };
+    parquet.with_extension(ext)
+}
+
+/// Write the ingest input of `workload` from the events Parquet file unless it exists.
+pub fn prepare(workload: &str, parquet: &Path) -> Result<PathBuf> {
+    let path = input_path(workload, parquet);
+    if path.exists() {
+        return Ok(path);
+    }
+    eprintln!("weir-bench: writing {} from {}", path.display(), parquet.display());
+    let tmp = path.with_extension("tmp");
+    let file = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+    match workload {
+        "I1" => write_csv(parquet, file)?,
+        "I2" => {
+            let mut w = arrow_json::LineDelimitedWriter::new(file);
+            for b in super::read_batches(parquet)? {
+                w.write(&b?)?;
+            }
+            w.finish()?;
+            w.into_inner().flush()?;
+        }
+        "I3" => {
+            let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
+            write_csv(parquet, gz)?;
+        }
+        other => bail!("unknown ingest workload {other}"),
+    }
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+fn write_csv<W: Write + Finish>(parquet: &Path, out: W) -> Result<()> {
+    let mut w = arrow_csv::WriterBuilder::new().with_header(true).build(out);
+    for b in super::read_batches(parquet)? {
+        w.write(&b?)?;
+    }
+    w.into_inner().finish_writing()
+}
+
+/// Flushing or finishing the stream a CSV input is written to.
+trait Finish {
+    fn finish_writing(self) -> Result<()>;
+}
+
+impl Finish for BufWriter<File> {
+    fn finish_writing(mut self) -> Result<()> {
+        Ok(self.flush()?)
+    }
+}
+
+impl Finish for flate2::write::GzEncoder<BufWriter<File>> {
+    fn finish_writing(self) -> Result<()> {
+        Ok(self.finish()?.flush()?)
+    }
+}
+
+/// The native runner's reader for an ingest input: arrow-rs's CSV or JSON reader, with the
+/// events schema declared (as every runner is told it).
+pub fn read(workload: &str, input: &Path) -> Result<Box<dyn Iterator<Item = Result<RecordBatch>>>> {
+    let schema = super::events_schema();
+    let open = || File::open(input).with_context(|| format!("open {}", input.display()));
+    let batches: Box<dyn Iterator<Item = std::result::Result<RecordBatch, arrow_schema::ArrowError>>> = match workload {
+        "I1" => Box::new(
+            arrow_csv::ReaderBuilder::new(schema).with_header(true).with_batch_size(super::BATCH).build(open()?)?,
+        ),
+        "I2" => Box::new(
+            arrow_json::ReaderBuilder::new(schema)
+                .with_batch_size(super::BATCH)
+                .build(BufReader::with_capacity(1 << 20, open()?))?,
+        ),
+        "I3" => Box::new(
+            arrow_csv::ReaderBuilder::new(schema)
+                .with_header(true)
+                .with_batch_size(super::BATCH)
+                .build(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, open()?)))?,
+        ),
+        other => bail!("unknown ingest workload {other}"),
+    };
+    Ok(Box::new(batches.map(|b| b.map_err(Into::into))))
+}
+
+/// The `[sources.events]` table of weir's pipeline for an ingest workload: the format and
+/// the declared columns (the events schema in weir's type names).
+pub fn weir_source(workload: &str, input: &Path) -> String {
+    let format = if workload == "I2" { "jsonl" } else { "csv" };
+    format!(
+        r#"format = "{format}"
+path = "{}"
+schema = {{ event_id = "int64", user_id = "int64", email = "string", name = "string", country = "string", category = "int32", amount = "float64", ts = "string", flag = "bool" }}"#,
+        input.display()
+    )
+}
