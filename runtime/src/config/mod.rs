@@ -841,12 +841,20 @@ fn parse_sources(
         let r = s.get_ref();
         let mut schema = Vec::new();
         for (col, ty) in &r.schema {
-            match weir_sdk::util::parse_type_name(ty.get_ref()) {
-                Some(t) => schema.push((col.clone(), t)),
-                None => errors.push(ctx.at(
+            match column_type(ty.get_ref()) {
+                Ok(t) if t.is_nested() && r.format != Format::Jsonl => errors.push(ctx.at(
                     ty.span().start,
-                    &format!("sources.{name}.schema.{col}: unknown type `{}`", ty.get_ref()),
-                    Some(&format!("use one of {}", weir_sdk::util::TYPE_NAMES)),
+                    &format!("sources.{name}.schema.{col}: struct and list columns are read from JSON lines only"),
+                    Some("declare the column as `string` to keep its text"),
+                )),
+                Ok(t) => schema.push((col.clone(), t)),
+                Err(e) => errors.push(ctx.at(
+                    ty.span().start,
+                    &format!("sources.{name}.schema.{col}: {e}"),
+                    Some(&format!(
+                        "use one of {}, or list<TYPE> and struct<NAME: TYPE, ...> for JSON lines",
+                        weir_sdk::util::TYPE_NAMES
+                    )),
                 )),
             }
         }
@@ -1264,6 +1272,66 @@ fn order_steps(steps: Vec<Step>) -> Result<Vec<Step>, (Vec<String>, usize)> {
     }
     let mut map: HashMap<String, Step> = steps.into_iter().map(|s| (s.name.clone(), s)).collect();
     Ok(done.into_iter().filter_map(|n| map.remove(&n)).collect())
+}
+
+/// A source column's declared type: a type name (see [`weir_sdk::util::parse_type_name`]),
+/// `list<TYPE>`, or `struct<NAME: TYPE, ...>`, nested as deep as needed (every part nullable).
+pub fn column_type(text: &str) -> std::result::Result<DataType, String> {
+    nested_type(text, 0)
+}
+
+/// Types nest at most this deep (the parser recurses once per level).
+const MAX_TYPE_DEPTH: usize = 32;
+
+fn nested_type(text: &str, depth: usize) -> std::result::Result<DataType, String> {
+    use arrow_schema::{Field, Fields};
+    let t = text.trim();
+    if depth > MAX_TYPE_DEPTH {
+        return Err(format!("types nest at most {MAX_TYPE_DEPTH} levels deep"));
+    }
+    let inner = |prefix: &str| {
+        let lower = t.get(..prefix.len()).map(str::to_ascii_lowercase);
+        (lower.as_deref() == Some(prefix) && t.ends_with('>')).then(|| &t[prefix.len()..t.len() - 1])
+    };
+    if let Some(item) = inner("list<") {
+        return Ok(DataType::List(std::sync::Arc::new(Field::new("item", nested_type(item, depth + 1)?, true))));
+    }
+    if let Some(body) = inner("struct<") {
+        let mut fields: Vec<Field> = Vec::new();
+        for part in split_top_level(body) {
+            let Some((name, ty)) = part.split_once(':') else {
+                return Err(format!("`{}` in `{t}` is not NAME: TYPE", part.trim()));
+            };
+            let name = name.trim();
+            if name.is_empty() || fields.iter().any(|f| f.name() == name) {
+                return Err(format!("struct field names must be present and distinct in `{t}`"));
+            }
+            fields.push(Field::new(name, nested_type(ty, depth + 1)?, true));
+        }
+        if fields.is_empty() {
+            return Err(format!("`{t}` has no fields"));
+        }
+        return Ok(DataType::Struct(Fields::from(fields)));
+    }
+    weir_sdk::util::parse_type_name(t).ok_or_else(|| format!("unknown type `{t}`"))
+}
+
+/// `a: int64, b: struct<c: string, d: list<int64>>` split at the commas outside `<>` and `()`.
+fn split_top_level(body: &str) -> Vec<&str> {
+    let (mut parts, mut depth, mut start) = (Vec::new(), 0i32, 0);
+    for (i, c) in body.char_indices() {
+        match c {
+            '<' | '(' => depth += 1,
+            '>' | ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&body[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&body[start..]);
+    parts.into_iter().filter(|p| !p.trim().is_empty()).collect()
 }
 
 #[cfg(test)]

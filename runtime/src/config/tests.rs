@@ -179,3 +179,34 @@ fn plugin_limits_have_defaults_and_bounds() {
     let text = GOOD.replace("secrets = [\"k\"]", "secrets = [\"k\"]\nmax_log_kb = 16");
     assert_eq!(parse(&text).unwrap().plugins["mask"].limits().log_bytes, 16 << 10);
 }
+
+#[test]
+fn nested_column_types_parse_and_hostile_ones_are_refused() {
+    use arrow_schema::{DataType, Field, Fields};
+    let t = column_type("struct<lat: float64, tags: list<string>, at: timestamp_tz(Europe/Paris)>").unwrap();
+    let want = DataType::Struct(Fields::from(vec![
+        Field::new("lat", DataType::Float64, true),
+        Field::new("tags", DataType::List(std::sync::Arc::new(Field::new("item", DataType::Utf8, true))), true),
+        Field::new("at", DataType::Timestamp(arrow_schema::TimeUnit::Microsecond, Some("Europe/Paris".into())), true),
+    ]));
+    assert_eq!(t, want);
+    assert!(column_type("List< INT64 >").unwrap().is_nested());
+    for (bad, says) in [
+        ("struct<a int64>", "is not NAME: TYPE"),
+        ("struct<>", "has no fields"),
+        ("struct<a: int64, a: string>", "distinct"),
+        ("list<nope>", "unknown type `nope`"),
+        ("list<int64", "unknown type `list<int64`"),
+    ] {
+        let e = column_type(bad).unwrap_err();
+        assert!(e.contains(says), "{bad}: {e}");
+    }
+    // a type nested 100,000 deep is refused, not a stack overflow
+    let deep = "list<".repeat(100_000) + "int64" + &">".repeat(100_000);
+    assert!(column_type(&deep).unwrap_err().contains("at most 32 levels"));
+    // struct and list columns are for JSON lines only
+    let e = errors(
+        "[pipeline]\nname = \"p\"\n[sources.s]\nformat = \"csv\"\npath = \"in.csv\"\nschema = { a = \"list<int64>\" }\n[steps.x]\ninput = \"s\"\noutput = { path = \"out\" }\n",
+    );
+    assert!(e.iter().any(|d| d.message.contains("read from JSON lines only")), "{e:?}");
+}

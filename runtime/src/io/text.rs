@@ -19,6 +19,8 @@ pub enum Cell {
     Int(i64),
     Float(f64),
     Bool(bool),
+    /// A JSON value already checked against a struct or list column's type.
+    Json(serde_json::Value),
 }
 
 /// Parse text as `dtype`. Empty text is null. The error says what was expected.
@@ -57,6 +59,10 @@ pub fn parse_json(value: &serde_json::Value, dtype: &DataType) -> Result<Cell, S
     use serde_json::Value as J;
     match (value, dtype) {
         (J::Null, _) => Ok(Cell::Null),
+        (v, t @ (DataType::List(_) | DataType::Struct(_))) => match check_nested(v, t) {
+            Ok(()) => Ok(Cell::Json(v.clone())),
+            Err(e) => Err(e.strip_prefix(": ").map_or_else(|| format!("at {e}"), str::to_string)),
+        },
         (J::String(s), DataType::Utf8) => Ok(Cell::Str(s.clone())),
         (J::String(s), _) => parse_text(s, dtype),
         (J::Bool(b), DataType::Boolean) => Ok(Cell::Bool(*b)),
@@ -69,7 +75,80 @@ pub fn parse_json(value: &serde_json::Value, dtype: &DataType) -> Result<Cell, S
         }
         (J::Number(n), DataType::Utf8) => Ok(Cell::Str(n.to_string())),
         (J::Bool(b), DataType::Utf8) => Ok(Cell::Str(b.to_string())),
+        // an object or array in a string column is kept as its JSON text
+        (v @ (J::Array(_) | J::Object(_)), DataType::Utf8) => Ok(Cell::Str(v.to_string())),
         (v, t) => Err(format!("JSON value {v} cannot be read as {t}")),
+    }
+}
+
+/// Whether `value` fits a struct or list type all the way down (leaves as [`parse_json`]
+/// reads them; keys a struct does not name are ignored, missing ones are null). The error
+/// names the path to the value that does not fit, e.g. `[2].qty: ...` (`: ...` when it is the
+/// value itself).
+fn check_nested(value: &serde_json::Value, dtype: &DataType) -> Result<(), String> {
+    use serde_json::Value as J;
+    match (value, dtype) {
+        (J::Null, _) => Ok(()),
+        (J::Array(items), DataType::List(item)) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| check_nested(v, item.data_type()).map_err(|e| format!("[{i}]{e}"))),
+        (J::Object(map), DataType::Struct(fields)) => fields.iter().try_for_each(|f| {
+            let v = map.get(f.name()).unwrap_or(&J::Null);
+            check_nested(v, f.data_type()).map_err(|e| format!(".{}{e}", f.name()))
+        }),
+        (v, t @ (DataType::List(_) | DataType::Struct(_))) => Err(format!(": JSON value {v} cannot be read as {t}")),
+        (v, t) => parse_json(v, t).map(|_| ()).map_err(|e| format!(": {e}")),
+    }
+}
+
+/// The Arrow array of values checked by [`check_nested`] for `dtype` (a value that does not
+/// fit after all is a null: it cannot happen for checked values).
+fn nested_array(values: &[&serde_json::Value], dtype: &DataType) -> ArrayRef {
+    use arrow_array::{ListArray, StructArray};
+    use arrow_buffer::{NullBuffer, OffsetBuffer};
+    use serde_json::Value as J;
+    static NULL: J = J::Null;
+    let valid = |v: &&J| !v.is_null();
+    let nulls = || Some(NullBuffer::from_iter(values.iter().map(valid)));
+    match dtype {
+        DataType::List(item) => {
+            let mut children: Vec<&J> = Vec::new();
+            let lengths = values.iter().map(|v| match v {
+                J::Array(items) => {
+                    children.extend(items.iter());
+                    items.len()
+                }
+                _ => 0,
+            });
+            let offsets = OffsetBuffer::<i32>::from_lengths(lengths.collect::<Vec<_>>());
+            let child = nested_array(&children, item.data_type());
+            ListArray::try_new(item.clone(), offsets, child, nulls())
+                .map(|a| Arc::new(a) as ArrayRef)
+                .unwrap_or_else(|_| arrow_array::new_null_array(dtype, values.len()))
+        }
+        DataType::Struct(fields) => {
+            let children: Vec<ArrayRef> = fields
+                .iter()
+                .map(|f| {
+                    let column: Vec<&J> =
+                        values.iter().map(|v| v.as_object().and_then(|m| m.get(f.name())).unwrap_or(&NULL)).collect();
+                    nested_array(&column, f.data_type())
+                })
+                .collect();
+            StructArray::try_new(fields.clone(), children, nulls())
+                .map(|a| Arc::new(a) as ArrayRef)
+                .unwrap_or_else(|_| arrow_array::new_null_array(dtype, values.len()))
+        }
+        leaf => match ColumnBuilder::new(leaf, values.len()) {
+            Ok(mut b) => {
+                for v in values {
+                    b.push(parse_json(v, leaf).unwrap_or(Cell::Null));
+                }
+                b.finish()
+            }
+            Err(_) => arrow_array::new_null_array(dtype, values.len()),
+        },
     }
 }
 
@@ -112,6 +191,8 @@ pub enum ColumnBuilder {
     Bool(BooleanBuilder),
     Date32(Date32Builder),
     Timestamp(TimestampMicrosecondBuilder, Option<Arc<str>>),
+    /// A struct or list column (JSON lines): its checked values, built into arrays at the end.
+    Nested(DataType, Vec<serde_json::Value>),
 }
 
 impl ColumnBuilder {
@@ -126,6 +207,9 @@ impl ColumnBuilder {
             DataType::Date32 => ColumnBuilder::Date32(Date32Builder::with_capacity(capacity)),
             DataType::Timestamp(TimeUnit::Microsecond, tz) => {
                 ColumnBuilder::Timestamp(TimestampMicrosecondBuilder::with_capacity(capacity), tz.clone())
+            }
+            t @ (DataType::List(_) | DataType::Struct(_)) => {
+                ColumnBuilder::Nested(t.clone(), Vec::with_capacity(capacity))
             }
             other => return Err(format!("type {other} is not supported for text input")),
         })
@@ -142,6 +226,7 @@ impl ColumnBuilder {
             (ColumnBuilder::Bool(b), Cell::Bool(v)) => b.append_value(v),
             (ColumnBuilder::Date32(b), Cell::Int(v)) => b.append_value(v as i32),
             (ColumnBuilder::Timestamp(b, _), Cell::Int(v)) => b.append_value(v),
+            (ColumnBuilder::Nested(_, values), Cell::Json(v)) => values.push(v),
             (b, _) => b.push_null(),
         }
     }
@@ -164,6 +249,7 @@ impl ColumnBuilder {
             ColumnBuilder::Bool(b) => b.append_null(),
             ColumnBuilder::Date32(b) => b.append_null(),
             ColumnBuilder::Timestamp(b, _) => b.append_null(),
+            ColumnBuilder::Nested(_, values) => values.push(serde_json::Value::Null),
         }
     }
 
@@ -178,6 +264,12 @@ impl ColumnBuilder {
             ColumnBuilder::Bool(b) => Arc::new(b.finish()),
             ColumnBuilder::Date32(b) => Arc::new(b.finish()),
             ColumnBuilder::Timestamp(b, tz) => Arc::new(b.finish().with_timezone_opt(tz.clone())),
+            ColumnBuilder::Nested(dtype, values) => {
+                let refs: Vec<&serde_json::Value> = values.iter().collect();
+                let array = nested_array(&refs, dtype);
+                values.clear();
+                array
+            }
         }
     }
 }

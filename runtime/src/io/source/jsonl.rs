@@ -422,6 +422,7 @@ impl<'de> Visitor<'de> for CellSeed<'_> {
     fn visit_str<E>(self, s: &str) -> std::result::Result<SlotResult, E> {
         Ok(match self.dtype {
             DataType::Utf8 => Ok(Slot::Cell(Cell::Str(s.to_owned()))),
+            t if t.is_nested() => self.mismatch(s.into()),
             t => parse_text(s, t).map(Slot::Cell),
         })
     }
@@ -491,9 +492,15 @@ mod tests {
             Field::new("b", DataType::Boolean, true),
             Field::new("d", DataType::Date32, true),
             Field::new("t", DataType::Timestamp(TimeUnit::Microsecond, None), true),
+            Field::new("l", crate::config::column_type("list<int64>").unwrap(), true),
+            Field::new(
+                "st",
+                crate::config::column_type("struct<a: int64, b: list<string>, c: struct<d: date>>").unwrap(),
+                true,
+            ),
         ]);
         let mut shape = RowShape::new(&schema);
-        let keys = ["id", "n", "x", "s", "b", "d", "t", "other", "\\u0069d", "s\\n", ""];
+        let keys = ["id", "n", "x", "s", "b", "d", "t", "l", "st", "other", "\\u0069d", "s\\n", ""];
         let values = [
             "1",
             "-7",
@@ -526,6 +533,16 @@ mod tests {
             "{}",
             "{\"id\":1}",
             "\"\\u0000\"",
+            "[1,2,null,\"3\"]",
+            "[1,\"x\"]",
+            "[1.5]",
+            "[[1]]",
+            "{\"a\":1,\"b\":[\"p\",null],\"c\":{\"d\":\"2024-01-01\"}}",
+            "{\"a\":\"7\",\"zz\":[1],\"c\":null}",
+            "{\"a\":[1]}",
+            "{\"b\":[\"p\",{\"q\":1}]}",
+            "{\"c\":{\"d\":\"2024-13-01\"}}",
+            "{\"b\":\"notalist\"}",
         ];
         let mut lines: Vec<String> = vec![
             "{}".into(),
@@ -570,7 +587,15 @@ mod tests {
             lines.push(line);
         }
         for line in &lines {
-            assert_eq!(decoded(line, &mut shape), reference(line, &schema), "{line}");
+            match (decoded(line, &mut shape), reference(line, &schema)) {
+                // bad JSON under a key that is not a column is skipped, not parsed: serde words
+                // some errors differently there, at the same place
+                (Err(LineError::Line(a)), Err(LineError::Line(b))) => {
+                    let at = |m: &str| m.rfind(" at line ").map(|i| m[i..].to_string());
+                    assert_eq!(at(&a), at(&b), "{line}: {a} / {b}");
+                }
+                (got, want) => assert_eq!(got, want, "{line}"),
+            }
         }
         // one difference, on purpose: a key that is not a column is skipped without a depth
         // limit (serde skips it with a counter, not recursion), so deep nesting there is fine
