@@ -2851,3 +2851,40 @@ fn csv_null_markers_read_as_null() {
     );
     assert!(format!("{}{}", out.stdout, out.stderr).contains("null_values applies to csv sources only"));
 }
+
+#[test]
+fn hostile_records_without_end_are_refused_at_max_record_mb_not_read_into_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // a good line, then a 4 MiB one without a line end; a CSV whose second record opens a quote
+    // that never closes
+    let long = "x".repeat(4 << 20);
+    std::fs::write(d.join("in.jsonl"), format!("{{\"id\":1}}\n{{\"id\":2,\"pad\":\"{long}\"}}")).unwrap();
+    std::fs::write(d.join("in.csv"), format!("id,name\n1,a\n2,\"{}", "y\n".repeat(2 << 20))).unwrap();
+    let pipeline = |format: &str, extra: &str| {
+        format!(
+            "[pipeline]\nname = \"long\"\n\n[sources.input]\nformat = \"{format}\"\npath = \"in.{format}\"\nschema = {{ id = \"int64\"{} }}\non_error = \"skip\"\n{extra}\n\n[steps.s]\ninput = \"input\"\noutput = {{ path = \"out/{format}\" }}\n",
+            if format == "csv" { ", name = \"string\"" } else { "" }
+        )
+    };
+    for (format, line) in [("jsonl", 2), ("csv", 3)] {
+        std::fs::write(d.join("pipeline.toml"), pipeline(format, "max_record_mb = 1")).unwrap();
+        let out = weir(d, &["run", "pipeline.toml"]);
+        // never skipped, even with on_error = "skip": what follows is not records either
+        assert_eq!(out.code, 1, "{format}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(&format!("in.{format}:{line}: a record longer than 1 MiB")),
+            "{format}: {}",
+            out.stderr
+        );
+        assert!(out.stderr.contains("raise the source's max_record_mb"), "{}", out.stderr);
+        // with room for it, the same file reads
+        std::fs::write(d.join("pipeline.toml"), pipeline(format, "max_record_mb = 16")).unwrap();
+        let out = weir(d, &["run", "pipeline.toml", "--force"]);
+        assert_eq!(out.code, 0, "{format}: {}", out.stderr);
+        assert_eq!(dataset_rows(&d.join(format!("out/{format}"))).len(), 2, "{format}");
+    }
+    std::fs::write(d.join("pipeline.toml"), pipeline("csv", "max_record_mb = 0")).unwrap();
+    let out = weir(d, &["validate", "pipeline.toml"]);
+    assert!(out.stderr.contains("sources.input.max_record_mb must be 1..4096"), "{}", out.stderr);
+}

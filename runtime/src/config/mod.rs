@@ -103,6 +103,7 @@ struct RawSource {
     escape: Option<Spanned<String>>,
     skip_rows: Option<Spanned<u64>>,
     encoding: Option<Spanned<String>>,
+    max_record_mb: Option<Spanned<u64>>,
     retry: Option<Spanned<Retry>>,
     columns: Option<Vec<String>>,
 }
@@ -300,6 +301,9 @@ pub struct Source {
     /// CSV and JSON lines: the text's encoding, as a WHATWG label known to `encoding_rs`
     /// (`latin1` is Windows-1252); `None` for UTF-8.
     pub encoding: Option<String>,
+    /// CSV and JSON lines: the longest record (line) read, in MiB; a longer one (a file
+    /// without line ends, an unclosed quote) is refused instead of filling memory.
+    pub max_record_mb: u64,
     pub retry: Retry,
     /// Only these columns, in this order (Parquet reads only them).
     pub columns: Option<Vec<String>>,
@@ -900,6 +904,22 @@ fn parse_sources(
                 }
             }
         }
+        let max_record_mb = match &r.max_record_mb {
+            None => DEFAULT_MAX_RECORD_MB,
+            Some(m) if matches!(r.format, Format::Parquet | Format::Avro) => {
+                errors.push(ctx.at(
+                    m.span().start,
+                    &format!("sources.{name}.max_record_mb applies to csv and jsonl sources only"),
+                    None,
+                ));
+                DEFAULT_MAX_RECORD_MB
+            }
+            Some(m) if !(1..=4096).contains(m.get_ref()) => {
+                errors.push(ctx.at(m.span().start, &format!("sources.{name}.max_record_mb must be 1..4096"), None));
+                DEFAULT_MAX_RECORD_MB
+            }
+            Some(m) => *m.get_ref(),
+        };
         if let Some(e) = r.encoding.as_ref().filter(|_| matches!(r.format, Format::Parquet | Format::Avro)) {
             errors.push(ctx.at(
                 e.span().start,
@@ -938,6 +958,7 @@ fn parse_sources(
                 escape,
                 skip_rows: r.skip_rows.as_ref().map_or(0, |n| *n.get_ref()),
                 encoding,
+                max_record_mb,
                 retry: source_retry.get(name).copied().unwrap_or(Retry::NONE),
                 columns: r.columns.clone(),
             },
@@ -1279,6 +1300,9 @@ fn order_steps(steps: Vec<Step>) -> Result<Vec<Step>, (Vec<String>, usize)> {
 pub fn column_type(text: &str) -> std::result::Result<DataType, String> {
     nested_type(text, 0)
 }
+
+/// The longest CSV record or JSON line read by default, in MiB.
+pub const DEFAULT_MAX_RECORD_MB: u64 = 64;
 
 /// Types nest at most this deep (the parser recurses once per level).
 const MAX_TYPE_DEPTH: usize = 32;

@@ -8,15 +8,19 @@ use std::sync::Arc;
 use arrow_array::RecordBatch;
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 
-use super::files::{finish_batch, open_text, text_builders, FileBatches, ReadSpec, TextInput};
+use super::files::{
+    finish_batch, open_text, record_too_long, text_builders, Capped, FileBatches, ReadSpec, RecordBudget, TextInput,
+};
 use super::{corrupt_input, Skipped};
 use crate::config::{OnError, Source};
 use crate::io::text::{infer_type, parse_text, Cell, ColumnBuilder};
 use crate::io::{Error, Result};
 
 /// A CSV file in its dialect, past its `skip_rows` lines.
-fn csv_reader(path: &Path, spec: &ReadSpec) -> Result<csv::Reader<TextInput>> {
-    let mut input = open_text(path, spec.encoding)?;
+/// Its [`RecordBudget`] is renewed after each record the caller reads.
+fn csv_reader(path: &Path, spec: &ReadSpec) -> Result<(csv::Reader<TextInput>, RecordBudget)> {
+    let (capped, budget) = Capped::new(open_text(path, spec.encoding)?, spec.max_record);
+    let mut input: TextInput = Box::new(capped);
     if spec.skip_rows > 0 {
         let mut lines = BufReader::new(input);
         let mut line = Vec::new();
@@ -26,6 +30,7 @@ fn csv_reader(path: &Path, spec: &ReadSpec) -> Result<csv::Reader<TextInput>> {
                 Some(message) => Error::Input { file: path.to_path_buf(), line: n + 1, column: None, message },
                 None => Error::io(path, e),
             })?;
+            budget.renew();
             if read == 0 {
                 return Err(Error::Input {
                     file: path.to_path_buf(),
@@ -37,13 +42,19 @@ fn csv_reader(path: &Path, spec: &ReadSpec) -> Result<csv::Reader<TextInput>> {
         }
         input = Box::new(lines);
     }
-    Ok(csv::ReaderBuilder::new()
+    let reader = csv::ReaderBuilder::new()
         .delimiter(spec.delimiter)
         .quote(spec.quote)
         .escape(spec.escape)
         .has_headers(spec.header)
         .flexible(true)
-        .from_reader(input))
+        .from_reader(input);
+    Ok((reader, budget))
+}
+
+/// Whether a CSV error is a record longer than `max_record_mb` (never skipped).
+fn too_long(e: &csv::Error) -> bool {
+    matches!(e.kind(), csv::ErrorKind::Io(io) if record_too_long(io))
 }
 
 fn csv_header(path: &Path, reader: &mut csv::Reader<TextInput>, spec: &ReadSpec) -> Result<Vec<String>> {
@@ -83,8 +94,9 @@ fn csv_error(path: &Path, e: csv::Error, skipped: u64) -> Error {
 /// the first rows of the first file.
 pub(super) fn schema(files: &[PathBuf], source: &Source, spec: &ReadSpec) -> Result<SchemaRef> {
     let path = &files[0];
-    let mut reader = csv_reader(path, spec)?;
+    let (mut reader, budget) = csv_reader(path, spec)?;
     let names = csv_header(path, &mut reader, spec)?;
+    budget.renew();
     let declared: HashMap<&str, &DataType> = source.schema.iter().map(|(n, t)| (n.as_str(), t)).collect();
     if !declared.is_empty() {
         let missing: Vec<&str> =
@@ -116,7 +128,9 @@ pub(super) fn schema(files: &[PathBuf], source: &Source, spec: &ReadSpec) -> Res
     let mut samples: Vec<Vec<String>> = vec![Vec::new(); names.len()];
     let mut rec = csv::StringRecord::new();
     for _ in 0..source.infer_rows {
-        match reader.read_record(&mut rec) {
+        let read = reader.read_record(&mut rec);
+        budget.renew();
+        match read {
             Ok(true) => {
                 for (i, v) in rec.iter().enumerate().take(names.len()) {
                     // a null marker says nothing about the column's type
@@ -139,6 +153,8 @@ pub(super) fn schema(files: &[PathBuf], source: &Source, spec: &ReadSpec) -> Res
 pub(super) struct CsvFile {
     path: PathBuf,
     reader: csv::Reader<TextInput>,
+    /// Renewed after each record: a record may not be longer than `max_record_mb`.
+    budget: RecordBudget,
     /// For each schema column, its index in this file's records.
     positions: Vec<usize>,
     schema: SchemaRef,
@@ -158,8 +174,9 @@ pub(super) struct CsvFile {
 
 impl CsvFile {
     pub(super) fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Self> {
-        let mut reader = csv_reader(path, spec)?;
+        let (mut reader, budget) = csv_reader(path, spec)?;
         let names = csv_header(path, &mut reader, spec)?;
+        budget.renew();
         let mut positions = Vec::new();
         for f in schema.fields() {
             let pos = names.iter().position(|n| n == f.name()).ok_or_else(|| Error::Input {
@@ -177,6 +194,7 @@ impl CsvFile {
         let mut file = CsvFile {
             path: path.to_path_buf(),
             reader,
+            budget,
             positions,
             schema: schema.clone(),
             builders,
@@ -197,7 +215,10 @@ impl CsvFile {
         let mut rows = 0;
         let mut eof = false;
         while rows < self.batch_size {
+            // where the next record starts (the reader's line moves on inside a long one)
+            let starts_at = self.reader.position().line() + self.skipped_lines;
             let read = self.reader.read_byte_record(&mut self.record);
+            self.budget.renew();
             if !matches!(read, Ok(false)) {
                 self.consumed += 1;
             }
@@ -207,6 +228,10 @@ impl CsvFile {
                     break;
                 }
                 Ok(true) => {}
+                Err(e) if too_long(&e) => {
+                    let message = e.to_string();
+                    return Err(Error::Input { file: self.path.clone(), line: starts_at, column: None, message });
+                }
                 Err(e) => {
                     let err = csv_error(&self.path, e, self.skipped_lines);
                     match (&err, self.on_error) {
@@ -248,7 +273,9 @@ impl CsvFile {
     /// Skip `n` records (resuming from a checkpoint).
     fn skip(&mut self, n: u64) -> Result<()> {
         while self.consumed < n {
-            match self.reader.read_byte_record(&mut self.record) {
+            let read = self.reader.read_byte_record(&mut self.record);
+            self.budget.renew();
+            match read {
                 Ok(false) => break,
                 Ok(true) | Err(_) => self.consumed += 1,
             }

@@ -53,6 +53,8 @@ pub(super) struct ReadSpec {
     pub skip_rows: u64,
     /// CSV and JSON lines: the text's encoding when it is not UTF-8.
     pub encoding: Option<&'static encoding_rs::Encoding>,
+    /// CSV and JSON lines: the longest record (line), in bytes.
+    pub max_record: u64,
     /// Types of hive partition columns (`key=value` directories); others are strings.
     pub hive_types: HashMap<String, DataType>,
     pub root: Option<PathBuf>,
@@ -77,6 +79,7 @@ impl ReadSpec {
             escape: None,
             skip_rows: 0,
             encoding: None,
+            max_record: crate::config::DEFAULT_MAX_RECORD_MB << 20,
             hive_types: HashMap::new(),
             root: None,
             projection: None,
@@ -250,9 +253,11 @@ impl std::fmt::Display for CorruptInput {
 
 impl std::error::Error for CorruptInput {}
 
-/// What a decoder said, if it was about the data.
+/// What a decoder said, if it was about the data (a corrupt stream, or a record too long).
 pub(crate) fn corrupt_input(e: &std::io::Error) -> Option<String> {
-    e.get_ref().and_then(|inner| inner.downcast_ref::<CorruptInput>()).map(|c| c.0.clone())
+    let inner = e.get_ref()?;
+    (inner.downcast_ref::<CorruptInput>().map(|c| c.0.clone()))
+        .or_else(|| inner.downcast_ref::<RecordTooLong>().map(|r| r.to_string()))
 }
 
 /// Reads a compressed input, its decoder's data errors tagged as [`CorruptInput`].
@@ -271,6 +276,77 @@ impl Read for Decoded {
             ))),
             _ => e,
         })
+    }
+}
+
+/// A record (a CSV record, a JSON line) longer than `max_record_mb`: the file has no line
+/// ends where they should be, or an unclosed quote. Never skipped: what follows is not
+/// records either.
+#[derive(Debug)]
+pub(crate) struct RecordTooLong(pub u64);
+
+impl std::fmt::Display for RecordTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "a record longer than {} MiB (a file without line ends, or an unclosed quote?); \
+             raise the source's max_record_mb if its records are that long",
+            self.0 >> 20
+        )
+    }
+}
+
+impl std::error::Error for RecordTooLong {}
+
+/// Whether an I/O error is [`RecordTooLong`].
+pub(crate) fn record_too_long(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<RecordTooLong>())
+}
+
+/// A text input that may be read at most `max` bytes past the start of the record in hand:
+/// the reader calls [`RecordBudget::renew`] after each record, and a read beyond fails with
+/// [`RecordTooLong`] rather than growing one record's buffer with the whole file.
+pub(super) struct Capped {
+    inner: TextInput,
+    budget: RecordBudget,
+}
+
+/// The bytes a [`Capped`] input may still give before the next record ends.
+#[derive(Clone)]
+pub(super) struct RecordBudget {
+    left: Arc<AtomicU64>,
+    max: u64,
+}
+
+impl RecordBudget {
+    /// A record ended: the next may be `max` bytes long (plus what its reader buffers ahead).
+    pub fn renew(&self) {
+        self.left.store(self.max + Capped::SLACK, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Capped {
+    /// What a reader may have buffered past a record's end, allowed on top of `max`.
+    const SLACK: u64 = 1 << 20;
+
+    pub fn new(inner: TextInput, max: u64) -> (Capped, RecordBudget) {
+        let budget = RecordBudget { left: Arc::new(AtomicU64::new(0)), max };
+        budget.renew();
+        (Capped { inner, budget: budget.clone() }, budget)
+    }
+}
+
+impl Read for Capped {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let left = self.budget.left.load(Relaxed);
+        if left == 0 {
+            return Err(std::io::Error::other(RecordTooLong(self.budget.max)));
+        }
+        let room = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..room])?;
+        self.budget.left.fetch_sub(n as u64, Relaxed);
+        Ok(n)
     }
 }
 
@@ -446,6 +522,7 @@ impl FileSource {
             skip_rows: source.skip_rows,
             // checked when the pipeline was parsed
             encoding: source.encoding.as_deref().and_then(|l| encoding_rs::Encoding::for_label(l.as_bytes())),
+            max_record: source.max_record_mb << 20,
             root: (source.format == Format::Parquet && dir.is_dir()).then_some(dir),
             ..ReadSpec::new(source.format, batch_size)
         };

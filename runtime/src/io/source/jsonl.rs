@@ -8,7 +8,7 @@ use std::sync::Arc;
 use arrow_array::RecordBatch;
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 
-use super::files::{finish_batch, open_text, text_builders, FileBatches, ReadSpec, TextInput};
+use super::files::{finish_batch, open_text, text_builders, Capped, FileBatches, ReadSpec, RecordBudget};
 use super::{corrupt_input, Skipped};
 use crate::config::{OnError, Source};
 use crate::io::text::{infer_type, parse_json, parse_text, Cell, ColumnBuilder};
@@ -21,15 +21,32 @@ pub(super) fn schema(files: &[PathBuf], source: &Source, spec: &ReadSpec) -> Res
         return Ok(Arc::new(Schema::new(fields)));
     }
     let path = &files[0];
-    let file = open_text(path, spec.encoding)?;
+    let (file, budget) = Capped::new(open_text(path, spec.encoding)?, spec.max_record);
     let mut order: Vec<String> = Vec::new();
     let mut samples: HashMap<String, Vec<String>> = HashMap::new();
     let mut kinds: HashMap<String, DataType> = HashMap::new();
-    for line in BufReader::new(file).lines().take(source.infer_rows) {
-        let line = line.map_err(|e| match corrupt_input(&e) {
-            Some(message) => Error::Input { file: path.clone(), line: 0, column: None, message },
-            None => Error::io(path, e),
-        })?;
+    let mut input = BufReader::new(file);
+    let mut line = String::new();
+    for n in 1..=source.infer_rows as u64 {
+        line.clear();
+        let read = match input.read_line(&mut line) {
+            Ok(read) => read,
+            // a line that is not UTF-8 tells nothing; reading for real reports it
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                budget.renew();
+                continue;
+            }
+            Err(e) => {
+                return Err(match corrupt_input(&e) {
+                    Some(message) => Error::Input { file: path.clone(), line: n, column: None, message },
+                    None => Error::io(path, e),
+                })
+            }
+        };
+        budget.renew();
+        if read == 0 {
+            break;
+        }
         let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
@@ -69,7 +86,9 @@ pub(super) fn schema(files: &[PathBuf], source: &Source, spec: &ReadSpec) -> Res
 
 pub(super) struct JsonlFile {
     path: PathBuf,
-    input: BufReader<TextInput>,
+    input: BufReader<Capped>,
+    /// Renewed after each line: a line may not be longer than `max_record_mb`.
+    budget: RecordBudget,
     /// The current line's text (reused from line to line).
     text: String,
     line: u64,
@@ -83,11 +102,12 @@ pub(super) struct JsonlFile {
 
 impl JsonlFile {
     pub(super) fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Self> {
-        let file = open_text(path, spec.encoding)?;
+        let (file, budget) = Capped::new(open_text(path, spec.encoding)?, spec.max_record);
         let builders = text_builders(path, schema, spec.batch_size)?;
         let mut file = JsonlFile {
             path: path.to_path_buf(),
             input: BufReader::with_capacity(256 * 1024, file),
+            budget,
             text: String::new(),
             line: 0,
             schema: schema.clone(),
@@ -119,6 +139,7 @@ impl JsonlFile {
             Ok(0) => None,
             Ok(_) => {
                 self.line += 1;
+                self.budget.renew();
                 Some(Ok(()))
             }
             Err(e) => {
