@@ -2888,3 +2888,40 @@ fn hostile_records_without_end_are_refused_at_max_record_mb_not_read_into_memory
     let out = weir(d, &["validate", "pipeline.toml"]);
     assert!(out.stderr.contains("sources.input.max_record_mb must be 1..4096"), "{}", out.stderr);
 }
+
+#[test]
+fn an_output_path_that_is_not_weirs_to_replace_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("landing")).unwrap();
+    std::fs::write(d.join("landing/in.csv"), "id\n1\n").unwrap();
+    std::fs::create_dir_all(d.join("reports")).unwrap();
+    std::fs::write(d.join("reports/q3.xlsx"), "precious").unwrap();
+    std::fs::write(d.join("notes.txt"), "precious").unwrap();
+    let pipeline = |out: &str| {
+        format!(
+            "[pipeline]\nname = \"guard\"\n\n[sources.input]\nformat = \"csv\"\npath = \"landing/in.csv\"\n\n[steps.s]\ninput = \"input\"\noutput = {{ path = \"{out}\" }}\n"
+        )
+    };
+    for (out, says) in [
+        ("landing/in.csv", "holds the files of sources.input"),
+        ("landing", "holds the files of sources.input"),
+        (".", "holds the files of sources.input"),
+        ("reports", "holds `q3.xlsx`, which is not part of a dataset weir wrote"),
+        ("notes.txt", "exists and is not a directory"),
+    ] {
+        std::fs::write(d.join("pipeline.toml"), pipeline(out)).unwrap();
+        let out_ = weir(d, &["run", "pipeline.toml"]);
+        assert_eq!(out_.code, 2, "{out}: {}", out_.stderr);
+        assert!(out_.stderr.contains(says), "{out}: {}", out_.stderr);
+        assert!(out_.stderr.contains("pipeline.toml:"), "{out}: {}", out_.stderr);
+    }
+    assert_eq!(std::fs::read_to_string(d.join("landing/in.csv")).unwrap(), "id\n1\n");
+    assert_eq!(std::fs::read_to_string(d.join("reports/q3.xlsx")).unwrap(), "precious");
+    assert_eq!(std::fs::read_to_string(d.join("notes.txt")).unwrap(), "precious");
+    // a dataset weir wrote is replaced, run after run
+    std::fs::write(d.join("pipeline.toml"), pipeline("out/s")).unwrap();
+    assert_eq!(weir(d, &["run", "pipeline.toml"]).code, 0);
+    let again = weir(d, &["run", "pipeline.toml", "--force"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+}

@@ -547,10 +547,38 @@ impl Pipeline {
         let plugins = parse_plugins(&ctx, &base, &raw, &secrets, &mut errors);
         let steps = parse_steps(&ctx, &base, &raw, &sources, &step_retry, &source_retry, &mut errors);
 
-        // Two steps writing one place would overwrite each other.
+        // Two steps writing one place would overwrite each other; publishing replaces the
+        // output directory whole, so it may not hold a source's files or anything not weir's.
         let mut outputs: HashMap<PathBuf, &str> = HashMap::new();
         for s in &steps {
             if let Some(o) = &s.output {
+                let at = |message: String, hint: &str| Diagnostic {
+                    file: path.to_path_buf(),
+                    line: s.line,
+                    column: 1,
+                    message,
+                    hint: Some(hint.into()),
+                };
+                for src in sources.values() {
+                    let read = literal_prefix(Path::new(&src.path));
+                    if lexical(&read).starts_with(lexical(&o.path)) {
+                        errors.push(at(
+                            format!(
+                                "steps.{}.output.path {} holds the files of sources.{}: publishing would replace them",
+                                s.name,
+                                o.path.display(),
+                                src.name
+                            ),
+                            "write the output somewhere else",
+                        ));
+                    }
+                }
+                if let Err(what) = replaceable_output(&o.path) {
+                    errors.push(at(
+                        format!("steps.{}.output.path {} {what}", s.name, o.path.display()),
+                        "publishing replaces the whole directory: give the step a path of its own, or move what is there",
+                    ));
+                }
                 if let Some(other) = outputs.insert(o.path.clone(), &s.name) {
                     errors.push(Diagnostic {
                         file: path.to_path_buf(),
@@ -1299,6 +1327,51 @@ fn order_steps(steps: Vec<Step>) -> Result<Vec<Step>, (Vec<String>, usize)> {
 /// `list<TYPE>`, or `struct<NAME: TYPE, ...>`, nested as deep as needed (every part nullable).
 pub fn column_type(text: &str) -> std::result::Result<DataType, String> {
     nested_type(text, 0)
+}
+
+/// The part of a source path before its first pattern (`*`, `?`, `[`, `{partition}`).
+fn literal_prefix(path: &Path) -> PathBuf {
+    path.components().take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '[', '{'])).collect()
+}
+
+/// `path` without `.` components and with `..` applied where it can be (no file system).
+fn lexical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Whether publishing may replace what is at an output path: nothing, or a directory of
+/// what weir writes there (Parquet files, `key=value` partition folders, hidden names).
+/// A file, or a folder holding anything else (a typo naming a data folder), is refused
+/// rather than swapped away and deleted. Only the top level is looked at.
+fn replaceable_output(path: &Path) -> std::result::Result<(), String> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Err(_) => return Ok(()),
+        Ok(m) => m,
+    };
+    if !meta.is_dir() {
+        return Err("exists and is not a directory".into());
+    }
+    let Ok(entries) = std::fs::read_dir(path) else { return Ok(()) };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        let ours = name.starts_with('.') || (is_dir && name.contains('=')) || (!is_dir && name.ends_with(".parquet"));
+        if !ours {
+            return Err(format!("holds `{name}`, which is not part of a dataset weir wrote"));
+        }
+    }
+    Ok(())
 }
 
 /// The longest CSV record or JSON line read by default, in MiB.
