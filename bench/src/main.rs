@@ -2,7 +2,8 @@
 //!
 //! `weir-bench run --rows 10000000` generates a seeded `events` table (Parquet, zstd), runs
 //! four transform workloads (W1 PII mask, W2 filter + cast, W3 dedup, W4 group-by) and three
-//! ingest workloads (I1 CSV, I2 JSON lines, I3 gzip CSV, each to Parquet) with every runner
+//! ingest workloads (I1 CSV, I2 JSON lines, I3 gzip CSV, I4 nested JSON lines, each to
+//! Parquet) with every runner
 //! (weir with its Wasm plugins, native arrow-rs, DuckDB, Polars, pandas), checks that every
 //! runner's output has the same order-insensitive checksum as the native one before its time
 //! counts, and prints a table (median wall time, rows/s, peak RSS, ratios). `--check-only`
@@ -36,7 +37,7 @@ mod per_record;
 /// The HMAC key every runner uses for W1.
 const KEY: &[u8] = b"bench-key";
 /// Transform workloads (W), then ingest workloads (I, see ingest.rs).
-const WORKLOADS: [&str; 7] = ["W1", "W2", "W3", "W4", "I1", "I2", "I3"];
+const WORKLOADS: [&str; 8] = ["W1", "W2", "W3", "W4", "I1", "I2", "I3", "I4"];
 const BATCH: usize = 64 * 1024;
 
 #[derive(Parser)]

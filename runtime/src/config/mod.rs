@@ -547,49 +547,7 @@ impl Pipeline {
         let plugins = parse_plugins(&ctx, &base, &raw, &secrets, &mut errors);
         let steps = parse_steps(&ctx, &base, &raw, &sources, &step_retry, &source_retry, &mut errors);
 
-        // Two steps writing one place would overwrite each other; publishing replaces the
-        // output directory whole, so it may not hold a source's files or anything not weir's.
-        let mut outputs: HashMap<PathBuf, &str> = HashMap::new();
-        for s in &steps {
-            if let Some(o) = &s.output {
-                let at = |message: String, hint: &str| Diagnostic {
-                    file: path.to_path_buf(),
-                    line: s.line,
-                    column: 1,
-                    message,
-                    hint: Some(hint.into()),
-                };
-                for src in sources.values() {
-                    let read = literal_prefix(Path::new(&src.path));
-                    if lexical(&read).starts_with(lexical(&o.path)) {
-                        errors.push(at(
-                            format!(
-                                "steps.{}.output.path {} holds the files of sources.{}: publishing would replace them",
-                                s.name,
-                                o.path.display(),
-                                src.name
-                            ),
-                            "write the output somewhere else",
-                        ));
-                    }
-                }
-                if let Err(what) = replaceable_output(&o.path) {
-                    errors.push(at(
-                        format!("steps.{}.output.path {} {what}", s.name, o.path.display()),
-                        "publishing replaces the whole directory: give the step a path of its own, or move what is there",
-                    ));
-                }
-                if let Some(other) = outputs.insert(o.path.clone(), &s.name) {
-                    errors.push(Diagnostic {
-                        file: path.to_path_buf(),
-                        line: s.line,
-                        column: 1,
-                        message: format!("steps `{other}` and `{}` both write {}", s.name, o.path.display()),
-                        hint: Some("give each step its own output path".into()),
-                    });
-                }
-            }
-        }
+        check_outputs(path, &sources, &steps, &mut errors);
 
         let steps = match order_steps(steps) {
             Ok(s) => s,
@@ -1102,6 +1060,52 @@ fn parse_plugins(
         );
     }
     plugins
+}
+
+/// Two steps writing one place would overwrite each other; publishing replaces an output
+/// directory whole, so it may not hold a source's files or anything weir did not write.
+fn check_outputs(path: &Path, sources: &BTreeMap<String, Source>, steps: &[Step], errors: &mut Vec<Diagnostic>) {
+    let mut outputs: HashMap<PathBuf, &str> = HashMap::new();
+    for s in steps {
+        if let Some(o) = &s.output {
+            let at = |message: String, hint: &str| Diagnostic {
+                file: path.to_path_buf(),
+                line: s.line,
+                column: 1,
+                message,
+                hint: Some(hint.into()),
+            };
+            for src in sources.values() {
+                let read = literal_prefix(Path::new(&src.path));
+                if lexical(&read).starts_with(lexical(&o.path)) {
+                    errors.push(at(
+                        format!(
+                            "steps.{}.output.path {} holds the files of sources.{}: publishing would replace them",
+                            s.name,
+                            o.path.display(),
+                            src.name
+                        ),
+                        "write the output somewhere else",
+                    ));
+                }
+            }
+            if let Err(what) = replaceable_output(&o.path) {
+                errors.push(at(
+                    format!("steps.{}.output.path {} {what}", s.name, o.path.display()),
+                    "publishing replaces the whole directory: give the step a path of its own, or move what is there",
+                ));
+            }
+            if let Some(other) = outputs.insert(o.path.clone(), &s.name) {
+                errors.push(Diagnostic {
+                    file: path.to_path_buf(),
+                    line: s.line,
+                    column: 1,
+                    message: format!("steps `{other}` and `{}` both write {}", s.name, o.path.display()),
+                    hint: Some("give each step its own output path".into()),
+                });
+            }
+        }
+    }
 }
 
 /// `[steps.*]`: inputs, transforms, outputs and checks, in file order.
