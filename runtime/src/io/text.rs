@@ -59,10 +59,7 @@ pub fn parse_json(value: &serde_json::Value, dtype: &DataType) -> Result<Cell, S
     use serde_json::Value as J;
     match (value, dtype) {
         (J::Null, _) => Ok(Cell::Null),
-        (v, t @ (DataType::List(_) | DataType::Struct(_))) => match check_nested(v, t) {
-            Ok(()) => Ok(Cell::Json(v.clone())),
-            Err(e) => Err(e.strip_prefix(": ").map_or_else(|| format!("at {e}"), str::to_string)),
-        },
+        (v, t @ (DataType::List(_) | DataType::Struct(_))) => nested_cell(v.clone(), t),
         (J::String(s), DataType::Utf8) => Ok(Cell::Str(s.clone())),
         (J::String(s), _) => parse_text(s, dtype),
         (J::Bool(b), DataType::Boolean) => Ok(Cell::Bool(*b)),
@@ -83,8 +80,16 @@ pub fn parse_json(value: &serde_json::Value, dtype: &DataType) -> Result<Cell, S
 
 /// Whether `value` fits a struct or list type all the way down (leaves as [`parse_json`]
 /// reads them; keys a struct does not name are ignored, missing ones are null). The error
-/// names the path to the value that does not fit, e.g. `[2].qty: ...` (`: ...` when it is the
+/// names the path to the value that does not fit (see [`nested_cell`] for the message), e.g. `[2].qty: ...` (`: ...` when it is the
 /// value itself).
+/// A JSON value of a struct or list column, as its cell once it is found to fit.
+pub fn nested_cell(value: serde_json::Value, dtype: &DataType) -> Result<Cell, String> {
+    match check_nested(&value, dtype) {
+        Ok(()) => Ok(Cell::Json(value)),
+        Err(e) => Err(e.strip_prefix(": ").map_or_else(|| format!("at {e}"), str::to_string)),
+    }
+}
+
 fn check_nested(value: &serde_json::Value, dtype: &DataType) -> Result<(), String> {
     use serde_json::Value as J;
     match (value, dtype) {
@@ -98,6 +103,10 @@ fn check_nested(value: &serde_json::Value, dtype: &DataType) -> Result<(), Strin
             check_nested(v, f.data_type()).map_err(|e| format!(".{}{e}", f.name()))
         }),
         (v, t @ (DataType::List(_) | DataType::Struct(_))) => Err(format!(": JSON value {v} cannot be read as {t}")),
+        // the common leaves, checked without building their cell
+        (J::String(_), DataType::Utf8) | (J::Bool(_), DataType::Boolean) => Ok(()),
+        (J::Number(n), DataType::Int64) if n.is_i64() => Ok(()),
+        (J::Number(_), DataType::Float64 | DataType::Float32) => Ok(()),
         (v, t) => parse_json(v, t).map(|_| ()).map_err(|e| format!(": {e}")),
     }
 }
@@ -143,7 +152,10 @@ fn nested_array(values: &[&serde_json::Value], dtype: &DataType) -> ArrayRef {
         leaf => match ColumnBuilder::new(leaf, values.len()) {
             Ok(mut b) => {
                 for v in values {
-                    b.push(parse_json(v, leaf).unwrap_or(Cell::Null));
+                    match v {
+                        J::String(s) if leaf == &DataType::Utf8 => b.push_str(s),
+                        v => b.push(parse_json(v, leaf).unwrap_or(Cell::Null)),
+                    }
                 }
                 b.finish()
             }

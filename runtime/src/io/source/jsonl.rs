@@ -11,7 +11,7 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use super::files::{finish_batch, open_text, text_builders, Capped, FileBatches, ReadSpec, RecordBudget};
 use super::{corrupt_input, Skipped};
 use crate::config::{OnError, Source};
-use crate::io::text::{infer_type, parse_json, parse_text, Cell, ColumnBuilder};
+use crate::io::text::{infer_type, nested_cell, parse_json, parse_text, Cell, ColumnBuilder};
 use crate::io::{Error, Result};
 
 /// The columns of a JSON-lines source: declared, or inferred from the first lines.
@@ -376,7 +376,11 @@ struct CellSeed<'a> {
 
 impl CellSeed<'_> {
     fn mismatch(&self, value: serde_json::Value) -> SlotResult {
-        parse_json(&value, self.dtype).map(Slot::Cell)
+        match self.dtype {
+            // a struct or list column keeps the value it checked (no copy)
+            t if t.is_nested() => nested_cell(value, t).map(Slot::Cell),
+            t => parse_json(&value, t).map(Slot::Cell),
+        }
     }
 }
 
