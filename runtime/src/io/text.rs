@@ -19,8 +19,8 @@ pub enum Cell {
     Int(i64),
     Float(f64),
     Bool(bool),
-    /// A JSON value already checked against a struct or list column's type.
-    Json(serde_json::Value),
+    /// A struct or list column's value, decoded by its type.
+    Nested(Box<Nested>),
 }
 
 /// Parse text as `dtype`. Empty text is null. The error says what was expected.
@@ -59,7 +59,9 @@ pub fn parse_json(value: &serde_json::Value, dtype: &DataType) -> Result<Cell, S
     use serde_json::Value as J;
     match (value, dtype) {
         (J::Null, _) => Ok(Cell::Null),
-        (v, t @ (DataType::List(_) | DataType::Struct(_))) => nested_cell(v.clone(), t),
+        (v, t @ (DataType::List(_) | DataType::Struct(_))) => {
+            nested_from_value(v, t).map(|n| Cell::Nested(Box::new(n))).map_err(nested_message)
+        }
         (J::String(s), DataType::Utf8) => Ok(Cell::Str(s.clone())),
         (J::String(s), _) => parse_text(s, dtype),
         (J::Bool(b), DataType::Boolean) => Ok(Cell::Bool(*b)),
@@ -78,88 +80,105 @@ pub fn parse_json(value: &serde_json::Value, dtype: &DataType) -> Result<Cell, S
     }
 }
 
-/// Whether `value` fits a struct or list type all the way down (leaves as [`parse_json`]
-/// reads them; keys a struct does not name are ignored, missing ones are null). The error
-/// names the path to the value that does not fit (see [`nested_cell`] for the message), e.g. `[2].qty: ...` (`: ...` when it is the
-/// value itself).
-/// A JSON value of a struct or list column, as its cell once it is found to fit.
-pub fn nested_cell(value: serde_json::Value, dtype: &DataType) -> Result<Cell, String> {
-    match check_nested(&value, dtype) {
-        Ok(()) => Ok(Cell::Json(value)),
-        Err(e) => Err(e.strip_prefix(": ").map_or_else(|| format!("at {e}"), str::to_string)),
+/// A struct or list column's value, decoded by its declared type: a struct's fields by
+/// position (in the type's order), a list's items, and leaf cells. Built straight from the
+/// JSON text by the JSON-lines reader, or from a parsed value by [`nested_from_value`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Nested {
+    Null,
+    Leaf(Cell),
+    List(Vec<Nested>),
+    Struct(Vec<Nested>),
+}
+
+/// A path error (`[2].qty: ...`, or `: ...` for the value itself) as the message of the
+/// column's error: `at [2].qty: ...`, or the bare message.
+pub fn nested_message(e: String) -> String {
+    match e.strip_prefix(": ") {
+        Some(m) => m.to_string(),
+        None => format!("at {e}"),
     }
 }
 
-fn check_nested(value: &serde_json::Value, dtype: &DataType) -> Result<(), String> {
+/// `value` read as a struct or list type all the way down: leaves as [`parse_json`] reads
+/// them, keys a struct does not name ignored, missing ones null. The error names the path to
+/// the first value that does not fit (fields in the type's order, items in order).
+pub fn nested_from_value(value: &serde_json::Value, dtype: &DataType) -> Result<Nested, String> {
     use serde_json::Value as J;
     match (value, dtype) {
-        (J::Null, _) => Ok(()),
+        (J::Null, _) => Ok(Nested::Null),
         (J::Array(items), DataType::List(item)) => items
             .iter()
             .enumerate()
-            .try_for_each(|(i, v)| check_nested(v, item.data_type()).map_err(|e| format!("[{i}]{e}"))),
-        (J::Object(map), DataType::Struct(fields)) => fields.iter().try_for_each(|f| {
-            let v = map.get(f.name()).unwrap_or(&J::Null);
-            check_nested(v, f.data_type()).map_err(|e| format!(".{}{e}", f.name()))
-        }),
+            .map(|(i, v)| nested_from_value(v, item.data_type()).map_err(|e| format!("[{i}]{e}")))
+            .collect::<Result<_, _>>()
+            .map(Nested::List),
+        (J::Object(map), DataType::Struct(fields)) => fields
+            .iter()
+            .map(|f| {
+                let v = map.get(f.name()).unwrap_or(&J::Null);
+                nested_from_value(v, f.data_type()).map_err(|e| format!(".{}{e}", f.name()))
+            })
+            .collect::<Result<_, _>>()
+            .map(Nested::Struct),
         (v, t @ (DataType::List(_) | DataType::Struct(_))) => Err(format!(": JSON value {v} cannot be read as {t}")),
-        // the common leaves, checked without building their cell
-        (J::String(_), DataType::Utf8) | (J::Bool(_), DataType::Boolean) => Ok(()),
-        (J::Number(n), DataType::Int64) if n.is_i64() => Ok(()),
-        (J::Number(_), DataType::Float64 | DataType::Float32) => Ok(()),
-        (v, t) => parse_json(v, t).map(|_| ()).map_err(|e| format!(": {e}")),
+        (v, t) => parse_json(v, t).map(Nested::Leaf).map_err(|e| format!(": {e}")),
     }
 }
 
-/// The Arrow array of values checked by [`check_nested`] for `dtype` (a value that does not
-/// fit after all is a null: it cannot happen for checked values).
-fn nested_array(values: &[&serde_json::Value], dtype: &DataType) -> ArrayRef {
+/// The Arrow array of decoded nested values of `dtype` (a value of another shape, which a
+/// decoder never makes, is a null).
+fn nested_array(values: &[&Nested], dtype: &DataType) -> ArrayRef {
     use arrow_array::{ListArray, StructArray};
     use arrow_buffer::{NullBuffer, OffsetBuffer};
-    use serde_json::Value as J;
-    static NULL: J = J::Null;
-    let valid = |v: &&J| !v.is_null();
-    let nulls = || Some(NullBuffer::from_iter(values.iter().map(valid)));
+    static NULL: Nested = Nested::Null;
+    let nulls = || Some(NullBuffer::from_iter(values.iter().map(|v| !matches!(v, Nested::Null))));
+    let fallback = || arrow_array::new_null_array(dtype, values.len());
     match dtype {
         DataType::List(item) => {
-            let mut children: Vec<&J> = Vec::new();
-            let lengths = values.iter().map(|v| match v {
-                J::Array(items) => {
-                    children.extend(items.iter());
-                    items.len()
-                }
-                _ => 0,
-            });
-            let offsets = OffsetBuffer::<i32>::from_lengths(lengths.collect::<Vec<_>>());
+            let mut children: Vec<&Nested> = Vec::new();
+            let lengths: Vec<usize> = values
+                .iter()
+                .map(|v| match v {
+                    Nested::List(items) => {
+                        children.extend(items.iter());
+                        items.len()
+                    }
+                    _ => 0,
+                })
+                .collect();
             let child = nested_array(&children, item.data_type());
-            ListArray::try_new(item.clone(), offsets, child, nulls())
-                .map(|a| Arc::new(a) as ArrayRef)
-                .unwrap_or_else(|_| arrow_array::new_null_array(dtype, values.len()))
+            ListArray::try_new(item.clone(), OffsetBuffer::<i32>::from_lengths(lengths), child, nulls())
+                .map_or_else(|_| fallback(), |a| Arc::new(a) as ArrayRef)
         }
         DataType::Struct(fields) => {
-            let children: Vec<ArrayRef> = fields
-                .iter()
-                .map(|f| {
-                    let column: Vec<&J> =
-                        values.iter().map(|v| v.as_object().and_then(|m| m.get(f.name())).unwrap_or(&NULL)).collect();
-                    nested_array(&column, f.data_type())
+            let children: Vec<ArrayRef> = (0..fields.len())
+                .map(|i| {
+                    let column: Vec<&Nested> = values
+                        .iter()
+                        .map(|v| match v {
+                            Nested::Struct(parts) => parts.get(i).unwrap_or(&NULL),
+                            _ => &NULL,
+                        })
+                        .collect();
+                    nested_array(&column, fields[i].data_type())
                 })
                 .collect();
             StructArray::try_new(fields.clone(), children, nulls())
-                .map(|a| Arc::new(a) as ArrayRef)
-                .unwrap_or_else(|_| arrow_array::new_null_array(dtype, values.len()))
+                .map_or_else(|_| fallback(), |a| Arc::new(a) as ArrayRef)
         }
         leaf => match ColumnBuilder::new(leaf, values.len()) {
             Ok(mut b) => {
                 for v in values {
                     match v {
-                        J::String(s) if leaf == &DataType::Utf8 => b.push_str(s),
-                        v => b.push(parse_json(v, leaf).unwrap_or(Cell::Null)),
+                        Nested::Leaf(Cell::Str(s)) => b.push_str(s),
+                        Nested::Leaf(c) => b.push(c.clone()),
+                        _ => b.push(Cell::Null),
                     }
                 }
                 b.finish()
             }
-            Err(_) => arrow_array::new_null_array(dtype, values.len()),
+            Err(_) => fallback(),
         },
     }
 }
@@ -204,7 +223,7 @@ pub enum ColumnBuilder {
     Date32(Date32Builder),
     Timestamp(TimestampMicrosecondBuilder, Option<Arc<str>>),
     /// A struct or list column (JSON lines): its checked values, built into arrays at the end.
-    Nested(DataType, Vec<serde_json::Value>),
+    Nested(DataType, Vec<Nested>),
 }
 
 impl ColumnBuilder {
@@ -238,7 +257,7 @@ impl ColumnBuilder {
             (ColumnBuilder::Bool(b), Cell::Bool(v)) => b.append_value(v),
             (ColumnBuilder::Date32(b), Cell::Int(v)) => b.append_value(v as i32),
             (ColumnBuilder::Timestamp(b, _), Cell::Int(v)) => b.append_value(v),
-            (ColumnBuilder::Nested(_, values), Cell::Json(v)) => values.push(v),
+            (ColumnBuilder::Nested(_, values), Cell::Nested(v)) => values.push(*v),
             (b, _) => b.push_null(),
         }
     }
@@ -261,7 +280,7 @@ impl ColumnBuilder {
             ColumnBuilder::Bool(b) => b.append_null(),
             ColumnBuilder::Date32(b) => b.append_null(),
             ColumnBuilder::Timestamp(b, _) => b.append_null(),
-            ColumnBuilder::Nested(_, values) => values.push(serde_json::Value::Null),
+            ColumnBuilder::Nested(_, values) => values.push(Nested::Null),
         }
     }
 
@@ -277,7 +296,7 @@ impl ColumnBuilder {
             ColumnBuilder::Date32(b) => Arc::new(b.finish()),
             ColumnBuilder::Timestamp(b, tz) => Arc::new(b.finish().with_timezone_opt(tz.clone())),
             ColumnBuilder::Nested(dtype, values) => {
-                let refs: Vec<&serde_json::Value> = values.iter().collect();
+                let refs: Vec<&Nested> = values.iter().collect();
                 let array = nested_array(&refs, dtype);
                 values.clear();
                 array

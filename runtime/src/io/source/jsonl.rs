@@ -11,7 +11,9 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use super::files::{finish_batch, open_text, text_builders, Capped, FileBatches, ReadSpec, RecordBudget};
 use super::{corrupt_input, Skipped};
 use crate::config::{OnError, Source};
-use crate::io::text::{infer_type, nested_cell, parse_json, parse_text, Cell, ColumnBuilder};
+use crate::io::text::{
+    infer_type, nested_from_value, nested_message, parse_json, parse_text, Cell, ColumnBuilder, Nested,
+};
 use crate::io::{Error, Result};
 
 /// The columns of a JSON-lines source: declared, or inferred from the first lines.
@@ -376,11 +378,7 @@ struct CellSeed<'a> {
 
 impl CellSeed<'_> {
     fn mismatch(&self, value: serde_json::Value) -> SlotResult {
-        match self.dtype {
-            // a struct or list column keeps the value it checked (no copy)
-            t if t.is_nested() => nested_cell(value, t).map(Slot::Cell),
-            t => parse_json(&value, t).map(Slot::Cell),
-        }
+        parse_json(&value, self.dtype).map(Slot::Cell)
     }
 }
 
@@ -388,6 +386,14 @@ impl<'de> DeserializeSeed<'de> for CellSeed<'_> {
     type Value = SlotResult;
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<SlotResult, D::Error> {
+        if self.dtype.is_nested() {
+            let value = NestedSeed(self.dtype).deserialize(d)?;
+            let cell = |n| match n {
+                Nested::Null => Cell::Null,
+                n => Cell::Nested(Box::new(n)),
+            };
+            return Ok(value.map(|n| Slot::Cell(cell(n))).map_err(nested_message));
+        }
         d.deserialize_any(self)
     }
 }
@@ -460,6 +466,147 @@ impl<'de> Visitor<'de> for CellSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> std::result::Result<SlotResult, A::Error> {
         let value = serde::Deserialize::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
         Ok(self.mismatch(value))
+    }
+}
+
+/// A struct or list column's value decoded straight from the text by its type: fields by
+/// position, leaves as cells, no `serde_json::Value` (a map with owned keys) in between. The
+/// result, and the path error of a value that does not fit, are [`nested_from_value`]'s
+/// for the same value (the differential test below checks it); the rest of the value is
+/// still read after an error, so bad JSON later in the line wins, as it does there.
+struct NestedSeed<'a>(&'a DataType);
+
+type NestedResult = Result<Nested, String>;
+
+/// A struct's key, as the position of its field (None: not a field), never copied.
+struct FieldSeed<'a>(&'a arrow_schema::Fields);
+
+impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldSeed<'_> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> std::result::Result<Option<usize>, E> {
+        Ok(self.0.iter().position(|f| f.name() == key))
+    }
+}
+
+impl NestedSeed<'_> {
+    /// A value of another kind than the type's, or a leaf, judged as a parsed value is.
+    fn judged(&self, value: serde_json::Value) -> NestedResult {
+        nested_from_value(&value, self.0)
+    }
+
+    fn leaf(&self, cell: Cell) -> NestedResult {
+        Ok(Nested::Leaf(cell))
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for NestedSeed<'_> {
+    type Value = NestedResult;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<NestedResult, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for NestedSeed<'_> {
+    type Value = NestedResult;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> std::result::Result<NestedResult, E> {
+        Ok(Ok(Nested::Null))
+    }
+
+    fn visit_bool<E>(self, b: bool) -> std::result::Result<NestedResult, E> {
+        Ok(match self.0 {
+            DataType::Boolean => self.leaf(Cell::Bool(b)),
+            _ => self.judged(b.into()),
+        })
+    }
+
+    fn visit_i64<E>(self, i: i64) -> std::result::Result<NestedResult, E> {
+        Ok(match self.0 {
+            DataType::Int64 => self.leaf(Cell::Int(i)),
+            DataType::Float64 | DataType::Float32 => self.leaf(Cell::Float(i as f64)),
+            _ => self.judged(i.into()),
+        })
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, u: u64) -> std::result::Result<NestedResult, E> {
+        match i64::try_from(u) {
+            Ok(i) => self.visit_i64(i),
+            Err(_) => Ok(self.judged(u.into())),
+        }
+    }
+
+    fn visit_f64<E>(self, f: f64) -> std::result::Result<NestedResult, E> {
+        Ok(match self.0 {
+            DataType::Float64 | DataType::Float32 => self.leaf(Cell::Float(f)),
+            _ => self.judged(f.into()),
+        })
+    }
+
+    fn visit_str<E>(self, s: &str) -> std::result::Result<NestedResult, E> {
+        Ok(match self.0 {
+            DataType::Utf8 => self.leaf(Cell::Str(s.to_owned())),
+            _ => self.judged(s.into()),
+        })
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<NestedResult, A::Error> {
+        let DataType::List(item) = self.0 else {
+            let value = serde::Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+            return Ok(self.judged(value));
+        };
+        let (mut items, mut first_error, mut at) = (Vec::new(), None, 0usize);
+        while let Some(v) = seq.next_element_seed(NestedSeed(item.data_type()))? {
+            match v {
+                Ok(v) => items.push(v),
+                Err(e) if first_error.is_none() => first_error = Some(format!("[{at}]{e}")),
+                Err(_) => {}
+            }
+            at += 1;
+        }
+        Ok(first_error.map_or(Ok(Nested::List(items)), Err))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<NestedResult, A::Error> {
+        let DataType::Struct(fields) = self.0 else {
+            let value = serde::Deserialize::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+            return Ok(self.judged(value));
+        };
+        let mut parts: Vec<NestedResult> = vec![Ok(Nested::Null); fields.len()];
+        while let Some(field) = map.next_key_seed(FieldSeed(fields))? {
+            match field {
+                Some(i) => parts[i] = map.next_value_seed(NestedSeed(fields[i].data_type()))?,
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        // the first field, in the type's order, that does not fit is the one named
+        let mut values = Vec::with_capacity(parts.len());
+        for (f, part) in fields.iter().zip(parts) {
+            match part {
+                Ok(v) => values.push(v),
+                Err(e) => return Ok(Err(format!(".{}{e}", f.name()))),
+            }
+        }
+        Ok(Ok(Nested::Struct(values)))
     }
 }
 
