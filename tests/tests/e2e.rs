@@ -2925,3 +2925,27 @@ fn an_output_path_that_is_not_weirs_to_replace_is_refused_and_left_alone() {
     let again = weir(d, &["run", "pipeline.toml", "--force"]);
     assert_eq!(again.code, 0, "{}", again.stderr);
 }
+
+#[test]
+fn hostile_files_of_too_many_columns_are_refused_at_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let header: Vec<String> = (0..20_000).map(|i| format!("c{i}")).collect();
+    std::fs::write(d.join("wide.csv"), format!("{}\n{}\n", header.join(","), "1,".repeat(19_999) + "1")).unwrap();
+    // a new key on every line: inference would keep them all
+    let lines: String = (0..12_000).map(|i| format!("{{\"k{i}\":1}}\n")).collect();
+    std::fs::write(d.join("wide.jsonl"), lines).unwrap();
+    for (file, format, line, says) in [
+        ("wide.csv", "csv", 1, "20000 columns; weir reads at most 10000"),
+        ("wide.jsonl", "jsonl", 10_001, "more than 10000 distinct keys"),
+    ] {
+        std::fs::write(
+            d.join("pipeline.toml"),
+            format!("[pipeline]\nname = \"wide\"\n\n[sources.input]\nformat = \"{format}\"\npath = \"{file}\"\ninfer_rows = 20000\n\n[steps.s]\ninput = \"input\"\noutput = {{ path = \"out/{format}\" }}\n"),
+        )
+        .unwrap();
+        let out = weir(d, &["run", "pipeline.toml"]);
+        assert_eq!(out.code, 1, "{file}: {}", out.stderr);
+        assert!(out.stderr.contains(&format!("{file}:{line}: {says}")), "{file}: {}", out.stderr);
+    }
+}

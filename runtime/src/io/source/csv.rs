@@ -10,6 +10,7 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 
 use super::files::{
     finish_batch, open_text, record_too_long, text_builders, Capped, FileBatches, ReadSpec, RecordBudget, TextInput,
+    INFER_BYTES, MAX_COLUMNS,
 };
 use super::{corrupt_input, Skipped};
 use crate::config::{OnError, Source};
@@ -59,6 +60,14 @@ fn too_long(e: &csv::Error) -> bool {
 
 fn csv_header(path: &Path, reader: &mut csv::Reader<TextInput>, spec: &ReadSpec) -> Result<Vec<String>> {
     let rec = reader.byte_headers().map_err(|e| csv_error(path, e, spec.skip_rows))?.clone();
+    if rec.len() > MAX_COLUMNS {
+        return Err(Error::Input {
+            file: path.to_path_buf(),
+            line: spec.skip_rows + 1,
+            column: None,
+            message: format!("{} columns; weir reads at most {MAX_COLUMNS}", rec.len()),
+        });
+    }
     let mut names = Vec::new();
     for (i, f) in rec.iter().enumerate() {
         if !spec.header {
@@ -127,6 +136,7 @@ pub(super) fn schema(files: &[PathBuf], source: &Source, spec: &ReadSpec) -> Res
     // infer from the first rows of the first file
     let mut samples: Vec<Vec<String>> = vec![Vec::new(); names.len()];
     let mut rec = csv::StringRecord::new();
+    let mut sampled = 0;
     for _ in 0..source.infer_rows {
         let read = reader.read_record(&mut rec);
         budget.renew();
@@ -136,6 +146,10 @@ pub(super) fn schema(files: &[PathBuf], source: &Source, spec: &ReadSpec) -> Res
                     // a null marker says nothing about the column's type
                     let v = if source.null_values.iter().any(|n| n == v) { "" } else { v };
                     samples[i].push(v.to_string());
+                    sampled += v.len();
+                }
+                if sampled > INFER_BYTES {
+                    break;
                 }
             }
             Ok(false) => break,

@@ -37,6 +37,14 @@ pub struct FileSource {
     project: Option<Vec<usize>>,
 }
 
+/// The most columns a CSV header or the inferred keys of JSON lines may have: a hostile
+/// file of millions of tiny columns is refused, not turned into millions of builders.
+pub(super) const MAX_COLUMNS: usize = 10_000;
+
+/// The most text type inference keeps as samples (it stops sampling beyond, and infers from
+/// what it has): the first `infer_rows` rows of a file with huge values stay cheap.
+pub(super) const INFER_BYTES: usize = 64 << 20;
+
 /// How a source's files are read: the configuration every per-file reader shares.
 #[derive(Clone)]
 pub(super) struct ReadSpec {

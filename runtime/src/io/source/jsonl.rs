@@ -8,7 +8,9 @@ use std::sync::Arc;
 use arrow_array::RecordBatch;
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 
-use super::files::{finish_batch, open_text, text_builders, Capped, FileBatches, ReadSpec, RecordBudget};
+use super::files::{
+    finish_batch, open_text, text_builders, Capped, FileBatches, ReadSpec, RecordBudget, INFER_BYTES, MAX_COLUMNS,
+};
 use super::{corrupt_input, Skipped};
 use crate::config::{OnError, Source};
 use crate::io::text::{
@@ -25,6 +27,8 @@ pub(super) fn schema(files: &[PathBuf], source: &Source, spec: &ReadSpec) -> Res
     let path = &files[0];
     let (file, budget) = Capped::new(open_text(path, spec.encoding)?, spec.max_record);
     let mut order: Vec<String> = Vec::new();
+    let mut known: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut sampled = 0;
     let mut samples: HashMap<String, Vec<String>> = HashMap::new();
     let mut kinds: HashMap<String, DataType> = HashMap::new();
     let mut input = BufReader::new(file);
@@ -46,18 +50,32 @@ pub(super) fn schema(files: &[PathBuf], source: &Source, spec: &ReadSpec) -> Res
             }
         };
         budget.renew();
-        if read == 0 {
+        if read == 0 || sampled > INFER_BYTES {
             break;
         }
         let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
         for (k, v) in map {
-            if !order.contains(&k) {
+            if !known.contains(&k) {
+                if known.len() == MAX_COLUMNS {
+                    return Err(Error::Input {
+                        file: path.clone(),
+                        line: n,
+                        column: None,
+                        message: format!(
+                            "more than {MAX_COLUMNS} distinct keys in the lines read to infer the columns; declare `schema`"
+                        ),
+                    });
+                }
+                known.insert(k.clone());
                 order.push(k.clone());
             }
             match v {
-                serde_json::Value::String(s) => samples.entry(k).or_default().push(s),
+                serde_json::Value::String(s) => {
+                    sampled += s.len();
+                    samples.entry(k).or_default().push(s)
+                }
                 serde_json::Value::Number(n) => {
                     let t = if n.is_i64() { DataType::Int64 } else { DataType::Float64 };
                     let e = kinds.entry(k).or_insert(t.clone());
