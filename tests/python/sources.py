@@ -43,14 +43,15 @@ def csv_text(rows, escape):
     return "\n".join(out) + "\n"
 
 
-def run_weir(d, source_toml, name):
+def weir_table(d, name, source_toml, batch_size=None):
+    """Run a one-step pipeline `name` reading `source_toml` into out/NAME: (process, table or None)."""
+    batch = f"batch_size = {batch_size}\n" if batch_size else ""
     (d / "pipeline.toml").write_text(
         f"""[pipeline]
 name = "{name}"
-
+{batch}
 [sources.input]
 {source_toml}
-schema = {{ id = "int64", name = "string", note = "string", amount = "float64" }}
 
 [steps.s]
 input = "input"
@@ -58,9 +59,14 @@ output = {{ path = "out/{name}" }}
 """
     )
     p = subprocess.run([weir, "run", "pipeline.toml", "--force", "--quiet"], cwd=d, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
+    return p, (ds.dataset(d / "out" / name, format="parquet").to_table() if p.returncode == 0 else None)
+
+
+def run_weir(d, source_toml, name):
+    schema = 'schema = { id = "int64", name = "string", note = "string", amount = "float64" }'
+    p, t = weir_table(d, name, f"{source_toml}\n{schema}")
+    if t is None:
         return None, p.stderr
-    t = ds.dataset(d / "out" / name, format="parquet").to_table()
     return sorted(zip(*(t.column(c).to_pylist() for c in ["id", "name", "note", "amount"]))), ""
 
 
@@ -199,25 +205,10 @@ with tempfile.TemporaryDirectory() as tmp:
     for codec in ["null", "deflate", "bzip2"]:
         with open(d / f"ev-{codec}.avro", "wb") as f:
             fastavro.writer(f, schema, records, codec=codec, sync_interval=4000)
-        (d / "pipeline.toml").write_text(
-            f"""[pipeline]
-name = "avro_{codec}"
-batch_size = 1000
-
-[sources.input]
-format = "avro"
-path = "ev-{codec}.avro"
-
-[steps.s]
-input = "input"
-output = {{ path = "out/avro_{codec}" }}
-"""
-        )
-        p = subprocess.run([weir, "run", "pipeline.toml", "--force", "--quiet"], cwd=d, env=env, capture_output=True, text=True)
+        p, t = weir_table(d, f"avro_{codec}", f'format = "avro"\npath = "ev-{codec}.avro"', batch_size=1000)
         check(f"avro {codec}: weir reads it", p.returncode == 0, p.stderr[-2000:])
-        if p.returncode != 0:
+        if t is None:
             continue
-        t = ds.dataset(d / "out" / f"avro_{codec}", format="parquet").to_table()
         got = sorted(tuple(normal(v) for v in row) for row in zip(*(t.column(c).to_pylist() for c in cols)))
         with open(d / f"ev-{codec}.avro", "rb") as f:
             want = sorted(tuple(normal(r[c]) for c in cols) for r in fastavro.reader(f))
@@ -238,26 +229,13 @@ output = {{ path = "out/avro_{codec}" }}
             row.pop("geo")  # missing is null
         nested.append(row)
     (d / "nested.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in nested))
-    (d / "pipeline.toml").write_text(
-        """[pipeline]
-name = "nested"
-batch_size = 700
-
-[sources.input]
-format = "jsonl"
+    nested_source = """format = "jsonl"
 path = "nested.jsonl"
-schema = { id = "int64", tags = "list<string>", geo = "struct<lat: float64, city: struct<name: string, zip: int64>>", scores = "list<list<int64>>", raw = "string" }
-
-[steps.s]
-input = "input"
-output = { path = "out/nested" }
-"""
-    )
-    p = subprocess.run([weir, "run", "pipeline.toml", "--force", "--quiet"], cwd=d, env=env, capture_output=True, text=True)
+schema = { id = "int64", tags = "list<string>", geo = "struct<lat: float64, city: struct<name: string, zip: int64>>", scores = "list<list<int64>>", raw = "string" }"""
+    p, t = weir_table(d, "nested", nested_source, batch_size=700)
     check("nested jsonl: weir reads it", p.returncode == 0, p.stderr[-2000:])
-    if p.returncode == 0:
+    if t is not None:
         cols = ["id", "tags", "geo", "scores", "raw"]
-        t = ds.dataset(d / "out" / "nested", format="parquet").to_table()
         check("nested jsonl: struct and list columns in Parquet",
               str(t.schema.field("geo").type).startswith("struct<lat: double, city: struct<name: string, zip: int64>>")
               and str(t.schema.field("scores").type) == "list<item: list<item: int64>>", str(t.schema))

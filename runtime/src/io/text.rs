@@ -54,6 +54,44 @@ pub fn parse_text(text: &str, dtype: &DataType) -> Result<Cell, String> {
     }
 }
 
+/// A JSON scalar as a decoder meets it, before any `serde_json::Value` is built.
+#[derive(Clone, Copy)]
+pub enum Scalar<'a> {
+    Bool(bool),
+    Int(i64),
+    /// An integer above `i64::MAX`.
+    Big(u64),
+    Float(f64),
+    Str(&'a str),
+}
+
+impl Scalar<'_> {
+    pub fn value(self) -> serde_json::Value {
+        match self {
+            Scalar::Bool(b) => b.into(),
+            Scalar::Int(i) => i.into(),
+            Scalar::Big(u) => u.into(),
+            Scalar::Float(f) => f.into(),
+            Scalar::Str(s) => s.into(),
+        }
+    }
+}
+
+/// A scalar in a column of `dtype`: what [`parse_json`] makes of it, without building the
+/// JSON value on the common paths.
+pub fn scalar_cell(v: Scalar<'_>, dtype: &DataType) -> Result<Cell, String> {
+    match (v, dtype) {
+        (Scalar::Bool(b), DataType::Boolean) => Ok(Cell::Bool(b)),
+        (Scalar::Int(i), DataType::Int64) => Ok(Cell::Int(i)),
+        (Scalar::Int(i), DataType::Int32) if i32::try_from(i).is_ok() => Ok(Cell::Int(i)),
+        (Scalar::Int(i), DataType::Float64 | DataType::Float32) => Ok(Cell::Float(i as f64)),
+        (Scalar::Float(f), DataType::Float64 | DataType::Float32) => Ok(Cell::Float(f)),
+        (Scalar::Str(s), DataType::Utf8) => Ok(Cell::Str(s.to_owned())),
+        (Scalar::Str(s), t) if !t.is_nested() => parse_text(s, t),
+        (v, t) => parse_json(&v.value(), t),
+    }
+}
+
 /// Convert a JSON value to a cell of `dtype`.
 pub fn parse_json(value: &serde_json::Value, dtype: &DataType) -> Result<Cell, String> {
     use serde_json::Value as J;

@@ -14,7 +14,7 @@ use super::files::{
 use super::{corrupt_input, Skipped};
 use crate::config::{OnError, Source};
 use crate::io::text::{
-    infer_type, nested_from_value, nested_message, parse_json, parse_text, Cell, ColumnBuilder, Nested,
+    infer_type, nested_from_value, nested_message, parse_json, scalar_cell, Cell, ColumnBuilder, Nested, Scalar,
 };
 use crate::io::{Error, Result};
 
@@ -336,9 +336,14 @@ impl<'de> Visitor<'de> for RowVisitor<'_> {
         let shape = self.shape;
         let mut position = 0;
         loop {
+            // the column this position named in the previous line, else the index
             let guess = shape.last_order.get(position).copied().flatten();
-            let key = KeySeed { index: &shape.index, names: &shape.names, guess };
-            let Some(column) = map.next_key_seed(key)? else { break };
+            let (index, names) = (&shape.index, &shape.names);
+            let find = |key: &str| match guess {
+                Some(g) if names[g] == key => Some(g),
+                _ => index.get(key).copied(),
+            };
+            let Some(column) = map.next_key_seed(KeySeed(find))? else { break };
             match shape.last_order.get_mut(position) {
                 Some(slot) => *slot = column,
                 None => shape.last_order.push(column),
@@ -355,15 +360,10 @@ impl<'de> Visitor<'de> for RowVisitor<'_> {
     }
 }
 
-/// A key, as the index of its column (None: not a column).
-struct KeySeed<'a> {
-    index: &'a HashMap<String, usize>,
-    names: &'a [String],
-    /// The column the key at this position named in the previous line.
-    guess: Option<usize>,
-}
+/// A key, as the position `find` gives it (None: not a column or field), never copied.
+struct KeySeed<F>(F);
 
-impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
+impl<'de, F: FnOnce(&str) -> Option<usize>> DeserializeSeed<'de> for KeySeed<F> {
     type Value = Option<usize>;
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<Option<usize>, D::Error> {
@@ -371,7 +371,7 @@ impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for KeySeed<'_> {
+impl<'de, F: FnOnce(&str) -> Option<usize>> Visitor<'de> for KeySeed<F> {
     type Value = Option<usize>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -379,10 +379,7 @@ impl<'de> Visitor<'de> for KeySeed<'_> {
     }
 
     fn visit_str<E: serde::de::Error>(self, key: &str) -> std::result::Result<Option<usize>, E> {
-        match self.guess {
-            Some(g) if self.names[g] == key => Ok(Some(g)),
-            _ => Ok(self.index.get(key).copied()),
-        }
+        Ok((self.0)(key))
     }
 }
 
@@ -395,6 +392,11 @@ struct CellSeed<'a> {
 }
 
 impl CellSeed<'_> {
+    fn scalar(&self, v: Scalar<'_>) -> SlotResult {
+        scalar_cell(v, self.dtype).map(Slot::Cell)
+    }
+
+    /// An object or array in a scalar column (a string column keeps its JSON text).
     fn mismatch(&self, value: serde_json::Value) -> SlotResult {
         parse_json(&value, self.dtype).map(Slot::Cell)
     }
@@ -428,33 +430,19 @@ impl<'de> Visitor<'de> for CellSeed<'_> {
     }
 
     fn visit_bool<E>(self, b: bool) -> std::result::Result<SlotResult, E> {
-        Ok(match self.dtype {
-            DataType::Boolean => Ok(Slot::Cell(Cell::Bool(b))),
-            _ => self.mismatch(b.into()),
-        })
+        Ok(self.scalar(Scalar::Bool(b)))
     }
 
     fn visit_i64<E>(self, i: i64) -> std::result::Result<SlotResult, E> {
-        Ok(match self.dtype {
-            DataType::Int64 => Ok(Slot::Cell(Cell::Int(i))),
-            DataType::Int32 if i32::try_from(i).is_ok() => Ok(Slot::Cell(Cell::Int(i))),
-            DataType::Float64 | DataType::Float32 => Ok(Slot::Cell(Cell::Float(i as f64))),
-            _ => self.mismatch(i.into()),
-        })
+        Ok(self.scalar(Scalar::Int(i)))
     }
 
-    fn visit_u64<E: serde::de::Error>(self, u: u64) -> std::result::Result<SlotResult, E> {
-        match i64::try_from(u) {
-            Ok(i) => self.visit_i64(i),
-            Err(_) => Ok(self.mismatch(u.into())),
-        }
+    fn visit_u64<E>(self, u: u64) -> std::result::Result<SlotResult, E> {
+        Ok(self.scalar(i64::try_from(u).map_or(Scalar::Big(u), Scalar::Int)))
     }
 
     fn visit_f64<E>(self, f: f64) -> std::result::Result<SlotResult, E> {
-        Ok(match self.dtype {
-            DataType::Float64 | DataType::Float32 => Ok(Slot::Cell(Cell::Float(f))),
-            _ => self.mismatch(f.into()),
-        })
+        Ok(self.scalar(Scalar::Float(f)))
     }
 
     fn visit_borrowed_str<E: serde::de::Error>(self, s: &'de str) -> std::result::Result<SlotResult, E> {
@@ -469,11 +457,7 @@ impl<'de> Visitor<'de> for CellSeed<'_> {
     }
 
     fn visit_str<E>(self, s: &str) -> std::result::Result<SlotResult, E> {
-        Ok(match self.dtype {
-            DataType::Utf8 => Ok(Slot::Cell(Cell::Str(s.to_owned()))),
-            t if t.is_nested() => self.mismatch(s.into()),
-            t => parse_text(s, t).map(Slot::Cell),
-        })
+        Ok(self.scalar(Scalar::Str(s)))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> std::result::Result<SlotResult, A::Error> {
@@ -496,37 +480,18 @@ struct NestedSeed<'a>(&'a DataType);
 
 type NestedResult = Result<Nested, String>;
 
-/// A struct's key, as the position of its field (None: not a field), never copied.
-struct FieldSeed<'a>(&'a arrow_schema::Fields);
-
-impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
-    type Value = Option<usize>;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<Option<usize>, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for FieldSeed<'_> {
-    type Value = Option<usize>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a key")
-    }
-
-    fn visit_str<E: serde::de::Error>(self, key: &str) -> std::result::Result<Option<usize>, E> {
-        Ok(self.0.iter().position(|f| f.name() == key))
-    }
-}
-
 impl NestedSeed<'_> {
-    /// A value of another kind than the type's, or a leaf, judged as a parsed value is.
+    /// A value of another kind than the type's, judged as a parsed value is.
     fn judged(&self, value: serde_json::Value) -> NestedResult {
         nested_from_value(&value, self.0)
     }
 
-    fn leaf(&self, cell: Cell) -> NestedResult {
-        Ok(Nested::Leaf(cell))
+    /// A scalar: a leaf of a scalar type, or a value of the wrong kind for a struct or list.
+    fn scalar(&self, v: Scalar<'_>) -> NestedResult {
+        match self.0 {
+            t if t.is_nested() => self.judged(v.value()),
+            t => scalar_cell(v, t).map(Nested::Leaf).map_err(|e| format!(": {e}")),
+        }
     }
 }
 
@@ -550,39 +515,23 @@ impl<'de> Visitor<'de> for NestedSeed<'_> {
     }
 
     fn visit_bool<E>(self, b: bool) -> std::result::Result<NestedResult, E> {
-        Ok(match self.0 {
-            DataType::Boolean => self.leaf(Cell::Bool(b)),
-            _ => self.judged(b.into()),
-        })
+        Ok(self.scalar(Scalar::Bool(b)))
     }
 
     fn visit_i64<E>(self, i: i64) -> std::result::Result<NestedResult, E> {
-        Ok(match self.0 {
-            DataType::Int64 => self.leaf(Cell::Int(i)),
-            DataType::Float64 | DataType::Float32 => self.leaf(Cell::Float(i as f64)),
-            _ => self.judged(i.into()),
-        })
+        Ok(self.scalar(Scalar::Int(i)))
     }
 
-    fn visit_u64<E: serde::de::Error>(self, u: u64) -> std::result::Result<NestedResult, E> {
-        match i64::try_from(u) {
-            Ok(i) => self.visit_i64(i),
-            Err(_) => Ok(self.judged(u.into())),
-        }
+    fn visit_u64<E>(self, u: u64) -> std::result::Result<NestedResult, E> {
+        Ok(self.scalar(i64::try_from(u).map_or(Scalar::Big(u), Scalar::Int)))
     }
 
     fn visit_f64<E>(self, f: f64) -> std::result::Result<NestedResult, E> {
-        Ok(match self.0 {
-            DataType::Float64 | DataType::Float32 => self.leaf(Cell::Float(f)),
-            _ => self.judged(f.into()),
-        })
+        Ok(self.scalar(Scalar::Float(f)))
     }
 
     fn visit_str<E>(self, s: &str) -> std::result::Result<NestedResult, E> {
-        Ok(match self.0 {
-            DataType::Utf8 => self.leaf(Cell::Str(s.to_owned())),
-            _ => self.judged(s.into()),
-        })
+        Ok(self.scalar(Scalar::Str(s)))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<NestedResult, A::Error> {
@@ -608,7 +557,7 @@ impl<'de> Visitor<'de> for NestedSeed<'_> {
             return Ok(self.judged(value));
         };
         let mut parts: Vec<NestedResult> = vec![Ok(Nested::Null); fields.len()];
-        while let Some(field) = map.next_key_seed(FieldSeed(fields))? {
+        while let Some(field) = map.next_key_seed(KeySeed(|key: &str| fields.iter().position(|f| f.name() == key)))? {
             match field {
                 Some(i) => parts[i] = map.next_value_seed(NestedSeed(fields[i].data_type()))?,
                 None => {
