@@ -31,6 +31,7 @@ pub mod io;
 pub mod malloc_tuning;
 pub mod plugin;
 pub mod quality;
+pub mod state;
 pub mod store;
 
 use std::fmt;

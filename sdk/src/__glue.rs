@@ -12,7 +12,7 @@ use crate::Context;
 trait Erased {
     fn process(&mut self, batch: &[u8]) -> Result<Vec<u8>, Error>;
     fn finish(&mut self) -> Result<Vec<u8>, Error>;
-    fn snapshot(&self) -> Result<Option<Vec<u8>>, Error>;
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, Error>;
     fn restore(&mut self, state: &[u8]) -> Result<(), Error>;
 }
 
@@ -23,7 +23,7 @@ impl<T: RawTransform> Erased for T {
     fn finish(&mut self) -> Result<Vec<u8>, Error> {
         RawTransform::finish(self)
     }
-    fn snapshot(&self) -> Result<Option<Vec<u8>>, Error> {
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, Error> {
         RawTransform::snapshot(self)
     }
     fn restore(&mut self, state: &[u8]) -> Result<(), Error> {

@@ -266,6 +266,14 @@ impl IntSet {
         self.len == 0
     }
 
+    /// The bytes the set holds on the heap (its table or its bitmap pages and their index).
+    pub fn heap_bytes(&self) -> usize {
+        match &self.mode {
+            Mode::Hash(m) => m.slots.capacity() * std::mem::size_of::<(i64, u32)>(),
+            Mode::Bitmap(pages) => pages.bytes() + pages.index.slots.capacity() * std::mem::size_of::<(i64, u32)>(),
+        }
+    }
+
     /// Whether the set is in bitmap mode (for tests and diagnostics).
     pub fn is_bitmap(&self) -> bool {
         matches!(self.mode, Mode::Bitmap(_))

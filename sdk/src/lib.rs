@@ -50,6 +50,7 @@ pub mod error;
 pub mod host;
 pub mod intset;
 pub mod ipc;
+pub mod keyed;
 pub mod keys;
 pub mod rewrite;
 pub mod row_filter;
@@ -82,7 +83,7 @@ use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 
 /// The version of the WIT contract (`weir:plugin@...`) this SDK builds plugins against.
-pub const CONTRACT_VERSION: &str = "0.2.0";
+pub const CONTRACT_VERSION: &str = "0.2.1";
 
 /// Where a plugin instance runs: handed to [`Transform::new`] once per instance.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -148,7 +149,7 @@ pub trait Transform: Sized + 'static {
     /// default). A plugin that keeps state (it implements `finish`) must implement this and
     /// [`Transform::restore`], or a resumed run would lose what it had seen.
     /// [`state::Writer`] helps encode it.
-    fn snapshot(&self) -> Result<Option<Vec<u8>>> {
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>> {
         Ok(None)
     }
 
@@ -201,8 +202,8 @@ pub mod __rule_bindings {
         default_bindings_module: "::weir_sdk::__rule_bindings",
         runtime_path: "::weir_sdk::__wit_bindgen::rt",
         with: {
-            "weir:plugin/host@0.2.0": crate::__bindings::weir::plugin::host,
-            "weir:plugin/types@0.2.0": crate::__bindings::weir::plugin::types,
+            "weir:plugin/host@0.2.1": crate::__bindings::weir::plugin::host,
+            "weir:plugin/types@0.2.1": crate::__bindings::weir::plugin::types,
         },
     });
 }

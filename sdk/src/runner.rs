@@ -22,7 +22,7 @@ pub trait RawTransform: Sized + 'static {
     /// End of input.
     fn finish(&mut self) -> Result<Vec<u8>>;
     /// Checkpoint: the state kept across batches, if any.
-    fn snapshot(&self) -> Result<Option<Vec<u8>>> {
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>> {
         Ok(None)
     }
     /// Resume from a snapshot.
@@ -168,7 +168,7 @@ impl<T: Transform> RawTransform for Typed<T> {
         self.encode(&out)
     }
 
-    fn snapshot(&self) -> Result<Option<Vec<u8>>> {
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>> {
         self.inner.snapshot()
     }
 

@@ -676,9 +676,38 @@ fn hostile_with(from: &[u8], to: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+fn a_plugin_built_against_contract_0_2_0_still_runs() {
+    // 0.2.1 only added the `state` import: a 0.2.0 plugin (every name it imports and
+    // exports says 0.2.0) links and runs unchanged
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(plugin("hostile")).unwrap();
+    let mut replaced = 0;
+    for i in 0..bytes.len().saturating_sub(17) {
+        if bytes[i..].starts_with(b"weir:plugin") {
+            if let Some(at) = bytes[i..i + 40].windows(6).position(|w| w == b"@0.2.1") {
+                bytes[i + at + 5] = b'0';
+                replaced += 1;
+            }
+        }
+    }
+    assert!(replaced >= 2, "the plugin names its contract: {replaced}");
+    std::fs::write(dir.path().join("old.wasm"), bytes).unwrap();
+    let out = weir(dir.path(), &["plugin", "inspect", "old.wasm"]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("weir:plugin@0.2.0 (supported by this weir"), "{}", out.stdout);
+    hostile_pipeline(dir.path(), "env", "");
+    let text = std::fs::read_to_string(dir.path().join("pipeline.toml"))
+        .unwrap()
+        .replace(&plugin("hostile").display().to_string(), "old.wasm");
+    std::fs::write(dir.path().join("pipeline.toml"), text).unwrap();
+    let run = weir(dir.path(), &["run", "pipeline.toml"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+}
+
+#[test]
 fn incompatible_contract_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let patched = hostile_with(b"weir:plugin/transform@0.2.0", b"weir:plugin/transform@0.9.0");
+    let patched = hostile_with(b"weir:plugin/transform@0.2.1", b"weir:plugin/transform@0.9.0");
     let wasm = dir.path().join("future.wasm");
     std::fs::write(&wasm, patched).unwrap();
     let out = weir(dir.path(), &["plugin", "inspect", "future.wasm"]);
@@ -814,16 +843,16 @@ fn a_plugin_importing_what_weir_lacks_is_described_and_refused() {
     // the host interface renamed (same length, every occurrence): the contract version is
     // still supported, but the sandbox has nothing to link the import to
     let dir = tempfile::tempdir().unwrap();
-    let patched = hostile_with(b"weir:plugin/host@0.2.0", b"weir:plugin/hast@0.2.0");
+    let patched = hostile_with(b"weir:plugin/host@0.2.1", b"weir:plugin/hast@0.2.1");
     std::fs::write(dir.path().join("odd.wasm"), patched).unwrap();
     let out = weir(dir.path(), &["plugin", "inspect", "odd.wasm"]);
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(out.stdout.contains("world:     transform"), "{}", out.stdout);
     assert!(out.stdout.contains("start:     CANNOT START in weir's sandbox"), "{}", out.stdout);
-    assert!(out.stdout.contains("weir:plugin/hast@0.2.0"), "{}", out.stdout);
-    assert!(out.stdout.contains("exports:\n  weir:plugin/transform@0.2.0"), "{}", out.stdout);
+    assert!(out.stdout.contains("weir:plugin/hast@0.2.1"), "{}", out.stdout);
+    assert!(out.stdout.contains("exports:\n  weir:plugin/transform@0.2.1"), "{}", out.stdout);
     let json = weir(dir.path(), &["plugin", "inspect", "odd.wasm", "--json"]).json();
-    assert!(json["start"]["error"].as_str().unwrap().contains("weir:plugin/hast@0.2.0"), "{json}");
+    assert!(json["start"]["error"].as_str().unwrap().contains("weir:plugin/hast@0.2.1"), "{json}");
     assert_eq!(json["compatible"], true);
     // a plugin that starts reports no error
     let good = weir(dir.path(), &["plugin", "inspect", plugin("hostile").to_str().unwrap(), "--json"]).json();
@@ -839,9 +868,9 @@ fn plugin_inspect_shows_world_version_digest_imports() {
     let out = weir(dir.path(), &["plugin", "inspect", p.to_str().unwrap()]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stdout.contains("world:     transform"), "{}", out.stdout);
-    assert!(out.stdout.contains("weir:plugin@0.2.0"), "{}", out.stdout);
+    assert!(out.stdout.contains("weir:plugin@0.2.1"), "{}", out.stdout);
     assert!(out.stdout.contains(&digest));
-    assert!(out.stdout.contains("weir:plugin/host@0.2.0"));
+    assert!(out.stdout.contains("weir:plugin/host@0.2.1"));
     let json = weir(dir.path(), &["plugin", "inspect", p.to_str().unwrap(), "--json"]).json();
     assert_eq!(json["sha256"], digest);
     assert_eq!(json["compatible"], true);

@@ -19,6 +19,13 @@
 //! aggregated numeric column its non-null count and the sums asked for), so one row updates
 //! one or two cache lines whatever the number of aggregates. Sums and averages of the same
 //! column share their slots. Min and max keep a value per group in their own vector.
+//!
+//! Past [`FLUSH_GROUPS`] groups, and at each checkpoint, the groups are handed to the
+//! host's keyed state ([`weir_sdk::keyed`]) as partial aggregates (slot sums, extremes) and
+//! the plugin starts empty again: the host combines them (spilling to disk past the
+//! plugin's `state_mb`) and checkpoints them without a copy through the plugin, and
+//! `finish` reads them back in parts, groups in the order they were first seen. Float sums
+//! combined from partials may differ from a single running sum in their last bits.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,12 +33,17 @@ use std::sync::Arc;
 use weir_sdk::arrow_array::types::{Float64Type, Int64Type};
 use weir_sdk::arrow_array::{Float64Array, Int64Array};
 use weir_sdk::intset::IntMap;
+use weir_sdk::keyed::{more_output, Combine, KeyedState};
 use weir_sdk::keys::{encode_key, scalar_at, supported, to_array, Scalar};
 use weir_sdk::prelude::*;
 use weir_sdk::state::{Reader, Writer};
 
 /// Version tag of the checkpoint state; state of another layout is refused.
-const STATE_VERSION: u64 = 2;
+const STATE_VERSION: u64 = 3;
+/// Groups held in the plugin's memory before they go to the host.
+pub const FLUSH_GROUPS: usize = 1 << 20;
+/// Groups one `finish` call hands back once they are in the host.
+const SCAN_ROWS: u32 = 64 * 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(crate = "weir_sdk::serde", deny_unknown_fields)]
@@ -39,6 +51,9 @@ pub struct Config {
     #[serde(default)]
     group_by: Vec<String>,
     aggregates: Vec<AggSpec>,
+    /// Groups held in the plugin's memory before they go to the host's keyed state
+    /// (default [`FLUSH_GROUPS`]; fewer trade speed for plugin memory).
+    flush_groups: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +135,14 @@ pub struct Aggregate {
     gids: Vec<u32>,
     /// What the look-ahead loads read (kept so they are not optimised away).
     touched: u64,
+    /// Which slots hold float sums (the others counts and int sums).
+    float_slots: Vec<bool>,
+    /// Each min/max aggregate's type.
+    extreme_types: Vec<DataType>,
+    /// The groups handed to the host, once there are any.
+    partials: Option<KeyedState>,
+    /// Groups held before they go to the host (a test lowers it).
+    flush_groups: usize,
 }
 
 /// Typed access to an input column, so the hot loop does not match on types per row.
@@ -286,12 +309,19 @@ impl Transform for Aggregate {
             outs.push(out);
             out_types.push(out_type);
         }
-        let key_state = if keys.len() == 1 && input.field(keys[0]).data_type() == &DataType::Int64 {
-            Keys::Int { index: IntMap::new(), keys: Vec::new(), null_group: None }
-        } else {
-            Keys::Any { groups: HashMap::new(), values: Vec::new(), buf: Vec::new() }
-        };
+        let key_state = fresh_keys(&keys, input);
+        let mut float_slots = vec![false; width];
+        for i in &inputs {
+            if let Some(s) = i.float_sum {
+                float_slots[s] = true;
+            }
+        }
+        let extreme_types = extreme_cols.iter().map(|&(c, _)| input.field(c).data_type().clone()).collect();
         Ok(Aggregate {
+            float_slots,
+            extreme_types,
+            partials: None,
+            flush_groups: config.flush_groups.unwrap_or(FLUSH_GROUPS).max(1),
             keys,
             key_state,
             outs,
@@ -418,13 +448,20 @@ impl Transform for Aggregate {
             }
         }
         self.gids = gids;
+        if self.key_state.len() >= self.flush_groups {
+            self.flush()?;
+        }
         Ok(RecordBatch::new_empty(self.schema.clone()))
     }
 
-    fn snapshot(&self) -> Result<Option<Vec<u8>>> {
+    /// Grouped: the groups go to the host, which checkpoints them; the plugin's own state
+    /// is then empty. A global aggregate (one group) keeps its group here.
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>> {
+        self.flush()?;
         let mut w = Writer::default();
         let groups = self.key_state.len();
         w.u64(STATE_VERSION);
+        w.u64(u64::from(self.partials.is_some()));
         w.u64(self.width as u64);
         w.u64(self.extremes.len() as u64);
         w.u64(groups as u64);
@@ -451,7 +488,13 @@ impl Transform for Aggregate {
     fn restore(&mut self, state: &[u8]) -> Result<()> {
         let foreign = || Error::internal("checkpoint state is not from this version of the plugin and config");
         let mut r = Reader::new(state);
-        if r.u64()? != STATE_VERSION || r.u64()? != self.width as u64 || r.u64()? != self.extremes.len() as u64 {
+        if r.u64()? != STATE_VERSION {
+            return Err(foreign());
+        }
+        if r.u64()? == 1 {
+            self.open_partials()?;
+        }
+        if r.u64()? != self.width as u64 || r.u64()? != self.extremes.len() as u64 {
             return Err(foreign());
         }
         let groups = r.u64()? as usize;
@@ -505,6 +548,9 @@ impl Transform for Aggregate {
     }
 
     fn finish(&mut self) -> Result<Option<RecordBatch>> {
+        if self.partials.is_some() {
+            return self.finish_part();
+        }
         if self.key_state.len() == 0 {
             if !self.keys.is_empty() {
                 return Ok(None);
@@ -515,6 +561,14 @@ impl Transform for Aggregate {
                 values.push(vec![]);
             }
         }
+        let keys = self.local_keys()?;
+        Ok(Some(self.build(keys, &self.slots, &self.extremes)?))
+    }
+}
+
+impl Aggregate {
+    /// The key columns of the groups held here.
+    fn local_keys(&self) -> Result<Vec<ArrayRef>> {
         let mut columns: Vec<ArrayRef> = Vec::new();
         match &self.key_state {
             Keys::Int { keys, null_group, .. } => {
@@ -530,7 +584,12 @@ impl Transform for Aggregate {
                 }
             }
         }
-        let groups = self.slots.chunks_exact(self.width);
+        Ok(columns)
+    }
+
+    /// The output rows of groups: their keys, `width` slots each, their extremes.
+    fn build(&self, mut columns: Vec<ArrayRef>, slots: &[u64], extremes: &[Vec<Scalar>]) -> Result<RecordBatch> {
+        let groups = slots.chunks_exact(self.width);
         let f = |s: u64| f64::from_bits(s);
         for (out, dtype) in self.outs.iter().zip(&self.out_types) {
             let array: ArrayRef = match *out {
@@ -545,11 +604,106 @@ impl Transform for Aggregate {
                 Out::Avg { sum, n } => Arc::new(Float64Array::from_iter(
                     groups.clone().map(|g| (g[n] > 0).then(|| f(g[sum]) / g[n] as f64)),
                 )),
-                Out::Extreme { index } => to_array(dtype, &self.extremes[index])?,
+                Out::Extreme { index } => to_array(dtype, &extremes[index])?,
             };
             columns.push(array);
         }
-        Ok(Some(RecordBatch::try_new(self.schema.clone(), columns)?))
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+
+    /// The partial aggregates' columns: keys `k<i>`, slots `s<j>`, extremes `e<i>`.
+    fn partial_schema(&self) -> SchemaRef {
+        let mut fields: Vec<Field> = (0..self.keys.len())
+            .map(|k| Field::new(format!("k{k}"), self.schema.field(k).data_type().clone(), true))
+            .collect();
+        for (j, float) in self.float_slots.iter().enumerate() {
+            fields.push(Field::new(format!("s{j}"), if *float { DataType::Float64 } else { DataType::Int64 }, true));
+        }
+        for (i, t) in self.extreme_types.iter().enumerate() {
+            fields.push(Field::new(format!("e{i}"), t.clone(), true));
+        }
+        Arc::new(Schema::new(fields))
+    }
+
+    fn open_partials(&mut self) -> Result<()> {
+        let schema = self.partial_schema();
+        let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        let nk = self.keys.len();
+        let key: Vec<&str> = names[..nk].iter().map(String::as_str).collect();
+        let mut values: Vec<(&str, Combine)> =
+            names[nk..nk + self.width].iter().map(|n| (n.as_str(), Combine::Sum)).collect();
+        for (n, &(_, min)) in names[nk + self.width..].iter().zip(&self.extreme_cols) {
+            values.push((n.as_str(), if min { Combine::Min } else { Combine::Max }));
+        }
+        self.partials = Some(KeyedState::table("partials", &key, &values, None, &schema)?);
+        Ok(())
+    }
+
+    /// Hand the groups held here to the host as partial aggregates, and start empty.
+    fn flush(&mut self) -> Result<()> {
+        if self.keys.is_empty() || self.key_state.len() == 0 {
+            return Ok(());
+        }
+        if self.partials.is_none() {
+            self.open_partials()?;
+        }
+        let mut columns = self.local_keys()?;
+        let groups = self.key_state.len();
+        for (j, float) in self.float_slots.iter().enumerate() {
+            let slot = (0..groups).map(|g| self.slots[g * self.width + j]);
+            columns.push(if *float {
+                Arc::new(Float64Array::from_iter_values(slot.map(f64::from_bits)))
+            } else {
+                Arc::new(Int64Array::from_iter_values(slot.map(|v| v as i64)))
+            });
+        }
+        for (e, t) in self.extremes.iter().zip(&self.extreme_types) {
+            columns.push(to_array(t, e)?);
+        }
+        let batch = RecordBatch::try_new(self.partial_schema(), columns)?;
+        if let Some(p) = &self.partials {
+            p.merge(&batch)?;
+        }
+        self.key_state = match &self.key_state {
+            Keys::Int { .. } => Keys::Int { index: IntMap::new(), keys: Vec::new(), null_group: None },
+            Keys::Any { .. } => Keys::Any { groups: HashMap::new(), values: Vec::new(), buf: Vec::new() },
+        };
+        self.slots = Vec::new();
+        self.extremes.iter_mut().for_each(|e| *e = Vec::new());
+        Ok(())
+    }
+
+    /// The groups from the host, a part per call, in first-seen order.
+    fn finish_part(&mut self) -> Result<Option<RecordBatch>> {
+        self.flush()?;
+        let Some(p) = &self.partials else { return Ok(None) };
+        let Some(b) = p.scan(SCAN_ROWS)? else { return Ok(None) };
+        let (nk, groups) = (self.keys.len(), b.num_rows());
+        let mut slots = vec![0u64; groups * self.width];
+        for (j, float) in self.float_slots.iter().enumerate() {
+            let col = b.column(nk + j);
+            for g in 0..groups {
+                slots[g * self.width + j] = if *float {
+                    col.as_primitive::<Float64Type>().value(g).to_bits()
+                } else {
+                    col.as_primitive::<Int64Type>().value(g) as u64
+                };
+            }
+        }
+        let extremes = (0..self.extreme_types.len())
+            .map(|i| (0..groups).map(|g| scalar_at(b.column(nk + self.width + i).as_ref(), g)).collect())
+            .collect::<Result<Vec<Vec<Scalar>>>>()?;
+        more_output();
+        Ok(Some(self.build(b.columns()[..nk].to_vec(), &slots, &extremes)?))
+    }
+}
+
+/// An empty group table for these key columns.
+fn fresh_keys(keys: &[usize], input: &SchemaRef) -> Keys {
+    if keys.len() == 1 && input.field(keys[0]).data_type() == &DataType::Int64 {
+        Keys::Int { index: IntMap::new(), keys: Vec::new(), null_group: None }
+    } else {
+        Keys::Any { groups: HashMap::new(), values: Vec::new(), buf: Vec::new() }
     }
 }
 
@@ -601,6 +755,32 @@ mod tests {
           { fn = "min", column = "amount", as = "lo" },
           { fn = "max", column = "qty", as = "hi" },
         ]"#;
+
+    #[test]
+    fn groups_handed_to_the_host_come_back_as_if_held_here() {
+        // 40 batches over 7 countries; a flush after every group and checkpoints between
+        let countries = ["DE", "FR", "IT", "ES", "PL", "NL", "BE"];
+        let batches: Vec<RecordBatch> = (0..40)
+            .map(|i| {
+                let c: Vec<&str> = (0..5).map(|r| countries[(i * 3 + r * 5) % 7]).collect();
+                let amount: Vec<Option<f64>> = (0..5).map(|r| ((i + r) % 4 != 0).then_some((i * r) as f64)).collect();
+                let qty: Vec<i64> = (0..5).map(|r| (i * 7 + r) as i64 % 13 - 6).collect();
+                batch(&c, &amount, &qty)
+            })
+            .collect();
+        let expected = Harness::<Aggregate>::new(CFG, &batches[0].schema()).unwrap().run(&batches).unwrap();
+        let cfg = format!("{CFG}\nflush_groups = 1");
+        let mut h = Harness::<Aggregate>::new(&cfg, &batches[0].schema()).unwrap();
+        for (i, b) in batches.iter().enumerate() {
+            h.process(b).unwrap();
+            if i % 9 == 0 {
+                h.snapshot().unwrap();
+            }
+        }
+        let parts = h.finish().unwrap();
+        let got = weir_sdk::arrow_select::concat::concat_batches(&expected.schema(), &parts).unwrap();
+        assert_eq!(got, expected);
+    }
 
     #[test]
     fn groups_across_batches() {

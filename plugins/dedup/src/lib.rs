@@ -10,16 +10,21 @@
 //! `keep = "first"` streams: a row passes the first time its key is seen. `keep = "last"`
 //! holds the input until the end (the winner of a key may come in the last batch) and emits
 //! one row per key, in the order keys were first seen. Ties on `order_by` go to the later row.
-
-use std::collections::HashMap;
+//!
+//! The keys seen (and with `keep = "last"`, the winning rows) are kept by the host
+//! ([`weir_sdk::keyed`]), not in the plugin's memory: they grow past its memory cap (a
+//! table spills to disk past the plugin's `state_mb`), and a checkpoint records only what
+//! changed since the last one, without a copy through the plugin.
 
 use weir_sdk::arrow_array::BooleanArray;
-use weir_sdk::arrow_select::{filter::filter_record_batch, interleave::interleave_record_batch};
-use weir_sdk::intset::IntSet;
-use weir_sdk::ipc;
-use weir_sdk::keys::{encode_key, scalar_at, supported, Scalar};
+use weir_sdk::arrow_select::filter::filter_record_batch;
+use weir_sdk::keyed::{more_output, Combine, KeyedState};
+use weir_sdk::keys::supported;
 use weir_sdk::prelude::*;
 use weir_sdk::state::{Reader, Writer};
+
+/// Rows one `finish` call hands back (keep = "last").
+const SCAN_ROWS: u32 = 64 * 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(crate = "weir_sdk::serde", deny_unknown_fields)]
@@ -39,56 +44,29 @@ pub enum Keep {
 }
 
 pub struct Dedup {
-    keys: Vec<usize>,
-    order_by: Option<usize>,
     keep: Keep,
     schema: SchemaRef,
-    seen: HashMap<Vec<u8>, usize>,
-    /// keep = last: winners in first-seen order, as (batch, row, order value).
-    winners: Vec<(usize, usize, Scalar)>,
-    held: Vec<RecordBatch>,
-    buf: Vec<u8>,
-    /// keep = first on one int64 key: the keys seen, without encoding rows (`seen` stays empty).
-    int_key: bool,
-    seen_int: IntSet,
-    seen_null: bool,
     /// The key columns' input positions, ascending and each once: the columns a row filter
     /// call receives.
     filter_columns: Vec<usize>,
-    /// Where each key column (in `keys` order) is among `filter_columns`.
-    filter_keys: Vec<usize>,
+    /// keep = "first": the keys seen, a set over the filter columns.
+    seen: Option<KeyedState>,
+    /// keep = "last": every column, the last (or greatest-ordered) row per key.
+    winners: Option<KeyedState>,
+    /// Key columns ahead of the values in what `winners` scans back.
+    key_count: usize,
+    rows_in: u64,
+    rows_out: u64,
 }
 
 impl Dedup {
-    /// keep = "first": for each row, whether its key is new (the key is then seen).
-    fn first_seen(&mut self, key_cols: &[&ArrayRef]) -> Result<Vec<bool>> {
-        let rows = key_cols.first().map_or(0, |c| c.len());
-        let keep: Vec<bool> = if self.int_key {
-            let ids = key_cols[0].as_primitive::<weir_sdk::arrow_array::types::Int64Type>();
-            (0..rows)
-                .map(|r| {
-                    if ids.is_null(r) {
-                        !std::mem::replace(&mut self.seen_null, true)
-                    } else {
-                        self.seen_int.insert(ids.value(r))
-                    }
-                })
-                .collect()
-        } else {
-            let mut keep = Vec::with_capacity(rows);
-            for row in 0..rows {
-                encode_key(key_cols, row, &mut self.buf)?;
-                let new = !self.seen.contains_key(&self.buf);
-                if new {
-                    self.seen.insert(self.buf.clone(), 0);
-                }
-                keep.push(new);
-            }
-            keep
-        };
-        let dropped = keep.iter().filter(|k| !**k).count();
+    /// keep = "first": for each row of `keys` (the filter columns), whether its key is new.
+    fn first_seen(&mut self, keys: &RecordBatch) -> Result<BooleanArray> {
+        let seen = self.seen.as_ref().ok_or_else(|| Error::internal("keep = first without its set"))?;
+        let fresh = seen.insert_new(keys)?;
+        let dropped = fresh.iter().filter(|k| !**k).count();
         host::counter_add("duplicates_dropped", dropped as i64);
-        Ok(keep)
+        Ok(BooleanArray::from(fresh))
     }
 }
 
@@ -100,6 +78,7 @@ impl Transform for Dedup {
             return Err(Error::config("key: name at least one column"));
         }
         let mut keys = Vec::new();
+        let mut key_names: Vec<&str> = Vec::new();
         for name in &config.key {
             let i = require_column(input, name, &[]).map_err(|e| Error::config(format!("key: {e}")))?;
             if !supported(input.field(i).data_type()) {
@@ -108,44 +87,47 @@ impl Transform for Dedup {
                     input.field(i).data_type()
                 )));
             }
-            keys.push(i);
+            if !keys.contains(&i) {
+                keys.push(i);
+                key_names.push(name);
+            }
         }
         let order_by = match (config.keep, &config.order_by) {
             (Keep::Last, Some(name)) => {
-                Some(require_column(input, name, &[]).map_err(|e| Error::config(format!("order_by: {e}")))?)
+                require_column(input, name, &[]).map_err(|e| Error::config(format!("order_by: {e}")))?;
+                Some(name.as_str())
             }
-            (Keep::Last, None) => None,
             (Keep::First, Some(_)) => {
                 return Err(Error::config(
                     "order_by: only used with keep = \"last\" (keep = \"first\" keeps arrival order)",
                 ))
             }
-            (Keep::First, None) => None,
+            (_, None) => None,
         };
         let mut filter_columns = keys.clone();
         filter_columns.sort_unstable();
-        filter_columns.dedup();
-        let filter_keys = keys.iter().map(|k| filter_columns.binary_search(k).unwrap_or_default()).collect();
-        Ok(Dedup {
-            keys,
-            filter_columns,
-            filter_keys,
-            order_by,
+        let mut d = Dedup {
             keep: config.keep,
             schema: input.clone(),
-            seen: HashMap::new(),
-            winners: Vec::new(),
-            held: Vec::new(),
-            buf: Vec::new(),
-            int_key: false,
-            seen_int: IntSet::new(),
-            seen_null: false,
-        })
-        .map(|mut d: Dedup| {
-            d.int_key =
-                d.keep == Keep::First && d.keys.len() == 1 && input.field(d.keys[0]).data_type() == &DataType::Int64;
-            d
-        })
+            filter_columns,
+            seen: None,
+            winners: None,
+            key_count: key_names.len(),
+            rows_in: 0,
+            rows_out: 0,
+        };
+        match config.keep {
+            Keep::First => {
+                let projected = std::sync::Arc::new(input.project(&d.filter_columns)?);
+                d.seen = Some(KeyedState::set("seen", &key_names, &projected)?);
+            }
+            Keep::Last => {
+                let values: Vec<(&str, Combine)> =
+                    input.fields().iter().map(|f| (f.name().as_str(), Combine::Last)).collect();
+                d.winners = Some(KeyedState::table("winners", &key_names, &values, order_by, input)?);
+            }
+        }
+        Ok(d)
     }
 
     fn output_schema(&self) -> SchemaRef {
@@ -161,113 +143,52 @@ impl Transform for Dedup {
 
     fn keep(&mut self, batch: &RecordBatch) -> Result<BooleanArray> {
         // the batch holds the key columns only, in input order
-        let key_cols: Vec<&ArrayRef> = self.filter_keys.iter().map(|&k| batch.column(k)).collect();
-        Ok(BooleanArray::from(self.first_seen(&key_cols)?))
+        self.first_seen(batch)
     }
 
     fn process(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
-        let key_cols: Vec<&ArrayRef> = self.keys.iter().map(|&i| batch.column(i)).collect();
+        self.rows_in += batch.num_rows() as u64;
         match self.keep {
             Keep::First => {
-                let keep = self.first_seen(&key_cols)?;
-                Ok(filter_record_batch(&batch, &BooleanArray::from(keep))?)
+                let keep = self.first_seen(&batch.project(&self.filter_columns)?)?;
+                Ok(filter_record_batch(&batch, &keep)?)
             }
             Keep::Last => {
-                let b = self.held.len();
-                for row in 0..batch.num_rows() {
-                    encode_key(&key_cols, row, &mut self.buf)?;
-                    let order = match self.order_by {
-                        Some(i) => scalar_at(batch.column(i).as_ref(), row)?,
-                        None => Scalar::Null,
-                    };
-                    match self.seen.get(&self.buf) {
-                        Some(&w) => {
-                            // later rows win ties: arrival order breaks them
-                            if order.total_cmp(&self.winners[w].2).is_ge() {
-                                self.winners[w] = (b, row, order);
-                            }
-                        }
-                        None => {
-                            self.seen.insert(self.buf.clone(), self.winners.len());
-                            self.winners.push((b, row, order));
-                        }
-                    }
+                if let Some(w) = &self.winners {
+                    w.merge(&batch)?;
                 }
-                self.held.push(batch);
                 Ok(RecordBatch::new_empty(self.schema.clone()))
             }
         }
     }
 
-    fn snapshot(&self) -> Result<Option<Vec<u8>>> {
+    /// The host keeps the keys and rows; the plugin's own state is its row count.
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>> {
         let mut w = Writer::default();
-        // int keys are written as encode_key would write them: tag 2 and the value; null as 0
-        w.u64((self.seen.len() + self.seen_int.len() + usize::from(self.seen_null)) as u64);
-        for (k, v) in &self.seen {
-            w.bytes(k);
-            w.u64(*v as u64);
-        }
-        for k in self.seen_int.iter() {
-            let mut b = vec![2u8];
-            b.extend_from_slice(&k.to_le_bytes());
-            w.bytes(&b);
-            w.u64(0);
-        }
-        if self.seen_null {
-            w.bytes(&[0]);
-            w.u64(0);
-        }
-        w.u64(self.winners.len() as u64);
-        for (b, r, o) in &self.winners {
-            w.u64(*b as u64);
-            w.u64(*r as u64);
-            w.scalar(o);
-        }
-        let held = if self.held.is_empty() { Vec::new() } else { ipc::encode(&self.schema, &self.held)? };
-        w.bytes(&held);
+        w.u64(self.rows_in);
         Ok(Some(w.finish()))
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<()> {
         let mut r = Reader::new(state);
-        self.seen.clear();
-        self.seen_int = IntSet::new();
-        self.seen_null = false;
-        for _ in 0..r.u64()? {
-            let k = r.bytes()?.to_vec();
-            let v = r.u64()? as usize;
-            match (self.int_key, k.as_slice()) {
-                (true, [0]) => self.seen_null = true,
-                (true, [2, rest @ ..]) if rest.len() == 8 => {
-                    self.seen_int.insert(i64::from_le_bytes(rest.try_into().map_err(|_| Error::internal("bad key"))?));
-                }
-                _ => {
-                    self.seen.insert(k, v);
-                }
-            }
-        }
-        self.winners.clear();
-        for _ in 0..r.u64()? {
-            let (b, row) = (r.u64()? as usize, r.u64()? as usize);
-            self.winners.push((b, row, r.scalar()?));
-        }
-        let held = r.bytes()?;
-        self.held = if held.is_empty() { Vec::new() } else { ipc::decode(held)?.1 };
+        self.rows_in = r.u64()?;
         r.end()
     }
 
+    /// keep = "last": the winners, a part per call.
     fn finish(&mut self) -> Result<Option<RecordBatch>> {
-        if self.keep == Keep::First || self.winners.is_empty() {
-            return Ok(None);
+        let Some(w) = &self.winners else { return Ok(None) };
+        match w.scan(SCAN_ROWS)? {
+            Some(b) => {
+                self.rows_out += b.num_rows() as u64;
+                more_output();
+                Ok(Some(RecordBatch::try_new(self.schema.clone(), b.columns()[self.key_count..].to_vec())?))
+            }
+            None => {
+                host::counter_add("duplicates_dropped", self.rows_in.saturating_sub(self.rows_out) as i64);
+                Ok(None)
+            }
         }
-        let total: usize = self.held.iter().map(|b| b.num_rows()).sum();
-        host::counter_add("duplicates_dropped", (total - self.winners.len()) as i64);
-        let refs: Vec<&RecordBatch> = self.held.iter().collect();
-        let indices: Vec<(usize, usize)> = self.winners.iter().map(|(b, r, _)| (*b, *r)).collect();
-        let out = interleave_record_batch(&refs, &indices)?;
-        self.held.clear();
-        self.winners.clear();
-        Ok(Some(out))
     }
 }
 

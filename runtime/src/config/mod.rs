@@ -122,6 +122,7 @@ struct RawPlugin {
     max_output_rows: Option<Spanned<u64>>,
     max_output_mb: Option<Spanned<u64>>,
     max_log_kb: Option<Spanned<u64>>,
+    state_mb: Option<Spanned<u64>>,
     #[serde(default)]
     secrets: Vec<Spanned<String>>,
 }
@@ -322,6 +323,9 @@ pub struct Plugin {
     pub output_bytes: u64,
     /// Log bytes (log lines, stdout, stderr) forwarded per run (`max_log_kb`).
     pub log_bytes: usize,
+    /// Keyed state the host keeps for an instance in memory (`state_mb`); tables spill
+    /// past it.
+    pub state_bytes: u64,
     pub secrets: Vec<String>,
     pub line: usize,
 }
@@ -335,6 +339,7 @@ impl Plugin {
             output_rows: self.output_rows,
             output_bytes: self.output_bytes,
             log_bytes: self.log_bytes,
+            state_bytes: self.state_bytes,
             ..crate::plugin::Limits::default()
         }
     }
@@ -1024,6 +1029,7 @@ fn parse_plugins(
             bounded("max_output_rows", &r.max_output_rows, Limits::DEFAULT_OUTPUT_ROWS, 1, u32::MAX as u64);
         let output_mb = bounded("max_output_mb", &r.max_output_mb, Limits::DEFAULT_OUTPUT_MB, 1, 4096);
         let log_kb = bounded("max_log_kb", &r.max_log_kb, Limits::DEFAULT_LOG_KB as u64, 0, 1 << 20);
+        let state_mb = bounded("state_mb", &r.state_mb, Limits::DEFAULT_STATE_MB, 1, 1 << 20);
         let timeout_ms = r.timeout_ms.as_ref().map(|t| *t.get_ref()).unwrap_or(10_000);
         if let Some(t) = &r.timeout_ms {
             if *t.get_ref() == 0 || *t.get_ref() > 3_600_000 {
@@ -1054,6 +1060,7 @@ fn parse_plugins(
                 output_rows,
                 output_bytes: output_mb << 20,
                 log_bytes: (log_kb as usize) << 10,
+                state_bytes: state_mb << 20,
                 secrets: r.secrets.iter().map(|s| s.get_ref().clone()).collect(),
                 line: ctx.line_col(p.span().start).0,
             },

@@ -277,17 +277,43 @@ fn plugin_stage(
                 }
             }
             Ok(Msg::Checkpoint(mut mark)) => {
-                let state = inst.snapshot().map_err(|e| failure(None, format!("checkpoint snapshot failed: {e}")))?;
+                let state = inst.snapshot().map_err(|e| {
+                    failure(
+                        None,
+                        format!(
+                            "checkpoint snapshot failed: {e}\n(nothing was published; a plugin with large state keeps it in the host's keyed state, weir_sdk::state::KeyedState; otherwise raise its memory_mb, or set checkpoint_every = 0 under [pipeline])"
+                        ),
+                    )
+                })?;
                 mark.states.push(state);
                 if output.send(Msg::Checkpoint(mark)).is_err() {
                     return Ok(false);
                 }
             }
             Ok(Msg::End) => {
-                let out = inst.finish().map_err(|e| failure(None, format!("finish failed: {e}")))?;
-                for o in out {
-                    if output.send(Msg::Batch(o)).is_err() {
+                // a plugin may hand its last output in parts, but no more rows in all than
+                // it read plus one call's cap: a plugin cannot keep the step alive forever
+                let cap = rows_before.saturating_add(inst.limits().output_rows);
+                let mut emitted = 0u64;
+                loop {
+                    let (out, more) = inst.finish().map_err(|e| failure(None, format!("finish failed: {e}")))?;
+                    for o in out {
+                        emitted += o.num_rows() as u64;
+                        if output.send(Msg::Batch(o)).is_err() {
+                            return Ok(false);
+                        }
+                    }
+                    if !more {
+                        break;
+                    }
+                    if shared.cancel.load(Ordering::Relaxed) {
                         return Ok(false);
+                    }
+                    if emitted > cap {
+                        return Err(failure(
+                            None,
+                            format!("finish kept asking to be called again past {emitted} rows (it read {rows_before}); stopped"),
+                        ));
                     }
                 }
                 let _ = output.send(Msg::End);

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use arrow_schema::SchemaRef;
 
-use self::staging::{quarantine_staging, staging_dir, StagingGuard};
+use self::staging::{quarantine_staging, staging_dir, state_staging, StagingGuard};
 use self::step::{run_step, StepCtx};
 use crate::config::{Pipeline, Step};
 use crate::io::source::{self as sources, Skipped};
@@ -513,7 +513,7 @@ fn new_run(
             .iter()
             .flat_map(|s| {
                 let dir = staging_dir(pipeline, s, "{run}");
-                [quarantine_staging(&dir), dir]
+                [quarantine_staging(&dir), state_staging(&dir), dir]
             })
             .collect(),
         backfill_id: options.backfill_id,
@@ -578,7 +578,8 @@ fn adopt(run: &RunCtx<'_>, old: &RunRecord, checkpoints: &[Checkpoint]) -> Resul
     for step in &run.pipeline.steps {
         let from = staging_dir(run.pipeline, step, &old.id.to_string());
         let to = staging_dir(run.pipeline, step, &run.run_id.to_string());
-        for (a, b) in [(quarantine_staging(&from), quarantine_staging(&to)), (from, to)] {
+        let pairs = [(quarantine_staging(&from), quarantine_staging(&to)), (state_staging(&from), state_staging(&to))];
+        for (a, b) in pairs.into_iter().chain([(from, to)]) {
             if a.exists() {
                 std::fs::rename(&a, &b).map_err(|e| Error::Resume(format!("cannot adopt {}: {e}", a.display())))?;
             }
@@ -600,6 +601,7 @@ fn execute(run: &RunCtx<'_>, resume: Option<&[Checkpoint]>) -> Result<Vec<StepSu
         let staging = staging_dir(pipeline, step, &run.run_id.to_string());
         guard.add(&staging);
         guard.add(&quarantine_staging(&staging));
+        guard.add(&state_staging(&staging));
         let checkpoint = resume.and_then(|cs| cs.iter().find(|c| c.step == step.name));
         let (summary, s) = match checkpoint.filter(|c| c.complete) {
             Some(c) => reuse_complete(run, step, c, staging)?,

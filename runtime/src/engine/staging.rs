@@ -52,6 +52,13 @@ pub(super) fn quarantine_staging(staging: &Path) -> PathBuf {
     staging.with_file_name(format!("{name}-quarantine"))
 }
 
+/// Where a step's plugins keep their keyed state (spilled runs, checkpointed logs): beside
+/// its staging, never published, removed when the step is complete.
+pub(super) fn state_staging(staging: &Path) -> PathBuf {
+    let name = staging.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    staging.with_file_name(format!("{name}-state"))
+}
+
 /// The quarantine dataset beside a step's output: `<output>_quarantine/partition=<P>/`.
 pub fn quarantine_target(output: &Path, partition: Option<&str>) -> PathBuf {
     let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -98,7 +98,8 @@ pub(super) fn run_step(
     let started = Instant::now();
     let mut source = open_input(ctx)?;
     let inputs = source.inputs();
-    let (transforms, schema) = start_transforms(ctx, source.schema(), resume)?;
+    let state_dir = super::staging::state_staging(&staging);
+    let (transforms, schema) = start_transforms(ctx, source.schema(), resume, &state_dir)?;
     check_publishable(ctx, &schema)?;
     let mut sink = sink::open(ctx.step.output.as_ref(), &staging, schema.clone())?;
     if let Some(c) = resume {
@@ -144,6 +145,8 @@ pub(super) fn run_step(
         ..Default::default()
     };
     ctx.store.save_checkpoint(ctx.run_id, &complete)?;
+    // the plugins' keyed state went into the output: a resumed run reuses the output
+    let _ = std::fs::remove_dir_all(&state_dir);
     let staged = Staged {
         step: ctx.step.name.clone(),
         staging,
@@ -176,6 +179,7 @@ fn start_transforms(
     ctx: &StepCtx<'_>,
     input: SchemaRef,
     resume: Option<&Checkpoint>,
+    state_dir: &std::path::Path,
 ) -> Result<(Vec<(usize, TransformInstance)>, SchemaRef)> {
     let mut schema = input;
     let mut instances = Vec::new();
@@ -187,12 +191,16 @@ fn start_transforms(
         let mut inst =
             TransformInstance::new(&ctx.loaded[&t.plugin], p.limits(), Arc::new(granted), plugin_log(ctx, &t.plugin))
                 .map_err(|e| fail(e.to_string()))?;
+        let checkpoint = resume.and_then(|c| c.states.get(i)).and_then(|s| s.as_deref());
+        let own = inst
+            .use_state_dir(state_dir.join(i.to_string()), checkpoint)
+            .map_err(|e| fail(format!("restoring its checkpoint state failed: {e}")))?;
         schema = inst.init(&t.config_json, &schema, &ctx.plugin_context(&t.plugin)).map_err(|e| match e {
             CallError::InvalidConfig(m) => ctx.plugin_config_error(t.line, &t.plugin, m),
             other => fail(format!("init failed: {other}")),
         })?;
-        if let Some(Some(state)) = resume.and_then(|c| c.states.get(i)) {
-            inst.restore(state).map_err(|e| fail(format!("restoring its checkpoint state failed: {e}")))?;
+        if let Some(state) = own {
+            inst.restore(&state).map_err(|e| fail(format!("restoring its checkpoint state failed: {e}")))?;
         }
         instances.push((i, inst));
     }

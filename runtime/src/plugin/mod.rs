@@ -49,6 +49,7 @@ mod rule_bindings {
 }
 
 use bindings::weir::plugin::host as wit_host;
+use bindings::weir::plugin::state as wit_state;
 use bindings::weir::plugin::types as wit_types;
 
 /// The contract versions this host runs: `weir:plugin@0.2.x`.
@@ -127,6 +128,9 @@ pub struct Limits {
     pub output_rows: u64,
     /// Arrow IPC bytes one call may return.
     pub output_bytes: u64,
+    /// Bytes of keyed state the host keeps for the instance in memory (`weir:plugin/state`);
+    /// tables spill to disk past it, sets fail.
+    pub state_bytes: u64,
 }
 
 impl Limits {
@@ -135,6 +139,9 @@ impl Limits {
     pub const DEFAULT_LOG_KB: usize = 1024;
     pub const DEFAULT_OUTPUT_ROWS: u64 = 100_000_000;
     pub const DEFAULT_OUTPUT_MB: u64 = 1024;
+    pub const DEFAULT_STATE_MB: u64 = 512;
+    /// Named states one instance may open.
+    pub const MAX_STATES: usize = 16;
     /// Distinct counter names one instance may create.
     pub const MAX_COUNTERS: usize = 1000;
 }
@@ -148,6 +155,7 @@ impl Default for Limits {
             log_bytes: Self::DEFAULT_LOG_KB << 10,
             output_rows: Self::DEFAULT_OUTPUT_ROWS,
             output_bytes: Self::DEFAULT_OUTPUT_MB << 20,
+            state_bytes: Self::DEFAULT_STATE_MB << 20,
         }
     }
 }
@@ -237,6 +245,7 @@ impl PluginEngine {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| Error::Engine(e.to_string()))?;
         shadow_clock_subscriptions(&mut linker).map_err(|e| Error::Engine(e.to_string()))?;
         wit_host::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| Error::Engine(e.to_string()))?;
+        wit_state::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| Error::Engine(e.to_string()))?;
         wit_types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| Error::Engine(e.to_string()))?;
 
         // One ticker thread advances the epoch; it holds only a weak handle, so it ends
@@ -637,6 +646,14 @@ pub struct HostState {
     /// The origin of the guest's monotonic clock.
     clock_origin: std::time::Instant,
     budget: LogBudget,
+    /// The keyed states the plugin opened (`weir:plugin/state`), by handle.
+    states: Vec<crate::state::KeyedState>,
+    /// Where they spill and checkpoint (none: in memory only), and what a resumed run
+    /// reopens them from.
+    state_dir: Option<PathBuf>,
+    restored: HashMap<String, crate::state::Manifest>,
+    /// The current `finish` asked to be called again (`more-output`).
+    more_output: bool,
 }
 
 /// What a plugin may still write to weir's log, and what it lost.
@@ -859,6 +876,135 @@ impl wit_host::Host for HostState {
     }
 }
 
+/// The most rows one `scan` call hands back.
+const MAX_SCAN_ROWS: u32 = 1 << 20;
+
+impl HostState {
+    fn state_at(&mut self, handle: u32) -> std::result::Result<(usize, usize), String> {
+        let i = handle as usize;
+        if i >= self.states.len() {
+            return Err(format!("no state has handle {handle}"));
+        }
+        // the budget is the instance's: what the other states hold counts against it
+        let others: usize =
+            self.states.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, s)| s.memory_bytes()).sum();
+        let budget = usize::try_from(self.limits.state_bytes).unwrap_or(usize::MAX).saturating_sub(others);
+        Ok((i, budget))
+    }
+
+    /// The states' spill and size counters, for the run summary.
+    fn state_counters(&mut self) {
+        let spills: u64 = self.states.iter().map(|s| s.spills).sum();
+        if spills > 0 {
+            self.counters.insert("state_spills".into(), spills as i64);
+            let mb = self.states.iter().map(|s| s.spilled_bytes).sum::<u64>() >> 20;
+            self.counters.insert("state_spilled_mb".into(), mb as i64);
+        }
+    }
+}
+
+/// Marks a checkpoint holding keyed-state manifests beside the plugin's own snapshot
+/// (a checkpoint without it is a plugin snapshot as weir 0.1 stored it).
+const CHECKPOINT_MAGIC: u64 = u64::from_le_bytes(*b"WEIRCKP1");
+
+type Manifests = HashMap<String, crate::state::Manifest>;
+
+/// A stored checkpoint: the plugin's own snapshot and the manifests of its keyed states.
+fn split_checkpoint(bytes: &[u8]) -> std::result::Result<(Option<Vec<u8>>, Manifests), String> {
+    let mut r = weir_sdk::state::Reader::new(bytes);
+    if bytes.len() < 8 || r.u64().ok() != Some(CHECKPOINT_MAGIC) {
+        return Ok((Some(bytes.to_vec()), HashMap::new()));
+    }
+    let bad = |e: weir_sdk::Error| format!("its checkpoint is damaged: {e}");
+    let own = match r.u64().map_err(bad)? {
+        0 => None,
+        _ => Some(r.bytes().map_err(bad)?.to_vec()),
+    };
+    let manifests =
+        serde_json::from_slice(r.bytes().map_err(bad)?).map_err(|e| format!("its checkpoint is damaged: {e}"))?;
+    r.end().map_err(bad)?;
+    Ok((own, manifests))
+}
+
+/// One IPC stream from the guest as one batch.
+fn guest_batch(bytes: Vec<u8>) -> std::result::Result<RecordBatch, String> {
+    let (schema, batches) = decode_guarded(bytes)?;
+    arrow_select::concat::concat_batches(&schema, &batches).map_err(|e| e.to_string())
+}
+
+impl wit_state::Host for HostState {
+    fn open(&mut self, spec: wit_state::Spec, schema: Vec<u8>) -> std::result::Result<u32, String> {
+        use crate::state::Combine;
+        let name = spec.name.clone();
+        if name.is_empty()
+            || name.len() > 64
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(format!("state name {name:?}: use 1 to 64 letters, digits, `_` or `-`"));
+        }
+        if self.states.iter().any(|s| s.spec().name == name) {
+            return Err(format!("state `{name}` is already open"));
+        }
+        if self.states.len() >= Limits::MAX_STATES {
+            return Err(format!("at most {} states per plugin instance", Limits::MAX_STATES));
+        }
+        let schema = weir_sdk::ipc::decode_schema(&schema).map_err(|e| format!("state `{name}`: its schema: {e}"))?;
+        let values = spec
+            .values
+            .into_iter()
+            .map(|v| {
+                let c = match v.combine {
+                    wit_state::Combine::First => Combine::First,
+                    wit_state::Combine::Last => Combine::Last,
+                    wit_state::Combine::Sum => Combine::Sum,
+                    wit_state::Combine::Min => Combine::Min,
+                    wit_state::Combine::Max => Combine::Max,
+                };
+                (v.name, c)
+            })
+            .collect();
+        let spec = crate::state::Spec { name: name.clone(), key: spec.key, values, order_by: spec.order_by };
+        let dir = self.state_dir.as_ref().map(|d| d.join(&name));
+        let restored = self.restored.get(&name);
+        let state = crate::state::KeyedState::open(spec, schema, dir, restored).map_err(|e| e.to_string())?;
+        self.states.push(state);
+        Ok((self.states.len() - 1) as u32)
+    }
+
+    fn insert_new(&mut self, state: u32, batch: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+        let (i, budget) = self.state_at(state)?;
+        let batch = guest_batch(batch)?;
+        let fresh = self.states[i].insert_new(&batch, budget).map_err(|e| match e {
+            crate::state::Error::Budget { .. } => format!("{e}; raise the plugin's `state_mb`"),
+            e => e.to_string(),
+        })?;
+        Ok(fresh.into_iter().map(u8::from).collect())
+    }
+
+    fn merge(&mut self, state: u32, batch: Vec<u8>) -> std::result::Result<(), String> {
+        let (i, budget) = self.state_at(state)?;
+        let batch = guest_batch(batch)?;
+        let merged = self.states[i].merge(&batch, budget).map_err(|e| e.to_string());
+        self.state_counters();
+        merged
+    }
+
+    fn more_output(&mut self) {
+        self.more_output = true;
+    }
+
+    fn scan(&mut self, state: u32, max_rows: u32) -> std::result::Result<Option<Vec<u8>>, String> {
+        let (i, _) = self.state_at(state)?;
+        let s = &mut self.states[i];
+        let scanned = s.scan(max_rows.min(MAX_SCAN_ROWS) as usize).map_err(|e| e.to_string());
+        self.state_counters();
+        match scanned? {
+            Some(b) => weir_sdk::ipc::encode(&b.schema(), &[b]).map(Some).map_err(|e| e.to_string()),
+            None => Ok(None),
+        }
+    }
+}
+
 /// A store with its limits and captured output: what every plugin instance runs in.
 struct Sandbox {
     store: Store<HostState>,
@@ -915,9 +1061,16 @@ impl Sandbox {
             sleep_cut: Arc::default(),
             clock_origin,
             budget: LogBudget::default(),
+            states: Vec::new(),
+            state_dir: None,
+            restored: HashMap::new(),
+            more_output: false,
         };
         let mut store = Store::new(engine, state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
+        // one call may hand the host as much as the plugin's memory holds (a snapshot, a
+        // batch): its memory cap is the bound, not wasmtime's default of 128 MiB per call
+        store.set_hostcall_fuel(usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX).max(128 << 20));
         store.set_epoch_deadline(deadline_ticks(limits.timeout));
         Sandbox { store, limits, stdout, stderr, poisoned: false, stderr_tail: String::new() }
     }
@@ -1159,6 +1312,11 @@ impl TransformInstance {
         &self.sb.store.data().counters
     }
 
+    /// The limits the instance runs under.
+    pub fn limits(&self) -> Limits {
+        self.sb.limits
+    }
+
     /// Where the time of the calls so far went.
     pub fn timings(&self) -> CallTimings {
         self.timings
@@ -1234,12 +1392,23 @@ impl TransformInstance {
     }
 
     /// End of input.
-    pub fn finish(&mut self) -> Result<Vec<RecordBatch>, CallError> {
+    /// End of input: the plugin's last batches, and whether it asked to be called again
+    /// (a large result leaves in parts; each part must hold rows).
+    pub fn finish(&mut self) -> Result<(Vec<RecordBatch>, bool), CallError> {
         let b = &self.bindings;
-        self.sb.store.data_mut().marks = [None; 4];
+        let state = self.sb.store.data_mut();
+        state.marks = [None; 4];
+        state.more_output = false;
         let start = CpuTime::now();
         let out = self.sb.call(|s| b.weir_plugin_transform().call_finish(s));
-        self.output(start, out, None)
+        let out = self.output(start, out, None)?;
+        let more = std::mem::take(&mut self.sb.store.data_mut().more_output);
+        if more && out.iter().all(|b| b.num_rows() == 0) {
+            return Err(CallError::Internal(
+                "finish asked to be called again (more-output) but returned no rows".into(),
+            ));
+        }
+        Ok((out, more))
     }
 
     /// Time a finished call and check its output; under a column rewrite, put the
@@ -1327,16 +1496,60 @@ impl TransformInstance {
         Ok(if kept.num_rows() > 0 { vec![kept] } else { vec![] })
     }
 
-    /// The plugin's checkpoint state (none when it keeps no state across batches).
-    pub fn snapshot(&mut self) -> Result<Option<Vec<u8>>, CallError> {
-        let b = &self.bindings;
-        self.sb.call(|s| b.weir_plugin_transform().call_snapshot(s))
+    /// Where the instance's keyed states spill and checkpoint, and the checkpoint they are
+    /// reopened from (what [`TransformInstance::snapshot`] returned), before `init`.
+    /// Returns the plugin's own part of that checkpoint, for [`TransformInstance::restore`].
+    pub fn use_state_dir(&mut self, dir: PathBuf, checkpoint: Option<&[u8]>) -> Result<Option<Vec<u8>>, CallError> {
+        let (own, manifests) = match checkpoint {
+            Some(bytes) => split_checkpoint(bytes).map_err(CallError::Internal)?,
+            None => (None, HashMap::new()),
+        };
+        let state = self.sb.store.data_mut();
+        state.state_dir = Some(dir);
+        state.restored = manifests;
+        Ok(own)
     }
 
-    /// Hand a checkpoint state back (after init, before any batch).
+    /// The instance's checkpoint: the plugin's own snapshot and its keyed states made
+    /// durable (each records only what changed since the last checkpoint). None when it
+    /// keeps no state across batches.
+    pub fn snapshot(&mut self) -> Result<Option<Vec<u8>>, CallError> {
+        let b = &self.bindings;
+        let own = self.sb.call(|s| b.weir_plugin_transform().call_snapshot(s))?;
+        let state = self.sb.store.data_mut();
+        if state.states.is_empty() {
+            return Ok(own);
+        }
+        let mut manifests = std::collections::BTreeMap::new();
+        for s in &mut state.states {
+            let m = s.checkpoint().map_err(|e| CallError::Internal(format!("its keyed state: {e}")))?;
+            manifests.insert(s.spec().name.clone(), m);
+        }
+        state.state_counters();
+        let mut w = weir_sdk::state::Writer::default();
+        w.u64(CHECKPOINT_MAGIC);
+        match &own {
+            Some(b) => {
+                w.u64(1);
+                w.bytes(b);
+            }
+            None => w.u64(0),
+        }
+        w.bytes(&serde_json::to_vec(&manifests).map_err(|e| CallError::Internal(e.to_string()))?);
+        Ok(Some(w.finish()))
+    }
+
+    /// Hand the plugin's own checkpoint state back (after init, before any batch).
     pub fn restore(&mut self, state: &[u8]) -> Result<(), CallError> {
         let b = &self.bindings;
         self.sb.call(|s| b.weir_plugin_transform().call_restore(s, state))
+    }
+
+    /// The step is done with the instance's keyed states: remove their files.
+    pub fn remove_state_files(&mut self) {
+        for s in &self.sb.store.data().states {
+            s.remove_files();
+        }
     }
 
     fn check_output(&self, bytes: Vec<u8>) -> Result<Vec<RecordBatch>, CallError> {

@@ -182,8 +182,12 @@ struct RowState {
     failing: u64,
     /// Up to [`SAMPLE`] distinct reasons, each with its count and first row numbers.
     sample: Vec<SampleReason>,
-    seen: HashSet<Vec<u8>>,
+    /// `unique`: the keys seen, opened on the first batch.
+    seen: Option<crate::state::KeyedState>,
 }
+
+/// The keys a `unique` check may hold in memory.
+const UNIQUE_KEY_BYTES: usize = 4 << 30;
 
 /// One distinct reason rows failed a check for.
 struct SampleReason {
@@ -279,7 +283,7 @@ impl Checker {
         fields.push(Field::new("_weir_partition", DataType::Utf8, false));
         fields.push(Field::new("_weir_check", DataType::Utf8, false));
         fields.push(Field::new("_weir_reason", DataType::Utf8, false));
-        let states = checks.iter().map(|_| RowState { failing: 0, sample: Vec::new(), seen: HashSet::new() }).collect();
+        let states = checks.iter().map(|_| RowState { failing: 0, sample: Vec::new(), seen: None }).collect();
         Ok(Checker {
             step: step.to_string(),
             checks,
@@ -445,14 +449,48 @@ impl Checker {
                 }
             }
             Kind::Unique { columns } => {
-                let arrays: Vec<&ArrayRef> = columns.iter().map(|c| col(c)).collect::<Result<_, _>>()?;
-                let mut key = Vec::new();
-                for r in 0..n {
-                    if arrays.iter().any(|a| a.is_null(r)) {
-                        continue; // as in SQL, a key with a null is not a duplicate
+                let arrays: Vec<ArrayRef> = columns.iter().map(|c| col(c).cloned()).collect::<Result<_, _>>()?;
+                // as in SQL, a key with a null is not a duplicate
+                let rows: Vec<u32> =
+                    (0..n).filter(|&r| arrays.iter().all(|a| a.is_valid(r))).map(|r| r as u32).collect();
+                let keys: Vec<ArrayRef> = if rows.len() == n {
+                    arrays.clone()
+                } else {
+                    let idx = arrow_array::UInt32Array::from(rows.clone());
+                    arrays
+                        .iter()
+                        .map(|a| arrow_select::take::take(a, &idx, None))
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| e.to_string())?
+                };
+                let fields: Vec<Field> = columns
+                    .iter()
+                    .zip(&keys)
+                    .enumerate()
+                    .map(|(i, (c, a))| Field::new(format!("{i}:{c}"), a.data_type().clone(), true))
+                    .collect();
+                let keys = RecordBatch::try_new(Arc::new(Schema::new(fields)), keys).map_err(|e| e.to_string())?;
+                let seen = match &mut self.states[ci].seen {
+                    Some(s) => s,
+                    slot => {
+                        let names: Vec<String> = keys.schema().fields().iter().map(|f| f.name().clone()).collect();
+                        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                        let spec = crate::state::Spec::set(&format!("unique-{ci}"), &names);
+                        slot.insert(
+                            crate::state::KeyedState::open(spec, keys.schema(), None, None)
+                                .map_err(|e| e.to_string())?,
+                        )
                     }
-                    weir_sdk::keys::encode_key(&arrays, r, &mut key).map_err(|e| e.to_string())?;
-                    if !self.states[ci].seen.insert(key.clone()) {
+                };
+                let fresh = seen.insert_new(&keys, UNIQUE_KEY_BYTES).map_err(|e| match e {
+                    crate::state::Error::Budget { .. } => {
+                        format!("{e}; a unique check holds at most {} MiB of keys", UNIQUE_KEY_BYTES >> 20)
+                    }
+                    e => e.to_string(),
+                })?;
+                for (&r, new) in rows.iter().zip(fresh) {
+                    if !new {
+                        let r = r as usize;
                         let shown: Vec<String> = arrays
                             .iter()
                             .zip(columns)

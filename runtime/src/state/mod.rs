@@ -1,0 +1,1027 @@
+//! Keyed state the host keeps for plugins (the `weir:plugin/state` import) and for its own
+//! dataset checks, outside any sandbox.
+//!
+//! A [`KeyedState`] is a table keyed by one or more columns. Without value columns it is a
+//! set of keys, asked batch by batch which keys are new ([`KeyedState::insert_new`]); with
+//! value columns, rows under a key already held are combined column by column
+//! ([`Combine`]) and the table is read back at the end, one row per key in the order the
+//! keys first came ([`KeyedState::scan`]).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+//! use weir::state::{Combine, KeyedState, Spec};
+//!
+//! let batch = RecordBatch::try_from_iter([
+//!     ("user", Arc::new(StringArray::from(vec!["b", "a", "b"])) as ArrayRef),
+//!     ("n", Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef),
+//! ])
+//! .unwrap();
+//! let spec = Spec::table("totals", &["user"], &[("n", Combine::Sum)], None);
+//! let mut state = KeyedState::open(spec, batch.schema(), None, None).unwrap();
+//! state.merge(&batch, 1 << 20).unwrap();
+//! let out = state.scan(100).unwrap().unwrap();
+//! assert_eq!(out.num_rows(), 2); // b: 4, then a: 2
+//! ```
+//!
+//! **Memory and disk.** Keys and values are held as `arrow-row` bytes in a hash table. A
+//! table whose bytes pass the budget it is handed spills everything it holds to a *run*:
+//! one file, its entries grouped by a hash partition of the key, and starts empty again.
+//! Runs are combined at the end, one partition at a time (so the end needs about
+//! 1/[`PARTITIONS`] of the spilled bytes in memory), each partition sorted by first arrival
+//! into a file of its own, and the partitions merged by arrival as the scan reads them.
+//! Sets answer at once whether a key is new, so they keep every key in memory: a set that
+//! passes its budget is an error naming the budget, never a wrong answer.
+//!
+//! **Checkpoints** are incremental: a table writes what it holds as one more run (what
+//! changed since the previous checkpoint, as partial combinations), a set appends the keys
+//! new since the previous checkpoint to its log. The [`Manifest`] names the files and
+//! their lengths; a resumed run reopens exactly those, so files written after the
+//! checkpoint are ignored and removed.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int64Type};
+use arrow_array::{new_null_array, Array, ArrayRef, Float64Array, Int64Array, RecordBatch};
+use arrow_row::{RowConverter, SortField};
+use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
+use hashbrown::HashMap;
+use serde::{Deserialize, Serialize};
+use weir_sdk::intset::IntSet;
+
+/// Hash partitions of a table's spilled runs.
+pub const PARTITIONS: usize = 64;
+const RUN_MAGIC: &[u8; 8] = b"WEIRRUN1";
+/// Bytes an entry costs beyond its key and value bytes (table slot, two boxes, allocator).
+const ENTRY_OVERHEAD: usize = 80;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spec or a batch does not fit the state: the plugin's or the config's to fix.
+    #[error("state `{name}`: {message}")]
+    Invalid { name: String, message: String },
+    #[error(
+        "state `{name}` holds {keys} keys in about {used_mb} MiB, past its budget of {budget_mb} MiB (a set keeps every key in memory)"
+    )]
+    Budget { name: String, keys: usize, used_mb: usize, budget_mb: usize },
+    #[error("state `{name}`: {path}: {source}")]
+    Io { name: String, path: PathBuf, source: std::io::Error },
+    #[error("state `{name}`: its checkpoint files are damaged ({message}); run without --resume")]
+    Corrupt { name: String, message: String },
+    #[error("state `{name}`: {source}")]
+    Arrow { name: String, source: ArrowError },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How a value column combines the row held for a key with a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Combine {
+    /// The first row's value (nulls included).
+    First,
+    /// The last row's value, or with an order column, the greatest-ordered row's (ties to
+    /// the later row, nulls order first).
+    Last,
+    /// int64 (wrapping) or float64 sum of the non-null values; null while all were null.
+    Sum,
+    /// Least non-null value.
+    Min,
+    /// Greatest non-null value.
+    Max,
+}
+
+/// What a state holds: its name, key columns, value columns and order column.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spec {
+    pub name: String,
+    pub key: Vec<String>,
+    pub values: Vec<(String, Combine)>,
+    pub order_by: Option<String>,
+}
+
+impl Spec {
+    /// A set of keys.
+    pub fn set(name: &str, key: &[&str]) -> Spec {
+        Spec::table(name, key, &[], None)
+    }
+
+    pub fn table(name: &str, key: &[&str], values: &[(&str, Combine)], order_by: Option<&str>) -> Spec {
+        Spec {
+            name: name.to_string(),
+            key: key.iter().map(|k| k.to_string()).collect(),
+            values: values.iter().map(|(c, m)| (c.to_string(), *m)).collect(),
+            order_by: order_by.map(str::to_string),
+        }
+    }
+}
+
+/// What a checkpoint recorded of a state: enough to reopen it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub spec: Spec,
+    /// The next arrival number.
+    pub seq: u64,
+    /// Table runs, oldest first, with their lengths.
+    pub runs: Vec<(String, u64)>,
+    /// Set: the durable length of the key log.
+    pub log_bytes: u64,
+}
+
+/// How one value column is held in an entry's value bytes.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    /// One validity byte and eight value bytes.
+    SumInt,
+    SumFloat,
+    /// A length (u32) and the value's row bytes (length 0: no value yet, for min and max).
+    Bytes(Combine),
+}
+
+struct Value {
+    column: usize,
+    slot: Slot,
+    /// For `Bytes` slots: the column's row encoding, and its null's bytes.
+    conv: Option<(RowConverter, Vec<u8>)>,
+}
+
+/// One key's held state: when it first came, and its value bytes.
+struct Entry {
+    seq: u64,
+    value: Box<[u8]>,
+}
+
+/// The keys of a set, in the cheapest form their type allows.
+enum SetKeys {
+    /// One int64 key column: a set of ints (a bitmap for dense ids) and whether null came.
+    Int {
+        keys: IntSet,
+        null: bool,
+    },
+    Bytes,
+}
+
+/// A table or set of keyed rows; see the module documentation.
+pub struct KeyedState {
+    spec: Spec,
+    schema: SchemaRef,
+    key_columns: Vec<usize>,
+    key_conv: RowConverter,
+    values: Vec<Value>,
+    order: Option<(usize, RowConverter)>,
+    /// Sets: how keys are held (tables use `map`).
+    set: Option<SetKeys>,
+    map: HashMap<Box<[u8]>, Entry>,
+    /// Bytes `map` holds, estimated.
+    bytes: usize,
+    seq: u64,
+    dir: Option<PathBuf>,
+    runs: Vec<(String, u64)>,
+    next_run: u64,
+    /// Sets: keys new since the last checkpoint, as the log holds them.
+    pending: Vec<u8>,
+    log_bytes: u64,
+    /// Counters for the run summary.
+    pub spills: u64,
+    pub spilled_bytes: u64,
+    pub peak_bytes: usize,
+    scan: Option<Scan>,
+}
+
+fn io_err(name: &str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let (name, path) = (name.to_string(), path.to_path_buf());
+    move |source| Error::Io { name, path, source }
+}
+
+impl KeyedState {
+    /// Open a state over batches of `schema`; `dir` is where it spills and checkpoints
+    /// (none: in memory only, so a table that passes its budget is an error too), and
+    /// `restore` the manifest of the checkpoint to reopen.
+    pub fn open(spec: Spec, schema: SchemaRef, dir: Option<PathBuf>, restore: Option<&Manifest>) -> Result<Self> {
+        let name = spec.name.clone();
+        let invalid = |message: String| Error::Invalid { name: name.clone(), message };
+        let arrow = |source| Error::Arrow { name: name.clone(), source };
+        if spec.key.is_empty() {
+            return Err(invalid("name at least one key column".into()));
+        }
+        let find = |c: &str| schema.index_of(c).map_err(|_| invalid(format!("the batches have no column `{c}`")));
+        let key_columns = spec.key.iter().map(|c| find(c)).collect::<Result<Vec<_>>>()?;
+        let key_conv = RowConverter::new(
+            key_columns.iter().map(|&i| SortField::new(schema.field(i).data_type().clone())).collect(),
+        )
+        .map_err(|e| invalid(format!("key: {e}")))?;
+        let mut values = Vec::new();
+        for (c, combine) in &spec.values {
+            let column = find(c)?;
+            let dt = schema.field(column).data_type();
+            let slot = match (combine, dt) {
+                (Combine::Sum, DataType::Int64) => Slot::SumInt,
+                (Combine::Sum, DataType::Float64) => Slot::SumFloat,
+                (Combine::Sum, other) => {
+                    return Err(invalid(format!("`{c}` is {other}: sums are of int64 or float64 columns")))
+                }
+                (m, _) => Slot::Bytes(*m),
+            };
+            let conv = match slot {
+                Slot::Bytes(_) => {
+                    let conv = RowConverter::new(vec![SortField::new(dt.clone())])
+                        .map_err(|e| invalid(format!("`{c}`: {e}")))?;
+                    let null = conv.convert_columns(&[new_null_array(dt, 1)]).map_err(arrow)?.row(0).as_ref().to_vec();
+                    Some((conv, null))
+                }
+                _ => None,
+            };
+            values.push(Value { column, slot, conv });
+        }
+        let order = match &spec.order_by {
+            Some(c) => {
+                let i = find(c)?;
+                if !spec.values.iter().any(|(_, m)| *m == Combine::Last) {
+                    return Err(invalid("order_by orders `last` values: name one".into()));
+                }
+                let conv = RowConverter::new(vec![SortField::new(schema.field(i).data_type().clone())])
+                    .map_err(|e| invalid(format!("order_by: {e}")))?;
+                Some((i, conv))
+            }
+            None => None,
+        };
+        let set = spec.values.is_empty().then(|| {
+            if key_columns.len() == 1 && schema.field(key_columns[0]).data_type() == &DataType::Int64 {
+                SetKeys::Int { keys: IntSet::new(), null: false }
+            } else {
+                SetKeys::Bytes
+            }
+        });
+        let mut state = KeyedState {
+            spec,
+            schema,
+            key_columns,
+            key_conv,
+            values,
+            order,
+            set,
+            map: HashMap::new(),
+            bytes: 0,
+            seq: 0,
+            dir,
+            runs: Vec::new(),
+            next_run: 0,
+            pending: Vec::new(),
+            log_bytes: 0,
+            spills: 0,
+            spilled_bytes: 0,
+            peak_bytes: 0,
+            scan: None,
+        };
+        if let Some(dir) = &state.dir {
+            std::fs::create_dir_all(dir).map_err(io_err(&state.spec.name, dir))?;
+        }
+        match restore {
+            Some(m) => state.reopen(m)?,
+            None => state.clear_dir()?,
+        }
+        Ok(state)
+    }
+
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// Bytes held in memory now (estimated).
+    pub fn memory_bytes(&self) -> usize {
+        match &self.set {
+            Some(SetKeys::Int { keys, .. }) => keys.heap_bytes() + self.pending.capacity(),
+            _ => self.bytes + self.pending.capacity(),
+        }
+    }
+
+    /// Keys held in memory (a set holds all of its keys there).
+    pub fn keys_in_memory(&self) -> usize {
+        match &self.set {
+            Some(SetKeys::Int { keys, null }) => keys.len() + usize::from(*null),
+            _ => self.map.len(),
+        }
+    }
+
+    fn invalid(&self, message: impl Into<String>) -> Error {
+        Error::Invalid { name: self.spec.name.clone(), message: message.into() }
+    }
+
+    fn arrow(&self, source: ArrowError) -> Error {
+        Error::Arrow { name: self.spec.name.clone(), source }
+    }
+
+    fn check_batch(&self, batch: &RecordBatch) -> Result<()> {
+        if self.scan.is_some() {
+            return Err(self.invalid("the state was scanned: no more rows can go in"));
+        }
+        let (got, want) = (batch.schema(), &self.schema);
+        if got.fields().len() != want.fields().len()
+            || got
+                .fields()
+                .iter()
+                .zip(want.fields())
+                .any(|(a, b)| a.name() != b.name() || a.data_type() != b.data_type())
+        {
+            return Err(self.invalid("a batch's columns differ from the schema the state was opened with"));
+        }
+        Ok(())
+    }
+
+    /// Sets: add each row's key; `true` for the rows whose key was not held yet (the first
+    /// of equal keys in the batch). Fails, holding the keys it had, past `budget` bytes.
+    pub fn insert_new(&mut self, batch: &RecordBatch, budget: usize) -> Result<Vec<bool>> {
+        self.check_batch(batch)?;
+        let mut fresh = Vec::with_capacity(batch.num_rows());
+        match &mut self.set {
+            None => return Err(self.invalid("insert-new is for sets (a state without value columns); use merge")),
+            Some(SetKeys::Int { keys, null }) => {
+                let ids = batch.column(self.key_columns[0]).as_primitive::<Int64Type>();
+                for r in 0..ids.len() {
+                    let new = if ids.is_null(r) { !std::mem::replace(null, true) } else { keys.insert(ids.value(r)) };
+                    if new {
+                        if ids.is_null(r) {
+                            self.pending.extend_from_slice(&0u32.to_le_bytes());
+                        } else {
+                            self.pending.extend_from_slice(&8u32.to_le_bytes());
+                            self.pending.extend_from_slice(&ids.value(r).to_le_bytes());
+                        }
+                    }
+                    fresh.push(new);
+                }
+            }
+            Some(SetKeys::Bytes) => {
+                let rows = self.key_rows(batch)?;
+                for row in rows.iter() {
+                    let key = row.as_ref();
+                    let new = !self.map.contains_key(key);
+                    if new {
+                        self.map.insert(key.into(), Entry { seq: 0, value: Box::default() });
+                        self.bytes += key.len() + ENTRY_OVERHEAD;
+                        self.pending.extend_from_slice(&(key.len() as u32).to_le_bytes());
+                        self.pending.extend_from_slice(key);
+                    }
+                    fresh.push(new);
+                }
+            }
+        }
+        self.peak_bytes = self.peak_bytes.max(self.memory_bytes());
+        if self.memory_bytes() > budget {
+            return Err(Error::Budget {
+                name: self.spec.name.clone(),
+                keys: self.keys_in_memory(),
+                used_mb: self.memory_bytes() >> 20,
+                budget_mb: budget >> 20,
+            });
+        }
+        Ok(fresh)
+    }
+
+    fn key_rows(&self, batch: &RecordBatch) -> Result<arrow_row::Rows> {
+        let cols: Vec<ArrayRef> = self.key_columns.iter().map(|&i| batch.column(i).clone()).collect();
+        self.key_conv.convert_columns(&cols).map_err(|e| self.arrow(e))
+    }
+
+    /// Merge every row, in order, combining rows under a key already held. Past `budget`
+    /// bytes the table spills to its directory.
+    pub fn merge(&mut self, batch: &RecordBatch, budget: usize) -> Result<()> {
+        self.check_batch(batch)?;
+        if self.set.is_some() {
+            // a set merged into: every key is inserted
+            self.insert_new(batch, budget)?;
+            return Ok(());
+        }
+        let keys = self.key_rows(batch)?;
+        let encoded = self.encode_values(batch)?;
+        let order = match &self.order {
+            Some((i, conv)) => Some(conv.convert_columns(&[batch.column(*i).clone()]).map_err(|e| self.arrow(e))?),
+            None => None,
+        };
+        let mut value = Vec::new();
+        let mut merged = Vec::new();
+        for r in 0..batch.num_rows() {
+            self.row_value(&encoded, order.as_ref(), r, &mut value);
+            let key = keys.row(r);
+            match self.map.get_mut(key.as_ref()) {
+                Some(e) => {
+                    combine(&self.values, self.order.is_some(), &e.value, &value, &mut merged);
+                    if merged.len() != e.value.len() {
+                        self.bytes = self.bytes + merged.len() - e.value.len();
+                    }
+                    if e.value.as_ref() != merged.as_slice() {
+                        e.value = merged.as_slice().into();
+                    }
+                }
+                None => {
+                    self.bytes += key.as_ref().len() + value.len() + ENTRY_OVERHEAD;
+                    self.map.insert(key.as_ref().into(), Entry { seq: self.seq, value: value.as_slice().into() });
+                    self.seq += 1;
+                }
+            }
+            if self.bytes > budget {
+                self.peak_bytes = self.peak_bytes.max(self.bytes);
+                if self.dir.is_none() {
+                    return Err(Error::Budget {
+                        name: self.spec.name.clone(),
+                        keys: self.map.len(),
+                        used_mb: self.bytes >> 20,
+                        budget_mb: budget >> 20,
+                    });
+                }
+                self.spill()?;
+            }
+        }
+        self.peak_bytes = self.peak_bytes.max(self.bytes);
+        Ok(())
+    }
+
+    /// The value columns of a batch, encoded once per column.
+    fn encode_values(&self, batch: &RecordBatch) -> Result<Vec<Encoded>> {
+        self.values
+            .iter()
+            .map(|v| {
+                let col = batch.column(v.column);
+                Ok(match (&v.slot, &v.conv) {
+                    (Slot::SumInt, _) => Encoded::Int(col.as_primitive::<Int64Type>().clone()),
+                    (Slot::SumFloat, _) => Encoded::Float(col.as_primitive::<Float64Type>().clone()),
+                    (Slot::Bytes(m), Some((conv, _))) => Encoded::Rows(
+                        conv.convert_columns(std::slice::from_ref(col)).map_err(|e| self.arrow(e))?,
+                        matches!(m, Combine::Min | Combine::Max).then(|| col.clone()),
+                    ),
+                    (Slot::Bytes(_), None) => return Err(self.invalid("a value column has no encoding (a bug)")),
+                })
+            })
+            .collect()
+    }
+
+    /// Row `r`'s value bytes: the order value first (when there is one), then each column.
+    fn row_value(&self, encoded: &[Encoded], order: Option<&arrow_row::Rows>, r: usize, out: &mut Vec<u8>) {
+        out.clear();
+        if let Some(rows) = order {
+            put_bytes(out, rows.row(r).as_ref());
+        }
+        for e in encoded {
+            match e {
+                Encoded::Int(a) => put_sum(out, a.is_valid(r), a.value(r) as u64),
+                Encoded::Float(a) => put_sum(out, a.is_valid(r), a.value(r).to_bits()),
+                // min and max skip nulls: no value yet
+                Encoded::Rows(_, Some(col)) if col.is_null(r) => put_bytes(out, &[]),
+                Encoded::Rows(rows, _) => put_bytes(out, rows.row(r).as_ref()),
+            }
+        }
+    }
+
+    /// Write what memory holds as one more run, and start empty.
+    fn spill(&mut self) -> Result<()> {
+        if self.map.is_empty() {
+            return Ok(());
+        }
+        let dir = self.dir.clone().ok_or_else(|| self.invalid("spill without a directory (a bug)"))?;
+        let file = format!("run-{:06}.bin", self.next_run);
+        let path = dir.join(&file);
+        let len = write_run(&path, self.map.drain().map(|(k, e)| (k, e))).map_err(|source| Error::Io {
+            name: self.spec.name.clone(),
+            path: path.clone(),
+            source,
+        })?;
+        self.next_run += 1;
+        self.runs.push((file, len));
+        self.spills += 1;
+        self.spilled_bytes += len;
+        self.bytes = 0;
+        self.map = HashMap::new();
+        Ok(())
+    }
+
+    /// Make the state durable up to here and describe it.
+    pub fn checkpoint(&mut self) -> Result<Manifest> {
+        let name = self.spec.name.clone();
+        let dir = self.dir.clone().ok_or_else(|| self.invalid("a checkpoint needs a state directory (a bug)"))?;
+        if self.set.is_some() {
+            if !self.pending.is_empty() {
+                let path = dir.join("keys.log");
+                let mut f =
+                    std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&name, &path))?;
+                f.write_all(&self.pending).and_then(|()| f.sync_data()).map_err(io_err(&name, &path))?;
+                self.log_bytes += self.pending.len() as u64;
+                self.pending = Vec::new();
+            }
+        } else {
+            self.spill()?;
+            if let Some((file, _)) = self.runs.last() {
+                let path = dir.join(file);
+                File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&name, &path))?;
+            }
+        }
+        sync_dir(&dir);
+        Ok(Manifest { spec: self.spec.clone(), seq: self.seq, runs: self.runs.clone(), log_bytes: self.log_bytes })
+    }
+
+    /// Start from a checkpoint: its files, nothing after it.
+    fn reopen(&mut self, m: &Manifest) -> Result<()> {
+        if m.spec != self.spec {
+            return Err(self.invalid(
+                "the plugin opened it with another spec than the checkpoint was taken with; run without --resume",
+            ));
+        }
+        let name = self.spec.name.clone();
+        let dir = self.dir.clone().ok_or_else(|| self.invalid("a resumed state needs its directory (a bug)"))?;
+        let corrupt = |message: String| Error::Corrupt { name: name.clone(), message };
+        for (file, len) in &m.runs {
+            let path = dir.join(file);
+            let actual = std::fs::metadata(&path).map(|md| md.len()).unwrap_or(u64::MAX);
+            if actual != *len {
+                return Err(corrupt(format!("{file} has {actual} bytes, the checkpoint recorded {len}")));
+            }
+        }
+        self.seq = m.seq;
+        self.runs = m.runs.clone();
+        self.next_run = m.runs.iter().filter_map(|(f, _)| run_number(f)).max().map_or(0, |n| n + 1);
+        self.log_bytes = m.log_bytes;
+        if self.set.is_some() {
+            let path = dir.join("keys.log");
+            let mut log = Vec::new();
+            if m.log_bytes > 0 {
+                let f = File::open(&path).map_err(io_err(&name, &path))?;
+                f.take(m.log_bytes).read_to_end(&mut log).map_err(io_err(&name, &path))?;
+                if (log.len() as u64) < m.log_bytes {
+                    return Err(corrupt(format!("keys.log is shorter than the {} bytes recorded", m.log_bytes)));
+                }
+                // keys written after the checkpoint are not part of it
+                let f = std::fs::OpenOptions::new().write(true).open(&path).map_err(io_err(&name, &path))?;
+                f.set_len(m.log_bytes).map_err(io_err(&name, &path))?;
+            }
+            self.load_log(&log).map_err(corrupt)?;
+        }
+        // runs written after the checkpoint, and whatever a scan left
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let f = e.file_name().to_string_lossy().into_owned();
+                if f != "keys.log" && !m.runs.iter().any(|(r, _)| *r == f) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn load_log(&mut self, mut log: &[u8]) -> std::result::Result<(), String> {
+        while !log.is_empty() {
+            let key = take_bytes(&mut log).ok_or("keys.log is cut short")?;
+            match &mut self.set {
+                Some(SetKeys::Int { keys, null }) => match key.len() {
+                    0 => *null = true,
+                    8 => {
+                        keys.insert(i64::from_le_bytes(key.try_into().map_err(|_| "bad key")?));
+                    }
+                    n => return Err(format!("an int key of {n} bytes in keys.log")),
+                },
+                _ => {
+                    self.bytes += key.len() + ENTRY_OVERHEAD;
+                    self.map.insert(key.into(), Entry { seq: 0, value: Box::default() });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A fresh state: nothing from an earlier attempt.
+    fn clear_dir(&self) -> Result<()> {
+        if let Some(dir) = &self.dir {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    std::fs::remove_file(e.path()).map_err(io_err(&self.spec.name, &e.path()))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The schema of what [`KeyedState::scan`] returns: keys, then values (sums as int64 or
+    /// float64, others as their column).
+    pub fn scan_schema(&self) -> SchemaRef {
+        let mut fields: Vec<Field> =
+            self.key_columns.iter().map(|&i| self.schema.field(i).clone().with_nullable(true)).collect();
+        for v in &self.values {
+            let f = self.schema.field(v.column);
+            fields.push(Field::new(f.name(), f.data_type().clone(), true));
+        }
+        Arc::new(Schema::new(fields))
+    }
+
+    /// After the last row went in: the next at most `max_rows` keys with their values, in
+    /// the order the keys first came; `None` when every key was returned.
+    pub fn scan(&mut self, max_rows: usize) -> Result<Option<RecordBatch>> {
+        if self.set.is_some() {
+            return Err(self.invalid("a set is not scanned"));
+        }
+        if self.scan.is_none() {
+            self.scan = Some(self.start_scan()?);
+        }
+        let max_rows = max_rows.max(1);
+        let mut taken: Vec<(Box<[u8]>, Box<[u8]>)> = Vec::new();
+        let name = self.spec.name.clone();
+        match self.scan.as_mut() {
+            Some(Scan::Memory(entries)) => {
+                let n = entries.len().min(max_rows);
+                taken.extend(entries.drain(..n).map(|(k, e)| (k, e.value)));
+            }
+            Some(Scan::Merge(m)) => {
+                while taken.len() < max_rows {
+                    match m.next().map_err(|message| Error::Corrupt { name: name.clone(), message })? {
+                        Some((k, _, v)) => taken.push((k, v)),
+                        None => break,
+                    }
+                }
+            }
+            None => {}
+        }
+        if taken.is_empty() {
+            return Ok(None);
+        }
+        self.decode(&taken).map(Some)
+    }
+
+    fn start_scan(&mut self) -> Result<Scan> {
+        if self.runs.is_empty() {
+            let mut entries: Vec<(Box<[u8]>, Entry)> = self.map.drain().collect();
+            entries.sort_unstable_by_key(|(_, e)| e.seq);
+            self.map = HashMap::new();
+            self.bytes = 0;
+            return Ok(Scan::Memory(std::collections::VecDeque::from(entries)));
+        }
+        self.spill()?;
+        let name = self.spec.name.clone();
+        let dir = self.dir.clone().ok_or_else(|| self.invalid("runs without a directory (a bug)"))?;
+        let corrupt = |message: String| Error::Corrupt { name: name.clone(), message };
+        let mut readers = Vec::new();
+        for (file, _) in &self.runs {
+            let path = dir.join(file);
+            readers.push(RunFile::open(&path).map_err(corrupt)?);
+        }
+        let mut sorted = Vec::new();
+        let mut merged: HashMap<Box<[u8]>, Entry> = HashMap::new();
+        let mut value = Vec::new();
+        for p in 0..PARTITIONS {
+            for run in &mut readers {
+                for (key, seq, v) in run.partition(p).map_err(corrupt)? {
+                    match merged.get_mut(&key) {
+                        Some(e) => {
+                            combine(&self.values, self.order.is_some(), &e.value, &v, &mut value);
+                            e.value = value.as_slice().into();
+                            e.seq = e.seq.min(seq);
+                        }
+                        None => {
+                            merged.insert(key, Entry { seq, value: v });
+                        }
+                    }
+                }
+            }
+            if merged.is_empty() {
+                continue;
+            }
+            let mut entries: Vec<(Box<[u8]>, Entry)> = merged.drain().collect();
+            entries.sort_unstable_by_key(|(_, e)| e.seq);
+            let path = dir.join(format!("sorted-{p:02}.bin"));
+            write_run(&path, entries.into_iter()).map_err(io_err(&name, &path))?;
+            sorted.push((path, p));
+        }
+        // the runs are combined into the sorted partitions
+        for (file, _) in std::mem::take(&mut self.runs) {
+            let _ = std::fs::remove_file(dir.join(file));
+        }
+        Ok(Scan::Merge(Box::new(SortedMerge::new(sorted).map_err(corrupt)?)))
+    }
+
+    /// Keys and value bytes back into columns.
+    fn decode(&self, taken: &[(Box<[u8]>, Box<[u8]>)]) -> Result<RecordBatch> {
+        let corrupt = |message: &str| Error::Corrupt { name: self.spec.name.clone(), message: message.to_string() };
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<Vec<ArrayRef>> {
+            let parser = self.key_conv.parser();
+            let mut columns =
+                self.key_conv.convert_rows(taken.iter().map(|(k, _)| parser.parse(k))).map_err(|e| self.arrow(e))?;
+            // each value's bytes, split per column
+            let mut fields: Vec<Vec<&[u8]>> = vec![Vec::with_capacity(taken.len()); self.values.len()];
+            for (_, v) in taken {
+                let mut rest: &[u8] = v;
+                if self.order.is_some() {
+                    take_bytes(&mut rest).ok_or_else(|| corrupt("a value is cut short"))?;
+                }
+                for (i, val) in self.values.iter().enumerate() {
+                    let field = match val.slot {
+                        Slot::SumInt | Slot::SumFloat => take(&mut rest, 9),
+                        Slot::Bytes(_) => take_bytes(&mut rest),
+                    };
+                    fields[i].push(field.ok_or_else(|| corrupt("a value is cut short"))?);
+                }
+            }
+            for (val, got) in self.values.iter().zip(fields) {
+                let sum = |f: &[u8]| (f[0] == 1).then(|| u64::from_le_bytes(f[1..9].try_into().unwrap_or_default()));
+                columns.push(match (&val.slot, &val.conv) {
+                    (Slot::SumInt, _) => Arc::new(got.iter().map(|f| sum(f).map(|v| v as i64)).collect::<Int64Array>()),
+                    (Slot::SumFloat, _) => {
+                        Arc::new(got.iter().map(|f| sum(f).map(f64::from_bits)).collect::<Float64Array>())
+                    }
+                    (Slot::Bytes(_), Some((conv, null))) => {
+                        let parser = conv.parser();
+                        let rows = got.iter().map(|f| parser.parse(if f.is_empty() { null } else { f }));
+                        conv.convert_rows(rows).map_err(|e| self.arrow(e))?.remove(0)
+                    }
+                    (Slot::Bytes(_), None) => return Err(corrupt("a value column has no encoding")),
+                });
+            }
+            Ok(columns)
+        }))
+        .map_err(|_| corrupt("a key or value could not be decoded"))??;
+        RecordBatch::try_new(self.scan_schema(), decoded).map_err(|e| self.arrow(e))
+    }
+
+    /// Remove the state's files (the step is done with it).
+    pub fn remove_files(&self) {
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A batch's value columns, encoded for [`KeyedState::row_value`].
+enum Encoded {
+    Int(Int64Array),
+    Float(Float64Array),
+    /// Row bytes, and for min and max the column (to skip its nulls).
+    Rows(arrow_row::Rows, Option<ArrayRef>),
+}
+
+fn put_sum(out: &mut Vec<u8>, valid: bool, bits: u64) {
+    out.push(u8::from(valid));
+    out.extend_from_slice(&if valid { bits } else { 0 }.to_le_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if rest.len() < n {
+        return None;
+    }
+    let (a, b) = rest.split_at(n);
+    *rest = b;
+    Some(a)
+}
+
+fn take_bytes<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let n = u32::from_le_bytes(take(rest, 4)?.try_into().ok()?) as usize;
+    take(rest, n)
+}
+
+/// Combine the value bytes `old` (held) with `new` (a later row) into `out`. Values that do
+/// not parse (they are the host's own bytes, so only a bug makes them) keep `old`.
+fn combine(values: &[Value], ordered: bool, old: &[u8], new: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    let (mut a, mut b) = (old, new);
+    let mut later_wins = true;
+    if ordered {
+        let (Some(oa), Some(ob)) = (take_bytes(&mut a), take_bytes(&mut b)) else {
+            out.extend_from_slice(old);
+            return;
+        };
+        // ties go to the later row
+        later_wins = ob >= oa;
+        put_bytes(out, if later_wins { ob } else { oa });
+    }
+    for v in values {
+        match v.slot {
+            Slot::SumInt | Slot::SumFloat => {
+                let (Some(x), Some(y)) = (take(&mut a, 9), take(&mut b, 9)) else {
+                    out.clear();
+                    out.extend_from_slice(old);
+                    return;
+                };
+                let bits = |f: &[u8]| u64::from_le_bytes(f[1..9].try_into().unwrap_or_default());
+                let (xv, yv) = (x[0] == 1, y[0] == 1);
+                let sum = match (v.slot, xv, yv) {
+                    (_, false, false) => 0,
+                    (_, true, false) => bits(x),
+                    (_, false, true) => bits(y),
+                    (Slot::SumInt, true, true) => (bits(x) as i64).wrapping_add(bits(y) as i64) as u64,
+                    _ => (f64::from_bits(bits(x)) + f64::from_bits(bits(y))).to_bits(),
+                };
+                put_sum(out, xv || yv, sum);
+            }
+            Slot::Bytes(m) => {
+                let (Some(x), Some(y)) = (take_bytes(&mut a), take_bytes(&mut b)) else {
+                    out.clear();
+                    out.extend_from_slice(old);
+                    return;
+                };
+                let keep = match m {
+                    Combine::First => x,
+                    Combine::Last => {
+                        if later_wins {
+                            y
+                        } else {
+                            x
+                        }
+                    }
+                    Combine::Min if x.is_empty() || (!y.is_empty() && y < x) => y,
+                    Combine::Max if x.is_empty() || (!y.is_empty() && y > x) => y,
+                    _ => x,
+                };
+                put_bytes(out, keep);
+            }
+        }
+    }
+}
+
+/// A deterministic hash of key bytes (partitions must be the same after a restart).
+fn partition_of(key: &[u8]) -> usize {
+    let mut h: u64 = 0x9E37_79B9_7F4A_7C15 ^ key.len() as u64;
+    for chunk in key.chunks(8) {
+        let mut w = [0u8; 8];
+        w[..chunk.len()].copy_from_slice(chunk);
+        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+        h ^= h >> 32;
+    }
+    (h.wrapping_mul(0xC4CE_B9FE_1A85_EC53) >> 58) as usize % PARTITIONS
+}
+
+fn run_number(file: &str) -> Option<u64> {
+    file.strip_prefix("run-")?.strip_suffix(".bin")?.parse().ok()
+}
+
+/// Write entries grouped by partition: magic, entries, the partitions' start offsets and
+/// the end, magic. Returns the file's length.
+fn write_run(path: &Path, entries: impl Iterator<Item = (Box<[u8]>, Entry)>) -> std::io::Result<u64> {
+    let mut by_part: Vec<(u8, Box<[u8]>, Entry)> = entries.map(|(k, e)| (partition_of(&k) as u8, k, e)).collect();
+    // stable: a sorted partition keeps its arrival order
+    by_part.sort_by_key(|(p, _, _)| *p);
+    let mut w = BufWriter::with_capacity(1 << 20, File::create(path)?);
+    w.write_all(RUN_MAGIC)?;
+    let mut offset = RUN_MAGIC.len() as u64;
+    let mut starts = vec![0u64; PARTITIONS + 1];
+    let mut next = 0usize;
+    for (p, key, e) in &by_part {
+        while next <= *p as usize {
+            starts[next] = offset;
+            next += 1;
+        }
+        let mut head = Vec::with_capacity(16);
+        head.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        w.write_all(&head)?;
+        w.write_all(key)?;
+        w.write_all(&e.seq.to_le_bytes())?;
+        w.write_all(&(e.value.len() as u32).to_le_bytes())?;
+        w.write_all(&e.value)?;
+        offset += 4 + key.len() as u64 + 8 + 4 + e.value.len() as u64;
+    }
+    while next <= PARTITIONS {
+        starts[next] = offset;
+        next += 1;
+    }
+    for s in &starts {
+        w.write_all(&s.to_le_bytes())?;
+    }
+    w.write_all(RUN_MAGIC)?;
+    w.flush()?;
+    Ok(offset + (PARTITIONS as u64 + 1) * 8 + RUN_MAGIC.len() as u64)
+}
+
+/// A run file opened for reading partition by partition.
+struct RunFile {
+    file: File,
+    starts: Vec<u64>,
+}
+
+impl RunFile {
+    fn open(path: &Path) -> std::result::Result<RunFile, String> {
+        let shown = path.display();
+        let mut file = File::open(path).map_err(|e| format!("{shown}: {e}"))?;
+        let len = file.metadata().map_err(|e| format!("{shown}: {e}"))?.len();
+        let footer = (PARTITIONS as u64 + 1) * 8 + RUN_MAGIC.len() as u64;
+        if len < footer + RUN_MAGIC.len() as u64 {
+            return Err(format!("{shown} is too short to be a run"));
+        }
+        file.seek(SeekFrom::Start(len - footer)).map_err(|e| format!("{shown}: {e}"))?;
+        let mut buf = vec![0u8; footer as usize];
+        file.read_exact(&mut buf).map_err(|e| format!("{shown}: {e}"))?;
+        if &buf[buf.len() - 8..] != RUN_MAGIC {
+            return Err(format!("{shown} does not end as a run does"));
+        }
+        let starts: Vec<u64> = buf
+            .chunks_exact(8)
+            .take(PARTITIONS + 1)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        if starts.windows(2).any(|w| w[0] > w[1]) || starts[PARTITIONS] > len - footer {
+            return Err(format!("{shown} has a damaged index"));
+        }
+        Ok(RunFile { file, starts })
+    }
+
+    /// Every entry of partition `p`.
+    fn partition(&mut self, p: usize) -> std::result::Result<Vec<(Box<[u8]>, u64, Box<[u8]>)>, String> {
+        let (from, to) = (self.starts[p], self.starts[p + 1]);
+        self.file.seek(SeekFrom::Start(from)).map_err(|e| e.to_string())?;
+        let mut r = BufReader::with_capacity(1 << 16, (&mut self.file).take(to - from));
+        let mut out = Vec::new();
+        while let Some(e) = read_entry(&mut r)? {
+            out.push(e);
+        }
+        Ok(out)
+    }
+}
+
+/// One entry, or none at the end of the reader.
+fn read_entry(r: &mut impl Read) -> std::result::Result<Option<(Box<[u8]>, u64, Box<[u8]>)>, String> {
+    let mut n = [0u8; 4];
+    match r.read_exact(&mut n) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    }
+    let short = |e: std::io::Error| format!("an entry is cut short: {e}");
+    let read_n = |r: &mut dyn Read, n: usize| -> std::result::Result<Box<[u8]>, String> {
+        // lengths come from our own files; a damaged one still cannot ask for more than 1 GiB
+        if n > 1 << 30 {
+            return Err(format!("an entry claims {n} bytes"));
+        }
+        let mut b = vec![0u8; n];
+        r.read_exact(&mut b).map_err(short)?;
+        Ok(b.into_boxed_slice())
+    };
+    let key = read_n(r, u32::from_le_bytes(n) as usize)?;
+    let mut seq = [0u8; 8];
+    r.read_exact(&mut seq).map_err(short)?;
+    r.read_exact(&mut n).map_err(short)?;
+    let value = read_n(r, u32::from_le_bytes(n) as usize)?;
+    Ok(Some((key, u64::from_le_bytes(seq), value)))
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// A scan in progress.
+enum Scan {
+    Memory(std::collections::VecDeque<(Box<[u8]>, Entry)>),
+    Merge(Box<SortedMerge>),
+}
+
+/// The sorted partition files, merged by arrival.
+struct SortedMerge {
+    readers: Vec<BufReader<std::io::Take<File>>>,
+    heads: Vec<Option<(Box<[u8]>, u64, Box<[u8]>)>>,
+    heap: BinaryHeap<Reverse<(u64, usize)>>,
+    paths: Vec<PathBuf>,
+}
+
+impl SortedMerge {
+    /// Each file holds one partition (`p`), its entries in arrival order.
+    fn new(files: Vec<(PathBuf, usize)>) -> std::result::Result<Self, String> {
+        let mut m = SortedMerge { readers: Vec::new(), heads: Vec::new(), heap: BinaryHeap::new(), paths: Vec::new() };
+        for (i, (path, p)) in files.into_iter().enumerate() {
+            let mut run = RunFile::open(&path)?;
+            let (from, to) = (run.starts[p], run.starts[p + 1]);
+            run.file.seek(SeekFrom::Start(from)).map_err(|e| format!("{}: {e}", path.display()))?;
+            m.readers.push(BufReader::with_capacity(1 << 16, run.file.take(to - from)));
+            m.heads.push(None);
+            m.paths.push(path);
+            m.advance(i)?;
+        }
+        Ok(m)
+    }
+
+    fn advance(&mut self, i: usize) -> std::result::Result<(), String> {
+        let entry = read_entry(&mut self.readers[i])?;
+        if let Some(e) = &entry {
+            self.heap.push(Reverse((e.1, i)));
+        }
+        self.heads[i] = entry;
+        Ok(())
+    }
+
+    fn next(&mut self) -> std::result::Result<Option<(Box<[u8]>, u64, Box<[u8]>)>, String> {
+        let Some(Reverse((_, i))) = self.heap.pop() else {
+            for p in &self.paths {
+                let _ = std::fs::remove_file(p);
+            }
+            return Ok(None);
+        };
+        let e = self.heads[i].take();
+        self.advance(i)?;
+        Ok(e)
+    }
+}
+
+#[cfg(test)]
+mod tests;

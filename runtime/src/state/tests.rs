@@ -1,0 +1,220 @@
+use std::collections::HashMap as StdMap;
+
+use arrow_array::{Int32Array, StringArray};
+
+use super::*;
+
+fn batch(keys: &[Option<&str>], n: &[Option<i64>], x: &[Option<f64>], t: &[i32]) -> RecordBatch {
+    RecordBatch::try_from_iter([
+        ("k", Arc::new(StringArray::from(keys.to_vec())) as ArrayRef),
+        ("n", Arc::new(Int64Array::from(n.to_vec())) as ArrayRef),
+        ("x", Arc::new(Float64Array::from(x.to_vec())) as ArrayRef),
+        ("t", Arc::new(Int32Array::from(t.to_vec())) as ArrayRef),
+    ])
+    .unwrap()
+}
+
+fn all(state: &mut KeyedState, chunk: usize) -> Vec<RecordBatch> {
+    std::iter::from_fn(|| state.scan(chunk).unwrap()).collect()
+}
+
+/// One table of `key -> (first seen, values)` computed row by row, the reference the
+/// spilling table must equal.
+#[allow(clippy::type_complexity)]
+fn reference(
+    rows: &[(String, Option<i64>, Option<f64>, i32)],
+) -> Vec<(String, Option<i64>, Option<i64>, Option<f64>, i32)> {
+    let mut order = Vec::new();
+    let mut m: StdMap<String, (Option<i64>, Option<i64>, Option<f64>, i32)> = StdMap::new();
+    for (k, n, x, t) in rows {
+        match m.get_mut(k) {
+            None => {
+                order.push(k.clone());
+                m.insert(k.clone(), (*n, *n, *x, *t));
+            }
+            Some(e) => {
+                e.0 = match (e.0, n) {
+                    (Some(a), Some(b)) => Some(a.wrapping_add(*b)),
+                    (a, b) => a.or(*b),
+                };
+                e.1 = match (e.1, n) {
+                    (Some(a), Some(b)) => Some(a.min(*b)),
+                    (a, b) => a.or(*b),
+                };
+                e.2 = match (e.2, x) {
+                    (Some(a), Some(b)) => Some(a.max(*b)),
+                    (a, b) => a.or(*b),
+                };
+                // last by order column t: ties to the later row
+                if *t >= e.3 {
+                    e.3 = *t;
+                }
+            }
+        }
+    }
+    order.into_iter().map(|k| (k.clone(), m[&k].0, m[&k].1, m[&k].2, m[&k].3)).collect()
+}
+
+#[test]
+fn a_table_that_spills_and_checkpoints_scans_like_one_that_does_not() {
+    let spec = Spec::table(
+        "t",
+        &["k"],
+        &[("n", Combine::Sum), ("n", Combine::Min), ("x", Combine::Max), ("t", Combine::Last)],
+        Some("t"),
+    );
+    // 3,000 rows over 700 keys, in batches of 100; values chosen so sums, extremes and the
+    // order column all move
+    let rows: Vec<(String, Option<i64>, Option<f64>, i32)> = (0..3000i64)
+        .map(|i| {
+            let k = format!("key-{}", (i * 7919) % 700);
+            let n = (i % 11 != 0).then_some(i % 97 - 40);
+            let x = (i % 13 != 0).then_some(((i * 31) % 53) as f64 / 4.0);
+            (k, n, x, ((i * 17) % 23) as i32)
+        })
+        .collect();
+    let batches: Vec<RecordBatch> = rows
+        .chunks(100)
+        .map(|c| {
+            let keys: Vec<Option<&str>> = c.iter().map(|r| Some(r.0.as_str())).collect();
+            let n: Vec<_> = c.iter().map(|r| r.1).collect();
+            let x: Vec<_> = c.iter().map(|r| r.2).collect();
+            let t: Vec<_> = c.iter().map(|r| r.3).collect();
+            batch(&keys, &n, &x, &t)
+        })
+        .collect();
+    let want = reference(&rows);
+    let schema = batches[0].schema();
+    let tmp = tempfile::tempdir().unwrap();
+    // a 8 KiB budget spills every few batches; a checkpoint every 7 batches
+    for (budget, every) in [(usize::MAX, 0), (8 << 10, 0), (8 << 10, 7), (usize::MAX, 5)] {
+        let dir = tmp.path().join(format!("s-{budget}-{every}"));
+        let mut state = KeyedState::open(spec.clone(), schema.clone(), Some(dir.clone()), None).unwrap();
+        for (i, b) in batches.iter().enumerate() {
+            state.merge(b, budget).unwrap();
+            if every > 0 && (i + 1) % every == 0 {
+                state.checkpoint().unwrap();
+            }
+        }
+        if budget != usize::MAX {
+            assert!(state.spills > 3, "a small budget spills: {}", state.spills);
+        }
+        let out = all(&mut state, 64);
+        assert!(out.iter().all(|b| b.num_rows() <= 64));
+        let got: Vec<_> = out
+            .iter()
+            .flat_map(|b| {
+                let k = b.column(0).as_string::<i32>().clone();
+                let sum = b.column(1).as_primitive::<Int64Type>().clone();
+                let min = b.column(2).as_primitive::<Int64Type>().clone();
+                let max = b.column(3).as_primitive::<Float64Type>().clone();
+                let t = b.column(4).as_primitive::<arrow_array::types::Int32Type>().clone();
+                (0..b.num_rows())
+                    .map(|r| {
+                        let opt_i = |a: &Int64Array| a.is_valid(r).then(|| a.value(r));
+                        (
+                            k.value(r).to_string(),
+                            opt_i(&sum),
+                            opt_i(&min),
+                            max.is_valid(r).then(|| max.value(r)),
+                            t.value(r),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(got, want, "budget {budget}, checkpoint every {every}");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(left.is_empty(), "a finished scan leaves no files: {left:?}");
+    }
+}
+
+#[test]
+fn a_resumed_table_continues_from_its_checkpoint_and_ignores_later_runs() {
+    let spec = Spec::table("t", &["k"], &[("n", Combine::Sum), ("t", Combine::First)], None);
+    let b = |keys: &[&str], n: i64| {
+        let k: Vec<Option<&str>> = keys.iter().map(|k| Some(*k)).collect();
+        batch(&k, &vec![Some(n); keys.len()], &vec![None; keys.len()], &vec![n as i32; keys.len()])
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let mut s = KeyedState::open(spec.clone(), b(&["a"], 1).schema(), Some(dir.clone()), None).unwrap();
+    s.merge(&b(&["a", "b"], 1), usize::MAX).unwrap();
+    let m = s.checkpoint().unwrap();
+    // after the checkpoint: a spill the crash makes worthless
+    s.merge(&b(&["a", "c"], 100), 0).unwrap();
+    assert!(s.spills >= 2);
+    drop(s);
+    let mut r = KeyedState::open(spec.clone(), b(&["a"], 1).schema(), Some(dir.clone()), Some(&m)).unwrap();
+    r.merge(&b(&["c", "a"], 10), usize::MAX).unwrap();
+    let out = all(&mut r, 10);
+    let keys: Vec<&str> = out[0].column(0).as_string::<i32>().iter().flatten().collect();
+    let sums: Vec<i64> = out[0].column(1).as_primitive::<Int64Type>().values().to_vec();
+    let firsts: Vec<i32> = out[0].column(2).as_primitive::<arrow_array::types::Int32Type>().values().to_vec();
+    assert_eq!((keys, sums, firsts), (vec!["a", "b", "c"], vec![11, 1, 10], vec![1, 1, 10]));
+    // a checkpoint's run that went missing or changed is refused, not read as empty
+    let mut s = KeyedState::open(spec.clone(), b(&["a"], 1).schema(), Some(dir.clone()), None).unwrap();
+    s.merge(&b(&["a"], 1), usize::MAX).unwrap();
+    let m = s.checkpoint().unwrap();
+    std::fs::write(dir.join(&m.runs[0].0), b"junk").unwrap();
+    let e = KeyedState::open(spec.clone(), b(&["a"], 1).schema(), Some(dir.clone()), Some(&m)).err().unwrap();
+    assert!(e.to_string().contains("damaged"), "{e}");
+    let other = Spec::table("t", &["k"], &[("n", Combine::Max)], None);
+    let e = KeyedState::open(other, b(&["a"], 1).schema(), Some(dir), Some(&m)).err().unwrap();
+    assert!(e.to_string().contains("another spec"), "{e}");
+}
+
+#[test]
+fn sets_answer_which_keys_are_new_and_checkpoint_only_what_is_new() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ints = |v: &[Option<i64>]| {
+        RecordBatch::try_from_iter([("id", Arc::new(Int64Array::from(v.to_vec())) as ArrayRef)]).unwrap()
+    };
+    let strs = |v: &[Option<&str>]| {
+        RecordBatch::try_from_iter([("id", Arc::new(StringArray::from(v.to_vec())) as ArrayRef)]).unwrap()
+    };
+    for int in [true, false] {
+        let dir = tmp.path().join(format!("set-{int}"));
+        let (a, b, c) = if int {
+            (ints(&[Some(1), Some(2), Some(1), None]), ints(&[None, Some(3), Some(2)]), ints(&[Some(3), Some(4)]))
+        } else {
+            (
+                strs(&[Some("1"), Some("2"), Some("1"), None]),
+                strs(&[None, Some("3"), Some("2")]),
+                strs(&[Some("3"), Some("4")]),
+            )
+        };
+        let spec = Spec::set("seen", &["id"]);
+        let mut s = KeyedState::open(spec.clone(), a.schema(), Some(dir.clone()), None).unwrap();
+        assert_eq!(s.insert_new(&a, usize::MAX).unwrap(), [true, true, false, true]);
+        let m1 = s.checkpoint().unwrap();
+        assert_eq!(s.insert_new(&b, usize::MAX).unwrap(), [false, true, false]);
+        let m2 = s.checkpoint().unwrap();
+        assert!(m2.log_bytes > m1.log_bytes && m2.log_bytes < 2 * m1.log_bytes, "only the new key is logged");
+        s.insert_new(&c, usize::MAX).unwrap(); // after the last checkpoint: lost in the crash
+        drop(s);
+        let mut r = KeyedState::open(spec.clone(), a.schema(), Some(dir.clone()), Some(&m2)).unwrap();
+        assert_eq!(r.insert_new(&c, usize::MAX).unwrap(), [false, true], "int keys: {int}");
+        assert!(r.scan(10).is_err(), "a set is not scanned");
+        // past the budget: an error naming the key to raise
+        let e = r.insert_new(&c, 1).unwrap_err();
+        assert!(matches!(e, Error::Budget { .. }), "{e}");
+    }
+}
+
+#[test]
+fn bad_specs_and_batches_are_errors() {
+    let b = batch(&[Some("a")], &[Some(1)], &[Some(1.0)], &[1]);
+    let open = |spec: Spec| KeyedState::open(spec, b.schema(), None, None).err().map(|e| e.to_string());
+    assert!(open(Spec::set("s", &[])).unwrap().contains("key column"));
+    assert!(open(Spec::set("s", &["nope"])).unwrap().contains("nope"));
+    assert!(open(Spec::table("s", &["k"], &[("k", Combine::Sum)], None)).unwrap().contains("sums are of"));
+    assert!(open(Spec::table("s", &["k"], &[("n", Combine::Sum)], Some("t"))).unwrap().contains("order_by"));
+    let mut s =
+        KeyedState::open(Spec::table("s", &["k"], &[("n", Combine::Sum)], None), b.schema(), None, None).unwrap();
+    let other = RecordBatch::try_from_iter([("k", Arc::new(Int64Array::from(vec![1])) as ArrayRef)]).unwrap();
+    assert!(s.merge(&other, usize::MAX).unwrap_err().to_string().contains("differ"));
+    // in memory only: past the budget is an error, not a spill
+    assert!(s.merge(&b, 1).unwrap_err().to_string().contains("budget"));
+    assert!(s.insert_new(&b, usize::MAX).unwrap_err().to_string().contains("sets"));
+}
