@@ -2978,3 +2978,183 @@ fn hostile_files_of_too_many_columns_are_refused_at_their_line() {
         assert!(out.stderr.contains(&format!("{file}:{line}: {says}")), "{file}: {}", out.stderr);
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Keyed state kept by the host
+
+/// Rows of a dataset in file and row order.
+fn ordered_rows(dir: &Path) -> Vec<String> {
+    let mut rows = Vec::new();
+    for (f, _) in parquet_files(dir) {
+        for b in read_parquet(&f) {
+            let fmt: Vec<_> = b
+                .columns()
+                .iter()
+                .map(|c| arrow_cast::display::ArrayFormatter::try_new(c.as_ref(), &Default::default()).unwrap())
+                .collect();
+            for r in 0..b.num_rows() {
+                rows.push(fmt.iter().map(|f| f.value(r).to_string()).collect::<Vec<_>>().join(","));
+            }
+        }
+    }
+    rows
+}
+
+/// 20,000 rows over 12,000 keys with 200-byte payloads (a few MB of state), 1,000 rows a
+/// batch: dedup keep = last by `v`, then a group-by on the kept rows, under `state_mb`.
+fn state_pipeline(dir: &Path, state: &str, slow_ms: u64) {
+    let mut csv = String::from("id,k,v,pad\n");
+    let pad = "x".repeat(200);
+    for i in 0..20_000u64 {
+        let k = (i * 7919) % 12_000;
+        csv.push_str(&format!("{i},key-{k},{},{pad}{}\n", (i * 31) % 1000, i % 10));
+    }
+    std::fs::write(dir.join("in.csv"), csv).unwrap();
+    let text = format!(
+        r#"[pipeline]
+name = "state"
+batch_size = 1000
+checkpoint_every = 4
+
+[sources.input]
+format = "csv"
+path = "in.csv"
+
+[plugins.hostile]
+path = "{}"
+
+[plugins.dedup]
+path = "{}"
+{state}
+
+[plugins.aggregate]
+path = "{}"
+{state}
+
+[steps.latest]
+input = "input"
+output = {{ path = "out/latest" }}
+
+[[steps.latest.transforms]]
+plugin = "hostile"
+config = {{ mode = "slow", sleep_ms = {slow_ms} }}
+
+[[steps.latest.transforms]]
+plugin = "dedup"
+config = {{ key = ["k"], keep = "last", order_by = "v" }}
+
+[steps.per_pad]
+input = "latest"
+output = {{ path = "out/per_pad" }}
+
+[[steps.per_pad.transforms]]
+plugin = "aggregate"
+config = {{ group_by = ["k"], flush_groups = 1000, aggregates = [{{ fn = "max", column = "v", as = "v" }}, {{ fn = "sum", column = "id", as = "ids" }}, {{ fn = "min", column = "pad", as = "pad" }}] }}
+"#,
+        plugin("hostile").display(),
+        plugin("dedup").display(),
+        plugin("aggregate").display()
+    );
+    std::fs::write(dir.join("pipeline.toml"), text).unwrap();
+}
+
+#[test]
+fn keyed_state_spills_past_its_budget_and_a_killed_run_resumes_to_the_same_rows() {
+    // the reference: state in memory
+    let whole = tempfile::tempdir().unwrap();
+    state_pipeline(whole.path(), "", 0);
+    let out = weir(whole.path(), &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.json()["steps"][0]["counters"]["dedup"].get("state_spills").is_none(), "{}", out.stdout);
+    let want_latest = ordered_rows(&whole.path().join("out/latest"));
+    let want_per_pad = ordered_rows(&whole.path().join("out/per_pad"));
+    assert_eq!(want_latest.len(), 12_000);
+    assert_eq!(want_per_pad.len(), 12_000);
+
+    // a 1 MiB budget: the winners spill to disk, and come back the same, in the same order
+    let small = tempfile::tempdir().unwrap();
+    state_pipeline(small.path(), "state_mb = 1", 0);
+    let out = weir(small.path(), &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let counters = &out.json()["steps"][0]["counters"]["dedup"];
+    assert!(counters["state_spills"].as_i64().unwrap() >= 2, "{counters}");
+    assert_eq!(counters["duplicates_dropped"], 8_000);
+    assert_eq!(ordered_rows(&small.path().join("out/latest")), want_latest);
+    assert_eq!(ordered_rows(&small.path().join("out/per_pad")), want_per_pad);
+    assert_eq!(entries(&small.path().join("out")), ["latest", "per_pad"], "no state left beside the output");
+
+    // killed -9 after its second checkpoint, with state spilled; resumed: the same rows
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    state_pipeline(d, "state_mb = 1", 30);
+    kill_at_nth(
+        d,
+        &["run", "pipeline.toml"],
+        &[("WEIR_DEBUG_PAUSE", "after-checkpoint:1")],
+        "debug pause at after-checkpoint",
+        2,
+        std::time::Duration::from_millis(50),
+    );
+    let staged_state: Vec<String> = entries(&d.join("out")).into_iter().filter(|e| e.ends_with("-state")).collect();
+    assert_eq!(staged_state.len(), 1, "the killed run left its state: {:?}", entries(&d.join("out")));
+    let out = weir(d, &["run", "pipeline.toml", "--resume", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("step `latest` resumes after batch "), "{}", out.stderr);
+    assert_eq!(out.json()["steps"][0]["rows_read"], 20_000);
+    assert_eq!(ordered_rows(&d.join("out/latest")), want_latest, "resumed equals uninterrupted");
+    assert_eq!(ordered_rows(&d.join("out/per_pad")), want_per_pad);
+    assert_eq!(entries(&d.join("out")), ["latest", "per_pad"]);
+}
+
+#[test]
+fn dedup_keys_larger_than_the_plugin_memory_pass_with_checkpoints_on() {
+    // 200,000 distinct 100-byte keys: about 20 MB of keys, more than the plugin's 16 MiB
+    // of memory; they live in the host, and every checkpoint writes only the new ones
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut csv = String::from("k,n\n");
+    let long = "k".repeat(90);
+    for i in 0..220_000u64 {
+        csv.push_str(&format!("{long}{:010},{i}\n", i % 200_000));
+    }
+    std::fs::write(d.join("in.csv"), csv).unwrap();
+    std::fs::write(
+        d.join("pipeline.toml"),
+        format!(
+            r#"[pipeline]
+name = "big_keys"
+batch_size = 4096
+checkpoint_every = 4
+
+[sources.input]
+format = "csv"
+path = "in.csv"
+
+[plugins.dedup]
+path = "{}"
+memory_mb = 16
+
+[steps.out]
+input = "input"
+output = {{ path = "out/keys" }}
+
+[[steps.out.transforms]]
+plugin = "dedup"
+config = {{ key = ["k"] }}
+"#,
+            plugin("dedup").display()
+        ),
+    )
+    .unwrap();
+    let out = weir(d, &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let s = out.json();
+    assert_eq!(s["steps"][0]["rows_written"], 200_000);
+    assert_eq!(s["steps"][0]["counters"]["dedup"]["duplicates_dropped"], 20_000);
+    // a set past its budget fails loudly, naming the key to raise
+    let text = std::fs::read_to_string(d.join("pipeline.toml")).unwrap().replace("memory_mb = 16", "state_mb = 1");
+    std::fs::write(d.join("pipeline.toml"), text).unwrap();
+    let out = weir(d, &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("past its budget of 1 MiB") && out.stderr.contains("state_mb"), "{}", out.stderr);
+}

@@ -932,6 +932,19 @@ fn guest_batch(bytes: Vec<u8>) -> std::result::Result<RecordBatch, String> {
     arrow_select::concat::concat_batches(&schema, &batches).map_err(|e| e.to_string())
 }
 
+impl HostState {
+    /// Run host work for the plugin's state; its time does not count against the call's
+    /// deadline (it is the host's, bounded by the data the state holds).
+    fn on_host_time<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let t = std::time::Instant::now();
+        let out = f(self);
+        if let Some(d) = &mut self.deadline {
+            *d += t.elapsed();
+        }
+        out
+    }
+}
+
 impl wit_state::Host for HostState {
     fn open(&mut self, spec: wit_state::Spec, schema: Vec<u8>) -> std::result::Result<u32, String> {
         use crate::state::Combine;
@@ -972,6 +985,24 @@ impl wit_state::Host for HostState {
     }
 
     fn insert_new(&mut self, state: u32, batch: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+        self.on_host_time(|s| s.insert_new_now(state, batch))
+    }
+
+    fn merge(&mut self, state: u32, batch: Vec<u8>) -> std::result::Result<(), String> {
+        self.on_host_time(|s| s.merge_now(state, batch))
+    }
+
+    fn more_output(&mut self) {
+        self.more_output = true;
+    }
+
+    fn scan(&mut self, state: u32, max_rows: u32) -> std::result::Result<Option<Vec<u8>>, String> {
+        self.on_host_time(|s| s.scan_now(state, max_rows))
+    }
+}
+
+impl HostState {
+    fn insert_new_now(&mut self, state: u32, batch: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
         let (i, budget) = self.state_at(state)?;
         let batch = guest_batch(batch)?;
         let fresh = self.states[i].insert_new(&batch, budget).map_err(|e| match e {
@@ -981,7 +1012,7 @@ impl wit_state::Host for HostState {
         Ok(fresh.into_iter().map(u8::from).collect())
     }
 
-    fn merge(&mut self, state: u32, batch: Vec<u8>) -> std::result::Result<(), String> {
+    fn merge_now(&mut self, state: u32, batch: Vec<u8>) -> std::result::Result<(), String> {
         let (i, budget) = self.state_at(state)?;
         let batch = guest_batch(batch)?;
         let merged = self.states[i].merge(&batch, budget).map_err(|e| e.to_string());
@@ -989,11 +1020,7 @@ impl wit_state::Host for HostState {
         merged
     }
 
-    fn more_output(&mut self) {
-        self.more_output = true;
-    }
-
-    fn scan(&mut self, state: u32, max_rows: u32) -> std::result::Result<Option<Vec<u8>>, String> {
+    fn scan_now(&mut self, state: u32, max_rows: u32) -> std::result::Result<Option<Vec<u8>>, String> {
         let (i, _) = self.state_at(state)?;
         let s = &mut self.states[i];
         let scanned = s.scan(max_rows.min(MAX_SCAN_ROWS) as usize).map_err(|e| e.to_string());
@@ -1072,6 +1099,15 @@ impl Sandbox {
         // batch): its memory cap is the bound, not wasmtime's default of 128 MiB per call
         store.set_hostcall_fuel(usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX).max(128 << 20));
         store.set_epoch_deadline(deadline_ticks(limits.timeout));
+        // when the ticks run out, the call's deadline decides: host work done for the plugin
+        // (its keyed state) pushes the deadline back by its own time
+        store.epoch_deadline_callback(|ctx| {
+            let now = std::time::Instant::now();
+            Ok(match ctx.data().deadline {
+                Some(d) if now < d => wasmtime::UpdateDeadline::Continue(deadline_ticks(d - now)),
+                _ => wasmtime::UpdateDeadline::Interrupt,
+            })
+        });
         Sandbox { store, limits, stdout, stderr, poisoned: false, stderr_tail: String::new() }
     }
 

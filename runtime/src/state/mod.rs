@@ -434,7 +434,7 @@ impl KeyedState {
                         budget_mb: budget >> 20,
                     });
                 }
-                self.spill()?;
+                self.spill(true)?;
             }
         }
         self.peak_bytes = self.peak_bytes.max(self.bytes);
@@ -477,8 +477,9 @@ impl KeyedState {
         }
     }
 
-    /// Write what memory holds as one more run, and start empty.
-    fn spill(&mut self) -> Result<()> {
+    /// Write what memory holds as one more run, and start empty. `pressure`: because the
+    /// budget was passed (counted as a spill; a checkpoint's run is not).
+    fn spill(&mut self, pressure: bool) -> Result<()> {
         if self.map.is_empty() {
             return Ok(());
         }
@@ -492,8 +493,10 @@ impl KeyedState {
         })?;
         self.next_run += 1;
         self.runs.push((file, len));
-        self.spills += 1;
-        self.spilled_bytes += len;
+        if pressure {
+            self.spills += 1;
+            self.spilled_bytes += len;
+        }
         self.bytes = 0;
         self.map = HashMap::new();
         Ok(())
@@ -513,7 +516,7 @@ impl KeyedState {
                 self.pending = Vec::new();
             }
         } else {
-            self.spill()?;
+            self.spill(false)?;
             if let Some((file, _)) = self.runs.last() {
                 let path = dir.join(file);
                 File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&name, &path))?;
@@ -656,7 +659,7 @@ impl KeyedState {
             self.bytes = 0;
             return Ok(Scan::Memory(std::collections::VecDeque::from(entries)));
         }
-        self.spill()?;
+        self.spill(false)?;
         let name = self.spec.name.clone();
         let dir = self.dir.clone().ok_or_else(|| self.invalid("runs without a directory (a bug)"))?;
         let corrupt = |message: String| Error::Corrupt { name: name.clone(), message };
