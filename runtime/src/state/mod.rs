@@ -486,7 +486,7 @@ impl KeyedState {
         let dir = self.dir.clone().ok_or_else(|| self.invalid("spill without a directory (a bug)"))?;
         let file = format!("run-{:06}.bin", self.next_run);
         let path = dir.join(&file);
-        let len = write_run(&path, self.map.drain().map(|(k, e)| (k, e))).map_err(|source| Error::Io {
+        let len = write_run(&path, self.map.drain()).map_err(|source| Error::Io {
             name: self.spec.name.clone(),
             path: path.clone(),
             source,
@@ -628,7 +628,7 @@ impl KeyedState {
             self.scan = Some(self.start_scan()?);
         }
         let max_rows = max_rows.max(1);
-        let mut taken: Vec<(Box<[u8]>, Box<[u8]>)> = Vec::new();
+        let mut taken: Vec<KeyValue> = Vec::new();
         let name = self.spec.name.clone();
         match self.scan.as_mut() {
             Some(Scan::Memory(entries)) => {
@@ -703,7 +703,7 @@ impl KeyedState {
     }
 
     /// Keys and value bytes back into columns.
-    fn decode(&self, taken: &[(Box<[u8]>, Box<[u8]>)]) -> Result<RecordBatch> {
+    fn decode(&self, taken: &[KeyValue]) -> Result<RecordBatch> {
         let corrupt = |message: &str| Error::Corrupt { name: self.spec.name.clone(), message: message.to_string() };
         let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<Vec<ArrayRef>> {
             let parser = self.key_conv.parser();
@@ -752,6 +752,11 @@ impl KeyedState {
         }
     }
 }
+
+/// An entry as a run stores it: key bytes, first arrival, value bytes.
+type Stored = (Box<[u8]>, u64, Box<[u8]>);
+/// Key and value bytes of a scanned entry.
+type KeyValue = (Box<[u8]>, Box<[u8]>);
 
 /// A batch's value columns, encoded for [`KeyedState::row_value`].
 enum Encoded {
@@ -930,7 +935,7 @@ impl RunFile {
     }
 
     /// Every entry of partition `p`.
-    fn partition(&mut self, p: usize) -> std::result::Result<Vec<(Box<[u8]>, u64, Box<[u8]>)>, String> {
+    fn partition(&mut self, p: usize) -> std::result::Result<Vec<Stored>, String> {
         let (from, to) = (self.starts[p], self.starts[p + 1]);
         self.file.seek(SeekFrom::Start(from)).map_err(|e| e.to_string())?;
         let mut r = BufReader::with_capacity(1 << 16, (&mut self.file).take(to - from));
@@ -943,7 +948,7 @@ impl RunFile {
 }
 
 /// One entry, or none at the end of the reader.
-fn read_entry(r: &mut impl Read) -> std::result::Result<Option<(Box<[u8]>, u64, Box<[u8]>)>, String> {
+fn read_entry(r: &mut impl Read) -> std::result::Result<Option<Stored>, String> {
     let mut n = [0u8; 4];
     match r.read_exact(&mut n) {
         Ok(()) => {}
@@ -983,7 +988,7 @@ enum Scan {
 /// The sorted partition files, merged by arrival.
 struct SortedMerge {
     readers: Vec<BufReader<std::io::Take<File>>>,
-    heads: Vec<Option<(Box<[u8]>, u64, Box<[u8]>)>>,
+    heads: Vec<Option<Stored>>,
     heap: BinaryHeap<Reverse<(u64, usize)>>,
     paths: Vec<PathBuf>,
 }
@@ -1013,7 +1018,7 @@ impl SortedMerge {
         Ok(())
     }
 
-    fn next(&mut self) -> std::result::Result<Option<(Box<[u8]>, u64, Box<[u8]>)>, String> {
+    fn next(&mut self) -> std::result::Result<Option<Stored>, String> {
         let Some(Reverse((_, i))) = self.heap.pop() else {
             for p in &self.paths {
                 let _ = std::fs::remove_file(p);
