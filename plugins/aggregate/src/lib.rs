@@ -8,6 +8,7 @@
 //!   { fn = "sum", column = "amount", as = "revenue" },
 //!   { fn = "avg", column = "amount", as = "avg_order" },
 //! ]
+//! flush_groups = 1048576    # groups held in the plugin before they go to the host (default)
 //! ```
 //!
 //! Nulls are skipped by sum/min/max/avg and by `count` with a column; `count` without a

@@ -281,7 +281,7 @@ fn plugin_stage(
                     failure(
                         None,
                         format!(
-                            "checkpoint snapshot failed: {e}\n(nothing was published; a plugin with large state keeps it in the host's keyed state, weir_sdk::state::KeyedState; otherwise raise its memory_mb, or set checkpoint_every = 0 under [pipeline])"
+                            "checkpoint snapshot failed: {e}\n(nothing was published; a plugin with large state keeps it in the host's keyed state, weir_sdk::keyed::KeyedState; otherwise raise its memory_mb, or set checkpoint_every = 0 under [pipeline])"
                         ),
                     )
                 })?;
