@@ -114,6 +114,13 @@ impl KeyedState {
     }
 }
 
+/// `insert_new` with IPC bytes as they are, for the hostile test plugin (a misbehaving
+/// plugin can hand the host any bytes).
+#[doc(hidden)]
+pub fn raw_insert_new(state: &KeyedState, ipc: &[u8]) -> Result<Vec<u8>> {
+    imp::insert_new(state.handle, ipc).map_err(Error::internal)
+}
+
 /// Call during [`crate::Transform::finish`] to be called again once this call's output
 /// is through: a large result (a scan of a big table) then leaves in parts, each call
 /// under the plugin's deadline and output caps. A call that asks for more must return rows.

@@ -454,6 +454,24 @@ fn hostile_output_amplification_hits_the_output_budget() {
 }
 
 #[test]
+fn hostile_keyed_state_misuse_is_refused_and_an_endless_finish_is_stopped() {
+    // every misuse of the state interface comes back to the plugin as an error
+    let dir = tempfile::tempdir().unwrap();
+    hostile_pipeline(dir.path(), "state_abuse", "");
+    let out = weir(dir.path(), &["run", "pipeline.toml"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(dataset_rows(&dir.path().join("out/data")).len(), 3);
+    // a finish that asks for more forever: stopped past the rows read plus one call's cap
+    let (out, peak) = {
+        hostile_pipeline(dir.path(), "endless_finish", "max_output_rows = 50");
+        weir_with_peak_rss(dir.path(), &["run", "pipeline.toml"])
+    };
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("finish kept asking to be called again past 54 rows (it read 3)"), "{}", out.stderr);
+    assert!(peak < 512 << 20, "weir's peak RSS was {} MiB", peak >> 20);
+}
+
+#[test]
 fn hostile_output_schemas_weir_cannot_publish_are_refused_at_init() {
     for (mode, expect) in [
         ("dup_columns", "column `x` appears twice"),

@@ -27,6 +27,8 @@
 //! | `case_columns`| declares columns `x` and `X` (init)                             |
 //! | `weir_column` | declares a column `_weir_run_id` (init)                         |
 //! | `union_column`| declares a column of a Union type, which Parquet cannot hold (init) |
+//! | `state_abuse` | misuses the host's keyed state (bad names, too many states, wrong batches, a set merged into a table's call, a scan before the end); passes the batch on only if the host refused every misuse |
+//! | `endless_finish` | in `finish`, asks to be called again forever, one row a call |
 
 use std::io::Write;
 use std::sync::Arc;
@@ -186,6 +188,8 @@ impl RawTransform for Hostile {
                 let column = Arc::new(weir_sdk::arrow_array::NullArray::new(u32::MAX as usize)) as ArrayRef;
                 Ok(ipc::encode(&schema, &[RecordBatch::try_new(schema.clone(), vec![column])?])?)
             }
+            "state_abuse" => state_abuse(batch),
+            "endless_finish" => Ok(batch.to_vec()),
             "slow" => {
                 std::thread::sleep(std::time::Duration::from_millis(self.sleep_ms));
                 Ok(batch.to_vec())
@@ -196,7 +200,56 @@ impl RawTransform for Hostile {
 
     fn finish(&mut self) -> Result<Vec<u8>> {
         let schema = ipc::decode_schema(&self.schema)?;
+        if self.mode == "endless_finish" {
+            weir_sdk::keyed::more_output();
+            let one: Vec<ArrayRef> =
+                schema.fields().iter().map(|f| weir_sdk::arrow_array::new_null_array(f.data_type(), 1)).collect();
+            return Ok(ipc::encode(&schema, &[RecordBatch::try_new(schema.clone(), one)?])?);
+        }
         Ok(ipc::encode(&schema, &[])?)
+    }
+}
+
+/// Every misuse of the keyed state must come back as an error; the batch passes on only
+/// if each did (a misuse the host accepts is reported as an error naming it).
+fn state_abuse(batch: &[u8]) -> Result<Vec<u8>> {
+    use weir_sdk::keyed::{Combine, KeyedState};
+    let (schema, batches) = ipc::decode(batch)?;
+    let first = schema.field(0).name().clone();
+    let mut accepted = Vec::new();
+    for name in ["", "../../etc", "a/b", &"x".repeat(65)] {
+        if KeyedState::set(name, &[&first], &schema).is_ok() {
+            accepted.push(format!("state name {name:?}"));
+        }
+    }
+    if KeyedState::set("s", &["no_such_column"], &schema).is_ok() {
+        accepted.push("a key column that does not exist".into());
+    }
+    // a second open of one name, and more states than allowed
+    let set = KeyedState::set("s", &[&first], &schema)?;
+    if KeyedState::set("s", &[&first], &schema).is_ok() {
+        accepted.push("the same name twice".into());
+    }
+    let opened = (0..20).filter(|i| KeyedState::set(&format!("n{i}"), &[&first], &schema).is_ok()).count();
+    if opened >= 16 {
+        accepted.push(format!("{} states", opened + 1));
+    }
+    // a batch of another schema, and a set scanned
+    let other = RecordBatch::try_from_iter([("zz", Arc::new(Int64Array::from(vec![1])) as ArrayRef)])?;
+    let wrong = ipc::encode(&other.schema(), std::slice::from_ref(&other))?;
+    if weir_sdk::keyed::raw_insert_new(&set, &wrong).is_ok() {
+        accepted.push("a batch of another schema".into());
+    }
+    if set.scan(10).is_ok() {
+        accepted.push("a scan of a set".into());
+    }
+    if let Some(b) = batches.first() {
+        set.insert_new(b)?;
+    }
+    if accepted.is_empty() {
+        Ok(batch.to_vec())
+    } else {
+        Err(Error::internal(format!("the host accepted: {}", accepted.join("; "))))
     }
 }
 
