@@ -21,7 +21,7 @@
 //! one or two cache lines whatever the number of aggregates. Sums and averages of the same
 //! column share their slots. Min and max keep a value per group in their own vector.
 //!
-//! Past [`FLUSH_GROUPS`] groups, and at each checkpoint, the groups are handed to the
+//! Past [`FLUSH_GROUPS`] groups the groups are handed to the
 //! host's keyed state ([`weir_sdk::keyed`]) as partial aggregates (slot sums, extremes) and
 //! the plugin starts empty again: the host combines them (spilling to disk past the
 //! plugin's `state_mb`) and checkpoints them without a copy through the plugin, and
@@ -455,10 +455,9 @@ impl Transform for Aggregate {
         Ok(RecordBatch::new_empty(self.schema.clone()))
     }
 
-    /// Grouped: the groups go to the host, which checkpoints them; the plugin's own state
-    /// is then empty. A global aggregate (one group) keeps its group here.
+    /// The groups held here (at most `flush_groups`: more went to the host, which
+    /// checkpoints them itself), and whether some went to the host.
     fn snapshot(&mut self) -> Result<Option<Vec<u8>>> {
-        self.flush()?;
         let mut w = Writer::default();
         let groups = self.key_state.len();
         w.u64(STATE_VERSION);
@@ -775,7 +774,10 @@ mod tests {
         for (i, b) in batches.iter().enumerate() {
             h.process(b).unwrap();
             if i % 9 == 0 {
-                h.snapshot().unwrap();
+                // a checkpoint: what is in the host and what is held here, resumed
+                let state = h.snapshot().unwrap().unwrap();
+                h = Harness::<Aggregate>::new(&cfg, &batches[0].schema()).unwrap();
+                h.restore(&state).unwrap();
             }
         }
         let parts = h.finish().unwrap();

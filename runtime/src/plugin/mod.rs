@@ -928,7 +928,10 @@ fn split_checkpoint(bytes: &[u8]) -> std::result::Result<(Option<Vec<u8>>, Manif
 
 /// One IPC stream from the guest as one batch.
 fn guest_batch(bytes: Vec<u8>) -> std::result::Result<RecordBatch, String> {
-    let (schema, batches) = decode_guarded(bytes)?;
+    let (schema, mut batches) = decode_guarded(bytes)?;
+    if batches.len() == 1 {
+        return Ok(batches.remove(0));
+    }
     arrow_select::concat::concat_batches(&schema, &batches).map_err(|e| e.to_string())
 }
 

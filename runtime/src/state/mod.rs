@@ -58,6 +58,8 @@ use weir_sdk::intset::IntSet;
 /// Hash partitions of a table's spilled runs.
 pub const PARTITIONS: usize = 64;
 const RUN_MAGIC: &[u8; 8] = b"WEIRRUN1";
+/// Sets: new keys gathered before they are appended to the log.
+const PENDING_BYTES: usize = 1 << 20;
 /// Bytes an entry costs beyond its key and value bytes (table slot, two boxes, allocator).
 const ENTRY_OVERHEAD: usize = 80;
 
@@ -186,6 +188,8 @@ pub struct KeyedState {
     next_run: u64,
     /// Sets: keys new since the last checkpoint, as the log holds them.
     pending: Vec<u8>,
+    /// Sets: bytes written to the log, and of them made durable by a checkpoint.
+    written: u64,
     log_bytes: u64,
     /// Counters for the run summary.
     pub spills: u64,
@@ -273,6 +277,7 @@ impl KeyedState {
             runs: Vec::new(),
             next_run: 0,
             pending: Vec::new(),
+            written: 0,
             log_bytes: 0,
             spills: 0,
             spilled_bytes: 0,
@@ -370,6 +375,9 @@ impl KeyedState {
                     fresh.push(new);
                 }
             }
+        }
+        if self.pending.len() >= PENDING_BYTES && self.dir.is_some() {
+            self.write_pending(false)?;
         }
         self.peak_bytes = self.peak_bytes.max(self.memory_bytes());
         if self.memory_bytes() > budget {
@@ -507,14 +515,7 @@ impl KeyedState {
         let name = self.spec.name.clone();
         let dir = self.dir.clone().ok_or_else(|| self.invalid("a checkpoint needs a state directory (a bug)"))?;
         if self.set.is_some() {
-            if !self.pending.is_empty() {
-                let path = dir.join("keys.log");
-                let mut f =
-                    std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&name, &path))?;
-                f.write_all(&self.pending).and_then(|()| f.sync_data()).map_err(io_err(&name, &path))?;
-                self.log_bytes += self.pending.len() as u64;
-                self.pending = Vec::new();
-            }
+            self.write_pending(true)?;
         } else {
             self.spill(false)?;
             if let Some((file, _)) = self.runs.last() {
@@ -524,6 +525,27 @@ impl KeyedState {
         }
         sync_dir(&dir);
         Ok(Manifest { spec: self.spec.clone(), seq: self.seq, runs: self.runs.clone(), log_bytes: self.log_bytes })
+    }
+
+    /// Sets: append the keys new since the last write to the log; `durable` syncs it (a
+    /// checkpoint), otherwise it only keeps memory bounded (the log is cut back to the last
+    /// checkpoint's length on resume).
+    fn write_pending(&mut self, durable: bool) -> Result<()> {
+        let name = self.spec.name.clone();
+        let dir = self.dir.clone().ok_or_else(|| self.invalid("a set's log needs a directory (a bug)"))?;
+        let path = dir.join("keys.log");
+        if !self.pending.is_empty() {
+            let mut f =
+                std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&name, &path))?;
+            f.write_all(&self.pending).map_err(io_err(&name, &path))?;
+            self.written += self.pending.len() as u64;
+            self.pending.clear();
+        }
+        if durable && self.written > self.log_bytes {
+            File::open(&path).and_then(|f| f.sync_data()).map_err(io_err(&name, &path))?;
+            self.log_bytes = self.written;
+        }
+        Ok(())
     }
 
     /// Start from a checkpoint: its files, nothing after it.
@@ -547,6 +569,7 @@ impl KeyedState {
         self.runs = m.runs.clone();
         self.next_run = m.runs.iter().filter_map(|(f, _)| run_number(f)).max().map_or(0, |n| n + 1);
         self.log_bytes = m.log_bytes;
+        self.written = m.log_bytes;
         if self.set.is_some() {
             let path = dir.join("keys.log");
             let mut log = Vec::new();
