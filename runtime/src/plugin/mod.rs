@@ -139,7 +139,7 @@ impl Limits {
     pub const DEFAULT_LOG_KB: usize = 1024;
     pub const DEFAULT_OUTPUT_ROWS: u64 = 100_000_000;
     pub const DEFAULT_OUTPUT_MB: u64 = 1024;
-    pub const DEFAULT_STATE_MB: u64 = 512;
+    pub const DEFAULT_STATE_MB: u64 = 256;
     /// Named states one instance may open.
     pub const MAX_STATES: usize = 16;
     /// Distinct counter names one instance may create.
