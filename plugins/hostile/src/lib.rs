@@ -225,6 +225,9 @@ fn state_abuse(batch: &[u8]) -> Result<Vec<u8>> {
     if KeyedState::set("s", &["no_such_column"], &schema).is_ok() {
         accepted.push("a key column that does not exist".into());
     }
+    if KeyedState::table("t", &[&first], &[(&first, Combine::Min)], Some(&first), &schema).is_ok() {
+        accepted.push("an order column without a `last` value".into());
+    }
     // a second open of one name, and more states than allowed
     let set = KeyedState::set("s", &[&first], &schema)?;
     if KeyedState::set("s", &[&first], &schema).is_ok() {
