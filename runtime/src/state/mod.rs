@@ -51,7 +51,6 @@ use arrow_array::types::{Float64Type, Int64Type};
 use arrow_array::{new_null_array, Array, ArrayRef, Float64Array, Int64Array, RecordBatch};
 use arrow_row::{RowConverter, SortField};
 use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
-use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
 use weir_sdk::intset::IntSet;
 
@@ -60,8 +59,6 @@ pub const PARTITIONS: usize = 64;
 const RUN_MAGIC: &[u8; 8] = b"WEIRRUN1";
 /// Sets: new keys gathered before they are appended to the log.
 const PENDING_BYTES: usize = 1 << 20;
-/// Bytes an entry costs beyond its key and value bytes (table slot, two boxes, allocator).
-const ENTRY_OVERHEAD: usize = 80;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -153,10 +150,113 @@ struct Value {
     conv: Option<(RowConverter, Vec<u8>)>,
 }
 
-/// One key's held state: when it first came, and its value bytes.
-struct Entry {
+/// One key's place in a [`Table`]'s arena: its bytes, its value's bytes, its first arrival.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    hash: u64,
+    key: usize,
+    key_len: u32,
+    value: usize,
+    value_len: u32,
     seq: u64,
-    value: Box<[u8]>,
+}
+
+/// Keys and values in one byte arena, found through a hash table of [`Place`]s: no
+/// allocation per key. A value that changes size is appended anew (the old bytes stay
+/// until the table is cleared, and are counted).
+struct Table {
+    slots: hashbrown::HashTable<Place>,
+    arena: Vec<u8>,
+    hasher: hashbrown::DefaultHashBuilder,
+}
+
+impl Table {
+    fn new() -> Table {
+        Table { slots: hashbrown::HashTable::new(), arena: Vec::new(), hasher: Default::default() }
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Bytes held: the arena and the table.
+    fn bytes(&self) -> usize {
+        self.arena.len() + self.slots.capacity() * (std::mem::size_of::<Place>() + 1)
+    }
+
+    fn hash(&self, key: &[u8]) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, key)
+    }
+
+    fn key(&self, s: &Place) -> &[u8] {
+        &self.arena[s.key..s.key + s.key_len as usize]
+    }
+
+    fn value(&self, s: &Place) -> &[u8] {
+        &self.arena[s.value..s.value + s.value_len as usize]
+    }
+
+    fn find(&self, hash: u64, key: &[u8]) -> Option<&Place> {
+        let arena = &self.arena;
+        self.slots.find(hash, |s| &arena[s.key..s.key + s.key_len as usize] == key)
+    }
+
+    fn insert(&mut self, hash: u64, key: &[u8], seq: u64, value: &[u8]) {
+        let at = self.arena.len();
+        self.arena.extend_from_slice(key);
+        self.arena.extend_from_slice(value);
+        let slot = Place {
+            hash,
+            key: at,
+            key_len: key.len() as u32,
+            value: at + key.len(),
+            value_len: value.len() as u32,
+            seq,
+        };
+        self.slots.insert_unique(hash, slot, |s| s.hash);
+    }
+
+    /// Combine `value` (arriving at `seq`) into the key's held value, or insert it.
+    fn merge(
+        &mut self,
+        key: &[u8],
+        seq: u64,
+        value: &[u8],
+        mut combine: impl FnMut(&[u8], &[u8], &mut Vec<u8>),
+        scratch: &mut Vec<u8>,
+    ) -> bool {
+        let hash = self.hash(key);
+        let Table { slots, arena, .. } = self;
+        match slots.find_mut(hash, |s| &arena[s.key..s.key + s.key_len as usize] == key) {
+            Some(s) => {
+                combine(&arena[s.value..s.value + s.value_len as usize], value, scratch);
+                if scratch.len() == s.value_len as usize {
+                    arena[s.value..s.value + scratch.len()].copy_from_slice(scratch);
+                } else {
+                    s.value = arena.len();
+                    s.value_len = scratch.len() as u32;
+                    arena.extend_from_slice(scratch);
+                }
+                s.seq = s.seq.min(seq);
+                false
+            }
+            None => {
+                self.insert(hash, key, seq, value);
+                true
+            }
+        }
+    }
+
+    /// The slots in order of first arrival.
+    fn by_arrival(&self) -> Vec<Place> {
+        let mut order: Vec<Place> = self.slots.iter().copied().collect();
+        order.sort_unstable_by_key(|s| s.seq);
+        order
+    }
 }
 
 /// The keys of a set, in the cheapest form their type allows.
@@ -179,9 +279,8 @@ pub struct KeyedState {
     order: Option<(usize, RowConverter)>,
     /// Sets: how keys are held (tables use `map`).
     set: Option<SetKeys>,
-    map: HashMap<Box<[u8]>, Entry>,
-    /// Bytes `map` holds, estimated.
-    bytes: usize,
+    /// A table's rows, or a set's keys (values empty) when they are not ints.
+    map: Table,
     seq: u64,
     dir: Option<PathBuf>,
     runs: Vec<(String, u64)>,
@@ -270,8 +369,7 @@ impl KeyedState {
             values,
             order,
             set,
-            map: HashMap::new(),
-            bytes: 0,
+            map: Table::new(),
             seq: 0,
             dir,
             runs: Vec::new(),
@@ -302,7 +400,7 @@ impl KeyedState {
     pub fn memory_bytes(&self) -> usize {
         match &self.set {
             Some(SetKeys::Int { keys, .. }) => keys.heap_bytes() + self.pending.capacity(),
-            _ => self.bytes + self.pending.capacity(),
+            _ => self.map.bytes() + self.pending.capacity(),
         }
     }
 
@@ -365,10 +463,10 @@ impl KeyedState {
                 let rows = self.key_rows(batch)?;
                 for row in rows.iter() {
                     let key = row.as_ref();
-                    let new = !self.map.contains_key(key);
+                    let hash = self.map.hash(key);
+                    let new = self.map.find(hash, key).is_none();
                     if new {
-                        self.map.insert(key.into(), Entry { seq: 0, value: Box::default() });
-                        self.bytes += key.len() + ENTRY_OVERHEAD;
+                        self.map.insert(hash, key, 0, &[]);
                         self.pending.extend_from_slice(&(key.len() as u32).to_le_bytes());
                         self.pending.extend_from_slice(key);
                     }
@@ -413,39 +511,42 @@ impl KeyedState {
         };
         let mut value = Vec::new();
         let mut merged = Vec::new();
+        let ordered = self.order.is_some();
+        // An empty table reserves three quarters of its budget at once: address space only
+        // until rows fill it (pages are taken as they are written), and no doubling past
+        // the budget on the way
+        let reserve = (budget / 4 * 3).min(1 << 30);
+        if self.map.is_empty() && self.map.arena.capacity() < reserve {
+            self.map.arena = Vec::with_capacity(reserve);
+        }
         for r in 0..batch.num_rows() {
-            self.row_value(&encoded, order.as_ref(), r, &mut value);
+            row_value(&encoded, order.as_ref(), r, &mut value);
             let key = keys.row(r);
-            match self.map.get_mut(key.as_ref()) {
-                Some(e) => {
-                    combine(&self.values, self.order.is_some(), &e.value, &value, &mut merged);
-                    if merged.len() != e.value.len() {
-                        self.bytes = self.bytes + merged.len() - e.value.len();
-                    }
-                    if e.value.as_ref() != merged.as_slice() {
-                        e.value = merged.as_slice().into();
-                    }
-                }
-                None => {
-                    self.bytes += key.as_ref().len() + value.len() + ENTRY_OVERHEAD;
-                    self.map.insert(key.as_ref().into(), Entry { seq: self.seq, value: value.as_slice().into() });
-                    self.seq += 1;
-                }
+            let values = &self.values;
+            let new = self.map.merge(
+                key.as_ref(),
+                self.seq,
+                &value,
+                |old, new, out| combine(values, ordered, old, new, out),
+                &mut merged,
+            );
+            if new {
+                self.seq += 1;
             }
-            if self.bytes > budget {
-                self.peak_bytes = self.peak_bytes.max(self.bytes);
+            if self.map.bytes() > budget {
+                self.peak_bytes = self.peak_bytes.max(self.map.bytes());
                 if self.dir.is_none() {
                     return Err(Error::Budget {
                         name: self.spec.name.clone(),
                         keys: self.map.len(),
-                        used_mb: self.bytes >> 20,
+                        used_mb: self.map.bytes() >> 20,
                         budget_mb: budget >> 20,
                     });
                 }
                 self.spill(true)?;
             }
         }
-        self.peak_bytes = self.peak_bytes.max(self.bytes);
+        self.peak_bytes = self.peak_bytes.max(self.map.bytes());
         Ok(())
     }
 
@@ -468,23 +569,6 @@ impl KeyedState {
             .collect()
     }
 
-    /// Row `r`'s value bytes: the order value first (when there is one), then each column.
-    fn row_value(&self, encoded: &[Encoded], order: Option<&arrow_row::Rows>, r: usize, out: &mut Vec<u8>) {
-        out.clear();
-        if let Some(rows) = order {
-            put_bytes(out, rows.row(r).as_ref());
-        }
-        for e in encoded {
-            match e {
-                Encoded::Int(a) => put_sum(out, a.is_valid(r), a.value(r) as u64),
-                Encoded::Float(a) => put_sum(out, a.is_valid(r), a.value(r).to_bits()),
-                // min and max skip nulls: no value yet
-                Encoded::Rows(_, Some(col)) if col.is_null(r) => put_bytes(out, &[]),
-                Encoded::Rows(rows, _) => put_bytes(out, rows.row(r).as_ref()),
-            }
-        }
-    }
-
     /// Write what memory holds as one more run, and start empty. `pressure`: because the
     /// budget was passed (counted as a spill; a checkpoint's run is not).
     fn spill(&mut self, pressure: bool) -> Result<()> {
@@ -494,19 +578,15 @@ impl KeyedState {
         let dir = self.dir.clone().ok_or_else(|| self.invalid("spill without a directory (a bug)"))?;
         let file = format!("run-{:06}.bin", self.next_run);
         let path = dir.join(&file);
-        let len = write_run(&path, self.map.drain()).map_err(|source| Error::Io {
-            name: self.spec.name.clone(),
-            path: path.clone(),
-            source,
-        })?;
+        let len = write_run(&path, self.map.slots.iter().map(|sl| (sl.seq, self.map.key(sl), self.map.value(sl))))
+            .map_err(|source| Error::Io { name: self.spec.name.clone(), path: path.clone(), source })?;
         self.next_run += 1;
         self.runs.push((file, len));
         if pressure {
             self.spills += 1;
             self.spilled_bytes += len;
         }
-        self.bytes = 0;
-        self.map = HashMap::new();
+        self.map = Table::new();
         Ok(())
     }
 
@@ -609,8 +689,10 @@ impl KeyedState {
                     n => return Err(format!("an int key of {n} bytes in keys.log")),
                 },
                 _ => {
-                    self.bytes += key.len() + ENTRY_OVERHEAD;
-                    self.map.insert(key.into(), Entry { seq: 0, value: Box::default() });
+                    let hash = self.map.hash(key);
+                    if self.map.find(hash, key).is_none() {
+                        self.map.insert(hash, key, 0, &[]);
+                    }
                 }
             }
         }
@@ -651,36 +733,45 @@ impl KeyedState {
             self.scan = Some(self.start_scan()?);
         }
         let max_rows = max_rows.max(1);
-        let mut taken: Vec<KeyValue> = Vec::new();
         let name = self.spec.name.clone();
+        let mut owned: Vec<KeyValue> = Vec::new();
         match self.scan.as_mut() {
-            Some(Scan::Memory(entries)) => {
-                let n = entries.len().min(max_rows);
-                taken.extend(entries.drain(..n).map(|(k, e)| (k, e.value)));
+            Some(Scan::Memory { order, pos, .. }) => {
+                let from = *pos;
+                *pos = (from + max_rows).min(order.len());
+                if from == *pos {
+                    return Ok(None);
+                }
+                if let Some(Scan::Memory { table, order, .. }) = &self.scan {
+                    let taken: Vec<(&[u8], &[u8])> = order[from..from + (max_rows.min(order.len() - from))]
+                        .iter()
+                        .map(|s| (table.key(s), table.value(s)))
+                        .collect();
+                    return self.decode(&taken).map(Some);
+                }
             }
             Some(Scan::Merge(m)) => {
-                while taken.len() < max_rows {
+                while owned.len() < max_rows {
                     match m.next().map_err(|message| Error::Corrupt { name: name.clone(), message })? {
-                        Some((k, _, v)) => taken.push((k, v)),
+                        Some((k, _, v)) => owned.push((k, v)),
                         None => break,
                     }
                 }
             }
             None => {}
         }
-        if taken.is_empty() {
+        if owned.is_empty() {
             return Ok(None);
         }
+        let taken: Vec<(&[u8], &[u8])> = owned.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect();
         self.decode(&taken).map(Some)
     }
 
     fn start_scan(&mut self) -> Result<Scan> {
         if self.runs.is_empty() {
-            let mut entries: Vec<(Box<[u8]>, Entry)> = self.map.drain().collect();
-            entries.sort_unstable_by_key(|(_, e)| e.seq);
-            self.map = HashMap::new();
-            self.bytes = 0;
-            return Ok(Scan::Memory(std::collections::VecDeque::from(entries)));
+            let table = std::mem::replace(&mut self.map, Table::new());
+            let order = table.by_arrival();
+            return Ok(Scan::Memory { table, order, pos: 0 });
         }
         self.spill(false)?;
         let name = self.spec.name.clone();
@@ -692,30 +783,24 @@ impl KeyedState {
             readers.push(RunFile::open(&path).map_err(corrupt)?);
         }
         let mut sorted = Vec::new();
-        let mut merged: HashMap<Box<[u8]>, Entry> = HashMap::new();
-        let mut value = Vec::new();
+        let mut scratch = Vec::new();
+        let (values, ordered) = (&self.values, self.order.is_some());
         for p in 0..PARTITIONS {
+            // the runs in the order they were written: a later run's rows are later rows
+            let mut merged = Table::new();
             for run in &mut readers {
-                for (key, seq, v) in run.partition(p).map_err(corrupt)? {
-                    match merged.get_mut(&key) {
-                        Some(e) => {
-                            combine(&self.values, self.order.is_some(), &e.value, &v, &mut value);
-                            e.value = value.as_slice().into();
-                            e.seq = e.seq.min(seq);
-                        }
-                        None => {
-                            merged.insert(key, Entry { seq, value: v });
-                        }
-                    }
+                let section = run.partition(p).map_err(corrupt)?;
+                for (key, seq, v) in parse_entries(&section).map_err(corrupt)? {
+                    merged.merge(key, seq, v, |old, new, out| combine(values, ordered, old, new, out), &mut scratch);
                 }
             }
             if merged.is_empty() {
                 continue;
             }
-            let mut entries: Vec<(Box<[u8]>, Entry)> = merged.drain().collect();
-            entries.sort_unstable_by_key(|(_, e)| e.seq);
+            let order = merged.by_arrival();
             let path = dir.join(format!("sorted-{p:02}.bin"));
-            write_run(&path, entries.into_iter()).map_err(io_err(&name, &path))?;
+            write_run(&path, order.iter().map(|sl| (sl.seq, merged.key(sl), merged.value(sl))))
+                .map_err(io_err(&name, &path))?;
             sorted.push((path, p));
         }
         // the runs are combined into the sorted partitions
@@ -726,7 +811,7 @@ impl KeyedState {
     }
 
     /// Keys and value bytes back into columns.
-    fn decode(&self, taken: &[KeyValue]) -> Result<RecordBatch> {
+    fn decode(&self, taken: &[(&[u8], &[u8])]) -> Result<RecordBatch> {
         let corrupt = |message: &str| Error::Corrupt { name: self.spec.name.clone(), message: message.to_string() };
         let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<Vec<ArrayRef>> {
             let parser = self.key_conv.parser();
@@ -787,6 +872,23 @@ enum Encoded {
     Float(Float64Array),
     /// Row bytes, and for min and max the column (to skip its nulls).
     Rows(arrow_row::Rows, Option<ArrayRef>),
+}
+
+/// Row `r`'s value bytes: the order value first (when there is one), then each column.
+fn row_value(encoded: &[Encoded], order: Option<&arrow_row::Rows>, r: usize, out: &mut Vec<u8>) {
+    out.clear();
+    if let Some(rows) = order {
+        put_bytes(out, rows.row(r).as_ref());
+    }
+    for e in encoded {
+        match e {
+            Encoded::Int(a) => put_sum(out, a.is_valid(r), a.value(r) as u64),
+            Encoded::Float(a) => put_sum(out, a.is_valid(r), a.value(r).to_bits()),
+            // min and max skip nulls: no value yet
+            Encoded::Rows(_, Some(col)) if col.is_null(r) => put_bytes(out, &[]),
+            Encoded::Rows(rows, _) => put_bytes(out, rows.row(r).as_ref()),
+        }
+    }
 }
 
 fn put_sum(out: &mut Vec<u8>, valid: bool, bits: u64) {
@@ -890,28 +992,27 @@ fn run_number(file: &str) -> Option<u64> {
 
 /// Write entries grouped by partition: magic, entries, the partitions' start offsets and
 /// the end, magic. Returns the file's length.
-fn write_run(path: &Path, entries: impl Iterator<Item = (Box<[u8]>, Entry)>) -> std::io::Result<u64> {
-    let mut by_part: Vec<(u8, Box<[u8]>, Entry)> = entries.map(|(k, e)| (partition_of(&k) as u8, k, e)).collect();
+fn write_run<'a>(path: &Path, entries: impl Iterator<Item = (u64, &'a [u8], &'a [u8])>) -> std::io::Result<u64> {
+    let mut by_part: Vec<(u8, u64, &[u8], &[u8])> =
+        entries.map(|(seq, k, v)| (partition_of(k) as u8, seq, k, v)).collect();
     // stable: a sorted partition keeps its arrival order
-    by_part.sort_by_key(|(p, _, _)| *p);
+    by_part.sort_by_key(|e| e.0);
     let mut w = BufWriter::with_capacity(1 << 20, File::create(path)?);
     w.write_all(RUN_MAGIC)?;
     let mut offset = RUN_MAGIC.len() as u64;
     let mut starts = vec![0u64; PARTITIONS + 1];
     let mut next = 0usize;
-    for (p, key, e) in &by_part {
+    for (p, seq, key, value) in &by_part {
         while next <= *p as usize {
             starts[next] = offset;
             next += 1;
         }
-        let mut head = Vec::with_capacity(16);
-        head.extend_from_slice(&(key.len() as u32).to_le_bytes());
-        w.write_all(&head)?;
+        w.write_all(&(key.len() as u32).to_le_bytes())?;
         w.write_all(key)?;
-        w.write_all(&e.seq.to_le_bytes())?;
-        w.write_all(&(e.value.len() as u32).to_le_bytes())?;
-        w.write_all(&e.value)?;
-        offset += 4 + key.len() as u64 + 8 + 4 + e.value.len() as u64;
+        w.write_all(&seq.to_le_bytes())?;
+        w.write_all(&(value.len() as u32).to_le_bytes())?;
+        w.write_all(value)?;
+        offset += 4 + key.len() as u64 + 8 + 4 + value.len() as u64;
     }
     while next <= PARTITIONS {
         starts[next] = offset;
@@ -957,17 +1058,30 @@ impl RunFile {
         Ok(RunFile { file, starts })
     }
 
-    /// Every entry of partition `p`.
-    fn partition(&mut self, p: usize) -> std::result::Result<Vec<Stored>, String> {
+    /// The bytes of partition `p`'s entries.
+    fn partition(&mut self, p: usize) -> std::result::Result<Vec<u8>, String> {
         let (from, to) = (self.starts[p], self.starts[p + 1]);
         self.file.seek(SeekFrom::Start(from)).map_err(|e| e.to_string())?;
-        let mut r = BufReader::with_capacity(1 << 16, (&mut self.file).take(to - from));
-        let mut out = Vec::new();
-        while let Some(e) = read_entry(&mut r)? {
-            out.push(e);
+        let mut buf = Vec::with_capacity((to - from) as usize);
+        (&mut self.file).take(to - from).read_to_end(&mut buf).map_err(|e| e.to_string())?;
+        if buf.len() as u64 != to - from {
+            return Err("a run is cut short".into());
         }
-        Ok(out)
+        Ok(buf)
     }
+}
+
+/// The entries in a run's bytes: key, first arrival, value.
+fn parse_entries(mut buf: &[u8]) -> std::result::Result<Vec<(&[u8], u64, &[u8])>, String> {
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let cut = || "an entry is cut short".to_string();
+        let key = take_bytes(&mut buf).ok_or_else(cut)?;
+        let seq = u64::from_le_bytes(take(&mut buf, 8).ok_or_else(cut)?.try_into().map_err(|_| cut())?);
+        let value = take_bytes(&mut buf).ok_or_else(cut)?;
+        out.push((key, seq, value));
+    }
+    Ok(out)
 }
 
 /// One entry, or none at the end of the reader.
@@ -1004,7 +1118,12 @@ fn sync_dir(dir: &Path) {
 
 /// A scan in progress.
 enum Scan {
-    Memory(std::collections::VecDeque<(Box<[u8]>, Entry)>),
+    /// Everything fitted in memory: the table and its slots by arrival.
+    Memory {
+        table: Table,
+        order: Vec<Place>,
+        pos: usize,
+    },
     Merge(Box<SortedMerge>),
 }
 
