@@ -179,6 +179,16 @@ impl Table {
         self.slots.len()
     }
 
+    /// An empty table reserves three quarters of its budget at once: address space only
+    /// until rows fill it (pages are taken as they are written), and no doubling past the
+    /// budget on the way.
+    fn reserve(&mut self, budget: usize) {
+        let want = (budget / 4 * 3).min(1 << 30);
+        if self.is_empty() && self.arena.capacity() < want {
+            self.arena = Vec::with_capacity(want);
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
@@ -512,13 +522,7 @@ impl KeyedState {
         let mut value = Vec::new();
         let mut merged = Vec::new();
         let ordered = self.order.is_some();
-        // An empty table reserves three quarters of its budget at once: address space only
-        // until rows fill it (pages are taken as they are written), and no doubling past
-        // the budget on the way
-        let reserve = (budget / 4 * 3).min(1 << 30);
-        if self.map.is_empty() && self.map.arena.capacity() < reserve {
-            self.map.arena = Vec::with_capacity(reserve);
-        }
+        self.map.reserve(budget);
         for r in 0..batch.num_rows() {
             row_value(&encoded, order.as_ref(), r, &mut value);
             let key = keys.row(r);
@@ -544,6 +548,7 @@ impl KeyedState {
                     });
                 }
                 self.spill(true)?;
+                self.map.reserve(budget);
             }
         }
         self.peak_bytes = self.peak_bytes.max(self.map.bytes());
@@ -863,6 +868,8 @@ impl KeyedState {
 
 /// An entry as a run stores it: key bytes, first arrival, value bytes.
 type Stored = (Box<[u8]>, u64, Box<[u8]>);
+/// An entry read in place from a run's bytes.
+type Borrowed<'a> = (&'a [u8], u64, &'a [u8]);
 /// Key and value bytes of a scanned entry.
 type KeyValue = (Box<[u8]>, Box<[u8]>);
 
@@ -1072,7 +1079,7 @@ impl RunFile {
 }
 
 /// The entries in a run's bytes: key, first arrival, value.
-fn parse_entries(mut buf: &[u8]) -> std::result::Result<Vec<(&[u8], u64, &[u8])>, String> {
+fn parse_entries(mut buf: &[u8]) -> std::result::Result<Vec<Borrowed<'_>>, String> {
     let mut out = Vec::new();
     while !buf.is_empty() {
         let cut = || "an entry is cut short".to_string();
