@@ -33,7 +33,8 @@ use crate::error::{Error, Result};
 use crate::ipc;
 
 /// How a value column combines the row held for a key with a new one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Combine {
     /// The first row's value (nulls included).
     First,

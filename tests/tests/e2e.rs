@@ -1181,23 +1181,21 @@ fn dataset_rows(dir: &Path) -> Vec<String> {
     let mut rows = Vec::new();
     for (f, hive) in parquet_files(dir) {
         for b in read_parquet(&f) {
-            for r in 0..b.num_rows() {
-                let cols: Vec<String> = b
-                    .columns()
-                    .iter()
-                    .map(|c| {
-                        arrow_cast::display::ArrayFormatter::try_new(c.as_ref(), &Default::default())
-                            .unwrap()
-                            .value(r)
-                            .to_string()
-                    })
-                    .collect();
-                rows.push(format!("{hive:?} {}", cols.join(",")));
-            }
+            rows.extend(batch_rows(&b).into_iter().map(|r| format!("{hive:?} {r}")));
         }
     }
     rows.sort();
     rows
+}
+
+/// Each row of a batch as its values joined by commas.
+fn batch_rows(b: &arrow_array::RecordBatch) -> Vec<String> {
+    let fmt: Vec<_> = b
+        .columns()
+        .iter()
+        .map(|c| arrow_cast::display::ArrayFormatter::try_new(c.as_ref(), &Default::default()).unwrap())
+        .collect();
+    (0..b.num_rows()).map(|r| fmt.iter().map(|f| f.value(r).to_string()).collect::<Vec<_>>().join(",")).collect()
 }
 
 /// Two steps (`a`, `b`) reading one CSV through the hostile plugin, each to its own dataset.
@@ -1940,20 +1938,28 @@ fn kill_at_nth(dir: &Path, args: &[&str], env: &[(&str, &str)], marker: &str, n:
     panic!("weir ended before the {n}th {marker:?}: {lines:?}");
 }
 
-/// slow passthrough -> dedup(keep last by v), 2 rows a batch, a checkpoint every 2 batches;
-/// then a second step counting rows per key.
-fn resumable_pipeline(dir: &Path) {
-    let mut csv = String::from("id,k,v\n");
-    for i in 0..40 {
-        // every key comes back later with a greater v: dedup must remember what it saw
-        csv.push_str(&format!("{i},k{},{}\n", i % 7, i));
-    }
-    std::fs::write(dir.join("in.csv"), csv).unwrap();
+/// A pipeline of two steps over `in.csv`: the hostile plugin sleeping `sleep_ms` per batch,
+/// then `dedup` into `out/<first>`; `aggregate` over that into `out/<second>`.
+struct TwoSteps<'a> {
+    name: &'a str,
+    batch_size: usize,
+    checkpoint_every: u64,
+    /// Lines under `[plugins.dedup]` and `[plugins.aggregate]` (limits).
+    limits: &'a str,
+    sleep_ms: u64,
+    dedup: &'a str,
+    first: &'a str,
+    aggregate: &'a str,
+    second: &'a str,
+}
+
+fn dedup_then_aggregate(dir: &Path, p: &TwoSteps) {
+    let TwoSteps { name, batch_size, checkpoint_every, limits, sleep_ms, dedup, first, aggregate, second } = p;
     let text = format!(
         r#"[pipeline]
-name = "resumable"
-batch_size = 2
-checkpoint_every = 2
+name = "{name}"
+batch_size = {batch_size}
+checkpoint_every = {checkpoint_every}
 
 [sources.input]
 format = "csv"
@@ -1964,35 +1970,62 @@ path = "{}"
 
 [plugins.dedup]
 path = "{}"
+{limits}
 
 [plugins.aggregate]
 path = "{}"
+{limits}
 
-[steps.latest]
+[steps.{first}]
 input = "input"
-output = {{ path = "out/latest" }}
+output = {{ path = "out/{first}" }}
 
-[[steps.latest.transforms]]
+[[steps.{first}.transforms]]
 plugin = "hostile"
-config = {{ mode = "slow", sleep_ms = 40 }}
+config = {{ mode = "slow", sleep_ms = {sleep_ms} }}
 
-[[steps.latest.transforms]]
+[[steps.{first}.transforms]]
 plugin = "dedup"
-config = {{ key = ["k"], keep = "last", order_by = "v" }}
+config = {dedup}
 
-[steps.per_key]
-input = "latest"
-output = {{ path = "out/per_key" }}
+[steps.{second}]
+input = "{first}"
+output = {{ path = "out/{second}" }}
 
-[[steps.per_key.transforms]]
+[[steps.{second}.transforms]]
 plugin = "aggregate"
-config = {{ group_by = ["k"], aggregates = [{{ fn = "max", column = "v", as = "v" }}, {{ fn = "count", as = "n" }}] }}
+config = {aggregate}
 "#,
         plugin("hostile").display(),
         plugin("dedup").display(),
         plugin("aggregate").display()
     );
     std::fs::write(dir.join("pipeline.toml"), text).unwrap();
+}
+
+/// slow passthrough -> dedup(keep last by v), 2 rows a batch, a checkpoint every 2 batches;
+/// then a second step counting rows per key.
+fn resumable_pipeline(dir: &Path) {
+    let mut csv = String::from("id,k,v\n");
+    for i in 0..40 {
+        // every key comes back later with a greater v: dedup must remember what it saw
+        csv.push_str(&format!("{i},k{},{}\n", i % 7, i));
+    }
+    std::fs::write(dir.join("in.csv"), csv).unwrap();
+    dedup_then_aggregate(
+        dir,
+        &TwoSteps {
+            name: "resumable",
+            batch_size: 2,
+            checkpoint_every: 2,
+            limits: "",
+            sleep_ms: 40,
+            dedup: r#"{ key = ["k"], keep = "last", order_by = "v" }"#,
+            first: "latest",
+            aggregate: r#"{ group_by = ["k"], aggregates = [{ fn = "max", column = "v", as = "v" }, { fn = "count", as = "n" }] }"#,
+            second: "per_key",
+        },
+    );
 }
 
 #[test]
@@ -3002,20 +3035,7 @@ fn hostile_files_of_too_many_columns_are_refused_at_their_line() {
 
 /// Rows of a dataset in file and row order.
 fn ordered_rows(dir: &Path) -> Vec<String> {
-    let mut rows = Vec::new();
-    for (f, _) in parquet_files(dir) {
-        for b in read_parquet(&f) {
-            let fmt: Vec<_> = b
-                .columns()
-                .iter()
-                .map(|c| arrow_cast::display::ArrayFormatter::try_new(c.as_ref(), &Default::default()).unwrap())
-                .collect();
-            for r in 0..b.num_rows() {
-                rows.push(fmt.iter().map(|f| f.value(r).to_string()).collect::<Vec<_>>().join(","));
-            }
-        }
-    }
-    rows
+    parquet_files(dir).iter().flat_map(|(f, _)| read_parquet(f)).flat_map(|b| batch_rows(&b)).collect()
 }
 
 /// 20,000 rows over 12,000 keys with 200-byte payloads (a few MB of state), 1,000 rows a
@@ -3028,52 +3048,20 @@ fn state_pipeline(dir: &Path, state: &str, slow_ms: u64) {
         csv.push_str(&format!("{i},key-{k},{},{pad}{}\n", (i * 31) % 1000, i % 10));
     }
     std::fs::write(dir.join("in.csv"), csv).unwrap();
-    let text = format!(
-        r#"[pipeline]
-name = "state"
-batch_size = 1000
-checkpoint_every = 4
-
-[sources.input]
-format = "csv"
-path = "in.csv"
-
-[plugins.hostile]
-path = "{}"
-
-[plugins.dedup]
-path = "{}"
-{state}
-
-[plugins.aggregate]
-path = "{}"
-{state}
-
-[steps.latest]
-input = "input"
-output = {{ path = "out/latest" }}
-
-[[steps.latest.transforms]]
-plugin = "hostile"
-config = {{ mode = "slow", sleep_ms = {slow_ms} }}
-
-[[steps.latest.transforms]]
-plugin = "dedup"
-config = {{ key = ["k"], keep = "last", order_by = "v" }}
-
-[steps.per_pad]
-input = "latest"
-output = {{ path = "out/per_pad" }}
-
-[[steps.per_pad.transforms]]
-plugin = "aggregate"
-config = {{ group_by = ["k"], flush_groups = 1000, aggregates = [{{ fn = "max", column = "v", as = "v" }}, {{ fn = "sum", column = "id", as = "ids" }}, {{ fn = "min", column = "pad", as = "pad" }}] }}
-"#,
-        plugin("hostile").display(),
-        plugin("dedup").display(),
-        plugin("aggregate").display()
+    dedup_then_aggregate(
+        dir,
+        &TwoSteps {
+            name: "state",
+            batch_size: 1000,
+            checkpoint_every: 4,
+            limits: state,
+            sleep_ms: slow_ms,
+            dedup: r#"{ key = ["k"], keep = "last", order_by = "v" }"#,
+            first: "latest",
+            aggregate: r#"{ group_by = ["k"], flush_groups = 1000, aggregates = [{ fn = "max", column = "v", as = "v" }, { fn = "sum", column = "id", as = "ids" }, { fn = "min", column = "pad", as = "pad" }] }"#,
+            second: "per_pad",
+        },
     );
-    std::fs::write(dir.join("pipeline.toml"), text).unwrap();
 }
 
 #[test]

@@ -79,22 +79,9 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// How a value column combines the row held for a key with a new one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Combine {
-    /// The first row's value (nulls included).
-    First,
-    /// The last row's value, or with an order column, the greatest-ordered row's (ties to
-    /// the later row, nulls order first).
-    Last,
-    /// int64 (wrapping) or float64 sum of the non-null values; null while all were null.
-    Sum,
-    /// Least non-null value.
-    Min,
-    /// Greatest non-null value.
-    Max,
-}
+/// How a value column combines the row held for a key with a new one (the contract's
+/// `combine`, as the SDK names it).
+pub use weir_sdk::keyed::Combine;
 
 /// What a state holds: its name, key columns, value columns and order column.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -303,7 +290,6 @@ pub struct KeyedState {
     /// Counters for the run summary.
     pub spills: u64,
     pub spilled_bytes: u64,
-    pub peak_bytes: usize,
     scan: Option<Scan>,
 }
 
@@ -389,7 +375,6 @@ impl KeyedState {
             log_bytes: 0,
             spills: 0,
             spilled_bytes: 0,
-            peak_bytes: 0,
             scan: None,
         };
         if let Some(dir) = &state.dir {
@@ -487,7 +472,6 @@ impl KeyedState {
         if self.pending.len() >= PENDING_BYTES && self.dir.is_some() {
             self.write_pending(false)?;
         }
-        self.peak_bytes = self.peak_bytes.max(self.memory_bytes());
         if self.memory_bytes() > budget {
             return Err(Error::Budget {
                 name: self.spec.name.clone(),
@@ -538,7 +522,6 @@ impl KeyedState {
                 self.seq += 1;
             }
             if self.map.bytes() > budget {
-                self.peak_bytes = self.peak_bytes.max(self.map.bytes());
                 if self.dir.is_none() {
                     return Err(Error::Budget {
                         name: self.spec.name.clone(),
@@ -551,7 +534,6 @@ impl KeyedState {
                 self.map.reserve(budget);
             }
         }
-        self.peak_bytes = self.peak_bytes.max(self.map.bytes());
         Ok(())
     }
 

@@ -224,7 +224,6 @@ fn bad_specs_and_batches_are_errors() {
 #[test]
 fn tables_match_the_sdk_model_on_generated_rows() {
     use arrow_array::{BooleanArray, TimestampMillisecondArray};
-    use weir_sdk::keyed::Combine as M;
     use weir_sdk::testing::ModelState;
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
     let mut next = move |n: u64| {
@@ -257,20 +256,19 @@ fn tables_match_the_sdk_model_on_generated_rows() {
         .collect();
     let schema = batches[0].schema();
     let values = [
-        ("v", Combine::Sum, M::Sum),
-        ("f", Combine::Sum, M::Sum),
-        ("f", Combine::Min, M::Min),
-        ("s", Combine::Max, M::Max),
-        ("s", Combine::First, M::First),
-        ("b", Combine::Last, M::Last),
-        ("v", Combine::Last, M::Last),
-        ("t", Combine::Min, M::Min),
+        ("v", Combine::Sum),
+        ("f", Combine::Sum),
+        ("f", Combine::Min),
+        ("s", Combine::Max),
+        ("s", Combine::First),
+        ("b", Combine::Last),
+        ("v", Combine::Last),
+        ("t", Combine::Min),
     ];
     let tmp = tempfile::tempdir().unwrap();
     for (i, order) in [None, Some("t")].into_iter().enumerate() {
-        let spec = Spec::table("g", &["k1", "k2"], &values.iter().map(|(c, m, _)| (*c, *m)).collect::<Vec<_>>(), order);
-        let model_values: Vec<(&str, M)> = values.iter().map(|(c, _, m)| (*c, *m)).collect();
-        let mut model = ModelState::open("g", &["k1", "k2"], &model_values, order, &schema).unwrap();
+        let spec = Spec::table("g", &["k1", "k2"], &values, order);
+        let mut model = ModelState::open("g", &["k1", "k2"], &values, order, &schema).unwrap();
         let dir = tmp.path().join(i.to_string());
         let mut state = KeyedState::open(spec, schema.clone(), Some(dir), None).unwrap();
         for (n, b) in batches.iter().enumerate() {
