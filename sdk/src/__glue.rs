@@ -78,10 +78,32 @@ pub fn finish() -> Result<Vec<u8>, ty::PluginError> {
     out
 }
 
+/// Parts of a snapshot crossing to or from the host (contract 0.2.2).
+const SNAPSHOT_PART: usize = 1 << 20;
+
+/// The plugin's snapshot goes to the host in parts (`snapshot-write`), never in one call
+/// whose size grows with the state; the call itself returns an empty tail.
 pub fn snapshot() -> Result<Option<Vec<u8>>, ty::PluginError> {
-    with_instance(|i| i.snapshot())
+    use crate::__bindings::weir::plugin::state::snapshot_write;
+    let Some(bytes) = with_instance(|i| i.snapshot())? else { return Ok(None) };
+    for part in bytes.chunks(SNAPSHOT_PART) {
+        snapshot_write(part).map_err(|e| ty::PluginError::Internal(format!("snapshot: {e}")))?;
+    }
+    Ok(Some(Vec::new()))
 }
 
+/// The host hands a 0.2.2 plugin an empty list and the snapshot in parts (`snapshot-read`).
 pub fn restore(state: Vec<u8>) -> Result<(), ty::PluginError> {
-    with_instance(|i| i.restore(&state))
+    use crate::__bindings::weir::plugin::state::snapshot_read;
+    let mut whole = state;
+    if whole.is_empty() {
+        loop {
+            let part = snapshot_read(SNAPSHOT_PART as u32);
+            if part.is_empty() {
+                break;
+            }
+            whole.extend_from_slice(&part);
+        }
+    }
+    with_instance(|i| i.restore(&whole))
 }

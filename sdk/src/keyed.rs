@@ -122,6 +122,19 @@ pub fn raw_insert_new(state: &KeyedState, ipc: &[u8]) -> Result<Vec<u8>> {
     imp::insert_new(state.handle, ipc).map_err(Error::internal)
 }
 
+/// The `snapshot-write` import as it is, for the hostile test plugin (the SDK's glue sends
+/// a plugin's snapshot through it in parts).
+#[doc(hidden)]
+pub fn raw_snapshot_write(part: &[u8]) -> Result<()> {
+    imp::snapshot_write(part).map_err(Error::internal)
+}
+
+/// The `snapshot-read` import as it is, for the hostile test plugin.
+#[doc(hidden)]
+pub fn raw_snapshot_read(max_bytes: u32) -> Vec<u8> {
+    imp::snapshot_read(max_bytes)
+}
+
 /// Call during [`crate::Transform::finish`] to be called again once this call's output
 /// is through: a large result (a scan of a big table) then leaves in parts, each call
 /// under the plugin's deadline and output caps. A call that asks for more must return rows.
@@ -176,6 +189,14 @@ mod imp {
 
     pub fn more_output() {
         st::more_output()
+    }
+
+    pub fn snapshot_write(part: &[u8]) -> Result<(), String> {
+        st::snapshot_write(part)
+    }
+
+    pub fn snapshot_read(max_bytes: u32) -> Vec<u8> {
+        st::snapshot_read(max_bytes)
     }
 }
 
@@ -241,5 +262,14 @@ mod imp {
                 None => Ok(None),
             }
         })
+    }
+
+    /// The native harness hands snapshots over whole.
+    pub fn snapshot_write(_part: &[u8]) -> Result<(), String> {
+        Err("snapshot-write is the Wasm host's; the native harness takes snapshots whole".into())
+    }
+
+    pub fn snapshot_read(_max_bytes: u32) -> Vec<u8> {
+        Vec::new()
     }
 }

@@ -83,7 +83,7 @@ use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 
 /// The version of the WIT contract (`weir:plugin@...`) this SDK builds plugins against.
-pub const CONTRACT_VERSION: &str = "0.2.1";
+pub const CONTRACT_VERSION: &str = "0.2.2";
 
 /// Where a plugin instance runs: handed to [`Transform::new`] once per instance.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -202,8 +202,8 @@ pub mod __rule_bindings {
         default_bindings_module: "::weir_sdk::__rule_bindings",
         runtime_path: "::weir_sdk::__wit_bindgen::rt",
         with: {
-            "weir:plugin/host@0.2.1": crate::__bindings::weir::plugin::host,
-            "weir:plugin/types@0.2.1": crate::__bindings::weir::plugin::types,
+            "weir:plugin/host@0.2.2": crate::__bindings::weir::plugin::host,
+            "weir:plugin/types@0.2.2": crate::__bindings::weir::plugin::types,
         },
     });
 }

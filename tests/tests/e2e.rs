@@ -469,6 +469,18 @@ fn hostile_keyed_state_misuse_is_refused_and_an_endless_finish_is_stopped() {
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(out.stderr.contains("finish kept asking to be called again past 54 rows (it read 3)"), "{}", out.stderr);
     assert!(peak < 512 << 20, "weir's peak RSS was {} MiB", peak >> 20);
+    // a snapshot sent in parts past the memory cap fails its checkpoint, even when the
+    // plugin carries on as if the host had taken it
+    let (out, peak) = {
+        hostile_pipeline(dir.path(), "snapshot_flood", "memory_mb = 64");
+        let text = std::fs::read_to_string(dir.path().join("pipeline.toml")).unwrap();
+        let text = text.replace("[pipeline]\n", "[pipeline]\ncheckpoint_every = 1\n");
+        std::fs::write(dir.path().join("pipeline.toml"), text).unwrap();
+        weir_with_peak_rss(dir.path(), &["run", "pipeline.toml"])
+    };
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("its snapshot passed the memory cap of 64 MiB"), "{}", out.stderr);
+    assert!(peak < 512 << 20, "weir's peak RSS was {} MiB", peak >> 20);
 }
 
 #[test]
@@ -695,14 +707,14 @@ fn hostile_with(from: &[u8], to: &[u8]) -> Vec<u8> {
 
 #[test]
 fn a_plugin_built_against_contract_0_2_0_still_runs() {
-    // 0.2.1 only added the `state` import: a 0.2.0 plugin (every name it imports and
+    // 0.2.1 and 0.2.2 only added imports: a 0.2.0 plugin (every name it imports and
     // exports says 0.2.0) links and runs unchanged
     let dir = tempfile::tempdir().unwrap();
     let mut bytes = std::fs::read(plugin("hostile")).unwrap();
     let mut replaced = 0;
     for i in 0..bytes.len().saturating_sub(17) {
         if bytes[i..].starts_with(b"weir:plugin") {
-            if let Some(at) = bytes[i..i + 40].windows(6).position(|w| w == b"@0.2.1") {
+            if let Some(at) = bytes[i..i + 40].windows(6).position(|w| w == b"@0.2.2") {
                 bytes[i + at + 5] = b'0';
                 replaced += 1;
             }
@@ -725,7 +737,7 @@ fn a_plugin_built_against_contract_0_2_0_still_runs() {
 #[test]
 fn incompatible_contract_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let patched = hostile_with(b"weir:plugin/transform@0.2.1", b"weir:plugin/transform@0.9.0");
+    let patched = hostile_with(b"weir:plugin/transform@0.2.2", b"weir:plugin/transform@0.9.0");
     let wasm = dir.path().join("future.wasm");
     std::fs::write(&wasm, patched).unwrap();
     let out = weir(dir.path(), &["plugin", "inspect", "future.wasm"]);
@@ -861,16 +873,16 @@ fn a_plugin_importing_what_weir_lacks_is_described_and_refused() {
     // the host interface renamed (same length, every occurrence): the contract version is
     // still supported, but the sandbox has nothing to link the import to
     let dir = tempfile::tempdir().unwrap();
-    let patched = hostile_with(b"weir:plugin/host@0.2.1", b"weir:plugin/hast@0.2.1");
+    let patched = hostile_with(b"weir:plugin/host@0.2.2", b"weir:plugin/hast@0.2.2");
     std::fs::write(dir.path().join("odd.wasm"), patched).unwrap();
     let out = weir(dir.path(), &["plugin", "inspect", "odd.wasm"]);
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(out.stdout.contains("world:     transform"), "{}", out.stdout);
     assert!(out.stdout.contains("start:     CANNOT START in weir's sandbox"), "{}", out.stdout);
-    assert!(out.stdout.contains("weir:plugin/hast@0.2.1"), "{}", out.stdout);
-    assert!(out.stdout.contains("exports:\n  weir:plugin/transform@0.2.1"), "{}", out.stdout);
+    assert!(out.stdout.contains("weir:plugin/hast@0.2.2"), "{}", out.stdout);
+    assert!(out.stdout.contains("exports:\n  weir:plugin/transform@0.2.2"), "{}", out.stdout);
     let json = weir(dir.path(), &["plugin", "inspect", "odd.wasm", "--json"]).json();
-    assert!(json["start"]["error"].as_str().unwrap().contains("weir:plugin/hast@0.2.1"), "{json}");
+    assert!(json["start"]["error"].as_str().unwrap().contains("weir:plugin/hast@0.2.2"), "{json}");
     assert_eq!(json["compatible"], true);
     // a plugin that starts reports no error
     let good = weir(dir.path(), &["plugin", "inspect", plugin("hostile").to_str().unwrap(), "--json"]).json();
@@ -886,9 +898,9 @@ fn plugin_inspect_shows_world_version_digest_imports() {
     let out = weir(dir.path(), &["plugin", "inspect", p.to_str().unwrap()]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stdout.contains("world:     transform"), "{}", out.stdout);
-    assert!(out.stdout.contains("weir:plugin@0.2.1"), "{}", out.stdout);
+    assert!(out.stdout.contains("weir:plugin@0.2.2"), "{}", out.stdout);
     assert!(out.stdout.contains(&digest));
-    assert!(out.stdout.contains("weir:plugin/host@0.2.1"));
+    assert!(out.stdout.contains("weir:plugin/host@0.2.2"));
     let json = weir(dir.path(), &["plugin", "inspect", p.to_str().unwrap(), "--json"]).json();
     assert_eq!(json["sha256"], digest);
     assert_eq!(json["compatible"], true);
@@ -3157,10 +3169,14 @@ config = {{ key = ["k"] }}
     let s = out.json();
     assert_eq!(s["steps"][0]["rows_written"], 200_000);
     assert_eq!(s["steps"][0]["counters"]["dedup"]["duplicates_dropped"], 20_000);
-    // a set past its budget fails loudly, naming the key to raise
+    let kept = dataset_rows(&d.join("out/keys"));
+    // a set past its budget spills its keys to disk and gives the same rows
     let text = std::fs::read_to_string(d.join("pipeline.toml")).unwrap().replace("memory_mb = 16", "state_mb = 1");
     std::fs::write(d.join("pipeline.toml"), text).unwrap();
-    let out = weir(d, &["run", "pipeline.toml"]);
-    assert_eq!(out.code, 1);
-    assert!(out.stderr.contains("past its budget of 1 MiB") && out.stderr.contains("state_mb"), "{}", out.stderr);
+    let out = weir(d, &["run", "pipeline.toml", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let s = out.json();
+    assert!(s["steps"][0]["counters"]["dedup"]["state_spills"].as_i64().unwrap() > 1, "{s}");
+    assert_eq!(s["steps"][0]["counters"]["dedup"]["duplicates_dropped"], 20_000);
+    assert_eq!(dataset_rows(&d.join("out/keys")), kept);
 }

@@ -27,8 +27,9 @@
 //! | `case_columns`| declares columns `x` and `X` (init)                             |
 //! | `weir_column` | declares a column `_weir_run_id` (init)                         |
 //! | `union_column`| declares a column of a Union type, which Parquet cannot hold (init) |
-//! | `state_abuse` | misuses the host's keyed state (bad names, too many states, wrong batches, a set merged into a table's call, a scan before the end); passes the batch on only if the host refused every misuse |
+//! | `state_abuse` | misuses the host's keyed state (bad names, too many states, wrong batches, a set merged into a table's call, a scan before the end, snapshot parts outside a snapshot); passes the batch on only if the host refused every misuse |
 //! | `endless_finish` | in `finish`, asks to be called again forever, one row a call |
+//! | `snapshot_flood` | in `snapshot`, sends 1 MiB parts until the host refuses one, then returns as if all went well |
 
 use std::io::Write;
 use std::sync::Arc;
@@ -189,13 +190,22 @@ impl RawTransform for Hostile {
                 Ok(ipc::encode(&schema, &[RecordBatch::try_new(schema.clone(), vec![column])?])?)
             }
             "state_abuse" => state_abuse(batch),
-            "endless_finish" => Ok(batch.to_vec()),
+            "endless_finish" | "snapshot_flood" => Ok(batch.to_vec()),
             "slow" => {
                 std::thread::sleep(std::time::Duration::from_millis(self.sleep_ms));
                 Ok(batch.to_vec())
             }
             other => Err(Error::config(format!("mode: unknown mode `{other}`"))),
         }
+    }
+
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>> {
+        if self.mode == "snapshot_flood" {
+            let part = vec![7u8; 1 << 20];
+            while weir_sdk::keyed::raw_snapshot_write(&part).is_ok() {}
+            return Ok(Some(Vec::new()));
+        }
+        Ok(None)
     }
 
     fn finish(&mut self) -> Result<Vec<u8>> {
@@ -248,6 +258,13 @@ fn state_abuse(batch: &[u8]) -> Result<Vec<u8>> {
     }
     if let Some(b) = batches.first() {
         set.insert_new(b)?;
+    }
+    // snapshot parts outside a snapshot, and a snapshot to read outside a restore
+    if weir_sdk::keyed::raw_snapshot_write(b"x").is_ok() {
+        accepted.push("a snapshot part during process".into());
+    }
+    if !weir_sdk::keyed::raw_snapshot_read(1 << 20).is_empty() {
+        accepted.push("a snapshot read during process".into());
     }
     if accepted.is_empty() {
         Ok(batch.to_vec())

@@ -582,6 +582,17 @@ fn tracing_info(message: &str) {
     eprintln!("weir: {message}");
 }
 
+/// Whether a component imports the `state` interface at 0.2.2 or later, so it reads the
+/// snapshot it restores in parts.
+fn reads_snapshot_in_parts(imports: &[String]) -> bool {
+    imports.iter().any(|name| {
+        let Some(v) = name.strip_prefix("weir:plugin/state@") else { return false };
+        let mut parts = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+        let (major, minor, patch) = (parts.next(), parts.next(), parts.next());
+        (major, minor) == (Some(0), Some(2)) && patch >= Some(2)
+    })
+}
+
 fn version_supported(v: &str) -> bool {
     let mut parts = v.split('.');
     let (major, minor) = (parts.next(), parts.next());
@@ -654,6 +665,10 @@ pub struct HostState {
     restored: HashMap<String, crate::state::Manifest>,
     /// The current `finish` asked to be called again (`more-output`).
     more_output: bool,
+    /// During `snapshot`: the parts the plugin sent so far (`snapshot-write`).
+    snapshot_parts: Option<Vec<u8>>,
+    /// During `restore`: the snapshot being read back in parts, and how far.
+    restore_parts: Option<(Vec<u8>, usize)>,
 }
 
 /// What a plugin may still write to weir's log, and what it lost.
@@ -999,6 +1014,32 @@ impl wit_state::Host for HostState {
         self.more_output = true;
     }
 
+    fn snapshot_write(&mut self, part: Vec<u8>) -> std::result::Result<(), String> {
+        let cap = self.memory_cap;
+        let Some(parts) = &mut self.snapshot_parts else {
+            return Err("snapshot-write is only for a `snapshot` call".into());
+        };
+        if (parts.len() + part.len()) as u64 > cap {
+            let e = format!("a snapshot is at most the plugin's memory cap of {} MiB", cap >> 20);
+            // the checkpoint fails even if the plugin goes on as if it had not
+            self.snapshot_parts = None;
+            return Err(e);
+        }
+        parts.extend_from_slice(&part);
+        Ok(())
+    }
+
+    fn snapshot_read(&mut self, max_bytes: u32) -> Vec<u8> {
+        match &mut self.restore_parts {
+            Some((bytes, at)) => {
+                let n = (max_bytes as usize).min(16 << 20).min(bytes.len() - *at);
+                *at += n;
+                bytes[*at - n..*at].to_vec()
+            }
+            None => Vec::new(),
+        }
+    }
+
     fn scan(&mut self, state: u32, max_rows: u32) -> std::result::Result<Option<Vec<u8>>, String> {
         self.on_host_time(|s| s.scan_now(state, max_rows))
     }
@@ -1095,6 +1136,8 @@ impl Sandbox {
             state_dir: None,
             restored: HashMap::new(),
             more_output: false,
+            snapshot_parts: None,
+            restore_parts: None,
         };
         let mut store = Store::new(engine, state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
@@ -1233,6 +1276,8 @@ pub struct TransformInstance {
     row_filter: Option<weir_sdk::row_filter::RowFilter>,
     timings: CallTimings,
     encoder: BatchEncoder,
+    /// Built against 0.2.2 or later: restored through `snapshot-read`.
+    snapshot_in_parts: bool,
 }
 
 /// Encodes batch after batch to IPC bytes for a plugin, reusing the previous batch's buffer
@@ -1343,6 +1388,7 @@ impl TransformInstance {
             row_filter: None,
             timings: CallTimings::default(),
             encoder: BatchEncoder::default(),
+            snapshot_in_parts: reads_snapshot_in_parts(&plugin.info.imports),
         })
     }
 
@@ -1554,8 +1600,27 @@ impl TransformInstance {
     /// keeps no state across batches.
     pub fn snapshot(&mut self) -> Result<Option<Vec<u8>>, CallError> {
         let b = &self.bindings;
-        let own = self.sb.call(|s| b.weir_plugin_transform().call_snapshot(s))?;
+        self.sb.store.data_mut().snapshot_parts = Some(Vec::new());
+        let own = self.sb.call(|s| b.weir_plugin_transform().call_snapshot(s));
         let state = self.sb.store.data_mut();
+        let parts = state.snapshot_parts.take();
+        let own = own?;
+        let Some(parts) = parts else {
+            return Err(CallError::Internal(format!(
+                "its snapshot passed the memory cap of {} MiB; raise the plugin's `memory_mb`",
+                state.memory_cap >> 20
+            )));
+        };
+        // the parts sent with `snapshot-write`, then what the call returned
+        let own = match own {
+            Some(tail) if parts.is_empty() => Some(tail),
+            Some(tail) => {
+                let mut whole = parts;
+                whole.extend_from_slice(&tail);
+                Some(whole)
+            }
+            None => None,
+        };
         if state.states.is_empty() {
             return Ok(own);
         }
@@ -1581,7 +1646,13 @@ impl TransformInstance {
     /// Hand the plugin's own checkpoint state back (after init, before any batch).
     pub fn restore(&mut self, state: &[u8]) -> Result<(), CallError> {
         let b = &self.bindings;
-        self.sb.call(|s| b.weir_plugin_transform().call_restore(s, state))
+        if !self.snapshot_in_parts {
+            return self.sb.call(|s| b.weir_plugin_transform().call_restore(s, state));
+        }
+        self.sb.store.data_mut().restore_parts = Some((state.to_vec(), 0));
+        let out = self.sb.call(|s| b.weir_plugin_transform().call_restore(s, &[]));
+        self.sb.store.data_mut().restore_parts = None;
+        out
     }
 
     /// The step is done with the instance's keyed states: remove their files.

@@ -30,12 +30,16 @@
 //! Runs are combined at the end, one partition at a time (so the end needs about
 //! 1/[`PARTITIONS`] of the spilled bytes in memory), each partition sorted by first arrival
 //! into a file of its own, and the partitions merged by arrival as the scan reads them.
-//! Sets answer at once whether a key is new, so they keep every key in memory: a set that
-//! passes its budget is an error naming the budget, never a wrong answer.
+//! Sets answer at once whether a key is new: a set past its budget writes its keys to a
+//! *key run* (see `keyrun`), sorted by hash with a Bloom filter and block index kept in
+//! memory (under 2 bytes a key), so a new key is answered from memory and a held one with
+//! one block read. Past eight runs they are merged into one. Only when even the filters
+//! pass the budget is it an error naming the budget, never a wrong answer.
 //!
 //! **Checkpoints** are incremental: a table writes what it holds as one more run (what
 //! changed since the previous checkpoint, as partial combinations), a set appends the keys
-//! new since the previous checkpoint to its log. The [`Manifest`] names the files and
+//! new since the previous checkpoint to its log (a spill starts a new log: the run holds
+//! the old one's keys). The [`Manifest`] names the files and
 //! their lengths; a resumed run reopens exactly those, so files written after the
 //! checkpoint are ignored and removed.
 
@@ -59,6 +63,8 @@ pub const PARTITIONS: usize = 64;
 const RUN_MAGIC: &[u8; 8] = b"WEIRRUN1";
 /// Sets: new keys gathered before they are appended to the log.
 const PENDING_BYTES: usize = 1 << 20;
+/// Sets: key runs merged into one past this many.
+const MERGE_RUNS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -66,7 +72,7 @@ pub enum Error {
     #[error("state `{name}`: {message}")]
     Invalid { name: String, message: String },
     #[error(
-        "state `{name}` holds {keys} keys in about {used_mb} MiB, past its budget of {budget_mb} MiB (a set keeps every key in memory)"
+        "state `{name}` holds {keys} keys in about {used_mb} MiB, past its budget of {budget_mb} MiB (a set keeps every key in memory without a spill directory, and under 2 bytes a key with one)"
     )]
     Budget { name: String, keys: usize, used_mb: usize, budget_mb: usize },
     #[error("state `{name}`: {path}: {source}")]
@@ -118,6 +124,9 @@ pub struct Manifest {
     pub runs: Vec<(String, u64)>,
     /// Set: the durable length of the key log.
     pub log_bytes: u64,
+    /// Set: the key log's file (none: `keys.log`, as before sets spilled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_file: Option<String>,
 }
 
 /// How one value column is held in an entry's value bytes.
@@ -287,6 +296,14 @@ pub struct KeyedState {
     /// Sets: bytes written to the log, and of them made durable by a checkpoint.
     written: u64,
     log_bytes: u64,
+    /// Sets: the log's file, the spilled keys, and files a spill or merge left behind that
+    /// the last checkpoint may still name (removed once a later checkpoint replaced it).
+    log_file: String,
+    key_runs: Vec<keyrun::KeyRun>,
+    replaced: Vec<String>,
+    replaced_before: Vec<String>,
+    checkpointed: bool,
+    block: Vec<u8>,
     /// Counters for the run summary.
     pub spills: u64,
     pub spilled_bytes: u64,
@@ -373,6 +390,12 @@ impl KeyedState {
             pending: Vec::new(),
             written: 0,
             log_bytes: 0,
+            log_file: "keys.log".into(),
+            key_runs: Vec::new(),
+            replaced: Vec::new(),
+            replaced_before: Vec::new(),
+            checkpointed: false,
+            block: Vec::new(),
             spills: 0,
             spilled_bytes: 0,
             scan: None,
@@ -393,18 +416,45 @@ impl KeyedState {
 
     /// Bytes held in memory now (estimated).
     pub fn memory_bytes(&self) -> usize {
+        self.keys_memory() + self.key_runs.iter().map(keyrun::KeyRun::memory_bytes).sum::<usize>()
+    }
+
+    /// Bytes of the keys or rows held in memory (what a spill frees).
+    fn keys_memory(&self) -> usize {
         match &self.set {
             Some(SetKeys::Int { keys, .. }) => keys.heap_bytes() + self.pending.capacity(),
             _ => self.map.bytes() + self.pending.capacity(),
         }
     }
 
-    /// Keys held in memory (a set holds all of its keys there).
+    /// Keys held in memory.
     pub fn keys_in_memory(&self) -> usize {
         match &self.set {
             Some(SetKeys::Int { keys, null }) => keys.len() + usize::from(*null),
             _ => self.map.len(),
         }
+    }
+
+    /// Keys held, in memory and spilled.
+    fn keys_held(&self) -> usize {
+        self.keys_in_memory() + self.key_runs.iter().map(|r| r.count as usize).sum::<usize>()
+    }
+
+    /// Sets: whether a spilled run holds `key`.
+    fn spilled(&mut self, key: &[u8]) -> Result<bool> {
+        if self.key_runs.is_empty() {
+            return Ok(false);
+        }
+        let hash = keyrun::stable_hash(key);
+        for run in &self.key_runs {
+            if run
+                .contains(hash, key, &mut self.block)
+                .map_err(|message| Error::Corrupt { name: self.spec.name.clone(), message })?
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     fn invalid(&self, message: impl Into<String>) -> Error {
@@ -433,23 +483,33 @@ impl KeyedState {
     }
 
     /// Sets: add each row's key; `true` for the rows whose key was not held yet (the first
-    /// of equal keys in the batch). Fails, holding the keys it had, past `budget` bytes.
+    /// of equal keys in the batch). Past `budget` bytes the keys spill to a key run (with a
+    /// directory); it fails, holding the keys it had, when even that does not bring it under.
     pub fn insert_new(&mut self, batch: &RecordBatch, budget: usize) -> Result<Vec<bool>> {
         self.check_batch(batch)?;
         let mut fresh = Vec::with_capacity(batch.num_rows());
-        match &mut self.set {
+        match &self.set {
             None => return Err(self.invalid("insert-new is for sets (a state without value columns); use merge")),
-            Some(SetKeys::Int { keys, null }) => {
+            Some(SetKeys::Int { .. }) => {
                 let ids = batch.column(self.key_columns[0]).as_primitive::<Int64Type>();
                 for r in 0..ids.len() {
-                    let new = if ids.is_null(r) { !std::mem::replace(null, true) } else { keys.insert(ids.value(r)) };
+                    let id = (!ids.is_null(r)).then(|| ids.value(r));
+                    let Some(SetKeys::Int { keys, null }) = &self.set else { unreachable!() };
+                    let held = match id {
+                        None => *null,
+                        Some(id) => keys.contains(id),
+                    };
+                    let key = int_key(id);
+                    let new = !held && !self.spilled(&key)?;
                     if new {
-                        if ids.is_null(r) {
-                            self.pending.extend_from_slice(&0u32.to_le_bytes());
-                        } else {
-                            self.pending.extend_from_slice(&8u32.to_le_bytes());
-                            self.pending.extend_from_slice(&ids.value(r).to_le_bytes());
+                        let Some(SetKeys::Int { keys, null }) = &mut self.set else { unreachable!() };
+                        match id {
+                            None => *null = true,
+                            Some(id) => {
+                                keys.insert(id);
+                            }
                         }
+                        put_bytes(&mut self.pending, &key);
                     }
                     fresh.push(new);
                 }
@@ -459,11 +519,10 @@ impl KeyedState {
                 for row in rows.iter() {
                     let key = row.as_ref();
                     let hash = self.map.hash(key);
-                    let new = self.map.find(hash, key).is_none();
+                    let new = self.map.find(hash, key).is_none() && !self.spilled(key)?;
                     if new {
                         self.map.insert(hash, key, 0, &[]);
-                        self.pending.extend_from_slice(&(key.len() as u32).to_le_bytes());
-                        self.pending.extend_from_slice(key);
+                        put_bytes(&mut self.pending, key);
                     }
                     fresh.push(new);
                 }
@@ -472,15 +531,100 @@ impl KeyedState {
         if self.pending.len() >= PENDING_BYTES && self.dir.is_some() {
             self.write_pending(false)?;
         }
-        if self.memory_bytes() > budget {
+        if self.memory_bytes() > budget && self.dir.is_some() {
+            self.spill_keys(true)?;
+        }
+        // spilled keys' filters past half the budget would spill ever smaller runs
+        let runs: usize = self.key_runs.iter().map(keyrun::KeyRun::memory_bytes).sum();
+        if self.memory_bytes() > budget || runs > budget / 2 {
             return Err(Error::Budget {
                 name: self.spec.name.clone(),
-                keys: self.keys_in_memory(),
+                keys: self.keys_held(),
                 used_mb: self.memory_bytes() >> 20,
                 budget_mb: budget >> 20,
             });
         }
         Ok(fresh)
+    }
+
+    /// Sets: write the keys memory holds as a key run (merging the runs past
+    /// [`MERGE_RUNS`]), and start empty with a new log.
+    fn spill_keys(&mut self, pressure: bool) -> Result<()> {
+        if self.keys_in_memory() == 0 {
+            return Ok(());
+        }
+        let name = self.spec.name.clone();
+        let dir = self.dir.clone().ok_or_else(|| self.invalid("spill without a directory (a bug)"))?;
+        let mut keys: Vec<(u64, Vec<u8>)> = match &self.set {
+            Some(SetKeys::Int { keys, null }) => keys
+                .iter()
+                .map(Some)
+                .chain(null.then_some(None))
+                .map(|id| {
+                    let k = int_key(id);
+                    (keyrun::stable_hash(&k), k)
+                })
+                .collect(),
+            _ => self
+                .map
+                .slots
+                .iter()
+                .map(|sl| (keyrun::stable_hash(self.map.key(sl)), self.map.key(sl).to_vec()))
+                .collect(),
+        };
+        keys.sort_unstable();
+        let file = format!("keys-{:06}.run", self.next_run);
+        let path = dir.join(&file);
+        let mut w = keyrun::KeyRunWriter::create(&path, keys.len() as u64).map_err(io_err(&name, &path))?;
+        for (h, k) in &keys {
+            w.push(*h, k).map_err(io_err(&name, &path))?;
+        }
+        let len = w.finish().map_err(io_err(&name, &path))?;
+        drop(keys);
+        let corrupt = |message: String| Error::Corrupt { name: name.clone(), message };
+        self.key_runs.push(keyrun::KeyRun::open(&path, &file).map_err(corrupt)?);
+        self.next_run += 1;
+        if pressure {
+            self.spills += 1;
+            self.spilled_bytes += len;
+        }
+        // the run holds every key the log held: the next keys go to a new log
+        self.pending = Vec::new();
+        let old_log = std::mem::replace(&mut self.log_file, format!("keys-{:06}.log", self.next_run));
+        self.written = 0;
+        self.log_bytes = 0;
+        self.retire(old_log);
+        match &mut self.set {
+            Some(SetKeys::Int { keys, null }) => {
+                *keys = IntSet::new();
+                *null = false;
+            }
+            _ => self.map = Table::new(),
+        }
+        if self.key_runs.len() > MERGE_RUNS {
+            let file = format!("keys-{:06}.run", self.next_run);
+            let path = dir.join(&file);
+            let merged = keyrun::merge_runs(&self.key_runs, &path).map_err(corrupt)?;
+            let run = keyrun::KeyRun::open(&path, &file).map_err(corrupt)?;
+            debug_assert_eq!(run.len, merged);
+            self.next_run += 1;
+            for old in std::mem::replace(&mut self.key_runs, vec![run]) {
+                self.retire(old.file_name);
+            }
+        }
+        sync_dir(&dir);
+        Ok(())
+    }
+
+    /// A file no longer needed once the checkpoint after this moment is taken (the last
+    /// one may still name it); without any checkpoint yet, it goes now.
+    fn retire(&mut self, file: String) {
+        match (&self.dir, self.checkpointed) {
+            (Some(dir), false) => {
+                let _ = std::fs::remove_file(dir.join(&file));
+            }
+            _ => self.replaced.push(file),
+        }
     }
 
     fn key_rows(&self, batch: &RecordBatch) -> Result<arrow_row::Rows> {
@@ -583,6 +727,11 @@ impl KeyedState {
         let dir = self.dir.clone().ok_or_else(|| self.invalid("a checkpoint needs a state directory (a bug)"))?;
         if self.set.is_some() {
             self.write_pending(true)?;
+            // what the previous checkpoint named and this one does not is not needed now
+            for file in std::mem::replace(&mut self.replaced_before, std::mem::take(&mut self.replaced)) {
+                let _ = std::fs::remove_file(dir.join(file));
+            }
+            self.checkpointed = true;
         } else {
             self.spill(false)?;
             if let Some((file, _)) = self.runs.last() {
@@ -591,7 +740,12 @@ impl KeyedState {
             }
         }
         sync_dir(&dir);
-        Ok(Manifest { spec: self.spec.clone(), seq: self.seq, runs: self.runs.clone(), log_bytes: self.log_bytes })
+        let runs = match self.set {
+            Some(_) => self.key_runs.iter().map(|r| (r.file_name.clone(), r.len)).collect(),
+            None => self.runs.clone(),
+        };
+        let log_file = self.set.is_some().then(|| self.log_file.clone());
+        Ok(Manifest { spec: self.spec.clone(), seq: self.seq, runs, log_bytes: self.log_bytes, log_file })
     }
 
     /// Sets: append the keys new since the last write to the log; `durable` syncs it (a
@@ -600,7 +754,7 @@ impl KeyedState {
     fn write_pending(&mut self, durable: bool) -> Result<()> {
         let name = self.spec.name.clone();
         let dir = self.dir.clone().ok_or_else(|| self.invalid("a set's log needs a directory (a bug)"))?;
-        let path = dir.join("keys.log");
+        let path = dir.join(&self.log_file);
         if !self.pending.is_empty() {
             let mut f =
                 std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&name, &path))?;
@@ -633,30 +787,46 @@ impl KeyedState {
             }
         }
         self.seq = m.seq;
-        self.runs = m.runs.clone();
         self.next_run = m.runs.iter().filter_map(|(f, _)| run_number(f)).max().map_or(0, |n| n + 1);
         self.log_bytes = m.log_bytes;
         self.written = m.log_bytes;
+        self.log_file = m.log_file.clone().unwrap_or_else(|| "keys.log".into());
+        if self.log_file.contains(['/', '\\']) || self.log_file.starts_with('.') {
+            return Err(corrupt(format!("the checkpoint names a log `{}`", self.log_file)));
+        }
         if self.set.is_some() {
-            let path = dir.join("keys.log");
+            for (file, _) in &m.runs {
+                self.key_runs.push(keyrun::KeyRun::open(&dir.join(file), file).map_err(corrupt)?);
+            }
+            // spills in this attempt number their files after the checkpoint's
+            if let Some(n) = self.log_file.strip_prefix("keys-").and_then(|f| f.strip_suffix(".log")) {
+                self.next_run = self.next_run.max(n.parse::<u64>().unwrap_or(0));
+            }
+            self.checkpointed = true;
+            let path = dir.join(&self.log_file);
             let mut log = Vec::new();
-            if m.log_bytes > 0 {
-                let f = File::open(&path).map_err(io_err(&name, &path))?;
-                f.take(m.log_bytes).read_to_end(&mut log).map_err(io_err(&name, &path))?;
-                if (log.len() as u64) < m.log_bytes {
-                    return Err(corrupt(format!("keys.log is shorter than the {} bytes recorded", m.log_bytes)));
+            let shown = self.log_file.clone();
+            match std::fs::OpenOptions::new().read(true).write(true).open(&path) {
+                Ok(f) => {
+                    (&f).take(m.log_bytes).read_to_end(&mut log).map_err(io_err(&name, &path))?;
+                    // keys written after the checkpoint are not part of it
+                    f.set_len(m.log_bytes).map_err(io_err(&name, &path))?;
                 }
-                // keys written after the checkpoint are not part of it
-                let f = std::fs::OpenOptions::new().write(true).open(&path).map_err(io_err(&name, &path))?;
-                f.set_len(m.log_bytes).map_err(io_err(&name, &path))?;
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&name, &path)(e)),
+            }
+            if (log.len() as u64) < m.log_bytes {
+                return Err(corrupt(format!("{shown} is shorter than the {} bytes recorded", m.log_bytes)));
             }
             self.load_log(&log).map_err(corrupt)?;
+        } else {
+            self.runs = m.runs.clone();
         }
         // runs written after the checkpoint, and whatever a scan left
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
                 let f = e.file_name().to_string_lossy().into_owned();
-                if f != "keys.log" && !m.runs.iter().any(|(r, _)| *r == f) {
+                if f != self.log_file && !m.runs.iter().any(|(r, _)| *r == f) {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
@@ -976,7 +1146,13 @@ fn partition_of(key: &[u8]) -> usize {
 }
 
 fn run_number(file: &str) -> Option<u64> {
-    file.strip_prefix("run-")?.strip_suffix(".bin")?.parse().ok()
+    let n = file.strip_prefix("run-").and_then(|f| f.strip_suffix(".bin"));
+    n.or_else(|| file.strip_prefix("keys-")?.strip_suffix(".run"))?.parse().ok()
+}
+
+/// A set's int64 key as run and log bytes: eight little-endian bytes, or none for null.
+fn int_key(id: Option<i64>) -> Vec<u8> {
+    id.map_or_else(Vec::new, |v| v.to_le_bytes().to_vec())
 }
 
 /// Write entries grouped by partition: magic, entries, the partitions' start offsets and
@@ -1162,5 +1338,6 @@ impl SortedMerge {
     }
 }
 
+mod keyrun;
 #[cfg(test)]
 mod tests;

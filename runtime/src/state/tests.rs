@@ -289,3 +289,93 @@ fn tables_match_the_sdk_model_on_generated_rows() {
         }
     }
 }
+
+#[test]
+fn a_set_past_its_budget_spills_merges_and_resumes_with_the_same_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    const KEYS: u64 = 20_000;
+    const BUDGET: usize = 96 << 10;
+    for int in [true, false] {
+        // keys drawn with repeats from KEYS values (ints sparse, so no bitmap), some null
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut ids: Vec<Option<u64>> = Vec::new();
+        for _ in 0..60_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ids.push((!x.is_multiple_of(97)).then_some(x % KEYS));
+        }
+        let batches: Vec<RecordBatch> = ids
+            .chunks(500)
+            .map(|c| {
+                let col: ArrayRef = if int {
+                    Arc::new(Int64Array::from_iter(c.iter().map(|v| v.map(|v| v as i64 * 1_000_003 - 7_000_000_000))))
+                } else {
+                    Arc::new(StringArray::from_iter(c.iter().map(|v| v.map(|v| format!("key-{v:08}")))))
+                };
+                RecordBatch::try_from_iter([("id", col)]).unwrap()
+            })
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        let expected: Vec<Vec<bool>> = ids.chunks(500).map(|c| c.iter().map(|v| seen.insert(*v)).collect()).collect();
+
+        let dir = tmp.path().join(format!("spill-{int}"));
+        let spec = Spec::set("seen", &["id"]);
+        let mut s = KeyedState::open(spec.clone(), batches[0].schema(), Some(dir.clone()), None).unwrap();
+        let mut manifest = None;
+        for (i, b) in batches.iter().enumerate() {
+            assert_eq!(s.insert_new(b, BUDGET).unwrap(), expected[i], "batch {i}, int keys: {int}");
+            assert!(s.memory_bytes() <= BUDGET);
+            if i % 30 == 29 && i < 90 {
+                manifest = Some(s.checkpoint().unwrap());
+            }
+            if i == 100 {
+                break; // a crash: what came after the checkpoint at batch 89 is lost
+            }
+        }
+        assert!(s.spills >= 2, "int keys: {int}: {} spills", s.spills);
+        if !int {
+            assert!(s.spills as usize > MERGE_RUNS, "string keys spill often enough to merge");
+            assert!(s.key_runs.len() <= MERGE_RUNS, "runs are merged");
+        }
+        drop(s);
+        let m = manifest.unwrap();
+        assert!(!m.runs.is_empty() && m.log_file.is_some(), "{m:?}");
+        let mut r = KeyedState::open(spec.clone(), batches[0].schema(), Some(dir.clone()), Some(&m)).unwrap();
+        for (i, b) in batches.iter().enumerate().skip(90) {
+            assert_eq!(r.insert_new(b, BUDGET).unwrap(), expected[i], "resumed batch {i}, int keys: {int}");
+            if i % 30 == 29 {
+                r.checkpoint().unwrap();
+            }
+        }
+        // what spills and merges replaced is gone once no checkpoint names it
+        let last = r.checkpoint().unwrap();
+        r.checkpoint().unwrap();
+        let files: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(files.len() <= last.runs.len() + 1, "{files:?}");
+    }
+}
+
+#[test]
+fn damaged_key_runs_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    let b = |keys: std::ops::Range<i32>| {
+        let col: ArrayRef = Arc::new(StringArray::from_iter_values(keys.map(|k| format!("k{k}"))));
+        RecordBatch::try_from_iter([("id", col)]).unwrap()
+    };
+    let spec = Spec::set("seen", &["id"]);
+    let mut s = KeyedState::open(spec.clone(), b(0..1).schema(), Some(dir.clone()), None).unwrap();
+    s.insert_new(&b(0..5000), 64 << 10).unwrap();
+    let m = s.checkpoint().unwrap();
+    assert!(!m.runs.is_empty());
+    drop(s);
+    let run = dir.join(&m.runs[0].0);
+    let mut bytes = std::fs::read(&run).unwrap();
+    let n = bytes.len();
+    bytes[n - 20] ^= 0xFF; // the footer
+    std::fs::write(&run, &bytes).unwrap();
+    let e = KeyedState::open(spec, b(0..1).schema(), Some(dir), Some(&m)).err().unwrap();
+    assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+}
