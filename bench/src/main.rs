@@ -33,6 +33,8 @@ use weir::cpu_clock::CpuTime;
 
 mod ingest;
 mod per_record;
+#[cfg(feature = "stores")]
+mod stores;
 
 /// The HMAC key every runner uses for W1.
 const KEY: &[u8] = b"bench-key";
@@ -89,6 +91,24 @@ enum Cmd {
     },
     /// Print the order-insensitive checksum of a Parquet file or dataset directory.
     Checksum { path: PathBuf },
+    /// weir's keyed state against fjall and redb, past a memory budget (`--features stores`).
+    #[cfg(feature = "stores")]
+    Stores {
+        /// weir (spilling at the budget), weir-memory (no budget), fjall or redb.
+        #[arg(long)]
+        store: String,
+        /// set (which keys are new) or sum (a sum per key, read back at the end).
+        #[arg(long)]
+        workload: String,
+        #[arg(long, default_value_t = 10_000_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 8_000_000)]
+        keys: u64,
+        #[arg(long, default_value_t = 64)]
+        budget_mb: usize,
+        #[arg(long, default_value = "target/bench/stores")]
+        dir: PathBuf,
+    },
     /// Plugin start-up: compile (empty cache) vs load from the cache, per first-party plugin,
     /// timed through `weir plugin inspect` (median of 5). Appends to --report if given.
     Startup {
@@ -150,6 +170,10 @@ fn main() -> Result<()> {
         Cmd::PerRecord { workload, input, output, plugin, compression } => {
             let plugin = plugin.unwrap_or_else(|| workspace_root().join("dist/bench/record.wasm"));
             per_record::run(&workload, &plugin, &input, &output, KEY, compression)
+        }
+        #[cfg(feature = "stores")]
+        Cmd::Stores { store, workload, rows, keys, budget_mb, dir } => {
+            stores::run(&store, &workload, rows, keys, budget_mb, &dir)
         }
         Cmd::Checksum { path } => {
             let (rows, sum) = checksum(&path)?;

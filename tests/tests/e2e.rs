@@ -3179,4 +3179,19 @@ config = {{ key = ["k"] }}
     assert!(s["steps"][0]["counters"]["dedup"]["state_spills"].as_i64().unwrap() > 1, "{s}");
     assert_eq!(s["steps"][0]["counters"]["dedup"]["duplicates_dropped"], 20_000);
     assert_eq!(dataset_rows(&d.join("out/keys")), kept);
+    // killed -9 after its third checkpoint with keys spilled; resumed: the same rows
+    std::fs::remove_dir_all(d.join("out")).unwrap();
+    std::fs::remove_dir_all(d.join(".weir")).ok();
+    kill_at_nth(
+        d,
+        &["run", "pipeline.toml"],
+        &[("WEIR_DEBUG_PAUSE", "after-checkpoint:1")],
+        "debug pause at after-checkpoint",
+        3,
+        std::time::Duration::from_millis(50),
+    );
+    let out = weir(d, &["run", "pipeline.toml", "--resume", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("resumes after batch "), "{}", out.stderr);
+    assert_eq!(dataset_rows(&d.join("out/keys")), kept, "resumed equals uninterrupted");
 }

@@ -3,8 +3,8 @@
 //! A set must answer at once whether a key is new, so unlike a table's runs (read only at
 //! the end) its spilled keys are looked up while rows stream in. A key run holds keys
 //! sorted by a stable 64-bit hash (then by their bytes) in blocks of [`BLOCK`] entries. In
-//! memory stay the first hash of each block and a Bloom filter of [`BLOOM_BITS`] bits per
-//! key (about 1% false positives), so a key that is new (the common case) is answered
+//! memory stay the first hash of each block and a blocked Bloom filter of [`BLOOM_BITS`]
+//! bits per key (about 1% false positives), so a key that is new (the common case) is answered
 //! without touching the disk, and a key that may be held costs one read of one block.
 //!
 //! File: magic, entries (`hash u64, len u32, key`), the filter's words, the block index
@@ -18,9 +18,9 @@ use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-const MAGIC: &[u8; 8] = b"WEIRKEY1";
+const MAGIC: &[u8; 8] = b"WEIRKEY2";
 /// Entries per block: one disk read answers a lookup.
-const BLOCK: usize = 64;
+const BLOCK: usize = 32;
 /// Filter bits per key, and probes per lookup (about 1% false positives).
 const BLOOM_BITS: u64 = 10;
 const PROBES: u32 = 7;
@@ -43,10 +43,14 @@ pub(super) fn stable_hash(key: &[u8]) -> u64 {
     h ^ (h >> 33)
 }
 
+/// A blocked Bloom filter: the hash picks one 512-bit block (one cache line) and sets
+/// [`PROBES`] bits inside it, so a lookup costs one cache miss per run, not one per probe.
 fn bloom_positions(hash: u64, bits: u64) -> impl Iterator<Item = u64> {
-    // double hashing: the second hash from the first's other half, odd so it cycles
-    let h2 = (hash.rotate_left(32).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
-    (0..PROBES as u64).map(move |i| hash.wrapping_add(i.wrapping_mul(h2)) % bits)
+    let blocks = (bits / 512).max(1);
+    let base = ((hash as u128 * blocks as u128) >> 64) as u64 * 512;
+    // double hashing inside the block, from bits the block choice hardly uses
+    let (h1, h2) = (hash as u32 as u64, (hash >> 32) | 1);
+    (0..PROBES as u64).map(move |i| base + h1.wrapping_add(i.wrapping_mul(h2)) % 512)
 }
 
 /// Writes a key run; keys must come sorted by `(hash, key)`.
@@ -61,7 +65,8 @@ pub(super) struct KeyRunWriter {
 impl KeyRunWriter {
     /// `expected`: how many keys will come (sizes the filter).
     pub(super) fn create(path: &Path, expected: u64) -> std::io::Result<KeyRunWriter> {
-        let words = (expected.max(1) * BLOOM_BITS).div_ceil(64) as usize;
+        // whole 512-bit blocks
+        let words = (expected.max(1) * BLOOM_BITS).div_ceil(512) as usize * 8;
         let mut w = BufWriter::with_capacity(1 << 20, File::create(path)?);
         w.write_all(MAGIC)?;
         Ok(KeyRunWriter { w, bloom: vec![0; words], blocks: Vec::new(), offset: MAGIC.len() as u64, count: 0 })
@@ -133,6 +138,7 @@ impl KeyRun {
         let tables = words.checked_mul(8).zip(blocks.checked_mul(16)).and_then(|(a, b)| a.checked_add(b));
         if tables.and_then(|t| t.checked_add(end)).and_then(|t| t.checked_add(FOOTER)) != Some(len)
             || words == 0
+            || !words.is_multiple_of(8)
             || blocks != count.div_ceil(BLOCK as u64)
         {
             return Err(format!("{shown} has a damaged footer"));

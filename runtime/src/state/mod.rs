@@ -291,7 +291,7 @@ pub struct KeyedState {
     dir: Option<PathBuf>,
     runs: Vec<(String, u64)>,
     next_run: u64,
-    /// Sets: keys new since the last checkpoint, as the log holds them.
+    /// Sets with a directory: keys new since the last write to the log, as the log holds them.
     pending: Vec<u8>,
     /// Sets: bytes written to the log, and of them made durable by a checkpoint.
     written: u64,
@@ -509,7 +509,9 @@ impl KeyedState {
                                 keys.insert(id);
                             }
                         }
-                        put_bytes(&mut self.pending, &key);
+                        if self.dir.is_some() {
+                            put_bytes(&mut self.pending, &key);
+                        }
                     }
                     fresh.push(new);
                 }
@@ -522,7 +524,9 @@ impl KeyedState {
                     let new = self.map.find(hash, key).is_none() && !self.spilled(key)?;
                     if new {
                         self.map.insert(hash, key, 0, &[]);
-                        put_bytes(&mut self.pending, key);
+                        if self.dir.is_some() {
+                            put_bytes(&mut self.pending, key);
+                        }
                     }
                     fresh.push(new);
                 }
@@ -555,32 +559,33 @@ impl KeyedState {
         }
         let name = self.spec.name.clone();
         let dir = self.dir.clone().ok_or_else(|| self.invalid("spill without a directory (a bug)"))?;
-        let mut keys: Vec<(u64, Vec<u8>)> = match &self.set {
-            Some(SetKeys::Int { keys, null }) => keys
-                .iter()
-                .map(Some)
-                .chain(null.then_some(None))
-                .map(|id| {
-                    let k = int_key(id);
-                    (keyrun::stable_hash(&k), k)
-                })
-                .collect(),
-            _ => self
-                .map
-                .slots
-                .iter()
-                .map(|sl| (keyrun::stable_hash(self.map.key(sl)), self.map.key(sl).to_vec()))
-                .collect(),
-        };
-        keys.sort_unstable();
         let file = format!("keys-{:06}.run", self.next_run);
         let path = dir.join(&file);
-        let mut w = keyrun::KeyRunWriter::create(&path, keys.len() as u64).map_err(io_err(&name, &path))?;
-        for (h, k) in &keys {
-            w.push(*h, k).map_err(io_err(&name, &path))?;
+        let mut w = keyrun::KeyRunWriter::create(&path, self.keys_in_memory() as u64).map_err(io_err(&name, &path))?;
+        // keys in hash order, borrowed from where memory holds them (no copy per key)
+        match &self.set {
+            Some(SetKeys::Int { keys, null }) => {
+                let mut ids: Vec<(u64, Option<i64>)> = keys
+                    .iter()
+                    .map(Some)
+                    .chain(null.then_some(None))
+                    .map(|id| (keyrun::stable_hash(&int_key(id)), id))
+                    .collect();
+                ids.sort_unstable();
+                for (h, id) in ids {
+                    w.push(h, &int_key(id)).map_err(io_err(&name, &path))?;
+                }
+            }
+            _ => {
+                let mut refs: Vec<(u64, &[u8])> =
+                    self.map.slots.iter().map(|sl| (keyrun::stable_hash(self.map.key(sl)), self.map.key(sl))).collect();
+                refs.sort_unstable();
+                for (h, k) in refs {
+                    w.push(h, k).map_err(io_err(&name, &path))?;
+                }
+            }
         }
         let len = w.finish().map_err(io_err(&name, &path))?;
-        drop(keys);
         let corrupt = |message: String| Error::Corrupt { name: name.clone(), message };
         self.key_runs.push(keyrun::KeyRun::open(&path, &file).map_err(corrupt)?);
         self.next_run += 1;
