@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Prints the path of a Python with duckdb, pyarrow, polars, pandas and fastavro, creating a virtualenv for them
+# Prints the path of a Python with duckdb, pyarrow, polars, pandas, fastavro and jsonschema, creating a virtualenv for them
 # if needed ($WEIR_VENV, default ~/.cache/weir/venv, shared across clones).
 set -euo pipefail
 venv="${WEIR_VENV:-$HOME/.cache/weir/venv}"
-if ! "$venv/bin/python" -c 'import duckdb, pyarrow, polars, pandas, fastavro' >/dev/null 2>&1; then
-  echo "==> installing duckdb, pyarrow, polars, pandas into $venv" >&2
+if ! "$venv/bin/python" -c 'import duckdb, pyarrow, polars, pandas, fastavro, jsonschema, referencing' >/dev/null 2>&1; then
+  echo "==> installing duckdb, pyarrow, polars, pandas, fastavro, jsonschema into $venv" >&2
   python3 -m venv "$venv" >&2
-  "$venv/bin/pip" install --quiet --disable-pip-version-check duckdb pyarrow polars pandas fastavro >&2
+  "$venv/bin/pip" install --quiet --disable-pip-version-check duckdb pyarrow polars pandas fastavro jsonschema >&2
 fi
 echo "$venv/bin/python"

@@ -34,6 +34,8 @@ echo "==> text sources (dialects, encodings, compression) against pyarrow and Du
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/sources.py
 echo "==> check results against DuckDB"
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/checks.py
+echo "==> OpenLineage events against the official JSON Schemas, and their sequences"
+WEIR_BIN="$target_dir/release/weir" "$py" tests/python/lineage.py
 
 echo "==> benchmark harness at its smallest scale: every runner's output equals native's"
 cargo build --release -p weir-bench

@@ -28,6 +28,7 @@ pub mod config;
 pub mod cpu_clock;
 pub mod engine;
 pub mod io;
+pub mod lineage;
 pub mod malloc_tuning;
 pub mod plugin;
 pub mod quality;
@@ -98,6 +99,8 @@ pub enum Error {
     Backfill(String),
     #[error("resume: {0}")]
     Resume(String),
+    #[error("lineage: {0}")]
+    Lineage(String),
     #[error("step `{step}`: {message}")]
     Check { step: String, message: String },
     #[error("step `{step}`: its output cannot be published: {message}")]
@@ -125,6 +128,7 @@ impl Error {
             Error::Config(_)
             | Error::Backfill(_)
             | Error::Resume(_)
+            | Error::Lineage(_)
             | Error::Check { .. }
             | Error::Output { .. }
             | Error::CheckFailed { .. }

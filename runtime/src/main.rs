@@ -27,6 +27,10 @@ const EXIT_WARNINGS: u8 = 3;
 /// Exit codes: 0 success; 1 the run failed (plugin, data, I/O, or a blocking quality
 /// check); 2 the pipeline file or the command line is invalid; 3 success with warnings (a
 /// `warn` check failed, or rows were quarantined beyond a check's tolerance).
+///
+/// Lineage: with `[lineage]` in the pipeline file or WEIR_OPENLINEAGE_URL set
+/// (`file://events.jsonl` or `http://host:5000/api/v1/lineage`; WEIR_OPENLINEAGE_NAMESPACE
+/// names the jobs' namespace), runs, steps and backfills emit OpenLineage events.
 #[derive(Parser)]
 #[command(
     name = "weir",

@@ -65,6 +65,17 @@ struct RawFile {
     plugins: BTreeMap<String, Spanned<RawPlugin>>,
     #[serde(default)]
     steps: BTreeMap<String, Spanned<RawStep>>,
+    lineage: Option<Spanned<RawLineage>>,
+}
+
+/// `[lineage]`: where OpenLineage events go.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLineage {
+    url: Spanned<String>,
+    namespace: Option<String>,
+    timeout_ms: Option<u64>,
+    retries: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -455,6 +466,8 @@ pub struct Pipeline {
     pub state_path: PathBuf,
     /// Checkpoint every this many source batches (0: never).
     pub checkpoint_every: u64,
+    /// Where OpenLineage events go (`[lineage]`; `WEIR_OPENLINEAGE_URL` overrides).
+    pub lineage: Option<crate::lineage::Config>,
 }
 
 pub const DEFAULT_BATCH_SIZE: usize = 64 * 1024;
@@ -553,6 +566,18 @@ impl Pipeline {
         let steps = parse_steps(&ctx, &base, &raw, &sources, &step_retry, &source_retry, &mut errors);
 
         check_outputs(path, &sources, &steps, &mut errors);
+        let lineage = raw.lineage.as_ref().and_then(|l| {
+            let l = l.get_ref();
+            let transport = crate::lineage::Config::transport_from_url(l.url.get_ref(), &base)
+                .map_err(|m| errors.push(ctx.at(l.url.span().start, &format!("lineage.url: {m}"), None)))
+                .ok()?;
+            Some(crate::lineage::Config {
+                transport,
+                namespace: l.namespace.clone().unwrap_or_else(|| "weir".into()),
+                timeout: std::time::Duration::from_millis(l.timeout_ms.unwrap_or(2000).clamp(10, 60_000)),
+                retries: l.retries.unwrap_or(2).min(10),
+            })
+        });
 
         let steps = match order_steps(steps) {
             Ok(s) => s,
@@ -585,6 +610,7 @@ impl Pipeline {
             config_sha256: crate::plugin::hex(&sha2::Sha256::digest(text.as_bytes())),
             state_path: base.join(meta.state.as_deref().unwrap_or(".weir/state.db")),
             checkpoint_every: meta.checkpoint_every.unwrap_or(DEFAULT_CHECKPOINT_EVERY),
+            lineage,
         })
     }
 

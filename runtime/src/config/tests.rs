@@ -210,3 +210,19 @@ fn nested_column_types_parse_and_hostile_ones_are_refused() {
     );
     assert!(e.iter().any(|d| d.message.contains("read from JSON lines only")), "{e:?}");
 }
+
+#[test]
+fn lineage_says_where_events_go_or_names_the_line() {
+    let p =
+        parse(&format!("{GOOD}\n[lineage]\nurl = \"http://127.0.0.1:5000/api/v1/lineage\"\nretries = 50\n")).unwrap();
+    let l = p.lineage.unwrap();
+    assert_eq!(l.transport, crate::lineage::Transport::Http("http://127.0.0.1:5000/api/v1/lineage".into()));
+    assert_eq!((l.namespace.as_str(), l.retries), ("weir", 10), "retries are capped");
+    let p = parse(&format!("{GOOD}\n[lineage]\nurl = \"file://ol.jsonl\"\nnamespace = \"prod\"\n")).unwrap();
+    assert_eq!(p.lineage.unwrap().transport, crate::lineage::Transport::File("./ol.jsonl".into()));
+    let e = errors(&format!("{GOOD}\n[lineage]\nurl = \"https://x\"\n"));
+    assert_eq!(e.len(), 1);
+    assert!(e[0].message.contains("lineage.url") && e[0].message.contains("no TLS"), "{}", e[0]);
+    assert_eq!(e[0].line, GOOD.lines().count() + 3, "{}", e[0]);
+    assert!(parse(GOOD).unwrap().lineage.is_none());
+}

@@ -216,6 +216,10 @@ fn execute(
     options: &RunOptions,
 ) -> Result<BackfillSummary> {
     store.backfill_heartbeat(id)?;
+    let lineage = super::lineage::emitter(pipeline, &options.log)?;
+    if let Some(e) = &lineage {
+        super::lineage::backfill_event(e, pipeline, id, "START", None);
+    }
     let lease = {
         let store = store.clone();
         super::Heartbeat::every(move || {
@@ -285,6 +289,13 @@ fn execute(
     store.set_backfill_status(id, status)?;
     let failed: Vec<(String, String)> =
         results.iter().filter_map(|(p, o)| o.as_ref().err().map(|e| (p.clone(), e.clone()))).collect();
+    if let Some(e) = &lineage {
+        let failed_names: Vec<&str> =
+            plan.iter().filter(|p| p.status != "SUCCESS").map(|p| p.partition.as_str()).collect();
+        let error = (!failed_names.is_empty()).then(|| format!("partitions not done: {}", failed_names.join(", ")));
+        let event = if error.is_some() { "FAIL" } else { "COMPLETE" };
+        super::lineage::backfill_event(e, pipeline, id, event, error.as_deref());
+    }
     let mut warned: Vec<(String, Vec<String>)> = results
         .iter()
         .filter_map(|(p, o)| o.as_ref().ok().filter(|w| !w.is_empty()).map(|w| (p.clone(), w.clone())))

@@ -28,6 +28,7 @@
 
 pub mod backfill;
 mod flow;
+mod lineage;
 mod publish;
 mod quality;
 mod recovery;
@@ -315,6 +316,8 @@ struct RunCtx<'a> {
     secrets: &'a HashMap<String, Vec<u8>>,
     store: &'a dyn RunStore,
     run_id: i64,
+    /// The run's OpenLineage events, when configured.
+    lineage: Option<&'a std::sync::Mutex<lineage::RunLineage>>,
 }
 
 /// Run a validated pipeline once: recover crashed runs, skip if an identical run already
@@ -326,6 +329,7 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
     let dead = recover(store.as_ref(), Some(&pipeline.name), "a new run", &*log, options.resume)?;
     let secrets = resolve_secrets(pipeline)?;
     let loaded = load_plugins(pipeline, options)?;
+    let emitter = lineage::emitter(pipeline, &options.log)?;
     let fp = fingerprint(pipeline, options.partition.as_deref(), &loaded);
     let resume_from = match options.resume {
         true => find_resume(store.as_ref(), pipeline, options, &fp, &dead)?,
@@ -347,7 +351,19 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
         Begun::Started(id) => id,
     };
     let heartbeat = Heartbeat::start(store.clone(), id);
-    let run = RunCtx { pipeline, options, loaded: &loaded, secrets: &secrets, store: store.as_ref(), run_id: id };
+    let events = emitter.map(|e| {
+        let partition = options.partition.as_deref();
+        std::sync::Mutex::new(lineage::RunLineage::start(e, pipeline, partition, options.backfill_id, id, &loaded))
+    });
+    let run = RunCtx {
+        pipeline,
+        options,
+        loaded: &loaded,
+        secrets: &secrets,
+        store: store.as_ref(),
+        run_id: id,
+        lineage: events.as_ref(),
+    };
     let result = match &resume_from {
         Some((old, checkpoints)) => adopt(&run, old, checkpoints).and_then(|()| execute(&run, Some(checkpoints))),
         None => execute(&run, None),
@@ -357,9 +373,15 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
         Ok(steps) => {
             debug_pause("before-finish", &*log);
             store.finish_run(id, Status::Success, &step_rows(&steps), None)?;
+            if let Some(l) = events {
+                l.into_inner().unwrap_or_else(|e| e.into_inner()).end(None);
+            }
             Ok(summary("SUCCESS", Some(id), None, steps))
         }
         Err(e) => {
+            if let Some(l) = events {
+                l.into_inner().unwrap_or_else(|e| e.into_inner()).end(Some(&e.to_string()));
+            }
             if let Err(store_err) = store.finish_run(id, Status::Failed, &[], Some(&e.to_string())) {
                 log(Level::WARN, &format!("weir: warning: could not record the failure of run #{id}: {store_err}"));
             }
@@ -603,10 +625,31 @@ fn execute(run: &RunCtx<'_>, resume: Option<&[Checkpoint]>) -> Result<Vec<StepSu
         guard.add(&quarantine_staging(&staging));
         guard.add(&state_staging(&staging));
         let checkpoint = resume.and_then(|cs| cs.iter().find(|c| c.step == step.name));
-        let (summary, s) = match checkpoint.filter(|c| c.complete) {
-            Some(c) => reuse_complete(run, step, c, staging)?,
-            None => run_with_retries(run, step, &staged, staging, checkpoint)?,
+        let partition = run.options.partition.as_deref();
+        let events = || run.lineage.map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(mut l) = events() {
+            l.step_start(pipeline, step, partition);
+        }
+        let done = match checkpoint.filter(|c| c.complete) {
+            Some(c) => reuse_complete(run, step, c, staging),
+            None => run_with_retries(run, step, &staged, staging, checkpoint),
         };
+        let (summary, s) = match done {
+            Ok(done) => done,
+            Err(e) => {
+                if let Some(mut l) = events() {
+                    let checks = match &e {
+                        Error::CheckFailed { .. } => step_checks(store, run.run_id, &step.name),
+                        _ => Vec::new(),
+                    };
+                    l.step_fail(step, &e.to_string(), &checks);
+                }
+                return Err(e);
+            }
+        };
+        if let Some(mut l) = events() {
+            l.step_complete(pipeline, step, partition, &summary, &s);
+        }
         summaries.push(summary);
         staged.insert(step.name.clone(), s);
     }
@@ -632,6 +675,13 @@ fn execute(run: &RunCtx<'_>, resume: Option<&[Checkpoint]>) -> Result<Vec<StepSu
     }
     drop(guard);
     Ok(summaries)
+}
+
+/// The check results a run recorded for a step (what its quality gate decided on).
+fn step_checks(store: &dyn RunStore, run_id: i64, step: &str) -> Vec<crate::quality::CheckResult> {
+    let filter = crate::store::CheckFilter { run_id: Some(run_id), limit: 10_000, ..Default::default() };
+    let all = store.check_results(&filter).unwrap_or_default();
+    all.into_iter().map(|c| c.result).filter(|r| r.step == step).collect()
 }
 
 /// A step that finished before the crash of the run being resumed: its staging is

@@ -1,0 +1,287 @@
+//! The OpenLineage events of a run, its steps and a backfill (see [`crate::lineage`]).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use super::{Staged, StepSummary};
+use crate::config::{Pipeline, Step};
+use crate::lineage::{self as ol, Emitter, Event};
+use crate::plugin::LoadedPlugin;
+use crate::{Error, Result};
+
+/// Where a pipeline's events go: `WEIR_OPENLINEAGE_URL` (with `WEIR_OPENLINEAGE_NAMESPACE`)
+/// over the pipeline file's `[lineage]`; none when neither says.
+pub fn emitter(pipeline: &Pipeline, log: &super::LogFn) -> Result<Option<Arc<Emitter>>> {
+    let base = pipeline.file.parent().map(PathBuf::from).unwrap_or_default();
+    let config = match std::env::var("WEIR_OPENLINEAGE_URL") {
+        Ok(url) if !url.trim().is_empty() => {
+            let transport = ol::Config::transport_from_url(url.trim(), &base)
+                .map_err(|m| Error::Lineage(format!("WEIR_OPENLINEAGE_URL: {m}")))?;
+            let mut c = pipeline.lineage.clone().unwrap_or(ol::Config {
+                transport: transport.clone(),
+                namespace: "weir".into(),
+                timeout: std::time::Duration::from_secs(2),
+                retries: 2,
+            });
+            c.transport = transport;
+            if let Ok(ns) = std::env::var("WEIR_OPENLINEAGE_NAMESPACE") {
+                if !ns.trim().is_empty() {
+                    c.namespace = ns.trim().to_string();
+                }
+            }
+            Some(c)
+        }
+        _ => pipeline.lineage.clone(),
+    };
+    Ok(config.map(|c| Arc::new(Emitter::new(c, log.clone()))))
+}
+
+/// The run id of a backfill, as its partition runs name it in their `parent` facet.
+pub fn backfill_run_id(pipeline: &Pipeline, backfill: i64) -> String {
+    ol::run_uuid(&format!("{}:{}:backfill:{backfill}", pipeline.state_path.display(), pipeline.name))
+}
+
+pub fn backfill_job(pipeline: &Pipeline) -> String {
+    format!("{}.backfill", pipeline.name)
+}
+
+/// A backfill's own START or end event.
+pub fn backfill_event(emitter: &Emitter, pipeline: &Pipeline, backfill: i64, event_type: &str, error: Option<&str>) {
+    let mut run_facets = Map::new();
+    run_facets.insert("processing_engine".into(), ol::processing_engine());
+    if let Some(e) = error {
+        run_facets.insert("errorMessage".into(), ol::error_message(e));
+    }
+    let mut job_facets = Map::new();
+    job_facets.insert("jobType".into(), ol::job_type("BACKFILL"));
+    let run_id = backfill_run_id(pipeline, backfill);
+    let job = backfill_job(pipeline);
+    emitter.emit(
+        &Event {
+            event_type,
+            run_id: &run_id,
+            namespace: emitter.namespace(),
+            job: &job,
+            run_facets,
+            job_facets,
+            inputs: vec![],
+            outputs: vec![],
+        }
+        .to_json(),
+    );
+}
+
+/// One run's events.
+pub struct RunLineage {
+    emitter: Arc<Emitter>,
+    run_id: String,
+    job: String,
+    /// The run's own facets: engine, nominal time, parent backfill, plugins.
+    facets: Map<String, Value>,
+    /// Per step: its run id, once started.
+    steps: HashMap<String, String>,
+    inputs: Vec<Value>,
+    outputs: Vec<Value>,
+}
+
+impl RunLineage {
+    /// The run's START event.
+    pub fn start(
+        emitter: Arc<Emitter>,
+        pipeline: &Pipeline,
+        partition: Option<&str>,
+        backfill: Option<i64>,
+        run: i64,
+        loaded: &HashMap<String, LoadedPlugin>,
+    ) -> RunLineage {
+        let started = ol::now();
+        let run_id = ol::run_uuid(&format!("{}:{}:{run}:{started}", pipeline.state_path.display(), pipeline.name));
+        let mut facets = Map::new();
+        facets.insert("processing_engine".into(), ol::processing_engine());
+        if let Some(t) = partition.and_then(ol::nominal_time) {
+            facets.insert("nominalTime".into(), t);
+        }
+        if let Some(b) = backfill {
+            facets.insert(
+                "parent".into(),
+                ol::parent(&backfill_run_id(pipeline, b), emitter.namespace(), &backfill_job(pipeline)),
+            );
+        }
+        let mut digests: Vec<(String, String)> =
+            loaded.iter().map(|(name, p)| (name.clone(), p.info.sha256.clone())).collect();
+        digests.sort();
+        facets.insert("weir_plugins".into(), ol::plugins(&digests));
+        let r = RunLineage {
+            emitter,
+            run_id,
+            job: pipeline.name.clone(),
+            facets,
+            steps: HashMap::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+        };
+        r.send("START", &r.run_id, &r.job, r.facets.clone(), "PIPELINE", vec![], vec![]);
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &self,
+        event_type: &str,
+        run_id: &str,
+        job: &str,
+        run_facets: Map<String, Value>,
+        job_type: &str,
+        inputs: Vec<Value>,
+        outputs: Vec<Value>,
+    ) {
+        let mut job_facets = Map::new();
+        job_facets.insert("jobType".into(), ol::job_type(job_type));
+        let event = Event {
+            event_type,
+            run_id,
+            namespace: self.emitter.namespace(),
+            job,
+            run_facets,
+            job_facets,
+            inputs,
+            outputs,
+        };
+        self.emitter.emit(&event.to_json());
+    }
+
+    fn step_facets(&self, extra: Option<(&str, Value)>) -> Map<String, Value> {
+        let mut f = Map::new();
+        f.insert("parent".into(), ol::parent(&self.run_id, self.emitter.namespace(), &self.job));
+        f.insert("processing_engine".into(), ol::processing_engine());
+        if let Some(t) = self.facets.get("nominalTime") {
+            f.insert("nominalTime".into(), t.clone());
+        }
+        if let Some((k, v)) = extra {
+            f.insert(k.into(), v);
+        }
+        f
+    }
+
+    /// A step's START: a child run of the pipeline run.
+    pub fn step_start(&mut self, pipeline: &Pipeline, step: &Step, partition: Option<&str>) {
+        let run_id = ol::run_uuid(&format!("{}:step:{}", self.run_id, step.name));
+        let inputs = vec![input_dataset(pipeline, step, partition)];
+        self.send("START", &run_id, &self.step_job(step), self.step_facets(None), "STEP", inputs, vec![]);
+        self.steps.insert(step.name.clone(), run_id);
+    }
+
+    fn step_job(&self, step: &Step) -> String {
+        format!("{}.{}", self.job, step.name)
+    }
+
+    /// A step's COMPLETE, with what it read and wrote.
+    pub fn step_complete(
+        &mut self,
+        pipeline: &Pipeline,
+        step: &Step,
+        partition: Option<&str>,
+        summary: &StepSummary,
+        staged: &Staged,
+    ) {
+        let Some(run_id) = self.steps.get(&step.name).cloned() else { return };
+        let mut input = input_dataset(pipeline, step, partition);
+        let (k, v) = ol::statistics(false, summary.rows_read, None, Some(summary.files as u64));
+        input["inputFacets"] = json!({ k: v });
+        let mut outputs = Vec::new();
+        if let Some(out) = &step.output {
+            let mut o = ol::file_dataset(&out.path);
+            let mut facets = Map::new();
+            facets.insert("schema".into(), ol::schema(&staged.schema));
+            if !summary.checks.is_empty() {
+                facets.insert("dataQualityAssertions".into(), ol::assertions(&summary.checks));
+            }
+            o["facets"] = Value::Object(facets);
+            let bytes = dir_bytes(&staged.staging);
+            let (k, v) = ol::statistics(true, summary.rows_written, Some(bytes.0), Some(bytes.1));
+            o["outputFacets"] = json!({ k: v });
+            outputs.push(o);
+        }
+        self.send(
+            "COMPLETE",
+            &run_id,
+            &self.step_job(step),
+            self.step_facets(None),
+            "STEP",
+            vec![input.clone()],
+            outputs.clone(),
+        );
+        if !self.inputs.iter().any(|i| i["name"] == input["name"]) && pipeline.sources.contains_key(&step.input) {
+            self.inputs.push(input);
+        }
+        self.outputs.extend(outputs);
+    }
+
+    /// A step's FAIL; `checks`, the step's check results when its quality gate failed it,
+    /// go with the output it would have written.
+    pub fn step_fail(&mut self, step: &Step, error: &str, checks: &[crate::quality::CheckResult]) {
+        let Some(run_id) = self.steps.get(&step.name).cloned() else { return };
+        let facets = self.step_facets(Some(("errorMessage", ol::error_message(error))));
+        let mut outputs = Vec::new();
+        if let (Some(out), false) = (&step.output, checks.is_empty()) {
+            let mut o = ol::file_dataset(&out.path);
+            o["facets"] = json!({ "dataQualityAssertions": ol::assertions(checks) });
+            outputs.push(o);
+        }
+        self.send("FAIL", &run_id, &self.step_job(step), facets, "STEP", vec![], outputs);
+    }
+
+    /// The run's COMPLETE or FAIL, with the sources it read and the datasets it wrote.
+    pub fn end(self, error: Option<&str>) {
+        let mut facets = self.facets.clone();
+        let event_type = match error {
+            Some(e) => {
+                facets.insert("errorMessage".into(), ol::error_message(e));
+                "FAIL"
+            }
+            None => "COMPLETE",
+        };
+        let (inputs, outputs) = match error {
+            None => (self.inputs.clone(), self.outputs.clone()),
+            Some(_) => (vec![], vec![]),
+        };
+        self.send(event_type, &self.run_id, &self.job, facets, "PIPELINE", inputs, outputs);
+    }
+}
+
+/// A step's input: its source's files, or the dataset an earlier step wrote.
+fn input_dataset(pipeline: &Pipeline, step: &Step, partition: Option<&str>) -> Value {
+    if let Some(source) = pipeline.sources.get(&step.input) {
+        let path = match partition {
+            Some(p) => source.path.replace("{partition}", p),
+            None => source.path.clone(),
+        };
+        let base = pipeline.file.parent().map(PathBuf::from).unwrap_or_default();
+        return ol::file_dataset(&base.join(path));
+    }
+    match pipeline.step(&step.input).and_then(|s| s.output.as_ref()) {
+        Some(out) => ol::file_dataset(&out.path),
+        None => json!({ "namespace": "weir", "name": format!("{}.{}", pipeline.name, step.input) }),
+    }
+}
+
+/// Bytes and files under a staged output.
+fn dir_bytes(dir: &std::path::Path) -> (u64, u64) {
+    let mut total = (0, 0);
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => {
+                    let (b, f) = dir_bytes(&e.path());
+                    total = (total.0 + b, total.1 + f);
+                }
+                Ok(m) => total = (total.0 + m.len(), total.1 + 1),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
