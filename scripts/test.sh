@@ -34,8 +34,9 @@ echo "==> text sources (dialects, encodings, compression) against pyarrow and Du
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/sources.py
 echo "==> check results against DuckDB"
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/checks.py
-echo "==> OpenLineage events against the official JSON Schemas, and their sequences"
-WEIR_BIN="$target_dir/release/weir" "$py" tests/python/lineage.py
+echo "==> OpenLineage events against the official JSON Schemas; metrics through a real Pushgateway and Prometheus"
+./scripts/install-services.sh
+WEIR_BIN="$target_dir/release/weir" "$py" tests/python/observe.py
 
 echo "==> benchmark harness at its smallest scale: every runner's output equals native's"
 cargo build --release -p weir-bench

@@ -30,6 +30,7 @@ pub mod engine;
 pub mod io;
 pub mod lineage;
 pub mod malloc_tuning;
+pub mod metrics;
 pub mod plugin;
 pub mod quality;
 pub mod state;
@@ -101,6 +102,8 @@ pub enum Error {
     Resume(String),
     #[error("lineage: {0}")]
     Lineage(String),
+    #[error("metrics: {0}")]
+    Metrics(String),
     #[error("step `{step}`: {message}")]
     Check { step: String, message: String },
     #[error("step `{step}`: its output cannot be published: {message}")]
@@ -129,6 +132,7 @@ impl Error {
             | Error::Backfill(_)
             | Error::Resume(_)
             | Error::Lineage(_)
+            | Error::Metrics(_)
             | Error::Check { .. }
             | Error::Output { .. }
             | Error::CheckFailed { .. }

@@ -66,6 +66,15 @@ struct RawFile {
     #[serde(default)]
     steps: BTreeMap<String, Spanned<RawStep>>,
     lineage: Option<Spanned<RawLineage>>,
+    metrics: Option<Spanned<RawMetrics>>,
+}
+
+/// `[metrics]`: where a batch run pushes its Prometheus metrics.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    pushgateway: Spanned<String>,
+    timeout_ms: Option<u64>,
 }
 
 /// `[lineage]`: where OpenLineage events go.
@@ -468,6 +477,8 @@ pub struct Pipeline {
     pub checkpoint_every: u64,
     /// Where OpenLineage events go (`[lineage]`; `WEIR_OPENLINEAGE_URL` overrides).
     pub lineage: Option<crate::lineage::Config>,
+    /// Where a run pushes its metrics (`[metrics]`; `WEIR_PUSHGATEWAY_URL` overrides).
+    pub metrics: Option<crate::metrics::Config>,
 }
 
 pub const DEFAULT_BATCH_SIZE: usize = 64 * 1024;
@@ -566,6 +577,17 @@ impl Pipeline {
         let steps = parse_steps(&ctx, &base, &raw, &sources, &step_retry, &source_retry, &mut errors);
 
         check_outputs(path, &sources, &steps, &mut errors);
+        let metrics = raw.metrics.as_ref().and_then(|m| {
+            let m = m.get_ref();
+            let url = m.pushgateway.get_ref();
+            crate::metrics::Config::check_url(url)
+                .map_err(|e| {
+                    errors.push(ctx.at(m.pushgateway.span().start, &format!("metrics.pushgateway: {e}"), None))
+                })
+                .ok()?;
+            let timeout = std::time::Duration::from_millis(m.timeout_ms.unwrap_or(2000).clamp(10, 60_000));
+            Some(crate::metrics::Config { pushgateway: url.clone(), timeout })
+        });
         let lineage = raw.lineage.as_ref().and_then(|l| {
             let l = l.get_ref();
             let transport = crate::lineage::Config::transport_from_url(l.url.get_ref(), &base)
@@ -611,6 +633,7 @@ impl Pipeline {
             state_path: base.join(meta.state.as_deref().unwrap_or(".weir/state.db")),
             checkpoint_every: meta.checkpoint_every.unwrap_or(DEFAULT_CHECKPOINT_EVERY),
             lineage,
+            metrics,
         })
     }
 

@@ -226,3 +226,13 @@ fn lineage_says_where_events_go_or_names_the_line() {
     assert_eq!(e[0].line, GOOD.lines().count() + 3, "{}", e[0]);
     assert!(parse(GOOD).unwrap().lineage.is_none());
 }
+
+#[test]
+fn metrics_push_to_an_http_pushgateway_or_name_the_line() {
+    let p = parse(&format!("{GOOD}\n[metrics]\npushgateway = \"http://127.0.0.1:9091\"\n")).unwrap();
+    assert_eq!(p.metrics.unwrap().pushgateway, "http://127.0.0.1:9091");
+    let e = errors(&format!("{GOOD}\n[metrics]\npushgateway = \"127.0.0.1:9091\"\n"));
+    assert_eq!(e.len(), 1);
+    assert!(e[0].message.contains("metrics.pushgateway"), "{}", e[0]);
+    assert_eq!(e[0].line, GOOD.lines().count() + 3, "{}", e[0]);
+}

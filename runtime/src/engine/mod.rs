@@ -324,6 +324,37 @@ struct RunCtx<'a> {
 /// published, else record the run, execute, publish and commit the outcome.
 pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
     let started = Instant::now();
+    let pushgateway = pushgateway(pipeline)?;
+    let outcome = run_once(pipeline, options);
+    if let Some(config) = &pushgateway {
+        // an up-to-date run did nothing: the last run's metrics stand
+        if !matches!(&outcome, Ok(s) if s.status == "UP_TO_DATE") {
+            let text = crate::metrics::run_metrics(&pipeline.name, outcome.as_ref(), started.elapsed().as_secs_f64());
+            let partition = options.partition.as_deref();
+            if let Err(e) = crate::metrics::push(config, &pipeline.name, partition, &text, outcome.is_ok()) {
+                (options.log)(Level::WARN, &format!("weir: warning: metrics were not pushed ({e})"));
+            }
+        }
+    }
+    outcome
+}
+
+/// Where the run's metrics go: `WEIR_PUSHGATEWAY_URL` over the pipeline file's `[metrics]`.
+fn pushgateway(pipeline: &Pipeline) -> Result<Option<crate::metrics::Config>> {
+    match std::env::var("WEIR_PUSHGATEWAY_URL") {
+        Ok(url) if !url.trim().is_empty() => {
+            let url = url.trim().to_string();
+            crate::metrics::Config::check_url(&url)
+                .map_err(|e| Error::Metrics(format!("WEIR_PUSHGATEWAY_URL: {e}")))?;
+            let timeout = pipeline.metrics.as_ref().map_or(Duration::from_secs(2), |m| m.timeout);
+            Ok(Some(crate::metrics::Config { pushgateway: url, timeout }))
+        }
+        _ => Ok(pipeline.metrics.clone()),
+    }
+}
+
+fn run_once(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
+    let started = Instant::now();
     let log = options.log.clone();
     let store = open_store(pipeline, options)?;
     let dead = recover(store.as_ref(), Some(&pipeline.name), "a new run", &*log, options.resume)?;

@@ -1,10 +1,19 @@
-"""OpenLineage events of weir runs, validated against the official JSON Schemas (spec 2-0-2
-and its facets, in tests/data/openlineage, offline), and their sequences checked: a run
-that succeeds, a run whose blocking check fails, a backfill of two partitions (file
-transport), the same run POSTed to a local HTTP receiver, and a receiver that is down.
+"""What operators see of weir runs.
+
+OpenLineage: events validated against the official JSON Schemas (spec 2-0-2 and its facets,
+in tests/data/openlineage, offline), and their sequences checked: a run that succeeds, a
+run whose blocking check fails, a backfill of two partitions (file transport), the same run
+POSTed to a local HTTP receiver, a receiver that is down and one that hangs.
+
+Prometheus: a real Pushgateway and Prometheus (the distribution's packages) on private
+127.0.0.1 ports and data directories, started here and stopped by their pids; weir pushes,
+Prometheus scrapes, and the values are queried back through its HTTP API, with the example
+alert rules loaded (and checked by promtool).
 """
 import http.server
 import json
+import socket
+import time
 import os
 import pathlib
 import subprocess
@@ -218,9 +227,6 @@ with tempfile.TemporaryDirectory() as tmp:
     check("and says once that events are not delivered", r.stderr.count("lineage events are not delivered") == 1, r.stderr)
 
     # a receiver that accepts connections and never answers: bounded by the timeout
-    import socket
-    import time
-
     hang = socket.socket()
     hang.bind(("127.0.0.1", 0))
     hang.listen(16)
@@ -240,4 +246,110 @@ with tempfile.TemporaryDirectory() as tmp:
     r = run(d, "run", "pipeline.toml", "--partition", "2024-05-02", "--force", extra_env={"WEIR_OPENLINEAGE_URL": "https://lineage.example.com"})
     check("an https URL is refused clearly", r.returncode != 0 and "no TLS" in r.stderr, r.stderr)
 
-finish("lineage")
+
+# ---------------------------------------------------------------------------------------
+# Prometheus: weir pushes, Prometheus scrapes the Pushgateway, the API answers.
+import shutil
+import urllib.parse
+import urllib.request
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status, r.read().decode()
+    except Exception as e:  # not up yet
+        return None, str(e)
+
+
+def wait_until(what, probe, seconds=60):
+    """Poll `probe` (a readiness or query answer, not a sleep standing in for one)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        got = probe()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+rules = root / "examples/alerts/weir.rules.yml"
+r = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
+check("promtool accepts the example alert rules", r.returncode == 0, r.stdout + r.stderr)
+
+procs = []
+with tempfile.TemporaryDirectory() as tmp:
+    d = pathlib.Path(tmp)
+    setup(d, "")
+    pg_port, prom_port = free_port(), free_port()
+    pg = f"http://127.0.0.1:{pg_port}"
+    prom = f"http://127.0.0.1:{prom_port}"
+    try:
+        procs.append(subprocess.Popen(
+            [shutil.which("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{pg_port}"],
+            stdout=subprocess.DEVNULL, stderr=(d / "pushgateway.log").open("w")))
+        (d / "prometheus.yml").write_text(f"""global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+rule_files: ["{rules}"]
+scrape_configs:
+  - job_name: pushgateway
+    honor_labels: true
+    static_configs:
+      - targets: ["127.0.0.1:{pg_port}"]
+""")
+        procs.append(subprocess.Popen(
+            [shutil.which("prometheus"), f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{prom_port}"],
+            stdout=subprocess.DEVNULL, stderr=(d / "prometheus.log").open("w")))
+        wait_until("the Pushgateway", lambda: get(f"{pg}/-/ready")[0] == 200)
+        wait_until("Prometheus", lambda: get(f"{prom}/-/ready")[0] == 200)
+
+        def query(q):
+            status, body = get(f"{prom}/api/v1/query?query={urllib.parse.quote(q)}")
+            return json.loads(body)["data"]["result"] if status == 200 else []
+
+        def value(q):
+            """The single value of `q` once Prometheus has scraped it."""
+            return float(wait_until(q, lambda: query(q))[0]["value"][1])
+
+        push = {"WEIR_PUSHGATEWAY_URL": pg}
+        r = run(d, "run", "pipeline.toml", "--partition", "2024-05-01", extra_env=push)
+        check("a run pushing its metrics succeeds", r.returncode == 0, r.stderr)
+        sel = '{pipeline="orders",partition="2024-05-01"'
+        check("rows written, as Prometheus scraped them", value(f'weir_step_rows_written{sel},step="clean"}}') == 3)
+        check("rows read", value(f'weir_step_rows_read{sel},step="totals"}}') == 3)
+        check("the run succeeded", value(f"weir_run_success{sel}}}") == 1)
+        check("the check passed", value(f'weir_check_passed{sel},check="not_null(id)",severity="block"}}') == 1)
+        first_success = value(f"weir_last_success_timestamp_seconds{sel}}}")
+        check("the last success is now", abs(time.time() - first_success) < 600, str(first_success))
+
+        # the same partition fails later: the run shows failed, its last success stays
+        (d / "in/2024-05-01.csv").write_text("id,amount,day\n,10,2024-05-01\n")
+        r = run(d, "run", "pipeline.toml", "--partition", "2024-05-01", extra_env=push)
+        check("a failing run pushes too", r.returncode == 1, r.stderr)
+        wait_until("the failed run's metrics", lambda: query(f"weir_run_success{sel}}} == 0"))
+        check("blocked by a check", value(f"weir_run_blocked_by_check{sel}}}") == 1)
+        check("the failure is the user's to fix", value(f'weir_run_failed{sel},kind="user"}}') == 1)
+        check("the last success is kept", value(f"weir_last_success_timestamp_seconds{sel}}}") == first_success)
+        alerts = wait_until("the alerts", lambda: {a["metric"]["alertname"] for a in query(f'ALERTS{{alertstate="firing",partition="2024-05-01"}}')} >= {"WeirRunFailed", "WeirBlockingCheckFailed"} and True)
+        check("the example rules fire on the failed run", alerts)
+
+        # a Pushgateway that is down: the run succeeds and says so once
+        procs[0].terminate()
+        procs[0].wait()
+        r = run(d, "run", "pipeline.toml", "--partition", "2024-05-02", extra_env=push)
+        check("a run whose Pushgateway is down succeeds", r.returncode == 0, r.stderr)
+        check("and warns that metrics were not pushed", r.stderr.count("metrics were not pushed") == 1, r.stderr)
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait()
+
+finish("observe")
