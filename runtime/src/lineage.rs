@@ -3,7 +3,8 @@
 //! A pipeline run is a job (`<pipeline>`); each of its steps is a child job
 //! (`<pipeline>.<step>`, with a `parent` facet naming the pipeline run); a backfill is the
 //! parent of its partition runs (`<pipeline>.backfill`). Each run emits START, then
-//! COMPLETE or FAIL (ABORT when it was interrupted). Datasets on the local disk are named as
+//! COMPLETE or FAIL. (An interrupted run sends no ABORT yet: weir does not catch signals,
+//! and a killed run's START is left without its end.) Datasets on the local disk are named as
 //! OpenLineage's naming conventions say for files: namespace `file`, name the absolute path.
 //!
 //! Events go to a `file` (JSON lines, appended) or to an `http` endpoint (POSTed, with a
@@ -74,6 +75,10 @@ pub struct Emitter {
     log: crate::engine::LogFn,
 }
 
+/// Backends found down in this process: a backfill's later partition runs skip them too,
+/// so a backfill pays one event's timeouts, not one per partition.
+static DOWN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
 impl Emitter {
     pub fn new(config: Config, log: crate::engine::LogFn) -> Emitter {
         let agent = matches!(config.transport, Transport::Http(_)).then(|| {
@@ -81,7 +86,18 @@ impl Emitter {
                 ureq::Agent::config_builder().timeout_global(Some(config.timeout)).http_status_as_error(false).build();
             ureq::Agent::new_with_config(c)
         });
-        Emitter { config, agent, down: AtomicBool::new(false), dropped: AtomicU64::new(0), file: Mutex::new(()), log }
+        let known_down = match &config.transport {
+            Transport::Http(url) => DOWN.lock().unwrap_or_else(|e| e.into_inner()).contains(url),
+            Transport::File(_) => false,
+        };
+        Emitter {
+            config,
+            agent,
+            down: AtomicBool::new(known_down),
+            dropped: AtomicU64::new(0),
+            file: Mutex::new(()),
+            log,
+        }
     }
 
     pub fn namespace(&self) -> &str {
@@ -109,6 +125,9 @@ impl Emitter {
         };
         if let Err(e) = result {
             self.down.store(true, Ordering::Relaxed);
+            if let Transport::Http(url) = &self.config.transport {
+                DOWN.lock().unwrap_or_else(|e| e.into_inner()).push(url.clone());
+            }
             self.dropped.fetch_add(1, Ordering::Relaxed);
             (self.log)(
                 tracing::Level::WARN,
@@ -237,6 +256,11 @@ pub fn nominal_time(partition: &str) -> Option<Value> {
     if !is_date {
         return None;
     }
+    // all ASCII now, so these slices are on character boundaries
+    let (month, day) = (date[5..7].parse::<u32>().ok()?, date[8..10].parse::<u32>().ok()?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return None;
+    }
     Some(std_facet(
         "NominalTimeRunFacet",
         "1-0-1",
@@ -359,6 +383,8 @@ mod tests {
         assert!(nominal_time("2024-05-01T10").is_some());
         assert!(nominal_time("eu-west").is_none());
         assert!(nominal_time("2024-5-1").is_none());
+        assert!(nominal_time("2024-13-45").is_none());
+        assert!(nominal_time("2024-é-01x").is_none());
     }
 
     #[test]

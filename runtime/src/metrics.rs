@@ -104,10 +104,18 @@ pub fn run_metrics(pipeline: &str, outcome: Result<&RunSummary, &crate::Error>, 
                 t.sample("weir_step_rows_skipped", "bad rows skipped (on_error = skip)", &l, step.rows_skipped as f64);
                 t.sample("weir_step_rows_quarantined", "rows moved to quarantine", &l, step.rows_quarantined as f64);
                 t.sample("weir_step_duration_seconds", "wall time of the step", &l, step.seconds);
+                // a plugin used twice in a step: one sample, summed (the Pushgateway refuses
+                // a push with the same series twice)
+                let mut per_plugin: Vec<(&str, crate::plugin::CallTimings)> = Vec::new();
                 for pt in &step.timings.plugins {
-                    let l = [("pipeline", pipeline), ("step", step.name.as_str()), ("plugin", pt.plugin.as_str())];
-                    t.sample("weir_plugin_calls", "calls into the plugin in the last run", &l, pt.calls.calls as f64);
-                    let c = &pt.calls;
+                    match per_plugin.iter_mut().find(|(p, _)| *p == pt.plugin) {
+                        Some((_, t)) => t.add(&pt.calls),
+                        None => per_plugin.push((pt.plugin.as_str(), pt.calls)),
+                    }
+                }
+                for (plugin, c) in &per_plugin {
+                    let l = [("pipeline", pipeline), ("step", step.name.as_str()), ("plugin", plugin)];
+                    t.sample("weir_plugin_calls", "calls into the plugin in the last run", &l, c.calls as f64);
                     let secs = c.host_encode
                         + c.copy_in
                         + c.guest_decode

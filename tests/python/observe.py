@@ -34,12 +34,12 @@ spec_dir = root / "tests/data/openlineage"
 # every schema by its $id, so references resolve offline
 schemas = [json.loads(p.read_text()) for p in [spec_dir / "OpenLineage.json", *sorted((spec_dir / "facets").glob("*.json"))]]
 registry = Registry().with_resources((s["$id"], Resource.from_contents(s)) for s in schemas)
-event_validator = Draft202012Validator(schemas[0], registry=registry)
+event_validator = Draft202012Validator(schemas[0], registry=registry, format_checker=Draft202012Validator.FORMAT_CHECKER)
 # a facet key (e.g. "parent") -> the validator of the facet file that defines it
 facet_validators = {}
 for s in schemas[1:]:
     for key in s.get("properties", {}):
-        facet_validators[key] = Draft202012Validator(s, registry=registry)
+        facet_validators[key] = Draft202012Validator(s, registry=registry, format_checker=Draft202012Validator.FORMAT_CHECKER)
 
 
 def problems(event):
@@ -101,8 +101,8 @@ def setup(d, lineage):
     (d / "pipeline.toml").write_text(PIPELINE + lineage)
 
 
-def run(d, *args, extra_env=None):
-    return subprocess.run([weir, *args], cwd=d, env=dict(env, **(extra_env or {})), capture_output=True, text=True)
+def run(d, *args, extra_env=None, cwd=None):
+    return subprocess.run([weir, *args], cwd=cwd or d, env=dict(env, **(extra_env or {})), capture_output=True, text=True)
 
 
 def sequence(events):
@@ -113,8 +113,8 @@ with tempfile.TemporaryDirectory() as tmp:
     d = pathlib.Path(tmp)
     setup(d, '\n[lineage]\nurl = "file://lineage/events.jsonl"\nnamespace = "analytics"\n')
 
-    # a run that succeeds
-    r = run(d, "run", "pipeline.toml", "--partition", "2024-05-01")
+    # a run that succeeds, started from another directory (paths are the pipeline file's)
+    r = run(d, "run", str(d / "pipeline.toml"), "--partition", "2024-05-01", cwd=d.parent)
     check("a partition run succeeds", r.returncode == 0, r.stderr)
     events = read_events(d / "lineage/events.jsonl")
     validate_all(events, "successful run")
@@ -215,6 +215,7 @@ with tempfile.TemporaryDirectory() as tmp:
     url = f"http://127.0.0.1:{server.server_address[1]}/api/v1/lineage"
     r = run(d, "run", "pipeline.toml", "--partition", "2024-05-02", "--force", extra_env={"WEIR_OPENLINEAGE_URL": url})
     server.shutdown()
+    server.server_close()  # down from here on: connections are refused
     check("a run with an HTTP receiver succeeds", r.returncode == 0, r.stderr)
     events = [e for _, _, e in received]
     validate_all(events, "http")

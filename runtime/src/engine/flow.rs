@@ -82,6 +82,9 @@ pub(super) struct Flowed {
 
 /// The live counters and the shared failure state of one step's threads.
 struct Shared {
+    /// Checkpoints the writer stored this attempt: files a plugin's state replaced since an
+    /// earlier checkpoint may go once a later one is stored.
+    checkpoints_saved: AtomicU64,
     rows_read: AtomicU64,
     rows_written: AtomicU64,
     cancel: AtomicBool,
@@ -112,6 +115,7 @@ impl Shared {
 pub(super) fn run(ctx: &StepCtx<'_>, flow: Flow<'_>, started: Instant) -> Result<Flowed> {
     let Flow { source, transforms, sink, quality, base, every, schema_ipc } = flow;
     let shared = Shared {
+        checkpoints_saved: AtomicU64::new(0),
         rows_read: AtomicU64::new(base.rows_read),
         rows_written: AtomicU64::new(base.rows_written),
         cancel: AtomicBool::new(false),
@@ -277,6 +281,7 @@ fn plugin_stage(
                 }
             }
             Ok(Msg::Checkpoint(mut mark)) => {
+                inst.release_state_files(shared.checkpoints_saved.load(Ordering::Acquire));
                 let state = inst.snapshot().map_err(|e| {
                     failure(
                         None,
@@ -428,6 +433,7 @@ impl Writer<'_, '_> {
             states: mark.states,
         };
         self.ctx.store.save_checkpoint(self.ctx.run_id, &c)?;
+        self.shared.checkpoints_saved.fetch_add(1, Ordering::Release);
         debug_pause("after-checkpoint", &*self.ctx.options.log);
         Ok(())
     }

@@ -27,15 +27,18 @@ pub fn emitter(pipeline: &Pipeline, log: &super::LogFn) -> Result<Option<Arc<Emi
                 retries: 2,
             });
             c.transport = transport;
-            if let Ok(ns) = std::env::var("WEIR_OPENLINEAGE_NAMESPACE") {
-                if !ns.trim().is_empty() {
-                    c.namespace = ns.trim().to_string();
-                }
-            }
             Some(c)
         }
         _ => pipeline.lineage.clone(),
     };
+    let config = config.map(|mut c| {
+        if let Ok(ns) = std::env::var("WEIR_OPENLINEAGE_NAMESPACE") {
+            if !ns.trim().is_empty() {
+                c.namespace = ns.trim().to_string();
+            }
+        }
+        c
+    });
     Ok(config.map(|c| Arc::new(Emitter::new(c, log.clone()))))
 }
 
@@ -259,8 +262,8 @@ fn input_dataset(pipeline: &Pipeline, step: &Step, partition: Option<&str>) -> V
             Some(p) => source.path.replace("{partition}", p),
             None => source.path.clone(),
         };
-        let base = pipeline.file.parent().map(PathBuf::from).unwrap_or_default();
-        return ol::file_dataset(&base.join(path));
+        // the config resolved it against the pipeline file already
+        return ol::file_dataset(std::path::Path::new(&path));
     }
     match pipeline.step(&step.input).and_then(|s| s.output.as_ref()) {
         Some(out) => ol::file_dataset(&out.path),

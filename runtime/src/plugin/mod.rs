@@ -1052,8 +1052,9 @@ impl HostState {
         let fresh = self.states[i].insert_new(&batch, budget).map_err(|e| match e {
             crate::state::Error::Budget { .. } => format!("{e}; raise the plugin's `state_mb`"),
             e => e.to_string(),
-        })?;
-        Ok(fresh.into_iter().map(u8::from).collect())
+        });
+        self.state_counters();
+        Ok(fresh?.into_iter().map(u8::from).collect())
     }
 
     fn merge_now(&mut self, state: u32, batch: Vec<u8>) -> std::result::Result<(), String> {
@@ -1611,6 +1612,14 @@ impl TransformInstance {
                 state.memory_cap >> 20
             )));
         };
+        if let Some(tail) = &own {
+            if (parts.len() + tail.len()) as u64 > state.memory_cap {
+                return Err(CallError::Internal(format!(
+                    "its snapshot passed the memory cap of {} MiB; raise the plugin's `memory_mb`",
+                    state.memory_cap >> 20
+                )));
+            }
+        }
         // the parts sent with `snapshot-write`, then what the call returned
         let own = match own {
             Some(tail) if parts.is_empty() => Some(tail),
@@ -1653,6 +1662,14 @@ impl TransformInstance {
         let out = self.sb.call(|s| b.weir_plugin_transform().call_restore(s, &[]));
         self.sb.store.data_mut().restore_parts = None;
         out
+    }
+
+    /// `saved` checkpoints of this attempt are stored: files the keyed states replaced
+    /// before the last of them may go.
+    pub fn release_state_files(&mut self, saved: u64) {
+        for s in &mut self.sb.store.data_mut().states {
+            s.release(saved);
+        }
     }
 
     /// The step is done with the instance's keyed states: remove their files.

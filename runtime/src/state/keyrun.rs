@@ -128,6 +128,11 @@ impl KeyRun {
         if len < MAGIC.len() as u64 + FOOTER {
             return Err(format!("{shown} is too short to be a key run"));
         }
+        let mut head = [0u8; 8];
+        file.read_exact_at(&mut head, 0).map_err(io)?;
+        if &head != MAGIC {
+            return Err(format!("{shown} does not start as a key run does"));
+        }
         let mut footer = [0u8; FOOTER as usize];
         file.read_exact_at(&mut footer, len - FOOTER).map_err(io)?;
         if &footer[32..] != MAGIC {
@@ -139,6 +144,7 @@ impl KeyRun {
         if tables.and_then(|t| t.checked_add(end)).and_then(|t| t.checked_add(FOOTER)) != Some(len)
             || words == 0
             || !words.is_multiple_of(8)
+            || end < MAGIC.len() as u64
             || blocks != count.div_ceil(BLOCK as u64)
         {
             return Err(format!("{shown} has a damaged footer"));
@@ -238,8 +244,10 @@ impl Entries {
             Err(e) => return Err(e.to_string()),
         }
         let n = u32::from_le_bytes(head[8..12].try_into().unwrap_or_default()) as usize;
-        if n > 1 << 30 {
-            return Err(format!("a key run's entry claims {n} bytes"));
+        // what is left of the run's entries bounds what an entry can claim
+        let left = self.r.get_ref().limit() as usize + self.r.buffer().len();
+        if n > left {
+            return Err(format!("a key run's entry claims {n} bytes, {left} are left"));
         }
         let mut key = vec![0u8; n];
         self.r.read_exact(&mut key).map_err(|e| format!("a key run's entry is cut short: {e}"))?;

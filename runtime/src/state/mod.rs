@@ -296,12 +296,16 @@ pub struct KeyedState {
     /// Sets: bytes written to the log, and of them made durable by a checkpoint.
     written: u64,
     log_bytes: u64,
-    /// Sets: the log's file, the spilled keys, and files a spill or merge left behind that
-    /// the last checkpoint may still name (removed once a later checkpoint replaced it).
+    /// Sets: the log's file, the spilled keys, and files a spill or merge replaced that a
+    /// stored checkpoint may still name, with the number of checkpoints taken when they
+    /// were replaced (see [`KeyedState::release`]).
     log_file: String,
     key_runs: Vec<keyrun::KeyRun>,
-    replaced: Vec<String>,
-    replaced_before: Vec<String>,
+    replaced: Vec<(String, u64)>,
+    /// Sets: the files the latest checkpoint (taken or reopened) names, and checkpoints
+    /// taken in this attempt.
+    named: Vec<String>,
+    taken: u64,
     checkpointed: bool,
     block: Vec<u8>,
     /// Counters for the run summary.
@@ -393,7 +397,8 @@ impl KeyedState {
             log_file: "keys.log".into(),
             key_runs: Vec::new(),
             replaced: Vec::new(),
-            replaced_before: Vec::new(),
+            named: Vec::new(),
+            taken: 0,
             checkpointed: false,
             block: Vec::new(),
             spills: 0,
@@ -621,15 +626,32 @@ impl KeyedState {
         Ok(())
     }
 
-    /// A file no longer needed once the checkpoint after this moment is taken (the last
-    /// one may still name it); without any checkpoint yet, it goes now.
+    /// A file a spill or merge replaced. No checkpoint names it unless the latest does (an
+    /// older one naming it would mean the latest named it too), so otherwise it goes now;
+    /// else once a later checkpoint is stored ([`KeyedState::release`]).
     fn retire(&mut self, file: String) {
-        match (&self.dir, self.checkpointed) {
-            (Some(dir), false) => {
-                let _ = std::fs::remove_file(dir.join(&file));
-            }
-            _ => self.replaced.push(file),
+        let Some(dir) = &self.dir else { return };
+        if self.checkpointed && self.named.contains(&file) {
+            self.replaced.push((file, self.taken));
+        } else {
+            let _ = std::fs::remove_file(dir.join(&file));
         }
+    }
+
+    /// `saved` checkpoints taken in this attempt are stored (the engine stores them after
+    /// later stages caught up, so it can lag behind [`KeyedState::checkpoint`]): remove the
+    /// files replaced before the last of them was taken. A file replaced after `t`
+    /// checkpoints may be named by the `t`-th (or, at 0, by the one reopened), so it goes
+    /// once the `t+1`-th is stored.
+    pub fn release(&mut self, saved: u64) {
+        let Some(dir) = self.dir.clone() else { return };
+        self.replaced.retain(|(file, t)| {
+            let done = *t < saved;
+            if done {
+                let _ = std::fs::remove_file(dir.join(file));
+            }
+            !done
+        });
     }
 
     fn key_rows(&self, batch: &RecordBatch) -> Result<arrow_row::Rows> {
@@ -732,11 +754,10 @@ impl KeyedState {
         let dir = self.dir.clone().ok_or_else(|| self.invalid("a checkpoint needs a state directory (a bug)"))?;
         if self.set.is_some() {
             self.write_pending(true)?;
-            // what the previous checkpoint named and this one does not is not needed now
-            for file in std::mem::replace(&mut self.replaced_before, std::mem::take(&mut self.replaced)) {
-                let _ = std::fs::remove_file(dir.join(file));
-            }
+            self.taken += 1;
             self.checkpointed = true;
+            self.named = self.key_runs.iter().map(|r| r.file_name.clone()).collect();
+            self.named.push(self.log_file.clone());
         } else {
             self.spill(false)?;
             if let Some((file, _)) = self.runs.last() {
@@ -808,6 +829,7 @@ impl KeyedState {
                 self.next_run = self.next_run.max(n.parse::<u64>().unwrap_or(0));
             }
             self.checkpointed = true;
+            self.named = m.runs.iter().map(|(f, _)| f.clone()).chain([self.log_file.clone()]).collect();
             let path = dir.join(&self.log_file);
             let mut log = Vec::new();
             let shown = self.log_file.clone();
