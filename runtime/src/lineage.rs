@@ -3,8 +3,8 @@
 //! A pipeline run is a job (`<pipeline>`); each of its steps is a child job
 //! (`<pipeline>.<step>`, with a `parent` facet naming the pipeline run); a backfill is the
 //! parent of its partition runs (`<pipeline>.backfill`). Each run emits START, then
-//! COMPLETE or FAIL. (An interrupted run sends no ABORT yet: weir does not catch signals,
-//! and a killed run's START is left without its end.) Datasets on the local disk are named as
+//! COMPLETE or FAIL, or ABORT when SIGINT or SIGTERM stops it ([`abort_active`], called
+//! by the binary's signal thread). A run killed with SIGKILL leaves its START without an end. Datasets on the local disk are named as
 //! OpenLineage's naming conventions say for files: namespace `file`, name the absolute path.
 //!
 //! Events go to a `file` (JSON lines, appended) or to an `http` endpoint (POSTed, with a
@@ -73,6 +73,65 @@ pub struct Emitter {
     dropped: AtomicU64,
     file: Mutex<()>,
     log: crate::engine::LogFn,
+}
+
+/// What an ABORT needs of a run in progress: see [`abort_active`].
+pub struct Active {
+    pub emitter: std::sync::Arc<Emitter>,
+    pub run_id: String,
+    pub job: String,
+    pub run_facets: serde_json::Map<String, Value>,
+    /// The step running now: its run id, job and facets.
+    pub step: Option<(String, String, serde_json::Map<String, Value>)>,
+}
+
+static ACTIVE: Mutex<Vec<(u64, Active)>> = Mutex::new(Vec::new());
+static NEXT_ACTIVE: AtomicU64 = AtomicU64::new(0);
+
+/// Register a run in progress; returns its key for [`update_active`] and [`end_active`].
+pub fn begin_active(a: Active) -> u64 {
+    let key = NEXT_ACTIVE.fetch_add(1, Ordering::Relaxed);
+    ACTIVE.lock().unwrap_or_else(|e| e.into_inner()).push((key, a));
+    key
+}
+
+pub fn update_active(key: u64, f: impl FnOnce(&mut Active)) {
+    if let Some((_, a)) = ACTIVE.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().find(|(k, _)| *k == key) {
+        f(a);
+    }
+}
+
+pub fn end_active(key: u64) {
+    ACTIVE.lock().unwrap_or_else(|e| e.into_inner()).retain(|(k, _)| *k != key);
+}
+
+/// The process is being stopped (`reason`, e.g. "SIGTERM"): an ABORT for each run in
+/// progress and its running step, so a lineage backend does not show them running forever.
+pub fn abort_active(reason: &str) {
+    let active = std::mem::take(&mut *ACTIVE.lock().unwrap_or_else(|e| e.into_inner()));
+    for (_, a) in active {
+        let abort = |run_id: &str, job: &str, facets: &serde_json::Map<String, Value>, job_type: &str| {
+            let mut f = facets.clone();
+            f.insert("errorMessage".into(), error_message(&format!("stopped by {reason}")));
+            let mut job_facets = serde_json::Map::new();
+            job_facets.insert("jobType".into(), self::job_type(job_type));
+            let event = Event {
+                event_type: "ABORT",
+                run_id,
+                namespace: a.emitter.namespace(),
+                job,
+                run_facets: f,
+                job_facets,
+                inputs: vec![],
+                outputs: vec![],
+            };
+            a.emitter.emit(&event.to_json());
+        };
+        if let Some((id, job, facets)) = &a.step {
+            abort(id, job, facets, "STEP");
+        }
+        abort(&a.run_id, &a.job, &a.run_facets, "PIPELINE");
+    }
 }
 
 /// Backends found down in this process: a backfill's later partition runs skip them too,

@@ -60,6 +60,38 @@ enum LogFormat {
     Json,
 }
 
+/// SIGINT and SIGTERM stop weir as before (the run store's lease and `--resume` recover
+/// the run), but first the runs in progress send their OpenLineage ABORT. The signals are
+/// blocked in every thread and taken by one thread with `sigwait`, so nothing runs inside
+/// a signal handler; that thread then restores the default action and re-raises.
+fn abort_lineage_on_signal() {
+    // SAFETY: plain libc calls on a signal set owned here, before any other thread starts
+    // (threads spawned later inherit the mask).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return;
+        }
+        std::thread::spawn(move || {
+            let mut sig: libc::c_int = 0;
+            if libc::sigwait(&set, &mut sig) != 0 {
+                return;
+            }
+            let name = if sig == libc::SIGINT { "SIGINT" } else { "SIGTERM" };
+            weir::lineage::abort_active(name);
+            libc::signal(sig, libc::SIG_DFL);
+            let mut one: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut one);
+            libc::sigaddset(&mut one, sig);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &one, std::ptr::null_mut());
+            libc::raise(sig);
+        });
+    }
+}
+
 /// The progress bar on screen, which log lines are written around.
 static PROGRESS: Mutex<Option<indicatif::ProgressBar>> = Mutex::new(None);
 
@@ -382,6 +414,9 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_INVALID);
         }
+    }
+    if matches!(&cli.command, Command::Run(_) | Command::Backfill(_)) {
+        abort_lineage_on_signal();
     }
     match cli.command {
         Command::Run(args) => cmd_run(args),

@@ -197,6 +197,22 @@ with tempfile.TemporaryDirectory() as tmp:
         str([e["run"]["facets"].get("parent") for e in runs]),
     )
 
+    # SIGTERM during a run: weir stops as before, and the run and its step send ABORT
+    (d / "lineage/events.jsonl").unlink()
+    p = subprocess.Popen(
+        [weir, "run", "pipeline.toml", "--partition", "2024-05-03", "--force"],
+        cwd=d, env=dict(env, WEIR_DEBUG_PAUSE="before-publish:60000"), stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:
+        if "debug pause at before-publish" in line:
+            break
+    p.terminate()
+    p.wait(timeout=30)
+    check("SIGTERM stops the run as before", p.returncode == -15, str(p.returncode))
+    events = read_events(d / "lineage/events.jsonl")
+    validate_all(events, "aborted run")
+    check("the run ends in ABORT", sequence(events)[0] == ("START", "orders") and sequence(events)[-1] == ("ABORT", "orders"), str(sequence(events)))
+    check("with the signal named", "SIGTERM" in events[-1]["run"]["facets"]["errorMessage"]["message"], str(events[-1]["run"]["facets"]))
+
     # the same over HTTP, to a receiver on 127.0.0.1
     received = []
 

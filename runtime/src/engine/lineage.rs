@@ -88,6 +88,8 @@ pub struct RunLineage {
     steps: HashMap<String, String>,
     inputs: Vec<Value>,
     outputs: Vec<Value>,
+    /// Its entry among the runs an ABORT would stop.
+    active: u64,
 }
 
 impl RunLineage {
@@ -117,6 +119,13 @@ impl RunLineage {
             loaded.iter().map(|(name, p)| (name.clone(), p.info.sha256.clone())).collect();
         digests.sort();
         facets.insert("weir_plugins".into(), ol::plugins(&digests));
+        let active = ol::begin_active(ol::Active {
+            emitter: emitter.clone(),
+            run_id: run_id.clone(),
+            job: pipeline.name.clone(),
+            run_facets: facets.clone(),
+            step: None,
+        });
         let r = RunLineage {
             emitter,
             run_id,
@@ -125,6 +134,7 @@ impl RunLineage {
             steps: HashMap::new(),
             inputs: Vec::new(),
             outputs: Vec::new(),
+            active,
         };
         r.send("START", &r.run_id, &r.job, r.facets.clone(), "PIPELINE", vec![], vec![]);
         r
@@ -174,6 +184,8 @@ impl RunLineage {
         let run_id = ol::run_uuid(&format!("{}:step:{}", self.run_id, step.name));
         let inputs = vec![input_dataset(pipeline, step, partition)];
         self.send("START", &run_id, &self.step_job(step), self.step_facets(None), "STEP", inputs, vec![]);
+        let running = (run_id.clone(), self.step_job(step), self.step_facets(None));
+        ol::update_active(self.active, |a| a.step = Some(running));
         self.steps.insert(step.name.clone(), run_id);
     }
 
@@ -191,6 +203,7 @@ impl RunLineage {
         staged: &Staged,
     ) {
         let Some(run_id) = self.steps.get(&step.name).cloned() else { return };
+        ol::update_active(self.active, |a| a.step = None);
         let mut input = input_dataset(pipeline, step, partition);
         let (k, v) = ol::statistics(false, summary.rows_read, None, Some(summary.files as u64));
         input["inputFacets"] = json!({ k: v });
@@ -227,6 +240,7 @@ impl RunLineage {
     /// go with the output it would have written.
     pub fn step_fail(&mut self, step: &Step, error: &str, checks: &[crate::quality::CheckResult]) {
         let Some(run_id) = self.steps.get(&step.name).cloned() else { return };
+        ol::update_active(self.active, |a| a.step = None);
         let facets = self.step_facets(Some(("errorMessage", ol::error_message(error))));
         let mut outputs = Vec::new();
         if let (Some(out), false) = (&step.output, checks.is_empty()) {
@@ -239,6 +253,7 @@ impl RunLineage {
 
     /// The run's COMPLETE or FAIL, with the sources it read and the datasets it wrote.
     pub fn end(self, error: Option<&str>) {
+        ol::end_active(self.active);
         let mut facets = self.facets.clone();
         let event_type = match error {
             Some(e) => {
