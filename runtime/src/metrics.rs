@@ -104,6 +104,13 @@ pub fn run_metrics(pipeline: &str, outcome: Result<&RunSummary, &crate::Error>, 
                 t.sample("weir_step_rows_skipped", "bad rows skipped (on_error = skip)", &l, step.rows_skipped as f64);
                 t.sample("weir_step_rows_quarantined", "rows moved to quarantine", &l, step.rows_quarantined as f64);
                 t.sample("weir_step_duration_seconds", "wall time of the step", &l, step.seconds);
+                t.sample("weir_step_bytes_written", "bytes of the step's output files", &l, step.bytes_written as f64);
+                t.sample(
+                    "weir_step_attempts",
+                    "attempts the step took (retries after transient failures)",
+                    &l,
+                    f64::from(step.attempts),
+                );
                 // a plugin used twice in a step: one sample, summed (the Pushgateway refuses
                 // a push with the same series twice)
                 let mut per_plugin: Vec<(&str, crate::plugin::CallTimings)> = Vec::new();

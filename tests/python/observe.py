@@ -342,6 +342,9 @@ scrape_configs:
         sel = '{pipeline="orders",partition="2024-05-01"'
         check("rows written, as Prometheus scraped them", value(f'weir_step_rows_written{sel},step="clean"}}') == 3)
         check("rows read", value(f'weir_step_rows_read{sel},step="totals"}}') == 3)
+        written = sum(f.stat().st_size for f in (d / "out/clean").rglob("*.parquet"))
+        check("bytes written are the output's", value(f'weir_step_bytes_written{sel},step="clean"}}') == written, str(written))
+        check("one attempt", value(f'weir_step_attempts{sel},step="clean"}}') == 1)
         check("the run succeeded", value(f"weir_run_success{sel}}}") == 1)
         check("the check passed", value(f'weir_check_passed{sel},check="not_null(id)",severity="block"}}') == 1)
         first_success = value(f"weir_last_success_timestamp_seconds{sel}}}")

@@ -216,8 +216,8 @@ impl RunLineage {
                 facets.insert("dataQualityAssertions".into(), ol::assertions(&summary.checks));
             }
             o["facets"] = Value::Object(facets);
-            let bytes = dir_bytes(&staged.staging);
-            let (k, v) = ol::statistics(true, summary.rows_written, Some(bytes.0), Some(bytes.1));
+            let (k, v) =
+                ol::statistics(true, summary.rows_written, Some(summary.bytes_written), Some(summary.files_written));
             o["outputFacets"] = json!({ k: v });
             outputs.push(o);
         }
@@ -284,22 +284,4 @@ fn input_dataset(pipeline: &Pipeline, step: &Step, partition: Option<&str>) -> V
         Some(out) => ol::file_dataset(&out.path),
         None => json!({ "namespace": "weir", "name": format!("{}.{}", pipeline.name, step.input) }),
     }
-}
-
-/// Bytes and files under a staged output.
-fn dir_bytes(dir: &std::path::Path) -> (u64, u64) {
-    let mut total = (0, 0);
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => {
-                    let (b, f) = dir_bytes(&e.path());
-                    total = (total.0 + b, total.1 + f);
-                }
-                Ok(m) => total = (total.0 + m.len(), total.1 + 1),
-                Err(_) => {}
-            }
-        }
-    }
-    total
 }

@@ -143,6 +143,14 @@ pub struct StepSummary {
     /// Where skipped rows were (the first 20).
     pub skipped: Vec<Skipped>,
     pub rows_written: u64,
+    /// Bytes and files of the step's staged output (before publish).
+    #[serde(default)]
+    pub bytes_written: u64,
+    #[serde(default)]
+    pub files_written: u64,
+    /// Attempts the step took (more than 1 after transient failures).
+    #[serde(default)]
+    pub attempts: u32,
     pub output: Option<PathBuf>,
     /// Partition directories published.
     pub partitions: Vec<String>,
@@ -665,7 +673,7 @@ fn execute(run: &RunCtx<'_>, resume: Option<&[Checkpoint]>) -> Result<Vec<StepSu
             Some(c) => reuse_complete(run, step, c, staging),
             None => run_with_retries(run, step, &staged, staging, checkpoint),
         };
-        let (summary, s) = match done {
+        let (mut summary, s) = match done {
             Ok(done) => done,
             Err(e) => {
                 if let Some(mut l) = events() {
@@ -678,6 +686,7 @@ fn execute(run: &RunCtx<'_>, resume: Option<&[Checkpoint]>) -> Result<Vec<StepSu
                 return Err(e);
             }
         };
+        (summary.bytes_written, summary.files_written) = dir_bytes(&s.staging);
         if let Some(mut l) = events() {
             l.step_complete(pipeline, step, partition, &summary, &s);
         }
@@ -708,6 +717,24 @@ fn execute(run: &RunCtx<'_>, resume: Option<&[Checkpoint]>) -> Result<Vec<StepSu
     Ok(summaries)
 }
 
+/// Bytes and files under a directory.
+fn dir_bytes(dir: &std::path::Path) -> (u64, u64) {
+    let mut total = (0, 0);
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => {
+                    let (b, f) = dir_bytes(&e.path());
+                    total = (total.0 + b, total.1 + f);
+                }
+                Ok(m) => total = (total.0 + m.len(), total.1 + 1),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
 /// The check results a run recorded for a step (what its quality gate decided on).
 fn step_checks(store: &dyn RunStore, run_id: i64, step: &str) -> Vec<crate::quality::CheckResult> {
     let filter = crate::store::CheckFilter { run_id: Some(run_id), limit: 10_000, ..Default::default() };
@@ -731,6 +758,7 @@ fn reuse_complete(run: &RunCtx<'_>, step: &Step, c: &Checkpoint, staging: PathBu
         rows_skipped: c.rows_skipped,
         output: step.output.as_ref().map(|o| o.path.clone()),
         partitions: c.partitions.clone(),
+        attempts: 1,
         ..Default::default()
     };
     run.store.record_attempt(run.run_id, &step.name, 1, None)?;
@@ -773,8 +801,9 @@ fn run_with_retries(
     let mut attempt = 1;
     loop {
         match run_step(&ctx, staging.clone(), checkpoint) {
-            Ok(done) => {
+            Ok(mut done) => {
                 run.store.record_attempt(run.run_id, &step.name, attempt, None)?;
+                done.0.attempts = attempt;
                 return Ok(done);
             }
             Err(e) => {
