@@ -10,7 +10,7 @@
 //! A Pushgateway that is down never fails the run; it is logged.
 
 use std::fmt::Write as _;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine as _;
 
@@ -29,9 +29,11 @@ impl Config {
         if url.starts_with("http://") {
             Ok(())
         } else if url.starts_with("https://") {
-            Err(format!("`{url}`: this weir pushes over http only (no TLS is built in)"))
+            Err(format!(
+                "`{url}`: this weir pushes over http only (no TLS is built in); use the Pushgateway's http:// address on a trusted network"
+            ))
         } else {
-            Err(format!("`{url}` is not an http:// URL of a Pushgateway"))
+            Err(format!("`{url}` is not an http:// URL of a Pushgateway; write it as http://HOST:9091"))
         }
     }
 }
@@ -63,7 +65,7 @@ fn escape(v: &str) -> String {
 }
 
 fn now_secs() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+    crate::store::now_ms() as f64 / 1000.0
 }
 
 /// The metrics of a run: its summary when it succeeded, else the error's kind.

@@ -364,11 +364,11 @@ fn pushgateway(pipeline: &Pipeline) -> Result<Option<crate::metrics::Config>> {
 fn run_once(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
     let started = Instant::now();
     let log = options.log.clone();
+    let emitter = lineage::emitter(pipeline, &options.log)?;
     let store = open_store(pipeline, options)?;
     let dead = recover(store.as_ref(), Some(&pipeline.name), "a new run", &*log, options.resume)?;
     let secrets = resolve_secrets(pipeline)?;
     let loaded = load_plugins(pipeline, options)?;
-    let emitter = lineage::emitter(pipeline, &options.log)?;
     let fp = fingerprint(pipeline, options.partition.as_deref(), &loaded);
     let resume_from = match options.resume {
         true => find_resume(store.as_ref(), pipeline, options, &fp, &dead)?,

@@ -1606,20 +1606,14 @@ impl TransformInstance {
         let state = self.sb.store.data_mut();
         let parts = state.snapshot_parts.take();
         let own = own?;
-        let Some(parts) = parts else {
+        // parts refused past the cap (none left), or parts and tail together past it
+        let tail = own.as_ref().map_or(0, Vec::len);
+        let Some(parts) = parts.filter(|p| (p.len() + tail) as u64 <= state.memory_cap) else {
             return Err(CallError::Internal(format!(
                 "its snapshot passed the memory cap of {} MiB; raise the plugin's `memory_mb`",
                 state.memory_cap >> 20
             )));
         };
-        if let Some(tail) = &own {
-            if (parts.len() + tail.len()) as u64 > state.memory_cap {
-                return Err(CallError::Internal(format!(
-                    "its snapshot passed the memory cap of {} MiB; raise the plugin's `memory_mb`",
-                    state.memory_cap >> 20
-                )));
-            }
-        }
         // the parts sent with `snapshot-write`, then what the call returned
         let own = match own {
             Some(tail) if parts.is_empty() => Some(tail),

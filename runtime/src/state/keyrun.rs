@@ -26,8 +26,9 @@ const BLOOM_BITS: u64 = 10;
 const PROBES: u32 = 7;
 const FOOTER: u64 = 4 * 8 + 8;
 
-/// A stable hash of key bytes: the same on every run and machine (runs outlive a process).
-pub(super) fn stable_hash(key: &[u8]) -> u64 {
+/// Key bytes folded eight at a time: the same on every run and machine (run files outlive
+/// a process). A table's partition and a set's [`stable_hash`] both start from it.
+pub(super) fn mix(key: &[u8]) -> u64 {
     let mut h: u64 = 0x9E37_79B9_7F4A_7C15 ^ key.len() as u64;
     for chunk in key.chunks(8) {
         let mut w = [0u8; 8];
@@ -35,7 +36,13 @@ pub(super) fn stable_hash(key: &[u8]) -> u64 {
         h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0xFF51_AFD7_ED55_8CCD);
         h ^= h >> 32;
     }
-    // murmur3's finaliser: every input bit reaches every output bit
+    h
+}
+
+/// A stable 64-bit hash of key bytes, every input bit reaching every output bit.
+pub(super) fn stable_hash(key: &[u8]) -> u64 {
+    let mut h = mix(key);
+    // murmur3's finaliser
     h ^= h >> 33;
     h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
     h ^= h >> 33;

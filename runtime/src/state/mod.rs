@@ -499,24 +499,33 @@ impl KeyedState {
                 let ids = batch.column(self.key_columns[0]).as_primitive::<Int64Type>();
                 for r in 0..ids.len() {
                     let id = (!ids.is_null(r)).then(|| ids.value(r));
-                    let Some(SetKeys::Int { keys, null }) = &self.set else { unreachable!() };
-                    let held = match id {
-                        None => *null,
-                        Some(id) => keys.contains(id),
-                    };
-                    let key = int_key(id);
-                    let new = !held && !self.spilled(&key)?;
-                    if new {
+                    let new = if self.key_runs.is_empty() {
+                        // nothing spilled: one lookup that inserts
                         let Some(SetKeys::Int { keys, null }) = &mut self.set else { unreachable!() };
                         match id {
-                            None => *null = true,
-                            Some(id) => {
-                                keys.insert(id);
+                            None => !std::mem::replace(null, true),
+                            Some(id) => keys.insert(id),
+                        }
+                    } else {
+                        let Some(SetKeys::Int { keys, null }) = &self.set else { unreachable!() };
+                        let held = match id {
+                            None => *null,
+                            Some(id) => keys.contains(id),
+                        };
+                        let new = !held && !self.spilled(&int_key(id))?;
+                        if new {
+                            let Some(SetKeys::Int { keys, null }) = &mut self.set else { unreachable!() };
+                            match id {
+                                None => *null = true,
+                                Some(id) => {
+                                    keys.insert(id);
+                                }
                             }
                         }
-                        if self.dir.is_some() {
-                            put_bytes(&mut self.pending, &key);
-                        }
+                        new
+                    };
+                    if new && self.dir.is_some() {
+                        put_bytes(&mut self.pending, &int_key(id));
                     }
                     fresh.push(new);
                 }
@@ -1162,14 +1171,7 @@ fn combine(values: &[Value], ordered: bool, old: &[u8], new: &[u8], out: &mut Ve
 
 /// A deterministic hash of key bytes (partitions must be the same after a restart).
 fn partition_of(key: &[u8]) -> usize {
-    let mut h: u64 = 0x9E37_79B9_7F4A_7C15 ^ key.len() as u64;
-    for chunk in key.chunks(8) {
-        let mut w = [0u8; 8];
-        w[..chunk.len()].copy_from_slice(chunk);
-        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0xFF51_AFD7_ED55_8CCD);
-        h ^= h >> 32;
-    }
-    (h.wrapping_mul(0xC4CE_B9FE_1A85_EC53) >> 58) as usize % PARTITIONS
+    (keyrun::mix(key).wrapping_mul(0xC4CE_B9FE_1A85_EC53) >> 58) as usize % PARTITIONS
 }
 
 fn run_number(file: &str) -> Option<u64> {
@@ -1177,9 +1179,25 @@ fn run_number(file: &str) -> Option<u64> {
     n.or_else(|| file.strip_prefix("keys-")?.strip_suffix(".run"))?.parse().ok()
 }
 
-/// A set's int64 key as run and log bytes: eight little-endian bytes, or none for null.
-fn int_key(id: Option<i64>) -> Vec<u8> {
-    id.map_or_else(Vec::new, |v| v.to_le_bytes().to_vec())
+/// A set's int64 key as run and log bytes: eight little-endian bytes, or none for null
+/// (on the stack: it is built per row).
+struct IntKey {
+    bytes: [u8; 8],
+    len: usize,
+}
+
+impl std::ops::Deref for IntKey {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+fn int_key(id: Option<i64>) -> IntKey {
+    match id {
+        Some(v) => IntKey { bytes: v.to_le_bytes(), len: 8 },
+        None => IntKey { bytes: [0; 8], len: 0 },
+    }
 }
 
 /// Write entries grouped by partition: magic, entries, the partitions' start offsets and

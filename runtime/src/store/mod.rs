@@ -476,9 +476,15 @@ pub fn pid_alive(pid: u32) -> bool {
 
 /// `2024-01-15 10:20:30Z` for a Unix time in milliseconds (UTC).
 pub fn format_time(ms: i64) -> String {
+    let (y, m, d, secs) = utc_parts(ms);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
+/// A Unix time in milliseconds as a UTC date (proleptic Gregorian, civil-from-days) and
+/// the seconds into that day.
+pub fn utc_parts(ms: i64) -> (i64, i64, i64, i64) {
     let secs = ms.div_euclid(1000);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // civil-from-days (proleptic Gregorian)
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -487,8 +493,7 @@ pub fn format_time(ms: i64) -> String {
     let mp = (5 * doy + 2) / 153;
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    (yoe + era * 400 + i64::from(m <= 2), m, d, rem)
 }
 
 #[cfg(test)]
