@@ -33,6 +33,7 @@ pub mod malloc_tuning;
 pub mod metrics;
 pub mod plugin;
 pub mod quality;
+pub mod serve;
 pub mod state;
 pub mod store;
 
@@ -48,6 +49,17 @@ pub struct PluginFailure {
     /// 1-based batch number within the step, when a batch was being processed.
     pub batch: Option<u64>,
     pub cause: String,
+    /// The host stopped the plugin.
+    pub kill: Option<Box<Kill>>,
+}
+
+/// The host stopped a plugin.
+#[derive(Debug, Clone)]
+pub struct Kill {
+    /// `deadline`, `memory` or `output_budget` (see [`plugin::CallError::kill`]).
+    pub reason: &'static str,
+    /// The plugin's name in the pipeline file.
+    pub plugin: String,
 }
 
 impl fmt::Display for PluginFailure {
@@ -110,6 +122,10 @@ pub enum Error {
     Output { step: String, message: String },
     #[error("step `{step}` failed its quality gate, so nothing was published:\n{message}")]
     CheckFailed { step: String, message: String },
+    /// The run was asked to stop (`PATCH /runs/{id}` of `weir serve`) and stopped at a
+    /// batch boundary before it decided to publish: nothing was published.
+    #[error("cancelled ({0}); nothing was published")]
+    Cancelled(String),
     #[error("internal error (a bug in weir, please report it): {0}")]
     Internal(String),
 }
@@ -139,7 +155,8 @@ impl Error {
             | Error::PluginConfig { .. }
             | Error::PluginLoad { .. }
             | Error::Plugin(_)
-            | Error::Secret { .. } => ErrorKind::User,
+            | Error::Secret { .. }
+            | Error::Cancelled(_) => ErrorKind::User,
             // malformed data is the user's to fix; input that is not there yet may arrive
             Error::Io(io::Error::Input { .. }) => ErrorKind::User,
             Error::Io(io::Error::Internal(_)) | Error::Internal(_) => ErrorKind::Internal,

@@ -81,6 +81,8 @@ pub struct Active {
     pub run_id: String,
     pub job: String,
     pub run_facets: serde_json::Map<String, Value>,
+    /// PIPELINE, or BACKFILL.
+    pub job_type: &'static str,
     /// The step running now: its run id, job and facets.
     pub step: Option<(String, String, serde_json::Map<String, Value>)>,
 }
@@ -109,7 +111,8 @@ pub fn end_active(key: u64) {
 /// progress and its running step, so a lineage backend does not show them running forever.
 pub fn abort_active(reason: &str) {
     let active = std::mem::take(&mut *ACTIVE.lock().unwrap_or_else(|e| e.into_inner()));
-    for (_, a) in active {
+    // newest first: a backfill's partition runs end before the backfill
+    for (_, a) in active.into_iter().rev() {
         let abort = |run_id: &str, job: &str, facets: &serde_json::Map<String, Value>, job_type: &str| {
             let mut f = facets.clone();
             f.insert("errorMessage".into(), error_message(&format!("stopped by {reason}")));
@@ -130,7 +133,7 @@ pub fn abort_active(reason: &str) {
         if let Some((id, job, facets)) = &a.step {
             abort(id, job, facets, "STEP");
         }
-        abort(&a.run_id, &a.job, &a.run_facets, "PIPELINE");
+        abort(&a.run_id, &a.job, &a.run_facets, a.job_type);
     }
 }
 
@@ -239,7 +242,7 @@ pub fn now() -> String {
     rfc3339(crate::store::now_ms())
 }
 
-fn rfc3339(ms: i64) -> String {
+pub fn rfc3339(ms: i64) -> String {
     let (y, m, d, secs) = crate::store::utc_parts(ms);
     let millis = ms.rem_euclid(1000);
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", secs / 3600, secs % 3600 / 60, secs % 60)

@@ -286,6 +286,90 @@ enum Command {
     /// Work with plugin files.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Serve the HTTP API: trigger and watch runs, backfills and checks; Prometheus /metrics.
+    ///
+    /// Runs started through the API are the CLI's runs (same run stores, leases and
+    /// exclusion). Every path a registered pipeline uses must lie under a --root. Without
+    /// tokens the server listens on loopback only. The OpenAPI document is at /openapi.json;
+    /// run ids are PIPELINE.N. Stale runs are recovered when the server starts.
+    #[command(
+        after_help = "Examples:\n  weir serve examples/orders/pipeline.toml\n  weir serve --root /srv/pipelines --listen 0.0.0.0:8080 --token-file /etc/weir/tokens\n  curl -s -XPOST localhost:8080/pipelines/orders/runs -d '{\"partition\": \"2024-01-03\"}'\n  curl -s 'localhost:8080/runs?status=FAILED&limit=20'\n  weir serve --openapi > openapi.json   # print the document and exit"
+    )]
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Pipeline files to register at start (more can be registered with POST /pipelines).
+    pipelines: Vec<PathBuf>,
+    /// Address to listen on (port 0: any free port; the address is logged).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// A directory registered pipelines, their inputs, outputs, plugins and run stores
+    /// must lie under (repeatable) [default: the current directory].
+    #[arg(long = "root", value_name = "DIR")]
+    roots: Vec<PathBuf>,
+    /// A file of bearer tokens, one a line (`#` comments). WEIR_SERVE_TOKEN adds one.
+    /// Without any, only loopback addresses are allowed.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Runs at once (a backfill counts its parallelism); more are refused with 429.
+    #[arg(long, default_value_t = 4)]
+    max_runs: usize,
+    /// Where registered pipelines are remembered [default: ROOT/.weir/serve-pipelines.json
+    /// of the first root].
+    #[arg(long)]
+    registry: Option<PathBuf>,
+    /// Where compiled plugins are cached [default: $WEIR_CACHE_DIR, else ~/.cache/weir].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Print the OpenAPI document and exit.
+    #[arg(long)]
+    openapi: bool,
+}
+
+fn cmd_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if args.openapi {
+        println!("{}", weir::serve::openapi_json());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut tokens = Vec::new();
+    if let Some(file) = &args.token_file {
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        tokens.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
+        anyhow::ensure!(!tokens.is_empty(), "{} holds no token", file.display());
+    }
+    if let Ok(t) = std::env::var("WEIR_SERVE_TOKEN") {
+        if !t.trim().is_empty() {
+            tokens.push(t.trim().to_string());
+        }
+    }
+    anyhow::ensure!(tokens.iter().all(|t| t.len() >= 16), "bearer tokens must be at least 16 characters");
+    let roots = if args.roots.is_empty() { vec![std::env::current_dir()?] } else { args.roots };
+    let registry = match args.registry {
+        Some(r) => r,
+        None => std::fs::canonicalize(&roots[0])
+            .with_context(|| format!("root {}", roots[0].display()))?
+            .join(".weir/serve-pipelines.json"),
+    };
+    let pipelines = args.pipelines.iter().map(std::path::absolute).collect::<Result<Vec<_>, _>>()?;
+    let config = weir::serve::Config {
+        listen: args.listen,
+        roots,
+        pipelines,
+        registry,
+        tokens,
+        max_runs: args.max_runs,
+        cache_dir: args.cache_dir.or_else(PluginEngine::default_cache_dir),
+        log: Arc::new(log_line),
+        plugin_log: Arc::new(plugin_log_line),
+    };
+    weir::serve::serve(config, |addr| {
+        // the one line on stdout: scripts started with port 0 read the address here
+        println!("listening on http://{addr}");
+        let _ = std::io::stdout().flush();
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args)]
@@ -415,7 +499,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_INVALID);
         }
     }
-    if matches!(&cli.command, Command::Run(_) | Command::Backfill(_)) {
+    if matches!(&cli.command, Command::Run(_) | Command::Backfill(_) | Command::Serve(_)) {
         abort_lineage_on_signal();
     }
     match cli.command {
@@ -430,6 +514,7 @@ fn main() -> ExitCode {
         Command::Validate { pipeline, json, cache_dir } => report(cmd_validate(pipeline, json, cache_dir)),
         Command::Plugin(PluginCommand::Inspect { file, json, cache_dir }) => report(cmd_inspect(file, json, cache_dir)),
         Command::Plugin(PluginCommand::Cache { clear, json, cache_dir }) => report(cmd_cache(clear, json, cache_dir)),
+        Command::Serve(args) => report(cmd_serve(args)),
     }
 }
 
@@ -529,6 +614,9 @@ fn cmd_run(args: RunArgs) -> ExitCode {
         backfill_id: None,
         resume,
         wait,
+        cancel: None,
+        started: None,
+        ended: None,
     };
     let result = engine::run(&pipeline, &options);
     if let Some(bar) = PROGRESS.lock().unwrap_or_else(|e| e.into_inner()).take() {

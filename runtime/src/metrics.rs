@@ -38,25 +38,52 @@ impl Config {
     }
 }
 
-/// The exposition text of one run and what it ended with.
+/// One sample of a gauge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// The samples of one run, in the order they were taken.
 struct Text {
-    out: String,
-    declared: Vec<&'static str>,
+    samples: Vec<Sample>,
 }
 
 impl Text {
     fn new() -> Text {
-        Text { out: String::new(), declared: Vec::new() }
+        Text { samples: Vec::new() }
     }
 
-    fn sample(&mut self, name: &'static str, help: &str, labels: &[(&str, &str)], value: f64) {
-        if !self.declared.contains(&name) {
-            self.declared.push(name);
-            let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        }
-        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
-        let _ = writeln!(self.out, "{name}{{{}}} {value}", labels.join(","));
+    fn sample(&mut self, name: &'static str, help: &'static str, labels: &[(&str, &str)], value: f64) {
+        let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.samples.push(Sample { name, help, labels, value });
     }
+}
+
+/// The text exposition format: each metric's HELP and TYPE once, its samples together.
+pub fn render(samples: &[Sample]) -> String {
+    let mut names: Vec<&'static str> = Vec::new();
+    for s in samples {
+        if !names.contains(&s.name) {
+            names.push(s.name);
+        }
+    }
+    let mut out = String::new();
+    for name in names {
+        let mut first = true;
+        for s in samples.iter().filter(|s| s.name == name) {
+            if first {
+                let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} gauge", s.help);
+                first = false;
+            }
+            let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
+            let _ = writeln!(out, "{name}{{{}}} {}", labels.join(","), s.value);
+        }
+    }
+    out
 }
 
 /// A label value as the text format wants it.
@@ -68,8 +95,14 @@ fn now_secs() -> f64 {
     crate::store::now_ms() as f64 / 1000.0
 }
 
-/// The metrics of a run: its summary when it succeeded, else the error's kind.
+/// The metrics of a run as exposition text.
 pub fn run_metrics(pipeline: &str, outcome: Result<&RunSummary, &crate::Error>, seconds: f64) -> String {
+    render(&run_samples(pipeline, outcome, seconds))
+}
+
+/// The metrics of a run: its summary when it succeeded, else the error's kind (and the
+/// plugin the host stopped, if it did).
+pub fn run_samples(pipeline: &str, outcome: Result<&RunSummary, &crate::Error>, seconds: f64) -> Vec<Sample> {
     let mut t = Text::new();
     let p = [("pipeline", pipeline)];
     let ok = outcome.is_ok();
@@ -96,11 +129,23 @@ pub fn run_metrics(pipeline: &str, outcome: Result<&RunSummary, &crate::Error>, 
                 &p,
                 if blocked { 1.0 } else { 0.0 },
             );
+            if let crate::Error::Plugin(f) = e {
+                if let Some(k) = &f.kill {
+                    t.sample(
+                        "weir_plugin_killed",
+                        "1 if the host stopped the plugin in the last run: deadline (timeout_ms), memory (memory_mb) or output_budget",
+                        &[("pipeline", pipeline), ("step", &f.step), ("plugin", &k.plugin), ("reason", k.reason)],
+                        1.0,
+                    );
+                }
+            }
         }
         Ok(s) => {
             t.sample("weir_run_blocked_by_check", "1 if a blocking quality check failed the last run", &p, 0.0);
             for step in &s.steps {
-                let l = [("pipeline", pipeline), ("step", step.name.as_str())];
+                // the dataset the step writes (its output path; empty for a step without one)
+                let dataset = step.output.as_ref().map(|o| o.display().to_string()).unwrap_or_default();
+                let l = [("pipeline", pipeline), ("step", step.name.as_str()), ("dataset", dataset.as_str())];
                 t.sample("weir_step_rows_read", "rows the step read in the last run", &l, step.rows_read as f64);
                 t.sample("weir_step_rows_written", "rows the step wrote in the last run", &l, step.rows_written as f64);
                 t.sample("weir_step_rows_skipped", "bad rows skipped (on_error = skip)", &l, step.rows_skipped as f64);
@@ -135,6 +180,12 @@ pub fn run_metrics(pipeline: &str, outcome: Result<&RunSummary, &crate::Error>, 
                         + c.host_decode;
                     t.sample("weir_plugin_call_seconds", "time in and around the plugin's calls", &l, secs);
                     t.sample("weir_plugin_bytes_in", "bytes handed to the plugin", &l, c.bytes_in as f64);
+                    t.sample(
+                        "weir_plugin_peak_memory_bytes",
+                        "the most linear memory one instance of the plugin grew to",
+                        &l,
+                        c.peak_memory_bytes as f64,
+                    );
                 }
                 for c in &step.checks {
                     let l = [
@@ -154,7 +205,7 @@ pub fn run_metrics(pipeline: &str, outcome: Result<&RunSummary, &crate::Error>, 
             }
         }
     }
-    t.out
+    t.samples
 }
 
 /// The success timestamp, pushed to its own group.
@@ -166,7 +217,7 @@ pub fn success_metrics(pipeline: &str) -> String {
         &[("pipeline", pipeline)],
         now_secs(),
     );
-    t.out
+    render(&t.samples)
 }
 
 /// `/metrics/job/JOB/pipeline@base64/..../partition@base64/...`: label values in URL-safe

@@ -23,6 +23,7 @@ import threading
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
+from netutil import free_port, get, wait_until
 from report import check, finish
 
 weir = os.environ["WEIR_BIN"]
@@ -213,6 +214,25 @@ with tempfile.TemporaryDirectory() as tmp:
     check("the run ends in ABORT", sequence(events)[0] == ("START", "orders") and sequence(events)[-1] == ("ABORT", "orders"), str(sequence(events)))
     check("with the signal named", "SIGTERM" in events[-1]["run"]["facets"]["errorMessage"]["message"], str(events[-1]["run"]["facets"]))
 
+    # SIGTERM during a backfill: its partition run, then the backfill itself, send ABORT
+    (d / "lineage/events.jsonl").unlink()
+    p = subprocess.Popen(
+        [weir, "backfill", "pipeline.toml", "--partitions", "2024-05-02", "--force"],
+        cwd=d, env=dict(env, WEIR_DEBUG_PAUSE="before-publish:60000"), stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:
+        if "debug pause at before-publish" in line:
+            break
+    p.terminate()
+    p.wait(timeout=30)
+    events = read_events(d / "lineage/events.jsonl")
+    validate_all(events, "aborted backfill")
+    check(
+        "the partition run ends in ABORT, then the backfill",
+        sequence(events)[0] == ("START", "orders.backfill") and sequence(events)[-2:] == [("ABORT", "orders"), ("ABORT", "orders.backfill")],
+        str(sequence(events)),
+    )
+    check("the backfill's ABORT is a BACKFILL job", events[-1]["job"]["facets"]["jobType"]["jobType"] == "BACKFILL", str(events[-1]["job"]))
+
     # the same over HTTP, to a receiver on 127.0.0.1
     received = []
 
@@ -269,31 +289,6 @@ with tempfile.TemporaryDirectory() as tmp:
 import shutil
 import urllib.parse
 import urllib.request
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url):
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status, r.read().decode()
-    except Exception as e:  # not up yet
-        return None, str(e)
-
-
-def wait_until(what, probe, seconds=60):
-    """Poll `probe` (a readiness or query answer, not a sleep standing in for one)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        got = probe()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 rules = root / "examples/alerts/weir.rules.yml"

@@ -143,6 +143,19 @@ pub fn start(
     parallel: usize,
     options: &RunOptions,
 ) -> Result<BackfillSummary> {
+    let planned = create(pipeline, spec, parallel, options)?;
+    run_planned(pipeline, planned, parallel, options)
+}
+
+/// A backfill persisted with every partition PENDING, not yet run.
+pub struct Planned {
+    pub id: i64,
+    store: Arc<dyn RunStore>,
+    partitions: Vec<String>,
+}
+
+/// Plan a new backfill and persist it (its id is known before any partition runs).
+pub fn create(pipeline: &Pipeline, spec: &PartitionSpec, parallel: usize, options: &RunOptions) -> Result<Planned> {
     check_backfillable(pipeline)?;
     let partitions = spec.partitions().map_err(Error::Backfill)?;
     let store = super::open_store(pipeline, options)?;
@@ -151,6 +164,17 @@ pub fn start(
         super::Level::INFO,
         &format!("weir: backfill #{id}: {} partitions ({}), {parallel} at a time", partitions.len(), spec.describe()),
     );
+    Ok(Planned { id, store, partitions })
+}
+
+/// Run a backfill [`create`] planned.
+pub fn run_planned(
+    pipeline: &Pipeline,
+    planned: Planned,
+    parallel: usize,
+    options: &RunOptions,
+) -> Result<BackfillSummary> {
+    let Planned { id, store, partitions } = planned;
     execute(pipeline, store, id, partitions, 0, parallel, options)
 }
 
@@ -217,9 +241,10 @@ fn execute(
 ) -> Result<BackfillSummary> {
     store.backfill_heartbeat(id)?;
     let lineage = super::lineage::emitter(pipeline, &options.log)?;
-    if let Some(e) = &lineage {
-        super::lineage::backfill_event(e, pipeline, id, "START", None);
-    }
+    let lineage = lineage.map(|e| {
+        let key = super::lineage::backfill_start(&e, pipeline, id);
+        (e, key)
+    });
     let lease = {
         let store = store.clone();
         super::Heartbeat::every(move || {
@@ -243,6 +268,7 @@ fn execute(
                     partition: Some(p.clone()),
                     backfill_id: Some(id),
                     progress: None,
+                    started: None,
                     log: prefixed(&log),
                     plugin_log: prefixed(&options.plugin_log),
                     ..options.clone()
@@ -289,12 +315,11 @@ fn execute(
     store.set_backfill_status(id, status)?;
     let failed: Vec<(String, String)> =
         results.iter().filter_map(|(p, o)| o.as_ref().err().map(|e| (p.clone(), e.clone()))).collect();
-    if let Some(e) = &lineage {
+    if let Some((e, key)) = &lineage {
         let failed_names: Vec<&str> =
             plan.iter().filter(|p| p.status != "SUCCESS").map(|p| p.partition.as_str()).collect();
         let error = (!failed_names.is_empty()).then(|| format!("partitions not done: {}", failed_names.join(", ")));
-        let event = if error.is_some() { "FAIL" } else { "COMPLETE" };
-        super::lineage::backfill_event(e, pipeline, id, event, error.as_deref());
+        super::lineage::backfill_end(e, pipeline, id, *key, error.as_deref());
     }
     let mut warned: Vec<(String, Vec<String>)> = results
         .iter()

@@ -134,7 +134,8 @@ pub(super) fn run(ctx: &StepCtx<'_>, flow: Flow<'_>, started: Instant) -> Result
     let result = std::thread::scope(|scope| -> Result<()> {
         let (tx, mut rx) = sync_channel::<Msg>(cap);
         let (shared, base) = (&shared, &base);
-        let reader = scope.spawn(move || read(source, tx, shared, base, every));
+        let stop = ctx.options.cancel.as_deref();
+        let reader = scope.spawn(move || read(source, tx, shared, base, every, stop));
         for (index, inst) in transforms {
             let (tx, next_rx) = sync_channel::<Msg>(cap);
             let input = std::mem::replace(&mut rx, next_rx);
@@ -196,6 +197,7 @@ fn read(
     shared: &Shared,
     base: &Checkpoint,
     every: u64,
+    stop: Option<&AtomicBool>,
 ) -> Result<(u64, Vec<Skipped>, f64)> {
     let mut secs = 0f64;
     let (mut batches, mut marked) = (base.batches, base.batches);
@@ -206,6 +208,11 @@ fn read(
         let Some(batch) = source.next_batch() else { break };
         secs += t.elapsed_secs();
         if shared.cancel.load(Ordering::Relaxed) {
+            return stopped();
+        }
+        if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            // reported as the step's own error, ahead of the closed channel it causes
+            shared.fail(Error::Cancelled("stopped on request".into()));
             return stopped();
         }
         let batch = batch?;
@@ -249,13 +256,15 @@ fn plugin_stage(
     shared: &Shared,
     first_batch: u64,
 ) -> Result<()> {
-    let failure = |batch: Option<u64>, cause: String| {
+    let failure = |batch: Option<u64>, cause: String, kill: Option<&'static str>| {
+        let plugin = &ctx.step.transforms[index].plugin;
         Error::Plugin(crate::PluginFailure {
             pipeline: ctx.pipeline.name.clone(),
             step: ctx.step.name.clone(),
             plugin: super::step::transform_label(ctx.step, index),
             batch,
             cause,
+            kill: kill.map(|reason| Box::new(crate::Kill { reason, plugin: plugin.clone() })),
         })
     };
     let (mut batch_no, mut rows_before) = (first_batch, 0u64);
@@ -267,7 +276,10 @@ fn plugin_stage(
                 if shared.cancel.load(Ordering::Relaxed) {
                     return Ok(false);
                 }
-                let out = inst.process(&b).map_err(|e| failure(Some(batch_no), describe_call_error(e, rows_before)))?;
+                let out = inst.process(&b).map_err(|e| {
+                    let kill = e.kill();
+                    failure(Some(batch_no), describe_call_error(e, rows_before), kill)
+                })?;
                 rows_before += b.num_rows() as u64;
                 for o in out {
                     if output.send(Msg::Batch(o)).is_err() {
@@ -283,11 +295,13 @@ fn plugin_stage(
             Ok(Msg::Checkpoint(mut mark)) => {
                 inst.release_state_files(shared.checkpoints_saved.load(Ordering::Acquire));
                 let state = inst.snapshot().map_err(|e| {
+                    let kill = e.kill();
                     failure(
                         None,
                         format!(
                             "checkpoint snapshot failed: {e}\n(nothing was published; a plugin with large state keeps it in the host's keyed state, weir_sdk::keyed::KeyedState; otherwise raise its memory_mb, or set checkpoint_every = 0 under [pipeline])"
                         ),
+                        kill,
                     )
                 })?;
                 mark.states.push(state);
@@ -301,7 +315,8 @@ fn plugin_stage(
                 let cap = rows_before.saturating_add(inst.limits().output_rows);
                 let mut emitted = 0u64;
                 loop {
-                    let (out, more) = inst.finish().map_err(|e| failure(None, format!("finish failed: {e}")))?;
+                    let (out, more) =
+                        inst.finish().map_err(|e| failure(None, format!("finish failed: {e}"), e.kill()))?;
                     for o in out {
                         emitted += o.num_rows() as u64;
                         if output.send(Msg::Batch(o)).is_err() {
@@ -318,6 +333,7 @@ fn plugin_stage(
                         return Err(failure(
                             None,
                             format!("finish kept asking to be called again past {emitted} rows (it read {rows_before}); stopped"),
+                            Some("output_budget"),
                         ));
                     }
                 }

@@ -51,8 +51,31 @@ pub fn backfill_job(pipeline: &Pipeline) -> String {
     format!("{}.backfill", pipeline.name)
 }
 
+/// A backfill's START: registered as in progress, so a signal sends its ABORT. Returns the
+/// key [`backfill_end`] takes.
+pub fn backfill_start(emitter: &Arc<Emitter>, pipeline: &Pipeline, backfill: i64) -> u64 {
+    backfill_event(emitter, pipeline, backfill, "START", None);
+    let mut run_facets = Map::new();
+    run_facets.insert("processing_engine".into(), ol::processing_engine());
+    ol::begin_active(ol::Active {
+        emitter: emitter.clone(),
+        run_id: backfill_run_id(pipeline, backfill),
+        job: backfill_job(pipeline),
+        run_facets,
+        job_type: "BACKFILL",
+        step: None,
+    })
+}
+
+/// A backfill's COMPLETE or FAIL.
+pub fn backfill_end(emitter: &Emitter, pipeline: &Pipeline, backfill: i64, key: u64, error: Option<&str>) {
+    ol::end_active(key);
+    let event = if error.is_some() { "FAIL" } else { "COMPLETE" };
+    backfill_event(emitter, pipeline, backfill, event, error);
+}
+
 /// A backfill's own START or end event.
-pub fn backfill_event(emitter: &Emitter, pipeline: &Pipeline, backfill: i64, event_type: &str, error: Option<&str>) {
+fn backfill_event(emitter: &Emitter, pipeline: &Pipeline, backfill: i64, event_type: &str, error: Option<&str>) {
     let mut run_facets = Map::new();
     run_facets.insert("processing_engine".into(), ol::processing_engine());
     if let Some(e) = error {
@@ -124,6 +147,7 @@ impl RunLineage {
             run_id: run_id.clone(),
             job: pipeline.name.clone(),
             run_facets: facets.clone(),
+            job_type: "PIPELINE",
             step: None,
         });
         let r = RunLineage {
@@ -271,7 +295,7 @@ impl RunLineage {
 }
 
 /// A step's input: its source's files, or the dataset an earlier step wrote.
-fn input_dataset(pipeline: &Pipeline, step: &Step, partition: Option<&str>) -> Value {
+pub(crate) fn input_dataset(pipeline: &Pipeline, step: &Step, partition: Option<&str>) -> Value {
     if let Some(source) = pipeline.sources.get(&step.input) {
         let path = match partition {
             Some(p) => source.path.replace("{partition}", p),

@@ -51,6 +51,7 @@ use crate::quality::{CheckResult, Kind};
 use crate::store::{Checkpoint, NewRun, RunFilter, RunRecord, RunStore, Status, StepRows};
 use crate::{Error, Result};
 
+pub(crate) use self::lineage::input_dataset;
 pub use self::recovery::recover;
 pub use self::staging::quarantine_target;
 
@@ -87,6 +88,30 @@ pub struct RunOptions {
     pub resume: bool,
     /// When a run of the same partition is live, wait for it to end instead of refusing.
     pub wait: bool,
+    /// Set to stop the run: it stops at the next batch boundary (or before its next step,
+    /// or before it decides to publish) with [`Error::Cancelled`] and is recorded
+    /// CANCELLED. Once the run has decided to publish, it completes.
+    pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Called with the run's id as soon as the store has recorded it (before any step).
+    pub started: Option<Arc<dyn Fn(i64) + Send + Sync>>,
+    /// Called when the run has ended (after its metrics were pushed): its partition, its
+    /// outcome and its wall seconds. Up-to-date runs included.
+    pub ended: Option<EndedFn>,
+}
+
+/// See [`RunOptions::ended`].
+pub type EndedFn = Arc<dyn Fn(Option<&str>, std::result::Result<&RunSummary, &Error>, f64) + Send + Sync>;
+
+impl RunOptions {
+    /// [`Error::Cancelled`] when the run was asked to stop.
+    pub(crate) fn check_cancel(&self) -> Result<()> {
+        match &self.cancel {
+            Some(c) if c.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(Error::Cancelled("stopped on request".into()))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Default for RunOptions {
@@ -102,6 +127,9 @@ impl Default for RunOptions {
             backfill_id: None,
             resume: false,
             wait: false,
+            cancel: None,
+            started: None,
+            ended: None,
         }
     }
 }
@@ -344,6 +372,9 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
             }
         }
     }
+    if let Some(ended) = &options.ended {
+        ended(options.partition.as_deref(), outcome.as_ref(), started.elapsed().as_secs_f64());
+    }
     outcome
 }
 
@@ -389,6 +420,9 @@ fn run_once(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
         Begun::UpToDate(last) => return Ok(summary("UP_TO_DATE", None, Some(last), Vec::new())),
         Begun::Started(id) => id,
     };
+    if let Some(started) = &options.started {
+        started(id);
+    }
     let heartbeat = Heartbeat::start(store.clone(), id);
     let events = emitter.map(|e| {
         let partition = options.partition.as_deref();
@@ -421,7 +455,8 @@ fn run_once(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
             if let Some(l) = events {
                 l.into_inner().unwrap_or_else(|e| e.into_inner()).end(Some(&e.to_string()));
             }
-            if let Err(store_err) = store.finish_run(id, Status::Failed, &[], Some(&e.to_string())) {
+            let status = if matches!(e, Error::Cancelled(_)) { Status::Cancelled } else { Status::Failed };
+            if let Err(store_err) = store.finish_run(id, status, &[], Some(&e.to_string())) {
                 log(Level::WARN, &format!("weir: warning: could not record the failure of run #{id}: {store_err}"));
             }
             Err(e)
@@ -469,6 +504,7 @@ fn load_plugins(pipeline: &Pipeline, options: &RunOptions) -> Result<HashMap<Str
             plugin: "-".into(),
             batch: None,
             cause: e.to_string(),
+            kill: None,
         })
     })?;
     for name in used {
@@ -663,6 +699,7 @@ fn execute(run: &RunCtx<'_>, resume: Option<&[Checkpoint]>) -> Result<Vec<StepSu
         guard.add(&staging);
         guard.add(&quarantine_staging(&staging));
         guard.add(&state_staging(&staging));
+        run.options.check_cancel()?;
         let checkpoint = resume.and_then(|cs| cs.iter().find(|c| c.step == step.name));
         let partition = run.options.partition.as_deref();
         let events = || run.lineage.map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
@@ -695,6 +732,7 @@ fn execute(run: &RunCtx<'_>, resume: Option<&[Checkpoint]>) -> Result<Vec<StepSu
     }
 
     debug_pause("before-publish", log);
+    run.options.check_cancel()?;
     let plan = publish::plan(pipeline, run.options.partition.as_deref(), &staged)?;
     store.record_decision(run.run_id, &step_rows(&summaries), &plan)?;
     guard.decided(&plan);

@@ -69,6 +69,7 @@ impl StepCtx<'_> {
             plugin: plugin.to_string(),
             batch: None,
             cause,
+            kill: None,
         })
     }
 }

@@ -110,6 +110,19 @@ pub enum CallError {
     Filter(String),
 }
 
+impl CallError {
+    /// Why the host stopped the plugin, when it did: `deadline`, `memory` (its cap) or
+    /// `output_budget`. None for failures of the plugin's own.
+    pub fn kill(&self) -> Option<&'static str> {
+        match self {
+            CallError::Deadline(_) => Some("deadline"),
+            CallError::Memory(_) => Some("memory"),
+            CallError::OutputBudget { .. } => Some("output_budget"),
+            _ => None,
+        }
+    }
+}
+
 /// Per-plugin limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -641,6 +654,8 @@ pub struct HostState {
     table: ResourceTable,
     memory_cap: u64,
     memory_hit: bool,
+    /// The most linear memory the instance grew to, in bytes.
+    memory_peak: u64,
     /// Per granted secret, its HMAC key state (the key blocks absorbed once, at start-up).
     hmac_keys: HashMap<String, weir_sdk::hashing::Hasher>,
     counters: HashMap<String, i64>,
@@ -813,6 +828,7 @@ impl ResourceLimiter for HostState {
             self.memory_hit = true;
             return Ok(false);
         }
+        self.memory_peak = self.memory_peak.max(desired as u64);
         Ok(true)
     }
     fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
@@ -1122,6 +1138,7 @@ impl Sandbox {
             table: ResourceTable::new(),
             memory_cap: limits.memory_bytes,
             memory_hit: false,
+            memory_peak: 0,
             hmac_keys: secrets.iter().map(|(name, key)| (name.clone(), weir_sdk::hashing::Hasher::hmac(key))).collect(),
             counters: HashMap::new(),
             counters_refused: 0,
@@ -1328,6 +1345,9 @@ pub struct CallTimings {
     pub copy_out: f64,
     /// Host: decoding and validating the plugin's output against its declared schema.
     pub host_decode: f64,
+    /// The most linear memory one instance of the plugin grew to, in bytes (the largest
+    /// over instances, not a sum).
+    pub peak_memory_bytes: u64,
 }
 
 impl CallTimings {
@@ -1344,6 +1364,7 @@ impl CallTimings {
         self.guest_unsplit += o.guest_unsplit;
         self.copy_out += o.copy_out;
         self.host_decode += o.host_decode;
+        self.peak_memory_bytes = self.peak_memory_bytes.max(o.peak_memory_bytes);
     }
 
     /// Attribute one call: `start`/`end` bracket the call on the host; the guest's marks
@@ -1405,7 +1426,7 @@ impl TransformInstance {
 
     /// Where the time of the calls so far went.
     pub fn timings(&self) -> CallTimings {
-        self.timings
+        CallTimings { peak_memory_bytes: self.sb.store.data().memory_peak, ..self.timings }
     }
 
     /// Call `init`; returns the declared output schema.

@@ -41,6 +41,8 @@ pub enum Status {
     Failed,
     /// A backfill in which some partitions failed.
     Partial,
+    /// A run stopped on request before it decided to publish (nothing was published).
+    Cancelled,
     /// A backfill whose process died (or stopped renewing its lease) while it ran; shown,
     /// never stored: `weir backfill --resume` continues it.
     Interrupted,
@@ -53,6 +55,7 @@ impl Status {
             Status::Success => "SUCCESS",
             Status::Failed => "FAILED",
             Status::Partial => "PARTIAL",
+            Status::Cancelled => "CANCELLED",
             Status::Interrupted => "INTERRUPTED",
         }
     }
@@ -63,6 +66,7 @@ impl Status {
             "SUCCESS" => Status::Success,
             "FAILED" => Status::Failed,
             "PARTIAL" => Status::Partial,
+            "CANCELLED" => Status::Cancelled,
             "INTERRUPTED" => Status::Interrupted,
             _ => return None,
         })
