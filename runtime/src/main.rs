@@ -314,8 +314,8 @@ struct ServeArgs {
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// Runs at once (a backfill counts its parallelism); more are refused with 429.
-    #[arg(long, default_value_t = 4)]
-    max_runs: usize,
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    max_runs: u16,
     /// Where registered pipelines are remembered [default: ROOT/.weir/serve-pipelines.json
     /// of the first root].
     #[arg(long)]
@@ -359,7 +359,8 @@ fn cmd_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         pipelines,
         registry,
         tokens,
-        max_runs: args.max_runs,
+        protected: args.token_file.iter().cloned().collect(),
+        max_runs: usize::from(args.max_runs),
         cache_dir: args.cache_dir.or_else(PluginEngine::default_cache_dir),
         log: Arc::new(log_line),
         plugin_log: Arc::new(plugin_log_line),

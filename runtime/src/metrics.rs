@@ -43,6 +43,8 @@ impl Config {
 pub struct Sample {
     pub name: &'static str,
     pub help: &'static str,
+    /// `gauge` or `counter`.
+    pub kind: &'static str,
     pub labels: Vec<(String, String)>,
     pub value: f64,
 }
@@ -59,7 +61,7 @@ impl Text {
 
     fn sample(&mut self, name: &'static str, help: &'static str, labels: &[(&str, &str)], value: f64) {
         let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        self.samples.push(Sample { name, help, labels, value });
+        self.samples.push(Sample { name, help, kind: "gauge", labels, value });
     }
 }
 
@@ -76,7 +78,7 @@ pub fn render(samples: &[Sample]) -> String {
         let mut first = true;
         for s in samples.iter().filter(|s| s.name == name) {
             if first {
-                let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} gauge", s.help);
+                let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} {}", s.help, s.kind);
                 first = false;
             }
             let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();

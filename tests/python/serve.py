@@ -47,10 +47,11 @@ column = "id"
 """
 
 
-def hostile_pipeline(name, mode, extra=""):
+def hostile_pipeline(name, mode, extra="", state=""):
     return f"""[pipeline]
 name = "{name}"
 batch_size = 2
+{state}
 
 [sources.raw]
 format = "csv"
@@ -74,9 +75,10 @@ called = set()  # (method, path template) of every request made, to compare with
 
 
 class Server:
-    def __init__(self, d, *args):
+    def __init__(self, d, *args, token_file=True):
+        tokens = ["--token-file", str(d / "tokens")] if token_file else []
         self.proc = subprocess.Popen(
-            [weir, "serve", "--root", str(d), "--listen", "127.0.0.1:0", "--token-file", str(d / "tokens"), *args],
+            [weir, "serve", "--root", str(d), "--listen", "127.0.0.1:0", *tokens, *args],
             cwd=d, env=env, stdout=subprocess.PIPE, stderr=(d / "serve.log").open("a"), text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("listening on "):
@@ -126,6 +128,13 @@ with tempfile.TemporaryDirectory() as tmp:
     (d / "trap.toml").write_text(hostile_pipeline("trap", "panic"))
     (d / "hog.toml").write_text(hostile_pipeline("hog", "memory", "memory_mb = 32"))
     (d / "slow.toml").write_text(hostile_pipeline("slow", "slow"))
+    # two pipelines with stores of their own: their run ids overlap
+    (d / "slow2.toml").write_text(hostile_pipeline("slow2", "slow", state='state = "stores/slow2.db"'))
+    (d / "quick.toml").write_text(ORDERS.replace('name = "orders"', 'name = "quick"\nstate = "stores/quick.db"').replace('"out/clean"', '"out/quick"'))
+    (d / "dotdot.toml").write_text(ORDERS.replace('name = "orders"', 'name = "dotdot"').replace('"in/{partition}.csv"', '"in/../in/{partition}.csv"'))
+    for i in range(3):
+        (d / f"in/b{i}.csv").write_text("id,amount,day\n" + "".join(f"{j},{j},b{i}\n" for j in range(40)))
+    (d / "in/2024-06-01.csv").symlink_to("/etc/hostname")
     (d / "escape.toml").write_text(ORDERS.replace('name = "orders"', 'name = "escape"').replace('"out/clean"', f'"{d.parent}/elsewhere"'))
     (d / "broken.toml").write_text("[pipeline]\nname = \n")
 
@@ -165,12 +174,17 @@ with tempfile.TemporaryDirectory() as tmp:
         check("a relative path out of the root: 403", status == 403, str(e))
         status, e = s.call("POST", "/pipelines", {"path": "escape.toml"})
         check("a pipeline writing outside the roots: 403 naming the output", status == 403 and "output of step `clean`" in e["error"], str(e))
+        status, e = s.call("POST", "/pipelines", {"path": "dotdot.toml"})
+        check("a source path with `..`: 403", status == 403 and "`..`" in e["error"], str(e))
         status, e = s.call("POST", "/pipelines", {"path": "broken.toml"})
         check("an invalid pipeline: 422 with the file's diagnostics", status == 422 and "broken.toml:2" in e["error"], str(e))
         status, e = s.call("POST", "/pipelines", {"file": "x"})
         check("an unknown field: 400 naming it", status == 400 and "unknown field `file`" in e["error"], str(e))
+        for f in ("slow2.toml", "quick.toml"):
+            s.call("POST", "/pipelines", {"path": f})
         status, ps = s.call("GET", "/pipelines")
-        check("four pipelines are registered", status == 200 and sorted(p["name"] for p in ps) == ["hog", "orders", "slow", "trap"], str(ps))
+        names = ["hog", "orders", "quick", "slow", "slow2", "trap"]
+        check("six pipelines are registered", status == 200 and sorted(p["name"] for p in ps) == names, str(ps))
         status, p = s.call("GET", "/pipelines/orders", template="/pipelines/{name}")
         check("a pipeline's steps", status == 200 and p["steps"][0]["output"] == str(d / "out/clean") and p["partitioned"], str(p))
         status, e = s.call("GET", "/pipelines/nope", template="/pipelines/{name}")
@@ -188,6 +202,8 @@ with tempfile.TemporaryDirectory() as tmp:
         check("the same run again is up to date: 200", status == 200 and a["status"] == "UP_TO_DATE" and a["identical_to"] == "orders.1", str(a))
         status, e = s.call("POST", "/pipelines/orders/runs", {"partition": "../../etc"}, template="/pipelines/{name}/runs")
         check("a partition that is a path: 400", status == 400 and "partition" in e["error"], str(e))
+        status, e = s.call("POST", "/pipelines/orders/runs", {"partition": "2024-06-01"}, template="/pipelines/{name}/runs")
+        check("an input file that links out of the root: 403", status == 403 and "/etc/hostname" in e["error"], str(e))
         r = subprocess.run([weir, "runs", "--pipeline", "orders.toml", "--json"], cwd=d, env=env, capture_output=True, text=True)
         check("the CLI sees the API's run in the same store", r.returncode == 0 and json.loads(r.stdout)[0]["id"] == 1, r.stdout + r.stderr)
 
@@ -209,6 +225,18 @@ with tempfile.TemporaryDirectory() as tmp:
         check("the run ends CANCELLED, nothing published", run["status"] == "CANCELLED" and not run["published"] and not (d / "out/slow").exists(), str(run))
         status, e = s.call("PATCH", f"/runs/{slow_id}", {"status": "CANCELLED"}, template="/runs/{id}")
         check("cancelling an ended run: 409", status == 409 and "already ended" in e["error"], str(e))
+
+        # runs of two stores with the same number: one ending does not make the other look dead
+        status, a = s.call("POST", "/pipelines/slow2/runs", {"partition": "slow"}, template="/pipelines/{name}/runs")
+        check("slow2's first run is number 1 of its store", status == 202 and a["id"] == "slow2.1", str(a))
+        status, q = s.call("POST", "/pipelines/quick/runs", {"partition": "2024-05-01"}, template="/pipelines/{name}/runs")
+        check("and so is quick's", status == 202 and q["id"] == "quick.1", str(q))
+        check("quick.1 succeeds", s.wait_run("quick.1")["status"] == "SUCCESS")
+        status, e = s.call("POST", "/pipelines/slow2/runs", {"partition": "slow"}, template="/pipelines/{name}/runs")
+        status2, run = s.call("GET", "/runs/slow2.1", template="/runs/{id}")
+        check("slow2.1 is still live: a second run is refused, not recovered over it", status == 409 and run["status"] == "RUNNING", f"{status} {e} {run}")
+        s.call("PATCH", "/runs/slow2.1", {"status": "CANCELLED"}, template="/runs/{id}")
+        check("and it can be cancelled", s.wait_run("slow2.1")["status"] == "CANCELLED")
 
         # plugins that trap or are killed: the run fails, the server goes on
         status, a = s.call("POST", "/pipelines/trap/runs", {"partition": "2024-05-01"}, template="/pipelines/{name}/runs")
@@ -237,12 +265,14 @@ with tempfile.TemporaryDirectory() as tmp:
         check("a failed blocking check: do not proceed", status == 200 and a["proceed"] is False and "row_count" in a["reason"], str(a))
         status, a = s.call("POST", f"/runs/{hog['id']}/quality-checks", {"check": "x", "passed": True}, template="/runs/{id}/quality-checks")
         check("a failed run never proceeds", status == 200 and a["proceed"] is False and "FAILED" in a["reason"], str(a))
+        status, a = s.call("POST", "/runs/orders.1/quality-checks", {"check": "row_count", "passed": True, "observed": "5"}, template="/runs/{id}/quality-checks")
+        check("the same check passing later: proceed again", status == 200 and a["proceed"] is True, str(a))
         status, e = s.call("POST", "/runs/orders.1/quality-checks", {"check": "x", "passed": True, "severity": "quarantine"}, template="/runs/{id}/quality-checks")
         check("a bad severity: 400", status == 400, str(e))
         status, checks = s.call("GET", "/checks?pipeline=orders&failed=true")
         check("GET /checks lists the failed external checks", status == 200 and {c["check"] for c in checks} == {"fresh", "row_count"}, str(checks))
         status, run = s.call("GET", "/runs/orders.1", template="/runs/{id}")
-        check("the run shows them", len(run["checks"]) == 4, str(run["checks"]))
+        check("the run shows them", len(run["checks"]) == 5, str(run["checks"]))
 
         # backfills: create, watch, resume
         status, b = s.call("POST", "/pipelines/orders/backfills", {"partitions": ["2024-05-02", "2024-05-03"], "parallel": 2}, template="/pipelines/{name}/backfills")
@@ -261,6 +291,19 @@ with tempfile.TemporaryDirectory() as tmp:
         check("the resumed backfill succeeds", all(p["status"] == "SUCCESS" for p in bf["partitions"]), str(bf))
         status, bfs = s.call("GET", "/backfills?pipeline=orders")
         check("GET /backfills lists it", status == 200 and bfs[0]["id"] == b["id"], str(bfs))
+        status, e = s.call("POST", "/pipelines/orders/backfills", {"partitions": ["2024-05-02", "2024-05-02"]}, template="/pipelines/{name}/backfills")
+        check("a partition listed twice: 400", status == 400 and "twice" in e["error"], str(e))
+        # cancel a backfill: the running partition stops, the others stay PENDING
+        status, b2 = s.call("POST", "/pipelines/slow/backfills", {"partitions": ["b0", "b1", "b2"]}, template="/pipelines/{name}/backfills")
+        check("a slow backfill starts", status == 202, str(b2))
+        wait_until("its first partition to run", lambda: s.call("GET", f"/backfills/{b2['id']}", template="/backfills/{id}")[1]["partitions"][0]["status"] == "RUNNING")
+        status, a = s.call("PATCH", f"/backfills/{b2['id']}", {"status": "CANCELLED"}, template="/backfills/{id}")
+        check("PATCH cancels a backfill: 202", status == 202 and a["status"] == "CANCELLING", str(a))
+        bf2 = wait_until("the cancelled backfill", lambda: (lambda v: v if v["status"] != "RUNNING" else None)(s.call("GET", f"/backfills/{b2['id']}", template="/backfills/{id}")[1]), 60)
+        states = [p["status"] for p in bf2["partitions"]]
+        check("it ends PARTIAL: the running partition failed (cancelled), the rest PENDING", bf2["status"] == "PARTIAL" and states == ["FAILED", "PENDING", "PENDING"] and "cancelled" in (bf2["partitions"][0]["error"] or ""), str(bf2))
+        status, e = s.call("PATCH", f"/backfills/{b2['id']}", {"status": "CANCELLED"}, template="/backfills/{id}")
+        check("cancelling it again: 409", status == 409, str(e))
         status, e = s.call("POST", "/pipelines/orders/backfills", {"from": "2024-05-01"}, template="/pipelines/{name}/backfills")
         check("a backfill without an end: 400", status == 400, str(e))
 
@@ -317,12 +360,35 @@ scrape_configs:
         s.stop(signal.SIGKILL)
         s = Server(d)
         status, ps = s.call("GET", "/pipelines")
-        check("after kill -9 the restarted server remembers the pipelines", sorted(p["name"] for p in ps) == ["hog", "orders", "slow", "trap"], str(ps))
+        check("after kill -9 the restarted server remembers the pipelines", sorted(p["name"] for p in ps) == names, str(ps))
         status, run = s.call("GET", f"/runs/{a['id']}", template="/runs/{id}")
         check("and recovered the killed run: FAILED, staging gone", run["status"] == "FAILED" and "crash" in (run["error"] or "") and not (d / "out/slow").exists(), str(run))
         status, a = s.call("POST", "/pipelines/slow/runs", {"partition": "2024-05-02"}, template="/pipelines/{name}/runs")
         run = s.wait_run(a["id"])
         check("and runs again", run["status"] == "SUCCESS", str(run))
+    finally:
+        s.stop()
+
+    # without tokens: loopback names only, and bodies must be JSON (no form posts from a web page)
+    s = Server(d, token_file=False)
+    try:
+        status, runs = s.call("GET", "/runs?limit=1", token=None)
+        check("without tokens, loopback requests need none", status == 200, str(runs))
+        req = urllib.request.Request(s.base + "/runs", headers={"Host": "evil.example"})
+        try:
+            urllib.request.urlopen(req, timeout=10)
+            code = 200
+        except urllib.error.HTTPError as e:
+            code = e.code
+        check("a request naming another Host: 403", code == 403)
+        req = urllib.request.Request(s.base + "/pipelines/orders/runs", data=b"partition=2024-05-01", method="POST",
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+        try:
+            urllib.request.urlopen(req, timeout=10)
+            code = 200
+        except urllib.error.HTTPError as e:
+            code = e.code
+        check("a form post: 415", code == 415)
     finally:
         s.stop()
 

@@ -115,7 +115,7 @@ pub struct BackfillSummary {
 
 /// Check that partitions can run independently: every output is partitioned and the input
 /// depends on the partition.
-fn check_backfillable(pipeline: &Pipeline) -> Result<()> {
+pub fn check_backfillable(pipeline: &Pipeline) -> Result<()> {
     for s in &pipeline.steps {
         if let Some(o) = &s.output {
             if o.partition_by.is_none() {
@@ -258,6 +258,10 @@ fn execute(
     std::thread::scope(|scope| {
         for _ in 0..parallel.max(1).min(total.max(1)) {
             scope.spawn(|| loop {
+                // cancelled (`weir serve`): the partitions not started stay PENDING for a resume
+                if options.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+                    break;
+                }
                 let Some(p) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else { break };
                 let _ = store.set_backfill_partition(id, &p, "RUNNING", None, None);
                 let prefixed = |inner: &LogFn| -> LogFn {

@@ -83,15 +83,40 @@ pub(super) fn digest(token: &[u8]) -> [u8; 32] {
 /// Bearer tokens, compared as digests in constant time.
 async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let open = matches!(req.uri().path(), "/health" | "/openapi.json");
-    if app.tokens.is_empty() || open {
+    if app.tokens.is_empty() {
+        // loopback without tokens: a web page the operator's browser shows must not drive
+        // the API (a request with a JSON body needs a CORS preflight; a rebound name is
+        // not a loopback Host)
+        let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let name = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => host.split(':').next().unwrap_or(""),
+        };
+        if !matches!(name, "localhost" | "127.0.0.1" | "::1") {
+            return ApiError::new(403, format!("Host `{host}`: without tokens the API answers loopback names only"))
+                .into_response();
+        }
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"));
+        if matches!(*req.method(), axum::http::Method::POST | axum::http::Method::PATCH) && !json {
+            return ApiError::new(415, "send the body as JSON, with Content-Type: application/json").into_response();
+        }
         return next.run(req).await;
     }
+    if open {
+        return next.run(req).await;
+    }
+    // the scheme's name is case-insensitive (RFC 7235)
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| digest(t.trim().as_bytes()));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| digest(t.trim().as_bytes()));
     let ok = given.is_some_and(|d| {
         app.tokens
             .iter()
@@ -116,7 +141,7 @@ pub(super) fn router(app: Arc<App>) -> Router {
         .route("/runs/{id}", get(get_run).patch(cancel_run))
         .route("/runs/{id}/quality-checks", post(post_quality_check))
         .route("/backfills", get(list_backfills))
-        .route("/backfills/{id}", get(get_backfill))
+        .route("/backfills/{id}", get(get_backfill).patch(cancel_backfill))
         .route("/backfills/{id}/resume", post(resume_backfill))
         .route("/checks", get(list_checks))
         .route("/lineage", get(lineage))
@@ -322,8 +347,10 @@ pub struct RunView {
 impl RunView {
     fn of(r: &RunRecord, app: &App, checks: Option<Vec<CheckView>>) -> RunView {
         let id = join_id(&r.pipeline, r.id);
-        let cancellable =
-            r.status == Status::Running && app.active.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&id);
+        // a run that has decided to publish completes whatever is asked
+        let cancellable = r.status == Status::Running
+            && r.decision.is_none()
+            && app.active.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&id);
         RunView {
             number: r.id,
             pipeline: r.pipeline.clone(),
@@ -709,6 +736,7 @@ async fn trigger_run(State(app): State<Arc<App>>, UrlPath(name): UrlPath<String>
             paths::check_partition(p)?;
         }
         let (pipeline, _) = app.reload(&name)?;
+        paths::check_inputs(&app.roots, &pipeline, req.partition.as_deref())?;
         let slots = app.take_slots(1)?.hand_over(&app);
         let cancel = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::sync_channel::<Begin>(2);
@@ -856,12 +884,29 @@ async fn cancel_run(State(app): State<Arc<App>>, UrlPath(id): UrlPath<String>, b
             return Err(ApiError::new(400, "PATCH /runs/{id} takes {\"status\": \"CANCELLED\"}"));
         }
         let (run, _) = app.find_run(&id)?;
+        if let Some(b) = run.backfill_id {
+            if run.status == Status::Running {
+                let b = join_id(&run.pipeline, b);
+                return Err(ApiError::new(
+                    409,
+                    format!("run {id} is a partition of backfill {b}: PATCH /backfills/{b} cancels the backfill"),
+                ));
+            }
+        }
         if let Some(flag) = app.active.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
             flag.store(true, Ordering::Relaxed);
             (app.log)(Level::INFO, &format!("weir serve: run {id}: cancel requested"));
-            return json(202, &CancelAnswer { id, status: "CANCELLING".into() });
+            // it may have ended meanwhile: say what it is now
+            let (now, _) = app.find_run(&id)?;
+            let status = if now.status == Status::Running { "CANCELLING".to_string() } else { now.status.as_str().into() };
+            return json(202, &CancelAnswer { id, status });
         }
+        let ours = run.pid == std::process::id() && run.host == crate::store::host_name();
         Err(match run.status {
+            Status::Running if ours => ApiError::new(
+                409,
+                format!("run {id} is starting or ending in this server; ask again in a moment"),
+            ),
             Status::Running => ApiError::new(
                 409,
                 format!(
@@ -918,9 +963,14 @@ async fn post_quality_check(State(app): State<Arc<App>>, UrlPath(id): UrlPath<St
             metrics: BTreeMap::new(),
         };
         store.record_checks(run.id, run.partition.as_deref(), std::slice::from_ref(&result))?;
-        let all = checks_of(store.as_ref(), run.id)?;
-        let blocking: Vec<String> = all
-            .iter()
+        // each check's latest result counts (recorded in order): a check posted again
+        // after a fix decides anew
+        let mut latest: BTreeMap<(String, String), CheckView> = BTreeMap::new();
+        for c in checks_of(store.as_ref(), run.id)? {
+            latest.insert((c.step.clone(), c.check.clone()), c);
+        }
+        let blocking: Vec<String> = latest
+            .values()
             .filter(|c| !c.passed && c.severity == "block")
             .map(|c| format!("`{}` on `{}`", c.check, c.step))
             .collect();
@@ -1010,10 +1060,15 @@ async fn create_backfill(State(app): State<Arc<App>>, UrlPath(name): UrlPath<Str
         if partitions.len() > 10_000 {
             return Err(ApiError::new(400, format!("{} partitions: at most 10000 in one backfill", partitions.len())));
         }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = partitions.iter().find(|p| !seen.insert(p.as_str())) {
+            return Err(ApiError::new(400, format!("partition `{dup}` is listed twice")));
+        }
         let parallel = req.parallel.unwrap_or(1);
         if parallel == 0 || parallel > app.max_runs {
             return Err(ApiError::new(400, format!("parallel must be 1 to {} (--max-runs)", app.max_runs)));
         }
+        let parallel = parallel.min(partitions.len().max(1));
         let (pipeline, _) = app.reload(&name)?;
         let slots = app.take_slots(parallel)?.hand_over(&app);
         let mut options = app.run_options(&name, None);
@@ -1043,11 +1098,19 @@ fn spawn_backfill(
     let cancel = Arc::new(AtomicBool::new(false));
     options.cancel = Some(cancel.clone());
     let key = format!("backfill {id}");
-    app.active.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), cancel);
-    let (app, id) = (app.clone(), id.to_string());
+    {
+        // one executor per backfill in this server: a retried resume gets 409
+        let mut active = app.active.lock().unwrap_or_else(|e| e.into_inner());
+        if active.contains_key(&key) {
+            return Err(ApiError::new(409, format!("backfill {id} is already running in this server")));
+        }
+        active.insert(key.clone(), cancel);
+    }
+    let (thread_app, thread_key, id) = (app.clone(), key.clone(), id.to_string());
     std::thread::Builder::new()
         .name(format!("backfill {id}"))
         .spawn(move || {
+            let (app, key) = (thread_app, thread_key);
             let _slots = slots;
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&options)));
             app.active.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
@@ -1059,7 +1122,10 @@ fn spawn_backfill(
             (options.log)(Level::INFO, &format!("weir serve: backfill {id} {how}"));
         })
         .map(|_| ())
-        .map_err(|e| ApiError::new(503, format!("cannot start a backfill thread: {e}")))
+        .map_err(|e| {
+            app.active.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            ApiError::new(503, format!("cannot start a backfill thread: {e}"))
+        })
 }
 
 #[utoipa::path(get, path = "/backfills", tag = "backfills", params(BackfillsQuery),
@@ -1108,6 +1174,39 @@ async fn get_backfill(State(app): State<Arc<App>>, UrlPath(id): UrlPath<String>)
     call(move || json(200, &BackfillView::of(&app.find_backfill(&id)?.0))).await
 }
 
+#[utoipa::path(patch, path = "/backfills/{id}", tag = "backfills", request_body = CancelRun,
+    params(("id" = String, Path, description = "PIPELINE.N")),
+    responses((status = 202, description = "Cancelling: running partitions stop at a batch boundary, the others stay PENDING for a resume", body = CancelAnswer),
+        (status = 400, description = "The body is not {\"status\": \"CANCELLED\"}", body = ErrorBody),
+        (status = 404, description = "No such backfill", body = ErrorBody),
+        (status = 409, description = "It has ended, or another process runs it", body = ErrorBody)))]
+async fn cancel_backfill(State(app): State<Arc<App>>, UrlPath(id): UrlPath<String>, bytes: Bytes) -> Response {
+    call(move || {
+        let req: CancelRun = body(&bytes)?;
+        if !req.status.eq_ignore_ascii_case("CANCELLED") {
+            return Err(ApiError::new(400, "PATCH /backfills/{id} takes {\"status\": \"CANCELLED\"}"));
+        }
+        let (b, _) = app.find_backfill(&id)?;
+        if let Some(flag) = app.active.lock().unwrap_or_else(|e| e.into_inner()).get(&format!("backfill {id}")) {
+            flag.store(true, Ordering::Relaxed);
+            (app.log)(Level::INFO, &format!("weir serve: backfill {id}: cancel requested"));
+            return json(202, &CancelAnswer { id, status: "CANCELLING".into() });
+        }
+        Err(match b.status {
+            Status::Running => ApiError::new(
+                409,
+                format!(
+                    "backfill {id} is run by pid {} on {}, not by this server: stop that process; POST /backfills/{id}/resume continues it",
+                    b.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+                    b.host.as_deref().unwrap_or("?")
+                ),
+            ),
+            s => ApiError::new(409, format!("backfill {id} is not running: {}", s.as_str())),
+        })
+    })
+    .await
+}
+
 #[utoipa::path(post, path = "/backfills/{id}/resume", tag = "backfills", request_body = ResumeBackfill,
     params(("id" = String, Path, description = "PIPELINE.N")),
     responses((status = 202, description = "Resumed: its partitions not yet successful run again", body = BackfillAnswer),
@@ -1121,8 +1220,7 @@ async fn resume_backfill(State(app): State<Arc<App>>, UrlPath(id): UrlPath<Strin
         if b.status == Status::Running {
             return Err(ApiError::new(409, format!("backfill {id} is still running")));
         }
-        let parallel = req.parallel.unwrap_or(b.parallel as usize).max(1);
-        if parallel > app.max_runs {
+        if req.parallel.is_some_and(|p| p == 0 || p > app.max_runs) {
             return Err(ApiError::new(400, format!("parallel must be 1 to {} (--max-runs)", app.max_runs)));
         }
         let todo = b
@@ -1130,7 +1228,13 @@ async fn resume_backfill(State(app): State<Arc<App>>, UrlPath(id): UrlPath<Strin
             .iter()
             .filter(|p| if req.only_failed { p.status == "FAILED" } else { p.status != "SUCCESS" })
             .count();
+        if todo == 0 {
+            return json(200, &BackfillAnswer { id, status: b.status.as_str().into(), partitions: 0 });
+        }
+        // the stored parallelism may be more than this server allows, or than is left
+        let parallel = req.parallel.unwrap_or(b.parallel as usize).clamp(1, app.max_runs).min(todo);
         let (pipeline, _) = app.reload(&b.pipeline)?;
+        crate::engine::backfill::check_backfillable(&pipeline).map_err(|e| early_error(&e))?;
         let slots = app.take_slots(parallel)?.hand_over(&app);
         let options = app.run_options(&b.pipeline, None);
         let (n, only_failed) = (b.id, req.only_failed);
@@ -1165,11 +1269,12 @@ async fn lineage(
             return Err(ApiError::new(403, format!("{} is outside the server's roots", asked.display())));
         }
         let target = paths::real(&app.roots, &asked);
+        let target = target.ok_or_else(|| ApiError::new(403, format!("{} cannot be judged", asked.display())))?;
         let mut writes: Vec<(i64, LineageWrite)> = Vec::new();
         for (name, pipeline, store) in app.all_served() {
             for step in &pipeline.steps {
                 let Some(out) = &step.output else { continue };
-                if paths::real(&app.roots, &out.path) != target {
+                if paths::real(&app.roots, &out.path).as_ref() != Some(&target) {
                     continue;
                 }
                 let filter = RunFilter { pipeline: Some(name.clone()), status: Some(Status::Success), limit: 200 };
@@ -1222,7 +1327,8 @@ impl utoipa::Modify for Bearer {
     ),
     paths(
         health, openapi, metrics, list_pipelines, register_pipeline, get_pipeline, trigger_run, list_runs, get_run,
-        cancel_run, post_quality_check, list_checks, create_backfill, list_backfills, get_backfill, resume_backfill,
+        cancel_run, post_quality_check, list_checks, create_backfill, list_backfills, get_backfill, cancel_backfill,
+        resume_backfill,
         lineage
     ),
     modifiers(&Bearer),

@@ -40,6 +40,8 @@ pub struct Config {
     pub registry: PathBuf,
     /// Bearer tokens; empty: no authentication, loopback only.
     pub tokens: Vec<String>,
+    /// The server's own files (its token file): no pipeline may read or write them.
+    pub protected: Vec<PathBuf>,
     /// Runs (backfill partitions included) at once; more are refused with 429.
     pub max_runs: usize,
     pub cache_dir: Option<PathBuf>,
@@ -76,8 +78,8 @@ struct Served {
 /// What a finished run left for `/metrics`.
 #[derive(Default)]
 struct Exposed {
-    /// The last run's samples per (pipeline, partition).
-    last: BTreeMap<(String, String), Vec<Sample>>,
+    /// The last run's samples per (pipeline, partition), with when it ended.
+    last: BTreeMap<(String, String), (i64, Vec<Sample>)>,
     /// When each (pipeline, partition) last succeeded, Unix seconds.
     success: BTreeMap<(String, String), f64>,
     /// Runs started through this server, by pipeline and how they ended.
@@ -89,6 +91,13 @@ pub(crate) struct App {
     roots: Vec<PathBuf>,
     tokens: Vec<[u8; 32]>,
     registry: PathBuf,
+    /// Files no pipeline may use: the registry, the token file, the registry's folder.
+    protected: Vec<PathBuf>,
+    /// Registered files that did not load at start (kept in the registry, tried again at
+    /// the next start).
+    unloaded: Mutex<Vec<PathBuf>>,
+    /// One registry write at a time.
+    saving: Mutex<()>,
     max_runs: usize,
     cache_dir: Option<PathBuf>,
     log: LogFn,
@@ -123,10 +132,19 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), Error
     if roots.is_empty() {
         return Err(Error::Root { path: PathBuf::from("."), message: "no root given".into() });
     }
+    let mut protected: Vec<PathBuf> = config.protected.iter().filter_map(|p| std::fs::canonicalize(p).ok()).collect();
+    if let Some(dir) = config.registry.parent() {
+        let _ = std::fs::create_dir_all(dir);
+        protected
+            .extend(std::fs::canonicalize(dir).ok().map(|d| d.join(config.registry.file_name().unwrap_or_default())));
+    }
     let app = Arc::new(App {
         roots,
         tokens: config.tokens.iter().map(|t| api::digest(t.as_bytes())).collect(),
         registry: config.registry.clone(),
+        protected,
+        unloaded: Mutex::new(Vec::new()),
+        saving: Mutex::new(()),
         max_runs: config.max_runs.max(1),
         cache_dir: config.cache_dir.clone(),
         log: config.log.clone(),
@@ -137,17 +155,19 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), Error
         busy: AtomicUsize::new(0),
         exposed: Mutex::new(Exposed::default()),
     });
-    // remembered registrations first; one that no longer loads is logged and left out
-    for file in app.read_registry()? {
+    // the command line's pipelines first (they win a name); then the remembered ones, of
+    // which one that does not load now is logged, kept in the registry and tried next time
+    for file in &config.pipelines {
+        app.register(file).map_err(|e| Error::Pipeline { path: file.clone(), message: e.message })?;
+    }
+    for file in app.read_registry() {
         if let Err(e) = app.register(&file) {
             (app.log)(
                 Level::WARN,
                 &format!("weir serve: registered pipeline {} left out: {}", file.display(), e.message),
             );
+            app.unloaded.lock().unwrap_or_else(|e| e.into_inner()).push(file);
         }
-    }
-    for file in &config.pipelines {
-        app.register(file).map_err(|e| Error::Pipeline { path: file.clone(), message: e.message })?;
     }
     app.save_registry().map_err(|message| Error::Registry { path: app.registry.clone(), message })?;
     app.recover_all();
@@ -172,8 +192,40 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), Error
             ),
         );
         ready(addr);
-        axum::serve(listener, api::router(app)).await.map_err(Error::Runtime)
+        accept(listener, api::router(app)).await;
+        Ok(())
     })
+}
+
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 256;
+/// How long a client may take to send a request's headers (a slow client cannot hold a
+/// connection open forever).
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serve connections (HTTP/1, keep-alive) with a bound on their number and on how long a
+/// request's headers may take.
+async fn accept(listener: tokio::net::TcpListener, router: axum::Router) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            // out of file descriptors and the like: pause instead of spinning
+            Err(_) => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
 }
 
 /// An API error: the HTTP status and what to tell the client.
@@ -190,26 +242,53 @@ impl ApiError {
 }
 
 impl App {
-    fn read_registry(&self) -> Result<Vec<PathBuf>, Error> {
-        match std::fs::read(&self.registry) {
-            Ok(bytes) => serde_json::from_slice::<Vec<PathBuf>>(&bytes)
-                .map_err(|e| Error::Registry { path: self.registry.clone(), message: e.to_string() }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(Error::Registry { path: self.registry.clone(), message: e.to_string() }),
-        }
+    /// The remembered pipeline files. A registry that cannot be read is moved aside (and
+    /// said so): the server starts with the command line's pipelines.
+    fn read_registry(&self) -> Vec<PathBuf> {
+        let parsed = match std::fs::read(&self.registry) {
+            Ok(bytes) => serde_json::from_slice::<Vec<PathBuf>>(&bytes).map_err(|e| e.to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => Err(e.to_string()),
+        };
+        parsed.unwrap_or_else(|e| {
+            let aside = self.registry.with_extension(format!("json.unreadable-{}", crate::store::now_ms()));
+            let moved = std::fs::rename(&self.registry, &aside);
+            (self.log)(
+                Level::ERROR,
+                &format!(
+                    "weir serve: registry {} is unreadable ({e}); {}; register the pipelines again",
+                    self.registry.display(),
+                    match moved {
+                        Ok(()) => format!("moved to {}", aside.display()),
+                        Err(m) => format!("could not move it aside: {m}"),
+                    }
+                ),
+            );
+            Vec::new()
+        })
     }
 
-    /// Write the registered files (to a temporary file, then renamed over the registry).
+    /// Write the registered files: one writer at a time, to a temporary file made durable
+    /// and then renamed over the registry.
     fn save_registry(&self) -> Result<(), String> {
-        let files: Vec<PathBuf> =
+        use std::io::Write as _;
+        let _one = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+        let mut files: Vec<PathBuf> =
             self.pipelines.read().unwrap_or_else(|e| e.into_inner()).values().map(|s| s.file.clone()).collect();
+        files.extend(self.unloaded.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned());
+        files.sort();
+        files.dedup();
         let text = serde_json::to_vec_pretty(&files).map_err(|e| e.to_string())?;
-        if let Some(dir) = self.registry.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let dir = self.registry.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let tmp = self.registry.with_extension(format!("json.tmp-{}", std::process::id()));
+        let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        f.write_all(&text).and_then(|()| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.registry).map_err(|e| format!("{}: {e}", self.registry.display()))?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
         }
-        let tmp = self.registry.with_extension("json.tmp");
-        std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.registry).map_err(|e| format!("{}: {e}", self.registry.display()))
+        Ok(())
     }
 
     /// Load a pipeline file and check every path it uses lies under a root.
@@ -228,7 +307,7 @@ impl App {
                 ),
             ));
         }
-        paths::check_pipeline(&self.roots, &pipeline)?;
+        paths::check_pipeline(&self.roots, &self.protected, &pipeline)?;
         Ok((file, pipeline))
     }
 
@@ -250,6 +329,7 @@ impl App {
             }
         }
         let view = api::PipelineView::of(&file, &pipeline);
+        self.unloaded.lock().unwrap_or_else(|e| e.into_inner()).retain(|f| *f != file);
         map.insert(pipeline.name.clone(), Served { file, pipeline: Arc::new(pipeline), store });
         Ok(view)
     }
@@ -275,7 +355,9 @@ impl App {
             .map(|(n, s)| (n.clone(), s.store.clone()))
             .collect();
         for (name, store) in served {
-            match crate::engine::recover(store.as_ref(), Some(&name), "weir serve", &*self.log, false) {
+            // staging of undecided runs stays for `"resume": true`; the next run without it
+            // removes it
+            match crate::engine::recover(store.as_ref(), Some(&name), "weir serve", &*self.log, true) {
                 Ok(dead) if !dead.is_empty() => {
                     (self.log)(Level::INFO, &format!("weir serve: recovered {} dead run(s) of {name}", dead.len()))
                 }
@@ -336,7 +418,7 @@ impl App {
     fn take_slots(&self, n: usize) -> Result<Slots<'_>, ApiError> {
         let mut cur = self.busy.load(Ordering::Acquire);
         loop {
-            if cur + n > self.max_runs {
+            if cur.checked_add(n).is_none_or(|total| total > self.max_runs) {
                 return Err(ApiError::new(
                     429,
                     format!(
@@ -374,9 +456,13 @@ impl App {
             Err(_) => "FAILED",
         };
         let mut e = self.exposed.lock().unwrap_or_else(|e| e.into_inner());
-        e.last.insert((pipeline.to_string(), part.clone()), samples);
+        // bounded: the partitions run longest ago give way (their last success stays longer)
+        let key = (pipeline.to_string(), part.clone());
+        e.last.insert(key.clone(), (crate::store::now_ms(), samples));
+        evict_oldest(&mut e.last, MAX_EXPOSED_RUNS, |v| v.0);
         if outcome.is_ok() {
-            e.success.insert((pipeline.to_string(), part), crate::store::now_ms() as f64 / 1000.0);
+            e.success.insert(key, crate::store::now_ms() as f64 / 1000.0);
+            evict_oldest(&mut e.success, MAX_EXPOSED_SUCCESS, |v| *v as i64);
         }
         *e.ended.entry((pipeline.to_string(), status.to_string())).or_insert(0) += 1;
     }
@@ -384,11 +470,12 @@ impl App {
     /// The `/metrics` text.
     fn metrics_text(&self) -> String {
         let e = self.exposed.lock().unwrap_or_else(|e| e.into_inner());
-        let mut samples: Vec<Sample> = e.last.values().flatten().cloned().collect();
+        let mut samples: Vec<Sample> = e.last.values().flat_map(|(_, s)| s.iter().cloned()).collect();
         for ((p, part), at) in &e.success {
             samples.push(Sample {
                 name: "weir_last_success_timestamp_seconds",
                 help: "when the pipeline (and partition) last ran successfully (Unix time)",
+                kind: "gauge",
                 labels: vec![("pipeline".into(), p.clone()), ("partition".into(), part.clone())],
                 value: *at,
             });
@@ -397,6 +484,7 @@ impl App {
             samples.push(Sample {
                 name: "weir_serve_runs_ended",
                 help: "runs this server started that ended, by status, since it started",
+                kind: "counter",
                 labels: vec![("pipeline".into(), p.clone()), ("status".into(), status.clone())],
                 value: *n as f64,
             });
@@ -404,6 +492,7 @@ impl App {
         samples.push(Sample {
             name: "weir_serve_runs_active",
             help: "run slots in use (a backfill takes its parallelism)",
+            kind: "gauge",
             labels: Vec::new(),
             value: self.busy.load(Ordering::Acquire) as f64,
         });
@@ -441,6 +530,19 @@ struct OwnedSlots {
 impl Drop for OwnedSlots {
     fn drop(&mut self) {
         self.app.busy.fetch_sub(self.n, Ordering::AcqRel);
+    }
+}
+
+/// Runs whose metrics /metrics keeps (one per pipeline and partition).
+const MAX_EXPOSED_RUNS: usize = 1000;
+/// Last success times /metrics keeps.
+const MAX_EXPOSED_SUCCESS: usize = 20_000;
+
+/// Drop the entries with the smallest `at` until `map` holds `max`.
+fn evict_oldest<K: Ord + Clone, V>(map: &mut BTreeMap<K, V>, max: usize, at: impl Fn(&V) -> i64) {
+    while map.len() > max {
+        let Some(oldest) = map.iter().min_by_key(|(_, v)| at(v)).map(|(k, _)| k.clone()) else { break };
+        map.remove(&oldest);
     }
 }
 

@@ -438,29 +438,30 @@ pub fn process_alive(pid: u32, start: Option<&str>) -> bool {
 }
 
 /// Runs this process is executing or completing: a RUNNING record with this process's
-/// identity that is not among them was left behind (a failed completion, say).
-static OWNED: std::sync::Mutex<Vec<i64>> = std::sync::Mutex::new(Vec::new());
+/// identity that is not among them was left behind (a failed completion, say). Keyed by the
+/// store's file as well: `weir serve` runs pipelines of several stores, whose ids overlap.
+static OWNED: std::sync::Mutex<Vec<(PathBuf, i64)>> = std::sync::Mutex::new(Vec::new());
 
-fn owned() -> std::sync::MutexGuard<'static, Vec<i64>> {
+fn owned() -> std::sync::MutexGuard<'static, Vec<(PathBuf, i64)>> {
     OWNED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// This process runs `id` from now on.
-pub fn own(id: i64) {
+/// This process runs `id` of the store at `store` from now on.
+pub fn own(store: &std::path::Path, id: i64) {
     let mut o = owned();
-    if !o.contains(&id) {
-        o.push(id);
+    if !o.iter().any(|(s, x)| *x == id && s == store) {
+        o.push((store.to_path_buf(), id));
     }
 }
 
-/// This process no longer runs `id`.
-pub fn disown(id: i64) {
-    owned().retain(|x| *x != id);
+/// This process no longer runs `id` of the store at `store`.
+pub fn disown(store: &std::path::Path, id: i64) {
+    owned().retain(|(s, x)| !(*x == id && s == store));
 }
 
-/// Whether this process runs `id`.
-pub fn owns(id: i64) -> bool {
-    owned().contains(&id)
+/// Whether this process runs `id` of the store at `store`.
+pub fn owns(store: &std::path::Path, id: i64) -> bool {
+    owned().iter().any(|(s, x)| *x == id && s == store)
 }
 
 /// Whether a process with this pid exists on this machine.

@@ -126,6 +126,8 @@ CREATE TABLE IF NOT EXISTS checkpoint (
 pub struct SqliteStore {
     conn: Mutex<Connection>,
     path: PathBuf,
+    /// The file's canonical path: which store a run id belongs to (see [`super::own`]).
+    key: PathBuf,
 }
 
 impl SqliteStore {
@@ -154,7 +156,8 @@ impl SqliteStore {
             let _ = conn.execute_batch("ROLLBACK");
             open_err(format!("cannot create tables: {e}"))
         })?;
-        Ok(SqliteStore { conn: Mutex::new(conn), path: path.to_path_buf() })
+        let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        Ok(SqliteStore { conn: Mutex::new(conn), path: path.to_path_buf(), key })
     }
 
     /// The file this store lives in.
@@ -243,9 +246,9 @@ fn read_switch(row: &Row<'_>) -> rusqlite::Result<PlannedSwitch> {
 
 /// Whether the process that runs `r` (recorded on this host) still does: this process only
 /// for the runs it holds; another by its identity, so a reused pid is not taken for it.
-fn alive_here(r: &RunRecord) -> bool {
+fn alive_here(store: &Path, r: &RunRecord) -> bool {
     if r.pid == std::process::id() && r.proc_start == own_process_start() {
-        return owns(r.id);
+        return owns(store, r.id);
     }
     process_alive(r.pid, r.proc_start.as_deref())
 }
@@ -409,7 +412,7 @@ impl RunStore for SqliteStore {
             params![id, serde_json::to_string(&staging).unwrap_or_default()],
         )?;
         tx.commit()?;
-        own(id);
+        own(&self.key, id);
         Ok(id)
     }
 
@@ -480,7 +483,7 @@ impl RunStore for SqliteStore {
     }
 
     fn finish_run(&self, id: i64, status: Status, steps: &[StepRows], error: Option<&str>) -> Result<()> {
-        disown(id);
+        disown(&self.key, id);
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
@@ -521,7 +524,7 @@ impl RunStore for SqliteStore {
         for mut r in candidates {
             let reason = if r.status == Status::Failed {
                 format!("publish broke off: {}", r.error.as_deref().unwrap_or("no error recorded"))
-            } else if r.host == here && !alive_here(&r) {
+            } else if r.host == here && !alive_here(&self.key, &r) {
                 format!("crashed: process {} on {} is gone (found by {by})", r.pid, r.host)
             } else if r.decision.is_some() && r.host == here {
                 // a decided run whose process is visibly alive here is publishing, however
@@ -541,7 +544,7 @@ impl RunStore for SqliteStore {
                     "UPDATE pipeline_run SET status = 'RUNNING', pid = ?2, host = ?3, heartbeat_at_ms = ?4, error = ?5, proc_start = ?6 WHERE id = ?1",
                     params![r.id, std::process::id(), here, now, reason, own_process_start()],
                 )?;
-                own(r.id);
+                own(&self.key, r.id);
                 r.status = Status::Running;
                 (r.pid, r.host, r.heartbeat_at_ms) = (std::process::id(), here.clone(), now);
             } else {
@@ -560,7 +563,7 @@ impl RunStore for SqliteStore {
     }
 
     fn complete_recovered(&self, id: i64, note: &str) -> Result<()> {
-        disown(id);
+        disown(&self.key, id);
         self.conn().execute(
             "UPDATE pipeline_run SET status = 'SUCCESS', finished_at_ms = ?2, error = NULL, note = ?3 WHERE id = ?1",
             params![id, now_ms(), note],
@@ -878,6 +881,21 @@ mod tests {
         store.conn().execute("UPDATE pipeline_run SET pid = 999999999 WHERE id = ?1", [id]).unwrap();
         let dead = store.recover_stale(None, 60_000, "test").unwrap();
         assert!(dead[0].error.as_deref().unwrap().contains("is gone"), "{:?}", dead[0].error);
+    }
+
+    #[test]
+    fn runs_of_two_stores_with_one_number_are_told_apart() {
+        // `weir serve` runs pipelines of several stores in one process: run 1 of one store
+        // ending must not make run 1 of the other look left behind
+        let dir = tempfile::tempdir().unwrap();
+        let a = SqliteStore::open(&dir.path().join("a.db")).unwrap();
+        let b = SqliteStore::open(&dir.path().join("b.db")).unwrap();
+        let (ia, ib) = (a.begin_run(&new_run("f")).unwrap(), b.begin_run(&new_run("f")).unwrap());
+        assert_eq!(ia, ib);
+        a.finish_run(ia, Status::Success, &[], None).unwrap();
+        assert!(b.recover_stale(Some("p"), 60_000, "test").unwrap().is_empty(), "b's run is live");
+        assert_eq!(b.run(ib).unwrap().unwrap().status, Status::Running);
+        b.finish_run(ib, Status::Success, &[], None).unwrap();
     }
 
     #[test]
