@@ -127,7 +127,7 @@ with tempfile.TemporaryDirectory() as tmp:
     (d / "orders.toml").write_text(ORDERS)
     (d / "trap.toml").write_text(hostile_pipeline("trap", "panic"))
     (d / "hog.toml").write_text(hostile_pipeline("hog", "memory", "memory_mb = 32"))
-    (d / "slow.toml").write_text(hostile_pipeline("slow", "slow"))
+    (d / "slow.toml").write_text(hostile_pipeline("slow", "slow") + '\n[lineage]\nurl = "file://lineage/slow.jsonl"\n')
     # two pipelines with stores of their own: their run ids overlap
     (d / "slow2.toml").write_text(hostile_pipeline("slow2", "slow", state='state = "stores/slow2.db"'))
     (d / "quick.toml").write_text(ORDERS.replace('name = "orders"', 'name = "quick"\nstate = "stores/quick.db"').replace('"out/clean"', '"out/quick"'))
@@ -223,6 +223,9 @@ with tempfile.TemporaryDirectory() as tmp:
         check("PATCH cancels: 202", status == 202 and a["status"] == "CANCELLING", str(a))
         run = s.wait_run(slow_id)
         check("the run ends CANCELLED, nothing published", run["status"] == "CANCELLED" and not run["published"] and not (d / "out/slow").exists(), str(run))
+        events = [json.loads(line) for line in (d / "lineage/slow.jsonl").read_text().splitlines()]
+        seq = [(e["eventType"], e["job"]["name"]) for e in events]
+        check("its step and the run send OpenLineage ABORT", seq[-2:] == [("ABORT", "slow.s"), ("ABORT", "slow")], str(seq))
         status, e = s.call("PATCH", f"/runs/{slow_id}", {"status": "CANCELLED"}, template="/runs/{id}")
         check("cancelling an ended run: 409", status == 409 and "already ended" in e["error"], str(e))
 

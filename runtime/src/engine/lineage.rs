@@ -262,7 +262,8 @@ impl RunLineage {
 
     /// A step's FAIL; `checks`, the step's check results when its quality gate failed it,
     /// go with the output it would have written.
-    pub fn step_fail(&mut self, step: &Step, error: &str, checks: &[crate::quality::CheckResult]) {
+    /// A step's FAIL (ABORT when it was `cancelled` on request).
+    pub fn step_fail(&mut self, step: &Step, error: &str, cancelled: bool, checks: &[crate::quality::CheckResult]) {
         let Some(run_id) = self.steps.get(&step.name).cloned() else { return };
         ol::update_active(self.active, |a| a.step = None);
         let facets = self.step_facets(Some(("errorMessage", ol::error_message(error))));
@@ -272,7 +273,17 @@ impl RunLineage {
             o["facets"] = json!({ "dataQualityAssertions": ol::assertions(checks) });
             outputs.push(o);
         }
-        self.send("FAIL", &run_id, &self.step_job(step), facets, "STEP", vec![], outputs);
+        // a step stopped on request is aborted, as the run is
+        let event = if cancelled { "ABORT" } else { "FAIL" };
+        self.send(event, &run_id, &self.step_job(step), facets, "STEP", vec![], outputs);
+    }
+
+    /// The run was stopped on request (`reason`): ABORT for it.
+    pub fn abort(self, reason: &str) {
+        ol::end_active(self.active);
+        let mut facets = self.facets.clone();
+        facets.insert("errorMessage".into(), ol::error_message(&format!("cancelled: {reason}")));
+        self.send("ABORT", &self.run_id, &self.job, facets, "PIPELINE", vec![], vec![]);
     }
 
     /// The run's COMPLETE or FAIL, with the sources it read and the datasets it wrote.

@@ -453,7 +453,12 @@ fn run_once(pipeline: &Pipeline, options: &RunOptions) -> Result<RunSummary> {
         }
         Err(e) => {
             if let Some(l) = events {
-                l.into_inner().unwrap_or_else(|e| e.into_inner()).end(Some(&e.to_string()));
+                let l = l.into_inner().unwrap_or_else(|e| e.into_inner());
+                match &e {
+                    // stopped on request: ABORT, as for a signal
+                    Error::Cancelled(why) => l.abort(why),
+                    e => l.end(Some(&e.to_string())),
+                }
             }
             let status = if matches!(e, Error::Cancelled(_)) { Status::Cancelled } else { Status::Failed };
             if let Err(store_err) = store.finish_run(id, status, &[], Some(&e.to_string())) {
@@ -718,7 +723,7 @@ fn execute(run: &RunCtx<'_>, resume: Option<&[Checkpoint]>) -> Result<Vec<StepSu
                         Error::CheckFailed { .. } => step_checks(store, run.run_id, &step.name),
                         _ => Vec::new(),
                     };
-                    l.step_fail(step, &e.to_string(), &checks);
+                    l.step_fail(step, &e.to_string(), matches!(e, Error::Cancelled(_)), &checks);
                 }
                 return Err(e);
             }
@@ -864,7 +869,13 @@ fn run_with_retries(
                 );
                 let _ = std::fs::remove_dir_all(&staging);
                 checkpoint = None;
-                std::thread::sleep(wait);
+                // a cancel is heard during the wait, not after it
+                let until = Instant::now() + wait;
+                while let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+                    run.options.check_cancel()?;
+                    std::thread::sleep(left.min(Duration::from_millis(100)));
+                }
+                run.options.check_cancel()?;
                 attempt += 1;
             }
         }
