@@ -37,6 +37,8 @@ WEIR_BIN="$target_dir/release/weir" "$py" tests/python/checks.py
 echo "==> OpenLineage events against the official JSON Schemas; metrics through a real Pushgateway and Prometheus"
 ./scripts/install-services.sh
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/observe.py
+echo "==> a PostgreSQL source against a private PostgreSQL server, compared with psql value by value"
+WEIR_BIN="$target_dir/release/weir" "$py" tests/python/postgres.py
 echo "==> weir serve: every endpoint over HTTP, its OpenAPI document, Prometheus scraping /metrics, kill -9 and restart"
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/serve.py
 

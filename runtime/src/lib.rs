@@ -160,7 +160,9 @@ impl Error {
             // malformed data is the user's to fix; input that is not there yet may arrive
             Error::Io(io::Error::Input { .. }) => ErrorKind::User,
             Error::Io(io::Error::Internal(_)) | Error::Internal(_) => ErrorKind::Internal,
-            Error::Io(io::Error::NoInput { .. } | io::Error::Io { .. } | io::Error::Write { .. })
+            Error::Io(
+                io::Error::NoInput { .. } | io::Error::Io { .. } | io::Error::Write { .. } | io::Error::Source { .. },
+            )
             | Error::Publish { .. }
             | Error::PublishInterrupted { .. }
             | Error::Store(_)

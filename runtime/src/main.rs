@@ -19,7 +19,7 @@ const EXIT_WARNINGS: u8 = 3;
 
 /// weir runs data pipelines whose transforms are sandboxed WebAssembly plugins.
 ///
-/// A pipeline is one TOML file: sources (CSV, JSON lines, Parquet), plugins (.wasm
+/// A pipeline is one TOML file: sources (CSV, JSON lines, Parquet, Avro files; PostgreSQL tables), plugins (.wasm
 /// components), and steps that read a source or an earlier step, apply plugins in order,
 /// and write a Parquet dataset. Outputs are staged and published only when every step
 /// succeeds.

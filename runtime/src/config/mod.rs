@@ -109,7 +109,16 @@ struct RawSecret {
 #[serde(deny_unknown_fields)]
 struct RawSource {
     format: Format,
-    path: Spanned<String>,
+    /// Files (every format but postgres).
+    path: Option<Spanned<String>>,
+    /// postgres: where the connection URL is (`{ env = "PG_URL" }` or `{ file = "..." }`).
+    url: Option<Spanned<RawSecret>>,
+    /// postgres: a table (`schema.table`) or a query.
+    table: Option<Spanned<String>>,
+    query: Option<Spanned<String>>,
+    /// postgres: a condition, with `$start` and `$end` bound to the partition's window.
+    #[serde(rename = "where")]
+    where_: Option<Spanned<String>>,
     #[serde(default)]
     schema: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
@@ -221,6 +230,8 @@ pub enum Format {
     Jsonl,
     Parquet,
     Avro,
+    /// A PostgreSQL table or query (not files).
+    Postgres,
 }
 
 impl Format {
@@ -231,6 +242,7 @@ impl Format {
             Format::Jsonl => "jsonl",
             Format::Parquet => "parquet",
             Format::Avro => "avro",
+            Format::Postgres => "postgres",
         }
     }
 }
@@ -328,6 +340,22 @@ pub struct Source {
     pub retry: Retry,
     /// Only these columns, in this order (Parquet reads only them).
     pub columns: Option<Vec<String>>,
+    /// `format = "postgres"`: the database and what to read.
+    pub postgres: Option<Postgres>,
+}
+
+/// A PostgreSQL source.
+#[derive(Debug, Clone)]
+pub struct Postgres {
+    /// The connection URL, kept as a secret (never in the pipeline file).
+    pub url: SecretRef,
+    /// The statement run in the run's snapshot: `$1` and `$2` are the window's bounds when
+    /// `window` is set.
+    pub sql: String,
+    /// The `where` condition uses `$start`/`$end`: a run needs a partition.
+    pub window: bool,
+    /// The table read, if a table (for lineage and messages).
+    pub table: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -967,9 +995,32 @@ fn parse_sources(
                 Some("Parquet and Avro strings are UTF-8 by definition"),
             ));
         }
-        if r.path.get_ref().trim().is_empty() {
-            errors.push(ctx.at(r.path.span().start, &format!("sources.{name}.path is empty"), None));
-        }
+        let postgres = parse_postgres(ctx, base, name, s.span().start, r, errors);
+        let raw_path = match (&r.path, r.format) {
+            (Some(p), Format::Postgres) => {
+                errors.push(ctx.at(
+                    p.span().start,
+                    &format!("sources.{name}.path: a postgres source reads a table or query, not files"),
+                    Some("give `table` or `query`, and `url`"),
+                ));
+                String::new()
+            }
+            (None, Format::Postgres) => String::new(),
+            (Some(p), _) => {
+                if p.get_ref().trim().is_empty() {
+                    errors.push(ctx.at(p.span().start, &format!("sources.{name}.path is empty"), None));
+                }
+                p.get_ref().clone()
+            }
+            (None, f) => {
+                errors.push(ctx.at(
+                    s.span().start,
+                    &format!("sources.{name} has no `path`"),
+                    Some(&format!("a {} source reads files: path = \"data/*.{}\"", f.name(), f.name())),
+                ));
+                String::new()
+            }
+        };
         if let Some(n) = r.null_values.as_ref().filter(|_| r.format != Format::Csv) {
             errors.push(ctx.at(
                 n.span().start,
@@ -977,10 +1028,10 @@ fn parse_sources(
                 Some("JSON lines have null; Parquet has nulls of its own"),
             ));
         }
-        let path = if Path::new(r.path.get_ref()).is_absolute() {
-            r.path.get_ref().clone()
+        let path = if raw_path.is_empty() || Path::new(&raw_path).is_absolute() {
+            raw_path
         } else {
-            base.join(r.path.get_ref()).to_string_lossy().into_owned()
+            base.join(&raw_path).to_string_lossy().into_owned()
         };
         sources.insert(
             name.clone(),
@@ -1001,10 +1052,107 @@ fn parse_sources(
                 max_record_mb,
                 retry: source_retry.get(name).copied().unwrap_or(Retry::NONE),
                 columns: r.columns.clone(),
+                postgres,
             },
         );
     }
     sources
+}
+
+/// A postgres source's keys: `url` (a secret), `table` or `query`, and `where`. Other
+/// formats may not use them.
+fn parse_postgres(
+    ctx: &Ctx<'_>,
+    base: &Path,
+    name: &str,
+    at: usize,
+    r: &RawSource,
+    errors: &mut Vec<Diagnostic>,
+) -> Option<Postgres> {
+    if r.format != Format::Postgres {
+        for (key, span) in [
+            ("url", r.url.as_ref().map(|v| v.span())),
+            ("table", r.table.as_ref().map(|v| v.span())),
+            ("query", r.query.as_ref().map(|v| v.span())),
+            ("where", r.where_.as_ref().map(|v| v.span())),
+        ] {
+            if let Some(span) = span {
+                errors.push(ctx.at(
+                    span.start,
+                    &format!("sources.{name}.{key} applies to postgres sources only"),
+                    None,
+                ));
+            }
+        }
+        return None;
+    }
+    let url = match r.url.as_ref().map(|u| (u.span().start, u.get_ref())) {
+        Some((_, RawSecret { env: Some(env), file: None })) => Some(SecretRef::Env(env.clone())),
+        Some((_, RawSecret { env: None, file: Some(file) })) => Some(SecretRef::File(base.join(file))),
+        Some((at, _)) => {
+            errors.push(ctx.at(at, &format!("sources.{name}.url must name exactly one of `env` or `file`"), None));
+            None
+        }
+        None => {
+            errors.push(ctx.at(
+                at,
+                &format!("sources.{name} has no `url`"),
+                Some(
+                    "url = { env = \"PG_URL\" } (postgres://user:password@host:5432/db, kept out of the pipeline file)",
+                ),
+            ));
+            None
+        }
+    };
+    if !r.schema.is_empty() {
+        errors.push(ctx.at(
+            at,
+            &format!("sources.{name}: a postgres source takes the database's column types; remove `schema`"),
+            Some("cast in a query instead: query = \"select id, amount::numeric(12,2) as amount from orders\""),
+        ));
+    }
+    let cond = r.where_.as_ref().map(|w| w.get_ref().as_str());
+    let window = cond.is_some_and(|c| c.contains("$start") || c.contains("$end"));
+    let cond = cond.map(|c| c.replace("$start", "$1").replace("$end", "$2"));
+    let (sql, table) = match (&r.table, &r.query) {
+        (Some(t), None) => {
+            let ok = !t.get_ref().is_empty()
+                && t.get_ref().split('.').all(|part| {
+                    part.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                        && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+                });
+            if !ok {
+                errors.push(ctx.at(
+                    t.span().start,
+                    &format!("sources.{name}.table `{}` is not a table name (schema.table)", t.get_ref()),
+                    Some("for anything else, write a `query`"),
+                ));
+            }
+            let quoted: Vec<String> = t.get_ref().split('.').map(|p| format!("\"{p}\"")).collect();
+            let mut sql = format!("SELECT * FROM {}", quoted.join("."));
+            if let Some(c) = &cond {
+                sql.push_str(&format!(" WHERE {c}"));
+            }
+            (sql, Some(t.get_ref().clone()))
+        }
+        (None, Some(q)) => {
+            let q = q.get_ref().trim().trim_end_matches(';');
+            let sql = match &cond {
+                Some(c) => format!("SELECT * FROM ({q}) AS weir_query WHERE {c}"),
+                None => q.to_string(),
+            };
+            (sql, None)
+        }
+        _ => {
+            errors.push(ctx.at(
+                at,
+                &format!("sources.{name}: a postgres source names exactly one of `table` or `query`"),
+                Some("table = \"public.orders\", or query = \"select ... from ...\""),
+            ));
+            (String::new(), None)
+        }
+    };
+    Some(Postgres { url: url?, sql, window, table })
 }
 
 /// `[plugins.*]`: each file exists (and matches its pin).

@@ -236,3 +236,34 @@ fn metrics_push_to_an_http_pushgateway_or_name_the_line() {
     assert!(e[0].message.contains("metrics.pushgateway"), "{}", e[0]);
     assert_eq!(e[0].line, GOOD.lines().count() + 3, "{}", e[0]);
 }
+
+#[test]
+fn postgres_sources_name_a_secret_url_and_one_table_or_query() {
+    let pg = |source: &str| {
+        format!(
+            "[pipeline]\nname = \"p\"\n\n[sources.db]\n{source}\n\n[steps.s]\ninput = \"db\"\noutput = {{ path = \"out/s\" }}\n"
+        )
+    };
+    let ok = parse(&pg("format = \"postgres\"\nurl = { env = \"PG_URL\" }\ntable = \"public.orders\"\nwhere = \"updated_at >= $start and updated_at < $end\"")).unwrap();
+    let p = ok.sources["db"].postgres.as_ref().unwrap();
+    assert_eq!(p.sql, "SELECT * FROM \"public\".\"orders\" WHERE updated_at >= $1 and updated_at < $2");
+    assert!(p.window);
+    assert_eq!(p.url, SecretRef::Env("PG_URL".into()));
+    let q = parse(&pg("format = \"postgres\"\nurl = { file = \"pg.url\" }\nquery = \"select 1 as x;\"")).unwrap();
+    assert_eq!(q.sources["db"].postgres.as_ref().unwrap().sql, "select 1 as x");
+    for (source, says) in [
+        ("format = \"postgres\"\ntable = \"t\"", "has no `url`"),
+        ("format = \"postgres\"\nurl = { env = \"U\" }", "exactly one of `table` or `query`"),
+        (
+            "format = \"postgres\"\nurl = { env = \"U\" }\ntable = \"t\"\nquery = \"select 1\"",
+            "exactly one of `table` or `query`",
+        ),
+        ("format = \"postgres\"\nurl = { env = \"U\" }\ntable = \"t; drop table x\"", "not a table name"),
+        ("format = \"postgres\"\nurl = { env = \"U\" }\ntable = \"t\"\npath = \"x.csv\"", "not files"),
+        ("format = \"csv\"\npath = \"x.csv\"\ntable = \"t\"", "applies to postgres sources only"),
+        ("format = \"csv\"", "has no `path`"),
+    ] {
+        let e = errors(&pg(source));
+        assert!(e.iter().any(|d| d.message.contains(says)), "{source}: {e:?}");
+    }
+}

@@ -29,7 +29,7 @@ pub enum PartitionSpec {
 
 const MAX_PARTITIONS: usize = 100_000;
 
-fn days_of(date: &str) -> Option<i64> {
+pub(crate) fn days_of(date: &str) -> Option<i64> {
     use arrow_cast::parse::Parser;
     if date.len() != 10 {
         return None;

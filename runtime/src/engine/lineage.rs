@@ -308,6 +308,9 @@ impl RunLineage {
 /// A step's input: its source's files, or the dataset an earlier step wrote.
 pub(crate) fn input_dataset(pipeline: &Pipeline, step: &Step, partition: Option<&str>) -> Value {
     if let Some(source) = pipeline.sources.get(&step.input) {
+        if let Some(pg) = &source.postgres {
+            return postgres_dataset(pg);
+        }
         let path = match partition {
             Some(p) => source.path.replace("{partition}", p),
             None => source.path.clone(),
@@ -319,4 +322,22 @@ pub(crate) fn input_dataset(pipeline: &Pipeline, step: &Step, partition: Option<
         Some(out) => ol::file_dataset(&out.path),
         None => json!({ "namespace": "weir", "name": format!("{}.{}", pipeline.name, step.input) }),
     }
+}
+
+/// A PostgreSQL table as OpenLineage names it: namespace `postgres://HOST:PORT`, name
+/// `DATABASE.SCHEMA.TABLE` (a query: `DATABASE.query`). The URL is read for its host, port
+/// and database only; its credentials go nowhere.
+fn postgres_dataset(pg: &crate::config::Postgres) -> Value {
+    let url = pg.url.resolve().ok().and_then(|u| String::from_utf8(u).ok()).unwrap_or_default();
+    let rest = url.split_once("://").map_or("", |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let (hostport, db) = rest.split_once('/').unwrap_or((rest, ""));
+    let db = db.split(['?', '#']).next().unwrap_or("");
+    let hostport = if hostport.contains(':') { hostport.to_string() } else { format!("{hostport}:5432") };
+    let table = match &pg.table {
+        Some(t) if t.contains('.') => t.clone(),
+        Some(t) => format!("public.{t}"),
+        None => "query".to_string(),
+    };
+    json!({ "namespace": format!("postgres://{hostport}"), "name": format!("{db}.{table}") })
 }

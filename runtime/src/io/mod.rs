@@ -20,6 +20,10 @@ pub enum Error {
     Io { path: PathBuf, source: std::io::Error },
     #[error("cannot write {}: {message}", path.display())]
     Write { path: PathBuf, message: String },
+    /// A source system failed or refused (a database down, a query PostgreSQL rejects, a
+    /// value weir cannot map).
+    #[error("source `{source_name}`: {message}")]
+    Source { source_name: String, message: String },
     #[error("internal error (a bug in weir, please report it): {0}")]
     Internal(String),
 }

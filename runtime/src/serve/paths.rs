@@ -88,7 +88,7 @@ fn fixed_prefix(pattern: &str) -> &str {
 pub fn check_pipeline(roots: &[PathBuf], protected: &[PathBuf], p: &Pipeline) -> Result<(), ApiError> {
     let mut read: Vec<(String, PathBuf)> = Vec::new();
     let mut written: Vec<(String, PathBuf)> = Vec::new();
-    for s in p.sources.values() {
+    for s in p.sources.values().filter(|s| s.postgres.is_none()) {
         if Path::new(&s.path).components().any(|c| c == Component::ParentDir) {
             return Err(ApiError::new(
                 403,
@@ -96,6 +96,11 @@ pub fn check_pipeline(roots: &[PathBuf], protected: &[PathBuf], p: &Pipeline) ->
             ));
         }
         read.push((format!("source `{}`", s.name), PathBuf::from(fixed_prefix(&s.path))));
+    }
+    for s in p.sources.values() {
+        if let Some(crate::config::Postgres { url: crate::config::SecretRef::File(f), .. }) = &s.postgres {
+            read.push((format!("the url file of source `{}`", s.name), f.clone()));
+        }
     }
     for (name, plugin) in &p.plugins {
         read.push((format!("plugin `{name}`"), plugin.path.clone()));
@@ -144,7 +149,7 @@ pub fn check_pipeline(roots: &[PathBuf], protected: &[PathBuf], p: &Pipeline) ->
 /// The files a run of `partition` would read: each must be under a root (a file inside
 /// may be a link out).
 pub fn check_inputs(roots: &[PathBuf], p: &Pipeline, partition: Option<&str>) -> Result<(), ApiError> {
-    for s in p.sources.values() {
+    for s in p.sources.values().filter(|s| s.postgres.is_none()) {
         // a source whose files are not there yet fails the run as it would from the CLI
         let Ok(files) = crate::io::source::expand_paths(&s.path, partition, s.format) else { continue };
         if let Some(f) = files.iter().find(|f| !within(roots, f)) {

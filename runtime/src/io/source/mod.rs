@@ -27,6 +27,7 @@ mod csv;
 mod files;
 mod jsonl;
 mod parquet;
+mod postgres;
 
 use std::path::PathBuf;
 
@@ -101,19 +102,31 @@ pub trait Source: Send {
 
 /// Open a configured source for one run (of `partition`, if any).
 pub fn open(source: &config::Source, partition: Option<&str>, batch_size: usize) -> Result<Box<dyn Source>> {
+    if let Some(pg) = &source.postgres {
+        return Ok(Box::new(postgres::PgSource::open(source, pg, partition, batch_size)?));
+    }
     Ok(Box::new(FileSource::open(source, partition, batch_size)?))
 }
 
 /// What decides a source's content for a run, hashed into the run's fingerprint: an
 /// identical fingerprint means an identical input.
 pub fn fingerprint(source: &config::Source, partition: Option<&str>) -> String {
+    if source.postgres.is_some() {
+        // a database says nothing cheap about whether its rows changed: every run reads
+        static READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return format!("postgres read at {} #{n} in {}", crate::store::now_ms(), std::process::id());
+    }
     files::fingerprint(source, partition)
 }
 
 /// Whether a source reads a different input for each partition (for files: its path has
 /// `{partition}`), so that a backfill's partitions do not all read the same data.
 pub fn reads_partition(source: &config::Source) -> bool {
-    source.path.contains("{partition}")
+    match &source.postgres {
+        Some(pg) => pg.window,
+        None => source.path.contains("{partition}"),
+    }
 }
 
 /// Open a Parquet dataset directory written by an earlier step (its hive partition column,

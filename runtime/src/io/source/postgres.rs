@@ -1,0 +1,620 @@
+//! `format = "postgres"`: a table or query of a PostgreSQL database, read in one snapshot.
+//!
+//! A thread of the source's own connects, opens a read-only REPEATABLE READ transaction (one
+//! snapshot for the whole run), prepares the statement (its column types give the Arrow
+//! schema), binds the partition's window as parameters (`$start`, `$end`: never spliced
+//! into the SQL), and fetches the result through a portal `batch_size` rows at a time, in
+//! PostgreSQL's binary format, into Arrow builders. One batch waits in a channel at most:
+//! a table larger than memory streams.
+//!
+//! Why a portal and not `COPY ... TO STDOUT (FORMAT binary)`: COPY takes no bind
+//! parameters, and the window must be bound, not spliced. The rows arrive in the same
+//! binary encoding either way; decoding them is this module's work.
+//!
+//! Types: smallint, integer, bigint, real, double precision, numeric with a declared scale
+//! (decimal128), text, varchar, char, name, bool, date, timestamp, timestamptz, uuid (text),
+//! json and jsonb (text), bytea, and one-dimensional arrays of these. Anything else fails
+//! when the run starts, naming the column and its type, with the cast to write.
+
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder, Float64Builder, Int16Builder,
+    Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+};
+use arrow_array::{ArrayRef, ListArray, RecordBatch};
+use arrow_buffer::{NullBufferBuilder, OffsetBuffer};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use postgres::types::{FromSql, IsNull, Kind, ToSql, Type};
+
+use super::{Position, Skipped, Source};
+use crate::config;
+use crate::io::{Error, Result};
+
+/// Microseconds from 1970-01-01 to PostgreSQL's epoch, 2000-01-01.
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+/// Days from 1970-01-01 to 2000-01-01.
+const PG_EPOCH_DAYS: i32 = 10_957;
+
+fn source_error(name: &str, message: impl std::fmt::Display) -> Error {
+    Error::Source { source_name: name.to_string(), message: message.to_string() }
+}
+
+/// One run's read of a postgres source.
+pub struct PgSource {
+    name: String,
+    schema: SchemaRef,
+    rx: Receiver<Result<RecordBatch>>,
+    rows: u64,
+    done: bool,
+}
+
+impl PgSource {
+    pub fn open(
+        source: &config::Source,
+        pg: &config::Postgres,
+        partition: Option<&str>,
+        batch_size: usize,
+    ) -> Result<PgSource> {
+        let name = source.name.clone();
+        let url = pg.url.resolve().map_err(|m| source_error(&name, format!("url: {m}")))?;
+        let url = String::from_utf8(url).map_err(|_| source_error(&name, "url: not UTF-8"))?;
+        let window = match (pg.window, partition) {
+            (false, _) => None,
+            (true, Some(p)) => Some(window(p).ok_or_else(|| {
+                source_error(
+                    &name,
+                    format!("partition `{p}` is not a day (YYYY-MM-DD) or an hour (YYYY-MM-DDTHH): `where` binds $start and $end from it"),
+                )
+            })?),
+            (true, None) => {
+                return Err(source_error(&name, "`where` uses $start/$end: run it with --partition (a day or an hour)"))
+            }
+        };
+        let (schema_tx, schema_rx) = sync_channel::<Result<SchemaRef>>(1);
+        let (tx, rx) = sync_channel::<Result<RecordBatch>>(1);
+        let (sql, thread_name) = (pg.sql.clone(), name.clone());
+        let batch = batch_size.clamp(1, i32::MAX as usize) as i32;
+        std::thread::Builder::new()
+            .name(format!("postgres {name}"))
+            .spawn(move || read(&thread_name, &url, &sql, window, batch, schema_tx, tx))
+            .map_err(|e| source_error(&name, format!("cannot start its reader: {e}")))?;
+        let schema = schema_rx.recv().map_err(|_| source_error(&name, "its reader stopped before the schema"))??;
+        Ok(PgSource { name, schema, rx, rows: 0, done: false })
+    }
+}
+
+impl Source for PgSource {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn next_batch(&mut self) -> Option<Result<RecordBatch>> {
+        if self.done {
+            return None;
+        }
+        match self.rx.recv() {
+            Ok(Ok(b)) => {
+                self.rows += b.num_rows() as u64;
+                Some(Ok(b))
+            }
+            Ok(Err(e)) => {
+                self.done = true;
+                Some(Err(e))
+            }
+            Err(_) => {
+                self.done = true;
+                None
+            }
+        }
+    }
+
+    fn position(&self) -> Position {
+        serde_json::json!({ "rows": self.rows })
+    }
+
+    fn seek(&mut self, _at: &Position) -> Result<()> {
+        Err(source_error(&self.name, "a postgres read cannot continue another run's snapshot; run without --resume"))
+    }
+
+    /// Never: a later snapshot may hold other rows, so a run is not resumed mid-read.
+    fn at_boundary(&self) -> bool {
+        false
+    }
+
+    fn skipped(&self) -> (u64, &[Skipped]) {
+        (0, &[])
+    }
+
+    fn inputs(&self) -> usize {
+        1
+    }
+}
+
+/// A partition's window in microseconds since 1970: a day, or an hour.
+fn window(partition: &str) -> Option<(i64, i64)> {
+    const DAY: i64 = 86_400_000_000;
+    const HOUR: i64 = 3_600_000_000;
+    let (date, hour) = match partition.split_once('T') {
+        Some((d, h)) if h.len() == 2 => (d, Some(h.parse::<i64>().ok().filter(|h| (0..24).contains(h))?)),
+        Some(_) => return None,
+        None => (partition, None),
+    };
+    let days = crate::engine::backfill::days_of(date)?;
+    Some(match hour {
+        None => (days * DAY, (days + 1) * DAY),
+        Some(h) => (days * DAY + h * HOUR, days * DAY + (h + 1) * HOUR),
+    })
+}
+
+/// A window bound, bound as the parameter's own type (timestamp, timestamptz or date).
+#[derive(Debug)]
+struct Bound(i64);
+
+impl ToSql for Bound {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        use bytes::BufMut;
+        if *ty == Type::DATE {
+            out.put_i32((self.0.div_euclid(86_400_000_000) as i32) - PG_EPOCH_DAYS);
+        } else {
+            out.put_i64(self.0 - PG_EPOCH_MICROS);
+        }
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(*ty, Type::TIMESTAMP | Type::TIMESTAMPTZ | Type::DATE)
+    }
+
+    postgres::types::to_sql_checked!();
+}
+
+/// A value as PostgreSQL sent it (binary format), or null.
+struct Raw<'a>(Option<&'a [u8]>);
+
+impl<'a> FromSql<'a> for Raw<'a> {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(Some(raw)))
+    }
+    fn from_sql_null(_: &Type) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(None))
+    }
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+/// The reader thread: the schema first, then batches until the end or a closed channel.
+fn read(
+    name: &str,
+    url: &str,
+    sql: &str,
+    window: Option<(i64, i64)>,
+    batch: i32,
+    schema_tx: SyncSender<Result<SchemaRef>>,
+    tx: SyncSender<Result<RecordBatch>>,
+) {
+    let err = |m: String| source_error(name, m);
+    let mut client = match postgres::Client::connect(url, postgres::NoTls) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = schema_tx.send(Err(err(format!("cannot connect: {e}"))));
+            return;
+        }
+    };
+    let started = start(&mut client, name, sql, window);
+    let (mut t, portal, mut cols) = match started {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = schema_tx.send(Err(e));
+            return;
+        }
+    };
+    let schema: SchemaRef =
+        Arc::new(Schema::new(cols.iter().map(|(n, c)| Field::new(n, c.data_type(), true)).collect::<Vec<_>>()));
+    if schema_tx.send(Ok(schema.clone())).is_err() {
+        return;
+    }
+    loop {
+        let rows = match t.query_portal(&portal, batch) {
+            Ok(rows) => rows,
+            Err(e) => {
+                let _ = tx.send(Err(err(e.to_string())));
+                return;
+            }
+        };
+        let n = rows.len();
+        if n == 0 {
+            break;
+        }
+        let built = (|| -> Result<RecordBatch> {
+            for row in &rows {
+                for (i, (col_name, col)) in cols.iter_mut().enumerate() {
+                    let raw: Raw<'_> = row.try_get(i).map_err(|e| err(e.to_string()))?;
+                    col.append(raw.0).map_err(|m| err(format!("column `{col_name}`: {m}")))?;
+                }
+            }
+            let arrays: Vec<ArrayRef> = cols.iter_mut().map(|(_, c)| c.finish()).collect();
+            RecordBatch::try_new(schema.clone(), arrays).map_err(|e| Error::Internal(e.to_string()))
+        })();
+        let failed = built.is_err();
+        if tx.send(built).is_err() || failed {
+            return;
+        }
+        if n < batch as usize {
+            break;
+        }
+    }
+    let _ = t.commit();
+}
+
+/// The read's snapshot, its portal and its columns.
+type Started<'c> = (postgres::Transaction<'c>, postgres::Portal, Vec<(String, Col)>);
+
+/// Open the snapshot, prepare the statement, map its columns and bind the window.
+fn start<'c>(
+    client: &'c mut postgres::Client,
+    name: &str,
+    sql: &str,
+    window: Option<(i64, i64)>,
+) -> Result<Started<'c>> {
+    let err = |m: String| source_error(name, m);
+    let mut t = client
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .map_err(|e| err(format!("cannot start a snapshot: {e}")))?;
+    let stmt = t.prepare(sql).map_err(|e| err(format!("{e}\n  in: {sql}")))?;
+    let mut cols = Vec::new();
+    for c in stmt.columns() {
+        let col = Col::for_type(c.type_(), c.type_modifier())
+            .map_err(|m| err(format!("column `{}` has type `{}`: {m}", c.name(), c.type_().name())))?;
+        cols.push((c.name().to_string(), col));
+    }
+    let bounds: Vec<Bound> = match (stmt.params().len(), window) {
+        (0, _) => Vec::new(),
+        (2, Some((a, b))) => vec![Bound(a), Bound(b)],
+        (1, Some((a, _))) if sql.contains("$1") && !sql.contains("$2") => vec![Bound(a)],
+        (n, _) => return Err(err(format!("the statement takes {n} parameters; only $start and $end are bound"))),
+    };
+    for p in stmt.params().iter().take(bounds.len()) {
+        if !<Bound as ToSql>::accepts(p) {
+            return Err(err(format!(
+                "$start/$end are compared with a `{}`; compare them with a timestamp, timestamptz or date column",
+                p.name()
+            )));
+        }
+    }
+    let params: Vec<&(dyn ToSql + Sync)> = bounds.iter().map(|b| b as &(dyn ToSql + Sync)).collect();
+    let portal = t.bind(&stmt, &params).map_err(|e| err(e.to_string()))?;
+    Ok((t, portal, cols))
+}
+
+/// One column's builder, by its PostgreSQL type.
+enum Col {
+    Bool(BooleanBuilder),
+    I16(Int16Builder),
+    I32(Int32Builder),
+    I64(Int64Builder),
+    F32(Float32Builder),
+    F64(Float64Builder),
+    Numeric {
+        b: Decimal128Builder,
+        precision: u8,
+        scale: i8,
+    },
+    /// text-like; `skip` leading bytes (jsonb's version byte)
+    Text {
+        b: StringBuilder,
+        skip: usize,
+    },
+    Uuid(StringBuilder),
+    Bytes(BinaryBuilder),
+    Date(Date32Builder),
+    Ts {
+        b: TimestampMicrosecondBuilder,
+        tz: bool,
+    },
+    List {
+        item: Box<Col>,
+        offsets: Vec<i32>,
+        nulls: NullBufferBuilder,
+    },
+}
+
+fn be<const N: usize>(raw: &[u8]) -> std::result::Result<[u8; N], String> {
+    raw.try_into().map_err(|_| format!("expected {N} bytes, got {}", raw.len()))
+}
+
+impl Col {
+    fn for_type(ty: &Type, typmod: i32) -> std::result::Result<Col, String> {
+        if let Kind::Array(elem) = ty.kind() {
+            let item = Col::for_type(elem, typmod)?;
+            if matches!(item, Col::List { .. }) {
+                return Err("arrays of arrays are not read".into());
+            }
+            return Ok(Col::List { item: Box::new(item), offsets: vec![0], nulls: NullBufferBuilder::new(0) });
+        }
+        Ok(match *ty {
+            Type::BOOL => Col::Bool(BooleanBuilder::new()),
+            Type::INT2 => Col::I16(Int16Builder::new()),
+            Type::INT4 => Col::I32(Int32Builder::new()),
+            Type::INT8 => Col::I64(Int64Builder::new()),
+            Type::FLOAT4 => Col::F32(Float32Builder::new()),
+            Type::FLOAT8 => Col::F64(Float64Builder::new()),
+            Type::NUMERIC => {
+                // typmod: ((precision << 16) | scale) + 4; -1 when none was declared
+                if typmod < 4 {
+                    return Err(
+                        "numeric without a declared precision and scale; cast it in a query, e.g. amount::numeric(18,2)"
+                            .into(),
+                    );
+                }
+                let (precision, scale) = (((typmod - 4) >> 16) & 0xffff, (typmod - 4) & 0xffff);
+                if precision > 38 {
+                    return Err(format!(
+                        "numeric({precision},{scale}) is wider than 38 digits; cast it (e.g. ::numeric(38,{scale}) or ::text)"
+                    ));
+                }
+                let (precision, scale) = (precision as u8, scale as i8);
+                let b =
+                    Decimal128Builder::new().with_precision_and_scale(precision, scale).map_err(|e| e.to_string())?;
+                Col::Numeric { b, precision, scale }
+            }
+            Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::JSON => {
+                Col::Text { b: StringBuilder::new(), skip: 0 }
+            }
+            Type::JSONB => Col::Text { b: StringBuilder::new(), skip: 1 },
+            Type::UUID => Col::Uuid(StringBuilder::new()),
+            Type::BYTEA => Col::Bytes(BinaryBuilder::new()),
+            Type::DATE => Col::Date(Date32Builder::new()),
+            Type::TIMESTAMP => Col::Ts { b: TimestampMicrosecondBuilder::new(), tz: false },
+            Type::TIMESTAMPTZ => Col::Ts { b: TimestampMicrosecondBuilder::new().with_timezone("UTC"), tz: true },
+            _ => return Err("weir does not read it; cast it in a query (e.g. col::text)".into()),
+        })
+    }
+
+    fn data_type(&self) -> DataType {
+        match self {
+            Col::Bool(_) => DataType::Boolean,
+            Col::I16(_) => DataType::Int16,
+            Col::I32(_) => DataType::Int32,
+            Col::I64(_) => DataType::Int64,
+            Col::F32(_) => DataType::Float32,
+            Col::F64(_) => DataType::Float64,
+            Col::Numeric { precision, scale, .. } => DataType::Decimal128(*precision, *scale),
+            Col::Text { .. } | Col::Uuid(_) => DataType::Utf8,
+            Col::Bytes(_) => DataType::Binary,
+            Col::Date(_) => DataType::Date32,
+            Col::Ts { tz, .. } => DataType::Timestamp(TimeUnit::Microsecond, tz.then(|| "UTC".into())),
+            Col::List { item, .. } => DataType::List(Arc::new(Field::new("item", item.data_type(), true))),
+        }
+    }
+
+    fn append(&mut self, raw: Option<&[u8]>) -> std::result::Result<(), String> {
+        let Some(raw) = raw else {
+            self.append_null();
+            return Ok(());
+        };
+        match self {
+            Col::Bool(b) => b.append_value(be::<1>(raw)?[0] != 0),
+            Col::I16(b) => b.append_value(i16::from_be_bytes(be(raw)?)),
+            Col::I32(b) => b.append_value(i32::from_be_bytes(be(raw)?)),
+            Col::I64(b) => b.append_value(i64::from_be_bytes(be(raw)?)),
+            Col::F32(b) => b.append_value(f32::from_be_bytes(be(raw)?)),
+            Col::F64(b) => b.append_value(f64::from_be_bytes(be(raw)?)),
+            Col::Numeric { b, scale, .. } => b.append_value(numeric(raw, *scale)?),
+            Col::Text { b, skip } => {
+                let text = raw.get(*skip..).ok_or("a jsonb value without its version byte")?;
+                b.append_value(
+                    std::str::from_utf8(text)
+                        .map_err(|_| "text that is not UTF-8 (set the database's encoding to UTF8)")?,
+                )
+            }
+            Col::Uuid(b) => {
+                let u = be::<16>(raw)?;
+                let h: String = u.iter().map(|x| format!("{x:02x}")).collect();
+                b.append_value(format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]))
+            }
+            Col::Bytes(b) => b.append_value(raw),
+            Col::Date(b) => {
+                let d = i32::from_be_bytes(be(raw)?);
+                if d == i32::MAX || d == i32::MIN {
+                    return Err("an infinite date; map it in a query (e.g. nullif(d, 'infinity'))".into());
+                }
+                b.append_value(d.checked_add(PG_EPOCH_DAYS).ok_or("a date out of range")?)
+            }
+            Col::Ts { b, .. } => {
+                let t = i64::from_be_bytes(be(raw)?);
+                if t == i64::MAX || t == i64::MIN {
+                    return Err("an infinite timestamp; map it in a query (e.g. nullif(t, 'infinity'))".into());
+                }
+                b.append_value(t.checked_add(PG_EPOCH_MICROS).ok_or("a timestamp out of range")?)
+            }
+            Col::List { item, offsets, nulls } => {
+                let n = array(raw, item)?;
+                let last = *offsets.last().unwrap_or(&0);
+                offsets.push(last.checked_add(n).ok_or("more array elements than a batch holds")?);
+                nulls.append_non_null();
+            }
+        }
+        Ok(())
+    }
+
+    fn append_null(&mut self) {
+        match self {
+            Col::Bool(b) => b.append_null(),
+            Col::I16(b) => b.append_null(),
+            Col::I32(b) => b.append_null(),
+            Col::I64(b) => b.append_null(),
+            Col::F32(b) => b.append_null(),
+            Col::F64(b) => b.append_null(),
+            Col::Numeric { b, .. } => b.append_null(),
+            Col::Text { b, .. } | Col::Uuid(b) => b.append_null(),
+            Col::Bytes(b) => b.append_null(),
+            Col::Date(b) => b.append_null(),
+            Col::Ts { b, .. } => b.append_null(),
+            Col::List { offsets, nulls, .. } => {
+                offsets.push(*offsets.last().unwrap_or(&0));
+                nulls.append_null();
+            }
+        }
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            Col::Bool(b) => Arc::new(b.finish()),
+            Col::I16(b) => Arc::new(b.finish()),
+            Col::I32(b) => Arc::new(b.finish()),
+            Col::I64(b) => Arc::new(b.finish()),
+            Col::F32(b) => Arc::new(b.finish()),
+            Col::F64(b) => Arc::new(b.finish()),
+            Col::Numeric { b, precision, scale } => {
+                let a = b.finish();
+                *b = Decimal128Builder::new().with_precision_and_scale(*precision, *scale).unwrap_or_default();
+                Arc::new(a)
+            }
+            Col::Text { b, .. } | Col::Uuid(b) => Arc::new(b.finish()),
+            Col::Bytes(b) => Arc::new(b.finish()),
+            Col::Date(b) => Arc::new(b.finish()),
+            Col::Ts { b, tz } => {
+                let a = b.finish();
+                if *tz {
+                    *b = TimestampMicrosecondBuilder::new().with_timezone("UTC");
+                }
+                Arc::new(a)
+            }
+            Col::List { item, offsets, nulls } => {
+                let values = item.finish();
+                let field = Arc::new(Field::new("item", values.data_type().clone(), true));
+                let offs = OffsetBuffer::new(std::mem::replace(offsets, vec![0]).into());
+                Arc::new(ListArray::new(field, offs, values, nulls.finish()))
+            }
+        }
+    }
+}
+
+/// A binary `numeric` as an integer of `scale` decimal places; more places than the
+/// column's scale, NaN and infinities are errors.
+fn numeric(raw: &[u8], scale: i8) -> std::result::Result<i128, String> {
+    let word = |i: usize| raw.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]])).ok_or("a truncated numeric");
+    let (ndigits, weight, sign) = (word(0)? as usize, word(2)? as i16, word(4)?);
+    match sign {
+        0x0000 | 0x4000 => {}
+        0xC000 => return Err("NaN has no decimal value; map it in a query".into()),
+        _ => return Err("an infinite numeric has no decimal value; map it in a query".into()),
+    }
+    let mut acc: i128 = 0;
+    for i in 0..ndigits {
+        let d = i128::from(word(8 + 2 * i)?);
+        acc = acc.checked_mul(10_000).and_then(|a| a.checked_add(d)).ok_or("a numeric wider than 38 digits")?;
+    }
+    // value = acc * 10000^(weight - ndigits + 1); as units of 10^-scale
+    let exp10 = 4 * (i64::from(weight) - ndigits as i64 + 1) + i64::from(scale);
+    if exp10 >= 0 {
+        let mul = 10i128.checked_pow(exp10 as u32).ok_or("a numeric wider than 38 digits")?;
+        acc = acc.checked_mul(mul).ok_or("a numeric wider than 38 digits")?;
+    } else {
+        let div = 10i128.checked_pow((-exp10) as u32);
+        acc = match div {
+            Some(div) if acc % div == 0 => acc / div,
+            // a power of ten past i128 leaves nothing but zero
+            None if acc == 0 => 0,
+            _ => return Err(format!("a value with more than {scale} decimal places")),
+        };
+    }
+    Ok(if sign == 0x4000 { -acc } else { acc })
+}
+
+/// A one-dimensional binary array into `item`; returns its element count.
+fn array(raw: &[u8], item: &mut Col) -> std::result::Result<i32, String> {
+    let int =
+        |i: usize| raw.get(i..i + 4).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]])).ok_or("a truncated array");
+    let ndim = int(0)?;
+    if ndim == 0 {
+        return Ok(0);
+    }
+    if ndim != 1 {
+        return Err(format!("a {ndim}-dimensional array; only one dimension is read"));
+    }
+    let len = int(12)?;
+    let mut at = 20usize;
+    for _ in 0..len {
+        let n = int(at)?;
+        at += 4;
+        if n < 0 {
+            item.append_null();
+        } else {
+            let end = at.checked_add(n as usize).filter(|e| *e <= raw.len()).ok_or("a truncated array element")?;
+            item.append(Some(&raw[at..end]))?;
+            at = end;
+        }
+    }
+    Ok(len.max(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::Array;
+
+    fn numeric_bytes(ndigits: &[u16], weight: i16, sign: u16, dscale: u16) -> Vec<u8> {
+        let mut v = Vec::new();
+        for w in [ndigits.len() as u16, weight as u16, sign, dscale] {
+            v.extend_from_slice(&w.to_be_bytes());
+        }
+        for d in ndigits {
+            v.extend_from_slice(&d.to_be_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn numerics_windows_and_arrays_decode() {
+        // 1234.5678 = [1234, 5678], weight 0
+        assert_eq!(numeric(&numeric_bytes(&[1234, 5678], 0, 0, 4), 4).unwrap(), 12_345_678);
+        assert_eq!(numeric(&numeric_bytes(&[1234, 5678], 0, 0x4000, 4), 6).unwrap(), -1_234_567_800);
+        // 120000 = [12], weight 1
+        assert_eq!(numeric(&numeric_bytes(&[12], 1, 0, 0), 2).unwrap(), 12_000_000);
+        // 0.05 = [500], weight -1
+        assert_eq!(numeric(&numeric_bytes(&[500], -1, 0, 2), 2).unwrap(), 5);
+        assert!(numeric(&numeric_bytes(&[500], -1, 0, 2), 1).unwrap_err().contains("decimal places"));
+        assert_eq!(numeric(&numeric_bytes(&[], 0, 0, 0), 2).unwrap(), 0);
+        assert!(numeric(&numeric_bytes(&[], 0, 0xC000, 0), 2).is_err());
+        assert!(numeric(&[0, 1], 2).is_err(), "truncated");
+        assert_eq!(window("2024-01-03").unwrap(), (1_704_240_000_000_000, 1_704_326_400_000_000));
+        assert_eq!(window("2024-01-03T04").unwrap().1 - window("2024-01-03T04").unwrap().0, 3_600_000_000);
+        assert!(window("2024-01-03T24").is_none() && window("nope").is_none());
+        // int4[] {1, NULL, 3}
+        let mut raw = Vec::new();
+        for x in [1i32, 1, 23, 3, 1] {
+            raw.extend_from_slice(&x.to_be_bytes());
+        }
+        for v in [Some(1i32), None, Some(3)] {
+            match v {
+                Some(v) => {
+                    raw.extend_from_slice(&4i32.to_be_bytes());
+                    raw.extend_from_slice(&v.to_be_bytes());
+                }
+                None => raw.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        let mut col = Col::for_type(&Type::INT4_ARRAY, -1).unwrap();
+        col.append(Some(&raw)).unwrap();
+        col.append(None).unwrap();
+        let a = col.finish();
+        let list = a.as_any().downcast_ref::<ListArray>().unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list.value_length(0), 3);
+        assert!(list.is_null(1));
+        assert!(col.append(Some(&raw[..10])).is_err(), "a truncated array is refused");
+        assert!(Col::for_type(&Type::MONEY, -1).err().unwrap().contains("cast"));
+        assert!(Col::for_type(&Type::NUMERIC, -1).err().unwrap().contains("numeric(18,2)"));
+    }
+}
