@@ -158,7 +158,7 @@ impl Error {
             | Error::Secret { .. }
             | Error::Cancelled(_) => ErrorKind::User,
             // malformed data is the user's to fix; input that is not there yet may arrive
-            Error::Io(io::Error::Input { .. }) => ErrorKind::User,
+            Error::Io(io::Error::Input { .. } | io::Error::SourceInvalid { .. }) => ErrorKind::User,
             Error::Io(io::Error::Internal(_)) | Error::Internal(_) => ErrorKind::Internal,
             Error::Io(
                 io::Error::NoInput { .. } | io::Error::Io { .. } | io::Error::Write { .. } | io::Error::Source { .. },

@@ -35,6 +35,7 @@ create table orders (
   small smallint,
   qty integer,
   amount numeric(12,2),
+  big numeric(38,2),
   ratio double precision,
   score real,
   note text,
@@ -56,6 +57,7 @@ select i,
        (i % 100)::smallint,
        case when i % 7 = 0 then null else i * 3 end,
        (i * 1.25 - 400)::numeric(12,2),
+       case i % 3 when 0 then 999999999999999999999999999999999999.50 when 1 then -0.01 else 0 end,
        i / 3.0,
        (i % 10) / 4.0,
        case when i % 5 = 0 then null else 'nötë ' || i || ' ✓' end,
@@ -76,6 +78,7 @@ from generate_series(1, 900) as i;
 
 PIPELINE = """[pipeline]
 name = "pg"
+batch_size = 7               # many fetches of the portal, the last one short
 
 [sources.orders]
 format = "postgres"
@@ -149,7 +152,7 @@ with tempfile.TemporaryDirectory() as tmp:
         # psql's own rendering of the same rows, as JSON (one object per row)
         want = {}
         for line in psql(port, """select json_build_object(
-                 'id', id, 'small', small, 'qty', qty, 'amount', amount::text, 'ratio', ratio, 'score', score,
+                 'id', id, 'small', small, 'qty', qty, 'amount', amount::text, 'big', big::text, 'ratio', ratio, 'score', score,
                  'note', note, 'code', code, 'grade', grade, 'flag', flag, 'created', created::text,
                  'seen_us', (extract(epoch from seen) * 1000000)::bigint,
                  'updated_us', (extract(epoch from updated_at) * 1000000)::bigint,
@@ -164,7 +167,7 @@ with tempfile.TemporaryDirectory() as tmp:
                 bad.append((i, "missing"))
                 continue
             pairs = [
-                (g["small"], w["small"]), (g["qty"], w["qty"]), (str(g["amount"]), w["amount"]),
+                (g["small"], w["small"]), (g["qty"], w["qty"]), (str(g["amount"]), w["amount"]), (str(g["big"]), w["big"]),
                 (g["ratio"], w["ratio"]), (g["score"], w["score"]), (g["note"], w["note"]), (g["code"], w["code"]),
                 (g["grade"], w["grade"]), (g["flag"], w["flag"]), (str(g["created"]), w["created"]),
                 (micros(g["seen"]), w["seen_us"]), (micros(g["updated_at"]), w["updated_us"]), (g["u"], w["u"]),
@@ -178,6 +181,14 @@ with tempfile.TemporaryDirectory() as tmp:
 
         r = run(work, "run", "pipeline.toml", "--partition", "2024-01-02", url=url)
         check("a second run reads again (a database is never 'up to date')", r.returncode == 0 and "up to date" not in r.stdout.lower(), r.stdout + r.stderr)
+
+        r = run(work, "run", "pipeline.toml", "--partition", "2024-01-02T00", "--json", url=url)
+        hour = int(psql(port, "select count(*) from orders where updated_at >= '2024-01-02 00:00+00' and updated_at < '2024-01-02 01:00+00'"))
+        check("an hour partition reads its hour", r.returncode == 0 and json.loads(r.stdout)["steps"][0]["rows_written"] == hour, r.stdout[-300:] + r.stderr)
+
+        (work / "missing.toml").write_text(PIPELINE.replace('name = "pg"', 'name = "missing"').replace("from orders", "from no_such_table"))
+        r = run(work, "run", "missing.toml", "--partition", "2024-01-02", url=url)
+        check("what PostgreSQL says reaches the user, as theirs to fix", r.returncode == 1 and "no_such_table" in r.stderr and "does not exist" in r.stderr and "external" not in r.stderr, r.stderr)
 
         r = run(work, "run", "pipeline.toml", url=url)
         check("a windowed source without --partition fails saying so", r.returncode == 1 and "--partition" in r.stderr, r.stderr)

@@ -1059,6 +1059,25 @@ fn parse_sources(
     sources
 }
 
+/// `text` with the parameter `name` (not a longer name it begins, such as `$endpoint`)
+/// written as `to`.
+fn placeholder(text: &str, name: &str, to: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(name) {
+        let after = &rest[i + name.len()..];
+        out.push_str(&rest[..i]);
+        if after.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+            out.push_str(name);
+        } else {
+            out.push_str(to);
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A postgres source's keys: `url` (a secret), `table` or `query`, and `where`. Other
 /// formats may not use them.
 fn parse_postgres(
@@ -1104,6 +1123,20 @@ fn parse_postgres(
             None
         }
     };
+    for (key, set) in [
+        ("columns", r.columns.is_some()),
+        ("encoding", r.encoding.is_some()),
+        ("max_record_mb", r.max_record_mb.is_some()),
+        ("infer_rows", r.infer_rows.is_some()),
+    ] {
+        if set {
+            errors.push(ctx.at(
+                at,
+                &format!("sources.{name}.{key} applies to file sources only"),
+                Some("a postgres source reads what its table or query selects: choose columns in a query"),
+            ));
+        }
+    }
     if !r.schema.is_empty() {
         errors.push(ctx.at(
             at,
@@ -1112,8 +1145,20 @@ fn parse_postgres(
         ));
     }
     let cond = r.where_.as_ref().map(|w| w.get_ref().as_str());
-    let window = cond.is_some_and(|c| c.contains("$start") || c.contains("$end"));
-    let cond = cond.map(|c| c.replace("$start", "$1").replace("$end", "$2"));
+    let cond = cond.map(|c| placeholder(&placeholder(c, "$start", "$1"), "$end", "$2"));
+    let window = cond.as_ref().is_some_and(|c| c.contains("$1") || c.contains("$2"));
+    if let (Some(w), Some(c)) = (&r.where_, &cond) {
+        if let Some(i) = c.find('$').filter(|i| !c[i + 1..].starts_with(['1', '2'])) {
+            errors.push(ctx.at(
+                w.span().start,
+                &format!(
+                    "sources.{name}.where: `{}` is not a parameter weir binds",
+                    &c[i..].split_whitespace().next().unwrap_or("$")
+                ),
+                Some("use $start and $end (the partition's window)"),
+            ));
+        }
+    }
     let (sql, table) = match (&r.table, &r.query) {
         (Some(t), None) => {
             let ok = !t.get_ref().is_empty()
@@ -1138,7 +1183,8 @@ fn parse_postgres(
         (None, Some(q)) => {
             let q = q.get_ref().trim().trim_end_matches(';');
             let sql = match &cond {
-                Some(c) => format!("SELECT * FROM ({q}) AS weir_query WHERE {c}"),
+                // on a line of its own: a trailing `--` comment in the query ends there
+                Some(c) => format!("SELECT * FROM ({q}\n) AS weir_query WHERE {c}"),
                 None => q.to_string(),
             };
             (sql, None)

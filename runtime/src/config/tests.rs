@@ -262,6 +262,7 @@ fn postgres_sources_name_a_secret_url_and_one_table_or_query() {
         ("format = \"postgres\"\nurl = { env = \"U\" }\ntable = \"t\"\npath = \"x.csv\"", "not files"),
         ("format = \"csv\"\npath = \"x.csv\"\ntable = \"t\"", "applies to postgres sources only"),
         ("format = \"csv\"", "has no `path`"),
+        ("format = \"postgres\"\nurl = { env = \"U\" }\ntable = \"t\"\nwhere = \"x > $endpoint\"", "not a parameter"),
     ] {
         let e = errors(&pg(source));
         assert!(e.iter().any(|d| d.message.contains(says)), "{source}: {e:?}");

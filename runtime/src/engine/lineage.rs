@@ -325,19 +325,29 @@ pub(crate) fn input_dataset(pipeline: &Pipeline, step: &Step, partition: Option<
 }
 
 /// A PostgreSQL table as OpenLineage names it: namespace `postgres://HOST:PORT`, name
-/// `DATABASE.SCHEMA.TABLE` (a query: `DATABASE.query`). The URL is read for its host, port
-/// and database only; its credentials go nowhere.
+/// `DATABASE.SCHEMA.TABLE` (a query: `DATABASE.query`). The URL is parsed by the driver and
+/// only its host, port and database are used: credentials go nowhere, and a URL that does
+/// not parse names no host at all.
 fn postgres_dataset(pg: &crate::config::Postgres) -> Value {
-    let url = pg.url.resolve().ok().and_then(|u| String::from_utf8(u).ok()).unwrap_or_default();
-    let rest = url.split_once("://").map_or("", |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-    let (hostport, db) = rest.split_once('/').unwrap_or((rest, ""));
-    let db = db.split(['?', '#']).next().unwrap_or("");
-    let hostport = if hostport.contains(':') { hostport.to_string() } else { format!("{hostport}:5432") };
+    let config: Option<postgres::Config> =
+        pg.url.resolve().ok().and_then(|u| String::from_utf8(u).ok()).and_then(|u| u.parse().ok());
+    let (host, port, db) = match &config {
+        Some(c) => {
+            let host = match c.get_hosts().first() {
+                Some(postgres::config::Host::Tcp(h)) => h.clone(),
+                #[cfg(unix)]
+                Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+                None => "localhost".to_string(),
+            };
+            let user = c.get_user().unwrap_or("postgres");
+            (host, c.get_ports().first().copied().unwrap_or(5432), c.get_dbname().unwrap_or(user).to_string())
+        }
+        None => ("unknown".to_string(), 5432, "unknown".to_string()),
+    };
     let table = match &pg.table {
         Some(t) if t.contains('.') => t.clone(),
         Some(t) => format!("public.{t}"),
         None => "query".to_string(),
     };
-    json!({ "namespace": format!("postgres://{hostport}"), "name": format!("{db}.{table}") })
+    json!({ "namespace": format!("postgres://{host}:{port}"), "name": format!("{db}.{table}") })
 }

@@ -24,6 +24,11 @@ pub enum Error {
     /// value weir cannot map).
     #[error("source `{source_name}`: {message}")]
     Source { source_name: String, message: String },
+    /// What a source was asked for cannot be read as asked (a type weir does not map, a
+    /// query the database refuses, a value out of its column's range): the pipeline or the
+    /// data must change.
+    #[error("source `{source_name}`: {message}")]
+    SourceInvalid { source_name: String, message: String },
     #[error("internal error (a bug in weir, please report it): {0}")]
     Internal(String),
 }

@@ -1,7 +1,7 @@
 //! `format = "postgres"`: a table or query of a PostgreSQL database, read in one snapshot.
 //!
 //! A thread of the source's own connects, opens a read-only REPEATABLE READ transaction (one
-//! snapshot for the whole run), prepares the statement (its column types give the Arrow
+//! snapshot for the source's whole read; another step or source takes its own), prepares the statement (its column types give the Arrow
 //! schema), binds the partition's window as parameters (`$start`, `$end`: never spliced
 //! into the SQL), and fetches the result through a portal `batch_size` rows at a time, in
 //! PostgreSQL's binary format, into Arrow builders. One batch waits in a channel at most:
@@ -37,17 +37,67 @@ const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 /// Days from 1970-01-01 to 2000-01-01.
 const PG_EPOCH_DAYS: i32 = 10_957;
 
+/// The source system failed (down, refusing, timing out): retrying may help.
 fn source_error(name: &str, message: impl std::fmt::Display) -> Error {
     Error::Source { source_name: name.to_string(), message: message.to_string() }
 }
+
+/// The pipeline or the data must change (a type weir cannot map, a bad query, a value out
+/// of its column's range): retrying cannot help.
+fn invalid(name: &str, message: impl std::fmt::Display) -> Error {
+    Error::SourceInvalid { source_name: name.to_string(), message: message.to_string() }
+}
+
+/// A driver error with what PostgreSQL said (its Display alone says only "db error"), and
+/// whose it is to fix: SQL and permission errors (class 42), data errors (22) and
+/// feature limits (0A) are the pipeline's; everything else the system's.
+fn pg_error(name: &str, what: &str, e: &postgres::Error) -> Error {
+    if let Some(db) = e.as_db_error() {
+        let mut m = format!("{what}: {} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(d) = db.detail() {
+            m.push_str(&format!(" ({d})"));
+        }
+        if let Some(h) = db.hint() {
+            m.push_str(&format!("; hint: {h}"));
+        }
+        let class = &db.code().code()[..2];
+        return if matches!(class, "42" | "22" | "0A") { invalid(name, m) } else { source_error(name, m) };
+    }
+    let mut m = format!("{what}: {e}");
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        m.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    source_error(name, m)
+}
+
+/// How long connecting may take when the URL does not say (`connect_timeout`).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One run's read of a postgres source.
 pub struct PgSource {
     name: String,
     schema: SchemaRef,
-    rx: Receiver<Result<RecordBatch>>,
+    /// Batches, then `None` at the end: a reader that stops without it failed.
+    rx: Receiver<Result<Option<RecordBatch>>>,
     rows: u64,
     done: bool,
+    /// Stops the query on the server when the read is dropped before its end.
+    cancel: Option<postgres::CancelToken>,
+}
+
+impl Drop for PgSource {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Some(c) = self.cancel.take() {
+                // the reader may be waiting on the server: ask the server to stop the query
+                let _ = std::thread::Builder::new().name("postgres cancel".into()).spawn(move || {
+                    let _ = c.cancel_query(postgres::NoTls);
+                });
+            }
+        }
+    }
 }
 
 impl PgSource {
@@ -58,30 +108,38 @@ impl PgSource {
         batch_size: usize,
     ) -> Result<PgSource> {
         let name = source.name.clone();
-        let url = pg.url.resolve().map_err(|m| source_error(&name, format!("url: {m}")))?;
-        let url = String::from_utf8(url).map_err(|_| source_error(&name, "url: not UTF-8"))?;
+        let url = pg.url.resolve().map_err(|m| invalid(&name, format!("url: {m}")))?;
+        let url = String::from_utf8(url).map_err(|_| invalid(&name, "url: not UTF-8"))?;
+        // the URL is parsed here and never shown: it may hold a password
+        let mut config: postgres::Config =
+            url.parse().map_err(|_| invalid(&name, "url: not a postgres:// URL (or key=value string)"))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
         let window = match (pg.window, partition) {
             (false, _) => None,
             (true, Some(p)) => Some(window(p).ok_or_else(|| {
-                source_error(
+                invalid(
                     &name,
                     format!("partition `{p}` is not a day (YYYY-MM-DD) or an hour (YYYY-MM-DDTHH): `where` binds $start and $end from it"),
                 )
             })?),
             (true, None) => {
-                return Err(source_error(&name, "`where` uses $start/$end: run it with --partition (a day or an hour)"))
+                return Err(invalid(&name, "`where` uses $start/$end: run it with --partition (a day or an hour)"))
             }
         };
-        let (schema_tx, schema_rx) = sync_channel::<Result<SchemaRef>>(1);
-        let (tx, rx) = sync_channel::<Result<RecordBatch>>(1);
+        let (schema_tx, schema_rx) = sync_channel::<Result<(SchemaRef, postgres::CancelToken)>>(1);
+        let (tx, rx) = sync_channel::<Result<Option<RecordBatch>>>(1);
         let (sql, thread_name) = (pg.sql.clone(), name.clone());
         let batch = batch_size.clamp(1, i32::MAX as usize) as i32;
         std::thread::Builder::new()
             .name(format!("postgres {name}"))
-            .spawn(move || read(&thread_name, &url, &sql, window, batch, schema_tx, tx))
+            .spawn(move || read(&thread_name, &config, &sql, window, batch, schema_tx, tx))
             .map_err(|e| source_error(&name, format!("cannot start its reader: {e}")))?;
-        let schema = schema_rx.recv().map_err(|_| source_error(&name, "its reader stopped before the schema"))??;
-        Ok(PgSource { name, schema, rx, rows: 0, done: false })
+        let (schema, cancel) = schema_rx
+            .recv()
+            .map_err(|_| Error::Internal(format!("the reader of source `{name}` stopped before the schema")))??;
+        Ok(PgSource { name, schema, rx, rows: 0, done: false, cancel: Some(cancel) })
     }
 }
 
@@ -95,17 +153,25 @@ impl Source for PgSource {
             return None;
         }
         match self.rx.recv() {
-            Ok(Ok(b)) => {
+            Ok(Ok(Some(b))) => {
                 self.rows += b.num_rows() as u64;
                 Some(Ok(b))
+            }
+            Ok(Ok(None)) => {
+                self.done = true;
+                None
             }
             Ok(Err(e)) => {
                 self.done = true;
                 Some(Err(e))
             }
+            // never taken for the end: rows would be missing without a word
             Err(_) => {
                 self.done = true;
-                None
+                Some(Err(Error::Internal(format!(
+                    "the reader of source `{}` stopped before the end of its result",
+                    self.name
+                ))))
             }
         }
     }
@@ -115,7 +181,7 @@ impl Source for PgSource {
     }
 
     fn seek(&mut self, _at: &Position) -> Result<()> {
-        Err(source_error(&self.name, "a postgres read cannot continue another run's snapshot; run without --resume"))
+        Err(invalid(&self.name, "a postgres read cannot continue another run's snapshot; run without --resume"))
     }
 
     /// Never: a later snapshot may hold other rows, so a run is not resumed mid-read.
@@ -192,21 +258,21 @@ impl<'a> FromSql<'a> for Raw<'a> {
 /// The reader thread: the schema first, then batches until the end or a closed channel.
 fn read(
     name: &str,
-    url: &str,
+    config: &postgres::Config,
     sql: &str,
     window: Option<(i64, i64)>,
     batch: i32,
-    schema_tx: SyncSender<Result<SchemaRef>>,
-    tx: SyncSender<Result<RecordBatch>>,
+    schema_tx: SyncSender<Result<(SchemaRef, postgres::CancelToken)>>,
+    tx: SyncSender<Result<Option<RecordBatch>>>,
 ) {
-    let err = |m: String| source_error(name, m);
-    let mut client = match postgres::Client::connect(url, postgres::NoTls) {
+    let mut client = match config.connect(postgres::NoTls) {
         Ok(c) => c,
         Err(e) => {
-            let _ = schema_tx.send(Err(err(format!("cannot connect: {e}"))));
+            let _ = schema_tx.send(Err(pg_error(name, "cannot connect", &e)));
             return;
         }
     };
+    let cancel = client.cancel_token();
     let started = start(&mut client, name, sql, window);
     let (mut t, portal, mut cols) = match started {
         Ok(x) => x,
@@ -217,14 +283,14 @@ fn read(
     };
     let schema: SchemaRef =
         Arc::new(Schema::new(cols.iter().map(|(n, c)| Field::new(n, c.data_type(), true)).collect::<Vec<_>>()));
-    if schema_tx.send(Ok(schema.clone())).is_err() {
+    if schema_tx.send(Ok((schema.clone(), cancel))).is_err() {
         return;
     }
     loop {
         let rows = match t.query_portal(&portal, batch) {
             Ok(rows) => rows,
             Err(e) => {
-                let _ = tx.send(Err(err(e.to_string())));
+                let _ = tx.send(Err(pg_error(name, "reading", &e)));
                 return;
             }
         };
@@ -232,15 +298,18 @@ fn read(
         if n == 0 {
             break;
         }
-        let built = (|| -> Result<RecordBatch> {
+        let built = (|| -> Result<Option<RecordBatch>> {
             for row in &rows {
                 for (i, (col_name, col)) in cols.iter_mut().enumerate() {
-                    let raw: Raw<'_> = row.try_get(i).map_err(|e| err(e.to_string()))?;
-                    col.append(raw.0).map_err(|m| err(format!("column `{col_name}`: {m}")))?;
+                    let raw: Raw<'_> = row.try_get(i).map_err(|e| pg_error(name, "reading", &e))?;
+                    col.append(raw.0).map_err(|m| invalid(name, format!("column `{col_name}`: {m}")))?;
                 }
             }
             let arrays: Vec<ArrayRef> = cols.iter_mut().map(|(_, c)| c.finish()).collect();
-            RecordBatch::try_new(schema.clone(), arrays).map_err(|e| Error::Internal(e.to_string()))
+            let options = arrow_array::RecordBatchOptions::new().with_row_count(Some(n));
+            RecordBatch::try_new_with_options(schema.clone(), arrays, &options)
+                .map(Some)
+                .map_err(|e| Error::Internal(e.to_string()))
         })();
         let failed = built.is_err();
         if tx.send(built).is_err() || failed {
@@ -250,7 +319,9 @@ fn read(
             break;
         }
     }
+    // read-only: nothing to keep; the end is said only once the result was read whole
     let _ = t.commit();
+    let _ = tx.send(Ok(None));
 }
 
 /// The read's snapshot, its portal and its columns.
@@ -263,14 +334,14 @@ fn start<'c>(
     sql: &str,
     window: Option<(i64, i64)>,
 ) -> Result<Started<'c>> {
-    let err = |m: String| source_error(name, m);
+    let err = |m: String| invalid(name, m);
     let mut t = client
         .build_transaction()
         .isolation_level(postgres::IsolationLevel::RepeatableRead)
         .read_only(true)
         .start()
-        .map_err(|e| err(format!("cannot start a snapshot: {e}")))?;
-    let stmt = t.prepare(sql).map_err(|e| err(format!("{e}\n  in: {sql}")))?;
+        .map_err(|e| pg_error(name, "cannot start a snapshot", &e))?;
+    let stmt = t.prepare(sql).map_err(|e| pg_error(name, &format!("the statement `{sql}`"), &e))?;
     let mut cols = Vec::new();
     for c in stmt.columns() {
         let col = Col::for_type(c.type_(), c.type_modifier())
@@ -278,12 +349,18 @@ fn start<'c>(
         cols.push((c.name().to_string(), col));
     }
     let bounds: Vec<Bound> = match (stmt.params().len(), window) {
-        (0, _) => Vec::new(),
+        (0, None) => Vec::new(),
+        // `$start` in a string or a comment: every partition would read everything
+        (0, Some(_)) => return Err(err("`where` names $start/$end, but the statement has no parameters".into())),
         (2, Some((a, b))) => vec![Bound(a), Bound(b)],
         (1, Some((a, _))) if sql.contains("$1") && !sql.contains("$2") => vec![Bound(a)],
         (n, _) => return Err(err(format!("the statement takes {n} parameters; only $start and $end are bound"))),
     };
+    let hourly = window.is_some_and(|(a, b)| b - a < 86_400_000_000);
     for p in stmt.params().iter().take(bounds.len()) {
+        if *p == Type::DATE && hourly {
+            return Err(err("$start/$end are compared with a date, but the partition is an hour: compare them with a timestamp column".into()));
+        }
         if !<Bound as ToSql>::accepts(p) {
             return Err(err(format!(
                 "$start/$end are compared with a `{}`; compare them with a timestamp, timestamptz or date column",
@@ -292,7 +369,7 @@ fn start<'c>(
         }
     }
     let params: Vec<&(dyn ToSql + Sync)> = bounds.iter().map(|b| b as &(dyn ToSql + Sync)).collect();
-    let portal = t.bind(&stmt, &params).map_err(|e| err(e.to_string()))?;
+    let portal = t.bind(&stmt, &params).map_err(|e| pg_error(name, "binding the window", &e))?;
     Ok((t, portal, cols))
 }
 
@@ -356,7 +433,11 @@ impl Col {
                             .into(),
                     );
                 }
-                let (precision, scale) = (((typmod - 4) >> 16) & 0xffff, (typmod - 4) & 0xffff);
+                // the scale is an 11-bit signed number (PostgreSQL 15 allows -1000..1000)
+                let (precision, scale) = (((typmod - 4) >> 16) & 0xffff, (((typmod - 4) & 0x7ff) ^ 0x400) - 0x400);
+                if !(0..=precision).contains(&scale) {
+                    return Err(format!("numeric({precision},{scale}) has a scale Arrow and Parquet cannot hold; cast it (e.g. ::numeric(38,2))"));
+                }
                 if precision > 38 {
                     return Err(format!(
                         "numeric({precision},{scale}) is wider than 38 digits; cast it (e.g. ::numeric(38,{scale}) or ::text)"
@@ -409,8 +490,11 @@ impl Col {
             Col::I64(b) => b.append_value(i64::from_be_bytes(be(raw)?)),
             Col::F32(b) => b.append_value(f32::from_be_bytes(be(raw)?)),
             Col::F64(b) => b.append_value(f64::from_be_bytes(be(raw)?)),
-            Col::Numeric { b, scale, .. } => b.append_value(numeric(raw, *scale)?),
+            Col::Numeric { b, precision, scale } => b.append_value(numeric(raw, *precision, *scale)?),
             Col::Text { b, skip } => {
+                if *skip == 1 && raw.first() != Some(&1) {
+                    return Err("a jsonb value of an unknown binary version".into());
+                }
                 let text = raw.get(*skip..).ok_or("a jsonb value without its version byte")?;
                 b.append_value(
                     std::str::from_utf8(text)
@@ -500,9 +584,10 @@ impl Col {
     }
 }
 
-/// A binary `numeric` as an integer of `scale` decimal places; more places than the
-/// column's scale, NaN and infinities are errors.
-fn numeric(raw: &[u8], scale: i8) -> std::result::Result<i128, String> {
+/// A binary `numeric` as an integer of `scale` decimal places, within `precision` digits;
+/// more places than the scale, NaN and infinities are errors. Digit by digit, so the zero
+/// padding of the last base-10000 group never overflows.
+fn numeric(raw: &[u8], precision: u8, scale: i8) -> std::result::Result<i128, String> {
     let word = |i: usize| raw.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]])).ok_or("a truncated numeric");
     let (ndigits, weight, sign) = (word(0)? as usize, word(2)? as i16, word(4)?);
     match sign {
@@ -510,24 +595,29 @@ fn numeric(raw: &[u8], scale: i8) -> std::result::Result<i128, String> {
         0xC000 => return Err("NaN has no decimal value; map it in a query".into()),
         _ => return Err("an infinite numeric has no decimal value; map it in a query".into()),
     }
+    let wide = || format!("a value wider than numeric({precision},{scale})");
     let mut acc: i128 = 0;
     for i in 0..ndigits {
         let d = i128::from(word(8 + 2 * i)?);
-        acc = acc.checked_mul(10_000).and_then(|a| a.checked_add(d)).ok_or("a numeric wider than 38 digits")?;
-    }
-    // value = acc * 10000^(weight - ndigits + 1); as units of 10^-scale
-    let exp10 = 4 * (i64::from(weight) - ndigits as i64 + 1) + i64::from(scale);
-    if exp10 >= 0 {
-        let mul = 10i128.checked_pow(exp10 as u32).ok_or("a numeric wider than 38 digits")?;
-        acc = acc.checked_mul(mul).ok_or("a numeric wider than 38 digits")?;
-    } else {
-        let div = 10i128.checked_pow((-exp10) as u32);
-        acc = match div {
-            Some(div) if acc % div == 0 => acc / div,
-            // a power of ten past i128 leaves nothing but zero
-            None if acc == 0 => 0,
-            _ => return Err(format!("a value with more than {scale} decimal places")),
+        if d >= 10_000 {
+            return Err("a numeric digit out of range".into());
+        }
+        // this digit's place, in units of 10^-scale
+        let e = 4 * (i64::from(weight) - i as i64) + i64::from(scale);
+        let part = if e >= 0 {
+            let mul = 10i128.checked_pow(u32::try_from(e).map_err(|_| wide())?).ok_or_else(wide)?;
+            d.checked_mul(mul).ok_or_else(wide)?
+        } else {
+            let div = 10i128.checked_pow(u32::try_from(-e).unwrap_or(u32::MAX)).unwrap_or(i128::MAX);
+            if d % div != 0 {
+                return Err(format!("a value with more than {scale} decimal places"));
+            }
+            d / div
         };
+        acc = acc.checked_add(part).ok_or_else(wide)?;
+    }
+    if acc >= 10i128.pow(u32::from(precision)) {
+        return Err(wide());
     }
     Ok(if sign == 0x4000 { -acc } else { acc })
 }
@@ -578,16 +668,26 @@ mod tests {
     #[test]
     fn numerics_windows_and_arrays_decode() {
         // 1234.5678 = [1234, 5678], weight 0
-        assert_eq!(numeric(&numeric_bytes(&[1234, 5678], 0, 0, 4), 4).unwrap(), 12_345_678);
-        assert_eq!(numeric(&numeric_bytes(&[1234, 5678], 0, 0x4000, 4), 6).unwrap(), -1_234_567_800);
+        assert_eq!(numeric(&numeric_bytes(&[1234, 5678], 0, 0, 4), 12, 4).unwrap(), 12_345_678);
+        assert_eq!(numeric(&numeric_bytes(&[1234, 5678], 0, 0x4000, 4), 12, 6).unwrap(), -1_234_567_800);
         // 120000 = [12], weight 1
-        assert_eq!(numeric(&numeric_bytes(&[12], 1, 0, 0), 2).unwrap(), 12_000_000);
+        assert_eq!(numeric(&numeric_bytes(&[12], 1, 0, 0), 12, 2).unwrap(), 12_000_000);
         // 0.05 = [500], weight -1
-        assert_eq!(numeric(&numeric_bytes(&[500], -1, 0, 2), 2).unwrap(), 5);
-        assert!(numeric(&numeric_bytes(&[500], -1, 0, 2), 1).unwrap_err().contains("decimal places"));
-        assert_eq!(numeric(&numeric_bytes(&[], 0, 0, 0), 2).unwrap(), 0);
-        assert!(numeric(&numeric_bytes(&[], 0, 0xC000, 0), 2).is_err());
-        assert!(numeric(&[0, 1], 2).is_err(), "truncated");
+        assert_eq!(numeric(&numeric_bytes(&[500], -1, 0, 2), 12, 2).unwrap(), 5);
+        assert!(numeric(&numeric_bytes(&[500], -1, 0, 2), 12, 1).unwrap_err().contains("decimal places"));
+        assert_eq!(numeric(&numeric_bytes(&[], 0, 0, 0), 38, 37).unwrap(), 0, "zero at a high scale");
+        assert!(numeric(&numeric_bytes(&[], 0, 0xC000, 0), 12, 2).is_err());
+        assert!(numeric(&[0, 1], 12, 2).is_err(), "truncated");
+        // 36 integer digits and .5 (padded to .5000) in numeric(38,2): no overflow
+        let mut digits = vec![9999u16; 9];
+        digits.push(5000);
+        let v = numeric(&numeric_bytes(&digits, 8, 0, 1), 38, 2).unwrap();
+        assert_eq!(v, 99_999_999_999_999_999_999_999_999_999_999_999_950);
+        assert!(
+            numeric(&numeric_bytes(&[1, 0], 1, 0, 0), 4, 0).unwrap_err().contains("wider"),
+            "10000 in numeric(4,0)"
+        );
+        assert!(numeric(&numeric_bytes(&[10_000], 0, 0, 0), 12, 0).is_err(), "a digit out of range");
         assert_eq!(window("2024-01-03").unwrap(), (1_704_240_000_000_000, 1_704_326_400_000_000));
         assert_eq!(window("2024-01-03T04").unwrap().1 - window("2024-01-03T04").unwrap().0, 3_600_000_000);
         assert!(window("2024-01-03T24").is_none() && window("nope").is_none());
