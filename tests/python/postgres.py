@@ -221,6 +221,27 @@ output = { path = "out/whole" }
         check("a whole table by name", r.returncode == 0 and json.loads(r.stdout)["steps"][0]["rows_written"] == 900, r.stdout[-300:] + r.stderr)
         check("the password is nowhere in the pipeline file", "weir@" not in (work / "table.toml").read_text())
 
+        # wide rows: a batch is cut at 64 MiB of values, not at batch_size rows
+        psql(port, "create table wide as select i as id, repeat(chr(97 + i % 26), 1048576) as body from generate_series(1, 70) as i")
+        (work / "wide.toml").write_text('''[pipeline]
+name = "wide"
+batch_size = 1000
+
+[sources.wide]
+format = "postgres"
+url = { env = "PG_URL" }
+query = "select id, body from wide order by id"
+
+[steps.copy]
+input = "wide"
+output = { path = "out/wide" }
+''')
+        r = run(work, "run", "wide.toml", "--json", url=url)
+        wide = pq.read_table(work / "out/wide").to_pylist() if r.returncode == 0 else []
+        check("70 rows of 1 MiB (past the 64 MiB batch cut) come through whole",
+              r.returncode == 0 and len(wide) == 70 and all(len(w["body"]) == 1048576 and w["body"][0] == chr(97 + w["id"] % 26) for w in wide),
+              r.stderr[-500:])
+
         dead = f"postgres://weir@127.0.0.1:{free_port()}/shop"
         r = run(work, "run", "table.toml", url=dead)
         check("a server that is down fails as external (retrying may help)", r.returncode == 1 and "cannot connect" in r.stderr and "external" in r.stderr, r.stderr)

@@ -72,6 +72,12 @@ fn pg_error(name: &str, what: &str, e: &postgres::Error) -> Error {
     source_error(name, m)
 }
 
+/// Rows one fetch from the portal brings at most.
+const FETCH_ROWS: usize = 1024;
+/// A batch is sent once its values reach this size: string and binary columns stay far
+/// from Arrow's 2 GiB offsets, and memory from `batch_size` times a wide row.
+const MAX_BATCH_BYTES: usize = 64 << 20;
+
 /// How long connecting may take when the URL does not say (`connect_timeout`).
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -286,36 +292,48 @@ fn read(
     if schema_tx.send(Ok((schema.clone(), cancel))).is_err() {
         return;
     }
+    // rows come in fetches of at most FETCH_ROWS; a batch is sent at `batch` rows or
+    // MAX_BATCH_BYTES of values, whichever comes first (wide rows never pile up)
+    let (mut in_batch, mut bytes) = (0usize, 0usize);
     loop {
-        let rows = match t.query_portal(&portal, batch) {
+        let want = FETCH_ROWS.min(batch as usize - in_batch);
+        let rows = match t.query_portal(&portal, want as i32) {
             Ok(rows) => rows,
             Err(e) => {
                 let _ = tx.send(Err(pg_error(name, "reading", &e)));
                 return;
             }
         };
-        let n = rows.len();
-        if n == 0 {
-            break;
-        }
-        let built = (|| -> Result<Option<RecordBatch>> {
+        let end = rows.len() < want;
+        let appended = (|| -> Result<()> {
             for row in &rows {
                 for (i, (col_name, col)) in cols.iter_mut().enumerate() {
                     let raw: Raw<'_> = row.try_get(i).map_err(|e| pg_error(name, "reading", &e))?;
+                    bytes += raw.0.map_or(0, <[u8]>::len);
                     col.append(raw.0).map_err(|m| invalid(name, format!("column `{col_name}`: {m}")))?;
                 }
             }
-            let arrays: Vec<ArrayRef> = cols.iter_mut().map(|(_, c)| c.finish()).collect();
-            let options = arrow_array::RecordBatchOptions::new().with_row_count(Some(n));
-            RecordBatch::try_new_with_options(schema.clone(), arrays, &options)
-                .map(Some)
-                .map_err(|e| Error::Internal(e.to_string()))
+            Ok(())
         })();
-        let failed = built.is_err();
-        if tx.send(built).is_err() || failed {
+        if let Err(e) = appended {
+            let _ = tx.send(Err(e));
             return;
         }
-        if n < batch as usize {
+        in_batch += rows.len();
+        drop(rows);
+        if in_batch > 0 && (end || in_batch >= batch as usize || bytes >= MAX_BATCH_BYTES) {
+            let arrays: Vec<ArrayRef> = cols.iter_mut().map(|(_, c)| c.finish()).collect();
+            let options = arrow_array::RecordBatchOptions::new().with_row_count(Some(in_batch));
+            let built = RecordBatch::try_new_with_options(schema.clone(), arrays, &options)
+                .map(Some)
+                .map_err(|e| Error::Internal(e.to_string()));
+            let failed = built.is_err();
+            if tx.send(built).is_err() || failed {
+                return;
+            }
+            (in_batch, bytes) = (0, 0);
+        }
+        if end {
             break;
         }
     }
