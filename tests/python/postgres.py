@@ -186,6 +186,33 @@ with tempfile.TemporaryDirectory() as tmp:
         hour = int(psql(port, "select count(*) from orders where updated_at >= '2024-01-02 00:00+00' and updated_at < '2024-01-02 01:00+00'"))
         check("an hour partition reads its hour", r.returncode == 0 and json.loads(r.stdout)["steps"][0]["rows_written"] == hour, r.stdout[-300:] + r.stderr)
 
+        # a backfill over the days: each partition its window, together the whole table
+        r = run(work, "backfill", "pipeline.toml", "--from", "2024-01-01", "--to", "2024-01-03", "--force", url=url)
+        days = {p.name: pq.read_table(p).num_rows for p in (work / "out/orders").iterdir()}
+        check("a backfill of three days reads each day once: the whole table",
+              r.returncode == 0 and sorted(days) == ["day=2024-01-01", "day=2024-01-02", "day=2024-01-03"] and sum(days.values()) == 900,
+              f"{days} {r.stderr[-300:]}")
+
+        # one snapshot: rows committed while the read is under way are not in it
+        hostile = root / "dist/plugins/hostile.wasm"
+        (work / "snap.toml").write_text(PIPELINE.replace('name = "pg"', 'name = "snap"').replace("out/orders", "out/snap") + f"""
+[plugins.slow]
+path = "{hostile}"
+
+[[steps.copy.transforms]]
+plugin = "slow"
+config = {{ mode = "slow", sleep_ms = 40 }}
+""")
+        before = int(psql(port, "select count(*) from orders where updated_at >= '2024-01-02' and updated_at < '2024-01-03'"))
+        p = subprocess.Popen([weir, "run", "snap.toml", "--partition", "2024-01-02", "--json"], cwd=work,
+                             env=dict(env, PG_URL=url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until("the read to start", lambda: psql(port, "select count(*) from pg_stat_activity where datname = 'shop' and state = 'idle in transaction'").strip() != "0", 60)
+        psql(port, "insert into orders (id, updated_at) select i, timestamptz '2024-01-02 12:00+00' from generate_series(5001, 5050) as i")
+        out, err = p.communicate(timeout=120)
+        snap = json.loads(out)["steps"][0]["rows_written"] if p.returncode == 0 else None
+        check("rows committed during the read are not in it (one snapshot)", snap == before, f"{snap} vs {before}: {err[-300:]}")
+        psql(port, "delete from orders where id > 5000")
+
         (work / "missing.toml").write_text(PIPELINE.replace('name = "pg"', 'name = "missing"').replace("from orders", "from no_such_table"))
         r = run(work, "run", "missing.toml", "--partition", "2024-01-02", url=url)
         check("what PostgreSQL says reaches the user, as theirs to fix", r.returncode == 1 and "no_such_table" in r.stderr and "does not exist" in r.stderr and "external" not in r.stderr, r.stderr)
