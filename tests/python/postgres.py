@@ -213,6 +213,12 @@ config = {{ mode = "slow", sleep_ms = 40 }}
         check("rows committed during the read are not in it (one snapshot)", snap == before, f"{snap} vs {before}: {err[-300:]}")
         psql(port, "delete from orders where id > 5000")
 
+        (work / "upto.toml").write_text(PIPELINE.replace('name = "pg"', 'name = "upto"').replace("out/orders", "out/upto")
+                                        .replace("updated_at >= $start and updated_at < $end", "updated_at < $end"))
+        r = run(work, "run", "upto.toml", "--partition", "2024-01-01", "--json", url=url)
+        upto = int(psql(port, "select count(*) from orders where updated_at < '2024-01-02'"))
+        check("`$end` alone binds the window's end", r.returncode == 0 and json.loads(r.stdout)["steps"][0]["rows_written"] == upto, r.stdout[-200:] + r.stderr)
+
         (work / "missing.toml").write_text(PIPELINE.replace('name = "pg"', 'name = "missing"').replace("from orders", "from no_such_table"))
         r = run(work, "run", "missing.toml", "--partition", "2024-01-02", url=url)
         check("what PostgreSQL says reaches the user, as theirs to fix", r.returncode == 1 and "no_such_table" in r.stderr and "does not exist" in r.stderr and "external" not in r.stderr, r.stderr)

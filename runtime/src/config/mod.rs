@@ -354,6 +354,8 @@ pub struct Postgres {
     pub sql: String,
     /// The `where` condition uses `$start`/`$end`: a run needs a partition.
     pub window: bool,
+    /// What `$1`, `$2` are bound to, in order: `start` and/or `end` of the window.
+    pub binds: Vec<&'static str>,
     /// The table read, if a table (for lineage and messages).
     pub table: Option<String>,
 }
@@ -1059,22 +1061,36 @@ fn parse_sources(
     sources
 }
 
-/// `text` with the parameter `name` (not a longer name it begins, such as `$endpoint`)
-/// written as `to`.
+/// Where `$` stands in SQL text outside its '...' and "..." literals.
+fn parameters(text: &str) -> Vec<usize> {
+    let mut quote: Option<char> = None;
+    let mut found = Vec::new();
+    for (i, c) in text.char_indices() {
+        match (quote, c) {
+            (None, '\'' | '"') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, '$') => found.push(i),
+            _ => {}
+        }
+    }
+    found
+}
+
+/// `text` with the parameter `name` (outside literals, and not a longer name it begins,
+/// such as `$endpoint`) written as `to`.
 fn placeholder(text: &str, name: &str, to: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find(name) {
-        let after = &rest[i + name.len()..];
-        out.push_str(&rest[..i]);
+    let mut last = 0;
+    for i in parameters(text) {
+        let Some(after) = text[i..].strip_prefix(name) else { continue };
         if after.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
-            out.push_str(name);
-        } else {
-            out.push_str(to);
+            continue;
         }
-        rest = after;
+        out.push_str(&text[last..i]);
+        out.push_str(to);
+        last = i + name.len();
     }
-    out.push_str(rest);
+    out.push_str(&text[last..]);
     out
 }
 
@@ -1145,10 +1161,18 @@ fn parse_postgres(
         ));
     }
     let cond = r.where_.as_ref().map(|w| w.get_ref().as_str());
-    let cond = cond.map(|c| placeholder(&placeholder(c, "$start", "$1"), "$end", "$2"));
-    let window = cond.as_ref().is_some_and(|c| c.contains("$1") || c.contains("$2"));
+    // `$start` is `$1`; `$end` is `$2`, or `$1` when it is alone
+    let uses = |name: &str| cond.is_some_and(|c| placeholder(c, name, "\0") != c);
+    let binds: Vec<&'static str> = [("start", uses("$start")), ("end", uses("$end"))]
+        .into_iter()
+        .filter_map(|(b, used)| used.then_some(b))
+        .collect();
+    let end_as = if binds == ["end"] { "$1" } else { "$2" };
+    let cond = cond.map(|c| placeholder(&placeholder(c, "$start", "$1"), "$end", end_as));
+    let params = cond.as_deref().map(parameters).unwrap_or_default();
+    let window = params.iter().any(|&i| cond.as_deref().is_some_and(|c| c[i + 1..].starts_with(['1', '2'])));
     if let (Some(w), Some(c)) = (&r.where_, &cond) {
-        if let Some(i) = c.find('$').filter(|i| !c[i + 1..].starts_with(['1', '2'])) {
+        if let Some(&i) = params.iter().find(|&&i| !c[i + 1..].starts_with(['1', '2'])) {
             errors.push(ctx.at(
                 w.span().start,
                 &format!(
@@ -1198,7 +1222,7 @@ fn parse_postgres(
             (String::new(), None)
         }
     };
-    Some(Postgres { url: url?, sql, window, table })
+    Some(Postgres { url: url?, sql, window, binds, table })
 }
 
 /// `[plugins.*]`: each file exists (and matches its pin).

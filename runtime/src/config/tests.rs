@@ -249,6 +249,15 @@ fn postgres_sources_name_a_secret_url_and_one_table_or_query() {
     assert_eq!(p.sql, "SELECT * FROM \"public\".\"orders\" WHERE updated_at >= $1 and updated_at < $2");
     assert!(p.window);
     assert_eq!(p.url, SecretRef::Env("PG_URL".into()));
+    let lit = parse(&pg("format = \"postgres\"\nurl = { env = \"U\" }\ntable = \"t\"\nwhere = \"note <> '$start' and ts >= $start and ts < $end\"")).unwrap();
+    assert_eq!(
+        lit.sources["db"].postgres.as_ref().unwrap().sql,
+        "SELECT * FROM \"t\" WHERE note <> '$start' and ts >= $1 and ts < $2",
+        "a literal keeps its text"
+    );
+    let end = parse(&pg("format = \"postgres\"\nurl = { env = \"U\" }\ntable = \"t\"\nwhere = \"ts < $end\"")).unwrap();
+    let end = end.sources["db"].postgres.as_ref().unwrap();
+    assert_eq!((end.sql.as_str(), end.binds.as_slice()), ("SELECT * FROM \"t\" WHERE ts < $1", &["end"][..]));
     let q = parse(&pg("format = \"postgres\"\nurl = { file = \"pg.url\" }\nquery = \"select 1 as x;\"")).unwrap();
     assert_eq!(q.sources["db"].postgres.as_ref().unwrap().sql, "select 1 as x");
     for (source, says) in [

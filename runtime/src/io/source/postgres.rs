@@ -137,6 +137,11 @@ impl PgSource {
         let (schema_tx, schema_rx) = sync_channel::<Result<(SchemaRef, postgres::CancelToken)>>(1);
         let (tx, rx) = sync_channel::<Result<Option<RecordBatch>>>(1);
         let (sql, thread_name) = (pg.sql.clone(), name.clone());
+        // the window's bounds in `$n` order, and whether it is an hour
+        let window: Option<Window> = window.map(|(a, b)| Window {
+            bounds: pg.binds.iter().map(|w| if *w == "start" { a } else { b }).collect(),
+            hourly: b - a < 86_400_000_000,
+        });
         let batch = batch_size.clamp(1, i32::MAX as usize) as i32;
         std::thread::Builder::new()
             .name(format!("postgres {name}"))
@@ -220,6 +225,14 @@ fn window(partition: &str) -> Option<(i64, i64)> {
     })
 }
 
+/// A partition's window as the statement binds it.
+struct Window {
+    /// The values of `$1`, `$2`..., microseconds since 1970.
+    bounds: Vec<i64>,
+    /// The partition is an hour (a date parameter cannot hold it).
+    hourly: bool,
+}
+
 /// A window bound, bound as the parameter's own type (timestamp, timestamptz or date).
 #[derive(Debug)]
 struct Bound(i64);
@@ -266,7 +279,7 @@ fn read(
     name: &str,
     config: &postgres::Config,
     sql: &str,
-    window: Option<(i64, i64)>,
+    window: Option<Window>,
     batch: i32,
     schema_tx: SyncSender<Result<(SchemaRef, postgres::CancelToken)>>,
     tx: SyncSender<Result<Option<RecordBatch>>>,
@@ -346,12 +359,7 @@ fn read(
 type Started<'c> = (postgres::Transaction<'c>, postgres::Portal, Vec<(String, Col)>);
 
 /// Open the snapshot, prepare the statement, map its columns and bind the window.
-fn start<'c>(
-    client: &'c mut postgres::Client,
-    name: &str,
-    sql: &str,
-    window: Option<(i64, i64)>,
-) -> Result<Started<'c>> {
+fn start<'c>(client: &'c mut postgres::Client, name: &str, sql: &str, window: Option<Window>) -> Result<Started<'c>> {
     let err = |m: String| invalid(name, m);
     let mut t = client
         .build_transaction()
@@ -366,15 +374,14 @@ fn start<'c>(
             .map_err(|m| err(format!("column `{}` has type `{}`: {m}", c.name(), c.type_().name())))?;
         cols.push((c.name().to_string(), col));
     }
+    let hourly = window.as_ref().is_some_and(|w| w.hourly);
     let bounds: Vec<Bound> = match (stmt.params().len(), window) {
         (0, None) => Vec::new(),
-        // `$start` in a string or a comment: every partition would read everything
+        (n, Some(w)) if n == w.bounds.len() => w.bounds.into_iter().map(Bound).collect(),
+        // `$start` in a comment: every partition would read everything
         (0, Some(_)) => return Err(err("`where` names $start/$end, but the statement has no parameters".into())),
-        (2, Some((a, b))) => vec![Bound(a), Bound(b)],
-        (1, Some((a, _))) if sql.contains("$1") && !sql.contains("$2") => vec![Bound(a)],
         (n, _) => return Err(err(format!("the statement takes {n} parameters; only $start and $end are bound"))),
     };
-    let hourly = window.is_some_and(|(a, b)| b - a < 86_400_000_000);
     for p in stmt.params().iter().take(bounds.len()) {
         if *p == Type::DATE && hourly {
             return Err(err("$start/$end are compared with a date, but the partition is an hour: compare them with a timestamp column".into()));
