@@ -420,7 +420,8 @@ struct RunsArgs {
     /// A pipeline file (its store and name), or a pipeline name (with --state).
     #[arg(long, global = true)]
     pipeline: Option<String>,
-    /// Only runs with this status: RUNNING, SUCCESS, FAILED, PARTIAL.
+    /// Only runs with this status: RUNNING, SUCCESS, FAILED, CANCELLED (stopped through `weir
+    /// serve`), PARTIAL.
     #[arg(long)]
     status: Option<String>,
     /// At most this many runs.
@@ -1016,10 +1017,9 @@ fn cmd_runs(args: RunsArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let status = match &args.status {
-        Some(s) => Some(
-            Status::parse(s)
-                .ok_or_else(|| anyhow::anyhow!("unknown status `{s}`; use RUNNING, SUCCESS, FAILED or PARTIAL"))?,
-        ),
+        Some(s) => Some(Status::parse(s).ok_or_else(|| {
+            anyhow::anyhow!("unknown status `{s}`; use RUNNING, SUCCESS, FAILED, CANCELLED or PARTIAL")
+        })?),
         None => None,
     };
     let runs = store.runs(&RunFilter { pipeline, status, limit: args.limit })?;
