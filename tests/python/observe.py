@@ -198,32 +198,28 @@ with tempfile.TemporaryDirectory() as tmp:
         str([e["run"]["facets"].get("parent") for e in runs]),
     )
 
+    def sigterm_before_publish(*args):
+        """Run weir paused before its publish, SIGTERM it there; its exit status."""
+        (d / "lineage/events.jsonl").unlink()
+        p = subprocess.Popen(
+            [weir, *args], cwd=d, env=dict(env, WEIR_DEBUG_PAUSE="before-publish:60000"), stderr=subprocess.PIPE, text=True)
+        for line in p.stderr:
+            if "debug pause at before-publish" in line:
+                break
+        p.terminate()
+        p.wait(timeout=30)
+        return p.returncode
+
     # SIGTERM during a run: weir stops as before, and the run and its step send ABORT
-    (d / "lineage/events.jsonl").unlink()
-    p = subprocess.Popen(
-        [weir, "run", "pipeline.toml", "--partition", "2024-05-03", "--force"],
-        cwd=d, env=dict(env, WEIR_DEBUG_PAUSE="before-publish:60000"), stderr=subprocess.PIPE, text=True)
-    for line in p.stderr:
-        if "debug pause at before-publish" in line:
-            break
-    p.terminate()
-    p.wait(timeout=30)
-    check("SIGTERM stops the run as before", p.returncode == -15, str(p.returncode))
+    code = sigterm_before_publish("run", "pipeline.toml", "--partition", "2024-05-03", "--force")
+    check("SIGTERM stops the run as before", code == -15, str(code))
     events = read_events(d / "lineage/events.jsonl")
     validate_all(events, "aborted run")
     check("the run ends in ABORT", sequence(events)[0] == ("START", "orders") and sequence(events)[-1] == ("ABORT", "orders"), str(sequence(events)))
     check("with the signal named", "SIGTERM" in events[-1]["run"]["facets"]["errorMessage"]["message"], str(events[-1]["run"]["facets"]))
 
     # SIGTERM during a backfill: its partition run, then the backfill itself, send ABORT
-    (d / "lineage/events.jsonl").unlink()
-    p = subprocess.Popen(
-        [weir, "backfill", "pipeline.toml", "--partitions", "2024-05-02", "--force"],
-        cwd=d, env=dict(env, WEIR_DEBUG_PAUSE="before-publish:60000"), stderr=subprocess.PIPE, text=True)
-    for line in p.stderr:
-        if "debug pause at before-publish" in line:
-            break
-    p.terminate()
-    p.wait(timeout=30)
+    sigterm_before_publish("backfill", "pipeline.toml", "--partitions", "2024-05-02", "--force")
     events = read_events(d / "lineage/events.jsonl")
     validate_all(events, "aborted backfill")
     check(
