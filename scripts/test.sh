@@ -18,7 +18,7 @@ echo "==> clippy (host, wasm32-wasip2)"
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo clippy --release --target wasm32-wasip2 -p weir-sdk -p weir-plugin-mask -p weir-plugin-dedup \
   -p weir-plugin-cast -p weir-plugin-aggregate -p weir-plugin-hostile -p weir-plugin-formats -p weir-plugin-filter \
-  -p weir-plugin-hostile-rule -p weir-bench-record -- -D warnings
+  -p weir-plugin-hostile-rule -p weir-plugin-http-json -p weir-bench-record -- -D warnings
 
 echo "==> building weir"
 cargo build --release -p weir
@@ -39,6 +39,8 @@ echo "==> OpenLineage events against the official JSON Schemas; metrics through 
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/observe.py
 echo "==> a PostgreSQL source against a private PostgreSQL server, compared with psql value by value"
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/postgres.py
+echo "==> extractor plugins and grants (a local HTTP API)"
+WEIR_BIN="$target_dir/release/weir" "$py" tests/python/extract.py
 echo "==> weir serve: every endpoint over HTTP, its OpenAPI document, Prometheus scraping /metrics, kill -9 and restart"
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/serve.py
 

@@ -99,7 +99,7 @@ pub enum Error {
     #[error("secret `{name}`: {message}")]
     Secret { name: String, message: String },
     #[error("{0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     #[error("step `{step}` finished but could not be published: {message}")]
     Publish { step: String, message: String },
     #[error("{0}")]
@@ -128,6 +128,16 @@ pub enum Error {
     Cancelled(String),
     #[error("internal error (a bug in weir, please report it): {0}")]
     Internal(String),
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        match e {
+            // an extractor is a plugin like any other: its failures (and kills) say so
+            io::Error::Plugin(f) => Error::Plugin(*f),
+            e => Error::Io(e),
+        }
+    }
 }
 
 impl Error {
@@ -160,6 +170,7 @@ impl Error {
             // malformed data is the user's to fix; input that is not there yet may arrive
             Error::Io(io::Error::Input { .. } | io::Error::SourceInvalid { .. }) => ErrorKind::User,
             Error::Io(io::Error::Internal(_)) | Error::Internal(_) => ErrorKind::Internal,
+            Error::Io(io::Error::Plugin(_)) => ErrorKind::User,
             Error::Io(
                 io::Error::NoInput { .. } | io::Error::Io { .. } | io::Error::Write { .. } | io::Error::Source { .. },
             )

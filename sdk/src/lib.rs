@@ -47,6 +47,7 @@
 extern crate self as weir_sdk;
 
 pub mod error;
+pub mod extract;
 pub mod host;
 pub mod intset;
 pub mod ipc;
@@ -210,6 +211,27 @@ pub mod __rule_bindings {
 
 #[cfg(target_arch = "wasm32")]
 #[doc(hidden)]
+pub mod __extractor_bindings {
+    wit_bindgen::generate!({
+        world: "extractor-plugin",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_extractor_world",
+        default_bindings_module: "::weir_sdk::__extractor_bindings",
+        runtime_path: "::weir_sdk::__wit_bindgen::rt",
+        with: {
+            "weir:plugin/host@0.2.2": crate::__bindings::weir::plugin::host,
+            "weir:plugin/types@0.2.2": crate::__bindings::weir::plugin::types,
+        },
+    });
+}
+
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod __extractor_glue;
+
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
 pub mod __glue;
 
 #[cfg(target_arch = "wasm32")]
@@ -252,6 +274,33 @@ macro_rules! export_quality_rule {
                 }
             }
             $crate::__rule_bindings::__export_quality_rule_world!(__WeirRuleExport with_types_in $crate::__rule_bindings);
+        };
+    };
+}
+
+/// Export an [`extract::Extractor`] as the plugin's component (a source the host runs).
+#[macro_export]
+macro_rules! export_extractor {
+    ($t:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            use $crate::__bindings::weir::plugin::types as __ty;
+            use $crate::__extractor_bindings::exports::weir::plugin::extractor as __wx;
+            struct __WeirExtractorExport;
+            impl __wx::Guest for __WeirExtractorExport {
+                fn open(
+                    config: ::std::string::String,
+                    ctx: __ty::Context,
+                    position: ::std::option::Option<::std::vec::Vec<u8>>,
+                    watermark: ::std::option::Option<::std::string::String>,
+                ) -> ::std::result::Result<::std::vec::Vec<u8>, __ty::PluginError> {
+                    $crate::__extractor_glue::open::<$t>(config, ctx, position, watermark)
+                }
+                fn next() -> ::std::result::Result<::std::option::Option<__wx::Extracted>, __ty::PluginError> {
+                    $crate::__extractor_glue::next()
+                }
+            }
+            $crate::__extractor_bindings::__export_extractor_world!(__WeirExtractorExport with_types_in $crate::__extractor_bindings);
         };
     };
 }

@@ -8,7 +8,8 @@
 //! | `loop`        | spins forever (the host's deadline must stop it)               |
 //! | `memory`      | allocates until the memory cap stops it                        |
 //! | `panic`       | panics (a trap)                                                |
-//! | `read_file`   | reads `/etc/passwd`; returns an error saying what happened     |
+//! | `read_file`   | reads `path` (default `/etc/passwd`); errs saying what happened |
+//! | `write_file`  | writes to `path`; returns an error saying what happened        |
 //! | `socket`      | connects to 127.0.0.1:22; returns an error saying what happened|
 //! | `env`         | reads the HOME variable; returns an error if it can            |
 //! | `garbage`     | returns bytes that are not Arrow IPC                           |
@@ -47,11 +48,14 @@ struct Config {
     mode: String,
     #[serde(default)]
     sleep_ms: u64,
+    /// `read_file`, `write_file`: the file tried.
+    path: Option<String>,
 }
 
 pub struct Hostile {
     mode: String,
     sleep_ms: u64,
+    path: String,
     schema: Vec<u8>,
 }
 
@@ -101,7 +105,8 @@ impl RawTransform for Hostile {
             }
             _ => input_schema.to_vec(),
         };
-        Ok((Hostile { mode: c.mode, sleep_ms: c.sleep_ms, schema: input_schema.to_vec() }, declared))
+        let path = c.path.unwrap_or_else(|| "/etc/passwd".into());
+        Ok((Hostile { mode: c.mode, sleep_ms: c.sleep_ms, path, schema: input_schema.to_vec() }, declared))
     }
 
     fn process(&mut self, batch: &[u8]) -> Result<Vec<u8>> {
@@ -120,9 +125,16 @@ impl RawTransform for Hostile {
                 }
             }
             "panic" => panic!("hostile plugin panics on purpose"),
-            "read_file" => match std::fs::read_to_string("/etc/passwd") {
-                Ok(s) => Err(Error::internal(format!("SANDBOX ESCAPE: read {} bytes of /etc/passwd", s.len()))),
-                Err(e) => Err(Error::internal(format!("could not read /etc/passwd: {e}"))),
+            "read_file" => match std::fs::read_to_string(&self.path) {
+                Ok(s) if self.path == "/etc/passwd" => {
+                    Err(Error::internal(format!("SANDBOX ESCAPE: read {} bytes of /etc/passwd", s.len())))
+                }
+                Ok(s) => Err(Error::internal(format!("read {} bytes of {}: {:?}", s.len(), self.path, s.trim()))),
+                Err(e) => Err(Error::internal(format!("could not read {}: {e}", self.path))),
+            },
+            "write_file" => match std::fs::write(&self.path, b"written by a plugin") {
+                Ok(()) => Err(Error::internal(format!("SANDBOX ESCAPE: wrote {}", self.path))),
+                Err(e) => Err(Error::internal(format!("could not write {}: {e}", self.path))),
             },
             "socket" => match std::net::TcpStream::connect("127.0.0.1:22") {
                 Ok(_) => Err(Error::internal("SANDBOX ESCAPE: connected to 127.0.0.1:22")),

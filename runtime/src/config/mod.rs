@@ -108,7 +108,12 @@ struct RawSecret {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSource {
+    /// Absent for an extractor plugin (`plugin = "NAME"`).
+    #[serde(default = "plugin_format")]
     format: Format,
+    /// An extractor plugin reads this source, with its `config` table.
+    plugin: Option<Spanned<String>>,
+    config: Option<Spanned<toml::Table>>,
     /// Files (every format but postgres).
     path: Option<Spanned<String>>,
     /// postgres: where the connection URL is (`{ env = "PG_URL" }` or `{ file = "..." }`).
@@ -137,6 +142,10 @@ struct RawSource {
     columns: Option<Vec<String>>,
 }
 
+fn plugin_format() -> Format {
+    Format::Plugin
+}
+
 fn yes() -> bool {
     true
 }
@@ -145,6 +154,15 @@ fn yes() -> bool {
 #[serde(deny_unknown_fields)]
 struct RawPlugin {
     path: Spanned<String>,
+    /// Origins it may send HTTP requests to (`https://host`, `http://host:port`, `:*`).
+    #[serde(default)]
+    allowed_hosts: Vec<Spanned<String>>,
+    /// Read-only folders it may read, under `/files/NAME`.
+    #[serde(default)]
+    files: Vec<Spanned<RawFileGrant>>,
+    /// Headers the host adds to its granted requests, from secrets.
+    #[serde(default)]
+    headers: BTreeMap<String, Spanned<RawHeader>>,
     sha256: Option<Spanned<String>>,
     memory_mb: Option<Spanned<u64>>,
     timeout_ms: Option<Spanned<u64>>,
@@ -154,6 +172,25 @@ struct RawPlugin {
     state_mb: Option<Spanned<u64>>,
     #[serde(default)]
     secrets: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFileGrant {
+    path: String,
+    read_only: Option<bool>,
+    /// Its folder name under `/files` (default: the folder's own name).
+    name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeader {
+    secret: String,
+    /// The value, with `{}` where the secret goes (default `{}`).
+    template: Option<String>,
+    /// Only to this origin (default: every origin in `allowed_hosts`).
+    origin: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,6 +269,8 @@ pub enum Format {
     Avro,
     /// A PostgreSQL table or query (not files).
     Postgres,
+    /// An extractor plugin (`plugin = "NAME"`, no `format`).
+    Plugin,
 }
 
 impl Format {
@@ -243,6 +282,7 @@ impl Format {
             Format::Parquet => "parquet",
             Format::Avro => "avro",
             Format::Postgres => "postgres",
+            Format::Plugin => "plugin",
         }
     }
 }
@@ -342,6 +382,35 @@ pub struct Source {
     pub columns: Option<Vec<String>>,
     /// `format = "postgres"`: the database and what to read.
     pub postgres: Option<Postgres>,
+    /// `plugin = "NAME"`: the extractor plugin that reads the source.
+    pub extractor: Option<ExtractorRef>,
+}
+
+impl Source {
+    /// Whether the source reads files (not a database or an extractor plugin).
+    pub fn reads_files(&self) -> bool {
+        self.postgres.is_none() && self.extractor.is_none()
+    }
+}
+
+/// A source read by an extractor plugin.
+#[derive(Debug, Clone)]
+pub struct ExtractorRef {
+    pub plugin: String,
+    /// The `config` table as JSON text, as the plugin receives it.
+    pub config_json: String,
+    pub line: usize,
+}
+
+/// A header the host adds to a plugin's granted requests.
+#[derive(Debug, Clone)]
+pub struct HeaderGrant {
+    pub name: String,
+    /// The `[secrets]` entry whose value goes into the template.
+    pub secret: String,
+    /// The value, `{}` standing for the secret.
+    pub template: String,
+    pub origin: Option<crate::plugin::grants::Origin>,
 }
 
 /// A PostgreSQL source.
@@ -377,6 +446,11 @@ pub struct Plugin {
     /// past it.
     pub state_bytes: u64,
     pub secrets: Vec<String>,
+    /// Origins it may send HTTP requests to.
+    pub allowed_hosts: Vec<crate::plugin::grants::Origin>,
+    /// Read-only folders, and the path the plugin sees each at.
+    pub files: Vec<crate::plugin::grants::FileGrant>,
+    pub headers: Vec<HeaderGrant>,
     pub line: usize,
 }
 
@@ -998,7 +1072,19 @@ fn parse_sources(
             ));
         }
         let postgres = parse_postgres(ctx, base, name, s.span().start, r, errors);
+        let extractor = parse_extractor(ctx, raw, name, s.span().start, r, errors);
         let raw_path = match (&r.path, r.format) {
+            (Some(p), Format::Plugin) => {
+                errors.push(ctx.at(
+                    p.span().start,
+                    &format!(
+                        "sources.{name}.path: an extractor plugin reads the source; what it reads goes in `config`"
+                    ),
+                    Some("grant it folders with `files` on its [plugins.NAME] table"),
+                ));
+                String::new()
+            }
+            (None, Format::Plugin) => String::new(),
             (Some(p), Format::Postgres) => {
                 errors.push(ctx.at(
                     p.span().start,
@@ -1035,6 +1121,13 @@ fn parse_sources(
         } else {
             base.join(&raw_path).to_string_lossy().into_owned()
         };
+        if r.format == Format::Plugin && !r.schema.is_empty() {
+            errors.push(ctx.at(
+                s.span().start,
+                &format!("sources.{name}.schema: an extractor plugin declares its own schema"),
+                Some("give the columns in its `config`, as the plugin documents"),
+            ));
+        }
         sources.insert(
             name.clone(),
             Source {
@@ -1055,6 +1148,7 @@ fn parse_sources(
                 retry: source_retry.get(name).copied().unwrap_or(Retry::NONE),
                 columns: r.columns.clone(),
                 postgres,
+                extractor,
             },
         );
     }
@@ -1092,6 +1186,52 @@ fn placeholder(text: &str, name: &str, to: &str) -> String {
     }
     out.push_str(&text[last..]);
     out
+}
+
+/// An extractor source's keys: `plugin` (declared under `[plugins]`) and its `config`.
+fn parse_extractor(
+    ctx: &Ctx<'_>,
+    raw: &RawFile,
+    name: &str,
+    at: usize,
+    r: &RawSource,
+    errors: &mut Vec<Diagnostic>,
+) -> Option<ExtractorRef> {
+    if r.format != Format::Plugin {
+        for (key, span) in
+            [("plugin", r.plugin.as_ref().map(|v| v.span())), ("config", r.config.as_ref().map(|v| v.span()))]
+        {
+            if let Some(span) = span {
+                errors.push(ctx.at(
+                    span.start,
+                    &format!("sources.{name}.{key} applies to extractor plugin sources only"),
+                    Some("an extractor source has `plugin = \"NAME\"` and no `format`"),
+                ));
+            }
+        }
+        return None;
+    }
+    let Some(plugin) = &r.plugin else {
+        errors.push(ctx.at(
+            at,
+            &format!("sources.{name} has neither a `format` nor a `plugin`"),
+            Some("format = \"csv\" (or jsonl, parquet, avro, postgres) with its keys, or plugin = \"NAME\" for an extractor plugin"),
+        ));
+        return None;
+    };
+    if !raw.plugins.contains_key(plugin.get_ref()) {
+        errors.push(ctx.at(
+            plugin.span().start,
+            &format!("source `{name}` uses plugin `{}`, which is not declared", plugin.get_ref()),
+            Some(&format!("declare it: [plugins.{}] path = \"...wasm\"", plugin.get_ref())),
+        ));
+    }
+    let config = r.config.as_ref().map(|c| c.get_ref().clone()).unwrap_or_default();
+    Some(ExtractorRef {
+        plugin: plugin.get_ref().clone(),
+        config_json: weir_sdk::config::toml_to_json(&toml::Value::Table(config)).to_string(),
+        line: ctx.line_col(plugin.span().start).0,
+    })
 }
 
 /// A postgres source's keys: `url` (a secret), `table` or `query`, and `where`. Other
@@ -1316,6 +1456,7 @@ fn parse_plugins(
                 ));
             }
         }
+        let (allowed_hosts, files, headers) = parse_grants(ctx, base, name, r, secrets, errors);
         plugins.insert(
             name.clone(),
             Plugin {
@@ -1329,11 +1470,125 @@ fn parse_plugins(
                 log_bytes: (log_kb as usize) << 10,
                 state_bytes: state_mb << 20,
                 secrets: r.secrets.iter().map(|s| s.get_ref().clone()).collect(),
+                allowed_hosts,
+                files,
+                headers,
                 line: ctx.line_col(p.span().start).0,
             },
         );
     }
     plugins
+}
+
+/// A plugin's grants: `allowed_hosts`, `files` and `headers`.
+fn parse_grants(
+    ctx: &Ctx<'_>,
+    base: &Path,
+    name: &str,
+    r: &RawPlugin,
+    secrets: &BTreeMap<String, SecretRef>,
+    errors: &mut Vec<Diagnostic>,
+) -> (Vec<crate::plugin::grants::Origin>, Vec<crate::plugin::grants::FileGrant>, Vec<HeaderGrant>) {
+    use crate::plugin::grants::{FileGrant, Origin};
+    let mut hosts = Vec::new();
+    for h in &r.allowed_hosts {
+        match Origin::parse(h.get_ref()) {
+            Ok(o) => hosts.push(o),
+            Err(e) => errors.push(ctx.at(
+                h.span().start,
+                &format!("plugins.{name}.allowed_hosts: {e}"),
+                Some("allowed_hosts = [\"https://api.example.com\", \"http://127.0.0.1:*\"]"),
+            )),
+        }
+    }
+    let mut files: Vec<FileGrant> = Vec::new();
+    for f in &r.files {
+        let g = f.get_ref();
+        let at = f.span().start;
+        if g.read_only == Some(false) {
+            errors.push(ctx.at(
+                at,
+                &format!("plugins.{name}.files: only read-only folders can be granted"),
+                Some("set read_only = true (or leave it out); a plugin's output goes through weir, not to files"),
+            ));
+        }
+        let host = base.join(&g.path);
+        if !host.is_dir() {
+            errors.push(ctx.at(at, &format!("plugins.{name}.files: {} is not a folder", host.display()), None));
+            continue;
+        }
+        let dir_name = g.name.clone().or_else(|| {
+            std::fs::canonicalize(&host).ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        });
+        let Some(dir_name) =
+            dir_name.filter(|n| !n.is_empty() && n != "." && n != ".." && !n.contains(['/', '\\']) && n.len() <= 64)
+        else {
+            errors.push(ctx.at(
+                at,
+                &format!("plugins.{name}.files: give the folder a plain `name` (it is seen as /files/NAME)"),
+                None,
+            ));
+            continue;
+        };
+        let guest = format!("/files/{dir_name}");
+        if files.iter().any(|f| f.guest == guest) {
+            errors.push(ctx.at(
+                at,
+                &format!("plugins.{name}.files: two folders would both be {guest}"),
+                Some("give one a different `name`"),
+            ));
+            continue;
+        }
+        files.push(FileGrant { host, guest });
+    }
+    let mut headers = Vec::new();
+    for (header, h) in &r.headers {
+        let g = h.get_ref();
+        let at = h.span().start;
+        let fail = |m: String, hint: Option<&str>| ctx.at(at, &format!("plugins.{name}.headers.{header}: {m}"), hint);
+        match http::HeaderName::from_bytes(header.as_bytes()) {
+            Ok(n)
+                if matches!(n.as_str(), "host" | "content-length" | "transfer-encoding" | "connection" | "upgrade") =>
+            {
+                errors.push(fail("the host sets this header itself".into(), None))
+            }
+            Ok(_) => {}
+            Err(_) => errors.push(fail("not a valid header name".into(), None)),
+        }
+        if hosts.is_empty() && r.allowed_hosts.is_empty() {
+            errors.push(fail(
+                "headers go only to granted origins, and none are granted".into(),
+                Some("add allowed_hosts = [\"https://...\"]"),
+            ));
+        }
+        if !secrets.contains_key(&g.secret) {
+            errors.push(fail(
+                format!("secret `{}` is not declared", g.secret),
+                Some(&format!("declare it: [secrets] {} = {{ env = \"...\" }}", g.secret)),
+            ));
+        }
+        let template = g.template.clone().unwrap_or_else(|| "{}".into());
+        if template.matches("{}").count() != 1 {
+            errors.push(fail(
+                "the template must hold `{}` exactly once, where the secret goes".into(),
+                Some("template = \"Bearer {}\""),
+            ));
+        }
+        let origin = match g.origin.as_deref().map(Origin::parse) {
+            None => None,
+            Some(Ok(o)) if hosts.contains(&o) => Some(o),
+            Some(Ok(o)) => {
+                errors.push(fail(format!("origin {o} is not in allowed_hosts"), None));
+                None
+            }
+            Some(Err(e)) => {
+                errors.push(fail(e, None));
+                None
+            }
+        };
+        headers.push(HeaderGrant { name: header.clone(), secret: g.secret.clone(), template, origin });
+    }
+    (hosts, files, headers)
 }
 
 /// Two steps writing one place would overwrite each other; publishing replaces an output

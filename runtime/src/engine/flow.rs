@@ -241,6 +241,13 @@ fn read(
         }
     }
     let _ = tx.send(Msg::End);
+    if let Some((plugin, counters)) = source.plugin_counters() {
+        let mut c = shared.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = c.entry(plugin).or_default();
+        for (k, v) in counters {
+            *entry.entry(k).or_insert(0) += v;
+        }
+    }
     let (skipped, first) = source.skipped();
     Ok((base.rows_skipped + skipped, first.to_vec(), secs + source.helper_cpu_secs()))
 }

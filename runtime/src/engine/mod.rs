@@ -491,6 +491,11 @@ fn resolve_secrets(pipeline: &Pipeline) -> Result<HashMap<String, Vec<u8>>> {
 /// Every plugin a step or check uses, compiled (or loaded from the cache) once each.
 fn load_plugins(pipeline: &Pipeline, options: &RunOptions) -> Result<HashMap<String, LoadedPlugin>> {
     let mut used: Vec<&String> = pipeline.steps.iter().flat_map(|s| s.transforms.iter().map(|t| &t.plugin)).collect();
+    for s in &pipeline.steps {
+        if let Some(x) = pipeline.sources.get(&s.input).and_then(|src| src.extractor.as_ref()) {
+            used.push(&x.plugin);
+        }
+    }
     for c in pipeline.steps.iter().flat_map(|s| &s.checks) {
         if let Kind::Plugin { plugin, .. } = &c.kind {
             used.push(plugin);
@@ -517,7 +522,11 @@ fn load_plugins(pipeline: &Pipeline, options: &RunOptions) -> Result<HashMap<Str
         let t = Instant::now();
         let lp = engine
             .load(&p.path, p.sha256.as_deref())
-            .map_err(|e| Error::PluginLoad { plugin: name.clone(), message: e.to_string() })?;
+            .and_then(|lp| lp.with_grants(grants(pipeline, p)?))
+            .map_err(|e| match e {
+                crate::plugin::Error::Grant { message, .. } => Error::PluginLoad { plugin: name.clone(), message },
+                e => Error::PluginLoad { plugin: name.clone(), message: e.to_string() },
+            })?;
         (options.log)(
             Level::INFO,
             &format!(
@@ -531,6 +540,33 @@ fn load_plugins(pipeline: &Pipeline, options: &RunOptions) -> Result<HashMap<Str
         loaded.insert(name.clone(), lp);
     }
     Ok(loaded)
+}
+
+/// What a plugin's table grants it, with the secrets of its headers read and filled in.
+fn grants(pipeline: &Pipeline, p: &crate::config::Plugin) -> Result<crate::plugin::Grants, crate::plugin::Error> {
+    let fail = |message: String| crate::plugin::Error::Grant { plugin: p.name.clone(), message };
+    let mut headers = Vec::new();
+    for h in &p.headers {
+        let secret = pipeline
+            .secrets
+            .get(&h.secret)
+            .ok_or_else(|| fail(format!("headers.{}: secret `{}` is not declared", h.name, h.secret)))?;
+        let value = secret.resolve().map_err(|m| fail(format!("headers.{}: secret `{}`: {m}", h.name, h.secret)))?;
+        let (before, after) = h.template.split_once("{}").unwrap_or(("", ""));
+        let value = [before.as_bytes(), &value, after.as_bytes()].concat();
+        let value = http::HeaderValue::from_bytes(&value).map_err(|_| {
+            fail(format!("headers.{}: secret `{}` holds bytes a header cannot carry (a line break?)", h.name, h.secret))
+        })?;
+        let name = http::HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| fail(format!("headers.{}: not a header name", h.name)))?;
+        headers.push(crate::plugin::grants::GrantedHeader { name, value, origin: h.origin.clone() });
+    }
+    Ok(crate::plugin::Grants {
+        plugin: p.name.clone(),
+        allowed_hosts: p.allowed_hosts.clone(),
+        headers,
+        files: p.files.clone(),
+    })
 }
 
 /// Hash of everything that decides a run's output: the pipeline file, the plugins, the
@@ -644,7 +680,8 @@ fn begin(
         if !options.force && !resuming {
             if let Some(last) = store.last_success(&pipeline.name, options.partition.as_deref())? {
                 let outputs_there = pipeline.steps.iter().filter_map(|s| s.output.as_ref()).all(|o| o.path.exists());
-                if last.fingerprint == new_run.fingerprint && outputs_there {
+                let rereads = pipeline.sources.values().any(sources::always_reads);
+                if last.fingerprint == new_run.fingerprint && outputs_there && !rereads {
                     log(Level::INFO, &format!("weir: up to date: run #{} published this exact input, config and plugins (use --force to run again)", last.id));
                     return Ok(Begun::UpToDate(last.id));
                 }

@@ -163,6 +163,16 @@ pub(super) fn run_step(
 fn open_input(ctx: &StepCtx<'_>) -> Result<Box<dyn Source>> {
     let (pipeline, step) = (ctx.pipeline, ctx.step);
     if let Some(source) = pipeline.sources.get(&step.input) {
+        if let Some(x) = &source.extractor {
+            let setup = sources::ExtractorSetup {
+                plugin: ctx.loaded[&x.plugin].clone(),
+                limits: pipeline.plugins[&x.plugin].limits(),
+                log: plugin_log(ctx, &x.plugin),
+                context: ctx.plugin_context(&x.plugin),
+                watermark: None,
+            };
+            return Ok(Box::new(sources::ExtractorSource::open(&source.name, &x.config_json, setup)?));
+        }
         return Ok(sources::open(source, ctx.options.partition.as_deref(), pipeline.batch_size)?);
     }
     let up = ctx

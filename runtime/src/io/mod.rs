@@ -29,6 +29,9 @@ pub enum Error {
     /// data must change.
     #[error("source `{source_name}`: {message}")]
     SourceInvalid { source_name: String, message: String },
+    /// An extractor plugin failed, or the host stopped it.
+    #[error("{0}")]
+    Plugin(Box<crate::PluginFailure>),
     #[error("internal error (a bug in weir, please report it): {0}")]
     Internal(String),
 }

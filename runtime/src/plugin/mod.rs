@@ -8,6 +8,7 @@
 //! through the `weir:plugin/host` imports, and HMAC keys only by the secret names the
 //! pipeline grants it.
 
+pub mod grants;
 mod pipe;
 
 pub mod cache;
@@ -28,12 +29,24 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+pub use grants::Grants;
 pub use pipe::CappedPipe;
 
 mod bindings {
     wasmtime::component::bindgen!({
         world: "transform-plugin",
         path: "../wit",
+    });
+}
+
+mod extractor_bindings {
+    wasmtime::component::bindgen!({
+        world: "extractor-plugin",
+        path: "../wit",
+        with: {
+            "weir:plugin/host": super::bindings::weir::plugin::host,
+            "weir:plugin/types": super::bindings::weir::plugin::types,
+        },
     });
 }
 
@@ -73,6 +86,9 @@ pub enum Error {
     Incompatible { path: PathBuf, message: String },
     #[error("cannot set up the plugin engine: {0}")]
     Engine(String),
+    /// A grant in the plugin's table cannot be given, or the plugin needs one it lacks.
+    #[error("plugin `{plugin}`: {message}")]
+    Grant { plugin: String, message: String },
     /// A plugin call failed: the plugin returned an error, trapped, or broke the contract.
     #[error("{0}")]
     Call(#[from] CallError),
@@ -230,6 +246,8 @@ impl Drop for Ticker {
 pub struct LoadedPlugin {
     pub info: PluginInfo,
     pre: Prepared,
+    /// What its instances may reach beyond the sandbox ([`LoadedPlugin::with_grants`]).
+    grants: Arc<Grants>,
     engine: Engine,
     _ticker: Arc<Ticker>,
 }
@@ -238,6 +256,7 @@ pub struct LoadedPlugin {
 enum Prepared {
     Transform(bindings::TransformPluginPre<HostState>),
     Rule(rule_bindings::QualityRulePluginPre<HostState>),
+    Extractor(extractor_bindings::ExtractorPluginPre<HostState>),
 }
 
 impl PluginEngine {
@@ -257,6 +276,9 @@ impl PluginEngine {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| Error::Engine(e.to_string()))?;
         shadow_clock_subscriptions(&mut linker).map_err(|e| Error::Engine(e.to_string()))?;
+        // outgoing HTTP is linked for every plugin and refused per request unless granted
+        // (`allowed_hosts`); a plugin importing it without the grant is refused at load
+        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker).map_err(|e| Error::Engine(e.to_string()))?;
         wit_host::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| Error::Engine(e.to_string()))?;
         wit_state::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| Error::Engine(e.to_string()))?;
         wit_types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| Error::Engine(e.to_string()))?;
@@ -325,6 +347,7 @@ impl PluginEngine {
         let pre = match world.as_str() {
             "transform" => Prepared::Transform(bindings::TransformPluginPre::new(pre).map_err(bad_exports)?),
             "quality-rule" => Prepared::Rule(rule_bindings::QualityRulePluginPre::new(pre).map_err(bad_exports)?),
+            "extractor" => Prepared::Extractor(extractor_bindings::ExtractorPluginPre::new(pre).map_err(bad_exports)?),
             other => {
                 return Err(Error::Incompatible {
                     path: path.to_path_buf(),
@@ -332,7 +355,8 @@ impl PluginEngine {
                 })
             }
         };
-        Ok(LoadedPlugin { info, pre, engine: self.engine.clone(), _ticker: self.ticker.clone() })
+        let grants = Arc::new(Grants::default());
+        Ok(LoadedPlugin { info, pre, grants, engine: self.engine.clone(), _ticker: self.ticker.clone() })
     }
 
     /// Describe a component file; also the seconds compiling took (`None`: from the cache).
@@ -403,7 +427,7 @@ impl PluginEngine {
     pub fn time_start(&self, path: &Path) -> Result<PluginInfo> {
         let (mut info, compile_secs) = self.inspect_compiling(path)?;
         let mut timings = StartTimings { compile_secs, load_secs: None, instantiate_secs: None, error: None };
-        if info.compatible && matches!(info.world.as_deref(), Some("transform" | "quality-rule")) {
+        if info.compatible && info.world.is_some() {
             // a plugin that cannot start is still described: the failure is one more finding
             let mut start = || -> Result<()> {
                 let t = std::time::Instant::now();
@@ -416,6 +440,7 @@ impl PluginEngine {
                         drop(TransformInstance::new(&plugin, Limits::default(), Arc::default(), quiet)?)
                     }
                     Prepared::Rule(_) => drop(RuleInstance::new(&plugin, Limits::default(), quiet)?),
+                    Prepared::Extractor(_) => drop(ExtractorInstance::new(&plugin, Limits::default(), quiet)?),
                 }
                 timings.instantiate_secs = Some(t.elapsed().as_secs_f64());
                 Ok(())
@@ -652,6 +677,9 @@ pub type LogSink = Arc<dyn Fn(&LogLine) + Send + Sync>;
 pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
+    http: wasmtime_wasi_http::WasiHttpCtx,
+    /// The origin check and granted headers of outgoing requests.
+    http_hooks: grants::HttpHooks,
     memory_cap: u64,
     memory_hit: bool,
     /// The most linear memory the instance grew to, in bytes.
@@ -814,6 +842,12 @@ fn shadow_clock_subscriptions(linker: &mut Linker<HostState>) -> wasmtime::Resul
     clock.func_wrap("subscribe-instant", |store, (when,): (u64,)| subscribe(store, when, true))?;
     linker.allow_shadowing(false);
     Ok(())
+}
+
+impl wasmtime_wasi_http::WasiHttpView for HostState {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        wasmtime_wasi_http::WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.http_hooks }
+    }
 }
 
 impl WasiView for HostState {
@@ -1121,21 +1155,40 @@ impl Drop for Sandbox {
 }
 
 impl Sandbox {
-    fn new(engine: &Engine, limits: Limits, secrets: Arc<HashMap<String, Vec<u8>>>, log: LogSink) -> Sandbox {
+    fn new(
+        plugin: &LoadedPlugin,
+        limits: Limits,
+        secrets: Arc<HashMap<String, Vec<u8>>>,
+        log: LogSink,
+    ) -> Result<Sandbox> {
         let stdout = CappedPipe::new(limits.output_cap);
         let stderr = CappedPipe::new(limits.output_cap);
         let clock_origin = std::time::Instant::now();
-        let wasi = WasiCtxBuilder::new()
-            .stdout(stdout.clone())
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(stdout.clone())
             .stderr(stderr.clone())
             .monotonic_clock(GuestClock { origin: clock_origin })
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
+            .allow_ip_name_lookup(false);
+        for f in &plugin.grants.files {
+            wasi.preopened_dir(&f.host, &f.guest, wasmtime_wasi::FsPerms::ReadOnly).map_err(|e| Error::Grant {
+                plugin: plugin.grants.plugin.clone(),
+                message: format!("files: cannot open {} for it: {e}", f.host.display()),
+            })?;
+        }
+        let wasi = wasi.build();
+        let http_hooks = grants::HttpHooks {
+            grants: plugin.grants.clone(),
+            log: log.clone(),
+            counts: Default::default(),
+            deadline: None,
+        };
         let state = HostState {
             wasi,
             table: ResourceTable::new(),
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            http_hooks,
             memory_cap: limits.memory_bytes,
             memory_hit: false,
             memory_peak: 0,
@@ -1157,7 +1210,7 @@ impl Sandbox {
             snapshot_parts: None,
             restore_parts: None,
         };
-        let mut store = Store::new(engine, state);
+        let mut store = Store::new(&plugin.engine, state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
         // one call may hand the host as much as the plugin's memory holds (a snapshot, a
         // batch): its memory cap is the bound, not wasmtime's default of 128 MiB per call
@@ -1172,7 +1225,7 @@ impl Sandbox {
                 _ => wasmtime::UpdateDeadline::Interrupt,
             })
         });
-        Sandbox { store, limits, stdout, stderr, poisoned: false, stderr_tail: String::new() }
+        Ok(Sandbox { store, limits, stdout, stderr, poisoned: false, stderr_tail: String::new() })
     }
 
     /// The error for a failed instantiation.
@@ -1195,10 +1248,18 @@ impl Sandbox {
         self.store.set_epoch_deadline(deadline_ticks(self.limits.timeout));
         let state = self.store.data_mut();
         state.deadline = Some(std::time::Instant::now() + self.limits.timeout);
+        state.http_hooks.deadline = state.deadline;
         state.budget.call_bytes = 0;
         state.sleep_cut.store(false, Ordering::Relaxed);
         let result = f(&mut self.store);
-        self.store.data_mut().deadline = None;
+        let state = self.store.data_mut();
+        state.deadline = None;
+        state.http_hooks.deadline = None;
+        let counts = state.http_hooks.counts;
+        if counts.sent + counts.denied > 0 {
+            state.counters.insert("http_requests_sent".into(), counts.sent as i64);
+            state.counters.insert("http_requests_denied".into(), counts.denied as i64);
+        }
         self.forward_output();
         if self.store.data().sleep_cut.load(Ordering::Relaxed) {
             // it waited until its deadline: the call is over, whatever it returned
@@ -1269,6 +1330,19 @@ impl Sandbox {
                 }
             }
         }
+    }
+}
+
+impl LoadedPlugin {
+    /// Give the plugin its grants (from its `[plugins.NAME]` table). A component that
+    /// imports what it was not granted (outgoing HTTP without `allowed_hosts`) is refused
+    /// here, before any of its code runs.
+    pub fn with_grants(mut self, grants: Grants) -> Result<Self> {
+        grants
+            .check_imports(&self.info.imports)
+            .map_err(|message| Error::Grant { plugin: grants.plugin.clone(), message })?;
+        self.grants = Arc::new(grants);
+        Ok(self)
     }
 }
 
@@ -1400,7 +1474,7 @@ impl TransformInstance {
         log: LogSink,
     ) -> Result<Self> {
         let Prepared::Transform(pre) = &plugin.pre else { return Err(wrong_world(plugin, "transform")) };
-        let mut sb = Sandbox::new(&plugin.engine, limits, secrets, log);
+        let mut sb = Sandbox::new(plugin, limits, secrets, log)?;
         let bindings = pre.instantiate(&mut sb.store).map_err(|e| sb.instantiate_error(e))?;
         Ok(TransformInstance {
             sb,
@@ -1530,14 +1604,7 @@ impl TransformInstance {
         self.timings.record_call(start, end, self.sb.store.data().marks);
         let out = out?;
         self.timings.bytes_out += out.len() as u64;
-        let limits = self.sb.limits;
-        if out.len() as u64 > limits.output_bytes {
-            return Err(CallError::OutputBudget {
-                got: format!("{} bytes of Arrow IPC", out.len()),
-                budget: format!("{} MiB", limits.output_bytes >> 20),
-                key: "max_output_mb",
-            });
-        }
+        within_output_bytes(out.len(), self.sb.limits)?;
         let batches = match (&self.rewrite, &self.row_filter) {
             (Some(rw), _) => self.check_rewrite(rw, out, input),
             (None, Some(f)) => self.check_filter(f, out, input),
@@ -1695,8 +1762,28 @@ impl TransformInstance {
     }
 
     fn check_output(&self, bytes: Vec<u8>) -> Result<Vec<RecordBatch>, CallError> {
-        let (schema, batches) = decode_guarded(bytes).map_err(CallError::BadOutput)?;
         let declared = self.declared.as_ref().ok_or_else(|| CallError::Internal("process before init".into()))?;
+        checked_output(bytes, declared, self.sb.limits)
+    }
+}
+
+/// The output byte budget of one call (`max_output_mb`).
+fn within_output_bytes(len: usize, limits: Limits) -> Result<(), CallError> {
+    if len as u64 > limits.output_bytes {
+        return Err(CallError::OutputBudget {
+            got: format!("{len} bytes of Arrow IPC"),
+            budget: format!("{} MiB", limits.output_bytes >> 20),
+            key: "max_output_mb",
+        });
+    }
+    Ok(())
+}
+
+/// Decode a call's output and check it against the declared schema and the output budget;
+/// empty batches are dropped.
+fn checked_output(bytes: Vec<u8>, declared: &SchemaRef, limits: Limits) -> Result<Vec<RecordBatch>, CallError> {
+    {
+        let (schema, batches) = decode_guarded(bytes).map_err(CallError::BadOutput)?;
         let mismatch = |got: &arrow_schema::Schema| CallError::SchemaMismatch {
             got: weir_sdk::util::schema_text(got),
             declared: weir_sdk::util::schema_text(declared),
@@ -1705,10 +1792,10 @@ impl TransformInstance {
             return Err(mismatch(&schema));
         }
         let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
-        if rows > self.sb.limits.output_rows {
+        if rows > limits.output_rows {
             return Err(CallError::OutputBudget {
                 got: format!("{rows} rows"),
-                budget: format!("{} rows", self.sb.limits.output_rows),
+                budget: format!("{} rows", limits.output_rows),
                 key: "max_output_rows",
             });
         }
@@ -1727,6 +1814,90 @@ impl TransformInstance {
             out.push(b);
         }
         Ok(out)
+    }
+}
+
+/// The longest position an extractor may hand back per batch (it goes into checkpoints).
+const MAX_POSITION_BYTES: usize = 1 << 20;
+/// The longest watermark text.
+const MAX_WATERMARK_BYTES: usize = 4096;
+
+/// What an extractor's `next` returned, checked.
+#[derive(Debug)]
+pub struct Extracted {
+    pub batches: Vec<RecordBatch>,
+    pub position: Vec<u8>,
+    pub watermark: Option<String>,
+}
+
+/// One sandboxed instance of an extractor plugin.
+pub struct ExtractorInstance {
+    sb: Sandbox,
+    bindings: extractor_bindings::ExtractorPlugin,
+    declared: Option<SchemaRef>,
+    timings: CallTimings,
+}
+
+impl ExtractorInstance {
+    pub fn new(plugin: &LoadedPlugin, limits: Limits, log: LogSink) -> Result<Self> {
+        let Prepared::Extractor(pre) = &plugin.pre else { return Err(wrong_world(plugin, "extractor")) };
+        let mut sb = Sandbox::new(plugin, limits, Arc::default(), log)?;
+        let bindings = pre.instantiate(&mut sb.store).map_err(|e| sb.instantiate_error(e))?;
+        Ok(ExtractorInstance { sb, bindings, declared: None, timings: CallTimings::default() })
+    }
+
+    /// Counters the plugin (and the host, for its requests) added so far.
+    pub fn counters(&self) -> &HashMap<String, i64> {
+        &self.sb.store.data().counters
+    }
+
+    /// Where the time of the calls so far went.
+    pub fn timings(&self) -> CallTimings {
+        CallTimings { peak_memory_bytes: self.sb.store.data().memory_peak, ..self.timings }
+    }
+
+    /// Call `open` (from `position`, above `watermark`); returns the declared schema.
+    pub fn open(
+        &mut self,
+        config_json: &str,
+        ctx: &weir_sdk::Context,
+        position: Option<&[u8]>,
+        watermark: Option<&str>,
+    ) -> Result<SchemaRef, CallError> {
+        let ctx = wit_context(ctx);
+        let b = &self.bindings;
+        let (position, watermark) = (position.map(<[u8]>::to_vec), watermark.map(str::to_string));
+        let out = self.sb.call(|s| {
+            b.weir_plugin_extractor().call_open(s, config_json, &ctx, position.as_deref(), watermark.as_deref())
+        })?;
+        let schema = decode_guarded(out).map(|(s, _)| s).map_err(CallError::BadOutput)?;
+        publishable_names(&schema).map_err(CallError::BadSchema)?;
+        self.declared = Some(schema.clone());
+        Ok(schema)
+    }
+
+    /// The next batches with the position after them, or `None` at the end.
+    pub fn next(&mut self) -> Result<Option<Extracted>, CallError> {
+        let declared = self.declared.clone().ok_or_else(|| CallError::Internal("next before open".into()))?;
+        let b = &self.bindings;
+        self.sb.store.data_mut().marks = [None; 4];
+        let start = CpuTime::now();
+        let out = self.sb.call(|s| b.weir_plugin_extractor().call_next(s));
+        self.timings.record_call(start, CpuTime::now(), self.sb.store.data().marks);
+        let Some(e) = out? else { return Ok(None) };
+        if e.position.len() > MAX_POSITION_BYTES {
+            return Err(CallError::BadOutput(format!(
+                "its position is {} bytes, over the {MAX_POSITION_BYTES} bytes a checkpoint keeps",
+                e.position.len()
+            )));
+        }
+        if e.watermark.as_ref().is_some_and(|w| w.len() > MAX_WATERMARK_BYTES) {
+            return Err(CallError::BadOutput(format!("its watermark is over {MAX_WATERMARK_BYTES} bytes")));
+        }
+        self.timings.bytes_out += e.batch.len() as u64;
+        within_output_bytes(e.batch.len(), self.sb.limits)?;
+        let batches = checked_output(e.batch, &declared, self.sb.limits)?;
+        Ok(Some(Extracted { batches, position: e.position, watermark: e.watermark }))
     }
 }
 
@@ -1766,7 +1937,7 @@ pub struct RuleInstance {
 impl RuleInstance {
     pub fn new(plugin: &LoadedPlugin, limits: Limits, log: LogSink) -> Result<Self> {
         let Prepared::Rule(pre) = &plugin.pre else { return Err(wrong_world(plugin, "quality-rule")) };
-        let mut sb = Sandbox::new(&plugin.engine, limits, Arc::default(), log);
+        let mut sb = Sandbox::new(plugin, limits, Arc::default(), log)?;
         let bindings = pre.instantiate(&mut sb.store).map_err(|e| sb.instantiate_error(e))?;
         Ok(RuleInstance { sb, bindings, encoder: BatchEncoder::default() })
     }

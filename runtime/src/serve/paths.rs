@@ -88,7 +88,7 @@ fn fixed_prefix(pattern: &str) -> &str {
 pub fn check_pipeline(roots: &[PathBuf], protected: &[PathBuf], p: &Pipeline) -> Result<(), ApiError> {
     let mut read: Vec<(String, PathBuf)> = Vec::new();
     let mut written: Vec<(String, PathBuf)> = Vec::new();
-    for s in p.sources.values().filter(|s| s.postgres.is_none()) {
+    for s in p.sources.values().filter(|s| s.reads_files()) {
         if Path::new(&s.path).components().any(|c| c == Component::ParentDir) {
             return Err(ApiError::new(
                 403,
@@ -104,6 +104,9 @@ pub fn check_pipeline(roots: &[PathBuf], protected: &[PathBuf], p: &Pipeline) ->
     }
     for (name, plugin) in &p.plugins {
         read.push((format!("plugin `{name}`"), plugin.path.clone()));
+        for f in &plugin.files {
+            read.push((format!("a folder granted to plugin `{name}`"), f.host.clone()));
+        }
     }
     for (name, secret) in &p.secrets {
         if let crate::config::SecretRef::File(f) = secret {
@@ -149,7 +152,7 @@ pub fn check_pipeline(roots: &[PathBuf], protected: &[PathBuf], p: &Pipeline) ->
 /// The files a run of `partition` would read: each must be under a root (a file inside
 /// may be a link out).
 pub fn check_inputs(roots: &[PathBuf], p: &Pipeline, partition: Option<&str>) -> Result<(), ApiError> {
-    for s in p.sources.values().filter(|s| s.postgres.is_none()) {
+    for s in p.sources.values().filter(|s| s.reads_files()) {
         // a source whose files are not there yet fails the run as it would from the CLI
         let Ok(files) = crate::io::source::expand_paths(&s.path, partition, s.format) else { continue };
         if let Some(f) = files.iter().find(|f| !within(roots, f)) {

@@ -136,7 +136,9 @@ fn open_file(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> R
         Format::Jsonl => Box::new(super::jsonl::JsonlFile::open(path, schema, spec, offset)?),
         Format::Parquet => Box::new(super::parquet::ParquetFile::open(path, schema, spec, offset)?),
         Format::Avro => Box::new(super::avro::AvroFile::open(path, schema, spec, offset)?),
-        Format::Postgres => return Err(Error::Internal("a postgres source opened as files".into())),
+        Format::Postgres | Format::Plugin => {
+            return Err(Error::Internal("a postgres or plugin source opened as files".into()))
+        }
     })
 }
 
@@ -147,7 +149,7 @@ fn schema_of(files: &[PathBuf], source: &crate::config::Source, spec: &ReadSpec)
         Format::Jsonl => super::jsonl::schema(files, source, spec),
         Format::Parquet => super::parquet::schema(&files[0], spec),
         Format::Avro => super::avro::schema(files, spec),
-        Format::Postgres => Err(Error::Internal("a postgres source read as files".into())),
+        Format::Postgres | Format::Plugin => Err(Error::Internal("a postgres or plugin source read as files".into())),
     }
 }
 

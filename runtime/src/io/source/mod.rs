@@ -24,6 +24,7 @@
 
 mod avro;
 mod csv;
+mod extractor;
 mod files;
 mod jsonl;
 mod parquet;
@@ -34,6 +35,7 @@ use std::path::PathBuf;
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 
+pub use self::extractor::{ExtractorSetup, ExtractorSource};
 pub(crate) use self::files::corrupt_input;
 pub use self::files::{expand_paths, FileSource};
 pub use self::parquet::{placeholder, CopyColumn};
@@ -83,6 +85,12 @@ pub trait Source: Send {
         None
     }
 
+    /// An extractor plugin's name and the counters it (and the host, for its requests)
+    /// kept, added to the step's counters when the source is done.
+    fn plugin_counters(&self) -> Option<(String, std::collections::HashMap<String, i64>)> {
+        None
+    }
+
     /// CPU seconds spent decoding on threads of the source's own.
     fn helper_cpu_secs(&self) -> f64 {
         0.0
@@ -100,7 +108,8 @@ pub trait Source: Send {
     }
 }
 
-/// Open a configured source for one run (of `partition`, if any).
+/// Open a configured source for one run (of `partition`, if any). Extractor plugin
+/// sources are opened with [`ExtractorSource::open`], which needs the loaded plugin.
 pub fn open(source: &config::Source, partition: Option<&str>, batch_size: usize) -> Result<Box<dyn Source>> {
     if let Some(pg) = &source.postgres {
         return Ok(Box::new(postgres::PgSource::open(source, pg, partition, batch_size)?));
@@ -111,8 +120,14 @@ pub fn open(source: &config::Source, partition: Option<&str>, batch_size: usize)
 /// What decides a source's content for a run, hashed into the run's fingerprint: an
 /// identical fingerprint means an identical input.
 pub fn fingerprint(source: &config::Source, partition: Option<&str>) -> String {
+    if let Some(x) = &source.extractor {
+        // stable, so a crashed run resumes from the plugin's own position; every run reads
+        // all the same ([`always_reads`])
+        return format!("extractor plugin {}", x.plugin);
+    }
     if source.postgres.is_some() {
-        // a database says nothing cheap about whether its rows changed: every run reads
+        // a database says nothing cheap about whether its rows changed: every run reads, and
+        // a crashed run is not resumed mid-read (a later snapshot may hold other rows)
         static READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return format!("postgres read at {} #{n} in {}", crate::store::now_ms(), std::process::id());
@@ -120,12 +135,20 @@ pub fn fingerprint(source: &config::Source, partition: Option<&str>) -> String {
     files::fingerprint(source, partition)
 }
 
+/// Whether a run always reads the source again, whatever the last run read (a database,
+/// an API): a pipeline with one is never "up to date".
+pub fn always_reads(source: &config::Source) -> bool {
+    source.postgres.is_some() || source.extractor.is_some()
+}
+
 /// Whether a source reads a different input for each partition (for files: its path has
 /// `{partition}`), so that a backfill's partitions do not all read the same data.
 pub fn reads_partition(source: &config::Source) -> bool {
-    match &source.postgres {
-        Some(pg) => pg.window,
-        None => source.path.contains("{partition}"),
+    match (&source.postgres, &source.extractor) {
+        (Some(pg), _) => pg.window,
+        // the plugin sees the partition in its context; a config that names it reads by it
+        (None, Some(x)) => x.config_json.contains("{partition}"),
+        (None, None) => source.path.contains("{partition}"),
     }
 }
 
