@@ -7,7 +7,7 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
   echo "==> rustup target add wasm32-wasip2"
   rustup target add wasm32-wasip2
 fi
-plugins=(mask dedup cast aggregate filter formats hostile hostile-rule http-json)
+plugins=(mask dedup cast aggregate filter formats hostile hostile-rule hostile-extractor http-json)
 # cast carries the time zone database (arrow's chrono-tz feature); built in one cargo call
 # with the others, the feature would reach them all and add about 0.9 MB to each
 args=()

@@ -18,7 +18,7 @@ echo "==> clippy (host, wasm32-wasip2)"
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo clippy --release --target wasm32-wasip2 -p weir-sdk -p weir-plugin-mask -p weir-plugin-dedup \
   -p weir-plugin-cast -p weir-plugin-aggregate -p weir-plugin-hostile -p weir-plugin-formats -p weir-plugin-filter \
-  -p weir-plugin-hostile-rule -p weir-plugin-http-json -p weir-bench-record -- -D warnings
+  -p weir-plugin-hostile-rule -p weir-plugin-http-json -p weir-plugin-hostile-extractor -p weir-bench-record -- -D warnings
 
 echo "==> building weir"
 cargo build --release -p weir

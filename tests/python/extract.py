@@ -321,4 +321,49 @@ output = {{ path = "out/files" }}
     r = files_pipeline("read_file", "/x", 'files = [{ path = "landing", read_only = false }]')
     check("a writable folder cannot be granted", r.returncode != 0 and "only read-only folders" in r.stderr, r.stderr[-600:])
 
+    # a hostile extractor: the deadline, memory cap and output budgets hold as for transforms
+    hostile_x = root / "dist/plugins/hostile-extractor.wasm"
+
+    def hostile_run(mode, plugin_extra="", url=""):
+        (d / "hx.toml").write_text(f"""[pipeline]
+name = "hx"
+
+[plugins.x]
+path = "{hostile_x}"
+timeout_ms = 1000
+memory_mb = 32
+allowed_hosts = ["https://example.invalid"]
+{plugin_extra}
+
+[sources.s]
+plugin = "x"
+config = {{ mode = "{mode}", url = "{url}" }}
+
+[steps.load]
+input = "s"
+output = {{ path = "out/hx" }}
+""")
+        return run(d, "run", "hx.toml", "--force", "--json")
+
+    r = hostile_run("fine")
+    check("a well-behaved extractor's batches are published", r.returncode == 0 and pq.read_table(d / "out/hx").num_rows == 3, r.stderr[-500:])
+    for mode, extra, words in [
+        ("loop", "", ["deadline"]),
+        ("memory", "", ["memory"]),
+        ("big_position", "", ["position", "bytes"]),
+        ("many_rows", "max_output_rows = 10", ["max_output_rows"]),
+        ("panic", "", ["trapped", "panics on purpose"]),
+        ("schema_lie", "", ["schema"]),
+        ("env", "", ["no HOME in the sandbox"]),
+    ]:
+        r = hostile_run(mode, extra)
+        check(f"hostile extractor `{mode}` fails the run cleanly, saying why",
+              r.returncode == 1 and all(w in r.stderr for w in words) and "SANDBOX ESCAPE" not in r.stderr,
+              r.stderr[-600:])
+    r = hostile_run("http_flood", "", "http://127.0.0.1:9/x")
+    refusals = r.stderr.count("refused GET")
+    check("1000 refused requests: every one refused, the log names only the first 20",
+          r.returncode == 1 and "1000 of 1000 requests refused" in r.stderr and refusals == 20 and "further refusals are only counted" in r.stderr,
+          f"{refusals} {r.stderr[-600:]}")
+
 finish("extract")
