@@ -311,6 +311,10 @@ pub(crate) fn input_dataset(pipeline: &Pipeline, step: &Step, partition: Option<
         if let Some(pg) = &source.postgres {
             return postgres_dataset(pg);
         }
+        if let Some(x) = &source.extractor {
+            // what the plugin reads is its own business: named by plugin and source
+            return json!({ "namespace": format!("weir-extractor://{}", x.plugin), "name": source.name });
+        }
         let path = match partition {
             Some(p) => source.path.replace("{partition}", p),
             None => source.path.clone(),
