@@ -118,6 +118,9 @@ pub enum Error {
     Metrics(String),
     #[error("step `{step}`: {message}")]
     Check { step: String, message: String },
+    /// A source's columns changed in a way its `schema_change` does not take.
+    #[error("source `{source_name}`: {message}")]
+    SchemaChanged { source_name: String, message: String },
     #[error("step `{step}`: its output cannot be published: {message}")]
     Output { step: String, message: String },
     #[error("step `{step}` failed its quality gate, so nothing was published:\n{message}")]
@@ -160,6 +163,7 @@ impl Error {
             | Error::Lineage(_)
             | Error::Metrics(_)
             | Error::Check { .. }
+            | Error::SchemaChanged { .. }
             | Error::Output { .. }
             | Error::CheckFailed { .. }
             | Error::PluginConfig { .. }
@@ -179,6 +183,17 @@ impl Error {
             | Error::Store(_)
             | Error::AlreadyRunning { .. } => ErrorKind::External,
         }
+    }
+}
+
+/// The differences between two recorded source schemas, for a person:
+/// `+ email (Utf8); - name (Utf8); amount Int64 -> Float64`.
+pub fn schema_diff(old: &[store::SchemaColumn], new: &[store::SchemaColumn]) -> String {
+    let d = engine::schema_diff(old, new);
+    if d.is_empty() {
+        "(same columns)".into()
+    } else {
+        d
     }
 }
 

@@ -253,6 +253,25 @@ enum Command {
         #[arg(long)]
         state: Option<PathBuf>,
     },
+    /// The schemas a source was read with: each version, the run that first saw it, what
+    /// the run did with it (taken in, frozen out, stopped), and the differences.
+    ///
+    /// A run compares the source's columns with the newest schema adopted by an earlier
+    /// run; the source's `schema_change` (evolve, freeze, fail; default: take it and log
+    /// the change) decides what a difference does.
+    #[command(after_help = "Examples:\n  weir schema pipeline.toml orders\n  weir schema pipeline.toml orders --json")]
+    Schema {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// The source's name (`[sources.NAME]`).
+        source: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The run store [default: the pipeline's].
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
     /// Find runs of a pipeline that died (killed, machine lost) and settle them.
     ///
     /// A run that died before deciding to publish is marked FAILED and its staging removed:
@@ -513,6 +532,7 @@ fn main() -> ExitCode {
         Command::Backfill(args) => report(cmd_backfill(args)),
         Command::Backfills { pipeline, json, state } => report(cmd_backfills(pipeline, json, state)),
         Command::Recover { pipeline, state } => report(cmd_recover(pipeline, state)),
+        Command::Schema { pipeline, source, json, state } => report(cmd_schema(pipeline, source, json, state)),
         Command::Validate { pipeline, json, cache_dir } => report(cmd_validate(pipeline, json, cache_dir)),
         Command::Plugin(PluginCommand::Inspect { file, json, cache_dir }) => report(cmd_inspect(file, json, cache_dir)),
         Command::Plugin(PluginCommand::Cache { clear, json, cache_dir }) => report(cmd_cache(clear, json, cache_dir)),
@@ -1209,6 +1229,51 @@ fn cmd_backfills(pipeline: Option<String>, json: bool, state: Option<PathBuf>) -
             b.interrupted.as_deref().unwrap_or_default(),
             b.id
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_schema(pipeline: PathBuf, source: String, json: bool, state: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let loaded = Pipeline::load(&pipeline).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !loaded.sources.contains_key(&source) {
+        let known: Vec<&String> = loaded.sources.keys().collect();
+        anyhow::bail!("pipeline `{}` has no source `{source}` (its sources: {known:?})", loaded.name);
+    }
+    let path = state.unwrap_or_else(|| loaded.state_path.clone());
+    anyhow::ensure!(path.is_file(), "no run store at {} (the pipeline has not run yet)", path.display());
+    let store = weir::store::open(&path)?;
+    let versions = store.schema_versions(&loaded.name, &source)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&versions)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if versions.is_empty() {
+        println!("source `{source}` of `{}`: no schema recorded yet (no run has read it)", loaded.name);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("source `{source}` of `{}`: {} schema versions, oldest first", loaded.name, versions.len());
+    let mut adopted: Option<&weir::store::SchemaVersion> = None;
+    for (i, v) in versions.iter().enumerate() {
+        println!(
+            "\nv{}  run #{}  {}  {}  ({} columns, {})",
+            i + 1,
+            v.run_id,
+            weir::store::format_time(v.seen_ms),
+            v.action.to_uppercase(),
+            v.columns.len(),
+            v.fingerprint
+        );
+        match adopted {
+            None => {
+                for c in &v.columns {
+                    println!("    {} {}{}", c.name, c.data_type, if c.nullable { "" } else { " not null" });
+                }
+            }
+            Some(a) => println!("    {}", weir::schema_diff(&a.columns, &v.columns)),
+        }
+        if v.adopted() {
+            adopted = Some(v);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -6,10 +6,10 @@ use crate::__bindings::weir::plugin::types as ty;
 use crate::__extractor_bindings::exports::weir::plugin::extractor as wx;
 use crate::__glue::to_wit;
 use crate::error::Error;
-use crate::extract::{Extractor, ExtractorRunner};
+use crate::extract::{Encoded, Extractor, ExtractorRunner};
 use crate::Context;
 
-type Next = Result<Option<(Vec<u8>, Vec<u8>, Option<String>)>, Error>;
+type Next = Result<Option<Encoded>, Error>;
 
 trait Erased {
     fn next(&mut self) -> Next;
@@ -17,7 +17,7 @@ trait Erased {
 
 impl<T: Extractor> Erased for ExtractorRunner<T> {
     fn next(&mut self) -> Next {
-        ExtractorRunner::next(self)
+        ExtractorRunner::next_encoded(self)
     }
 }
 
@@ -42,7 +42,7 @@ pub fn next() -> Result<Option<wx::Extracted>, ty::PluginError> {
     EXTRACTOR.with(|cell| match cell.borrow_mut().as_mut() {
         Some(r) => r
             .next()
-            .map(|o| o.map(|(batch, position, watermark)| wx::Extracted { batch, position, watermark }))
+            .map(|o| o.map(|e| wx::Extracted { batch: e.ipc, position: e.position, watermark: e.watermark }))
             .map_err(to_wit),
         None => Err(ty::PluginError::Internal("next called before open".into())),
     })

@@ -97,12 +97,20 @@ impl<T: Extractor> ExtractorRunner<T> {
     }
 
     /// The next batch as IPC bytes, with its position and watermark.
-    pub fn next(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>, Option<String>)>> {
+    pub fn next_encoded(&mut self) -> Result<Option<Encoded>> {
         let Some(e) = self.inner.next()? else { return Ok(None) };
         let schema = self.inner.schema();
         if e.batch.schema().fields() != schema.fields() {
             return Err(Error::internal("a batch does not have the schema the extractor declared"));
         }
-        Ok(Some((ipc::encode(&schema, std::slice::from_ref(&e.batch))?, e.position, e.watermark)))
+        let ipc = ipc::encode(&schema, std::slice::from_ref(&e.batch))?;
+        Ok(Some(Encoded { ipc, position: e.position, watermark: e.watermark }))
     }
+}
+
+/// [`Extracted`] as it crosses to the host.
+pub struct Encoded {
+    pub ipc: Vec<u8>,
+    pub position: Vec<u8>,
+    pub watermark: Option<String>,
 }

@@ -809,7 +809,7 @@ fn config_errors_name_file_line_and_hint() {
         "{}",
         out.stderr
     );
-    assert!(out.stderr.contains("unknown field `mood`, expected `mode`"), "{}", out.stderr);
+    assert!(out.stderr.contains("unknown field `mood`, expected one of `mode`"), "{}", out.stderr);
     assert!(!out.stderr.contains("column 7"), "JSON positions mean nothing to the user: {}", out.stderr);
 }
 
@@ -3194,4 +3194,77 @@ config = {{ key = ["k"] }}
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stderr.contains("resumes after batch "), "{}", out.stderr);
     assert_eq!(dataset_rows(&d.join("out/keys")), kept, "resumed equals uninterrupted");
+}
+
+#[test]
+fn schema_contracts_record_every_version_and_evolve_freeze_or_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pipeline = |policy: &str| {
+        std::fs::write(
+            d.join("p.toml"),
+            format!(
+                "[pipeline]\nname = \"contracts\"\n\n[sources.people]\nformat = \"csv\"\npath = \"in.csv\"\n{policy}\n\n[steps.copy]\ninput = \"people\"\noutput = {{ path = \"out\" }}\n"
+            ),
+        )
+        .unwrap();
+    };
+    let columns = || -> Vec<String> {
+        let b = read_parquet(&parquet_files(&d.join("out"))[0].0);
+        b[0].schema().fields().iter().map(|f| f.name().clone()).collect()
+    };
+    std::fs::write(d.join("in.csv"), "id,name\n1,ann\n2,bob\n").unwrap();
+    pipeline("schema_change = \"fail\"");
+    let out = weir(d, &["run", "p.toml"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+
+    // fail: a new column stops the run, names it, publishes nothing
+    std::fs::write(d.join("in.csv"), "id,name,email\n1,ann,a@x\n2,bob,b@x\n").unwrap();
+    let out = weir(d, &["run", "p.toml"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("source `people`: its columns changed since run #1"), "{}", out.stderr);
+    assert!(out.stderr.contains("+ email (Utf8)"), "{}", out.stderr);
+    assert_eq!(columns(), ["id", "name"]);
+    // ... and keeps stopping it: a failed run's schema is recorded but not adopted
+    assert_eq!(weir(d, &["run", "p.toml"]).code, 1);
+
+    // freeze: the new column is dropped with a warning
+    pipeline("schema_change = \"freeze\"");
+    let out = weir(d, &["run", "p.toml"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("dropped (schema_change = \"freeze\"): + email (Utf8)"), "{}", out.stderr);
+    assert_eq!(columns(), ["id", "name"]);
+
+    // evolve: the new column goes into the output, and later runs expect it
+    pipeline("schema_change = \"evolve\"");
+    let out = weir(d, &["run", "p.toml"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(columns(), ["id", "name", "email"]);
+    pipeline("schema_change = \"fail\"");
+    assert_eq!(weir(d, &["run", "p.toml", "--force"]).code, 0, "the evolved schema is the one compared with");
+
+    // a removed column or a changed type is not taken in by evolve
+    pipeline("schema_change = \"evolve\"");
+    std::fs::write(d.join("in.csv"), "id,email\n1.5,a@x\n").unwrap();
+    let out = weir(d, &["run", "p.toml"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("- name (Utf8)") && out.stderr.contains("id Int64 -> Float64"), "{}", out.stderr);
+
+    // no policy: taken as it is, the change logged
+    pipeline("");
+    let out = weir(d, &["run", "p.toml"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("source `people` changed since run #"), "{}", out.stderr);
+
+    // the history: every version, the run that first saw it, what it did
+    let out = weir(d, &["schema", "p.toml", "people", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let actions: Vec<String> =
+        out.json().as_array().unwrap().iter().map(|v| v["action"].as_str().unwrap().to_string()).collect();
+    assert_eq!(actions, ["initial", "failed", "frozen", "evolved", "failed", "changed"]);
+    let out = weir(d, &["schema", "p.toml", "people"]);
+    assert!(out.stdout.contains("6 schema versions") && out.stdout.contains("+ email (Utf8)"), "{}", out.stdout);
+    let out = weir(d, &["schema", "p.toml", "nobody"]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("no source `nobody`"), "{}", out.stderr);
 }

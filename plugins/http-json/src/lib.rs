@@ -104,6 +104,8 @@ pub struct Incremental {
 
 #[derive(Deserialize, Clone, Copy)]
 #[serde(crate = "weir_sdk::serde", deny_unknown_fields)]
+// read by the wasm32 HTTP client only
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 pub struct Retry {
     attempts: u32,
     backoff_ms: u64,
@@ -492,6 +494,7 @@ fn resolve(page: &str, target: &str) -> Result<String> {
 }
 
 /// The `rel="next"` target of a `Link` header value.
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 fn link_next(header: &str) -> Option<String> {
     header.split(',').find_map(|part| {
         let (target, params) = part.split_once(';')?;

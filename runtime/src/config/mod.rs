@@ -140,6 +140,27 @@ struct RawSource {
     max_record_mb: Option<Spanned<u64>>,
     retry: Option<Spanned<Retry>>,
     columns: Option<Vec<String>>,
+    /// What a run does when the source's schema differs from the last one adopted.
+    #[serde(default)]
+    schema_change: SchemaChange,
+}
+
+/// `schema_change` on a source: what a run does when the source's columns differ from the
+/// schema the last runs adopted (recorded in the run store, `weir schema` shows them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchemaChange {
+    /// Not set: the new schema is taken as it is, recorded, and the differences logged.
+    #[default]
+    Record,
+    /// New columns flow into the outputs and become part of the schema later runs expect;
+    /// a removed column or a changed type stops the run.
+    Evolve,
+    /// New columns are dropped (with a warning); a removed column or a changed type stops
+    /// the run.
+    Freeze,
+    /// Any difference stops the run, naming it.
+    Fail,
 }
 
 fn plugin_format() -> Format {
@@ -384,6 +405,7 @@ pub struct Source {
     pub postgres: Option<Postgres>,
     /// `plugin = "NAME"`: the extractor plugin that reads the source.
     pub extractor: Option<ExtractorRef>,
+    pub schema_change: SchemaChange,
 }
 
 impl Source {
@@ -1149,6 +1171,7 @@ fn parse_sources(
                 columns: r.columns.clone(),
                 postgres,
                 extractor,
+                schema_change: r.schema_change,
             },
         );
     }

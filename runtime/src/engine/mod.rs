@@ -27,6 +27,7 @@
 //! published datasets always come from one run.
 
 pub mod backfill;
+mod contract;
 mod flow;
 mod lineage;
 mod publish;
@@ -540,6 +541,11 @@ fn load_plugins(pipeline: &Pipeline, options: &RunOptions) -> Result<HashMap<Str
         loaded.insert(name.clone(), lp);
     }
     Ok(loaded)
+}
+
+/// The differences between two recorded source schemas (empty when none).
+pub fn schema_diff(old: &[crate::store::SchemaColumn], new: &[crate::store::SchemaColumn]) -> String {
+    contract::Diff::of(old, new).text()
 }
 
 /// What a plugin's table grants it, with the secrets of its headers read and filled in.

@@ -37,7 +37,7 @@ pub(super) struct StepCtx<'a> {
 }
 
 impl StepCtx<'_> {
-    fn log(&self, level: Level, line: &str) {
+    pub(super) fn log(&self, level: Level, line: &str) {
         (self.options.log)(level, line)
     }
 
@@ -171,9 +171,11 @@ fn open_input(ctx: &StepCtx<'_>) -> Result<Box<dyn Source>> {
                 context: ctx.plugin_context(&x.plugin),
                 watermark: None,
             };
-            return Ok(Box::new(sources::ExtractorSource::open(&source.name, &x.config_json, setup)?));
+            let opened = Box::new(sources::ExtractorSource::open(&source.name, &x.config_json, setup)?);
+            return super::contract::apply(ctx, source, opened);
         }
-        return Ok(sources::open(source, ctx.options.partition.as_deref(), pipeline.batch_size)?);
+        let opened = sources::open(source, ctx.options.partition.as_deref(), pipeline.batch_size)?;
+        return super::contract::apply(ctx, source, opened);
     }
     let up = ctx
         .staged

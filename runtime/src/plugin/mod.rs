@@ -1877,7 +1877,7 @@ impl ExtractorInstance {
     }
 
     /// The next batches with the position after them, or `None` at the end.
-    pub fn next(&mut self) -> Result<Option<Extracted>, CallError> {
+    pub fn next_batches(&mut self) -> Result<Option<Extracted>, CallError> {
         let declared = self.declared.clone().ok_or_else(|| CallError::Internal("next before open".into()))?;
         let b = &self.bindings;
         self.sb.store.data_mut().marks = [None; 4];

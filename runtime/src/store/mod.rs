@@ -111,6 +111,37 @@ pub struct PublishEntry {
     pub action: String,
 }
 
+/// A column of a recorded source schema.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SchemaColumn {
+    pub name: String,
+    /// The Arrow type, as Arrow names it (`Int64`, `Utf8`, `Timestamp(µs, "UTC")`, ...).
+    #[serde(rename = "type")]
+    pub data_type: String,
+    pub nullable: bool,
+}
+
+/// A source schema as a run saw it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SchemaVersion {
+    pub fingerprint: String,
+    pub columns: Vec<SchemaColumn>,
+    /// `initial` (the first seen), `evolved` (new columns taken in), `changed` (taken as it
+    /// is: no `schema_change` policy), `frozen` (new columns dropped), `failed` (the run
+    /// stopped). The schema later runs compare with is the newest initial, evolved or
+    /// changed one.
+    pub action: String,
+    pub run_id: i64,
+    pub seen_ms: i64,
+}
+
+impl SchemaVersion {
+    /// Whether later runs compare with this schema.
+    pub fn adopted(&self) -> bool {
+        matches!(self.action.as_str(), "initial" | "evolved" | "changed")
+    }
+}
+
 /// A run as stored.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunRecord {
@@ -337,6 +368,11 @@ pub trait RunStore: Send + Sync {
     fn run(&self, id: i64) -> Result<Option<RunRecord>>;
     /// Save (replace) a step's checkpoint.
     fn save_checkpoint(&self, run_id: i64, checkpoint: &Checkpoint) -> Result<()>;
+    /// Record a source schema a run saw, and what the run did with it (once per schema and
+    /// action: the first run that saw it keeps it).
+    fn record_schema(&self, pipeline: &str, source: &str, version: &SchemaVersion) -> Result<()>;
+    /// Every schema recorded for a source, oldest first.
+    fn schema_versions(&self, pipeline: &str, source: &str) -> Result<Vec<SchemaVersion>>;
     /// A run's checkpoints, one per step that made one.
     fn checkpoints(&self, run_id: i64) -> Result<Vec<Checkpoint>>;
     /// Record a step's check results for a run.

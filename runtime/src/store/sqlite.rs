@@ -112,6 +112,17 @@ CREATE TABLE IF NOT EXISTS watermark (
     updated_ms INTEGER NOT NULL,
     PRIMARY KEY (pipeline, source)
 );
+CREATE TABLE IF NOT EXISTS source_schema (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    pipeline     TEXT NOT NULL,
+    source       TEXT NOT NULL,
+    fingerprint  TEXT NOT NULL,
+    columns_json TEXT NOT NULL,
+    action       TEXT NOT NULL,
+    run_id       INTEGER NOT NULL,
+    seen_ms      INTEGER NOT NULL,
+    UNIQUE (pipeline, source, fingerprint, action)
+);
 CREATE TABLE IF NOT EXISTS checkpoint (
     run_id    INTEGER NOT NULL REFERENCES pipeline_run(id),
     step      TEXT NOT NULL,
@@ -676,6 +687,41 @@ impl RunStore for SqliteStore {
         let rows = stmt
             .query_map(params![pipeline, step, check, limit as i64], |r| r.get(0))?
             .collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(rows)
+    }
+
+    fn record_schema(&self, pipeline: &str, source: &str, v: &super::SchemaVersion) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO source_schema (pipeline, source, fingerprint, columns_json, action, run_id, seen_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                pipeline,
+                source,
+                v.fingerprint,
+                serde_json::to_string(&v.columns).unwrap_or_default(),
+                v.action,
+                v.run_id,
+                v.seen_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn schema_versions(&self, pipeline: &str, source: &str) -> Result<Vec<super::SchemaVersion>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT fingerprint, columns_json, action, run_id, seen_ms FROM source_schema WHERE pipeline = ?1 AND source = ?2 ORDER BY id",
+        )?;
+        let rows = stmt
+            .query_map(params![pipeline, source], |r| {
+                Ok(super::SchemaVersion {
+                    fingerprint: r.get(0)?,
+                    columns: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or_default(),
+                    action: r.get(2)?,
+                    run_id: r.get(3)?,
+                    seen_ms: r.get(4)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 

@@ -126,7 +126,7 @@ impl Source for ExtractorSource {
                 return None;
             }
             self.calls += 1;
-            match self.instance.next() {
+            match self.instance.next_batches() {
                 Ok(Some(e)) => {
                     self.pending.extend(e.batches);
                     self.position = Some(e.position);
