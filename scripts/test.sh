@@ -30,6 +30,8 @@ echo "==> reading the example's output with DuckDB, pyarrow and Polars"
 py=$(./scripts/python-env.sh)
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/readers.py
+echo "==> merge and append outputs, read back by DuckDB and pyarrow against an oracle"
+WEIR_BIN="$target_dir/release/weir" "$py" tests/python/merge.py
 echo "==> text sources (dialects, encodings, compression) against pyarrow and DuckDB"
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/sources.py
 echo "==> check results against DuckDB"

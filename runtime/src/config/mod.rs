@@ -275,6 +275,32 @@ struct RawOutput {
     row_group_size: Option<usize>,
     compression: Option<Spanned<String>>,
     copy_columns: Option<bool>,
+    #[serde(default)]
+    mode: OutputMode,
+    #[serde(default)]
+    key: Vec<String>,
+    delete_when: Option<Spanned<RawDeleteWhen>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeleteWhen {
+    column: String,
+    value: String,
+}
+
+/// How a run's rows meet the published dataset (`output.mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputMode {
+    /// The run's rows replace the dataset (or, with `--partition`, the partitions written).
+    #[default]
+    Overwrite,
+    /// The run's rows are added to what is published.
+    Append,
+    /// Upsert by `key`: a row replaces the published row with the same key (the run's last
+    /// one wins); a row matching `delete_when` removes it.
+    Merge,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -508,6 +534,11 @@ pub struct Output {
     /// Copy the columns no plugin touches from the input's Parquet pages instead of
     /// decoding and encoding them again (`copy_columns`, default true).
     pub copy_columns: bool,
+    pub mode: OutputMode,
+    /// `merge`: the columns that identify a row.
+    pub key: Vec<String>,
+    /// `merge`: a row whose `column` reads as `value` deletes its key.
+    pub delete_when: Option<(String, String)>,
 }
 
 /// How output Parquet pages are compressed (`output.compression`).
@@ -1732,12 +1763,37 @@ fn parse_steps(
                     Codec::default()
                 }),
             };
+            let at = o.path.span().start;
+            match o.mode {
+                OutputMode::Merge if o.key.is_empty() => errors.push(ctx.at(
+                    at,
+                    &format!("steps.{name}.output: mode = \"merge\" needs a `key`"),
+                    Some("key = [\"id\"]: the columns that identify a row"),
+                )),
+                OutputMode::Merge => {}
+                _ if !o.key.is_empty() || o.delete_when.is_some() => errors.push(ctx.at(
+                    at,
+                    &format!("steps.{name}.output: `key` and `delete_when` apply to mode = \"merge\" only"),
+                    None,
+                )),
+                _ => {}
+            }
+            if let (Some(p), true) = (&o.partition_by, o.key.iter().any(|k| o.partition_by.as_ref().is_some_and(|p| p.get_ref() == k))) {
+                errors.push(ctx.at(
+                    p.span().start,
+                    &format!("steps.{name}.output: the partition column `{}` cannot be part of the merge key", p.get_ref()),
+                    Some("a key identifies a row wherever it lives: a row whose partition changed moves, the old one is removed"),
+                ));
+            }
             Output {
                 path: base.join(o.path.get_ref()),
                 partition_by: o.partition_by.as_ref().map(|p| p.get_ref().clone()),
                 row_group_size: o.row_group_size.unwrap_or(1 << 20).max(1024),
                 compression,
                 copy_columns: o.copy_columns.unwrap_or(true),
+                mode: o.mode,
+                key: o.key.clone(),
+                delete_when: o.delete_when.as_ref().map(|d| (d.get_ref().column.clone(), d.get_ref().value.clone())),
             }
         });
         let retry = step_retry.get(name).or_else(|| source_retry.get(input)).copied().unwrap_or(Retry::NONE);

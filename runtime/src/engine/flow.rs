@@ -163,7 +163,8 @@ pub(super) fn run(ctx: &StepCtx<'_>, flow: Flow<'_>, started: Instant) -> Result
                 }
             })
         });
-        let mut writer = Writer { ctx, sink: Some(sink), quality, shared, schema_ipc: &schema_ipc, out: &mut out };
+        let seq = ctx.step.output.as_ref().is_some_and(|o| o.mode == crate::config::OutputMode::Merge).then_some(0);
+        let mut writer = Writer { ctx, sink: Some(sink), quality, shared, schema_ipc: &schema_ipc, out: &mut out, seq };
         let written = writer.drain(rx);
         if written.is_err() {
             shared.cancel.store(true, Ordering::Relaxed);
@@ -378,6 +379,9 @@ struct Writer<'a, 'q> {
     shared: &'a Shared,
     schema_ipc: &'a [u8],
     out: &'a mut Flowed,
+    /// A merge output: the next row's ordinal, written as `_weir_seq` so the merge knows
+    /// which of a key's rows came last (they may land in different partitions).
+    seq: Option<u64>,
 }
 
 impl Writer<'_, '_> {
@@ -430,12 +434,21 @@ impl Writer<'_, '_> {
             }
             None => batch,
         };
-        if batch.num_rows() > 0 {
+        let rows = batch.num_rows() as u64;
+        if rows > 0 {
             let t = CpuTime::now();
+            let batch = match &mut self.seq {
+                Some(next) => {
+                    let start = *next;
+                    *next += batch.num_rows() as u64;
+                    super::merge::with_seq(&batch, start)?
+                }
+                None => batch,
+            };
             self.sink_mut()?.write(&batch)?;
             self.out.write_secs += t.elapsed_secs();
         }
-        self.shared.rows_written.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+        self.shared.rows_written.fetch_add(rows, Ordering::Relaxed);
         Ok(())
     }
 

@@ -30,6 +30,7 @@ pub mod backfill;
 mod contract;
 mod flow;
 mod lineage;
+mod merge;
 mod publish;
 mod quality;
 mod recovery;

@@ -102,7 +102,9 @@ pub(super) fn run_step(
     let state_dir = super::staging::state_staging(&staging);
     let (transforms, schema) = start_transforms(ctx, source.schema(), resume, &state_dir)?;
     check_publishable(ctx, &schema)?;
-    let mut sink = sink::open(ctx.step.output.as_ref(), &staging, schema.clone())?;
+    let sink_schema = super::merge::staged_schema(ctx.step.output.as_ref(), &schema)
+        .map_err(|message| Error::Output { step: ctx.step.name.clone(), message })?;
+    let mut sink = sink::open(ctx.step.output.as_ref(), &staging, sink_schema)?;
     if let Some(c) = resume {
         sink.resume(&c.sink, c.rows_written)?;
     }
@@ -113,8 +115,11 @@ pub(super) fn run_step(
     }
     let schema_ipc = weir_sdk::ipc::encode_schema(&schema).map_err(|e| Error::Internal(e.to_string()))?;
     let mut quality = Quality::open(ctx, &schema, &staging)?;
-    // a step with checks only checkpoints when complete (check state is not part of checkpoints)
-    let every = if ctx.step.checks.is_empty() { ctx.pipeline.checkpoint_every } else { 0 };
+    // a step with checks only checkpoints when complete (check state is not part of
+    // checkpoints); so does an append or merge (folding the published data in rewrites
+    // staged files: a resumed run must not find them half done)
+    let folds = ctx.step.output.as_ref().is_some_and(|o| o.mode != crate::config::OutputMode::Overwrite);
+    let every = if ctx.step.checks.is_empty() && !folds { ctx.pipeline.checkpoint_every } else { 0 };
     let flow = Flow {
         source,
         transforms,
@@ -134,6 +139,7 @@ pub(super) fn run_step(
         None => (Audited { results: Vec::new(), quarantine: None }, 0),
     };
     let summary = summarize(ctx, flowed, audited.results, copied_columns, rows_quarantined, inputs, started);
+    fold_published(ctx, &staging, &summary.partitions)?;
     // The step is complete: a resumed run reuses its staging as it is.
     let complete = Checkpoint {
         step: ctx.step.name.clone(),
@@ -157,6 +163,43 @@ pub(super) fn run_step(
         quarantine: audited.quarantine,
     };
     Ok((summary, staged))
+}
+
+/// `append` and `merge` outputs: complete the staging with the published data (see
+/// [`super::merge`]), per partition in a partition run of a partitioned output.
+fn fold_published(ctx: &StepCtx<'_>, staging: &std::path::Path, partitions: &[String]) -> Result<()> {
+    let Some(out) = ctx.step.output.as_ref().filter(|o| o.mode != crate::config::OutputMode::Overwrite) else {
+        return Ok(());
+    };
+    let units: Vec<(PathBuf, PathBuf)> = if out.partition_by.is_some() && ctx.options.partition.is_some() {
+        partitions.iter().map(|p| (staging.join(p), out.path.join(p))).collect()
+    } else {
+        vec![(staging.to_path_buf(), out.path.clone())]
+    };
+    let mut total = super::merge::Folded::default();
+    for (staged, target) in units {
+        let f = super::merge::fold(&staged, &target, out)
+            .map_err(|message| Error::Publish { step: ctx.step.name.clone(), message })?;
+        total.linked += f.linked;
+        total.rewritten += f.rewritten;
+        total.replaced += f.replaced;
+        total.deleted += f.deleted;
+        total.superseded += f.superseded;
+    }
+    ctx.log(
+        Level::INFO,
+        &format!(
+            "weir: step `{}` {}: {} published files kept, {} rewritten; {} published rows replaced or deleted, {} delete markers, {} of the run's rows superseded by a later one",
+            ctx.step.name,
+            if out.mode == crate::config::OutputMode::Merge { "merges by key" } else { "appends" },
+            total.linked,
+            total.rewritten,
+            total.replaced,
+            total.deleted,
+            total.superseded
+        ),
+    );
+    Ok(())
 }
 
 /// The step's input: a configured source, or the staged output of an earlier step.
@@ -242,7 +285,11 @@ fn plan_copy(
     sink: &dyn Sink,
 ) -> Vec<String> {
     let step = ctx.step;
-    if transforms.is_empty() || !step.checks.is_empty() || !step.output.as_ref().is_none_or(|o| o.copy_columns) {
+    // an append or merge output rewrites what it folds in: nothing to gain, and a merge's
+    // staged rows carry a column of their own
+    let copyable =
+        step.output.as_ref().is_none_or(|o| o.copy_columns && o.mode == crate::config::OutputMode::Overwrite);
+    if transforms.is_empty() || !step.checks.is_empty() || !copyable {
         return Vec::new();
     }
     let mut touched = HashSet::new();

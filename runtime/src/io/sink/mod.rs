@@ -33,6 +33,11 @@ use arrow_schema::SchemaRef;
 pub use self::parquet::{
     check_output_schema, escape_partition, unescape_partition, ParquetSink, MAX_PARTITIONS, NULL_PARTITION,
 };
+
+/// The writer settings of an output's Parquet files.
+pub fn writer_properties(out: &Output) -> ::parquet::file::properties::WriterProperties {
+    self::parquet::properties(out.compression, out.row_group_size)
+}
 pub use super::encode::CopiedGroup;
 use super::Result;
 use crate::config::Output;

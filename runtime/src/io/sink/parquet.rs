@@ -165,11 +165,7 @@ impl ParquetSink {
             None => schema.clone(),
         };
         std::fs::create_dir_all(staging).map_err(|e| Error::io(staging, e))?;
-        let props = WriterProperties::builder()
-            .set_compression(codec.parquet())
-            .set_max_row_group_row_count(Some(row_group_size))
-            .set_created_by(format!("weir {}", env!("CARGO_PKG_VERSION")))
-            .build();
+        let props = properties(codec, row_group_size);
         Ok(ParquetSink {
             staging: staging.to_path_buf(),
             partition,
@@ -377,6 +373,15 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
             out.push(rel.to_string_lossy().into_owned());
         }
     }
+}
+
+/// The writer settings of an output's files.
+pub fn properties(codec: crate::config::Codec, row_group_size: usize) -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(codec.parquet())
+        .set_max_row_group_row_count(Some(row_group_size))
+        .set_created_by(format!("weir {}", env!("CARGO_PKG_VERSION")))
+        .build()
 }
 
 #[cfg(test)]
