@@ -272,6 +272,32 @@ enum Command {
         #[arg(long)]
         state: Option<PathBuf>,
     },
+    /// The committed watermarks of a pipeline's incremental sources; set or reset one.
+    ///
+    /// A run of an incremental source reads from its committed watermark, less the
+    /// source's overlap, up to the time the run starts; the new watermark is committed in
+    /// the same store transaction as the run's decision to publish, never before. Setting
+    /// or resetting one by hand is recorded in the audit log (shown here).
+    #[command(
+        after_help = "Examples:\n  weir watermarks pipeline.toml\n  weir watermarks pipeline.toml set orders 2024-01-01T00:00:00Z   # read again from there\n  weir watermarks pipeline.toml reset orders                       # the next run reads everything\n  weir run pipeline.toml --full-refresh                           # read everything once, commit anew"
+    )]
+    Watermarks {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// `set SOURCE VALUE` or `reset SOURCE`; nothing lists them.
+        #[arg(value_parser = ["set", "reset"])]
+        action: Option<String>,
+        /// The incremental source.
+        source: Option<String>,
+        /// `set`: the new watermark (an RFC 3339 time for a PostgreSQL source).
+        value: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The run store [default: the pipeline's].
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
     /// Find runs of a pipeline that died (killed, machine lost) and settle them.
     ///
     /// A run that died before deciding to publish is marked FAILED and its staging removed:
@@ -533,6 +559,9 @@ fn main() -> ExitCode {
         Command::Backfills { pipeline, json, state } => report(cmd_backfills(pipeline, json, state)),
         Command::Recover { pipeline, state } => report(cmd_recover(pipeline, state)),
         Command::Schema { pipeline, source, json, state } => report(cmd_schema(pipeline, source, json, state)),
+        Command::Watermarks { pipeline, action, source, value, json, state } => {
+            report(cmd_watermarks(pipeline, action, source, value, json, state))
+        }
         Command::Validate { pipeline, json, cache_dir } => report(cmd_validate(pipeline, json, cache_dir)),
         Command::Plugin(PluginCommand::Inspect { file, json, cache_dir }) => report(cmd_inspect(file, json, cache_dir)),
         Command::Plugin(PluginCommand::Cache { clear, json, cache_dir }) => report(cmd_cache(clear, json, cache_dir)),
@@ -583,6 +612,10 @@ struct RunArgs {
     /// of starting over (the output equals an uninterrupted run's).
     #[arg(long)]
     resume: bool,
+    /// Incremental sources read everything, ignoring their committed watermarks; the run
+    /// then commits new ones (as every incremental run does when it publishes).
+    #[arg(long)]
+    full_refresh: bool,
     /// If a run of the same pipeline and partition is live, wait for it to end (then run,
     /// or find its output up to date) instead of refusing. Runs of other partitions never
     /// wait for each other.
@@ -596,7 +629,20 @@ struct RunArgs {
 }
 
 fn cmd_run(args: RunArgs) -> ExitCode {
-    let RunArgs { path, partition, json, cache_dir, no_progress, quiet, force, state, resume, wait, timings } = args;
+    let RunArgs {
+        path,
+        partition,
+        json,
+        cache_dir,
+        no_progress,
+        quiet,
+        force,
+        state,
+        resume,
+        full_refresh,
+        wait,
+        timings,
+    } = args;
     let pipeline = match Pipeline::load(&path) {
         Ok(p) => p,
         Err(e) => {
@@ -635,6 +681,7 @@ fn cmd_run(args: RunArgs) -> ExitCode {
         force,
         backfill_id: None,
         resume,
+        full_refresh,
         wait,
         cancel: None,
         started: None,
@@ -1013,6 +1060,9 @@ fn cmd_runs(args: RunsArgs) -> anyhow::Result<ExitCode> {
                 thousands(s.rows_quarantined)
             );
         }
+        if let Some(end) = &run.watermark_end {
+            println!("watermark {} -> {end}", run.watermark_start.as_deref().unwrap_or("(from the start)"));
+        }
         for a in &run.attempts {
             match &a.error {
                 None => println!("attempt   {:<20} #{} ok", a.step, a.attempt),
@@ -1228,6 +1278,81 @@ fn cmd_backfills(pipeline: Option<String>, json: bool, state: Option<PathBuf>) -
             b.id,
             b.interrupted.as_deref().unwrap_or_default(),
             b.id
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_watermarks(
+    pipeline: PathBuf,
+    action: Option<String>,
+    source: Option<String>,
+    value: Option<String>,
+    json: bool,
+    state: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let loaded = Pipeline::load(&pipeline).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let path = state.unwrap_or_else(|| loaded.state_path.clone());
+    let incremental: Vec<&String> =
+        loaded.sources.values().filter(|s| s.incremental.is_some()).map(|s| &s.name).collect();
+    if let Some(action) = action {
+        let source = source.ok_or_else(|| anyhow::anyhow!("`weir watermarks PIPELINE {action}` needs a SOURCE"))?;
+        let Some(src) = loaded.sources.get(&source).filter(|s| s.incremental.is_some()) else {
+            anyhow::bail!("`{source}` is not an incremental source of `{}` (those: {incremental:?})", loaded.name);
+        };
+        let value = match (action.as_str(), value) {
+            ("set", Some(v)) => {
+                if src.postgres.is_some() && weir::io::source::parse_micros(&v).is_none() {
+                    anyhow::bail!("`{v}` is not an RFC 3339 time (2024-01-01T00:00:00Z), which a PostgreSQL source's watermark is");
+                }
+                Some(v)
+            }
+            ("set", None) => anyhow::bail!("`set` needs a VALUE: weir watermarks PIPELINE set SOURCE VALUE"),
+            (_, Some(_)) => anyhow::bail!("`reset` takes no VALUE"),
+            (_, None) => None,
+        };
+        let store = weir::store::open(&path)?;
+        let by =
+            format!("weir watermarks by {}@{}", std::env::var("USER").unwrap_or_default(), weir::store::host_name());
+        let old = store.set_watermark(&loaded.name, &source, value.as_deref(), &by)?;
+        println!(
+            "{source}: {} -> {}",
+            old.as_deref().unwrap_or("(none)"),
+            value.as_deref().unwrap_or("(none: the next run reads everything)")
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !path.is_file() {
+        println!("no run store at {} yet: no watermarks", path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let store = weir::store::open(&path)?;
+    let marks = store.watermarks(&loaded.name)?;
+    let audit = store.watermark_audit(&loaded.name)?;
+    if json {
+        println!("{}", serde_json::json!({ "watermarks": marks, "audit": audit }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if incremental.is_empty() {
+        println!("pipeline `{}` has no incremental source", loaded.name);
+    }
+    for name in &incremental {
+        match marks.iter().find(|m| &&m.source == name) {
+            Some(m) if m.run_id > 0 => {
+                println!("{name}: {}  (run #{}, {})", m.value, m.run_id, weir::store::format_time(m.updated_ms))
+            }
+            Some(m) => println!("{name}: {}  (set by hand, {})", m.value, weir::store::format_time(m.updated_ms)),
+            None => println!("{name}: (none: the next run reads everything)"),
+        }
+    }
+    for a in &audit {
+        println!(
+            "  {} {}: {} -> {} by {}",
+            weir::store::format_time(a.at_ms),
+            a.source,
+            a.old.as_deref().unwrap_or("(none)"),
+            a.new.as_deref().unwrap_or("(none)"),
+            a.by
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -143,6 +143,45 @@ struct RawSource {
     /// What a run does when the source's schema differs from the last one adopted.
     #[serde(default)]
     schema_change: SchemaChange,
+    /// Read from the last committed watermark (less `overlap`) up to the run's start.
+    incremental: Option<Spanned<RawIncremental>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIncremental {
+    column: String,
+    overlap: Option<String>,
+}
+
+/// `incremental` on a source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incremental {
+    /// The column whose values only grow as rows change (`updated_at`).
+    pub column: String,
+    /// How far before the committed watermark a run starts reading again, for rows
+    /// committed late; the rows read twice are removed by the step's merge key.
+    pub overlap: Duration,
+}
+
+/// `10m`, `1h`, `30s`, `2d`, `500ms` or `0`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("`{text}` is not a duration like 10m, 1h or 30s"))?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("`{text}`: the unit is one of ms, s, m, h, d")),
+    };
+    Ok(Duration::from_millis(n.saturating_mul(ms)))
 }
 
 /// `schema_change` on a source: what a run does when the source's columns differ from the
@@ -432,6 +471,7 @@ pub struct Source {
     /// `plugin = "NAME"`: the extractor plugin that reads the source.
     pub extractor: Option<ExtractorRef>,
     pub schema_change: SchemaChange,
+    pub incremental: Option<Incremental>,
 }
 
 impl Source {
@@ -1174,6 +1214,31 @@ fn parse_sources(
         } else {
             base.join(&raw_path).to_string_lossy().into_owned()
         };
+        let incremental = r.incremental.as_ref().and_then(|inc| {
+            let at = inc.span().start;
+            let i = inc.get_ref();
+            if !matches!(r.format, Format::Postgres | Format::Plugin) {
+                errors.push(ctx.at(
+                    at,
+                    &format!("sources.{name}.incremental applies to postgres and extractor plugin sources"),
+                    Some("a file source reads its files; use {partition} in its path to read new ones"),
+                ));
+                return None;
+            }
+            if i.column.trim().is_empty() {
+                errors.push(ctx.at(at, &format!("sources.{name}.incremental.column is empty"), None));
+                return None;
+            }
+            let overlap = match i.overlap.as_deref().map(parse_duration) {
+                None => Duration::ZERO,
+                Some(Ok(d)) => d,
+                Some(Err(e)) => {
+                    errors.push(ctx.at(at, &format!("sources.{name}.incremental.overlap: {e}"), None));
+                    return None;
+                }
+            };
+            Some(Incremental { column: i.column.clone(), overlap })
+        });
         if r.format == Format::Plugin && !r.schema.is_empty() {
             errors.push(ctx.at(
                 s.span().start,
@@ -1203,6 +1268,7 @@ fn parse_sources(
                 postgres,
                 extractor,
                 schema_change: r.schema_change,
+                incremental,
             },
         );
     }

@@ -76,6 +76,8 @@ pub(super) struct Flowed {
     pub counters: BTreeMap<String, BTreeMap<String, i64>>,
     pub plugins: Vec<PluginTimings>,
     pub read_secs: f64,
+    /// The source's high watermark when it ended (incremental sources).
+    pub high_watermark: Option<String>,
     pub check_secs: f64,
     pub write_secs: f64,
 }
@@ -176,8 +178,9 @@ pub(super) fn run(ctx: &StepCtx<'_>, flow: Flow<'_>, started: Instant) -> Result
         }
         // the scope joins the plugin stages here
         written?;
-        let (rows_skipped, skipped, read_secs) = read?;
-        (out.rows_skipped, out.skipped, out.read_secs) = (rows_skipped, skipped, read_secs);
+        let (rows_skipped, skipped, read_secs, high_watermark) = read?;
+        (out.rows_skipped, out.skipped, out.read_secs, out.high_watermark) =
+            (rows_skipped, skipped, read_secs, high_watermark);
         Ok(())
     });
     if let Some(e) = shared.first_error(result.err()) {
@@ -199,11 +202,11 @@ fn read(
     base: &Checkpoint,
     every: u64,
     stop: Option<&AtomicBool>,
-) -> Result<(u64, Vec<Skipped>, f64)> {
+) -> Result<(u64, Vec<Skipped>, f64, Option<String>)> {
     let mut secs = 0f64;
     let (mut batches, mut marked) = (base.batches, base.batches);
     // a closed channel means a later stage stopped; it reports why
-    let stopped = || Ok((0, Vec::new(), 0.0));
+    let stopped = || Ok((0, Vec::new(), 0.0, None));
     loop {
         let t = CpuTime::now();
         let Some(batch) = source.next_batch() else { break };
@@ -250,7 +253,7 @@ fn read(
         }
     }
     let (skipped, first) = source.skipped();
-    Ok((base.rows_skipped + skipped, first.to_vec(), secs + source.helper_cpu_secs()))
+    Ok((base.rows_skipped + skipped, first.to_vec(), secs + source.helper_cpu_secs(), source.high_watermark()))
 }
 
 /// A transform's thread: each batch through the sandbox, a snapshot at each mark, the

@@ -88,6 +88,9 @@ pub struct RunOptions {
     pub backfill_id: Option<i64>,
     /// Continue the newest crashed run of this partition from its last checkpoints.
     pub resume: bool,
+    /// Incremental sources read everything, ignoring their committed watermarks, which the
+    /// run then replaces (`--full-refresh`).
+    pub full_refresh: bool,
     /// When a run of the same partition is live, wait for it to end instead of refusing.
     pub wait: bool,
     /// Set to stop the run: it stops at the next batch boundary (or before its next step,
@@ -128,6 +131,7 @@ impl Default for RunOptions {
             force: false,
             backfill_id: None,
             resume: false,
+            full_refresh: false,
             wait: false,
             cancel: None,
             started: None,
@@ -189,6 +193,9 @@ pub struct StepSummary {
     pub seconds: f64,
     /// Rows moved to the quarantine dataset by `quarantine` checks.
     pub rows_quarantined: u64,
+    /// An incremental source's read: where it started and the watermark it moves to.
+    #[serde(default)]
+    pub watermark: Option<crate::store::WatermarkUpdate>,
     /// Columns no plugin touched, copied from the input's Parquet pages where it could be.
     pub copied_columns: Vec<String>,
     /// Row groups written that way (the others decoded and encoded every column).
@@ -783,7 +790,8 @@ fn execute(run: &RunCtx<'_>, resume: Option<&[Checkpoint]>) -> Result<Vec<StepSu
     debug_pause("before-publish", log);
     run.options.check_cancel()?;
     let plan = publish::plan(pipeline, run.options.partition.as_deref(), &staged)?;
-    store.record_decision(run.run_id, &step_rows(&summaries), &plan)?;
+    let watermarks: Vec<crate::store::WatermarkUpdate> = summaries.iter().filter_map(|s| s.watermark.clone()).collect();
+    store.record_decision(run.run_id, &step_rows(&summaries), &plan, &watermarks)?;
     guard.decided(&plan);
     debug_pause("after-decision", log);
     publish::publish(store, run.run_id, &plan, log)?;

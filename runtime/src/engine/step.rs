@@ -97,7 +97,7 @@ pub(super) fn run_step(
     resume: Option<&Checkpoint>,
 ) -> Result<(StepSummary, Staged)> {
     let started = Instant::now();
-    let mut source = open_input(ctx)?;
+    let (mut source, watermark_start) = open_input(ctx)?;
     let inputs = source.inputs();
     let state_dir = super::staging::state_staging(&staging);
     let (transforms, schema) = start_transforms(ctx, source.schema(), resume, &state_dir)?;
@@ -138,7 +138,13 @@ pub(super) fn run_step(
         }
         None => (Audited { results: Vec::new(), quarantine: None }, 0),
     };
-    let summary = summarize(ctx, flowed, audited.results, copied_columns, rows_quarantined, inputs, started);
+    let new_watermark = flowed.high_watermark.clone();
+    let mut summary = summarize(ctx, flowed, audited.results, copied_columns, rows_quarantined, inputs, started);
+    let incremental = ctx.pipeline.sources.get(&ctx.step.input).is_some_and(|s| s.incremental.is_some());
+    if let (true, Some(end)) = (incremental, new_watermark) {
+        summary.watermark =
+            Some(crate::store::WatermarkUpdate { source: ctx.step.input.clone(), start: watermark_start, end });
+    }
     fold_published(ctx, &staging, &summary.partitions)?;
     // The step is complete: a resumed run reuses its staging as it is.
     let complete = Checkpoint {
@@ -202,30 +208,62 @@ fn fold_published(ctx: &StepCtx<'_>, staging: &std::path::Path, partitions: &[St
     Ok(())
 }
 
-/// The step's input: a configured source, or the staged output of an earlier step.
-fn open_input(ctx: &StepCtx<'_>) -> Result<Box<dyn Source>> {
+/// Where an incremental source reads from: the committed watermark less the overlap (none
+/// on a first run or with `--full-refresh`), as the source takes it.
+fn read_from(ctx: &StepCtx<'_>, source: &crate::config::Source) -> Result<Option<String>> {
+    let Some(inc) = &source.incremental else { return Ok(None) };
+    if ctx.options.full_refresh {
+        return Ok(None);
+    }
+    let committed = ctx.store.watermarks(&ctx.pipeline.name)?.into_iter().find(|w| w.source == source.name);
+    let Some(committed) = committed else { return Ok(None) };
+    Ok(Some(match sources::parse_micros(&committed.value) {
+        Some(us) => sources::format_micros(us.saturating_sub(inc.overlap.as_micros() as i64)),
+        // not a time: an extractor's own watermark, handed over as it is
+        None if source.extractor.is_some() => committed.value,
+        None => {
+            return Err(Error::Io(crate::io::Error::SourceInvalid {
+                source_name: source.name.clone(),
+                message: format!(
+                    "its committed watermark `{}` is not a time; set one with `weir watermarks PIPELINE set {} 2024-01-01T00:00:00Z`, or `weir watermarks PIPELINE reset {}`",
+                    committed.value, source.name, source.name
+                ),
+            }))
+        }
+    }))
+}
+
+/// The step's input: a configured source, or the staged output of an earlier step; and,
+/// for an incremental source, where its read starts.
+fn open_input(ctx: &StepCtx<'_>) -> Result<(Box<dyn Source>, Option<String>)> {
     let (pipeline, step) = (ctx.pipeline, ctx.step);
     if let Some(source) = pipeline.sources.get(&step.input) {
+        let from = read_from(ctx, source)?;
         if let Some(x) = &source.extractor {
             let setup = sources::ExtractorSetup {
                 plugin: ctx.loaded[&x.plugin].clone(),
                 limits: pipeline.plugins[&x.plugin].limits(),
                 log: plugin_log(ctx, &x.plugin),
                 context: ctx.plugin_context(&x.plugin),
-                watermark: None,
+                watermark: from.clone(),
             };
             let opened = Box::new(sources::ExtractorSource::open(&source.name, &x.config_json, setup)?);
-            return super::contract::apply(ctx, source, opened);
+            return Ok((super::contract::apply(ctx, source, opened)?, from));
         }
-        let opened = sources::open(source, ctx.options.partition.as_deref(), pipeline.batch_size)?;
-        return super::contract::apply(ctx, source, opened);
+        let increment = source.incremental.as_ref().map(|_| sources::Increment {
+            lower: from.as_deref().and_then(sources::parse_micros),
+            // fixed when the run reads: rows changed later are the next run's
+            upper: crate::store::now_ms().saturating_mul(1000),
+        });
+        let opened = sources::open(source, ctx.options.partition.as_deref(), pipeline.batch_size, increment)?;
+        return Ok((super::contract::apply(ctx, source, opened)?, from));
     }
     let up = ctx
         .staged
         .get(&step.input)
         .ok_or_else(|| Error::Internal(format!("step `{}` runs before its input `{}`", step.name, step.input)))?;
     let partition_col = up.output.as_ref().and_then(|o| o.partition_by.as_deref());
-    Ok(sources::open_dataset(&up.staging, up.schema.clone(), partition_col, pipeline.batch_size)?)
+    Ok((sources::open_dataset(&up.staging, up.schema.clone(), partition_col, pipeline.batch_size)?, None))
 }
 
 /// The step's transforms, created and initialised in order, each declaring the schema the
@@ -379,6 +417,7 @@ fn summarize(
         counters: flowed.counters,
         seconds: started.elapsed().as_secs_f64(),
         rows_quarantined,
+        watermark: None,
         copied_columns,
         copied_row_groups: flowed.copied_row_groups,
         checks,

@@ -111,6 +111,38 @@ pub struct PublishEntry {
     pub action: String,
 }
 
+/// A watermark a run moves when it decides to publish.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WatermarkUpdate {
+    pub source: String,
+    /// Where the run's read started (the committed watermark, less the overlap); none for
+    /// a first or full read.
+    pub start: Option<String>,
+    /// The new watermark.
+    pub end: String,
+}
+
+/// A committed watermark.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Watermark {
+    pub source: String,
+    pub value: String,
+    /// The run that committed it (0: set by hand).
+    pub run_id: i64,
+    pub updated_ms: i64,
+}
+
+/// A watermark set or reset by hand.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WatermarkChange {
+    pub source: String,
+    pub old: Option<String>,
+    pub new: Option<String>,
+    pub action: String,
+    pub by: String,
+    pub at_ms: i64,
+}
+
 /// A column of a recorded source schema.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SchemaColumn {
@@ -171,6 +203,9 @@ pub struct RunRecord {
     pub note: Option<String>,
     /// The identity of the process that runs it (see [`process_start`]).
     pub proc_start: Option<String>,
+    /// Where an incremental read started and the watermark it committed.
+    pub watermark_start: Option<String>,
+    pub watermark_end: Option<String>,
 }
 
 /// A run's decision to publish: every switch it will make, recorded before the first one.
@@ -342,7 +377,21 @@ pub trait RunStore: Send + Sync {
     fn renew_lease(&self, id: i64) -> Result<bool>;
     /// Record a run's decision to publish, before its first switch: the switches in the
     /// order they will be made, and the rows per step. One transaction.
-    fn record_decision(&self, id: i64, steps: &[StepRows], switches: &[PlannedSwitch]) -> Result<()>;
+    /// The decision also moves the run's watermarks, in the same transaction.
+    fn record_decision(
+        &self,
+        id: i64,
+        steps: &[StepRows],
+        switches: &[PlannedSwitch],
+        watermarks: &[WatermarkUpdate],
+    ) -> Result<()>;
+    /// The committed watermark of each incremental source of a pipeline.
+    fn watermarks(&self, pipeline: &str) -> Result<Vec<Watermark>>;
+    /// Set (or with `None` remove) a source's watermark by hand; recorded in the audit log.
+    /// Returns the value it had.
+    fn set_watermark(&self, pipeline: &str, source: &str, value: Option<&str>, by: &str) -> Result<Option<String>>;
+    /// Every watermark set or reset by hand, oldest first.
+    fn watermark_audit(&self, pipeline: &str) -> Result<Vec<WatermarkChange>>;
     /// Record that switch `seq` of the decision was made, with its audit entry (before the
     /// next switch happens). One transaction.
     fn record_switch(&self, id: i64, seq: usize, entry: &PublishEntry) -> Result<()>;

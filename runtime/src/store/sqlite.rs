@@ -123,6 +123,16 @@ CREATE TABLE IF NOT EXISTS source_schema (
     seen_ms      INTEGER NOT NULL,
     UNIQUE (pipeline, source, fingerprint, action)
 );
+CREATE TABLE IF NOT EXISTS watermark_audit (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    pipeline   TEXT NOT NULL,
+    source     TEXT NOT NULL,
+    old_value  TEXT,
+    new_value  TEXT,
+    action     TEXT NOT NULL,
+    by_whom    TEXT NOT NULL,
+    at_ms      INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS checkpoint (
     run_id    INTEGER NOT NULL REFERENCES pipeline_run(id),
     step      TEXT NOT NULL,
@@ -208,7 +218,7 @@ fn upgrade_statements(conn: &Connection) -> rusqlite::Result<String> {
     Ok(out)
 }
 
-const COLUMNS: &str = "id, pipeline, partition, status, attempt, started_at_ms, finished_at_ms, heartbeat_at_ms, pid, host, error, config_sha256, plugins_json, fingerprint, steps_json, staging_json, backfill_id, decided_at_ms, note, proc_start";
+const COLUMNS: &str = "id, pipeline, partition, status, attempt, started_at_ms, finished_at_ms, heartbeat_at_ms, pid, host, error, config_sha256, plugins_json, fingerprint, steps_json, staging_json, backfill_id, decided_at_ms, note, proc_start, watermark_start, watermark_end";
 
 fn read_run(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
     let status: String = row.get(3)?;
@@ -238,6 +248,8 @@ fn read_run(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
         decision: row.get::<_, Option<i64>>(17)?.map(|at_ms| Decision { at_ms, switches: Vec::new() }),
         note: row.get(18)?,
         proc_start: row.get(19)?,
+        watermark_start: row.get(20)?,
+        watermark_end: row.get(21)?,
     })
 }
 
@@ -440,13 +452,32 @@ impl RunStore for SqliteStore {
         Ok(changed == 1)
     }
 
-    fn record_decision(&self, id: i64, steps: &[StepRows], switches: &[PlannedSwitch]) -> Result<()> {
+    fn record_decision(
+        &self,
+        id: i64,
+        steps: &[StepRows],
+        switches: &[PlannedSwitch],
+        watermarks: &[super::WatermarkUpdate],
+    ) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
             "UPDATE pipeline_run SET decided_at_ms = ?2, steps_json = ?3 WHERE id = ?1",
             params![id, now_ms(), serde_json::to_string(steps).unwrap_or_default()],
         )?;
+        // the watermarks move with the decision to publish, in its transaction: never before
+        for w in watermarks {
+            tx.execute(
+                "INSERT INTO watermark (pipeline, source, value, run_id, updated_ms)
+                 SELECT pipeline, ?2, ?3, id, ?4 FROM pipeline_run WHERE id = ?1
+                 ON CONFLICT (pipeline, source) DO UPDATE SET value = excluded.value, run_id = excluded.run_id, updated_ms = excluded.updated_ms",
+                params![id, w.source, w.end, now_ms()],
+            )?;
+            tx.execute(
+                "UPDATE pipeline_run SET watermark_start = ?2, watermark_end = ?3 WHERE id = ?1",
+                params![id, w.start, w.end],
+            )?;
+        }
         for (seq, s) in switches.iter().enumerate() {
             tx.execute(
                 "INSERT INTO commit_switch (run_id, seq, step, kind, staged, target, partition, replaces, token, target_token)
@@ -690,6 +721,64 @@ impl RunStore for SqliteStore {
         Ok(rows)
     }
 
+    fn watermarks(&self, pipeline: &str) -> Result<Vec<super::Watermark>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT source, value, run_id, updated_ms FROM watermark WHERE pipeline = ?1 ORDER BY source")?;
+        let rows = stmt
+            .query_map([pipeline], |r| {
+                Ok(super::Watermark { source: r.get(0)?, value: r.get(1)?, run_id: r.get(2)?, updated_ms: r.get(3)? })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    fn set_watermark(&self, pipeline: &str, source: &str, value: Option<&str>, by: &str) -> Result<Option<String>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let old: Option<String> = tx
+            .query_row(
+                "SELECT value FROM watermark WHERE pipeline = ?1 AND source = ?2",
+                params![pipeline, source],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match value {
+            Some(v) => tx.execute(
+                "INSERT INTO watermark (pipeline, source, value, run_id, updated_ms) VALUES (?1, ?2, ?3, 0, ?4)
+                 ON CONFLICT (pipeline, source) DO UPDATE SET value = excluded.value, run_id = 0, updated_ms = excluded.updated_ms",
+                params![pipeline, source, v, now_ms()],
+            )?,
+            None => tx.execute("DELETE FROM watermark WHERE pipeline = ?1 AND source = ?2", params![pipeline, source])?,
+        };
+        tx.execute(
+            "INSERT INTO watermark_audit (pipeline, source, old_value, new_value, action, by_whom, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![pipeline, source, old, value, if value.is_some() { "set" } else { "reset" }, by, now_ms()],
+        )?;
+        tx.commit()?;
+        Ok(old)
+    }
+
+    fn watermark_audit(&self, pipeline: &str) -> Result<Vec<super::WatermarkChange>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT source, old_value, new_value, action, by_whom, at_ms FROM watermark_audit WHERE pipeline = ?1 ORDER BY id",
+        )?;
+        let rows = stmt
+            .query_map([pipeline], |r| {
+                Ok(super::WatermarkChange {
+                    source: r.get(0)?,
+                    old: r.get(1)?,
+                    new: r.get(2)?,
+                    action: r.get(3)?,
+                    by: r.get(4)?,
+                    at_ms: r.get(5)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
     fn record_schema(&self, pipeline: &str, source: &str, v: &super::SchemaVersion) -> Result<()> {
         self.conn().execute(
             "INSERT OR IGNORE INTO source_schema (pipeline, source, fingerprint, columns_json, action, run_id, seen_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -874,7 +963,7 @@ mod tests {
             target_token: None,
             done_at_ms: None,
         };
-        store.record_decision(id, &[], std::slice::from_ref(&switch)).unwrap();
+        store.record_decision(id, &[], std::slice::from_ref(&switch), &[]).unwrap();
         store
             .record_switch(
                 id,
@@ -963,7 +1052,7 @@ mod tests {
             })
             .collect();
         let rows = [StepRows { step: "s".into(), rows_read: 7, rows_written: 6, rows_skipped: 1, rows_quarantined: 2 }];
-        store.record_decision(id, &rows, &switches).unwrap();
+        store.record_decision(id, &rows, &switches, &[]).unwrap();
         let entry = PublishEntry { step: "s".into(), path: "/o/p0".into(), partition: None, action: "created".into() };
         store.record_switch(id, 0, &entry).unwrap();
         // the process died
@@ -988,7 +1077,7 @@ mod tests {
 
         // a decided run whose publish failed in-process is FAILED, then completed by recovery
         let id = store.begin_run(&new_run("g")).unwrap();
-        store.record_decision(id, &rows, &switches[..1]).unwrap();
+        store.record_decision(id, &rows, &switches[..1], &[]).unwrap();
         store.finish_run(id, Status::Failed, &[], Some("disk full")).unwrap();
         assert_eq!(store.run(id).unwrap().unwrap().steps, rows, "empty rows keep the decision's");
         // until it is completed, no run of the pipeline starts, whatever its partition
@@ -1044,5 +1133,31 @@ mod tests {
         assert!(store.backfills(None, 0).unwrap().is_empty(), "and the backfills table");
         drop(store);
         SqliteStore::open(&path).unwrap(); // and opens again
+    }
+
+    #[test]
+    fn watermarks_move_with_the_decision_and_by_hand_changes_are_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let id = store.begin_run(&new_run("f")).unwrap();
+        assert!(store.watermarks("p").unwrap().is_empty());
+        let w = crate::store::WatermarkUpdate {
+            source: "ev".into(),
+            start: None,
+            end: "2026-01-01T00:00:00.000000Z".into(),
+        };
+        store.record_decision(id, &[], &[], std::slice::from_ref(&w)).unwrap();
+        let marks = store.watermarks("p").unwrap();
+        assert_eq!((marks[0].value.as_str(), marks[0].run_id), ("2026-01-01T00:00:00.000000Z", id));
+        let run = store.run(id).unwrap().unwrap();
+        assert_eq!((run.watermark_start, run.watermark_end.as_deref()), (None, Some("2026-01-01T00:00:00.000000Z")));
+        assert_eq!(
+            store.set_watermark("p", "ev", Some("x"), "me").unwrap().as_deref(),
+            Some("2026-01-01T00:00:00.000000Z")
+        );
+        assert_eq!(store.set_watermark("p", "ev", None, "me").unwrap().as_deref(), Some("x"));
+        assert!(store.watermarks("p").unwrap().is_empty());
+        let audit = store.watermark_audit("p").unwrap();
+        assert_eq!(audit.iter().map(|a| a.action.as_str()).collect::<Vec<_>>(), ["set", "reset"]);
     }
 }

@@ -39,6 +39,7 @@ pub use self::extractor::{ExtractorSetup, ExtractorSource};
 pub(crate) use self::files::corrupt_input;
 pub use self::files::{expand_paths, FileSource};
 pub use self::parquet::{placeholder, CopyColumn};
+pub use self::postgres::Increment;
 use super::encode::CopiedGroup;
 use super::Result;
 use crate::config;
@@ -108,11 +109,30 @@ pub trait Source: Send {
     }
 }
 
-/// Open a configured source for one run (of `partition`, if any). Extractor plugin
-/// sources are opened with [`ExtractorSource::open`], which needs the loaded plugin.
-pub fn open(source: &config::Source, partition: Option<&str>, batch_size: usize) -> Result<Box<dyn Source>> {
+/// A watermark time as text: `2026-12-03T18:30:00.123456Z`.
+pub fn format_micros(us: i64) -> String {
+    match chrono::DateTime::from_timestamp_micros(us) {
+        Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+        None => us.to_string(),
+    }
+}
+
+/// A watermark text that is an RFC 3339 time, in microseconds since 1970.
+pub fn parse_micros(text: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(text.trim()).ok().map(|t| t.timestamp_micros())
+}
+
+/// Open a configured source for one run (of `partition`, if any); an incremental
+/// PostgreSQL source reads `increment`. Extractor plugin sources are opened with
+/// [`ExtractorSource::open`], which needs the loaded plugin.
+pub fn open(
+    source: &config::Source,
+    partition: Option<&str>,
+    batch_size: usize,
+    increment: Option<Increment>,
+) -> Result<Box<dyn Source>> {
     if let Some(pg) = &source.postgres {
-        return Ok(Box::new(postgres::PgSource::open(source, pg, partition, batch_size)?));
+        return Ok(Box::new(postgres::PgSource::open(source, pg, partition, batch_size, increment)?));
     }
     Ok(Box::new(FileSource::open(source, partition, batch_size)?))
 }

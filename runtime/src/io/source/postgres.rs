@@ -91,6 +91,16 @@ pub struct PgSource {
     done: bool,
     /// Stops the query on the server when the read is dropped before its end.
     cancel: Option<postgres::CancelToken>,
+    /// An incremental read: the upper bound it reads to, the next watermark.
+    upper: Option<i64>,
+}
+
+/// An incremental read's bounds, microseconds since 1970: from `lower` (none: from the
+/// start) up to `upper`, which the run fixed when it started.
+#[derive(Debug, Clone, Copy)]
+pub struct Increment {
+    pub lower: Option<i64>,
+    pub upper: i64,
 }
 
 impl Drop for PgSource {
@@ -112,6 +122,7 @@ impl PgSource {
         pg: &config::Postgres,
         partition: Option<&str>,
         batch_size: usize,
+        increment: Option<Increment>,
     ) -> Result<PgSource> {
         let name = source.name.clone();
         let url = pg.url.resolve().map_err(|m| invalid(&name, format!("url: {m}")))?;
@@ -136,12 +147,25 @@ impl PgSource {
         };
         let (schema_tx, schema_rx) = sync_channel::<Result<(SchemaRef, postgres::CancelToken)>>(1);
         let (tx, rx) = sync_channel::<Result<Option<RecordBatch>>>(1);
-        let (sql, thread_name) = (pg.sql.clone(), name.clone());
+        let (mut sql, thread_name) = (pg.sql.clone(), name.clone());
         // the window's bounds in `$n` order, and whether it is an hour
-        let window: Option<Window> = window.map(|(a, b)| Window {
+        let mut window: Option<Window> = window.map(|(a, b)| Window {
             bounds: pg.binds.iter().map(|w| if *w == "start" { a } else { b }).collect(),
             hourly: b - a < 86_400_000_000,
         });
+        if let (Some(inc), Some(column)) = (increment, source.incremental.as_ref().map(|i| &i.column)) {
+            // the increment is bound like the window, after its parameters
+            let w = window.get_or_insert(Window { bounds: Vec::new(), hourly: false });
+            let column = format!("\"{}\"", column.replace('"', "\"\""));
+            let mut cond = Vec::new();
+            if let Some(lower) = inc.lower {
+                w.bounds.push(lower);
+                cond.push(format!("{column} >= ${}", w.bounds.len()));
+            }
+            w.bounds.push(inc.upper);
+            cond.push(format!("{column} < ${}", w.bounds.len()));
+            sql = format!("select * from ({sql}) as weir_increment where {}", cond.join(" and "));
+        }
         let batch = batch_size.clamp(1, i32::MAX as usize) as i32;
         std::thread::Builder::new()
             .name(format!("postgres {name}"))
@@ -150,11 +174,15 @@ impl PgSource {
         let (schema, cancel) = schema_rx
             .recv()
             .map_err(|_| Error::Internal(format!("the reader of source `{name}` stopped before the schema")))??;
-        Ok(PgSource { name, schema, rx, rows: 0, done: false, cancel: Some(cancel) })
+        Ok(PgSource { name, schema, rx, rows: 0, done: false, cancel: Some(cancel), upper: increment.map(|i| i.upper) })
     }
 }
 
 impl Source for PgSource {
+    fn high_watermark(&self) -> Option<String> {
+        self.upper.map(super::format_micros)
+    }
+
     fn schema(&self) -> SchemaRef {
         self.schema.clone()
     }
