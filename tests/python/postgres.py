@@ -361,6 +361,29 @@ output = { path = "out/ev", mode = "merge", key = ["id"] }
         check("--full-refresh reads everything and commits anew", step(r).get("rows_read") == 62 and committed().get("ev", "").startswith("20")
               and not committed()["ev"].startswith("2000"), r.stderr[-300:])
 
+        # the example pipeline: a PostgreSQL orders table extracted incrementally, masked, merged
+        example = root / "examples/postgres-orders"
+        subprocess.run([shutil.which("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "weir", "-d", "postgres",
+                        "-c", "create database demo"], check=True, capture_output=True)
+        demo = f"postgres://weir@127.0.0.1:{port}/demo"
+        r = subprocess.run([shutil.which("psql"), demo, "-v", "ON_ERROR_STOP=1", "-q", "-f", str(example / "orders.sql")],
+                           capture_output=True, text=True)
+        check("the example's demo table loads with psql -f", r.returncode == 0, r.stderr)
+        ex = d / "example"
+        shutil.copytree(example, ex)
+        (ex / "pipeline.toml").write_text((ex / "pipeline.toml").read_text().replace("../../dist", str(root / "dist")))
+        r = run(ex, "run", "pipeline.toml", "--json", url=demo)
+        out = pq.read_table(ex / "out/orders").to_pylist() if r.returncode == 0 else []
+        check("the example extracts the orders table, masked", r.returncode == 0 and len(out) == 1000
+              and all("@" not in o["customer_email"] for o in out), r.stderr[-600:])
+        subprocess.run([shutil.which("psql"), demo, "-c", "update orders set status = 'deleted', updated_at = now() where order_id = 1; "
+                        "update orders set amount = 1.00, updated_at = now() where order_id = 2"], check=True, capture_output=True)
+        r = run(ex, "run", "pipeline.toml", "--json", url=demo)
+        out = {o["order_id"]: o for o in pq.read_table(ex / "out/orders").to_pylist()} if r.returncode == 0 else {}
+        check("its next run reads the two changes: one deleted, one updated",
+              r.returncode == 0 and json.loads(r.stdout)["steps"][0]["rows_read"] == 2 and 1 not in out and str(out[2]["amount"]) == "1.00"
+              and len(out) == 999, r.stderr[-600:])
+
         dead = f"postgres://weir@127.0.0.1:{free_port()}/shop"
         r = run(work, "run", "table.toml", url=dead)
         check("a server that is down fails as external (retrying may help)", r.returncode == 1 and "cannot connect" in r.stderr and "external" in r.stderr, r.stderr)
