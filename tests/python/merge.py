@@ -5,14 +5,17 @@ Five runs of random upserts, deletes (`delete_when`), keys repeated within a run
 wins) and keys that move to another partition; after each run both readers must see exactly
 the oracle's rows. Append adds a run's rows, and an identical rerun adds nothing.
 """
+import json
 import os
 import pathlib
 import random
 import subprocess
 import tempfile
+import time
 
 import duckdb
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from report import check, finish
 
@@ -119,5 +122,45 @@ output = { path = "out/log", partition_by = "day", mode = "append" }
           f"{got} {r2.stderr[-400:]}")
     check("an identical rerun of an append is up to date and adds nothing", r3.returncode == 0 and "up to date" in r3.stderr.lower() and len(duck_rows(d / "out/log")) == 4, r3.stderr[-300:])
     check("pyarrow reads the appended dataset alike", arrow_rows(d / "out/log") == got)
+
+    # file sources by modification time: each run reads the files modified since the last
+    land = d / "land"
+    land.mkdir()
+    (land / "a.csv").write_text("id,v\n1,a\n2,b\n3,c\n")
+    old = time.time() - 3600
+    os.utime(land / "a.csv", (old, old))
+    (d / "files.toml").write_text("""[pipeline]
+name = "files"
+
+[sources.landing]
+format = "csv"
+path = "land/*.csv"
+schema = { id = "int64", v = "string" }
+incremental = { modified = true }
+
+[steps.t]
+input = "landing"
+output = { path = "out/files", mode = "merge", key = ["id"] }
+""")
+
+    def read_json(r):
+        return json.loads(r.stdout)["steps"][0] if r.returncode == 0 else {}
+
+    def files_table():
+        return sorted((r["id"], r["v"]) for r in pq.read_table(d / "out/files").to_pylist())
+
+    r = run(d, "run", "files.toml", "--json")
+    check("a first run reads every file", read_json(r).get("rows_read") == 3 and files_table() == [(1, "a"), (2, "b"), (3, "c")], r.stderr[-400:])
+    (land / "b.csv").write_text("id,v\n3,C\n4,d\n")
+    r = run(d, "run", "files.toml", "--json")
+    check("the next run reads only the file modified since, merged by key",
+          read_json(r).get("rows_read") == 2 and files_table() == [(1, "a"), (2, "b"), (3, "C"), (4, "d")], r.stderr[-400:])
+    (land / "a.csv").write_text("id,v\n1,A\n2,b\n3,c\n")
+    os.utime(land / "b.csv", (old, old))
+    r = run(d, "run", "files.toml", "--json")
+    check("a rewritten file is read again", read_json(r).get("rows_read") == 3 and (1, "A") in files_table(), r.stderr[-400:])
+    (d / "bad.toml").write_text((d / "files.toml").read_text().replace("{ modified = true }", '{ column = "v" }'))
+    r = run(d, "validate", "bad.toml")
+    check("a file source is incremental by modification time only", r.returncode != 0 and "modified = true" in r.stderr, r.stderr)
 
 finish("merge")

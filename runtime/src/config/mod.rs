@@ -150,15 +150,19 @@ struct RawSource {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawIncremental {
-    column: String,
+    column: Option<String>,
+    /// File sources: by the files' modification time.
+    #[serde(default)]
+    modified: bool,
     overlap: Option<String>,
 }
 
 /// `incremental` on a source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Incremental {
-    /// The column whose values only grow as rows change (`updated_at`).
-    pub column: String,
+    /// The column whose values only grow as rows change (`updated_at`); none for a file
+    /// source, which reads the files modified since (`modified = true`).
+    pub column: Option<String>,
     /// How far before the committed watermark a run starts reading again, for rows
     /// committed late; the rows read twice are removed by the step's merge key.
     pub overlap: Duration,
@@ -1217,17 +1221,26 @@ fn parse_sources(
         let incremental = r.incremental.as_ref().and_then(|inc| {
             let at = inc.span().start;
             let i = inc.get_ref();
-            if !matches!(r.format, Format::Postgres | Format::Plugin) {
-                errors.push(ctx.at(
-                    at,
-                    &format!("sources.{name}.incremental applies to postgres and extractor plugin sources"),
-                    Some("a file source reads its files; use {partition} in its path to read new ones"),
-                ));
-                return None;
-            }
-            if i.column.trim().is_empty() {
-                errors.push(ctx.at(at, &format!("sources.{name}.incremental.column is empty"), None));
-                return None;
+            let files = !matches!(r.format, Format::Postgres | Format::Plugin);
+            match (&i.column, i.modified, files) {
+                (None, true, true) => {}
+                (Some(c), false, false) if !c.trim().is_empty() => {}
+                (_, _, true) => {
+                    errors.push(ctx.at(
+                        at,
+                        &format!("sources.{name}.incremental: a file source is incremental by modification time"),
+                        Some("incremental = { modified = true, overlap = \"1m\" }: each run reads the files modified since the last"),
+                    ));
+                    return None;
+                }
+                _ => {
+                    errors.push(ctx.at(
+                        at,
+                        &format!("sources.{name}.incremental needs the `column` that grows as rows change"),
+                        Some("incremental = { column = \"updated_at\", overlap = \"10m\" }"),
+                    ));
+                    return None;
+                }
             }
             let overlap = match i.overlap.as_deref().map(parse_duration) {
                 None => Duration::ZERO,

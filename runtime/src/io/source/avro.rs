@@ -279,7 +279,7 @@ mod tests {
         );
         std::fs::write(dir.join("p.toml"), toml).unwrap();
         let pipeline = crate::config::Pipeline::load(&dir.join("p.toml")).unwrap();
-        FileSource::open(&pipeline.sources["in"], None, batch_size)
+        FileSource::open(&pipeline.sources["in"], None, batch_size, None)
     }
 
     fn ids(src: &mut FileSource) -> Vec<i64> {

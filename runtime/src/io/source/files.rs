@@ -35,6 +35,8 @@ pub struct FileSource {
     skipped_count: u64,
     /// `columns = [...]` on a CSV or JSON-lines source: indices kept from each batch.
     project: Option<Vec<usize>>,
+    /// An incremental read: the newest modification time of the files it reads.
+    watermark: Option<String>,
 }
 
 /// The most columns a CSV header or the inferred keys of JSON lines may have: a hostile
@@ -520,8 +522,46 @@ fn collect_dir(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) -> Result<()> {
 
 impl FileSource {
     /// Open a configured source for one run.
-    pub fn open(source: &crate::config::Source, partition: Option<&str>, batch_size: usize) -> Result<FileSource> {
-        let files = expand_paths(&source.path, partition, source.format)?;
+    /// Open a configured file source; with `increment`, only the files modified in its
+    /// window are read (the schema still comes from every file).
+    pub fn open(
+        source: &crate::config::Source,
+        partition: Option<&str>,
+        batch_size: usize,
+        increment: Option<super::Increment>,
+    ) -> Result<FileSource> {
+        let mut source_files = expand_paths(&source.path, partition, source.format)?;
+        let mut newest = None;
+        let all_files = source_files.clone();
+        if let Some(inc) = increment {
+            let mut kept = Vec::new();
+            for f in source_files {
+                let modified = std::fs::metadata(&f)
+                    .and_then(|m| m.modified())
+                    .map_err(|e| Error::io(&f, e))?
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_micros() as i64)
+                    .unwrap_or(0);
+                // strictly after: the newest file a run read is not read again by the next
+                if inc.lower.is_none_or(|l| modified > l) && modified < inc.upper {
+                    newest = newest.max(Some(modified));
+                    kept.push(f);
+                }
+            }
+            source_files = kept;
+        }
+        let mut opened = FileSource::open_files(source, partition, batch_size, &all_files, source_files)?;
+        opened.watermark = newest.map(super::format_micros);
+        Ok(opened)
+    }
+
+    fn open_files(
+        source: &crate::config::Source,
+        partition: Option<&str>,
+        batch_size: usize,
+        all_files: &[PathBuf],
+        files: Vec<PathBuf>,
+    ) -> Result<FileSource> {
         // A Parquet directory is a dataset: its `key=value` folders become string columns.
         let dir = PathBuf::from(source.path.replace("{partition}", partition.unwrap_or("*")));
         let mut spec = ReadSpec {
@@ -538,13 +578,13 @@ impl FileSource {
             root: (source.format == Format::Parquet && dir.is_dir()).then_some(dir),
             ..ReadSpec::new(source.format, batch_size)
         };
-        let schema = schema_of(&files, source, &spec)?;
+        let schema = schema_of(all_files, source, &spec)?;
         // `columns`: Parquet reads only those; CSV and JSON lines parse all, then keep those.
         let Some(cols) = &source.columns else { return Ok(FileSource::new(schema, files, spec, None)) };
         let mut indices = Vec::new();
         for c in cols {
             indices.push(schema.index_of(c).map_err(|_| Error::Input {
-                file: files[0].clone(),
+                file: all_files[0].clone(),
                 line: 0,
                 column: Some(c.clone()),
                 message: format!(
@@ -563,7 +603,17 @@ impl FileSource {
     }
 
     fn new(schema: SchemaRef, files: Vec<PathBuf>, spec: ReadSpec, project: Option<Vec<usize>>) -> FileSource {
-        FileSource { schema, files, next_file: 0, current: None, spec, skipped: Vec::new(), skipped_count: 0, project }
+        FileSource {
+            schema,
+            files,
+            next_file: 0,
+            current: None,
+            spec,
+            skipped: Vec::new(),
+            skipped_count: 0,
+            project,
+            watermark: None,
+        }
     }
 
     /// Read a Parquet dataset directory (hive partitions become columns of the given
@@ -689,6 +739,10 @@ impl Source for FileSource {
     /// False inside a row group that copies columns: a checkpoint must not split it.
     fn at_boundary(&self) -> bool {
         self.current.as_ref().is_none_or(|f| f.at_row_group_end())
+    }
+
+    fn high_watermark(&self) -> Option<String> {
+        self.watermark.clone()
     }
 
     fn skipped(&self) -> (u64, &[Skipped]) {

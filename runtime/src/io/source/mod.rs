@@ -134,7 +134,7 @@ pub fn open(
     if let Some(pg) = &source.postgres {
         return Ok(Box::new(postgres::PgSource::open(source, pg, partition, batch_size, increment)?));
     }
-    Ok(Box::new(FileSource::open(source, partition, batch_size)?))
+    Ok(Box::new(FileSource::open(source, partition, batch_size, increment)?))
 }
 
 /// What decides a source's content for a run, hashed into the run's fingerprint: an

@@ -153,7 +153,7 @@ impl PgSource {
             bounds: pg.binds.iter().map(|w| if *w == "start" { a } else { b }).collect(),
             hourly: b - a < 86_400_000_000,
         });
-        if let (Some(inc), Some(column)) = (increment, source.incremental.as_ref().map(|i| &i.column)) {
+        if let (Some(inc), Some(column)) = (increment, source.incremental.as_ref().and_then(|i| i.column.as_ref())) {
             // the increment is bound like the window, after its parameters
             let w = window.get_or_insert(Window { bounds: Vec::new(), hourly: false });
             let column = format!("\"{}\"", column.replace('"', "\"\""));
