@@ -850,7 +850,30 @@ fn cmd_validate(path: PathBuf, json: bool, cache_dir: Option<PathBuf>) -> anyhow
     let mut plugins = Vec::new();
     for (name, p) in &pipeline.plugins {
         match engine.load(&p.path, p.sha256.as_deref()) {
-            Ok(lp) => plugins.push(serde_json::json!({"name": name, "world": lp.info.world, "contract_version": lp.info.contract_version, "sha256": lp.info.sha256})),
+            Ok(lp) => {
+                let at = format!("{}:{}: plugin `{name}`", path.display(), p.line);
+                // what a run would refuse at load: an import without its grant, a world used
+                // as another
+                let grants = weir::plugin::Grants {
+                    plugin: name.clone(),
+                    allowed_hosts: p.allowed_hosts.clone(),
+                    ..Default::default()
+                };
+                if let Err(m) = grants.check_imports(&lp.info.imports) {
+                    problems.push(format!("{at}: {m}"));
+                }
+                let world = lp.info.world.as_deref().unwrap_or("unknown");
+                let as_source =
+                    pipeline.sources.values().any(|s| s.extractor.as_ref().is_some_and(|x| &x.plugin == name));
+                let as_transform = pipeline.steps.iter().any(|s| s.transforms.iter().any(|t| &t.plugin == name));
+                if as_source && world != "extractor" {
+                    problems.push(format!("{at}: its world is `{world}`, but a source uses it as an extractor"));
+                }
+                if as_transform && world != "transform" {
+                    problems.push(format!("{at}: its world is `{world}`, but a step uses it as a transform"));
+                }
+                plugins.push(serde_json::json!({"name": name, "world": lp.info.world, "contract_version": lp.info.contract_version, "sha256": lp.info.sha256}))
+            }
             Err(e) => problems.push(format!("{}:{}: plugin `{name}`: {e}", path.display(), p.line)),
         }
     }

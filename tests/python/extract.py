@@ -258,6 +258,26 @@ with tempfile.TemporaryDirectory() as tmp:
         r = run(d, "run", p.name)
         check("a plugin importing wasi:http without allowed_hosts is refused at load",
               r.returncode == 1 and "allowed_hosts" in r.stderr and "wasi:http" in r.stderr and "[plugins.api]" in r.stderr, r.stderr[-800:])
+        r = run(d, "validate", p.name)
+        check("weir validate says so too", r.returncode != 0 and "allowed_hosts" in r.stderr, r.stderr[-800:])
+        (d / "asxform.toml").write_text(f"""[pipeline]
+name = "asxform"
+
+[plugins.api]
+path = "{plugin}"
+allowed_hosts = ["https://example.invalid"]
+
+[sources.in]
+format = "csv"
+path = "in.csv"
+
+[steps.s]
+input = "in"
+transforms = [{{ plugin = "api" }}]
+output = {{ path = "out/asxform" }}
+""")
+        r = run(d, "validate", "asxform.toml")
+        check("an extractor used as a transform is named by weir validate", r.returncode != 0 and "its world is `extractor`, but a step uses it as a transform" in r.stderr, r.stderr[-800:])
 
         # grants are validated with their line
         p = pipeline(d, "badgrant", f'url = "{base}/pages"', 'allowed_hosts = ["api.example.com/v1"]\nheaders = { Authorization = { secret = "nope" } }')
