@@ -74,6 +74,10 @@ fn pg_error(name: &str, what: &str, e: &postgres::Error) -> Error {
 
 /// Rows one fetch from the portal brings at most.
 const FETCH_ROWS: usize = 1024;
+/// About the bytes of values one fetch brings (fewer rows per fetch when rows are wide).
+const FETCH_BYTES: usize = 8 << 20;
+/// Fetches waiting for the decoder at most.
+const FETCHES_AHEAD: usize = 2;
 /// A batch is sent once its values reach this size: string and binary columns stay far
 /// from Arrow's 2 GiB offsets, and memory from `batch_size` times a wide row.
 const MAX_BATCH_BYTES: usize = 64 << 20;
@@ -321,7 +325,7 @@ fn read(
     };
     let cancel = client.cancel_token();
     let started = start(&mut client, name, sql, window);
-    let (mut t, portal, mut cols) = match started {
+    let (mut t, portal, cols) = match started {
         Ok(x) => x,
         Err(e) => {
             let _ = schema_tx.send(Err(e));
@@ -333,11 +337,23 @@ fn read(
     if schema_tx.send(Ok((schema.clone(), cancel))).is_err() {
         return;
     }
-    // rows come in fetches of at most FETCH_ROWS; a batch is sent at `batch` rows or
-    // MAX_BATCH_BYTES of values, whichever comes first (wide rows never pile up)
-    let (mut in_batch, mut bytes) = (0usize, 0usize);
+    // Fetching and decoding overlap: this thread asks for the next rows while the decoder
+    // turns the last ones into columns, so the server is not idle while weir decodes (a
+    // portal fetch is one round trip). At most FETCHES_AHEAD fetches wait between them,
+    // each of at most FETCH_ROWS rows and, going by the rows so far, about FETCH_BYTES.
+    let (rows_tx, rows_rx) = sync_channel::<Vec<postgres::Row>>(FETCHES_AHEAD);
+    let decoder = {
+        let (name, tx) = (name.to_string(), tx.clone());
+        std::thread::Builder::new()
+            .name(format!("postgres {name} decode"))
+            .spawn(move || decode(&name, rows_rx, cols, schema, batch as usize, tx))
+    };
+    let Ok(decoder) = decoder else {
+        let _ = tx.send(Err(source_error(name, "cannot start its decoder".to_string())));
+        return;
+    };
+    let mut want = FETCH_ROWS;
     loop {
-        let want = FETCH_ROWS.min(batch as usize - in_batch);
         let rows = match t.query_portal(&portal, want as i32) {
             Ok(rows) => rows,
             Err(e) => {
@@ -346,41 +362,85 @@ fn read(
             }
         };
         let end = rows.len() < want;
-        let appended = (|| -> Result<()> {
-            for row in &rows {
-                for (i, (col_name, col)) in cols.iter_mut().enumerate() {
-                    let raw: Raw<'_> = row.try_get(i).map_err(|e| pg_error(name, "reading", &e))?;
-                    bytes += raw.0.map_or(0, <[u8]>::len);
-                    col.append(raw.0).map_err(|m| invalid(name, format!("column `{col_name}`: {m}")))?;
-                }
-            }
-            Ok(())
-        })();
-        if let Err(e) = appended {
-            let _ = tx.send(Err(e));
-            return;
+        if !rows.is_empty() {
+            // wide rows: fewer per fetch, so what waits stays near FETCH_BYTES
+            let row_bytes = row_bytes(&rows[..rows.len().min(16)]).max(1);
+            want = (FETCH_BYTES / row_bytes).clamp(1, FETCH_ROWS);
         }
-        in_batch += rows.len();
-        drop(rows);
-        if in_batch > 0 && (end || in_batch >= batch as usize || bytes >= MAX_BATCH_BYTES) {
-            let arrays: Vec<ArrayRef> = cols.iter_mut().map(|(_, c)| c.finish()).collect();
-            let options = arrow_array::RecordBatchOptions::new().with_row_count(Some(in_batch));
-            let built = RecordBatch::try_new_with_options(schema.clone(), arrays, &options)
-                .map(Some)
-                .map_err(|e| Error::Internal(e.to_string()));
-            let failed = built.is_err();
-            if tx.send(built).is_err() || failed {
-                return;
-            }
-            (in_batch, bytes) = (0, 0);
+        if !rows.is_empty() && rows_tx.send(rows).is_err() {
+            // the decoder stopped: it said why
+            return;
         }
         if end {
             break;
         }
     }
-    // read-only: nothing to keep; the end is said only once the result was read whole
+    drop(rows_tx);
+    // the end is said once the decoder sent every row, and the snapshot closed cleanly
+    let decoded = decoder.join().unwrap_or(false);
+    // read-only: nothing to keep
     let _ = t.commit();
-    let _ = tx.send(Ok(None));
+    if decoded {
+        let _ = tx.send(Ok(None));
+    }
+}
+
+/// The bytes of values of these rows (a fetch's first few), per row.
+fn row_bytes(rows: &[postgres::Row]) -> usize {
+    let mut total = 0usize;
+    for row in rows {
+        for i in 0..row.len() {
+            if let Ok(Raw(Some(v))) = row.try_get::<_, Raw<'_>>(i) {
+                total += v.len();
+            }
+        }
+    }
+    total / rows.len().max(1)
+}
+
+/// The decoder thread: fetched rows into the columns; a batch is sent at `batch` rows or
+/// MAX_BATCH_BYTES of values, whichever comes first (wide rows never pile up). Returns
+/// whether every row was decoded and sent.
+fn decode(
+    name: &str,
+    rows_rx: std::sync::mpsc::Receiver<Vec<postgres::Row>>,
+    mut cols: Vec<(String, Col)>,
+    schema: SchemaRef,
+    batch: usize,
+    tx: SyncSender<Result<Option<RecordBatch>>>,
+) -> bool {
+    let (mut in_batch, mut bytes) = (0usize, 0usize);
+    let flush = |cols: &mut Vec<(String, Col)>, in_batch: &mut usize, bytes: &mut usize| -> bool {
+        let arrays: Vec<ArrayRef> = cols.iter_mut().map(|(_, c)| c.finish()).collect();
+        let options = arrow_array::RecordBatchOptions::new().with_row_count(Some(*in_batch));
+        let built = RecordBatch::try_new_with_options(schema.clone(), arrays, &options)
+            .map(Some)
+            .map_err(|e| Error::Internal(e.to_string()));
+        let failed = built.is_err();
+        (*in_batch, *bytes) = (0, 0);
+        tx.send(built).is_ok() && !failed
+    };
+    for rows in rows_rx {
+        for row in &rows {
+            let appended = (|| -> Result<()> {
+                for (i, (col_name, col)) in cols.iter_mut().enumerate() {
+                    let raw: Raw<'_> = row.try_get(i).map_err(|e| pg_error(name, "reading", &e))?;
+                    bytes += raw.0.map_or(0, <[u8]>::len);
+                    col.append(raw.0).map_err(|m| invalid(name, format!("column `{col_name}`: {m}")))?;
+                }
+                Ok(())
+            })();
+            if let Err(e) = appended {
+                let _ = tx.send(Err(e));
+                return false;
+            }
+            in_batch += 1;
+            if (in_batch >= batch || bytes >= MAX_BATCH_BYTES) && !flush(&mut cols, &mut in_batch, &mut bytes) {
+                return false;
+            }
+        }
+    }
+    in_batch == 0 || flush(&mut cols, &mut in_batch, &mut bytes)
 }
 
 /// The read's snapshot, its portal and its columns.
