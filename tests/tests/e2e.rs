@@ -3268,3 +3268,41 @@ fn schema_contracts_record_every_version_and_evolve_freeze_or_fail() {
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("no source `nobody`"), "{}", out.stderr);
 }
+
+#[test]
+fn schema_contracts_map_a_retyped_column_back_and_fill_a_removed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pipeline = |extra: &str| {
+        std::fs::write(
+            d.join("p.toml"),
+            format!(
+                "[pipeline]\nname = \"maps\"\n\n[sources.people]\nformat = \"csv\"\npath = \"in.csv\"\nschema_change = \"evolve\"\n{extra}\n\n[steps.copy]\ninput = \"people\"\noutput = {{ path = \"out\" }}\n"
+            ),
+        )
+        .unwrap();
+    };
+    std::fs::write(d.join("in.csv"), "id,name\n1,ann\n").unwrap();
+    pipeline("");
+    assert_eq!(weir(d, &["run", "p.toml"]).code, 0);
+    // `id` now reads as Float64 and `name` is gone: evolve stops, naming the keys that map them
+    std::fs::write(d.join("in.csv"), "id\n7.0\n").unwrap();
+    let out = weir(d, &["run", "p.toml"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("fill_missing") && out.stderr.contains("cast ="), "{}", out.stderr);
+    pipeline("cast = { id = \"int64\" }\nfill_missing = [\"name\"]");
+    let out = weir(d, &["run", "p.toml"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("no longer has `name`: read as nulls"), "{}", out.stderr);
+    let b = read_parquet(&parquet_files(&d.join("out"))[0].0);
+    let schema = b[0].schema();
+    assert_eq!(schema.field(0).data_type(), &arrow_schema::DataType::Int64);
+    assert_eq!(schema.field(1).name(), "name");
+    assert_eq!(b[0].column(0).as_primitive::<Int64Type>().value(0), 7);
+    assert_eq!(b[0].column(1).null_count(), 1);
+    // a cast of a column the source lacks is named
+    pipeline("cast = { nope = \"int64\" }");
+    let out = weir(d, &["run", "p.toml", "--force"]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("`cast` names `nope`"), "{}", out.stderr);
+}

@@ -145,6 +145,12 @@ struct RawSource {
     schema_change: SchemaChange,
     /// Read from the last committed watermark (less `overlap`) up to the run's start.
     incremental: Option<Spanned<RawIncremental>>,
+    /// Schema contracts: columns cast to a type as they are read (a retyped column mapped
+    /// back), and columns that may go missing (read as nulls of their adopted type).
+    #[serde(default)]
+    cast: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    fill_missing: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -476,6 +482,10 @@ pub struct Source {
     pub extractor: Option<ExtractorRef>,
     pub schema_change: SchemaChange,
     pub incremental: Option<Incremental>,
+    /// Columns cast to these types as they are read (`cast`).
+    pub cast: Vec<(String, DataType)>,
+    /// Columns read as nulls when the source no longer has them (`fill_missing`).
+    pub fill_missing: Vec<String>,
 }
 
 impl Source {
@@ -1282,6 +1292,22 @@ fn parse_sources(
                 extractor,
                 schema_change: r.schema_change,
                 incremental,
+                cast: r
+                    .cast
+                    .iter()
+                    .filter_map(|(col, ty)| match column_type(ty.get_ref()) {
+                        Ok(t) if !t.is_nested() => Some((col.clone(), t)),
+                        _ => {
+                            errors.push(ctx.at(
+                                ty.span().start,
+                                &format!("sources.{name}.cast.{col}: `{}` is not a flat column type", ty.get_ref()),
+                                Some(&format!("one of {}", weir_sdk::util::TYPE_NAMES)),
+                            ));
+                            None
+                        }
+                    })
+                    .collect(),
+                fill_missing: r.fill_missing.clone(),
             },
         );
     }

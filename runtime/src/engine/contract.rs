@@ -80,6 +80,7 @@ impl Diff {
 pub(super) fn apply(ctx: &StepCtx<'_>, config: &SourceConfig, source: Box<dyn Source>) -> Result<Box<dyn Source>> {
     let store = ctx.store;
     let pipeline = &ctx.pipeline.name;
+    let source = cast(config, source)?;
     let schema = source.schema();
     let cols = columns(&schema);
     let version = |action: &str| SchemaVersion {
@@ -94,7 +95,26 @@ pub(super) fn apply(ctx: &StepCtx<'_>, config: &SourceConfig, source: Box<dyn So
         store.record_schema(pipeline, &config.name, &version("initial"))?;
         return Ok(source);
     };
-    let diff = Diff::of(&adopted.columns, &cols);
+    let mut diff = Diff::of(&adopted.columns, &cols);
+    // columns the pipeline says may go missing come back as nulls of their adopted type
+    let filled: Vec<SchemaColumn> =
+        diff.removed.iter().filter(|c| config.fill_missing.contains(&c.name)).cloned().collect();
+    diff.removed.retain(|c| !config.fill_missing.contains(&c.name));
+    let source = if filled.is_empty() {
+        source
+    } else {
+        let mut target = cols.clone();
+        target.extend(filled.iter().cloned());
+        ctx.log(
+            Level::WARN,
+            &format!(
+                "weir: source `{}` no longer has {}: read as nulls (fill_missing)",
+                config.name,
+                filled.iter().map(|c| format!("`{}`", c.name)).collect::<Vec<_>>().join(", ")
+            ),
+        );
+        Box::new(Mapped::new(source, &target)?) as Box<dyn Source>
+    };
     if diff.is_empty() {
         return Ok(source);
     }
@@ -115,7 +135,7 @@ pub(super) fn apply(ctx: &StepCtx<'_>, config: &SourceConfig, source: Box<dyn So
         ),
         SchemaChange::Evolve | SchemaChange::Freeze if breaking => stop(
             "failed",
-            "a removed column or a changed type is not taken in by evolve or freeze: fix the source, or cast or rename the column in a transform",
+            "a removed column or a changed type is not taken in by evolve or freeze: map it with `cast = { COLUMN = \"TYPE\" }` or `fill_missing = [\"COLUMN\"]` on the source, or fix the source",
         ),
         SchemaChange::Evolve => {
             store.record_schema(pipeline, &config.name, &version("evolved"))?;
@@ -134,7 +154,9 @@ pub(super) fn apply(ctx: &StepCtx<'_>, config: &SourceConfig, source: Box<dyn So
                     config.name
                 ),
             );
-            Ok(Box::new(Frozen::new(source, &adopted.columns)?))
+            let kept: Vec<SchemaColumn> =
+                adopted.columns.iter().filter(|c| source.schema().index_of(&c.name).is_ok()).cloned().collect();
+            Ok(Box::new(Mapped::new(source, &kept)?))
         }
         SchemaChange::Record => {
             store.record_schema(pipeline, &config.name, &version("changed"))?;
@@ -150,35 +172,125 @@ pub(super) fn apply(ctx: &StepCtx<'_>, config: &SourceConfig, source: Box<dyn So
     }
 }
 
-/// A source without the columns a frozen schema does not have, in the frozen order.
-struct Frozen {
+/// The source's columns as `cast` says, before anything compares or reads them.
+fn cast(config: &SourceConfig, source: Box<dyn Source>) -> Result<Box<dyn Source>> {
+    if config.cast.is_empty() {
+        return Ok(source);
+    }
+    let schema = source.schema();
+    let mut target = columns(&schema);
+    for (name, ty) in &config.cast {
+        let Some(c) = target.iter_mut().find(|c| &c.name == name) else {
+            return Err(Error::SchemaChanged {
+                source_name: config.name.clone(),
+                message: format!(
+                    "`cast` names `{name}`, which it does not have (its columns: {})",
+                    weir_sdk::util::schema_text(&schema)
+                ),
+            });
+        };
+        c.data_type = ty.to_string();
+        c.nullable = true;
+    }
+    let types: HashMap<&str, &arrow_schema::DataType> = config.cast.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut mapped = Mapped::with_types(source, &target, &types)?;
+    mapped.source_name = config.name.clone();
+    Ok(Box::new(mapped))
+}
+
+/// A column of a mapped source: taken (and maybe cast) from the source, or all nulls.
+enum Take {
+    Column(usize, Option<arrow_schema::DataType>),
+    Nulls(arrow_schema::DataType),
+}
+
+/// A source read as another schema: columns dropped, reordered, cast, or filled with nulls.
+struct Mapped {
     inner: Box<dyn Source>,
-    keep: Vec<usize>,
+    source_name: String,
+    take: Vec<Take>,
     schema: SchemaRef,
 }
 
-impl Frozen {
-    fn new(inner: Box<dyn Source>, frozen: &[SchemaColumn]) -> Result<Frozen> {
+impl Mapped {
+    /// `target`'s columns from the source by name; one it lacks is all nulls of the type
+    /// recorded for it (Arrow's name of it).
+    fn new(inner: Box<dyn Source>, target: &[SchemaColumn]) -> Result<Mapped> {
+        Self::with_types(inner, target, &HashMap::new())
+    }
+
+    fn with_types(
+        inner: Box<dyn Source>,
+        target: &[SchemaColumn],
+        cast_to: &HashMap<&str, &arrow_schema::DataType>,
+    ) -> Result<Mapped> {
         let full = inner.schema();
-        let keep: Vec<usize> = frozen
-            .iter()
-            .map(|c| full.index_of(&c.name).map_err(|e| Error::Internal(format!("frozen column `{}`: {e}", c.name))))
-            .collect::<Result<_>>()?;
-        let schema = std::sync::Arc::new(full.project(&keep).map_err(|e| Error::Internal(e.to_string()))?);
-        Ok(Frozen { inner, keep, schema })
+        let mut take = Vec::new();
+        let mut fields = Vec::new();
+        for c in target {
+            match full.index_of(&c.name) {
+                Ok(i) => {
+                    let f = full.field(i);
+                    match cast_to.get(c.name.as_str()) {
+                        Some(t) if f.data_type() != *t => {
+                            fields.push(arrow_schema::Field::new(&c.name, (*t).clone(), true));
+                            take.push(Take::Column(i, Some((*t).clone())));
+                        }
+                        _ => {
+                            fields.push(f.as_ref().clone());
+                            take.push(Take::Column(i, None));
+                        }
+                    }
+                }
+                Err(_) => {
+                    let t: arrow_schema::DataType = c
+                        .data_type
+                        .parse()
+                        .map_err(|e| Error::Internal(format!("the recorded type of `{}`: {e}", c.name)))?;
+                    fields.push(arrow_schema::Field::new(&c.name, t.clone(), true));
+                    take.push(Take::Nulls(t));
+                }
+            }
+        }
+        Ok(Mapped {
+            inner,
+            source_name: String::new(),
+            take,
+            schema: std::sync::Arc::new(arrow_schema::Schema::new(fields)),
+        })
+    }
+
+    fn map(&self, b: RecordBatch) -> crate::io::Result<RecordBatch> {
+        let mut cols = Vec::with_capacity(self.take.len());
+        for t in &self.take {
+            cols.push(match t {
+                Take::Column(i, None) => b.column(*i).clone(),
+                Take::Column(i, Some(to)) => {
+                    let opts = arrow_cast::CastOptions { safe: false, ..Default::default() };
+                    arrow_cast::cast_with_options(b.column(*i), to, &opts).map_err(|e| {
+                        crate::io::Error::SourceInvalid {
+                            source_name: self.source_name.clone(),
+                            message: format!("`cast` of column `{}`: {e}", self.schema.field(cols.len()).name()),
+                        }
+                    })?
+                }
+                Take::Nulls(to) => arrow_array::new_null_array(to, b.num_rows()),
+            });
+        }
+        let options = arrow_array::RecordBatchOptions::new().with_row_count(Some(b.num_rows()));
+        RecordBatch::try_new_with_options(self.schema.clone(), cols, &options)
+            .map_err(|e| crate::io::Error::Internal(e.to_string()))
     }
 }
 
-impl Source for Frozen {
+impl Source for Mapped {
     fn schema(&self) -> SchemaRef {
         self.schema.clone()
     }
 
     fn next_batch(&mut self) -> Option<crate::io::Result<RecordBatch>> {
-        let keep = &self.keep;
-        self.inner
-            .next_batch()
-            .map(|b| b.and_then(|b| b.project(keep).map_err(|e| crate::io::Error::Internal(e.to_string()))))
+        let b = self.inner.next_batch()?;
+        Some(b.and_then(|b| self.map(b)))
     }
 
     fn position(&self) -> Position {
