@@ -165,7 +165,12 @@ pub(super) fn run(ctx: &StepCtx<'_>, flow: Flow<'_>, started: Instant) -> Result
                 }
             })
         });
-        let seq = ctx.step.output.as_ref().is_some_and(|o| o.mode == crate::config::OutputMode::Merge).then_some(0);
+        let seq = ctx
+            .step
+            .output
+            .as_ref()
+            .is_some_and(|o| o.mode == crate::config::OutputMode::Merge)
+            .then(super::merge::SeqNumbers::default);
         let mut writer = Writer { ctx, sink: Some(sink), quality, shared, schema_ipc: &schema_ipc, out: &mut out, seq };
         let written = writer.drain(rx);
         if written.is_err() {
@@ -382,9 +387,9 @@ struct Writer<'a, 'q> {
     shared: &'a Shared,
     schema_ipc: &'a [u8],
     out: &'a mut Flowed,
-    /// A merge output: the next row's ordinal, written as `_weir_seq` so the merge knows
+    /// A merge output: each row's ordinal, written as `_weir_seq` so the merge knows
     /// which of a key's rows came last (they may land in different partitions).
-    seq: Option<u64>,
+    seq: Option<super::merge::SeqNumbers>,
 }
 
 impl Writer<'_, '_> {
@@ -441,11 +446,7 @@ impl Writer<'_, '_> {
         if rows > 0 {
             let t = CpuTime::now();
             let batch = match &mut self.seq {
-                Some(next) => {
-                    let start = *next;
-                    *next += batch.num_rows() as u64;
-                    super::merge::with_seq(&batch, start)?
-                }
+                Some(numbers) => numbers.number(&batch)?,
                 None => batch,
             };
             self.sink_mut()?.write(&batch)?;

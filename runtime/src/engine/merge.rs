@@ -12,7 +12,7 @@
 //! The keys of the run's rows are held in memory (about the key bytes plus 40 bytes each);
 //! published files are read key columns first, and whole only when they must be rewritten.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,20 +48,34 @@ pub(crate) fn staged_schema(out: Option<&Output>, schema: &SchemaRef) -> Res<Sch
             .field_with_name(column)
             .map_err(|_| format!("the delete_when column `{column}` is not in the step's output"))?;
     }
-    let mut fields: Vec<arrow_schema::FieldRef> = schema.fields().iter().cloned().collect();
-    fields.push(Arc::new(arrow_schema::Field::new(SEQ, DataType::UInt64, false)));
-    Ok(Arc::new(arrow_schema::Schema::new_with_metadata(fields, schema.metadata().clone())))
+    Ok(with_seq_field(schema))
 }
 
-/// `batch` with [`SEQ`] numbering its rows from `start`.
-pub(crate) fn with_seq(batch: &RecordBatch, start: u64) -> crate::Result<RecordBatch> {
-    let seq: ArrayRef = Arc::new(arrow_array::UInt64Array::from_iter_values(start..start + batch.num_rows() as u64));
-    let mut columns = batch.columns().to_vec();
-    columns.push(seq);
-    let mut fields: Vec<arrow_schema::FieldRef> = batch.schema().fields().iter().cloned().collect();
+/// `schema` with [`SEQ`] last.
+fn with_seq_field(schema: &arrow_schema::Schema) -> SchemaRef {
+    let mut fields: Vec<arrow_schema::FieldRef> = schema.fields().iter().cloned().collect();
     fields.push(Arc::new(arrow_schema::Field::new(SEQ, DataType::UInt64, false)));
-    let schema = Arc::new(arrow_schema::Schema::new_with_metadata(fields, batch.schema().metadata().clone()));
-    RecordBatch::try_new(schema, columns).map_err(|e| crate::Error::Internal(format!("numbering merge rows: {e}")))
+    Arc::new(arrow_schema::Schema::new_with_metadata(fields, schema.metadata().clone()))
+}
+
+/// Numbers a merge step's rows in the order they are written ([`SEQ`]); the schema with
+/// the number is built once, on the first batch.
+#[derive(Default)]
+pub(crate) struct SeqNumbers {
+    next: u64,
+    schema: Option<SchemaRef>,
+}
+
+impl SeqNumbers {
+    pub fn number(&mut self, batch: &RecordBatch) -> crate::Result<RecordBatch> {
+        let rows = batch.num_rows() as u64;
+        let seq: ArrayRef = Arc::new(arrow_array::UInt64Array::from_iter_values(self.next..self.next + rows));
+        self.next += rows;
+        let schema = self.schema.get_or_insert_with(|| with_seq_field(&batch.schema())).clone();
+        let mut columns = batch.columns().to_vec();
+        columns.push(seq);
+        RecordBatch::try_new(schema, columns).map_err(|e| crate::Error::Internal(format!("numbering merge rows: {e}")))
+    }
 }
 
 /// What folding the published data in did.
@@ -170,7 +184,7 @@ fn read(path: &Path, columns: Option<&[String]>) -> Res<(SchemaRef, Vec<RecordBa
         let mut idx = Vec::new();
         for c in cols {
             idx.push(
-                schema.index_of(c).map_err(|_| format!("{} has no column `{c}` (the merge key)", path.display()))?,
+                schema.index_of(c).map_err(|_| format!("{} has no column `{c}` (a merge needs it)", path.display()))?,
             );
         }
         let mask = ProjectionMask::roots(b.parquet_schema(), idx);
@@ -199,13 +213,17 @@ fn delete_marks(batch: &RecordBatch, out: &Output) -> Res<Option<Vec<bool>>> {
 
 /// Keep each key's last row of the run (markers dropped); returns every key the run
 /// touched, which published rows lose.
-fn reduce_run_rows(staged: &Path, out: &Output, folded: &mut Folded) -> Res<HashMap<OwnedRow, ()>> {
+fn reduce_run_rows(staged: &Path, out: &Output, folded: &mut Folded) -> Res<HashSet<Box<[u8]>>> {
     let files = parquet_files(staged)?;
     // pass 1: where each key's last row is
     let mut last: HashMap<OwnedRow, (u64, usize, usize, bool)> = HashMap::new();
     let mut conv: Option<(RowConverter, Vec<usize>)> = None;
+    // pass 1 reads only the key, the row numbers and the delete marker
+    let mut needed: Vec<String> = out.key.clone();
+    needed.push(SEQ.to_string());
+    needed.extend(out.delete_when.iter().map(|(c, _)| c.clone()));
     for (fi, rel) in files.iter().enumerate() {
-        let (schema, batches) = read(&staged.join(rel), None)?;
+        let (schema, batches) = read(&staged.join(rel), Some(&needed))?;
         if conv.is_none() {
             conv = Some(converter(&schema, &out.key)?);
         }
@@ -269,7 +287,8 @@ fn reduce_run_rows(staged: &Path, out: &Output, folded: &mut Folded) -> Res<Hash
             .collect::<Res<_>>()?;
         rewrite(&staged.join(rel), &staged.join(rel), plain, &batches, &keep, out)?;
     }
-    Ok(last.into_keys().map(|k| (k, ())).collect())
+    // as bytes, so published rows are looked up without a copy each
+    Ok(last.into_keys().map(|k| Box::from(k.row().as_ref())).collect())
 }
 
 /// Write `batches` without the rows `keep` drops to `to` (through a temporary file); no
@@ -310,7 +329,7 @@ fn fold_published(
     staged: &Path,
     rel: &Path,
     out: &Output,
-    keys: &HashMap<OwnedRow, ()>,
+    keys: &HashSet<Box<[u8]>>,
     folded: &mut Folded,
 ) -> Res<()> {
     let (kschema, kbatches) = read(from, Some(&out.key))?;
@@ -318,7 +337,7 @@ fn fold_published(
     let mut keep = Vec::new();
     for b in &kbatches {
         let rows = c.convert_columns(b.columns()).map_err(|e| e.to_string())?;
-        keep.extend((0..b.num_rows()).map(|i| !keys.contains_key(&rows.row(i).owned())));
+        keep.extend((0..b.num_rows()).map(|i| !keys.contains(rows.row(i).as_ref())));
     }
     let dropped = keep.iter().filter(|k| !**k).count() as u64;
     if dropped == 0 {
