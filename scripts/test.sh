@@ -32,6 +32,8 @@ target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import js
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/readers.py
 echo "==> merge and append outputs, read back by DuckDB and pyarrow against an oracle"
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/merge.py
+echo "==> Delta tables, read back by the deltalake package and DuckDB's delta extension"
+WEIR_BIN="$target_dir/release/weir" "$(./scripts/python-env.sh delta)" tests/python/delta.py
 echo "==> text sources (dialects, encodings, compression) against pyarrow and DuckDB"
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/sources.py
 echo "==> check results against DuckDB"

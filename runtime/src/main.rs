@@ -138,6 +138,13 @@ fn log_filter(spec: &str, default: Level) -> Result<Targets, String> {
     if !has_level {
         parts.insert(0, default.to_string());
     }
+    // the libraries weir drives log their own steps at info (the Delta kernel: every
+    // snapshot and commit): warnings only, unless a directive names them
+    for quiet in ["delta_kernel", "delta_kernel_default_engine", "object_store"] {
+        if !parts.iter().any(|p| p.starts_with(quiet)) {
+            parts.push(format!("{quiet}=warn"));
+        }
+    }
     let spec = parts.join(",");
     spec.parse::<Targets>().map_err(|e| format!("bad log directives `{spec}`: {e}"))
 }
@@ -297,6 +304,31 @@ enum Command {
         /// The run store [default: the pipeline's].
         #[arg(long)]
         state: Option<PathBuf>,
+    },
+    /// Delta tables weir writes (`output.format = "delta"`): their history, and vacuum.
+    ///
+    /// `history` lists the table's versions, newest first, with the weir run that made each
+    /// (pipeline, step, run id) and the files it added and removed. `vacuum` removes data
+    /// files no version in the log references (files of replaced versions once older than
+    /// the retention, and files a run linked before it crashed short of its commit); time
+    /// travel to a version whose files were removed stops working.
+    #[command(
+        after_help = "Examples:\n  weir table history out/orders\n  weir table vacuum out/orders --retention 168h --dry-run\n  weir table vacuum out/orders --retention 0s"
+    )]
+    Table {
+        #[arg(value_parser = ["history", "vacuum"])]
+        action: String,
+        /// The table's directory.
+        path: PathBuf,
+        /// vacuum: keep unreferenced files younger than this (`7d`, `168h`, `30m`, `0s`).
+        #[arg(long, default_value = "7d")]
+        retention: String,
+        /// vacuum: list what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Find runs of a pipeline that died (killed, machine lost) and settle them.
     ///
@@ -559,6 +591,9 @@ fn main() -> ExitCode {
         Command::Backfills { pipeline, json, state } => report(cmd_backfills(pipeline, json, state)),
         Command::Recover { pipeline, state } => report(cmd_recover(pipeline, state)),
         Command::Schema { pipeline, source, json, state } => report(cmd_schema(pipeline, source, json, state)),
+        Command::Table { action, path, retention, dry_run, json } => {
+            report(cmd_table(&action, &path, &retention, dry_run, json))
+        }
         Command::Watermarks { pipeline, action, source, value, json, state } => {
             report(cmd_watermarks(pipeline, action, source, value, json, state))
         }
@@ -1377,6 +1412,61 @@ fn cmd_watermarks(
             a.new.as_deref().unwrap_or("(none)"),
             a.by
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_table(
+    action: &str,
+    path: &std::path::Path,
+    retention: &str,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use weir::io::delta;
+    match action {
+        "history" => {
+            let h = delta::history(path).map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&h)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("{}: {} versions in the log, newest first", path.display(), h.len());
+            for v in &h {
+                let by = match (&v.pipeline, &v.step, v.run) {
+                    (Some(p), Some(s), Some(r)) => format!("weir run #{r} of `{p}`, step `{s}`"),
+                    _ => "not weir".into(),
+                };
+                println!(
+                    "  v{:<5} {}  {:<8} +{} -{} files  {by}",
+                    v.version,
+                    v.timestamp_ms.map(weir::store::format_time).unwrap_or_else(|| "?".into()),
+                    v.operation.as_deref().unwrap_or("?"),
+                    v.added,
+                    v.removed
+                );
+            }
+        }
+        _ => {
+            let keep =
+                weir::config::parse_duration(retention).map_err(|e| anyhow::anyhow!("--retention {retention}: {e}"))?;
+            let v = delta::vacuum(path, keep, dry_run).map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            for f in &v.removed {
+                println!("  {} {f}", if dry_run { "would remove" } else { "removed" });
+            }
+            println!(
+                "{}: {} unreferenced files ({} bytes) {}; {} younger than {retention} kept",
+                path.display(),
+                v.removed.len(),
+                v.bytes,
+                if dry_run { "would be removed" } else { "removed" },
+                v.kept_young
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -345,6 +345,9 @@ pub enum OutputMode {
     /// The run's rows replace the dataset (or, with `--partition`, the partitions written).
     #[default]
     Overwrite,
+    /// The run's rows replace the partitions they fall in; the other partitions stay
+    /// (`partition_by` needed).
+    OverwritePartitions,
     /// The run's rows are added to what is published.
     Append,
     /// Upsert by `key`: a row replaces the published row with the same key (the run's last
@@ -387,8 +390,11 @@ impl Format {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputFormat {
+    /// A folder of Parquet files, switched into place.
     #[default]
     Parquet,
+    /// A Delta Lake table: Parquet files and a transaction log; each run is one commit.
+    Delta,
 }
 
 /// What a source does with a row it cannot read.
@@ -588,6 +594,7 @@ pub struct Output {
     /// Copy the columns no plugin touches from the input's Parquet pages instead of
     /// decoding and encoding them again (`copy_columns`, default true).
     pub copy_columns: bool,
+    pub format: OutputFormat,
     pub mode: OutputMode,
     /// `merge`: the columns that identify a row.
     pub key: Vec<String>,
@@ -1777,7 +1784,11 @@ fn check_outputs(path: &Path, sources: &BTreeMap<String, Source>, steps: &[Step]
                     ));
                 }
             }
-            if let Err(what) = replaceable_output(&o.path) {
+            let usable = match o.format {
+                OutputFormat::Parquet => replaceable_output(&o.path),
+                OutputFormat::Delta => delta_output(&o.path),
+            };
+            if let Err(what) = usable {
                 errors.push(at(
                     format!("steps.{}.output.path {} {what}", s.name, o.path.display()),
                     "publishing replaces the whole directory: give the step a path of its own, or move what is there",
@@ -1881,7 +1892,19 @@ fn parse_steps(
                     &format!("steps.{name}.output: `key` and `delete_when` apply to mode = \"merge\" only"),
                     None,
                 )),
+                OutputMode::OverwritePartitions if o.partition_by.is_none() => errors.push(ctx.at(
+                    at,
+                    &format!("steps.{name}.output: mode = \"overwrite_partitions\" needs `partition_by`"),
+                    Some("partition_by = \"day\": the run replaces the partitions its rows fall in"),
+                )),
                 _ => {}
+            }
+            if o.format == OutputFormat::Delta && o.mode == OutputMode::Merge {
+                errors.push(ctx.at(
+                    at,
+                    &format!("steps.{name}.output: mode = \"merge\" is not supported on Delta outputs yet"),
+                    Some("use mode = \"overwrite_partitions\" or \"append\", or a Parquet output for merges"),
+                ));
             }
             if let (Some(p), true) = (&o.partition_by, o.key.iter().any(|k| o.partition_by.as_ref().is_some_and(|p| p.get_ref() == k))) {
                 errors.push(ctx.at(
@@ -1896,6 +1919,7 @@ fn parse_steps(
                 row_group_size: o.row_group_size.unwrap_or(1 << 20).max(1024),
                 compression,
                 copy_columns: o.copy_columns.unwrap_or(true),
+                format: o.format,
                 mode: o.mode,
                 key: o.key.clone(),
                 delete_when: o.delete_when.as_ref().map(|d| (d.get_ref().column.clone(), d.get_ref().value.clone())),
@@ -2089,6 +2113,23 @@ fn replaceable_output(path: &Path) -> std::result::Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A Delta output's path: nothing yet, a Delta table, or a folder holding only what weir
+/// writes (Parquet files, `key=value` folders: a first commit's files linked before its log).
+fn delta_output(path: &Path) -> std::result::Result<(), String> {
+    if path.join("_delta_log").is_dir() {
+        return Ok(());
+    }
+    replaceable_output(path).map_err(|e| format!("is not a Delta table (no _delta_log) and {e}"))
+}
+
+impl Output {
+    /// Whether the run's staging is completed with the published data before the switch
+    /// (append and merge on a Parquet folder; a Delta table's commit adds and removes).
+    pub fn folds_published(&self) -> bool {
+        self.format == OutputFormat::Parquet && matches!(self.mode, OutputMode::Append | OutputMode::Merge)
+    }
 }
 
 /// The longest CSV record or JSON line read by default, in MiB.

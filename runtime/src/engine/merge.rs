@@ -98,9 +98,9 @@ type Res<T> = Result<T, String>;
 /// Complete the staged unit `staged` with the published unit `target` as `out.mode` says.
 pub(crate) fn fold(staged: &Path, target: &Path, out: &Output) -> Res<Folded> {
     let mut folded = Folded::default();
-    let published = if target.is_dir() { parquet_files(target)? } else { Vec::new() };
+    let published = if target.is_dir() { crate::io::sink::parquet_files(target)? } else { Vec::new() };
     match out.mode {
-        OutputMode::Overwrite => {}
+        OutputMode::Overwrite | OutputMode::OverwritePartitions => {}
         OutputMode::Append => {
             for rel in &published {
                 link(&target.join(rel), staged, rel)?;
@@ -115,31 +115,6 @@ pub(crate) fn fold(staged: &Path, target: &Path, out: &Output) -> Res<Folded> {
         }
     }
     Ok(folded)
-}
-
-/// Every Parquet file under `dir`, relative to it, skipping hidden and `_` names.
-fn parquet_files(dir: &Path) -> Res<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let entries =
-            std::fs::read_dir(dir.join(&rel)).map_err(|e| format!("cannot list {}: {e}", dir.join(&rel).display()))?;
-        for e in entries {
-            let e = e.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || name.starts_with('_') {
-                continue;
-            }
-            let t = e.file_type().map_err(|e| e.to_string())?;
-            if t.is_dir() {
-                stack.push(rel.join(&name));
-            } else if t.is_file() && name.ends_with(".parquet") {
-                out.push(rel.join(&name));
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
 }
 
 /// A name in `dir` like `name` that no file has yet (`part-00000-k1.parquet`).
@@ -214,7 +189,7 @@ fn delete_marks(batch: &RecordBatch, out: &Output) -> Res<Option<Vec<bool>>> {
 /// Keep each key's last row of the run (markers dropped); returns every key the run
 /// touched, which published rows lose.
 fn reduce_run_rows(staged: &Path, out: &Output, folded: &mut Folded) -> Res<HashSet<Box<[u8]>>> {
-    let files = parquet_files(staged)?;
+    let files = crate::io::sink::parquet_files(staged)?;
     // pass 1: where each key's last row is
     let mut last: HashMap<OwnedRow, (u64, usize, usize, bool)> = HashMap::new();
     let mut conv: Option<(RowConverter, Vec<usize>)> = None;

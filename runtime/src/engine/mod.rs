@@ -789,7 +789,7 @@ fn execute(run: &RunCtx<'_>, resume: Option<&[Checkpoint]>) -> Result<Vec<StepSu
 
     debug_pause("before-publish", log);
     run.options.check_cancel()?;
-    let plan = publish::plan(pipeline, run.options.partition.as_deref(), &staged)?;
+    let plan = publish::plan(pipeline, run.run_id, run.options.partition.as_deref(), &staged)?;
     let watermarks: Vec<crate::store::WatermarkUpdate> = summaries.iter().filter_map(|s| s.watermark.clone()).collect();
     store.record_decision(run.run_id, &step_rows(&summaries), &plan, &watermarks)?;
     guard.decided(&plan);

@@ -46,14 +46,18 @@ pub enum Switch {
     Replaced,
     /// Not made: a later run had replaced the target since the decision.
     Superseded,
+    /// A Delta commit: the table version it made.
+    Committed(u64),
 }
 
 impl Switch {
-    pub fn as_str(self) -> &'static str {
+    /// As the run store records it (`weir runs show`).
+    pub fn action(self) -> String {
         match self {
-            Switch::Created => "created",
-            Switch::Replaced => "replaced",
-            Switch::Superseded => "superseded",
+            Switch::Created => "created".into(),
+            Switch::Replaced => "replaced".into(),
+            Switch::Superseded => "superseded".into(),
+            Switch::Committed(v) => format!("committed table version {v}"),
         }
     }
 }
@@ -205,7 +209,7 @@ pub fn switch_dir(new: &Path, target: &Path, log: &dyn Fn(Level, &str)) -> Resul
 /// switches' `kind`.
 pub(super) trait Publisher: Sync {
     /// The switches that publish one step's staged output, in the order they are made.
-    fn plan(&self, staged: &Staged, partition: Option<&str>) -> Result<Vec<PlannedSwitch>, String>;
+    fn plan(&self, staged: &Staged, run: &RunRef<'_>) -> Result<Vec<PlannedSwitch>, String>;
 
     /// Make one switch.
     fn switch(&self, sw: &PlannedSwitch, log: &dyn Fn(Level, &str)) -> Result<Switch, String>;
@@ -218,23 +222,148 @@ pub(super) trait Publisher: Sync {
     fn complete(&self, sw: &PlannedSwitch, log: &dyn Fn(Level, &str)) -> Result<(Switch, bool), String>;
 }
 
+/// The run a plan is made for.
+pub(super) struct RunRef<'a> {
+    pub id: i64,
+    pub pipeline: &'a str,
+    /// The run's `--partition`.
+    pub partition: Option<&'a str>,
+}
+
 /// Local directories switched into place with `renameat2(RENAME_EXCHANGE)`: the Parquet
-/// dataset (whole, or partition by partition in a `--partition` run) and its quarantine.
+/// dataset (whole, or partition by partition in a `--partition` run or with
+/// `mode = "overwrite_partitions"`) and its quarantine.
 pub(super) struct LocalDirs;
 
-/// The publisher of switches of `kind` (`dataset`, `partition` and `quarantine`: all
-/// local directories so far), as recovery finds them in a decision.
-pub(super) fn publisher(_kind: &str) -> &'static dyn Publisher {
-    &LocalDirs
+/// Delta tables: one commit per step (see [`crate::io::delta`]); the quarantine stays a
+/// local directory.
+pub(super) struct DeltaTables;
+
+/// The publisher of switches of `kind` (`dataset`, `partition` and `quarantine`: local
+/// directories; `delta`: a table commit), as recovery finds them in a decision.
+pub(super) fn publisher(kind: &str) -> &'static dyn Publisher {
+    match kind {
+        "delta" => &DeltaTables,
+        _ => &LocalDirs,
+    }
 }
 
 /// The publisher of a step's output.
-fn publisher_for(_output: &Output) -> &'static dyn Publisher {
-    &LocalDirs
+fn publisher_for(output: &Output) -> &'static dyn Publisher {
+    match output.format {
+        crate::config::OutputFormat::Delta => &DeltaTables,
+        crate::config::OutputFormat::Parquet => &LocalDirs,
+    }
+}
+
+/// The quarantine switch of a step that quarantined rows.
+fn quarantine_switch(s: &Staged, out: &Output, partition: Option<&str>) -> Result<Option<PlannedSwitch>, String> {
+    let Some(q) = &s.quarantine else { return Ok(None) };
+    let to = super::staging::quarantine_target(&out.path, partition);
+    let token = dir_token(q).ok_or_else(|| format!("its staged quarantine {} is missing", q.display()))?;
+    let target_token = dir_token(&to);
+    Ok(Some(PlannedSwitch {
+        step: s.step.clone(),
+        kind: "quarantine".into(),
+        replaces: target_token.is_some(),
+        staged: q.clone(),
+        target: to,
+        partition: None,
+        token,
+        target_token,
+        done_at_ms: None,
+    }))
+}
+
+impl Publisher for DeltaTables {
+    fn plan(&self, s: &Staged, run: &RunRef<'_>) -> Result<Vec<PlannedSwitch>, String> {
+        use crate::config::OutputMode;
+        use crate::io::delta::{CommitSpec, Mode, Table};
+        let Some(out) = &s.output else { return Ok(Vec::new()) };
+        let partitioned_run = out.partition_by.is_some() && run.partition.is_some();
+        let mode = match out.mode {
+            OutputMode::Overwrite if partitioned_run => Mode::OverwritePartitions,
+            OutputMode::Overwrite => Mode::Overwrite,
+            OutputMode::OverwritePartitions => Mode::OverwritePartitions,
+            OutputMode::Append => Mode::Append,
+            OutputMode::Merge => return Err("mode = \"merge\" is not supported on Delta outputs yet".into()),
+        };
+        let mut app_id = format!("weir/{}/{}", run.pipeline, s.step);
+        if let Some(p) = run.partition {
+            app_id.push('/');
+            app_id.push_str(p);
+        }
+        let table = Table::local(&out.path)?;
+        let mut replaces = false;
+        if let Some(snap) = table.snapshot()? {
+            replaces = true;
+            if let Some(v) = table.app_version(&snap, &app_id)? {
+                if v >= run.id {
+                    return Err(format!(
+                        "the Delta table {} already holds a commit of run #{v} of this step, and this is run #{}: \
+                         the table was written by runs of another run store; use the store that wrote it (--store), or write a new table",
+                        out.path.display(),
+                        run.id
+                    ));
+                }
+            }
+        }
+        let spec = CommitSpec {
+            app_id,
+            version: run.id,
+            mode,
+            partition_by: out.partition_by.clone(),
+            schema: crate::io::delta::arrow_schema_json(&s.schema)?,
+            pipeline: run.pipeline.to_string(),
+            step: s.step.clone(),
+            run_partition: run.partition.map(String::from),
+        };
+        let token = serde_json::to_string(&spec).map_err(|e| format!("internal error: {e}"))?;
+        let mut plan = vec![PlannedSwitch {
+            step: s.step.clone(),
+            kind: "delta".into(),
+            replaces,
+            staged: s.staging.clone(),
+            target: out.path.clone(),
+            partition: run.partition.map(String::from),
+            token,
+            target_token: None,
+            done_at_ms: None,
+        }];
+        plan.extend(quarantine_switch(s, out, run.partition)?);
+        Ok(plan)
+    }
+
+    fn switch(&self, sw: &PlannedSwitch, log: &dyn Fn(Level, &str)) -> Result<Switch, String> {
+        let spec = delta_spec(sw)?;
+        let c = crate::io::delta::commit(&sw.staged, &sw.target, &spec, &|p| debug_pause(p, log))?;
+        Ok(Switch::Committed(c.version))
+    }
+
+    fn made(&self, sw: &PlannedSwitch) -> bool {
+        let Ok(spec) = delta_spec(sw) else { return false };
+        let Ok(table) = crate::io::delta::Table::local(&sw.target) else { return false };
+        match table.snapshot() {
+            Ok(Some(snap)) => table.app_version(&snap, &spec.app_id).ok().flatten().is_some_and(|v| v >= spec.version),
+            _ => false,
+        }
+    }
+
+    fn complete(&self, sw: &PlannedSwitch, log: &dyn Fn(Level, &str)) -> Result<(Switch, bool), String> {
+        let spec = delta_spec(sw)?;
+        let c = crate::io::delta::commit(&sw.staged, &sw.target, &spec, &|p| debug_pause(p, log))?;
+        Ok((Switch::Committed(c.version), c.now))
+    }
+}
+
+fn delta_spec(sw: &PlannedSwitch) -> Result<crate::io::delta::CommitSpec, String> {
+    serde_json::from_str(&sw.token)
+        .map_err(|e| format!("the decided Delta commit of step `{}` cannot be read: {e}", sw.step))
 }
 
 impl Publisher for LocalDirs {
-    fn plan(&self, s: &Staged, partition: Option<&str>) -> Result<Vec<PlannedSwitch>, String> {
+    fn plan(&self, s: &Staged, run: &RunRef<'_>) -> Result<Vec<PlannedSwitch>, String> {
+        let partition = run.partition;
         let mut plan = Vec::new();
         let Some(out) = &s.output else { return Ok(plan) };
         let mut add = |kind: &str, from: PathBuf, to: PathBuf, partition: Option<String>| -> Result<(), String> {
@@ -253,16 +382,15 @@ impl Publisher for LocalDirs {
             });
             Ok(())
         };
-        if out.partition_by.is_some() && partition.is_some() {
+        let by_partition = partition.is_some() || out.mode == crate::config::OutputMode::OverwritePartitions;
+        if out.partition_by.is_some() && by_partition {
             for p in &s.partitions {
                 add("partition", s.staging.join(p), out.path.join(p), Some(p.clone()))?;
             }
         } else {
             add("dataset", s.staging.clone(), out.path.clone(), None)?;
         }
-        if let Some(q) = &s.quarantine {
-            add("quarantine", q.clone(), super::staging::quarantine_target(&out.path, partition), None)?;
-        }
+        plan.extend(quarantine_switch(s, out, partition)?);
         Ok(plan)
     }
 
@@ -284,15 +412,17 @@ impl Publisher for LocalDirs {
 /// partition it wrote; then its quarantined rows.
 pub(super) fn plan(
     pipeline: &Pipeline,
+    run_id: i64,
     partition: Option<&str>,
     staged: &HashMap<String, Staged>,
 ) -> crate::Result<Vec<PlannedSwitch>> {
+    let run = RunRef { id: run_id, pipeline: &pipeline.name, partition };
     let mut plan = Vec::new();
     for step in &pipeline.steps {
         let s = &staged[&step.name];
         let Some(out) = &s.output else { continue };
         let switches = publisher_for(out)
-            .plan(s, partition)
+            .plan(s, &run)
             .map_err(|message| crate::Error::Publish { step: s.step.clone(), message })?;
         plan.extend(switches);
     }
@@ -325,7 +455,7 @@ pub(super) fn publish(
             step: sw.step.clone(),
             path: sw.target.clone(),
             partition: sw.partition.clone(),
-            action: switch.as_str().into(),
+            action: switch.action(),
         };
         store.record_switch(run_id, seq, &entry)?;
         debug_pause("between-publishes", log);

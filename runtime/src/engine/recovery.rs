@@ -92,7 +92,7 @@ fn complete_decided(store: &dyn RunStore, r: &RunRecord, decision: &Decision, lo
                 step: sw.step.clone(),
                 path: sw.target.clone(),
                 partition: sw.partition.clone(),
-                action: switch.as_str().into(),
+                action: switch.action(),
             };
             store.record_switch(r.id, seq, &entry)?;
         }

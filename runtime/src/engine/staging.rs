@@ -67,12 +67,14 @@ pub fn quarantine_target(output: &Path, partition: Option<&str>) -> PathBuf {
 }
 
 /// Where a step stages its output in run `run_id` (`{run}` for the pattern a run records).
+/// The pipeline's name is part of it: runs of two pipelines (each with its own run ids)
+/// writing one Delta table stage beside it at once.
 pub(super) fn staging_dir(pipeline: &Pipeline, step: &Step, run_id: &str) -> PathBuf {
     match &step.output {
         Some(o) => {
             let name =
                 o.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| step.name.clone());
-            o.path.with_file_name(format!(".{name}.weir-staging-{run_id}"))
+            o.path.with_file_name(format!(".{name}.weir-staging-{}-{run_id}", pipeline.name))
         }
         None => pipeline.file.parent().unwrap_or(Path::new(".")).join(format!(".weir-staging-{}-{run_id}", step.name)),
     }

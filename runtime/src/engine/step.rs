@@ -118,7 +118,7 @@ pub(super) fn run_step(
     // a step with checks only checkpoints when complete (check state is not part of
     // checkpoints); so does an append or merge (folding the published data in rewrites
     // staged files: a resumed run must not find them half done)
-    let folds = ctx.step.output.as_ref().is_some_and(|o| o.mode != crate::config::OutputMode::Overwrite);
+    let folds = ctx.step.output.as_ref().is_some_and(|o| o.folds_published());
     let every = if ctx.step.checks.is_empty() && !folds { ctx.pipeline.checkpoint_every } else { 0 };
     let flow = Flow {
         source,
@@ -174,7 +174,7 @@ pub(super) fn run_step(
 /// `append` and `merge` outputs: complete the staging with the published data (see
 /// [`super::merge`]), per partition in a partition run of a partitioned output.
 fn fold_published(ctx: &StepCtx<'_>, staging: &std::path::Path, partitions: &[String]) -> Result<()> {
-    let Some(out) = ctx.step.output.as_ref().filter(|o| o.mode != crate::config::OutputMode::Overwrite) else {
+    let Some(out) = ctx.step.output.as_ref().filter(|o| o.folds_published()) else {
         return Ok(());
     };
     let units: Vec<(PathBuf, PathBuf)> = if out.partition_by.is_some() && ctx.options.partition.is_some() {
@@ -305,7 +305,11 @@ fn start_transforms(
 /// the last transform's fault if it declared it, else the step's.
 fn check_publishable(ctx: &StepCtx<'_>, schema: &SchemaRef) -> Result<()> {
     let Some(out) = &ctx.step.output else { return Ok(()) };
-    sink::check_output_schema(schema, out.partition_by.as_deref()).map_err(|m| match ctx.step.transforms.last() {
+    let checked = sink::check_output_schema(schema, out.partition_by.as_deref()).and_then(|()| match out.format {
+        crate::config::OutputFormat::Delta => crate::io::delta::check_schema(schema, out.partition_by.as_deref()),
+        crate::config::OutputFormat::Parquet => Ok(()),
+    });
+    checked.map_err(|m| match ctx.step.transforms.last() {
         Some(t) => ctx.plugin_failure(&t.plugin, format!("init declared an output schema weir cannot publish: {m}")),
         None => Error::Output { step: ctx.step.name.clone(), message: m },
     })
@@ -325,8 +329,10 @@ fn plan_copy(
     let step = ctx.step;
     // an append or merge output rewrites what it folds in: nothing to gain, and a merge's
     // staged rows carry a column of their own
-    let copyable =
-        step.output.as_ref().is_none_or(|o| o.copy_columns && o.mode == crate::config::OutputMode::Overwrite);
+    let copyable = step
+        .output
+        .as_ref()
+        .is_none_or(|o| o.copy_columns && !o.folds_published() && o.mode != crate::config::OutputMode::Merge);
     if transforms.is_empty() || !step.checks.is_empty() || !copyable {
         return Vec::new();
     }

@@ -1,5 +1,6 @@
 //! Built-in sources and sinks.
 
+pub mod delta;
 mod dict;
 mod encode;
 pub mod sink;

@@ -94,3 +94,28 @@ pub fn open(output: Option<&Output>, staging: &Path, schema: SchemaRef) -> Resul
 pub fn open_quarantine(staging: &Path, schema: SchemaRef) -> Result<Box<dyn Sink>> {
     Ok(Box::new(ParquetSink::new(staging, schema, None, 1 << 20, Default::default())?))
 }
+
+/// Every Parquet file under `dir`, relative to it, skipping hidden and `_` names.
+pub fn parquet_files(dir: &Path) -> std::result::Result<Vec<std::path::PathBuf>, String> {
+    let mut out = Vec::new();
+    let mut stack = vec![std::path::PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let entries =
+            std::fs::read_dir(dir.join(&rel)).map_err(|e| format!("cannot list {}: {e}", dir.join(&rel).display()))?;
+        for e in entries {
+            let e = e.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || name.starts_with('_') {
+                continue;
+            }
+            let t = e.file_type().map_err(|e| e.to_string())?;
+            if t.is_dir() {
+                stack.push(rel.join(&name));
+            } else if t.is_file() && name.ends_with(".parquet") {
+                out.push(rel.join(&name));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}

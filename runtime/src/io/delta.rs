@@ -1,0 +1,842 @@
+//! Delta Lake tables as outputs (`output.format = "delta"`), through `delta_kernel`.
+//!
+//! weir writes a step's Parquet files itself (its own sink, staged like any output), and a
+//! Delta commit makes them visible. The commit is the run's publish:
+//!
+//! ```text
+//!   staged files (invisible: nothing references them)
+//!     -> the run decides to publish                        (run store)
+//!     -> each staged file hard-linked into the table      (still invisible)
+//!     -> one commit: remove (what the mode replaces) + add (the run's files)
+//!        + txn(app id = weir/PIPELINE/STEP[/PARTITION], version = run id)
+//!     -> the run store records the switch (the table version)
+//! ```
+//!
+//! A crash anywhere before the commit leaves the table as it was (linked files that no
+//! version references are what `weir table vacuum` removes). A crash after the commit and
+//! before the run store recorded it is settled by recovery: the table's transaction
+//! version for the app id is the run's, so the commit is recognised and not made twice.
+//! A concurrent writer's commit makes ours conflict: the removes are computed again on the
+//! new version and the commit retried, so two overwrites of one partition never both show.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, StructArray};
+use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef};
+use delta_kernel::committer::FileSystemCommitter;
+use delta_kernel::engine::arrow_conversion::TryFromArrow;
+use delta_kernel::engine::arrow_data::ArrowEngineData;
+use delta_kernel::schema::{StructField, StructType};
+use delta_kernel::transaction::create_table::create_table;
+use delta_kernel::transaction::data_layout::DataLayout;
+use delta_kernel::transaction::{CommitResult, UpdateTableOperation};
+use delta_kernel::{FilteredEngineData, Snapshot, SnapshotRef};
+use delta_kernel_default_engine::executor::tokio::TokioBackgroundExecutor;
+use delta_kernel_default_engine::DefaultEngine;
+use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+
+use super::sink::{unescape_partition, NULL_PARTITION};
+
+type Res<T> = Result<T, String>;
+
+/// How many times a commit that lost a race to another writer is computed again.
+const COMMIT_ATTEMPTS: usize = 10;
+
+/// How a run's files meet the table (`output.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Replace the whole table.
+    Overwrite,
+    /// Replace the partitions the run wrote; the others stay.
+    OverwritePartitions,
+    /// Add the run's files.
+    Append,
+}
+
+/// Everything a commit needs, decided before the run store records the decision; recovery
+/// commits from it alone (it travels as the switch's token).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CommitSpec {
+    /// The transaction's application id: `weir/PIPELINE/STEP`, and `/PARTITION` in a
+    /// partition run.
+    pub app_id: String,
+    /// The run id: the transaction version.
+    pub version: i64,
+    pub mode: Mode,
+    pub partition_by: Option<String>,
+    /// The step's output schema (Arrow JSON), the table's schema when the run creates it.
+    pub schema: String,
+    /// Recorded in the commit's `operationParameters`.
+    pub pipeline: String,
+    pub step: String,
+    pub run_partition: Option<String>,
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// The table version the run's commit made.
+    pub version: u64,
+    pub added: usize,
+    pub removed: usize,
+    /// Whether this call made it (false: it had been made already).
+    pub now: bool,
+}
+
+/// A table's engine and location.
+pub struct Table {
+    path: PathBuf,
+    url: url::Url,
+    engine: DefaultEngine<TokioBackgroundExecutor>,
+}
+
+fn kernel(what: &str) -> impl Fn(delta_kernel::KernelError) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+impl Table {
+    /// The table at a local directory (it need not exist yet).
+    pub fn local(path: &Path) -> Res<Table> {
+        let abs = std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let url =
+            url::Url::from_directory_path(&abs).map_err(|()| format!("{} is not a valid table path", abs.display()))?;
+        let store = Arc::new(delta_kernel::object_store::local::LocalFileSystem::new());
+        let engine = delta_kernel_default_engine::DefaultEngineBuilder::new(store).build();
+        Ok(Table { path: abs, url, engine })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether a Delta log is there.
+    pub fn exists(&self) -> bool {
+        self.path.join("_delta_log").is_dir()
+    }
+
+    /// The latest version (none: no table yet).
+    pub fn snapshot(&self) -> Res<Option<SnapshotRef>> {
+        if !self.exists() {
+            return Ok(None);
+        }
+        Snapshot::builder_for(self.url.as_str())
+            .build(&self.engine)
+            .map(Some)
+            .map_err(kernel(&format!("cannot read the Delta table at {}", self.path.display())))
+    }
+
+    /// The last transaction version the table recorded for `app_id`.
+    pub fn app_version(&self, snap: &Snapshot, app_id: &str) -> Res<Option<i64>> {
+        snap.get_app_id_version(app_id, &self.engine).map_err(kernel("cannot read the table's transactions"))
+    }
+
+    /// The files of the latest version, with their partition values.
+    pub fn files(&self, snap: &SnapshotRef) -> Res<Vec<TableFile>> {
+        let mut out = Vec::new();
+        for sm in self.scan(snap)? {
+            let (files, _) = visit(&sm)?;
+            out.extend(files);
+        }
+        Ok(out)
+    }
+
+    fn scan(&self, snap: &SnapshotRef) -> Res<Vec<delta_kernel::scan::ScanMetadata>> {
+        let scan = snap.clone().scan_builder().build().map_err(kernel("cannot scan the table"))?;
+        scan.scan_metadata(&self.engine)
+            .map_err(kernel("cannot list the table's files"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(kernel("cannot list the table's files"))
+    }
+}
+
+/// A data file of a table version.
+#[derive(Debug, Clone)]
+pub struct TableFile {
+    pub path: String,
+    pub size: i64,
+    pub rows: Option<i64>,
+    pub partition_values: HashMap<String, String>,
+}
+
+/// The files a scan's metadata selects, in the order of its selected rows.
+fn visit(sm: &delta_kernel::scan::ScanMetadata) -> Res<(Vec<TableFile>, Vec<usize>)> {
+    fn each(files: &mut Vec<TableFile>, f: delta_kernel::scan::state::ScanFile) {
+        files.push(TableFile {
+            path: f.path,
+            size: f.size,
+            rows: f.stats.map(|s| s.num_records as i64),
+            partition_values: f.partition_values,
+        });
+    }
+    let files = sm.visit_scan_files(Vec::new(), each).map_err(kernel("cannot list the table's files"))?;
+    let selected: Vec<usize> =
+        sm.scan_files.selection_vector().iter().enumerate().filter(|(_, s)| **s).map(|(i, _)| i).collect();
+    // a selection vector shorter than the data selects the rows past its end
+    let rows = sm.scan_files.data().len();
+    let mut selected = selected;
+    selected.extend(sm.scan_files.selection_vector().len()..rows);
+    if selected.len() != files.len() {
+        return Err(format!(
+            "internal error (a bug in weir, please report it): {} files visited for {} selected",
+            files.len(),
+            selected.len()
+        ));
+    }
+    Ok((files, selected))
+}
+
+/// Whether a column of `dt` can be stored in a Delta table as weir writes it; the reason if
+/// not. Partition columns are held to the types whose text form Delta and weir agree on.
+pub fn check_schema(schema: &Schema, partition_by: Option<&str>) -> Res<()> {
+    for f in schema.fields() {
+        let dt = plain(f.data_type());
+        let bad = match &dt {
+            DataType::UInt8 | DataType::UInt16 | DataType::UInt32 | DataType::UInt64 => Some(
+                "Delta has no unsigned integers: cast it to a signed type (the cast plugin, or `cast` on the source)",
+            ),
+            DataType::Timestamp(u, _) if *u != arrow_schema::TimeUnit::Microsecond => {
+                Some("Delta timestamps are in microseconds: cast it to timestamp[us] or timestamp[us, UTC]")
+            }
+            DataType::Float16
+            | DataType::Time32(_)
+            | DataType::Time64(_)
+            | DataType::Duration(_)
+            | DataType::Interval(_) => Some("Delta cannot hold this type"),
+            _ => None,
+        };
+        if let Some(why) = bad {
+            return Err(format!("column `{}` has type {}: {why}", f.name(), f.data_type()));
+        }
+        if StructType::try_from_arrow(&Schema::new(vec![Field::new(f.name(), dt.clone(), true)])).is_err() {
+            return Err(format!("column `{}` has type {}, which Delta cannot hold", f.name(), f.data_type()));
+        }
+    }
+    if let Some(p) = partition_by {
+        if let Ok(f) = schema.field_with_name(p) {
+            let ok = matches!(
+                plain(f.data_type()),
+                DataType::Utf8
+                    | DataType::LargeUtf8
+                    | DataType::Utf8View
+                    | DataType::Int8
+                    | DataType::Int16
+                    | DataType::Int32
+                    | DataType::Int64
+                    | DataType::Date32
+                    | DataType::Boolean
+            );
+            if !ok {
+                return Err(format!(
+                    "partition_by column `{p}` has type {}; a Delta table is partitioned by a string, integer, date or boolean column",
+                    f.data_type()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A dictionary column as its values; view types as their plain forms.
+fn plain(dt: &DataType) -> DataType {
+    match dt {
+        DataType::Dictionary(_, v) => plain(v),
+        DataType::Utf8View => DataType::Utf8,
+        DataType::BinaryView => DataType::Binary,
+        other => other.clone(),
+    }
+}
+
+/// The Delta schema of a step's output.
+pub fn delta_schema(schema: &Schema) -> Res<StructType> {
+    let fields: Vec<Field> =
+        schema.fields().iter().map(|f| Field::new(f.name(), plain(f.data_type()), f.is_nullable())).collect();
+    StructType::try_from_arrow(&Schema::new(fields)).map_err(|e| format!("the output's schema has no Delta form: {e}"))
+}
+
+/// A staged file and where it goes in the table.
+struct Placed {
+    staged: PathBuf,
+    /// Relative to the table root, not encoded.
+    rel: String,
+    partition: Option<Option<String>>,
+}
+
+/// Every staged Parquet file (sorted) and its place in the table: the partition directory is
+/// kept, the name carries the run and the app id's hash so that two runs never collide and
+/// placing again after a crash finds the same names.
+fn place(staged: &Path, spec: &CommitSpec) -> Res<Vec<Placed>> {
+    let tag = {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(spec.app_id.as_bytes());
+        h[..4].iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let mut out = Vec::new();
+    for rel in super::sink::parquet_files(staged)? {
+        let rel_s = rel.to_string_lossy().replace('\\', "/");
+        let (dir, name) = match rel_s.rsplit_once('/') {
+            Some((d, n)) => (Some(d.to_string()), n.to_string()),
+            None => (None, rel_s.clone()),
+        };
+        let partition = match (&spec.partition_by, &dir) {
+            (Some(col), Some(d)) => {
+                let v = d
+                    .strip_prefix(&format!("{col}="))
+                    .ok_or_else(|| format!("staged file {rel_s} is not in a `{col}=` partition directory"))?;
+                Some(if v == NULL_PARTITION { None } else { Some(unescape_partition(v)) })
+            }
+            (Some(col), None) => return Err(format!("staged file {rel_s} is not in a `{col}=` partition directory")),
+            (None, _) => None,
+        };
+        let stem = name.strip_suffix(".parquet").unwrap_or(&name);
+        let file = format!("{stem}-r{}-{tag}.parquet", spec.version);
+        let rel = match &dir {
+            Some(d) => format!("{d}/{file}"),
+            None => file,
+        };
+        out.push(Placed { staged: staged.join(&rel_s), rel, partition });
+    }
+    Ok(out)
+}
+
+/// Percent-encode a relative path for `add.path` (RFC 2396), segment by segment.
+fn encode_path(rel: &str) -> String {
+    rel.split('/')
+        .map(|seg| {
+            let mut s = String::with_capacity(seg.len());
+            for b in seg.bytes() {
+                if b.is_ascii_alphanumeric() || b"-_.~=".contains(&b) {
+                    s.push(b as char);
+                } else {
+                    s.push_str(&format!("%{b:02X}"));
+                }
+            }
+            s
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Link the staged files into the table (idempotent: a file already there stays).
+fn link_into(table: &Path, placed: &[Placed]) -> Res<()> {
+    for p in placed {
+        let to = table.join(&p.rel);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        match std::fs::hard_link(&p.staged, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(format!("cannot link {} to {}: {e}", p.staged.display(), to.display()));
+            }
+        }
+    }
+    if let Ok(f) = std::fs::File::open(table) {
+        let _ = f.sync_all();
+    }
+    Ok(())
+}
+
+/// The add-file rows of the placed files: path, partition values, size, time and the
+/// statistics read off each file's footer (row count, null counts, minimum and maximum of
+/// each flat column).
+fn add_files(table: &Path, placed: &[Placed], spec: &CommitSpec, schema: &Schema) -> Res<RecordBatch> {
+    let mut paths = Vec::new();
+    let mut sizes = Vec::new();
+    let mut times = Vec::new();
+    let mut pv = arrow_array::builder::MapBuilder::new(
+        Some(arrow_array::builder::MapFieldNames {
+            entry: "key_value".into(),
+            key: "key".into(),
+            value: "value".into(),
+        }),
+        arrow_array::builder::StringBuilder::new(),
+        arrow_array::builder::StringBuilder::new(),
+    );
+    let data_fields: Vec<&Field> =
+        schema.fields().iter().map(|f| f.as_ref()).filter(|f| Some(f.name()) != spec.partition_by.as_ref()).collect();
+    let stat_fields: Vec<&Field> = data_fields
+        .iter()
+        .copied()
+        .filter(|f| {
+            let dt = plain(f.data_type());
+            !dt.is_nested() && !matches!(dt, DataType::Binary | DataType::LargeBinary | DataType::Null)
+        })
+        .take(32)
+        .collect();
+    let mut rows = Vec::new();
+    let mut nulls: Vec<Vec<Option<i64>>> = vec![Vec::new(); stat_fields.len()];
+    let mut mins: Vec<Vec<ArrayRef>> = vec![Vec::new(); stat_fields.len()];
+    let mut maxs: Vec<Vec<ArrayRef>> = vec![Vec::new(); stat_fields.len()];
+    for p in placed {
+        let path = table.join(&p.rel);
+        let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let meta = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?;
+        let reader = SerializedFileReader::new(file).map_err(|e| format!("{}: {e}", path.display()))?;
+        let md = reader.metadata();
+        paths.push(encode_path(&p.rel));
+        sizes.push(meta.len() as i64);
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        times.push(mtime);
+        if let (Some(col), Some(v)) = (&spec.partition_by, &p.partition) {
+            pv.keys().append_value(col);
+            match v {
+                Some(v) => pv.values().append_value(v),
+                None => pv.values().append_null(),
+            }
+        }
+        pv.append(true).map_err(|e| e.to_string())?;
+        let file_rows = md.file_metadata().num_rows();
+        rows.push(file_rows);
+        let arrow_schema = parquet::arrow::parquet_to_arrow_schema(md.file_metadata().schema_descr(), None)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        for (i, f) in stat_fields.iter().enumerate() {
+            let conv = StatisticsConverter::try_new(f.name(), &arrow_schema, md.file_metadata().schema_descr()).ok();
+            let groups = md.row_groups();
+            let (n, lo, hi) = match conv {
+                Some(c) => {
+                    let n = c
+                        .row_group_null_counts(groups.iter())
+                        .ok()
+                        .and_then(|a| (a.null_count() == 0).then(|| a.values().iter().map(|v| *v as i64).sum::<i64>()));
+                    let lo = c.row_group_mins(groups.iter()).ok();
+                    let hi = c.row_group_maxes(groups.iter()).ok();
+                    (n, lo, hi)
+                }
+                None => (None, None, None),
+            };
+            nulls[i].push(n);
+            let dt = plain(f.data_type());
+            mins[i].push(extreme(lo, &dt, false)?);
+            maxs[i].push(extreme(hi, &dt, true)?);
+        }
+    }
+    let n = placed.len();
+    let mut null_fields = Vec::new();
+    let mut null_cols: Vec<ArrayRef> = Vec::new();
+    let mut min_fields = Vec::new();
+    let (mut min_cols, mut max_cols): (Vec<ArrayRef>, Vec<ArrayRef>) = (Vec::new(), Vec::new());
+    for (i, f) in stat_fields.iter().enumerate() {
+        null_fields.push(Field::new(f.name(), DataType::Int64, true));
+        null_cols.push(Arc::new(Int64Array::from(nulls[i].clone())));
+        let dt = plain(f.data_type());
+        min_fields.push(Field::new(f.name(), dt.clone(), true));
+        let concat = |parts: &[ArrayRef]| -> Res<ArrayRef> {
+            if parts.is_empty() {
+                return Ok(arrow_array::new_null_array(&dt, 0));
+            }
+            let refs: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
+            arrow_select::concat::concat(&refs).map_err(|e| e.to_string())
+        };
+        min_cols.push(concat(&mins[i])?);
+        max_cols.push(concat(&maxs[i])?);
+    }
+    let strukt = |fields: Vec<Field>, cols: Vec<ArrayRef>| -> Res<ArrayRef> {
+        if fields.is_empty() {
+            return Ok(Arc::new(StructArray::new_empty_fields(n, None)));
+        }
+        Ok(Arc::new(StructArray::try_new(Fields::from(fields), cols, None).map_err(|e| e.to_string())?))
+    };
+    let null_count = strukt(null_fields, null_cols)?;
+    let min_values = strukt(min_fields.clone(), min_cols)?;
+    let max_values = strukt(min_fields, max_cols)?;
+    let stats_fields = Fields::from(vec![
+        Field::new("numRecords", DataType::Int64, true),
+        Field::new("nullCount", null_count.data_type().clone(), true),
+        Field::new("minValues", min_values.data_type().clone(), true),
+        Field::new("maxValues", max_values.data_type().clone(), true),
+        Field::new("tightBounds", DataType::Boolean, true),
+    ]);
+    let stats = StructArray::try_new(
+        stats_fields,
+        vec![
+            Arc::new(Int64Array::from(rows)),
+            null_count,
+            min_values,
+            max_values,
+            Arc::new(BooleanArray::from(vec![true; n])),
+        ],
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    let partitions = pv.finish();
+    let batch_schema = Schema::new(vec![
+        Field::new("path", DataType::Utf8, false),
+        Field::new("partitionValues", partitions.data_type().clone(), false),
+        Field::new("size", DataType::Int64, false),
+        Field::new("modificationTime", DataType::Int64, false),
+        Field::new("stats", stats.data_type().clone(), true),
+    ]);
+    RecordBatch::try_new(
+        Arc::new(batch_schema),
+        vec![
+            Arc::new(StringArray::from(paths)),
+            Arc::new(partitions),
+            Arc::new(Int64Array::from(sizes)),
+            Arc::new(Int64Array::from(times)),
+            Arc::new(stats),
+        ],
+    )
+    .map_err(|e| format!("internal error (a bug in weir, please report it): the add-file rows: {e}"))
+}
+
+/// The smallest (or largest) non-null value of a file's per-row-group minimums (maximums),
+/// as a one-row array of `dt`; null when any row group has no statistic.
+fn extreme(values: Option<ArrayRef>, dt: &DataType, largest: bool) -> Res<ArrayRef> {
+    let none = || arrow_array::new_null_array(dt, 1);
+    let Some(values) = values else { return Ok(none()) };
+    if values.is_empty() || values.null_count() > 0 {
+        return Ok(none());
+    }
+    let values = if values.data_type() != dt {
+        match arrow_cast::cast(&values, dt) {
+            Ok(v) => v,
+            Err(_) => return Ok(none()),
+        }
+    } else {
+        values
+    };
+    let conv = arrow_row::RowConverter::new(vec![arrow_row::SortField::new(dt.clone())]).map_err(|e| e.to_string())?;
+    let rows = conv.convert_columns(std::slice::from_ref(&values)).map_err(|e| e.to_string())?;
+    let mut best = 0;
+    for i in 1..rows.num_rows() {
+        let better = if largest { rows.row(i) > rows.row(best) } else { rows.row(i) < rows.row(best) };
+        if better {
+            best = i;
+        }
+    }
+    Ok(values.slice(best, 1))
+}
+
+/// Commit a run's staged files to the table: create it if there is none, skip if the table
+/// already holds this run's commit (its transaction version for the app id), else commit
+/// the adds with the removes the mode calls for, retrying on a concurrent writer's commit.
+/// `pause` is called at `delta-linked` (the files are in the table, not yet committed), for
+/// the crash tests.
+pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, pause: &dyn Fn(&str)) -> Res<Committed> {
+    let table = Table::local(table_path)?;
+    let schema: Schema =
+        serde_json::from_str(&spec.schema).map_err(|e| format!("internal error: the decided schema: {e}"))?;
+    for attempt in 1..=COMMIT_ATTEMPTS {
+        let snap = table.snapshot()?;
+        if let Some(snap) = &snap {
+            if let Some(v) = table.app_version(snap, &spec.app_id)? {
+                if v >= spec.version {
+                    return Ok(Committed { version: snap.version(), added: 0, removed: 0, now: false });
+                }
+            }
+        }
+        // (after the check: a commit made and settled has no staging left)
+        let placed = place(staged, spec)?;
+        let written: HashSet<Option<String>> = placed.iter().filter_map(|p| p.partition.clone()).collect();
+        link_into(&table.path, &placed)?;
+        pause("delta-linked");
+        let adds = add_files(&table.path, &placed, spec, &schema)?;
+        let added = adds.num_rows();
+        let params = operation_parameters(spec);
+        let result = match &snap {
+            None => {
+                let mut layout = DataLayout::None;
+                if let Some(p) = &spec.partition_by {
+                    layout = DataLayout::partitioned([p.as_str()]);
+                }
+                let builder = create_table(table.url.as_str(), Arc::new(delta_schema(&schema)?), engine_info(), true)
+                    .with_data_layout(layout)
+                    .with_transaction_id(spec.app_id.clone(), spec.version)
+                    .with_operation_parameters(params);
+                // another writer may create the table first: then this commit is retried
+                // as an update of its version
+                let created = builder.build(&table.engine, Box::new(FileSystemCommitter::new())).and_then(|mut txn| {
+                    txn.add_files(Box::new(ArrowEngineData::new(adds)));
+                    txn.commit(&table.engine)
+                });
+                match created {
+                    Ok(CommitResult::Committed(c)) => Ok((c.commit_version(), 0)),
+                    Ok(_) => Err(()),
+                    Err(_) if table.exists() => Err(()),
+                    Err(e) => return Err(kernel("cannot create the Delta table")(e)),
+                }
+            }
+            Some(snap) => {
+                let evolved = new_columns(snap, &schema)?;
+                let op = match spec.mode {
+                    Mode::Append => UpdateTableOperation::Write,
+                    Mode::Overwrite | Mode::OverwritePartitions => UpdateTableOperation::Write,
+                };
+                let mut builder = snap
+                    .clone()
+                    .update_table(op, engine_info(), true)
+                    .with_transaction_id(spec.app_id.clone(), spec.version)
+                    .with_operation_parameters(params);
+                for f in evolved {
+                    builder = builder.add_column(f);
+                }
+                let mut txn = builder
+                    .build(&table.engine, Box::new(FileSystemCommitter::new()))
+                    .map_err(kernel("cannot start a commit to the Delta table"))?;
+                let mut removed = 0;
+                if spec.mode != Mode::Append {
+                    for sm in table.scan(snap)? {
+                        let (files, selected) = visit(&sm)?;
+                        let (data, sel) = sm.scan_files.into_parts();
+                        let mut keep = vec![false; data.len()];
+                        for (f, row) in files.iter().zip(selected) {
+                            let replace = match (spec.mode, &spec.partition_by) {
+                                (Mode::OverwritePartitions, Some(col)) => {
+                                    written.contains(&f.partition_values.get(col).cloned())
+                                }
+                                _ => true,
+                            };
+                            if replace && sel.get(row).copied().unwrap_or(true) {
+                                keep[row] = true;
+                                removed += 1;
+                            }
+                        }
+                        let filtered =
+                            FilteredEngineData::try_new(data, keep).map_err(kernel("cannot remove files"))?;
+                        txn.remove_files(filtered);
+                    }
+                }
+                txn.add_files(Box::new(ArrowEngineData::new(adds)));
+                match txn.commit(&table.engine).map_err(kernel("cannot commit to the Delta table"))? {
+                    CommitResult::Committed(c) => Ok((c.commit_version(), removed)),
+                    CommitResult::Conflicted(_) | CommitResult::Retryable(_) => Err(()),
+                }
+            }
+        };
+        match result {
+            Ok((version, removed)) => return Ok(Committed { version, added, removed, now: true }),
+            Err(()) if attempt < COMMIT_ATTEMPTS => continue,
+            Err(()) => {}
+        }
+    }
+    Err(format!(
+        "another writer committed to {} {COMMIT_ATTEMPTS} times while this run tried to; nothing of this run was committed, rerun it",
+        table.path.display()
+    ))
+}
+
+fn engine_info() -> String {
+    format!("weir {}", env!("CARGO_PKG_VERSION"))
+}
+
+fn operation_parameters(spec: &CommitSpec) -> Vec<(String, Option<String>)> {
+    vec![
+        (
+            "mode".into(),
+            Some(serde_json::to_value(spec.mode).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()),
+        ),
+        ("weir.pipeline".into(), Some(spec.pipeline.clone())),
+        ("weir.step".into(), Some(spec.step.clone())),
+        ("weir.run".into(), Some(spec.version.to_string())),
+        ("weir.partition".into(), spec.run_partition.clone()),
+    ]
+}
+
+/// The output's columns the table lacks (added, nullable, in the run's commit); a column
+/// the table has with another type fails, naming it.
+fn new_columns(snap: &Snapshot, schema: &Schema) -> Res<Vec<StructField>> {
+    let table_schema = snap.schema();
+    let ours = delta_schema(schema)?;
+    let mut added = Vec::new();
+    for f in ours.fields() {
+        match table_schema.field(f.name()) {
+            Some(t) if t.data_type() == f.data_type() => {}
+            Some(t) => {
+                return Err(format!(
+                    "column `{}` is {} in the Delta table and {} in the step's output; map it with `cast` on the source, or write a new table",
+                    f.name(),
+                    t.data_type(),
+                    f.data_type()
+                ))
+            }
+            None => added.push(StructField::nullable(f.name().clone(), f.data_type().clone())),
+        }
+    }
+    Ok(added)
+}
+
+/// One version of a table's history.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HistoryEntry {
+    pub version: u64,
+    pub timestamp_ms: Option<i64>,
+    pub operation: Option<String>,
+    /// The weir run that made it, if weir did.
+    pub run: Option<i64>,
+    pub pipeline: Option<String>,
+    pub step: Option<String>,
+    pub added: usize,
+    pub removed: usize,
+}
+
+/// The versions of a local table, newest first, read from its log's commit files (those
+/// the log still holds).
+pub fn history(table: &Path) -> Res<Vec<HistoryEntry>> {
+    let log = table.join("_delta_log");
+    let entries = std::fs::read_dir(&log).map_err(|e| format!("{} is not a Delta table: {e}", table.display()))?;
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(v) = name.strip_suffix(".json").and_then(|s| s.parse::<u64>().ok()) else { continue };
+        let text = std::fs::read_to_string(e.path()).map_err(|e| format!("{name}: {e}"))?;
+        let mut h = HistoryEntry {
+            version: v,
+            timestamp_ms: None,
+            operation: None,
+            run: None,
+            pipeline: None,
+            step: None,
+            added: 0,
+            removed: 0,
+        };
+        for line in text.lines() {
+            let Ok(action) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            if let Some(ci) = action.get("commitInfo") {
+                h.timestamp_ms = ci.get("timestamp").and_then(|t| t.as_i64());
+                h.operation = ci.get("operation").and_then(|t| t.as_str()).map(String::from);
+                let p = ci.get("operationParameters");
+                let param = |k: &str| p.and_then(|p| p.get(k)).and_then(|v| v.as_str()).map(String::from);
+                h.run = param("weir.run").and_then(|r| r.parse().ok());
+                h.pipeline = param("weir.pipeline");
+                h.step = param("weir.step");
+            }
+            h.added += usize::from(action.get("add").is_some());
+            h.removed += usize::from(action.get("remove").is_some());
+        }
+        out.push(h);
+    }
+    out.sort_by_key(|h| std::cmp::Reverse(h.version));
+    Ok(out)
+}
+
+/// What `vacuum` found.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Vacuumed {
+    /// Data files the latest version does not reference, removed (or, dry, to be).
+    pub removed: Vec<String>,
+    pub bytes: u64,
+    /// Unreferenced files kept because they are younger than the retention.
+    pub kept_young: usize,
+}
+
+/// Remove the data files of a local table that its latest version does not reference: the
+/// files of replaced versions once their removal is older than `retention`, and files linked
+/// by a run that crashed before its commit once they are. Time travel to a version whose
+/// files are removed stops working: the retention is how far back readers may travel.
+pub fn vacuum(table_path: &Path, retention: std::time::Duration, dry_run: bool) -> Res<Vacuumed> {
+    let table = Table::local(table_path)?;
+    let Some(snap) = table.snapshot()? else {
+        return Err(format!("{} is not a Delta table (no _delta_log)", table_path.display()));
+    };
+    // the latest version's files stay; a file a commit removed ages from its removal
+    let referenced: HashSet<String> = table.files(&snap)?.into_iter().map(|f| decode_path(&f.path)).collect();
+    let mut removed_at: HashMap<String, i64> = HashMap::new();
+    for e in std::fs::read_dir(table.path.join("_delta_log")).map_err(|e| e.to_string())?.flatten() {
+        if !e.file_name().to_string_lossy().ends_with(".json") {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).map_err(|e| e.to_string())?;
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            let Some(r) = v.get("remove") else { continue };
+            if let (Some(p), Some(t)) =
+                (r.get("path").and_then(|p| p.as_str()), r.get("deletionTimestamp").and_then(|t| t.as_i64()))
+            {
+                let at = removed_at.entry(decode_path(p)).or_insert(t);
+                *at = (*at).max(t);
+            }
+        }
+    }
+    let now = std::time::SystemTime::now();
+    let mut out = Vacuumed::default();
+    let files: BTreeMap<String, PathBuf> = super::sink::parquet_files(&table.path)?
+        .into_iter()
+        .map(|rel| (rel.to_string_lossy().replace('\\', "/"), table.path.join(rel)))
+        .collect();
+    for (rel, p) in files {
+        if referenced.contains(&rel) {
+            continue;
+        }
+        let Ok(meta) = std::fs::metadata(&p) else { continue };
+        // never referenced (a run that died before its commit): its own age
+        let since = match removed_at.get(&rel) {
+            Some(ms) => std::time::UNIX_EPOCH + std::time::Duration::from_millis((*ms).max(0) as u64),
+            None => meta.modified().unwrap_or(now),
+        };
+        let age = now.duration_since(since).unwrap_or_default();
+        if age < retention {
+            out.kept_young += 1;
+            continue;
+        }
+        if !dry_run {
+            std::fs::remove_file(&p).map_err(|e| format!("cannot remove {}: {e}", p.display()))?;
+        }
+        out.bytes += meta.len();
+        out.removed.push(rel);
+    }
+    Ok(out)
+}
+
+/// Undo `add.path`'s percent-encoding.
+fn decode_path(p: &str) -> String {
+    let b = p.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() + 1 && p.is_char_boundary(i + 1) {
+            if let Some(v) = p.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The schema weir's sink writes for a Delta output: the step's output schema.
+pub fn arrow_schema_json(schema: &SchemaRef) -> Res<String> {
+    serde_json::to_string(schema.as_ref()).map_err(|e| format!("internal error: the output schema: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_encoded_and_decoded() {
+        let rel = "day=2024-01-05/a b%c/part-00000-r3-ab.parquet";
+        let enc = encode_path(rel);
+        assert_eq!(enc, "day=2024-01-05/a%20b%25c/part-00000-r3-ab.parquet");
+        assert_eq!(decode_path(&enc), rel);
+        assert_eq!(decode_path("caf%C3%A9"), "café");
+    }
+
+    #[test]
+    fn unwritable_types_are_named() {
+        let s = Schema::new(vec![Field::new("n", DataType::UInt32, true)]);
+        let e = check_schema(&s, None).unwrap_err();
+        assert!(e.contains("`n`") && e.contains("unsigned"), "{e}");
+        let s = Schema::new(vec![Field::new("t", DataType::Float64, true)]);
+        let e = check_schema(&s, Some("t")).unwrap_err();
+        assert!(e.contains("partition_by column `t`"), "{e}");
+        let s = Schema::new(vec![
+            Field::new("d", DataType::Date32, true),
+            Field::new("ts", DataType::Timestamp(arrow_schema::TimeUnit::Microsecond, Some("UTC".into())), true),
+            Field::new("s", DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)), true),
+        ]);
+        check_schema(&s, Some("d")).unwrap();
+    }
+}

@@ -1,0 +1,290 @@
+"""Delta Lake outputs (`output.format = "delta"`), read back by two independent readers: the
+`deltalake` package (delta-rs) and DuckDB's delta extension (delta-kernel-rs), each compared
+with the rows a Python oracle expects.
+
+Covers: a first run creating the table, overwrite, overwrite_partitions and append, a
+`--partition` run, time travel to earlier versions, schema evolution in the run's commit,
+kill -9 before the commit, between linking the files and the commit, and after the commit
+before the run store recorded it (then a rerun: every row exactly once), a failed check
+(no commit, no files), two writers racing on one table, `weir table history` and `vacuum`,
+and types Delta cannot hold.
+"""
+import json
+import os
+import pathlib
+import site
+import subprocess
+import tempfile
+
+import deltalake
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from report import check, finish
+
+weir = os.environ["WEIR_BIN"]
+root = pathlib.Path(__file__).resolve().parents[2]
+env = dict(os.environ, WEIR_CACHE_DIR=str(root / "target/weir-test-cache"))
+for k in ("WEIR_OPENLINEAGE_URL", "WEIR_PUSHGATEWAY_URL", "WEIR_DEBUG_PAUSE"):
+    env.pop(k, None)
+ext_dir = next(pathlib.Path(p) / "duckdb_ext" / "extensions" for p in site.getsitepackages()
+               if (pathlib.Path(p) / "duckdb_ext").is_dir())
+
+
+def run(d, *args, extra=None):
+    return subprocess.run([weir, *args], cwd=d, env=dict(env, **(extra or {})), capture_output=True, text=True, timeout=300)
+
+
+def duck(path, version=None):
+    con = duckdb.connect()
+    con.execute(f"SET extension_directory = '{ext_dir}'")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("LOAD delta")
+    if version is None:
+        q = f"select id, day, name from delta_scan('{path}') order by id"
+    else:
+        con.execute(f"ATTACH '{path}' AS t (TYPE delta, VERSION {version})")
+        q = "select id, day, name from t order by id"
+    return [(r[0], str(r[1]), r[2]) for r in con.execute(q).fetchall()]
+
+
+def delta_rows(path, version=None, cols=("id", "day", "name")):
+    t = deltalake.DeltaTable(str(path), version=version).to_pyarrow_table().to_pylist()
+    return sorted(tuple(str(r[c]) if c == "day" else r[c] for c in cols) for r in t)
+
+
+def write_csv(d, rows, extra=None):
+    head = "id,day,name" + ("," + extra if extra else "")
+    (d / "in.csv").write_text(head + "\n" + "".join(",".join(str(x) for x in r) + "\n" for r in rows))
+
+
+PIPE = """[pipeline]
+name = "{name}"
+
+[sources.in]
+format = "csv"
+path = "in.csv"
+schema = {{ id = "int64", day = "date", name = "string"{extra} }}
+schema_change = "evolve"
+
+[steps.load]
+input = "in"
+output = {{ format = "delta", path = "{path}", partition_by = "day", mode = "{mode}" }}
+{checks}"""
+
+
+def pipeline(d, mode, name="delta", path="out/table", extra="", checks="", file="p.toml"):
+    (d / file).write_text(PIPE.format(name=name, path=path, mode=mode, extra=extra, checks=checks))
+    return file
+
+
+def readers_agree(label, path, want, version=None):
+    got_delta = delta_rows(path, version)
+    got_duck = sorted(duck(path, version))
+    check(f"{label}: deltalake reads the oracle's rows", got_delta == sorted(want), f"{got_delta} != {sorted(want)}")
+    check(f"{label}: DuckDB's delta extension reads the oracle's rows", got_duck == sorted(want), f"{got_duck} != {sorted(want)}")
+
+
+def killed_at(d, point, *args):
+    p = subprocess.Popen([weir, "run", *args], cwd=d, env=dict(env, WEIR_DEBUG_PAUSE=f"{point}:60000"),
+                         stderr=subprocess.PIPE, text=True)
+    seen = False
+    for line in p.stderr:
+        if f"debug pause at {point}" in line:
+            seen = True
+            break
+    p.kill()
+    p.wait(timeout=30)
+    return seen
+
+
+with tempfile.TemporaryDirectory() as tmp:
+    d = pathlib.Path(tmp)
+    table = d / "out/table"
+
+    # --- overwrite: the first run creates the table; the next replaces it
+    pipeline(d, "overwrite")
+    v0 = [(1, "2026-01-01", "a"), (2, "2026-01-02", "b"), (3, "2026-01-02", "c")]
+    write_csv(d, v0)
+    r = run(d, "run", "p.toml")
+    check("a first run creates the Delta table", r.returncode == 0 and (table / "_delta_log").is_dir(), r.stderr[-800:])
+    readers_agree("version 0", table, v0)
+    log0 = (table / "_delta_log/00000000000000000000.json").read_text()
+    check("the commit carries the run's transaction id and file statistics",
+          '"txn"' in log0 and '"appId":"weir/delta/load"' in log0 and '\\"numRecords\\":' in log0 and '\\"minValues\\":' in log0,
+          log0[:600])
+    v1 = [(4, "2026-01-03", "d"), (5, "2026-01-01", "e")]
+    write_csv(d, v1)
+    r = run(d, "run", "p.toml")
+    readers_agree("overwrite replaces the table (version 1)", table, v1)
+    check("time travel: deltalake reads version 0 as it was", delta_rows(table, 0) == sorted(v0), str(delta_rows(table, 0)))
+    check("time travel: DuckDB reads version 0 as it was", sorted(duck(table, 0)) == sorted(v0), str(duck(table, 0)))
+    shown = json.loads(run(d, "runs", "show", "2", "--pipeline", "p.toml", "--json").stdout or "{}")
+    actions = [p.get("action") for p in shown.get("published", [])]
+    check("weir runs show names the table version the run committed", "committed table version 1" in actions, str(shown)[:600])
+
+    # --- overwrite_partitions: only the partitions the run wrote are replaced
+    pipeline(d, "overwrite_partitions")
+    v2 = [(6, "2026-01-01", "f"), (7, "2026-01-04", "g")]
+    write_csv(d, v2)
+    r = run(d, "run", "p.toml")
+    want = [(4, "2026-01-03", "d")] + v2
+    check("an overwrite_partitions run succeeds", r.returncode == 0, r.stderr[-800:])
+    readers_agree("overwrite_partitions keeps the partitions the run did not write", table, want)
+
+    # --- a --partition run of mode overwrite replaces that partition only
+    pipeline(d, "overwrite")
+    v3 = [(8, "2026-01-04", "h")]
+    write_csv(d, v3)
+    r = run(d, "run", "p.toml", "--partition", "2026-01-04")
+    want = [(4, "2026-01-03", "d"), (6, "2026-01-01", "f"), (8, "2026-01-04", "h")]
+    check("a --partition run succeeds", r.returncode == 0, r.stderr[-800:])
+    readers_agree("a --partition run replaces the partition it wrote", table, want)
+
+    # --- append, and schema evolution in the same commit
+    pipeline(d, "append", extra=', note = "string"')
+    write_csv(d, [(9, "2026-01-05", "i", "new")], extra="note")
+    r = run(d, "run", "p.toml")
+    check("an append run with a new column succeeds", r.returncode == 0, r.stderr[-800:])
+    dt = deltalake.DeltaTable(str(table))
+    fields = [f.name for f in dt.schema().fields]
+    check("the new column is added to the table's schema in the run's commit", fields[-1] == "note" and "note" in fields, str(fields))
+    notes = sorted((r["id"], r["note"]) for r in dt.to_pyarrow_table().to_pylist())
+    check("older rows read the new column as null, the new row its value",
+          notes == [(4, None), (6, None), (8, None), (9, "new")], str(notes))
+    want = want + [(9, "2026-01-05", "i")]
+    readers_agree("append adds the run's rows", table, want)
+
+    # --- kill -9 around the commit; the next run settles it: every row once
+    write_csv(d, [(10, "2026-01-06", "j", "x")], extra="note")
+    seen = killed_at(d, "after-decision", "p.toml")
+    check("killed after the decision, before the commit: the table is as it was",
+          seen and delta_rows(table) == sorted(want), str(delta_rows(table)))
+    r = run(d, "run", "p.toml")
+    want = want + [(10, "2026-01-06", "j")]
+    check("the next run completes the decided commit (once) and finds its input unchanged",
+          r.returncode == 0 and "completed" in r.stderr.lower(), r.stderr[-800:])
+    readers_agree("after a crash before the commit", table, want)
+
+    write_csv(d, [(11, "2026-01-06", "k", "y")], extra="note")
+    seen = killed_at(d, "delta-linked", "p.toml")
+    linked = [p for p in table.rglob("*.parquet") if "-r" in p.name]
+    check("killed between linking the files and the commit: readers do not see them",
+          seen and delta_rows(table) == sorted(want), str(delta_rows(table)))
+    r = run(d, "run", "p.toml")
+    want = want + [(11, "2026-01-06", "k")]
+    check("recovery commits the linked files once", r.returncode == 0, r.stderr[-800:])
+    readers_agree("after a crash between link and commit", table, want)
+
+    write_csv(d, [(12, "2026-01-07", "l", "z")], extra="note")
+    versions_before = len(deltalake.DeltaTable(str(table)).history())
+    seen = killed_at(d, "after-switch", "p.toml")
+    versions_mid = len(deltalake.DeltaTable(str(table)).history())
+    check("killed after the commit, before the run store recorded it: the commit is there",
+          seen and versions_mid == versions_before + 1, f"{versions_before} {versions_mid}")
+    r = run(d, "run", "p.toml")
+    want = want + [(12, "2026-01-07", "l")]
+    check("recovery recognises the commit by its transaction id and does not make it twice",
+          r.returncode == 0 and len(deltalake.DeltaTable(str(table)).history()) == versions_mid, r.stderr[-800:])
+    readers_agree("after a crash after the commit", table, want)
+
+    # --- a failed check: no commit, no files in the table
+    checks = '\n[[steps.load.checks]]\ncheck = "row_count"\nmin = 100\n'
+    pipeline(d, "append", extra=', note = "string"', checks=checks)
+    write_csv(d, [(13, "2026-01-08", "m", "w")], extra="note")
+    files_before = sorted(p.name for p in table.rglob("*.parquet"))
+    versions_before = len(deltalake.DeltaTable(str(table)).history())
+    r = run(d, "run", "p.toml")
+    check("a failed check stops the run", r.returncode != 0 and "row_count" in r.stderr, r.stderr[-500:])
+    check("a failed check makes no commit and leaves no file in the table",
+          len(deltalake.DeltaTable(str(table)).history()) == versions_before
+          and sorted(p.name for p in table.rglob("*.parquet")) == files_before)
+
+    # --- history and vacuum
+    h = json.loads(run(d, "table", "history", "out/table", "--json").stdout or "[]")
+    check("weir table history lists every version with the run that made it",
+          [v["version"] for v in h] == list(range(len(h) - 1, -1, -1)) and all(v["run"] for v in h) and h[0]["pipeline"] == "delta",
+          str(h)[:500])
+    text = run(d, "table", "history", "out/table").stdout
+    check("weir table history as text", "weir run #" in text and "v0" in text, text)
+    r = run(d, "table", "vacuum", "out/table", "--retention", "0s", "--dry-run", "--json")
+    dry = json.loads(r.stdout or "{}")
+    check("vacuum --dry-run lists the replaced files and removes nothing",
+          len(dry.get("removed", [])) >= 3 and all((table / f).exists() for f in dry.get("removed", [])), r.stdout + r.stderr)
+    r = run(d, "table", "vacuum", "out/table", "--retention", "0s", "--json")
+    done = json.loads(r.stdout or "{}")
+    check("vacuum removes the files no version references", done.get("removed") == dry.get("removed")
+          and not any((table / f).exists() for f in done.get("removed", [])), r.stdout + r.stderr)
+    readers_agree("after vacuum the latest version reads the same", table, want)
+    r = run(d, "table", "vacuum", "out/table")
+    check("vacuum keeps unreferenced files younger than the default retention", r.returncode == 0 and "0 unreferenced" in r.stdout, r.stdout)
+
+    # --- two writers on one table: different partitions both commit; one partition: never both
+    a, b = d / "a", d / "b"
+    for w in (a, b):
+        w.mkdir()
+    shared = str(d / "shared")
+    pipeline(a, "overwrite_partitions", name="writer_a", path=shared)
+    pipeline(b, "overwrite_partitions", name="writer_b", path=shared)
+    write_csv(a, [(1, "2026-02-01", "a1")])
+    write_csv(b, [(2, "2026-02-02", "b1")])
+    p = subprocess.Popen([weir, "run", "p.toml"], cwd=a, env=dict(env, WEIR_DEBUG_PAUSE="delta-linked:3000"),
+                         stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:
+        if "debug pause at delta-linked" in line:
+            break
+    rb = run(b, "run", "p.toml")
+    rest = p.stderr.read()
+    p.wait(timeout=120)
+    check("two writers of different partitions both commit (the later retries on the new version)",
+          rb.returncode == 0 and p.returncode == 0 and delta_rows(shared) == [(1, "2026-02-01", "a1"), (2, "2026-02-02", "b1")],
+          f"{rb.stderr[-300:]} {rest[-300:]} {delta_rows(shared)}")
+    write_csv(a, [(3, "2026-02-03", "a2")])
+    write_csv(b, [(4, "2026-02-03", "b2")])
+    p = subprocess.Popen([weir, "run", "p.toml"], cwd=a, env=dict(env, WEIR_DEBUG_PAUSE="delta-linked:3000"),
+                         stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:
+        if "debug pause at delta-linked" in line:
+            break
+    rb = run(b, "run", "p.toml")
+    p.stderr.read()
+    p.wait(timeout=120)
+    rows = delta_rows(shared)
+    day3 = [x for x in rows if x[1] == "2026-02-03"]
+    check("two writers of one partition: one's rows, never both", rb.returncode == 0 and p.returncode == 0
+          and day3 in ([(3, "2026-02-03", "a2")], [(4, "2026-02-03", "b2")]), str(rows))
+    readers_agree("after racing writers", shared, rows)
+
+    # --- what Delta cannot hold is refused before any row is read, naming the column
+    bad = d / "bad"
+    bad.mkdir()
+    (bad / "in.csv").write_text("id,day,name\n1,2026-01-01,a\n")
+    pq.write_table(pa.table({"id": pa.array([1], pa.uint32()), "day": ["2026-01-01"], "name": ["a"]}), bad / "u.parquet")
+    (bad / "u.toml").write_text("""[pipeline]
+name = "unsigned"
+
+[sources.in]
+format = "parquet"
+path = "u.parquet"
+
+[steps.load]
+input = "in"
+output = { format = "delta", path = "out/t" }
+""")
+    r = run(bad, "run", "u.toml")
+    check("an unsigned column is refused, naming it and what to do",
+          r.returncode != 0 and "`id`" in r.stderr and "unsigned" in r.stderr and not (bad / "out/t/_delta_log").exists(), r.stderr[-500:])
+    (bad / "out/x").mkdir(parents=True)
+    (bad / "out/x/notes.txt").write_text("mine")
+    (bad / "p.toml").write_text(PIPE.format(name="bad", path="out/x", mode="overwrite", extra="", checks=""))
+    r = run(bad, "run", "p.toml")
+    check("a folder holding other files that is not a Delta table is refused",
+          r.returncode != 0 and "not a Delta table" in r.stderr and "notes.txt" in r.stderr,
+          r.stderr[-500:])
+    (bad / "p.toml").write_text(PIPE.format(name="bad", path="out/m", mode="merge", extra="", checks=""))
+    r = run(bad, "validate", "p.toml")
+    check("merge on a Delta output is refused at validation, saying what to use", r.returncode != 0 and "not supported on Delta" in r.stderr,
+          r.stderr[-500:])
+
+finish("delta")
