@@ -329,6 +329,7 @@ struct RawOutput {
     #[serde(default)]
     key: Vec<String>,
     delete_when: Option<Spanned<RawDeleteWhen>>,
+    sequence_by: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -364,6 +365,8 @@ pub enum OutputMode {
 pub enum Format {
     Csv,
     Jsonl,
+    /// Debezium change events, as JSON lines (one row per event, with `_op` and `_lsn`).
+    Debezium,
     Parquet,
     Avro,
     /// A PostgreSQL table or query (not files).
@@ -378,6 +381,7 @@ impl Format {
         match self {
             Format::Csv => "csv",
             Format::Jsonl => "jsonl",
+            Format::Debezium => "debezium",
             Format::Parquet => "parquet",
             Format::Avro => "avro",
             Format::Postgres => "postgres",
@@ -600,10 +604,13 @@ pub struct Output {
     pub key: Vec<String>,
     /// `merge`: a row whose `column` reads as `value` deletes its key.
     pub delete_when: Option<(String, String)>,
+    /// `merge`: the column that orders a key's rows (a change event's log position): the
+    /// highest wins, within the run and against published rows and remembered deletes.
+    pub sequence_by: Option<String>,
 }
 
 /// How output Parquet pages are compressed (`output.compression`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub enum Codec {
     /// zstd at a level from 1 (fastest) to 22.
     Zstd(i32),
@@ -1887,9 +1894,9 @@ fn parse_steps(
                     Some("key = [\"id\"]: the columns that identify a row"),
                 )),
                 OutputMode::Merge => {}
-                _ if !o.key.is_empty() || o.delete_when.is_some() => errors.push(ctx.at(
+                _ if !o.key.is_empty() || o.delete_when.is_some() || o.sequence_by.is_some() => errors.push(ctx.at(
                     at,
-                    &format!("steps.{name}.output: `key` and `delete_when` apply to mode = \"merge\" only"),
+                    &format!("steps.{name}.output: `key`, `delete_when` and `sequence_by` apply to mode = \"merge\" only"),
                     None,
                 )),
                 OutputMode::OverwritePartitions if o.partition_by.is_none() => errors.push(ctx.at(
@@ -1899,11 +1906,12 @@ fn parse_steps(
                 )),
                 _ => {}
             }
-            if o.format == OutputFormat::Delta && o.mode == OutputMode::Merge {
+
+            if let (Some(c), OutputFormat::Delta) = (&o.sequence_by, o.format) {
                 errors.push(ctx.at(
-                    at,
-                    &format!("steps.{name}.output: mode = \"merge\" is not supported on Delta outputs yet"),
-                    Some("use mode = \"overwrite_partitions\" or \"append\", or a Parquet output for merges"),
+                    c.span().start,
+                    &format!("steps.{name}.output: `sequence_by` is supported on Parquet outputs only, not yet on Delta tables"),
+                    Some("write the change events' merge to a Parquet output (format = \"parquet\")"),
                 ));
             }
             if let (Some(p), true) = (&o.partition_by, o.key.iter().any(|k| o.partition_by.as_ref().is_some_and(|p| p.get_ref() == k))) {
@@ -1923,6 +1931,7 @@ fn parse_steps(
                 mode: o.mode,
                 key: o.key.clone(),
                 delete_when: o.delete_when.as_ref().map(|d| (d.get_ref().column.clone(), d.get_ref().value.clone())),
+                sequence_by: o.sequence_by.as_ref().map(|c| c.get_ref().clone()),
             }
         });
         let retry = step_retry.get(name).or_else(|| source_retry.get(input)).copied().unwrap_or(Retry::NONE);
@@ -2107,7 +2116,10 @@ fn replaceable_output(path: &Path) -> std::result::Result<(), String> {
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-        let ours = name.starts_with('.') || (is_dir && name.contains('=')) || (!is_dir && name.ends_with(".parquet"));
+        let ours = name.starts_with('.')
+            || name.starts_with("_weir")
+            || (is_dir && name.contains('='))
+            || (!is_dir && name.ends_with(".parquet"));
         if !ours {
             return Err(format!("holds `{name}`, which is not part of a dataset weir wrote"));
         }
@@ -2129,6 +2141,13 @@ impl Output {
     /// (append and merge on a Parquet folder; a Delta table's commit adds and removes).
     pub fn folds_published(&self) -> bool {
         self.format == OutputFormat::Parquet && matches!(self.mode, OutputMode::Append | OutputMode::Merge)
+    }
+
+    /// A merge into a Delta table: the run's rows are reduced by key in the step; the
+    /// table's files holding its keys are rewritten at the commit, on the version it commits
+    /// over.
+    pub fn merges_table(&self) -> bool {
+        self.format == OutputFormat::Delta && self.mode == OutputMode::Merge
     }
 }
 

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow_array::{Array, ArrayRef, BooleanArray, RecordBatch};
-use arrow_row::{OwnedRow, RowConverter, SortField};
+use arrow_row::{RowConverter, SortField};
 use arrow_schema::{DataType, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::{ArrowWriter, ProjectionMask};
@@ -91,9 +91,15 @@ pub(crate) struct Folded {
     pub deleted: u64,
     /// The run's own rows dropped because a later row of the run had the same key.
     pub superseded: u64,
+    /// The run's rows dropped because a published row or a remembered delete of their key
+    /// is newer by `sequence_by`.
+    pub outdated: u64,
 }
 
 type Res<T> = Result<T, String>;
+
+/// A key or sequence value in arrow-row's comparable bytes.
+type RowBytes = Box<[u8]>;
 
 /// Complete the staged unit `staged` with the published unit `target` as `out.mode` says.
 pub(crate) fn fold(staged: &Path, target: &Path, out: &Output) -> Res<Folded> {
@@ -108,9 +114,10 @@ pub(crate) fn fold(staged: &Path, target: &Path, out: &Output) -> Res<Folded> {
             }
         }
         OutputMode::Merge => {
-            let keys = reduce_run_rows(staged, out, &mut folded)?;
+            let abs: Vec<PathBuf> = published.iter().map(|r| target.join(r)).collect();
+            let keys = reduce_run_rows(staged, out, &mut folded, &abs, Some(target))?;
             for rel in &published {
-                fold_published(&target.join(rel), staged, rel, out, &keys, &mut folded)?;
+                fold_published(&target.join(rel), staged, rel, out, &keys, &mut folded, None)?;
             }
         }
     }
@@ -186,21 +193,54 @@ fn delete_marks(batch: &RecordBatch, out: &Output) -> Res<Option<Vec<bool>>> {
     Ok(Some((0..text.len()).map(|i| text.is_valid(i) && text.value(i) == value).collect()))
 }
 
-/// Keep each key's last row of the run (markers dropped); returns every key the run
-/// touched, which published rows lose.
-fn reduce_run_rows(staged: &Path, out: &Output, folded: &mut Folded) -> Res<HashSet<Box<[u8]>>> {
+/// A key's winning row of the run.
+struct Winner {
+    /// The `sequence_by` value, as comparable bytes (none without `sequence_by`).
+    seq: Option<Box<[u8]>>,
+    /// Its place in the run's order.
+    n: u64,
+    file: usize,
+    row: usize,
+    deleting: bool,
+    /// A published row or a remembered delete of the key is newer: the run's row is dropped
+    /// and the published data keeps what it has.
+    stale: bool,
+}
+
+/// Where a merge with `sequence_by` remembers the deletes it applied (key and sequence),
+/// in the dataset beside its files: a late or replayed row older than a delete of its key
+/// does not bring the key back. Arrow IPC, so no Parquet reader takes it for data.
+pub(crate) const TOMBSTONES: &str = "_weir_tombstones.arrow";
+
+/// Keep each key's last row of the run (by `sequence_by`, then the run's order), drop the
+/// rows a newer published row or remembered delete of their key outdates, and write the
+/// staged files again with only those rows (markers dropped). `published` are the unit's
+/// published files and `unit` its published folder (for the remembered deletes). Returns
+/// every key whose published rows the run replaces or deletes.
+fn reduce_run_rows(
+    staged: &Path,
+    out: &Output,
+    folded: &mut Folded,
+    published: &[PathBuf],
+    unit: Option<&Path>,
+) -> Res<HashSet<Box<[u8]>>> {
     let files = crate::io::sink::parquet_files(staged)?;
-    // pass 1: where each key's last row is
-    let mut last: HashMap<OwnedRow, (u64, usize, usize, bool)> = HashMap::new();
+    let mut last: HashMap<Box<[u8]>, Winner> = HashMap::new();
     let mut conv: Option<(RowConverter, Vec<usize>)> = None;
-    // pass 1 reads only the key, the row numbers and the delete marker
+    let mut seq_conv: Option<(RowConverter, usize)> = None;
+    // pass 1 reads only the key, the row numbers, the sequence and the delete marker
     let mut needed: Vec<String> = out.key.clone();
     needed.push(SEQ.to_string());
     needed.extend(out.delete_when.iter().map(|(c, _)| c.clone()));
+    needed.extend(out.sequence_by.iter().cloned());
+    needed.dedup();
     for (fi, rel) in files.iter().enumerate() {
         let (schema, batches) = read(&staged.join(rel), Some(&needed))?;
         if conv.is_none() {
             conv = Some(converter(&schema, &out.key)?);
+            if let Some(col) = &out.sequence_by {
+                seq_conv = Some(seq_converter(&schema, col)?);
+            }
         }
         let (c, idx) = conv.as_ref().expect("set above");
         let seq_at = schema.index_of(SEQ).map_err(|_| format!("{} lacks its row numbers", rel.display()))?;
@@ -208,18 +248,28 @@ fn reduce_run_rows(staged: &Path, out: &Output, folded: &mut Folded) -> Res<Hash
         for b in &batches {
             let cols: Vec<ArrayRef> = idx.iter().map(|&i| b.column(i).clone()).collect();
             let rows = c.convert_columns(&cols).map_err(|e| e.to_string())?;
+            let seqs = match &seq_conv {
+                Some((sc, at)) => Some(sc.convert_columns(&[b.column(*at).clone()]).map_err(|e| e.to_string())?),
+                None => None,
+            };
             let marks = delete_marks(b, out)?;
-            let seq = b.column(seq_at).as_any().downcast_ref::<arrow_array::UInt64Array>().ok_or("bad row numbers")?;
+            let n = b.column(seq_at).as_any().downcast_ref::<arrow_array::UInt64Array>().ok_or("bad row numbers")?;
             for i in 0..b.num_rows() {
-                let deleting = marks.as_ref().is_some_and(|m| m[i]);
-                let this = (seq.value(i), fi, row + i, deleting);
-                match last.entry(rows.row(i).owned()) {
+                let this = Winner {
+                    seq: seqs.as_ref().map(|s| Box::from(s.row(i).as_ref())),
+                    n: n.value(i),
+                    file: fi,
+                    row: row + i,
+                    deleting: marks.as_ref().is_some_and(|m| m[i]),
+                    stale: false,
+                };
+                match last.entry(Box::from(rows.row(i).as_ref())) {
                     std::collections::hash_map::Entry::Vacant(v) => {
                         v.insert(this);
                     }
                     std::collections::hash_map::Entry::Occupied(mut o) => {
                         folded.superseded += 1;
-                        if o.get().0 < this.0 {
+                        if (&o.get().seq, o.get().n) < (&this.seq, this.n) {
                             o.insert(this);
                         }
                     }
@@ -228,10 +278,16 @@ fn reduce_run_rows(staged: &Path, out: &Output, folded: &mut Folded) -> Res<Hash
             row += b.num_rows();
         }
     }
-    // pass 2: rewrite the files holding rows that are not their key's last, or markers
+    if let (Some((kc, _)), Some((sc, _)), Some(col)) = (&conv, &seq_conv, &out.sequence_by) {
+        outdate(&mut last, published, unit, out, col, kc, sc, folded)?;
+        if let Some(unit) = unit {
+            remember_deletes(staged, unit, &last, out, kc, sc)?;
+        }
+    }
+    // pass 2: rewrite the files holding rows that are not their key's winner, or markers
     let mut per_file: HashMap<usize, Vec<(usize, bool)>> = HashMap::new();
-    for (_, fi, r, del) in last.values() {
-        per_file.entry(*fi).or_default().push((*r, *del));
+    for w in last.values().filter(|w| !w.stale) {
+        per_file.entry(w.file).or_default().push((w.row, w.deleting));
     }
     for (fi, rel) in files.iter().enumerate() {
         let keep_rows = per_file.remove(&fi).unwrap_or_default();
@@ -263,7 +319,148 @@ fn reduce_run_rows(staged: &Path, out: &Output, folded: &mut Folded) -> Res<Hash
         rewrite(&staged.join(rel), &staged.join(rel), plain, &batches, &keep, out)?;
     }
     // as bytes, so published rows are looked up without a copy each
-    Ok(last.into_keys().map(|k| Box::from(k.row().as_ref())).collect())
+    Ok(last.into_iter().filter(|(_, w)| !w.stale).map(|(k, _)| k).collect())
+}
+
+/// The `sequence_by` column's converter and place, from the staged schema.
+fn seq_converter(schema: &SchemaRef, col: &str) -> Res<(RowConverter, usize)> {
+    let at = schema.index_of(col).map_err(|_| format!("the sequence_by column `{col}` is not in the step's output"))?;
+    let field = schema.field(at);
+    if field.data_type().is_nested() {
+        return Err(format!("the sequence_by column `{col}` is a {}; it must be a flat column", field.data_type()));
+    }
+    Ok((RowConverter::new(vec![SortField::new(field.data_type().clone())]).map_err(|e| e.to_string())?, at))
+}
+
+/// Mark the run's winners that a published row (with a higher sequence) or a remembered
+/// delete (with a higher or equal one) of their key outdates.
+#[allow(clippy::too_many_arguments)]
+fn outdate(
+    last: &mut HashMap<Box<[u8]>, Winner>,
+    published: &[PathBuf],
+    unit: Option<&Path>,
+    out: &Output,
+    col: &str,
+    kc: &RowConverter,
+    sc: &RowConverter,
+    folded: &mut Folded,
+) -> Res<()> {
+    let mut outdated = 0;
+    if let Some(unit) = unit {
+        for (k, s) in read_tombstones(unit, out, col, kc, sc)? {
+            if let Some(w) = last.get_mut(&k) {
+                if !w.stale && w.seq.as_deref() <= Some(&s[..]) {
+                    w.stale = true;
+                    outdated += 1;
+                }
+            }
+        }
+    }
+    let mut cols = out.key.clone();
+    cols.push(col.to_string());
+    for path in published {
+        let (schema, batches) = read(path, Some(&cols))?;
+        let kidx: Vec<usize> =
+            out.key.iter().map(|k| schema.index_of(k).map_err(|e| e.to_string())).collect::<Res<_>>()?;
+        let sat = schema
+            .index_of(col)
+            .map_err(|_| format!("{} has no `{col}` column to order its rows by (sequence_by)", path.display()))?;
+        for b in &batches {
+            let keys = kc
+                .convert_columns(&kidx.iter().map(|&i| b.column(i).clone()).collect::<Vec<_>>())
+                .map_err(|e| e.to_string())?;
+            let seqs = sc.convert_columns(&[b.column(sat).clone()]).map_err(|e| e.to_string())?;
+            for i in 0..b.num_rows() {
+                if let Some(w) = last.get_mut(keys.row(i).as_ref()) {
+                    if !w.stale && w.seq.as_deref() < Some(seqs.row(i).as_ref()) {
+                        w.stale = true;
+                        outdated += 1;
+                    }
+                }
+            }
+        }
+    }
+    folded.outdated += outdated;
+    Ok(())
+}
+
+/// The remembered deletes of a published unit: (key, sequence) as comparable bytes.
+fn read_tombstones(
+    unit: &Path,
+    out: &Output,
+    col: &str,
+    kc: &RowConverter,
+    sc: &RowConverter,
+) -> Res<Vec<(RowBytes, RowBytes)>> {
+    let path = unit.join(TOMBSTONES);
+    let f = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+    };
+    let reader = arrow_ipc::reader::FileReader::try_new(f, None).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out_rows = Vec::new();
+    for b in reader {
+        let b = b.map_err(|e| format!("{}: {e}", path.display()))?;
+        let kcols: Vec<ArrayRef> = out
+            .key
+            .iter()
+            .map(|k| {
+                b.column_by_name(k).cloned().ok_or_else(|| format!("{} lacks the key column `{k}`", path.display()))
+            })
+            .collect::<Res<_>>()?;
+        let scol = b.column_by_name(col).cloned().ok_or_else(|| format!("{} lacks `{col}`", path.display()))?;
+        let keys = kc.convert_columns(&kcols).map_err(|e| format!("{}: {e}", path.display()))?;
+        let seqs = sc.convert_columns(&[scol]).map_err(|e| format!("{}: {e}", path.display()))?;
+        for i in 0..b.num_rows() {
+            out_rows.push((Box::from(keys.row(i).as_ref()), Box::from(seqs.row(i).as_ref())));
+        }
+    }
+    Ok(out_rows)
+}
+
+/// The unit's remembered deletes after the run, into the staging: the published ones, less
+/// the keys the run writes again, plus the run's own deletes.
+fn remember_deletes(
+    staged: &Path,
+    unit: &Path,
+    last: &HashMap<Box<[u8]>, Winner>,
+    out: &Output,
+    kc: &RowConverter,
+    sc: &RowConverter,
+) -> Res<()> {
+    let col = out.sequence_by.as_deref().unwrap_or_default();
+    let mut tomb: HashMap<Box<[u8]>, Box<[u8]>> = read_tombstones(unit, out, col, kc, sc)?.into_iter().collect();
+    for (k, w) in last.iter().filter(|(_, w)| !w.stale) {
+        match (&w.seq, w.deleting) {
+            (Some(s), true) => {
+                tomb.insert(k.clone(), s.clone());
+            }
+            _ => {
+                tomb.remove(k);
+            }
+        }
+    }
+    if tomb.is_empty() {
+        return Ok(());
+    }
+    let (kp, sp) = (kc.parser(), sc.parser());
+    let mut entries: Vec<(&RowBytes, &RowBytes)> = tomb.iter().collect();
+    entries.sort();
+    let mut columns = kc.convert_rows(entries.iter().map(|(k, _)| kp.parse(k))).map_err(|e| e.to_string())?;
+    columns.extend(sc.convert_rows(entries.iter().map(|(_, s)| sp.parse(s))).map_err(|e| e.to_string())?);
+    let mut names = out.key.clone();
+    names.push(col.to_string());
+    let fields: Vec<arrow_schema::Field> =
+        names.iter().zip(&columns).map(|(n, c)| arrow_schema::Field::new(n, c.data_type().clone(), true)).collect();
+    let batch =
+        RecordBatch::try_new(Arc::new(arrow_schema::Schema::new(fields)), columns).map_err(|e| e.to_string())?;
+    let path = staged.join(TOMBSTONES);
+    let f = File::create(&path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let mut w = arrow_ipc::writer::FileWriter::try_new(f, &batch.schema()).map_err(|e| e.to_string())?;
+    w.write(&batch).map_err(|e| e.to_string())?;
+    w.finish().map_err(|e| e.to_string())?;
+    w.into_inner().map_err(|e| e.to_string())?.sync_all().map_err(|e| format!("cannot sync {}: {e}", path.display()))
 }
 
 /// Write `batches` without the rows `keep` drops to `to` (through a temporary file); no
@@ -297,8 +494,9 @@ fn rewrite(from: &Path, to: &Path, schema: SchemaRef, batches: &[RecordBatch], k
     Ok(())
 }
 
-/// One published file into the staging: linked when it holds none of the run's keys,
-/// else rewritten without them.
+/// One published file into the staging: when it holds none of the run's keys, linked
+/// (`link_kept`) or left where it is; else rewritten without them. Returns whether it was
+/// rewritten.
 fn fold_published(
     from: &Path,
     staged: &Path,
@@ -306,7 +504,10 @@ fn fold_published(
     out: &Output,
     keys: &HashSet<Box<[u8]>>,
     folded: &mut Folded,
-) -> Res<()> {
+    rewritten_name: Option<&str>,
+) -> Res<bool> {
+    // a Delta table's file is left where it is when kept, and rewritten under its own name
+    let link_kept = rewritten_name.is_none();
     let (kschema, kbatches) = read(from, Some(&out.key))?;
     let (c, _) = converter(&kschema, &out.key)?;
     let mut keep = Vec::new();
@@ -317,14 +518,90 @@ fn fold_published(
     let dropped = keep.iter().filter(|k| !**k).count() as u64;
     if dropped == 0 {
         folded.linked += 1;
-        return link(from, staged, rel);
+        if link_kept {
+            link(from, staged, rel)?;
+        }
+        return Ok(false);
     }
     folded.replaced += dropped;
     folded.rewritten += 1;
     let (schema, batches) = read(from, None)?;
     let dir = staged.join(rel.parent().unwrap_or(Path::new("")));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = match rewritten_name {
+        Some(n) => n.to_string(),
+        None => rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+    };
     let to = free_name(&dir, &name);
-    rewrite(from, &to, schema, &batches, &keep, out)
+    rewrite(from, &to, schema, &batches, &keep, out)?;
+    Ok(true)
+}
+
+/// A merge into a Delta table keeps the keys of the run's rows (the deleted ones too) in
+/// its staging, for the commit.
+const MERGE_KEYS: &str = "_weir_merge_keys.bin";
+
+/// `mode = "merge"` into a Delta table, in the step: the run's rows reduced to each key's
+/// last (markers dropped) and every key the run touched kept beside them.
+pub(crate) fn reduce_for_table(staged: &Path, out: &Output) -> Res<Folded> {
+    let mut folded = Folded::default();
+    let keys = reduce_run_rows(staged, out, &mut folded, &[], None)?;
+    let at = staged.join(MERGE_KEYS);
+    let f = File::create(&at).map_err(|e| format!("cannot write {}: {e}", at.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    use std::io::Write;
+    for k in &keys {
+        w.write_all(&(k.len() as u32).to_le_bytes()).and_then(|()| w.write_all(k)).map_err(|e| e.to_string())?;
+    }
+    let f = w.into_inner().map_err(|e| e.to_string())?;
+    f.sync_all().map_err(|e| format!("cannot sync {}: {e}", at.display()))?;
+    Ok(folded)
+}
+
+fn load_keys(staged: &Path) -> Res<HashSet<Box<[u8]>>> {
+    let at = staged.join(MERGE_KEYS);
+    let bytes = std::fs::read(&at).map_err(|e| format!("the merge's keys, {}: {e}", at.display()))?;
+    let mut keys = HashSet::new();
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_at_checked(4).ok_or("the merge's keys are truncated")?;
+        let n = u32::from_le_bytes(len.try_into().map_err(|_| "bad key length")?) as usize;
+        let (k, tail) = tail.split_at_checked(n).ok_or("the merge's keys are truncated")?;
+        keys.insert(Box::from(k));
+        rest = tail;
+    }
+    Ok(keys)
+}
+
+/// At the commit of a merge into a Delta table: each file of the version committed over
+/// that holds one of the run's keys is rewritten without them under the staging's `_weir_rewritten` (made
+/// anew on each attempt); returns their paths as the log has them, for the commit to remove.
+pub(crate) fn fold_table_files(
+    staged: &Path,
+    table: &Path,
+    files: &[crate::io::delta::TableFile],
+    out: &Output,
+) -> Res<HashSet<String>> {
+    let keys = load_keys(staged)?;
+    let dir = staged.join(crate::io::delta::REWRITTEN);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
+    }
+    let mut removes = HashSet::new();
+    let mut folded = Folded::default();
+    for f in files {
+        if f.deletion_vector {
+            return Err(format!(
+                "the Delta table's file {} has a deletion vector, which weir's merge does not apply yet: \
+                 compact the table with the writer that made it, or write a new table",
+                f.path
+            ));
+        }
+        let rel = PathBuf::from(crate::io::delta::decode_path(&f.path));
+        let name = format!("rw-{:05}.parquet", removes.len());
+        if fold_published(&table.join(&rel), &dir, &rel, out, &keys, &mut folded, Some(&name))? {
+            removes.insert(f.path.clone());
+        }
+    }
+    Ok(removes)
 }

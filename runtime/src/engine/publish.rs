@@ -286,7 +286,7 @@ impl Publisher for DeltaTables {
             OutputMode::Overwrite => Mode::Overwrite,
             OutputMode::OverwritePartitions => Mode::OverwritePartitions,
             OutputMode::Append => Mode::Append,
-            OutputMode::Merge => return Err("mode = \"merge\" is not supported on Delta outputs yet".into()),
+            OutputMode::Merge => Mode::Merge,
         };
         let mut app_id = format!("weir/{}/{}", run.pipeline, s.step);
         if let Some(p) = run.partition {
@@ -317,6 +317,9 @@ impl Publisher for DeltaTables {
             pipeline: run.pipeline.to_string(),
             step: s.step.clone(),
             run_partition: run.partition.map(String::from),
+            key: out.key.clone(),
+            row_group_size: out.row_group_size,
+            compression: out.compression,
         };
         let token = serde_json::to_string(&spec).map_err(|e| format!("internal error: {e}"))?;
         let mut plan = vec![PlannedSwitch {
@@ -336,7 +339,7 @@ impl Publisher for DeltaTables {
 
     fn switch(&self, sw: &PlannedSwitch, log: &dyn Fn(Level, &str)) -> Result<Switch, String> {
         let spec = delta_spec(sw)?;
-        let c = crate::io::delta::commit(&sw.staged, &sw.target, &spec, &|p| debug_pause(p, log))?;
+        let c = delta_commit(sw, &spec, log)?;
         Ok(Switch::Committed(c.version))
     }
 
@@ -351,9 +354,39 @@ impl Publisher for DeltaTables {
 
     fn complete(&self, sw: &PlannedSwitch, log: &dyn Fn(Level, &str)) -> Result<(Switch, bool), String> {
         let spec = delta_spec(sw)?;
-        let c = crate::io::delta::commit(&sw.staged, &sw.target, &spec, &|p| debug_pause(p, log))?;
+        let c = delta_commit(sw, &spec, log)?;
         Ok((Switch::Committed(c.version), c.now))
     }
+}
+
+/// Commit a decided Delta switch; a merge rewrites the table's files through
+/// [`super::merge`] with the output's settings as decided.
+fn delta_commit(
+    sw: &PlannedSwitch,
+    spec: &crate::io::delta::CommitSpec,
+    log: &dyn Fn(Level, &str),
+) -> Result<crate::io::delta::Committed, String> {
+    use crate::config::{OutputFormat, OutputMode};
+    let out = Output {
+        path: sw.target.clone(),
+        partition_by: spec.partition_by.clone(),
+        row_group_size: spec.row_group_size.max(1024),
+        compression: spec.compression,
+        copy_columns: false,
+        format: OutputFormat::Delta,
+        mode: OutputMode::Merge,
+        key: spec.key.clone(),
+        delete_when: None,
+        sequence_by: None,
+    };
+    let merge =
+        |files: &[crate::io::delta::TableFile]| super::merge::fold_table_files(&sw.staged, &sw.target, files, &out);
+    let pause = |p: &str| debug_pause(p, log);
+    let hooks = crate::io::delta::Hooks {
+        pause: &pause,
+        merge: (spec.mode == crate::io::delta::Mode::Merge).then_some(&merge as &crate::io::delta::MergeHook<'_>),
+    };
+    crate::io::delta::commit(&sw.staged, &sw.target, spec, &hooks)
 }
 
 fn delta_spec(sw: &PlannedSwitch) -> Result<crate::io::delta::CommitSpec, String> {

@@ -118,7 +118,7 @@ pub(super) fn run_step(
     // a step with checks only checkpoints when complete (check state is not part of
     // checkpoints); so does an append or merge (folding the published data in rewrites
     // staged files: a resumed run must not find them half done)
-    let folds = ctx.step.output.as_ref().is_some_and(|o| o.folds_published());
+    let folds = ctx.step.output.as_ref().is_some_and(|o| o.folds_published() || o.merges_table());
     let every = if ctx.step.checks.is_empty() && !folds { ctx.pipeline.checkpoint_every } else { 0 };
     let flow = Flow {
         source,
@@ -172,37 +172,45 @@ pub(super) fn run_step(
 }
 
 /// `append` and `merge` outputs: complete the staging with the published data (see
-/// [`super::merge`]), per partition in a partition run of a partitioned output.
+/// [`super::merge`]), per partition in a partition run of a partitioned output; a merge into
+/// a Delta table reads the table's latest version.
 fn fold_published(ctx: &StepCtx<'_>, staging: &std::path::Path, partitions: &[String]) -> Result<()> {
-    let Some(out) = ctx.step.output.as_ref().filter(|o| o.folds_published()) else {
+    let Some(out) = ctx.step.output.as_ref().filter(|o| o.folds_published() || o.merges_table()) else {
         return Ok(());
     };
-    let units: Vec<(PathBuf, PathBuf)> = if out.partition_by.is_some() && ctx.options.partition.is_some() {
-        partitions.iter().map(|p| (staging.join(p), out.path.join(p))).collect()
+    let fail = |message: String| Error::Publish { step: ctx.step.name.clone(), message };
+    let total = if out.merges_table() {
+        super::merge::reduce_for_table(staging, out).map_err(fail)?
     } else {
-        vec![(staging.to_path_buf(), out.path.clone())]
+        let units: Vec<(PathBuf, PathBuf)> = if out.partition_by.is_some() && ctx.options.partition.is_some() {
+            partitions.iter().map(|p| (staging.join(p), out.path.join(p))).collect()
+        } else {
+            vec![(staging.to_path_buf(), out.path.clone())]
+        };
+        let mut total = super::merge::Folded::default();
+        for (staged, target) in units {
+            let f = super::merge::fold(&staged, &target, out).map_err(fail)?;
+            total.linked += f.linked;
+            total.rewritten += f.rewritten;
+            total.replaced += f.replaced;
+            total.deleted += f.deleted;
+            total.superseded += f.superseded;
+            total.outdated += f.outdated;
+        }
+        total
     };
-    let mut total = super::merge::Folded::default();
-    for (staged, target) in units {
-        let f = super::merge::fold(&staged, &target, out)
-            .map_err(|message| Error::Publish { step: ctx.step.name.clone(), message })?;
-        total.linked += f.linked;
-        total.rewritten += f.rewritten;
-        total.replaced += f.replaced;
-        total.deleted += f.deleted;
-        total.superseded += f.superseded;
-    }
     ctx.log(
         Level::INFO,
         &format!(
-            "weir: step `{}` {}: {} published files kept, {} rewritten; {} published rows replaced or deleted, {} delete markers, {} of the run's rows superseded by a later one",
+            "weir: step `{}` {}: {} published files kept, {} rewritten; {} published rows replaced or deleted, {} delete markers, {} of the run's rows superseded by a later one, {} older than the published row or delete of their key",
             ctx.step.name,
             if out.mode == crate::config::OutputMode::Merge { "merges by key" } else { "appends" },
             total.linked,
             total.rewritten,
             total.replaced,
             total.deleted,
-            total.superseded
+            total.superseded,
+            total.outdated
         ),
     );
     Ok(())

@@ -40,6 +40,9 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 
 use super::sink::{unescape_partition, NULL_PARTITION};
 
+/// Where a merge's commit rewrites table files in the staging (see [`Hooks::merge`]).
+pub const REWRITTEN: &str = "_weir_rewritten";
+
 type Res<T> = Result<T, String>;
 
 /// How many times a commit that lost a race to another writer is computed again.
@@ -55,6 +58,9 @@ pub enum Mode {
     OverwritePartitions,
     /// Add the run's files.
     Append,
+    /// Upsert by key: the run's staging holds its rows reduced by key; the commit rewrites
+    /// the table files holding the run's keys and removes them.
+    Merge,
 }
 
 /// Everything a commit needs, decided before the run store records the decision; recovery
@@ -74,6 +80,26 @@ pub struct CommitSpec {
     pub pipeline: String,
     pub step: String,
     pub run_partition: Option<String>,
+    /// A merge's key, and how rewritten files are written.
+    #[serde(default)]
+    pub key: Vec<String>,
+    #[serde(default)]
+    pub row_group_size: usize,
+    #[serde(default)]
+    pub compression: crate::config::Codec,
+}
+
+/// Rewrites the table files holding a merge's keys; returns their paths (see [`Hooks`]).
+pub type MergeHook<'a> = dyn Fn(&[TableFile]) -> Res<HashSet<String>> + 'a;
+
+/// What the commit calls back into the engine for.
+pub struct Hooks<'a> {
+    /// At `delta-linked` (the files are in the table, not yet committed), for crash tests.
+    pub pause: &'a dyn Fn(&str),
+    /// A merge: rewrite the files of the version being committed over that hold the run's
+    /// keys (under the staging's `_weir_rewritten`, laid out as the table); returns the
+    /// paths of those files, which the commit removes.
+    pub merge: Option<&'a MergeHook<'a>>,
 }
 
 /// What a commit did.
@@ -160,6 +186,8 @@ pub struct TableFile {
     pub size: i64,
     pub rows: Option<i64>,
     pub partition_values: HashMap<String, String>,
+    /// Rows of it are deleted by a deletion vector (written by another writer).
+    pub deletion_vector: bool,
 }
 
 /// The files a scan's metadata selects, in the order of its selected rows.
@@ -169,6 +197,7 @@ fn visit(sm: &delta_kernel::scan::ScanMetadata) -> Res<(Vec<TableFile>, Vec<usiz
             path: f.path,
             size: f.size,
             rows: f.stats.map(|s| s.num_records as i64),
+            deletion_vector: f.dv_info.has_vector(),
             partition_values: f.partition_values,
         });
     }
@@ -275,7 +304,13 @@ fn place(staged: &Path, spec: &CommitSpec) -> Res<Vec<Placed>> {
         h[..4].iter().map(|b| format!("{b:02x}")).collect::<String>()
     };
     let mut out = Vec::new();
-    for rel in super::sink::parquet_files(staged)? {
+    let rewritten = staged.join(REWRITTEN);
+    let mut files: Vec<(PathBuf, PathBuf)> =
+        super::sink::parquet_files(staged)?.into_iter().map(|rel| (staged.to_path_buf(), rel)).collect();
+    if rewritten.is_dir() {
+        files.extend(super::sink::parquet_files(&rewritten)?.into_iter().map(|rel| (rewritten.clone(), rel)));
+    }
+    for (base, rel) in files {
         let rel_s = rel.to_string_lossy().replace('\\', "/");
         let (dir, name) = match rel_s.rsplit_once('/') {
             Some((d, n)) => (Some(d.to_string()), n.to_string()),
@@ -297,7 +332,7 @@ fn place(staged: &Path, spec: &CommitSpec) -> Res<Vec<Placed>> {
             Some(d) => format!("{d}/{file}"),
             None => file,
         };
-        out.push(Placed { staged: staged.join(&rel_s), rel, partition });
+        out.push(Placed { staged: base.join(&rel_s), rel, partition });
     }
     Ok(out)
 }
@@ -329,7 +364,13 @@ fn link_into(table: &Path, placed: &[Placed]) -> Res<()> {
         }
         match std::fs::hard_link(&p.staged, &to) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && same_file(&p.staged, &to) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // an earlier attempt's file (a merge rewrites anew): no version references it
+                std::fs::remove_file(&to).map_err(|e| format!("cannot replace {}: {e}", to.display()))?;
+                std::fs::hard_link(&p.staged, &to)
+                    .map_err(|e| format!("cannot link {} to {}: {e}", p.staged.display(), to.display()))?;
+            }
             Err(e) => {
                 return Err(format!("cannot link {} to {}: {e}", p.staged.display(), to.display()));
             }
@@ -339,6 +380,14 @@ fn link_into(table: &Path, placed: &[Placed]) -> Res<()> {
         let _ = f.sync_all();
     }
     Ok(())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }
 
 /// The add-file rows of the placed files: path, partition values, size, time and the
@@ -520,9 +569,9 @@ fn extreme(values: Option<ArrayRef>, dt: &DataType, largest: bool) -> Res<ArrayR
 /// Commit a run's staged files to the table: create it if there is none, skip if the table
 /// already holds this run's commit (its transaction version for the app id), else commit
 /// the adds with the removes the mode calls for, retrying on a concurrent writer's commit.
-/// `pause` is called at `delta-linked` (the files are in the table, not yet committed), for
-/// the crash tests.
-pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, pause: &dyn Fn(&str)) -> Res<Committed> {
+/// A merge rewrites the files holding the run's keys on the version it commits over, again
+/// on each attempt.
+pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks<'_>) -> Res<Committed> {
     let table = Table::local(table_path)?;
     let schema: Schema =
         serde_json::from_str(&spec.schema).map_err(|e| format!("internal error: the decided schema: {e}"))?;
@@ -536,10 +585,18 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, pause: &dyn F
             }
         }
         // (after the check: a commit made and settled has no staging left)
+        let merge_removes = match (spec.mode, &snap) {
+            (Mode::Merge, Some(snap)) => {
+                let rewrite =
+                    hooks.merge.ok_or("internal error (a bug in weir, please report it): a merge without its hook")?;
+                Some(rewrite(&table.files(snap)?)?)
+            }
+            _ => None,
+        };
         let placed = place(staged, spec)?;
         let written: HashSet<Option<String>> = placed.iter().filter_map(|p| p.partition.clone()).collect();
         link_into(&table.path, &placed)?;
-        pause("delta-linked");
+        (hooks.pause)("delta-linked");
         let adds = add_files(&table.path, &placed, spec, &schema)?;
         let added = adds.num_rows();
         let params = operation_parameters(spec);
@@ -569,8 +626,8 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, pause: &dyn F
             Some(snap) => {
                 let evolved = new_columns(snap, &schema)?;
                 let op = match spec.mode {
-                    Mode::Append => UpdateTableOperation::Write,
-                    Mode::Overwrite | Mode::OverwritePartitions => UpdateTableOperation::Write,
+                    Mode::Merge => UpdateTableOperation::Merge,
+                    Mode::Append | Mode::Overwrite | Mode::OverwritePartitions => UpdateTableOperation::Write,
                 };
                 let mut builder = snap
                     .clone()
@@ -590,8 +647,9 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, pause: &dyn F
                         let (data, sel) = sm.scan_files.into_parts();
                         let mut keep = vec![false; data.len()];
                         for (f, row) in files.iter().zip(selected) {
-                            let replace = match (spec.mode, &spec.partition_by) {
-                                (Mode::OverwritePartitions, Some(col)) => {
+                            let replace = match (spec.mode, &spec.partition_by, &merge_removes) {
+                                (Mode::Merge, _, Some(m)) => m.contains(&f.path),
+                                (Mode::OverwritePartitions, Some(col), _) => {
                                     written.contains(&f.partition_values.get(col).cloned())
                                 }
                                 _ => true,
@@ -788,7 +846,7 @@ pub fn vacuum(table_path: &Path, retention: std::time::Duration, dry_run: bool) 
 }
 
 /// Undo `add.path`'s percent-encoding.
-fn decode_path(p: &str) -> String {
+pub fn decode_path(p: &str) -> String {
     let b = p.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -135,7 +135,7 @@ pub(super) fn finish_batch(schema: &SchemaRef, builders: &mut [ColumnBuilder]) -
 fn open_file(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Box<dyn FileBatches>> {
     Ok(match spec.format {
         Format::Csv => Box::new(super::csv::CsvFile::open(path, schema, spec, offset)?),
-        Format::Jsonl => Box::new(super::jsonl::JsonlFile::open(path, schema, spec, offset)?),
+        Format::Jsonl | Format::Debezium => Box::new(super::jsonl::JsonlFile::open(path, schema, spec, offset)?),
         Format::Parquet => Box::new(super::parquet::ParquetFile::open(path, schema, spec, offset)?),
         Format::Avro => Box::new(super::avro::AvroFile::open(path, schema, spec, offset)?),
         Format::Postgres | Format::Plugin => {
@@ -149,6 +149,7 @@ fn schema_of(files: &[PathBuf], source: &crate::config::Source, spec: &ReadSpec)
     match source.format {
         Format::Csv => super::csv::schema(files, source, spec),
         Format::Jsonl => super::jsonl::schema(files, source, spec),
+        Format::Debezium => super::debezium::schema(source),
         Format::Parquet => super::parquet::schema(&files[0], spec),
         Format::Avro => super::avro::schema(files, spec),
         Format::Postgres | Format::Plugin => Err(Error::Internal("a postgres or plugin source read as files".into())),

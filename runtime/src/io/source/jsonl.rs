@@ -118,6 +118,8 @@ pub(super) struct JsonlFile {
     builders: Vec<ColumnBuilder>,
     batch_size: usize,
     on_error: OnError,
+    /// A Debezium source: each line is an event, read as the row it carries.
+    envelope: Option<super::debezium::Envelope>,
 }
 
 impl JsonlFile {
@@ -136,6 +138,7 @@ impl JsonlFile {
             builders,
             batch_size: spec.batch_size,
             on_error: spec.on_error,
+            envelope: (spec.format == crate::config::Format::Debezium).then(|| super::debezium::Envelope::new(schema)),
         };
         file.skip(offset)?;
         Ok(file)
@@ -211,7 +214,19 @@ impl JsonlFile {
             // the line without its end (as `lines()` gives it), so JSON errors count columns in it
             let text = self.text.strip_suffix('\n').unwrap_or(&self.text);
             let text = text.strip_suffix('\r').unwrap_or(text);
-            match decode_line(text, &mut self.shape, &mut self.cells) {
+            let row;
+            let (text, decoded) = match &self.envelope {
+                None => (text, decode_line(text, &mut self.shape, &mut self.cells)),
+                Some(env) => match env.row(text) {
+                    Ok(None) => continue,
+                    Ok(Some(r)) => {
+                        row = r;
+                        (row.as_str(), decode_line(&row, &mut self.shape, &mut self.cells))
+                    }
+                    Err(m) => (text, Err(LineError::Line(m))),
+                },
+            };
+            match decoded {
                 Ok(()) => {
                     for (b, c) in self.builders.iter_mut().zip(self.cells.drain(..)) {
                         match c {

@@ -24,6 +24,7 @@
 
 mod avro;
 mod csv;
+mod debezium;
 mod extractor;
 mod files;
 mod jsonl;
@@ -35,6 +36,7 @@ use std::path::PathBuf;
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 
+pub use self::debezium::{LSN as DEBEZIUM_LSN, OP as DEBEZIUM_OP};
 pub use self::extractor::{ExtractorSetup, ExtractorSource};
 pub(crate) use self::files::corrupt_input;
 pub use self::files::{expand_paths, FileSource};
