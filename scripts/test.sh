@@ -34,6 +34,8 @@ echo "==> merge and append outputs, read back by DuckDB and pyarrow against an o
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/merge.py
 echo "==> Delta tables, read back by the deltalake package and DuckDB's delta extension"
 WEIR_BIN="$target_dir/release/weir" "$(./scripts/python-env.sh delta)" tests/python/delta.py
+echo "==> Delta tables on S3-compatible storage (a private moto server), read back by deltalake"
+WEIR_BIN="$target_dir/release/weir" "$(./scripts/python-env.sh delta)" tests/python/s3.py
 echo "==> text sources (dialects, encodings, compression) against pyarrow and DuckDB"
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/sources.py
 echo "==> check results against DuckDB"

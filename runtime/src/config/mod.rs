@@ -330,6 +330,20 @@ struct RawOutput {
     key: Vec<String>,
     delete_when: Option<Spanned<RawDeleteWhen>>,
     sequence_by: Option<Spanned<String>>,
+    storage: Option<Spanned<RawStorage>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    endpoint: Option<String>,
+    region: Option<String>,
+    #[serde(default)]
+    path_style: bool,
+    #[serde(default)]
+    allow_http: bool,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -450,7 +464,7 @@ impl Retry {
 }
 
 /// Where a secret comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub enum SecretRef {
     Env(String),
     File(PathBuf),
@@ -607,6 +621,25 @@ pub struct Output {
     /// `merge`: the column that orders a key's rows (a change event's log position): the
     /// highest wins, within the run and against published rows and remembered deletes.
     pub sequence_by: Option<String>,
+    /// A Delta table on S3-compatible storage (`path = "s3://bucket/prefix"`); `path` is
+    /// then a local folder for the run's staging and the quarantine.
+    pub remote: Option<Remote>,
+}
+
+/// A table on S3-compatible object storage and how to reach it. Credentials are named
+/// secrets (or the AWS environment variables); nothing secret is held here.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct Remote {
+    /// `s3://bucket/prefix/` (with a trailing slash).
+    pub url: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Path-style requests (`http://host/bucket/key`), as MinIO and moto expect.
+    pub path_style: bool,
+    /// Plain http to the endpoint (a local test server).
+    pub allow_http: bool,
+    pub access_key_id: Option<SecretRef>,
+    pub secret_access_key: Option<SecretRef>,
 }
 
 /// How output Parquet pages are compressed (`output.compression`).
@@ -799,7 +832,7 @@ impl Pipeline {
         // sources
         let sources = parse_sources(&ctx, &base, &raw, &source_retry, &mut errors);
         let plugins = parse_plugins(&ctx, &base, &raw, &secrets, &mut errors);
-        let steps = parse_steps(&ctx, &base, &raw, &sources, &step_retry, &source_retry, &mut errors);
+        let steps = parse_steps(&ctx, &base, &raw, &sources, &step_retry, &source_retry, &secrets, &mut errors);
 
         check_outputs(path, &sources, &steps, &mut errors);
         let metrics = raw.metrics.as_ref().and_then(|m| {
@@ -1791,9 +1824,10 @@ fn check_outputs(path: &Path, sources: &BTreeMap<String, Source>, steps: &[Step]
                     ));
                 }
             }
-            let usable = match o.format {
-                OutputFormat::Parquet => replaceable_output(&o.path),
-                OutputFormat::Delta => delta_output(&o.path),
+            let usable = match (o.format, &o.remote) {
+                (_, Some(_)) => Ok(()),
+                (OutputFormat::Parquet, None) => replaceable_output(&o.path),
+                (OutputFormat::Delta, None) => delta_output(&o.path),
             };
             if let Err(what) = usable {
                 errors.push(at(
@@ -1822,6 +1856,7 @@ fn parse_steps(
     sources: &BTreeMap<String, Source>,
     step_retry: &BTreeMap<String, Retry>,
     source_retry: &BTreeMap<String, Retry>,
+    secrets: &BTreeMap<String, SecretRef>,
     errors: &mut Vec<Diagnostic>,
 ) -> Vec<Step> {
     let mut steps = Vec::new();
@@ -1887,6 +1922,7 @@ fn parse_steps(
                 }),
             };
             let at = o.path.span().start;
+            let remote = parse_remote(ctx, base, name, o, secrets, errors);
             match o.mode {
                 OutputMode::Merge if o.key.is_empty() => errors.push(ctx.at(
                     at,
@@ -1922,7 +1958,12 @@ fn parse_steps(
                 ));
             }
             Output {
-                path: base.join(o.path.get_ref()),
+                path: match &remote {
+                    // the run's staging and the quarantine stay on this machine
+                    Some((_, local)) => local.clone(),
+                    None => base.join(o.path.get_ref()),
+                },
+                remote: remote.map(|(r, _)| r),
                 partition_by: o.partition_by.as_ref().map(|p| p.get_ref().clone()),
                 row_group_size: o.row_group_size.unwrap_or(1 << 20).max(1024),
                 compression,
@@ -2125,6 +2166,77 @@ fn replaceable_output(path: &Path) -> std::result::Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `path = "s3://bucket/prefix"`: the remote table and the local folder its runs stage in
+/// (`.weir/remote/BUCKET/PREFIX` beside the pipeline file); `storage` says how to reach it.
+fn parse_remote(
+    ctx: &Ctx<'_>,
+    base: &Path,
+    step: &str,
+    o: &RawOutput,
+    secrets: &BTreeMap<String, SecretRef>,
+    errors: &mut Vec<Diagnostic>,
+) -> Option<(Remote, PathBuf)> {
+    let at = o.path.span().start;
+    let Some(rest) = o.path.get_ref().strip_prefix("s3://") else {
+        if let Some(st) = &o.storage {
+            errors.push(ctx.at(
+                st.span().start,
+                &format!("steps.{step}.output.storage applies to an s3:// path"),
+                Some("path = \"s3://bucket/prefix\""),
+            ));
+        }
+        return None;
+    };
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let prefix = prefix.trim_matches('/');
+    let bad =
+        |m: &str| ctx.at(at, &format!("steps.{step}.output.path: {m}"), Some("path = \"s3://bucket/prefix/table\""));
+    if bucket.is_empty() || prefix.is_empty() || prefix.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+        errors.push(bad("an s3:// path names a bucket and a prefix for the table"));
+        return None;
+    }
+    if o.format != OutputFormat::Delta {
+        errors.push(ctx.at(
+            at,
+            &format!("steps.{step}.output: Parquet folders on object storage are not supported yet"),
+            Some("write a Delta table there: format = \"delta\""),
+        ));
+        return None;
+    }
+    if o.mode == OutputMode::Merge {
+        errors.push(ctx.at(
+            at,
+            &format!("steps.{step}.output: mode = \"merge\" on object storage is not supported yet"),
+            Some("merge into a local Delta table, or use mode = \"overwrite_partitions\" or \"append\" there"),
+        ));
+    }
+    let mut secret = |name: &Option<String>, key: &str| -> Option<SecretRef> {
+        let n = name.as_ref()?;
+        match secrets.get(n) {
+            Some(s) => Some(s.clone()),
+            None => {
+                errors.push(ctx.at(
+                    at,
+                    &format!("steps.{step}.output.storage.{key}: no secret `{n}` in [secrets]"),
+                    Some(&format!("[secrets] {n} = {{ env = \"...\" }} or {{ file = \"...\" }}")),
+                ));
+                None
+            }
+        }
+    };
+    let st = o.storage.as_ref().map(|s| s.get_ref());
+    let remote = Remote {
+        url: format!("s3://{bucket}/{prefix}/"),
+        endpoint: st.and_then(|s| s.endpoint.clone()),
+        region: st.and_then(|s| s.region.clone()),
+        path_style: st.is_some_and(|s| s.path_style),
+        allow_http: st.is_some_and(|s| s.allow_http),
+        access_key_id: st.and_then(|s| secret(&s.access_key_id, "access_key_id")),
+        secret_access_key: st.and_then(|s| secret(&s.secret_access_key, "secret_access_key")),
+    };
+    Some((remote, base.join(".weir/remote").join(bucket).join(prefix)))
 }
 
 /// A Delta output's path: nothing yet, a Delta table, or a folder holding only what weir

@@ -293,7 +293,7 @@ impl Publisher for DeltaTables {
             app_id.push('/');
             app_id.push_str(p);
         }
-        let table = Table::local(&out.path)?;
+        let table = Table::open(&out.path, out.remote.as_ref())?;
         let mut replaces = false;
         if let Some(snap) = table.snapshot()? {
             replaces = true;
@@ -302,7 +302,7 @@ impl Publisher for DeltaTables {
                     return Err(format!(
                         "the Delta table {} already holds a commit of run #{v} of this step, and this is run #{}: \
                          the table was written by runs of another run store; use the store that wrote it (--store), or write a new table",
-                        out.path.display(),
+                        table.name(),
                         run.id
                     ));
                 }
@@ -317,6 +317,7 @@ impl Publisher for DeltaTables {
             pipeline: run.pipeline.to_string(),
             step: s.step.clone(),
             run_partition: run.partition.map(String::from),
+            remote: out.remote.clone(),
             key: out.key.clone(),
             row_group_size: out.row_group_size,
             compression: out.compression,
@@ -345,7 +346,7 @@ impl Publisher for DeltaTables {
 
     fn made(&self, sw: &PlannedSwitch) -> bool {
         let Ok(spec) = delta_spec(sw) else { return false };
-        let Ok(table) = crate::io::delta::Table::local(&sw.target) else { return false };
+        let Ok(table) = crate::io::delta::Table::open(&sw.target, spec.remote.as_ref()) else { return false };
         match table.snapshot() {
             Ok(Some(snap)) => table.app_version(&snap, &spec.app_id).ok().flatten().is_some_and(|v| v >= spec.version),
             _ => false,
@@ -378,6 +379,7 @@ fn delta_commit(
         key: spec.key.clone(),
         delete_when: None,
         sequence_by: None,
+        remote: spec.remote.clone(),
     };
     let merge =
         |files: &[crate::io::delta::TableFile]| super::merge::fold_table_files(&sw.staged, &sw.target, files, &out);

@@ -39,6 +39,7 @@ use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
 use super::sink::{unescape_partition, NULL_PARTITION};
+use crate::config::Remote;
 
 /// Where a merge's commit rewrites table files in the staging (see [`Hooks::merge`]).
 pub const REWRITTEN: &str = "_weir_rewritten";
@@ -80,6 +81,9 @@ pub struct CommitSpec {
     pub pipeline: String,
     pub step: String,
     pub run_partition: Option<String>,
+    /// A table on object storage (the switch's target is then its local staging folder).
+    #[serde(default)]
+    pub remote: Option<Remote>,
     /// A merge's key, and how rewritten files are written.
     #[serde(default)]
     pub key: Vec<String>,
@@ -113,15 +117,66 @@ pub struct Committed {
     pub now: bool,
 }
 
-/// A table's engine and location.
+/// A table's engine and location: a local folder, or a prefix on S3-compatible storage.
 pub struct Table {
-    path: PathBuf,
+    /// For messages: the folder, or the s3:// URL.
+    name: String,
+    /// A local table's folder.
+    local: Option<PathBuf>,
+    remote: Option<Remote>,
     url: url::Url,
     engine: DefaultEngine<TokioBackgroundExecutor>,
 }
 
 fn kernel(what: &str) -> impl Fn(delta_kernel::KernelError) -> String + '_ {
     move |e| format!("{what}: {e}")
+}
+
+/// The S3 client of a remote table: endpoint, region, path style and credentials as the
+/// output says, the rest (and credentials it does not name) from the AWS environment.
+fn s3_store(r: &Remote) -> Res<Arc<dyn delta_kernel::object_store::ObjectStore>> {
+    use delta_kernel::object_store::aws::AmazonS3Builder;
+    let mut b = AmazonS3Builder::from_env().with_url(r.url.as_str());
+    if let Some(e) = &r.endpoint {
+        b = b.with_endpoint(e.as_str());
+    }
+    if let Some(region) = &r.region {
+        b = b.with_region(region.as_str());
+    }
+    b = b.with_virtual_hosted_style_request(!r.path_style).with_allow_http(r.allow_http);
+    let text = |s: &crate::config::SecretRef, what: &str| -> Res<String> {
+        let bytes = s.resolve().map_err(|e| format!("the {what} of {}: {e}", r.url))?;
+        String::from_utf8(bytes).map_err(|_| format!("the {what} of {} is not UTF-8 text", r.url))
+    };
+    if let Some(k) = &r.access_key_id {
+        b = b.with_access_key_id(text(k, "access key id")?);
+    }
+    if let Some(k) = &r.secret_access_key {
+        b = b.with_secret_access_key(text(k, "secret access key")?);
+    }
+    Ok(Arc::new(b.build().map_err(|e| format!("cannot reach {}: {e}", r.url))?))
+}
+
+/// Run object-store I/O to its end on a thread and runtime of its own (the caller may be
+/// on a runtime's thread already, where blocking on another is refused).
+fn block_on<T: Send>(f: futures::future::BoxFuture<'_, T>) -> Res<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the I/O runtime: {e}"))?;
+            Ok(rt.block_on(f))
+        })
+        .join()
+        .map_err(|_| "internal error (a bug in weir, please report it): the object-store thread panicked".to_string())?
+    })
+}
+
+/// The object path of `rel` under a remote table's URL.
+fn object_path(url: &url::Url, rel: &str) -> Res<delta_kernel::object_store::path::Path> {
+    let key = format!("{}{rel}", url.path().trim_start_matches('/'));
+    delta_kernel::object_store::path::Path::parse(&key).map_err(|e| format!("{url}{rel}: {e}"))
 }
 
 impl Table {
@@ -132,27 +187,53 @@ impl Table {
             url::Url::from_directory_path(&abs).map_err(|()| format!("{} is not a valid table path", abs.display()))?;
         let store = Arc::new(delta_kernel::object_store::local::LocalFileSystem::new());
         let engine = delta_kernel_default_engine::DefaultEngineBuilder::new(store).build();
-        Ok(Table { path: abs, url, engine })
+        Ok(Table { name: abs.display().to_string(), local: Some(abs), remote: None, url, engine })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The table at `remote` if given, else at the local folder `path`.
+    pub fn open(path: &Path, remote: Option<&Remote>) -> Res<Table> {
+        let Some(r) = remote else { return Table::local(path) };
+        let url = url::Url::parse(&r.url).map_err(|e| format!("{}: {e}", r.url))?;
+        let engine = delta_kernel_default_engine::DefaultEngineBuilder::new(s3_store(r)?).build();
+        Ok(Table { name: r.url.clone(), local: None, remote: Some(r.clone()), url, engine })
+    }
+
+    /// The folder or URL, for messages.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Whether a Delta log is there.
-    pub fn exists(&self) -> bool {
-        self.path.join("_delta_log").is_dir()
+    pub fn exists(&self) -> Res<bool> {
+        match (&self.local, &self.remote) {
+            (Some(p), _) => Ok(p.join("_delta_log").is_dir()),
+            (None, Some(r)) => {
+                let store = s3_store(r)?;
+                let prefix = object_path(&self.url, "_delta_log/")?;
+                let found = block_on(Box::pin(async move {
+                    use futures::StreamExt;
+                    let mut list = store.list(Some(&prefix));
+                    match list.next().await {
+                        None => Ok(false),
+                        Some(Ok(_)) => Ok(true),
+                        Some(Err(e)) => Err(e.to_string()),
+                    }
+                }))?;
+                found.map_err(|e| format!("cannot list {}: {e}", self.name))
+            }
+            (None, None) => Ok(false),
+        }
     }
 
     /// The latest version (none: no table yet).
     pub fn snapshot(&self) -> Res<Option<SnapshotRef>> {
-        if !self.exists() {
+        if !self.exists()? {
             return Ok(None);
         }
         Snapshot::builder_for(self.url.as_str())
             .build(&self.engine)
             .map(Some)
-            .map_err(kernel(&format!("cannot read the Delta table at {}", self.path.display())))
+            .map_err(kernel(&format!("cannot read the Delta table at {}", self.name)))
     }
 
     /// The last transaction version the table recorded for `app_id`.
@@ -382,6 +463,50 @@ fn link_into(table: &Path, placed: &[Placed]) -> Res<()> {
     Ok(())
 }
 
+/// What a multipart upload sends at a time.
+const PART_BYTES: usize = 16 << 20;
+
+/// Upload the staged files to a remote table (again after a crash: the names are the run's
+/// own and no version references them yet). Files larger than one part go up in parts; a
+/// failed upload is aborted, so nothing but whole files is ever left.
+fn upload(r: &Remote, url: &url::Url, placed: &[Placed]) -> Res<()> {
+    use delta_kernel::object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
+    use std::io::Read;
+    let store = s3_store(r)?;
+    let mut jobs = Vec::new();
+    for p in placed {
+        jobs.push((p.staged.clone(), object_path(url, &p.rel)?, format!("{url}{}", p.rel)));
+    }
+    let result = block_on(Box::pin(async move {
+        for (from, to, name) in jobs {
+            let mut f = std::fs::File::open(&from).map_err(|e| format!("{}: {e}", from.display()))?;
+            let len = f.metadata().map_err(|e| format!("{}: {e}", from.display()))?.len() as usize;
+            if len <= PART_BYTES {
+                let mut buf = Vec::with_capacity(len);
+                f.read_to_end(&mut buf).map_err(|e| format!("{}: {e}", from.display()))?;
+                store.put(&to, PutPayload::from(buf)).await.map_err(|e| format!("cannot upload {name}: {e}"))?;
+                continue;
+            }
+            let upload = store.put_multipart(&to).await.map_err(|e| format!("cannot upload {name}: {e}"))?;
+            let mut w = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+            let mut buf = vec![0u8; PART_BYTES];
+            loop {
+                let n = f.read(&mut buf).map_err(|e| format!("{}: {e}", from.display()))?;
+                if n == 0 {
+                    break;
+                }
+                w.wait_for_capacity(4).await.map_err(|e| format!("cannot upload {name}: {e}"))?;
+                w.write(&buf[..n]);
+            }
+            if let Err(e) = w.finish().await {
+                return Err(format!("cannot upload {name}: {e}"));
+            }
+        }
+        Ok(())
+    }))?;
+    result
+}
+
 fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(a), std::fs::metadata(b)) {
@@ -393,7 +518,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// The add-file rows of the placed files: path, partition values, size, time and the
 /// statistics read off each file's footer (row count, null counts, minimum and maximum of
 /// each flat column).
-fn add_files(table: &Path, placed: &[Placed], spec: &CommitSpec, schema: &Schema) -> Res<RecordBatch> {
+fn add_files(placed: &[Placed], spec: &CommitSpec, schema: &Schema) -> Res<RecordBatch> {
     let mut paths = Vec::new();
     let mut sizes = Vec::new();
     let mut times = Vec::new();
@@ -422,8 +547,9 @@ fn add_files(table: &Path, placed: &[Placed], spec: &CommitSpec, schema: &Schema
     let mut mins: Vec<Vec<ArrayRef>> = vec![Vec::new(); stat_fields.len()];
     let mut maxs: Vec<Vec<ArrayRef>> = vec![Vec::new(); stat_fields.len()];
     for p in placed {
-        let path = table.join(&p.rel);
-        let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        // the staged file: the same bytes as the table's (a link, or what was uploaded)
+        let path = &p.staged;
+        let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let meta = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?;
         let reader = SerializedFileReader::new(file).map_err(|e| format!("{}: {e}", path.display()))?;
         let md = reader.metadata();
@@ -572,7 +698,7 @@ fn extreme(values: Option<ArrayRef>, dt: &DataType, largest: bool) -> Res<ArrayR
 /// A merge rewrites the files holding the run's keys on the version it commits over, again
 /// on each attempt.
 pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks<'_>) -> Res<Committed> {
-    let table = Table::local(table_path)?;
+    let table = Table::open(table_path, spec.remote.as_ref())?;
     let schema: Schema =
         serde_json::from_str(&spec.schema).map_err(|e| format!("internal error: the decided schema: {e}"))?;
     for attempt in 1..=COMMIT_ATTEMPTS {
@@ -595,9 +721,13 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks
         };
         let placed = place(staged, spec)?;
         let written: HashSet<Option<String>> = placed.iter().filter_map(|p| p.partition.clone()).collect();
-        link_into(&table.path, &placed)?;
+        match (&table.local, &table.remote) {
+            (Some(dir), _) => link_into(dir, &placed)?,
+            (None, Some(r)) => upload(r, &table.url, &placed)?,
+            (None, None) => return Err("internal error (a bug in weir, please report it): a table nowhere".into()),
+        }
         (hooks.pause)("delta-linked");
-        let adds = add_files(&table.path, &placed, spec, &schema)?;
+        let adds = add_files(&placed, spec, &schema)?;
         let added = adds.num_rows();
         let params = operation_parameters(spec);
         let result = match &snap {
@@ -619,7 +749,7 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks
                 match created {
                     Ok(CommitResult::Committed(c)) => Ok((c.commit_version(), 0)),
                     Ok(_) => Err(()),
-                    Err(_) if table.exists() => Err(()),
+                    Err(_) if table.exists().unwrap_or(false) => Err(()),
                     Err(e) => return Err(kernel("cannot create the Delta table")(e)),
                 }
             }
@@ -679,7 +809,7 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks
     }
     Err(format!(
         "another writer committed to {} {COMMIT_ATTEMPTS} times while this run tried to; nothing of this run was committed, rerun it",
-        table.path.display()
+        table.name
     ))
 }
 
@@ -793,13 +923,14 @@ pub struct Vacuumed {
 /// files are removed stops working: the retention is how far back readers may travel.
 pub fn vacuum(table_path: &Path, retention: std::time::Duration, dry_run: bool) -> Res<Vacuumed> {
     let table = Table::local(table_path)?;
+    let root = table.local.clone().unwrap_or_default();
     let Some(snap) = table.snapshot()? else {
         return Err(format!("{} is not a Delta table (no _delta_log)", table_path.display()));
     };
     // the latest version's files stay; a file a commit removed ages from its removal
     let referenced: HashSet<String> = table.files(&snap)?.into_iter().map(|f| decode_path(&f.path)).collect();
     let mut removed_at: HashMap<String, i64> = HashMap::new();
-    for e in std::fs::read_dir(table.path.join("_delta_log")).map_err(|e| e.to_string())?.flatten() {
+    for e in std::fs::read_dir(root.join("_delta_log")).map_err(|e| e.to_string())?.flatten() {
         if !e.file_name().to_string_lossy().ends_with(".json") {
             continue;
         }
@@ -817,9 +948,9 @@ pub fn vacuum(table_path: &Path, retention: std::time::Duration, dry_run: bool) 
     }
     let now = std::time::SystemTime::now();
     let mut out = Vacuumed::default();
-    let files: BTreeMap<String, PathBuf> = super::sink::parquet_files(&table.path)?
+    let files: BTreeMap<String, PathBuf> = super::sink::parquet_files(&root)?
         .into_iter()
-        .map(|rel| (rel.to_string_lossy().replace('\\', "/"), table.path.join(rel)))
+        .map(|rel| (rel.to_string_lossy().replace('\\', "/"), root.join(rel)))
         .collect();
     for (rel, p) in files {
         if referenced.contains(&rel) {

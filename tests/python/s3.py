@@ -1,0 +1,184 @@
+"""Delta tables on S3-compatible storage: moto's S3 server (moto[server] from PyPI) on a free
+127.0.0.1 port, started here and stopped by its pid; weir writes `s3://weir-test/...` and the
+`deltalake` package reads the table back through the same endpoint.
+
+Covers: a first run creating the table and a second adding partitions, credentials from
+[secrets] files, a file larger than one upload part (multipart), kill -9 after the upload
+and before the commit, and after the commit before the run store recorded it (a rerun: every
+row exactly once, no version twice), a failed check (nothing uploaded), a bucket that does
+not exist, and what is refused at validation (merge on object storage, Parquet folders there).
+"""
+import datetime
+import os
+import pathlib
+import random
+import subprocess
+import sys
+import tempfile
+
+import boto3
+import deltalake
+
+from netutil import free_port, wait_until
+from report import check, finish
+
+weir = os.environ["WEIR_BIN"]
+root = pathlib.Path(__file__).resolve().parents[2]
+env = dict(os.environ, WEIR_CACHE_DIR=str(root / "target/weir-test-cache"))
+for k in ("WEIR_OPENLINEAGE_URL", "WEIR_PUSHGATEWAY_URL", "WEIR_DEBUG_PAUSE", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+    env.pop(k, None)
+env.update(AWS_ACCESS_KEY_ID="from-the-environment", AWS_SECRET_ACCESS_KEY="unused", AWS_REGION="us-east-1",
+           AWS_EC2_METADATA_DISABLED="true")
+
+
+def run(d, *args, extra=None):
+    return subprocess.run([weir, *args], cwd=d, env=dict(env, **(extra or {})), capture_output=True, text=True, timeout=300)
+
+
+def killed_at(d, point, *args):
+    p = subprocess.Popen([weir, "run", *args], cwd=d, env=dict(env, WEIR_DEBUG_PAUSE=f"{point}:60000"),
+                         stderr=subprocess.PIPE, text=True)
+    seen = False
+    for line in p.stderr:
+        if f"debug pause at {point}" in line:
+            seen = True
+            break
+    p.kill()
+    p.wait(timeout=30)
+    return seen
+
+
+PIPE = """[pipeline]
+name = "s3"
+
+[secrets]
+s3_key = {{ file = "secrets/key_id" }}
+s3_secret = {{ file = "secrets/secret" }}
+
+[sources.in]
+format = "csv"
+path = "in.csv"
+schema = {{ id = "int64", day = "date", name = "string" }}
+
+[steps.load]
+input = "in"
+output = {{ format = "delta", path = "{path}", partition_by = "day", mode = "{mode}",
+           storage = {{ endpoint = "{endpoint}", region = "us-east-1", path_style = true, allow_http = true,
+                       access_key_id = "s3_key", secret_access_key = "s3_secret" }} }}
+{checks}"""
+
+with tempfile.TemporaryDirectory() as tmp:
+    d = pathlib.Path(tmp)
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = (d / "moto.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=log)
+    try:
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1")
+
+        def ready():
+            try:
+                s3.list_buckets()
+                return True
+            except Exception:
+                return False
+
+        wait_until("moto's S3 server", ready)
+        s3.create_bucket(Bucket="weir-test")
+        (d / "secrets").mkdir()
+        (d / "secrets/key_id").write_text("weir-test-key\n")
+        (d / "secrets/secret").write_text("weir-test-secret\n")
+        url = "s3://weir-test/tables/events"
+        opts = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "k",
+                "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1"}
+
+        def table(version=None):
+            t = deltalake.DeltaTable(url, storage_options=opts, version=version)
+            return t
+
+        def rows(version=None):
+            return sorted((r["id"], str(r["day"]), r["name"]) for r in table(version).to_pyarrow_table().to_pylist())
+
+        def keys():
+            out = s3.list_objects_v2(Bucket="weir-test", Prefix="tables/events/")
+            return sorted(o["Key"] for o in out.get("Contents", []))
+
+        def pipeline(mode="overwrite_partitions", path=url, checks=""):
+            (d / "p.toml").write_text(PIPE.format(path=path, mode=mode, endpoint=endpoint, checks=checks))
+
+        def write_csv(rs):
+            (d / "in.csv").write_text("id,day,name\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rs))
+
+        pipeline()
+        want = [(1, "2026-04-01", "a"), (2, "2026-04-02", "b")]
+        write_csv(want)
+        r = run(d, "run", "p.toml")
+        check("a first run creates the Delta table on S3", r.returncode == 0, r.stderr[-800:])
+        check("deltalake reads it back through the S3 endpoint", r.returncode == 0 and rows() == want, str(rows() if r.returncode == 0 else ""))
+        check("the local staging is gone; the table is only on S3", not any((d / ".weir/remote").rglob("*.parquet")),
+              str(list((d / ".weir/remote").rglob("*"))))
+
+        more = [(3, "2026-04-03", "c"), (4, "2026-04-02", "d")]
+        write_csv(more)
+        r = run(d, "run", "p.toml")
+        want = [(1, "2026-04-01", "a")] + more
+        check("overwrite_partitions on S3 replaces the partitions written", r.returncode == 0 and rows() == sorted(want), r.stderr[-800:])
+        check("time travel reads version 0", rows(0) == [(1, "2026-04-01", "a"), (2, "2026-04-02", "b")], str(rows(0)))
+
+        # a file larger than one upload part (16 MiB) goes up in parts
+        rng = random.Random(7)
+        big = [(100 + i, "2026-04-05", "%064x" % rng.getrandbits(256)) for i in range(520_000)]
+        write_csv(big)
+        r = run(d, "run", "p.toml")
+        sizes = [o["Size"] for o in s3.list_objects_v2(Bucket="weir-test", Prefix="tables/events/day=2026-04-05/").get("Contents", [])]
+        check("a file larger than one part is uploaded whole (multipart)", r.returncode == 0 and max(sizes, default=0) > 16 << 20
+              and len(table().to_pyarrow_table(filters=[("day", "=", datetime.date(2026, 4, 5))])) == 520_000, f"{sizes} {r.stderr[-500:]}")
+        want = want + big
+
+        # kill -9 after the files are uploaded, before the commit: readers see the old version
+        write_csv([(5, "2026-04-04", "e")])
+        versions = len(table().history())
+        seen = killed_at(d, "delta-linked", "p.toml")
+        check("killed after the upload, before the commit: no new version, the uploaded file unreferenced",
+              seen and len(table().history()) == versions and rows() == sorted(want), str(len(table().history())))
+        r = run(d, "run", "p.toml")
+        want = want + [(5, "2026-04-04", "e")]
+        check("the next run commits it once", r.returncode == 0 and rows() == sorted(want) and len(table().history()) == versions + 1,
+              r.stderr[-800:])
+
+        # kill -9 after the commit, before the run store recorded it
+        write_csv([(6, "2026-04-06", "f")])
+        versions = len(table().history())
+        seen = killed_at(d, "after-switch", "p.toml")
+        check("killed after the commit: the commit is on S3", seen and len(table().history()) == versions + 1)
+        r = run(d, "run", "p.toml")
+        want = want + [(6, "2026-04-06", "f")]
+        check("recovery recognises the commit by its transaction id: no second version, every row once",
+              r.returncode == 0 and len(table().history()) == versions + 1 and rows() == sorted(want), r.stderr[-800:])
+
+        # a failed check uploads nothing
+        before = keys()
+        pipeline(checks='\n[[steps.load.checks]]\ncheck = "row_count"\nmin = 100\n')
+        write_csv([(7, "2026-04-07", "g")])
+        r = run(d, "run", "p.toml")
+        check("a failed check uploads nothing and commits nothing", r.returncode != 0 and keys() == before, r.stderr[-400:])
+
+        # what cannot be reached, and what is refused
+        pipeline(path="s3://no-such-bucket/t")
+        write_csv([(8, "2026-04-08", "h")])
+        r = run(d, "run", "p.toml")
+        check("a bucket that does not exist fails, naming the table", r.returncode != 0 and "s3://no-such-bucket/t" in r.stderr,
+              r.stderr[-600:])
+        pipeline(mode="merge")
+        r = run(d, "validate", "p.toml")
+        check("merge on object storage is refused at validation", r.returncode == 2 and "not supported yet" in r.stderr, r.stderr[-400:])
+        (d / "p.toml").write_text((d / "p.toml").read_text().replace('format = "delta", ', "").replace('mode = "merge"', 'mode = "overwrite"'))
+        r = run(d, "validate", "p.toml")
+        check("a Parquet folder on object storage is refused, saying what works", r.returncode == 2 and 'format = "delta"' in r.stderr,
+              r.stderr[-400:])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+finish("s3")
