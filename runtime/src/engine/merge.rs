@@ -21,7 +21,7 @@ use arrow_array::{Array, ArrayRef, BooleanArray, RecordBatch};
 use arrow_row::{RowConverter, SortField};
 use arrow_schema::{DataType, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::{ArrowWriter, ProjectionMask};
+use parquet::arrow::ProjectionMask;
 
 use crate::config::{Output, OutputMode};
 
@@ -291,35 +291,29 @@ fn reduce_run_rows(
     }
     for (fi, rel) in files.iter().enumerate() {
         let keep_rows = per_file.remove(&fi).unwrap_or_default();
-        let (schema, batches) = read(&staged.join(rel), None)?;
-        let total: usize = batches.iter().map(|b| b.num_rows()).sum();
+        let total = parquet_rows(&staged.join(rel))?;
         let mut keep = vec![false; total];
         let mut markers = 0;
         for (r, del) in keep_rows {
             if del {
                 markers += 1;
-            } else {
-                keep[r] = true;
+            } else if let Some(k) = keep.get_mut(r) {
+                *k = true;
             }
         }
         folded.deleted += markers;
         // every staged file is written again, without its row numbers
-        let seq_at = schema.index_of(SEQ).map_err(|e| e.to_string())?;
-        let mut fields: Vec<arrow_schema::FieldRef> = schema.fields().iter().cloned().collect();
-        fields.remove(seq_at);
-        let plain = Arc::new(arrow_schema::Schema::new_with_metadata(fields, schema.metadata().clone()));
-        let batches: Vec<RecordBatch> = batches
-            .iter()
-            .map(|b| {
-                let mut cols = b.columns().to_vec();
-                cols.remove(seq_at);
-                RecordBatch::try_new(plain.clone(), cols).map_err(|e| e.to_string())
-            })
-            .collect::<Res<_>>()?;
-        rewrite(&staged.join(rel), &staged.join(rel), plain, &batches, &keep, out)?;
+        rewrite(&staged.join(rel), &staged.join(rel), &keep, out, Some(SEQ))?;
     }
     // as bytes, so published rows are looked up without a copy each
     Ok(last.into_iter().filter(|(_, w)| !w.stale).map(|(k, _)| k).collect())
+}
+
+/// The rows of a Parquet file, from its footer.
+fn parquet_rows(path: &Path) -> Res<usize> {
+    let f = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(b.metadata().file_metadata().num_rows().max(0) as usize)
 }
 
 /// The `sequence_by` column's converter and place, from the staged schema.
@@ -463,27 +457,46 @@ fn remember_deletes(
     w.into_inner().map_err(|e| e.to_string())?.sync_all().map_err(|e| format!("cannot sync {}: {e}", path.display()))
 }
 
-/// Write `batches` without the rows `keep` drops to `to` (through a temporary file); no
-/// file when no row is left.
-fn rewrite(from: &Path, to: &Path, schema: SchemaRef, batches: &[RecordBatch], keep: &[bool], out: &Output) -> Res<()> {
+/// Write the file `from` again to `to` (through a temporary file) without the rows `keep`
+/// drops and without the column `drop`, batch by batch, encoded on all cores by the sink's
+/// writer; no file when no row is left.
+fn rewrite(from: &Path, to: &Path, keep: &[bool], out: &Output, drop: Option<&str>) -> Res<()> {
     let dir = to.parent().ok_or("no folder")?;
     let tmp = dir.join(format!(".merge-{}.tmp", std::process::id()));
     let kept = keep.iter().filter(|k| **k).count();
     if kept > 0 {
-        let f = File::create(&tmp).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-        let props = crate::io::sink::writer_properties(out);
-        let mut w = ArrowWriter::try_new(f, schema, Some(props)).map_err(|e| e.to_string())?;
+        let f = File::open(from).map_err(|e| format!("cannot open {}: {e}", from.display()))?;
+        let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| format!("{}: {e}", from.display()))?;
+        let schema = b.schema().clone();
+        let drop_at = drop.and_then(|c| schema.index_of(c).ok());
+        let fields: Vec<arrow_schema::FieldRef> =
+            schema.fields().iter().enumerate().filter(|(i, _)| Some(*i) != drop_at).map(|(_, f)| f.clone()).collect();
+        let plain = Arc::new(arrow_schema::Schema::new_with_metadata(fields, schema.metadata().clone()));
+        let reader = b.with_batch_size(64 * 1024).build().map_err(|e| format!("{}: {e}", from.display()))?;
+        let mut w = crate::io::sink::FileWriter::create(&tmp, plain.clone(), out).map_err(|e| e.to_string())?;
         let mut at = 0;
-        for b in batches {
-            let mask = BooleanArray::from(keep[at..at + b.num_rows()].to_vec());
-            at += b.num_rows();
-            let part = arrow_select::filter::filter_record_batch(b, &mask).map_err(|e| e.to_string())?;
+        for batch in reader {
+            let batch = batch.map_err(|e| format!("{}: {e}", from.display()))?;
+            let rows = batch.num_rows();
+            let mask =
+                keep.get(at..at + rows).ok_or_else(|| format!("{} changed while it was merged", from.display()))?;
+            at += rows;
+            let mut cols = batch.columns().to_vec();
+            if let Some(i) = drop_at {
+                cols.remove(i);
+            }
+            let batch = RecordBatch::try_new(plain.clone(), cols).map_err(|e| e.to_string())?;
+            let part = if mask.iter().all(|k| *k) {
+                batch
+            } else {
+                arrow_select::filter::filter_record_batch(&batch, &BooleanArray::from(mask.to_vec()))
+                    .map_err(|e| e.to_string())?
+            };
             if part.num_rows() > 0 {
                 w.write(&part).map_err(|e| e.to_string())?;
             }
         }
-        let f = w.into_inner().map_err(|e| e.to_string())?;
-        f.sync_all().map_err(|e| format!("cannot sync {}: {e}", tmp.display()))?;
+        w.finish().map_err(|e| e.to_string())?;
     }
     if from == to {
         std::fs::remove_file(from).map_err(|e| format!("cannot replace {}: {e}", from.display()))?;
@@ -525,7 +538,6 @@ fn fold_published(
     }
     folded.replaced += dropped;
     folded.rewritten += 1;
-    let (schema, batches) = read(from, None)?;
     let dir = staged.join(rel.parent().unwrap_or(Path::new("")));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let name = match rewritten_name {
@@ -533,7 +545,7 @@ fn fold_published(
         None => rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
     };
     let to = free_name(&dir, &name);
-    rewrite(from, &to, schema, &batches, &keep, out)?;
+    rewrite(from, &to, &keep, out, None)?;
     Ok(true)
 }
 

@@ -90,6 +90,40 @@ pub fn open(output: Option<&Output>, staging: &Path, schema: SchemaRef) -> Resul
     Ok(Box::new(sink))
 }
 
+/// One Parquet file written with the sink's encoder (columns encoded on all cores) and its
+/// settings, for the files a merge rewrites.
+pub struct FileWriter {
+    inner: super::encode::ParallelWriter,
+    path: std::path::PathBuf,
+}
+
+impl FileWriter {
+    pub fn create(path: &Path, schema: SchemaRef, out: &Output) -> Result<FileWriter> {
+        let werr = |e: ::parquet::errors::ParquetError| super::Error::Write {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let file = std::fs::File::create(path).map_err(|e| super::Error::io(path, e))?;
+        let cpu = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let inner =
+            super::encode::ParallelWriter::try_new(file, schema, writer_properties(out), true, cpu).map_err(werr)?;
+        Ok(FileWriter { inner, path: path.to_path_buf() })
+    }
+
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let path = self.path.clone();
+        self.inner.write(batch).map_err(|e| super::Error::Write { path, message: e.to_string() })
+    }
+
+    /// Finish the file and make it durable.
+    pub fn finish(self) -> Result<()> {
+        let path = self.path;
+        let f =
+            self.inner.into_inner().map_err(|e| super::Error::Write { path: path.clone(), message: e.to_string() })?;
+        f.sync_all().map_err(|e| super::Error::io(&path, e))
+    }
+}
+
 /// Open the quarantine dataset of a step: rows a check set aside, with their reasons.
 pub fn open_quarantine(staging: &Path, schema: SchemaRef) -> Result<Box<dyn Sink>> {
     Ok(Box::new(ParquetSink::new(staging, schema, None, 1 << 20, Default::default())?))
