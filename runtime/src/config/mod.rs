@@ -832,7 +832,7 @@ impl Pipeline {
         // sources
         let sources = parse_sources(&ctx, &base, &raw, &source_retry, &mut errors);
         let plugins = parse_plugins(&ctx, &base, &raw, &secrets, &mut errors);
-        let steps = parse_steps(&ctx, &base, &raw, &sources, &step_retry, &source_retry, &secrets, &mut errors);
+        let steps = parse_steps(&ctx, &base, &raw, &sources, (&step_retry, &source_retry), &secrets, &mut errors);
 
         check_outputs(path, &sources, &steps, &mut errors);
         let metrics = raw.metrics.as_ref().and_then(|m| {
@@ -1854,8 +1854,7 @@ fn parse_steps(
     base: &Path,
     raw: &RawFile,
     sources: &BTreeMap<String, Source>,
-    step_retry: &BTreeMap<String, Retry>,
-    source_retry: &BTreeMap<String, Retry>,
+    (step_retry, source_retry): (&BTreeMap<String, Retry>, &BTreeMap<String, Retry>),
     secrets: &BTreeMap<String, SecretRef>,
     errors: &mut Vec<Diagnostic>,
 ) -> Vec<Step> {
