@@ -6,12 +6,15 @@ Covers: a first run creating the table and a second adding partitions, credentia
 [secrets] files, a file larger than one upload part (multipart), kill -9 after the upload
 and before the commit, and after the commit before the run store recorded it (a rerun: every
 row exactly once, no version twice), a failed check (nothing uploaded), a bucket that does
-not exist, and what is refused at validation (merge on object storage, Parquet folders there).
+not exist, what is refused at validation (merge on object storage, Parquet folders there),
+and the examples/delta-lake pipeline.
 """
 import datetime
+import json
 import os
 import pathlib
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -177,6 +180,24 @@ with tempfile.TemporaryDirectory() as tmp:
         r = run(d, "validate", "p.toml")
         check("a Parquet folder on object storage is refused, saying what works", r.returncode == 2 and 'format = "delta"' in r.stderr,
               r.stderr[-400:])
+        # the example: the orders exports masked into a Delta table on S3 (bucket `lake`)
+        s3.create_bucket(Bucket="lake")
+        ex = d / "examples"
+        for name in ("delta-lake", "orders"):
+            shutil.copytree(root / "examples" / name, ex / name)
+        toml = ex / "delta-lake/pipeline.toml"
+        toml.write_text(toml.read_text().replace("../../dist", str(root / "dist")))
+        exenv = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+        r = run(ex / "delta-lake", "run", "pipeline.toml", "--json", extra=exenv)
+        written = json.loads(r.stdout)["steps"][0]["rows_written"] if r.returncode == 0 else -1
+        lake = deltalake.DeltaTable("s3://lake/orders", storage_options=opts).to_pyarrow_table() if r.returncode == 0 else None
+        check("the delta-lake example loads the masked orders into a Delta table on S3",
+              r.returncode == 0 and lake is not None and lake.num_rows == written > 0
+              and not any("@" in e for e in lake["customer_email"].to_pylist())
+              and len(set(lake["country"].to_pylist())) > 1, r.stderr[-800:])
+        r = run(ex / "delta-lake", "run", "pipeline.toml", "--partition", "2024-01-03", "--json", extra=exenv)
+        check("a partition run of the example adds one table version",
+              r.returncode == 0 and len(deltalake.DeltaTable("s3://lake/orders", storage_options=opts).history()) == 2, r.stderr[-800:])
     finally:
         server.terminate()
         server.wait(timeout=30)

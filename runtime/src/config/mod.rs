@@ -338,10 +338,8 @@ struct RawOutput {
 struct RawStorage {
     endpoint: Option<String>,
     region: Option<String>,
-    #[serde(default)]
-    path_style: bool,
-    #[serde(default)]
-    allow_http: bool,
+    path_style: Option<bool>,
+    allow_http: Option<bool>,
     access_key_id: Option<String>,
     secret_access_key: Option<String>,
 }
@@ -634,10 +632,12 @@ pub struct Remote {
     pub url: String,
     pub endpoint: Option<String>,
     pub region: Option<String>,
-    /// Path-style requests (`http://host/bucket/key`), as MinIO and moto expect.
-    pub path_style: bool,
-    /// Plain http to the endpoint (a local test server).
-    pub allow_http: bool,
+    /// Path-style requests (`http://host/bucket/key`, as MinIO and moto expect) or, when
+    /// false, virtual-hosted ones; unset: the environment's `AWS_VIRTUAL_HOSTED_STYLE_REQUEST`
+    /// (path style by default).
+    pub path_style: Option<bool>,
+    /// Plain http to the endpoint (a local test server); unset: `AWS_ALLOW_HTTP`.
+    pub allow_http: Option<bool>,
     pub access_key_id: Option<SecretRef>,
     pub secret_access_key: Option<SecretRef>,
 }
@@ -2230,8 +2230,8 @@ fn parse_remote(
         url: format!("s3://{bucket}/{prefix}/"),
         endpoint: st.and_then(|s| s.endpoint.clone()),
         region: st.and_then(|s| s.region.clone()),
-        path_style: st.is_some_and(|s| s.path_style),
-        allow_http: st.is_some_and(|s| s.allow_http),
+        path_style: st.and_then(|s| s.path_style),
+        allow_http: st.and_then(|s| s.allow_http),
         access_key_id: st.and_then(|s| secret(&s.access_key_id, "access_key_id")),
         secret_access_key: st.and_then(|s| secret(&s.secret_access_key, "secret_access_key")),
     };

@@ -143,7 +143,12 @@ fn s3_store(r: &Remote) -> Res<Arc<dyn delta_kernel::object_store::ObjectStore>>
     if let Some(region) = &r.region {
         b = b.with_region(region.as_str());
     }
-    b = b.with_virtual_hosted_style_request(!r.path_style).with_allow_http(r.allow_http);
+    if let Some(p) = r.path_style {
+        b = b.with_virtual_hosted_style_request(!p);
+    }
+    if let Some(h) = r.allow_http {
+        b = b.with_allow_http(h);
+    }
     let text = |s: &crate::config::SecretRef, what: &str| -> Res<String> {
         let bytes = s.resolve().map_err(|e| format!("the {what} of {}: {e}", r.url))?;
         String::from_utf8(bytes).map_err(|_| format!("the {what} of {} is not UTF-8 text", r.url))
