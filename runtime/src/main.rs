@@ -305,21 +305,32 @@ enum Command {
         #[arg(long)]
         state: Option<PathBuf>,
     },
-    /// Delta tables weir writes (`output.format = "delta"`): their history, and vacuum.
+    /// Delta tables weir writes (`output.format = "delta"`): history, vacuum, optimize.
     ///
     /// `history` lists the table's versions, newest first, with the weir run that made each
     /// (pipeline, step, run id) and the files it added and removed. `vacuum` removes data
-    /// files no version in the log references (files of replaced versions once older than
-    /// the retention, and files a run linked before it crashed short of its commit); time
-    /// travel to a version whose files were removed stops working.
+    /// files the latest version does not reference (files of replaced versions once their
+    /// removal is older than the retention, and files a run linked before it crashed short of
+    /// its commit); time travel to a version whose files were removed stops working.
+    /// `optimize` compacts the small files of each partition (or of `--partition`) into one,
+    /// as one version that changes no data.
     #[command(
-        after_help = "Examples:\n  weir table history out/orders\n  weir table vacuum out/orders --retention 168h --dry-run\n  weir table vacuum out/orders --retention 0s"
+        after_help = "Examples:\n  weir table history out/orders\n  weir table vacuum out/orders --retention 168h --dry-run\n  weir table vacuum out/orders --retention 0s\n  weir table optimize out/orders --partition day=2024-01-03"
     )]
     Table {
-        #[arg(value_parser = ["history", "vacuum"])]
+        #[arg(value_parser = ["history", "vacuum", "optimize"])]
         action: String,
         /// The table's directory.
         path: PathBuf,
+        /// optimize: only this partition (`country=NL`, or the value).
+        #[arg(long)]
+        partition: Option<String>,
+        /// optimize: files under this size are compacted, one file per partition.
+        #[arg(long, default_value_t = 128)]
+        target_mb: u64,
+        /// optimize: the compacted files' compression (zstd, zstd(N), snappy, none).
+        #[arg(long, default_value = "zstd")]
+        compression: String,
         /// vacuum: keep unreferenced files younger than this (`7d`, `168h`, `30m`, `0s`).
         #[arg(long, default_value = "7d")]
         retention: String,
@@ -591,9 +602,9 @@ fn main() -> ExitCode {
         Command::Backfills { pipeline, json, state } => report(cmd_backfills(pipeline, json, state)),
         Command::Recover { pipeline, state } => report(cmd_recover(pipeline, state)),
         Command::Schema { pipeline, source, json, state } => report(cmd_schema(pipeline, source, json, state)),
-        Command::Table { action, path, retention, dry_run, json } => {
-            report(cmd_table(&action, &path, &retention, dry_run, json))
-        }
+        Command::Table { action, path, partition, target_mb, compression, retention, dry_run, json } => report(
+            cmd_table(&action, &path, (partition.as_deref(), target_mb, &compression), &retention, dry_run, json),
+        ),
         Command::Watermarks { pipeline, action, source, value, json, state } => {
             report(cmd_watermarks(pipeline, action, source, value, json, state))
         }
@@ -1419,12 +1430,36 @@ fn cmd_watermarks(
 fn cmd_table(
     action: &str,
     path: &std::path::Path,
+    (partition, target_mb, compression): (Option<&str>, u64, &str),
     retention: &str,
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     use weir::io::delta;
     match action {
+        "optimize" => {
+            let codec = weir::config::Codec::parse(compression).map_err(|e| anyhow::anyhow!("--compression: {e}"))?;
+            let o = delta::optimize(path, partition, target_mb, codec).map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&o)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            match o.version {
+                None => {
+                    println!("{}: nothing to compact (no partition has two files under {target_mb} MB)", path.display())
+                }
+                Some(v) => {
+                    for (p, read, written) in &o.partitions {
+                        println!("  {}: {read} files -> {written}", if p.is_empty() { "(table)" } else { p });
+                    }
+                    println!(
+                        "{}: version {v} compacts {} rows; the replaced files stay for time travel until vacuum",
+                        path.display(),
+                        o.rows
+                    );
+                }
+            }
+        }
         "history" => {
             let h = delta::history(path).map_err(anyhow::Error::msg)?;
             if json {

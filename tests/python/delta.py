@@ -7,7 +7,7 @@ Covers: a first run creating the table, overwrite, overwrite_partitions and appe
 kill -9 before the commit, between linking the files and the commit, and after the commit
 before the run store recorded it (then a rerun: every row exactly once), a failed check
 (no commit, no files), two writers racing on one table, `weir table history` and `vacuum`,
-types Delta cannot hold, and merge by key: five runs of random upserts, deletes and keys
+`weir table optimize`, types Delta cannot hold, and merge by key: five runs of random upserts, deletes and keys
 changing partition against an oracle, a merge over another writer's commit, and a merge
 killed before its commit.
 """
@@ -223,6 +223,37 @@ with tempfile.TemporaryDirectory() as tmp:
     readers_agree("after vacuum the latest version reads the same", table, want)
     r = run(d, "table", "vacuum", "out/table")
     check("vacuum keeps unreferenced files younger than the default retention", r.returncode == 0 and "0 unreferenced" in r.stdout, r.stdout)
+
+    # --- optimize: four appends to one partition (one with a column added) become one file
+    o = d / "opt"
+    o.mkdir()
+    for i in range(4):
+        extra = ', note = "string"' if i == 3 else ""
+        pipeline(o, "append", name="opt", extra=extra)
+        if i == 3:
+            write_csv(o, [(100 + i, "2026-05-01", f"o{i}", "late")], extra="note")
+        else:
+            write_csv(o, [(100 + i, "2026-05-01", f"o{i}"), (200 + i, "2026-05-02", f"p{i}")])
+        run(o, "run", "p.toml")
+    ot = o / "out/table"
+    before_rows = delta_rows(ot)
+    before_files = len(list((ot / "day=2026-05-01").glob("*.parquet")))
+    versions = len(deltalake.DeltaTable(str(ot)).history())
+    r = run(o, "table", "optimize", "out/table", "--partition", "day=2026-05-01", "--json")
+    res = json.loads(r.stdout or "{}")
+    dt = deltalake.DeltaTable(str(ot))
+    live = [f for f in dt.file_uris() if "day=2026-05-01" in f]
+    check("optimize compacts one partition's files into one, as one version",
+          r.returncode == 0 and before_files == 4 and len(live) == 1 and len(dt.history()) == versions + 1
+          and dt.history()[0]["operation"] == "OPTIMIZE" and len([f for f in dt.file_uris() if "day=2026-05-02" in f]) == 3,
+          f"{r.stdout} {r.stderr[-400:]} {live}")
+    readers_agree("after optimize", ot, before_rows)
+    notes = sorted((x["id"], x["note"]) for x in dt.to_pyarrow_table().to_pylist() if str(x["day"]) == "2026-05-01")
+    check("a file written before a column was added reads it as null after compaction",
+          notes == [(100, None), (101, None), (102, None), (103, "late")], str(notes))
+    check("time travel before the compaction still reads the same rows", delta_rows(ot, versions - 1) == before_rows)
+    r = run(o, "table", "optimize", "out/table", "--partition", "day=2026-05-01")
+    check("optimize with nothing to compact says so", r.returncode == 0 and "nothing to compact" in r.stdout, r.stdout + r.stderr)
 
     # --- two writers on one table: different partitions both commit; one partition: never both
     a, b = d / "a", d / "b"

@@ -523,7 +523,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// The add-file rows of the placed files: path, partition values, size, time and the
 /// statistics read off each file's footer (row count, null counts, minimum and maximum of
 /// each flat column).
-fn add_files(placed: &[Placed], spec: &CommitSpec, schema: &Schema) -> Res<RecordBatch> {
+fn add_files(placed: &[Placed], partition_by: Option<&String>, schema: &Schema) -> Res<RecordBatch> {
     let mut paths = Vec::new();
     let mut sizes = Vec::new();
     let mut times = Vec::new();
@@ -537,7 +537,7 @@ fn add_files(placed: &[Placed], spec: &CommitSpec, schema: &Schema) -> Res<Recor
         arrow_array::builder::StringBuilder::new(),
     );
     let data_fields: Vec<&Field> =
-        schema.fields().iter().map(|f| f.as_ref()).filter(|f| Some(f.name()) != spec.partition_by.as_ref()).collect();
+        schema.fields().iter().map(|f| f.as_ref()).filter(|f| Some(f.name()) != partition_by).collect();
     let stat_fields: Vec<&Field> = data_fields
         .iter()
         .copied()
@@ -567,7 +567,7 @@ fn add_files(placed: &[Placed], spec: &CommitSpec, schema: &Schema) -> Res<Recor
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
         times.push(mtime);
-        if let (Some(col), Some(v)) = (&spec.partition_by, &p.partition) {
+        if let (Some(col), Some(v)) = (partition_by, &p.partition) {
             pv.keys().append_value(col);
             match v {
                 Some(v) => pv.values().append_value(v),
@@ -732,7 +732,7 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks
             (None, None) => return Err("internal error (a bug in weir, please report it): a table nowhere".into()),
         }
         (hooks.pause)("delta-linked");
-        let adds = add_files(&placed, spec, &schema)?;
+        let adds = add_files(&placed, spec.partition_by.as_ref(), &schema)?;
         let added = adds.num_rows();
         let params = operation_parameters(spec);
         let result = match &snap {
@@ -979,6 +979,137 @@ pub fn vacuum(table_path: &Path, retention: std::time::Duration, dry_run: bool) 
         out.removed.push(rel);
     }
     Ok(out)
+}
+
+/// What `optimize` did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Optimized {
+    /// The table version of the compaction (none: nothing to compact).
+    pub version: Option<u64>,
+    /// Per compacted partition (`col=value`, or empty for an unpartitioned table): files
+    /// read, files written.
+    pub partitions: Vec<(String, usize, usize)>,
+    pub rows: u64,
+}
+
+/// Compact the small files (under `target_mb`) of each partition of a local table (or of
+/// one, `partition` as `col=value` or the value) into one file per partition, committed as
+/// one `OPTIMIZE` version that changes no data (`dataChange = false`): readers and time
+/// travel see the same rows. Files of columns added later are read with those columns null.
+pub fn optimize(
+    table_path: &Path,
+    partition: Option<&str>,
+    target_mb: u64,
+    codec: crate::config::Codec,
+) -> Res<Optimized> {
+    use delta_kernel::engine::arrow_conversion::TryIntoArrow;
+    let table = Table::local(table_path)?;
+    let root = table.local.clone().unwrap_or_default();
+    let Some(snap) = table.snapshot()? else {
+        return Err(format!("{} is not a Delta table (no _delta_log)", table_path.display()));
+    };
+    let full: Schema = snap.schema().as_ref().try_into_arrow().map_err(|e| format!("the table's schema: {e}"))?;
+    let partition_by = snap.table_configuration().logical_partition_columns().first().cloned();
+    let limit = (target_mb.max(1) << 20) as i64;
+    let mut groups: BTreeMap<Option<String>, Vec<TableFile>> = BTreeMap::new();
+    for f in table.files(&snap)? {
+        if f.size >= limit || f.deletion_vector {
+            continue;
+        }
+        let value = partition_by.as_ref().and_then(|c| f.partition_values.get(c).cloned());
+        groups.entry(value).or_default().push(f);
+    }
+    if let (Some(p), Some(col)) = (partition, &partition_by) {
+        let want = p.strip_prefix(&format!("{col}=")).unwrap_or(p);
+        groups.retain(|v, _| v.as_deref() == Some(want));
+    }
+    groups.retain(|_, files| files.len() > 1);
+    let mut done = Optimized::default();
+    if groups.is_empty() {
+        return Ok(done);
+    }
+    let data_fields: Vec<Field> =
+        full.fields().iter().filter(|f| Some(f.name()) != partition_by.as_ref()).map(|f| f.as_ref().clone()).collect();
+    let data_schema = Arc::new(Schema::new(data_fields));
+    let version = snap.version();
+    let mut placed = Vec::new();
+    let mut removes = HashSet::new();
+    for (n, (value, files)) in groups.iter().enumerate() {
+        let dir = match (&partition_by, value) {
+            (Some(col), Some(v)) => format!("{col}={}", super::sink::escape_partition(v)),
+            (Some(col), None) => format!("{col}={NULL_PARTITION}"),
+            (None, _) => String::new(),
+        };
+        let rel = if dir.is_empty() {
+            format!("part-opt-v{version}-{n:05}.parquet")
+        } else {
+            format!("{dir}/part-opt-v{version}-{n:05}.parquet")
+        };
+        let to = root.join(&rel);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        let props = super::sink::properties(codec, 1 << 20);
+        let mut w =
+            super::sink::FileWriter::with_properties(&to, data_schema.clone(), props).map_err(|e| e.to_string())?;
+        for f in files {
+            let path = root.join(decode_path(&f.path));
+            let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                .and_then(|b| b.with_batch_size(64 * 1024).build())
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            for batch in reader {
+                let batch = batch.map_err(|e| format!("{}: {e}", path.display()))?;
+                // the table's columns in its order; a column the file predates reads as null
+                let cols: Vec<ArrayRef> = data_schema
+                    .fields()
+                    .iter()
+                    .map(|field| match batch.column_by_name(field.name()) {
+                        Some(c) if c.data_type() == field.data_type() => Ok(c.clone()),
+                        Some(c) => {
+                            arrow_cast::cast(c, field.data_type()).map_err(|e| format!("{}: {e}", path.display()))
+                        }
+                        None => Ok(arrow_array::new_null_array(field.data_type(), batch.num_rows())),
+                    })
+                    .collect::<Res<_>>()?;
+                let batch = RecordBatch::try_new(data_schema.clone(), cols).map_err(|e| e.to_string())?;
+                done.rows += batch.num_rows() as u64;
+                w.write(&batch).map_err(|e| e.to_string())?;
+            }
+            removes.insert(f.path.clone());
+        }
+        w.finish().map_err(|e| e.to_string())?;
+        done.partitions.push((dir, files.len(), 1));
+        placed.push(Placed { staged: to, rel, partition: partition_by.as_ref().map(|_| value.clone()) });
+    }
+    let adds = add_files(&placed, partition_by.as_ref(), &full)?;
+    let mut txn = snap
+        .clone()
+        .update_table(UpdateTableOperation::Optimize, engine_info(), false)
+        .build(&table.engine, Box::new(FileSystemCommitter::new()))
+        .map_err(kernel("cannot start the compaction's commit"))?;
+    for sm in table.scan(&snap)? {
+        let (files, selected) = visit(&sm)?;
+        let (data, sel) = sm.scan_files.into_parts();
+        let mut pick = vec![false; data.len()];
+        for (f, row) in files.iter().zip(selected) {
+            if removes.contains(&f.path) && sel.get(row).copied().unwrap_or(true) {
+                pick[row] = true;
+            }
+        }
+        txn.remove_files(FilteredEngineData::try_new(data, pick).map_err(kernel("cannot remove files"))?);
+    }
+    txn.add_files(Box::new(ArrowEngineData::new(adds)));
+    match txn.commit(&table.engine).map_err(kernel("cannot commit the compaction"))? {
+        CommitResult::Committed(c) => {
+            done.version = Some(c.commit_version());
+            Ok(done)
+        }
+        _ => Err(format!(
+            "another writer committed to {} while it was compacted; nothing was committed (the compacted files are left for vacuum): run it again",
+            table.name
+        )),
+    }
 }
 
 /// Undo `add.path`'s percent-encoding.

@@ -34,6 +34,11 @@ pub use self::parquet::{
     check_output_schema, escape_partition, unescape_partition, ParquetSink, MAX_PARTITIONS, NULL_PARTITION,
 };
 
+/// Parquet writer settings: a codec, row groups of `row_group_size` rows.
+pub fn properties(codec: crate::config::Codec, row_group_size: usize) -> ::parquet::file::properties::WriterProperties {
+    self::parquet::properties(codec, row_group_size)
+}
+
 /// The writer settings of an output's Parquet files.
 pub fn writer_properties(out: &Output) -> ::parquet::file::properties::WriterProperties {
     self::parquet::properties(out.compression, out.row_group_size)
@@ -99,14 +104,21 @@ pub struct FileWriter {
 
 impl FileWriter {
     pub fn create(path: &Path, schema: SchemaRef, out: &Output) -> Result<FileWriter> {
+        FileWriter::with_properties(path, schema, writer_properties(out))
+    }
+
+    pub fn with_properties(
+        path: &Path,
+        schema: SchemaRef,
+        props: ::parquet::file::properties::WriterProperties,
+    ) -> Result<FileWriter> {
         let werr = |e: ::parquet::errors::ParquetError| super::Error::Write {
             path: path.to_path_buf(),
             message: e.to_string(),
         };
         let file = std::fs::File::create(path).map_err(|e| super::Error::io(path, e))?;
         let cpu = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let inner =
-            super::encode::ParallelWriter::try_new(file, schema, writer_properties(out), true, cpu).map_err(werr)?;
+        let inner = super::encode::ParallelWriter::try_new(file, schema, props, true, cpu).map_err(werr)?;
         Ok(FileWriter { inner, path: path.to_path_buf() })
     }
 
