@@ -6,7 +6,7 @@ Covers: a first run creating the table and a second adding partitions, credentia
 [secrets] files, a file larger than one upload part (multipart), kill -9 after the upload
 and before the commit, and after the commit before the run store recorded it (a rerun: every
 row exactly once, no version twice), a failed check (nothing uploaded), a bucket that does
-not exist, what is refused at validation (merge on object storage, Parquet folders there),
+not exist, merge by key, what is refused at validation (Parquet folders on object storage),
 and the examples/delta-lake pipeline.
 """
 import datetime
@@ -96,12 +96,11 @@ with tempfile.TemporaryDirectory() as tmp:
         opts = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "k",
                 "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1"}
 
-        def table(version=None):
-            t = deltalake.DeltaTable(url, storage_options=opts, version=version)
-            return t
+        def table(version=None, at=url):
+            return deltalake.DeltaTable(at, storage_options=opts, version=version)
 
-        def rows(version=None):
-            return sorted((r["id"], str(r["day"]), r["name"]) for r in table(version).to_pyarrow_table().to_pylist())
+        def rows(version=None, at=url):
+            return sorted((r["id"], str(r["day"]), r["name"]) for r in table(version, at).to_pyarrow_table().to_pylist())
 
         def keys():
             out = s3.list_objects_v2(Bucket="weir-test", Prefix="tables/events/")
@@ -173,9 +172,20 @@ with tempfile.TemporaryDirectory() as tmp:
         r = run(d, "run", "p.toml")
         check("a bucket that does not exist fails, naming the table", r.returncode != 0 and "s3://no-such-bucket/t" in r.stderr,
               r.stderr[-600:])
+        # merge by key on S3: the table files holding the run's keys are downloaded, rewritten
+        # without them and swapped in one commit
+        merged = "s3://weir-test/tables/merged"
+        pipeline(mode="merge", path=merged)
+        (d / "p.toml").write_text((d / "p.toml").read_text().replace('mode = "merge",', 'mode = "merge", key = ["id"],'))
+        write_csv([(1, "2026-04-01", "a"), (2, "2026-04-02", "b"), (3, "2026-04-02", "c")])
+        r1 = run(d, "run", "p.toml")
+        write_csv([(2, "2026-04-03", "b2"), (4, "2026-04-01", "d")])
+        r2 = run(d, "run", "p.toml")
+        check("merge by key into a table on S3 (a key moving partition, a new key)",
+              r1.returncode == 0 and r2.returncode == 0
+              and rows(at=merged) == [(1, "2026-04-01", "a"), (2, "2026-04-03", "b2"), (3, "2026-04-02", "c"), (4, "2026-04-01", "d")],
+              f"{r1.stderr[-300:]} {r2.stderr[-300:]}")
         pipeline(mode="merge")
-        r = run(d, "validate", "p.toml")
-        check("merge on object storage is refused at validation", r.returncode == 2 and "not supported yet" in r.stderr, r.stderr[-400:])
         (d / "p.toml").write_text((d / "p.toml").read_text().replace('format = "delta", ', "").replace('mode = "merge"', 'mode = "overwrite"'))
         r = run(d, "validate", "p.toml")
         check("a Parquet folder on object storage is refused, saying what works", r.returncode == 2 and 'format = "delta"' in r.stderr,

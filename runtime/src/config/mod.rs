@@ -2204,13 +2204,6 @@ fn parse_remote(
         ));
         return None;
     }
-    if o.mode == OutputMode::Merge {
-        errors.push(ctx.at(
-            at,
-            &format!("steps.{step}.output: mode = \"merge\" on object storage is not supported yet"),
-            Some("merge into a local Delta table, or use mode = \"overwrite_partitions\" or \"append\" there"),
-        ));
-    }
     let mut secret = |name: &Option<String>, key: &str| -> Option<SecretRef> {
         let n = name.as_ref()?;
         match secrets.get(n) {

@@ -585,6 +585,9 @@ fn load_keys(staged: &Path) -> Res<HashSet<Box<[u8]>>> {
     Ok(keys)
 }
 
+/// Where a merge into a remote table keeps the copy of the table file it is reading.
+const DOWNLOADS: &str = "_weir_downloads";
+
 /// At the commit of a merge into a Delta table: each file of the version committed over
 /// that holds one of the run's keys is rewritten without them under the staging's `_weir_rewritten` (made
 /// anew on each attempt); returns their paths as the log has them, for the commit to remove.
@@ -611,7 +614,20 @@ pub(crate) fn fold_table_files(
         }
         let rel = PathBuf::from(crate::io::delta::decode_path(&f.path));
         let name = format!("rw-{:05}.parquet", removes.len());
-        if fold_published(&table.join(&rel), &dir, &rel, out, &keys, &mut folded, Some(&name))? {
+        // a remote table's file is read from a copy beside the staging
+        let from = match &out.remote {
+            None => table.join(&rel),
+            Some(r) => {
+                let local = staged.join(DOWNLOADS).join(&rel);
+                crate::io::delta::download(r, &f.path, &local)?;
+                local
+            }
+        };
+        let rewritten = fold_published(&from, &dir, &rel, out, &keys, &mut folded, Some(&name))?;
+        if out.remote.is_some() {
+            let _ = std::fs::remove_file(&from);
+        }
+        if rewritten {
             removes.insert(f.path.clone());
         }
     }

@@ -468,6 +468,31 @@ fn link_into(table: &Path, placed: &[Placed]) -> Res<()> {
     Ok(())
 }
 
+/// Download the file `path` (as the log has it) of a remote table to `to`, streamed.
+pub fn download(r: &Remote, path: &str, to: &Path) -> Res<()> {
+    use delta_kernel::object_store::ObjectStoreExt;
+    use std::io::Write;
+    let store = s3_store(r)?;
+    let url = url::Url::parse(&r.url).map_err(|e| format!("{}: {e}", r.url))?;
+    let from = object_path(&url, &decode_path(path))?;
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    let name = format!("{}{path}", r.url);
+    let to_owned = to.to_path_buf();
+    block_on(Box::pin(async move {
+        use futures::StreamExt;
+        let got = store.get(&from).await.map_err(|e| format!("cannot download {name}: {e}"))?;
+        let mut file = std::fs::File::create(&to_owned).map_err(|e| format!("{}: {e}", to_owned.display()))?;
+        let mut stream = got.into_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| format!("cannot download {name}: {e}"))?;
+            file.write_all(&chunk).map_err(|e| format!("{}: {e}", to_owned.display()))?;
+        }
+        Ok(())
+    }))?
+}
+
 /// What a multipart upload sends at a time.
 const PART_BYTES: usize = 16 << 20;
 
