@@ -320,7 +320,8 @@ enum Command {
     Table {
         #[arg(value_parser = ["history", "vacuum", "optimize"])]
         action: String,
-        /// The table's directory.
+        /// The table's folder, or `s3://bucket/prefix` (history and vacuum; reached through
+        /// AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP).
         path: PathBuf,
         /// optimize: only this partition (`country=NL`, or the value).
         #[arg(long)]
@@ -1461,7 +1462,8 @@ fn cmd_table(
             }
         }
         "history" => {
-            let h = delta::history(path).map_err(anyhow::Error::msg)?;
+            let table = delta::Table::at(&path.to_string_lossy()).map_err(anyhow::Error::msg)?;
+            let h = delta::history(&table).map_err(anyhow::Error::msg)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&h)?);
                 return Ok(ExitCode::SUCCESS);
@@ -1485,7 +1487,8 @@ fn cmd_table(
         _ => {
             let keep =
                 weir::config::parse_duration(retention).map_err(|e| anyhow::anyhow!("--retention {retention}: {e}"))?;
-            let v = delta::vacuum(path, keep, dry_run).map_err(anyhow::Error::msg)?;
+            let table = delta::Table::at(&path.to_string_lossy()).map_err(anyhow::Error::msg)?;
+            let v = delta::vacuum(&table, keep, dry_run).map_err(anyhow::Error::msg)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(ExitCode::SUCCESS);

@@ -6,7 +6,7 @@ Covers: a first run creating the table and a second adding partitions, credentia
 [secrets] files, a file larger than one upload part (multipart), kill -9 after the upload
 and before the commit, and after the commit before the run store recorded it (a rerun: every
 row exactly once, no version twice), a failed check (nothing uploaded), a bucket that does
-not exist, merge by key, what is refused at validation (Parquet folders on object storage),
+not exist, merge by key, `weir table history|vacuum` on the bucket, what is refused at validation (Parquet folders on object storage),
 and the examples/delta-lake pipeline.
 """
 import datetime
@@ -165,6 +165,21 @@ with tempfile.TemporaryDirectory() as tmp:
         write_csv([(7, "2026-04-07", "g")])
         r = run(d, "run", "p.toml")
         check("a failed check uploads nothing and commits nothing", r.returncode != 0 and keys() == before, r.stderr[-400:])
+
+        # history and vacuum of the S3 table, through the AWS environment
+        awsenv = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+        r = run(d, "table", "history", url, "--json", extra=awsenv)
+        h = json.loads(r.stdout or "[]")
+        check("weir table history reads an S3 table's versions and the runs that made them",
+              r.returncode == 0 and len(h) == len(table().history()) and all(v["run"] for v in h), r.stderr[-400:])
+        r = run(d, "table", "vacuum", url, "--retention", "0s", "--dry-run", "--json", extra=awsenv)
+        dry = json.loads(r.stdout or "{}").get("removed", [])
+        before_keys = keys()
+        r = run(d, "table", "vacuum", url, "--retention", "0s", "--json", extra=awsenv)
+        gone = json.loads(r.stdout or "{}").get("removed", [])
+        check("weir table vacuum removes the replaced files from the bucket, and readers read the same",
+              r.returncode == 0 and len(dry) >= 1 and gone == dry and all(f"tables/events/{g}" not in keys() for g in gone)
+              and len(keys()) == len(before_keys) - len(gone) and rows() == sorted(want), f"{dry} {gone} {r.stderr[-300:]}")
 
         # what cannot be reached, and what is refused
         pipeline(path="s3://no-such-bucket/t")

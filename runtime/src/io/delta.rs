@@ -897,16 +897,11 @@ pub struct HistoryEntry {
     pub removed: usize,
 }
 
-/// The versions of a local table, newest first, read from its log's commit files (those
-/// the log still holds).
-pub fn history(table: &Path) -> Res<Vec<HistoryEntry>> {
-    let log = table.join("_delta_log");
-    let entries = std::fs::read_dir(&log).map_err(|e| format!("{} is not a Delta table: {e}", table.display()))?;
+/// The versions of a table, newest first, read from its log's commit files (those the log
+/// still holds).
+pub fn history(table: &Table) -> Res<Vec<HistoryEntry>> {
     let mut out = Vec::new();
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(v) = name.strip_suffix(".json").and_then(|s| s.parse::<u64>().ok()) else { continue };
-        let text = std::fs::read_to_string(e.path()).map_err(|e| format!("{name}: {e}"))?;
+    for (v, text) in table.commit_files()? {
         let mut h = HistoryEntry {
             version: v,
             timestamp_ms: None,
@@ -933,8 +928,151 @@ pub fn history(table: &Path) -> Res<Vec<HistoryEntry>> {
         }
         out.push(h);
     }
+    if out.is_empty() {
+        return Err(format!("{} is not a Delta table (no commits in _delta_log)", table.name));
+    }
     out.sort_by_key(|h| std::cmp::Reverse(h.version));
     Ok(out)
+}
+
+/// A data file as the table's storage lists it.
+struct Listed {
+    /// Relative to the table root, not encoded.
+    rel: String,
+    size: u64,
+    modified: std::time::SystemTime,
+}
+
+impl Table {
+    /// The table at a local folder, or at an `s3://` URL reached through the AWS environment.
+    pub fn at(location: &str) -> Res<Table> {
+        if location.starts_with("s3://") {
+            let url = format!("{}/", location.trim_end_matches('/'));
+            let r = Remote {
+                url,
+                endpoint: None,
+                region: None,
+                path_style: None,
+                allow_http: None,
+                access_key_id: None,
+                secret_access_key: None,
+            };
+            return Table::open(Path::new(location), Some(&r));
+        }
+        Table::local(Path::new(location))
+    }
+
+    /// The log's JSON commit files: (version, text).
+    fn commit_files(&self) -> Res<Vec<(u64, String)>> {
+        let mut out = Vec::new();
+        match (&self.local, &self.remote) {
+            (Some(root), _) => {
+                let log = root.join("_delta_log");
+                let entries =
+                    std::fs::read_dir(&log).map_err(|e| format!("{} is not a Delta table: {e}", self.name))?;
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let Some(v) = name.strip_suffix(".json").and_then(|s| s.parse::<u64>().ok()) else { continue };
+                    out.push((v, std::fs::read_to_string(e.path()).map_err(|e| format!("{name}: {e}"))?));
+                }
+            }
+            (None, Some(r)) => {
+                let store = s3_store(r)?;
+                let prefix = object_path(&self.url, "_delta_log/")?;
+                let name = self.name.clone();
+                out = block_on(Box::pin(async move {
+                    use delta_kernel::object_store::ObjectStoreExt;
+                    use futures::TryStreamExt;
+                    let listed: Vec<_> = store
+                        .list(Some(&prefix))
+                        .try_collect()
+                        .await
+                        .map_err(|e| format!("cannot list {name}: {e}"))?;
+                    let mut out = Vec::new();
+                    for m in listed {
+                        let Some(file) = m.location.filename().map(String::from) else { continue };
+                        let Some(v) = file.strip_suffix(".json").and_then(|s| s.parse::<u64>().ok()) else { continue };
+                        let bytes = store
+                            .get(&m.location)
+                            .await
+                            .map_err(|e| format!("cannot read {name}_delta_log/{file}: {e}"))?
+                            .bytes()
+                            .await
+                            .map_err(|e| format!("cannot read {name}_delta_log/{file}: {e}"))?;
+                        out.push((v, String::from_utf8_lossy(&bytes).into_owned()));
+                    }
+                    Ok::<_, String>(out)
+                }))??;
+            }
+            (None, None) => {}
+        }
+        Ok(out)
+    }
+
+    /// Every Parquet data file under the table (not `_` or `.` names).
+    fn data_files(&self) -> Res<Vec<Listed>> {
+        match (&self.local, &self.remote) {
+            (Some(root), _) => {
+                let mut out = Vec::new();
+                for rel in super::sink::parquet_files(root)? {
+                    let Ok(meta) = std::fs::metadata(root.join(&rel)) else { continue };
+                    out.push(Listed {
+                        rel: rel.to_string_lossy().replace('\\', "/"),
+                        size: meta.len(),
+                        modified: meta.modified().unwrap_or(std::time::SystemTime::now()),
+                    });
+                }
+                Ok(out)
+            }
+            (None, Some(r)) => {
+                let store = s3_store(r)?;
+                let prefix = object_path(&self.url, "")?;
+                let name = self.name.clone();
+                let base = prefix.as_ref().to_string();
+                block_on(Box::pin(async move {
+                    use futures::TryStreamExt;
+                    let listed: Vec<_> = store
+                        .list(Some(&prefix))
+                        .try_collect()
+                        .await
+                        .map_err(|e| format!("cannot list {name}: {e}"))?;
+                    let mut out = Vec::new();
+                    for m in listed {
+                        let key = m.location.as_ref();
+                        let rel = key.strip_prefix(&base).unwrap_or(key).trim_start_matches('/').to_string();
+                        let hidden = rel.split('/').any(|seg| seg.starts_with('_') || seg.starts_with('.'));
+                        if hidden || !rel.ends_with(".parquet") {
+                            continue;
+                        }
+                        let modified = std::time::UNIX_EPOCH
+                            + std::time::Duration::from_millis(m.last_modified.timestamp_millis().max(0) as u64);
+                        out.push(Listed { rel, size: m.size, modified });
+                    }
+                    Ok(out)
+                }))?
+            }
+            (None, None) => Ok(Vec::new()),
+        }
+    }
+
+    fn delete(&self, rel: &str) -> Res<()> {
+        match (&self.local, &self.remote) {
+            (Some(root), _) => {
+                let p = root.join(rel);
+                std::fs::remove_file(&p).map_err(|e| format!("cannot remove {}: {e}", p.display()))
+            }
+            (None, Some(r)) => {
+                let store = s3_store(r)?;
+                let at = object_path(&self.url, rel)?;
+                let name = format!("{}{rel}", self.name);
+                block_on(Box::pin(async move {
+                    use delta_kernel::object_store::ObjectStoreExt;
+                    store.delete(&at).await.map_err(|e| format!("cannot remove {name}: {e}"))
+                }))?
+            }
+            (None, None) => Ok(()),
+        }
+    }
 }
 
 /// What `vacuum` found.
@@ -951,20 +1089,14 @@ pub struct Vacuumed {
 /// files of replaced versions once their removal is older than `retention`, and files linked
 /// by a run that crashed before its commit once they are. Time travel to a version whose
 /// files are removed stops working: the retention is how far back readers may travel.
-pub fn vacuum(table_path: &Path, retention: std::time::Duration, dry_run: bool) -> Res<Vacuumed> {
-    let table = Table::local(table_path)?;
-    let root = table.local.clone().unwrap_or_default();
+pub fn vacuum(table: &Table, retention: std::time::Duration, dry_run: bool) -> Res<Vacuumed> {
     let Some(snap) = table.snapshot()? else {
-        return Err(format!("{} is not a Delta table (no _delta_log)", table_path.display()));
+        return Err(format!("{} is not a Delta table (no _delta_log)", table.name));
     };
     // the latest version's files stay; a file a commit removed ages from its removal
     let referenced: HashSet<String> = table.files(&snap)?.into_iter().map(|f| decode_path(&f.path)).collect();
     let mut removed_at: HashMap<String, i64> = HashMap::new();
-    for e in std::fs::read_dir(root.join("_delta_log")).map_err(|e| e.to_string())?.flatten() {
-        if !e.file_name().to_string_lossy().ends_with(".json") {
-            continue;
-        }
-        let text = std::fs::read_to_string(e.path()).map_err(|e| e.to_string())?;
+    for (_, text) in table.commit_files()? {
         for line in text.lines() {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
             let Some(r) = v.get("remove") else { continue };
@@ -978,30 +1110,26 @@ pub fn vacuum(table_path: &Path, retention: std::time::Duration, dry_run: bool) 
     }
     let now = std::time::SystemTime::now();
     let mut out = Vacuumed::default();
-    let files: BTreeMap<String, PathBuf> = super::sink::parquet_files(&root)?
-        .into_iter()
-        .map(|rel| (rel.to_string_lossy().replace('\\', "/"), root.join(rel)))
-        .collect();
-    for (rel, p) in files {
-        if referenced.contains(&rel) {
+    let mut files = table.data_files()?;
+    files.sort_by(|a, b| a.rel.cmp(&b.rel));
+    for f in files {
+        if referenced.contains(&f.rel) {
             continue;
         }
-        let Ok(meta) = std::fs::metadata(&p) else { continue };
         // never referenced (a run that died before its commit): its own age
-        let since = match removed_at.get(&rel) {
+        let since = match removed_at.get(&f.rel) {
             Some(ms) => std::time::UNIX_EPOCH + std::time::Duration::from_millis((*ms).max(0) as u64),
-            None => meta.modified().unwrap_or(now),
+            None => f.modified,
         };
-        let age = now.duration_since(since).unwrap_or_default();
-        if age < retention {
+        if now.duration_since(since).unwrap_or_default() < retention {
             out.kept_young += 1;
             continue;
         }
         if !dry_run {
-            std::fs::remove_file(&p).map_err(|e| format!("cannot remove {}: {e}", p.display()))?;
+            table.delete(&f.rel)?;
         }
-        out.bytes += meta.len();
-        out.removed.push(rel);
+        out.bytes += f.size;
+        out.removed.push(f.rel);
     }
     Ok(out)
 }
