@@ -338,6 +338,19 @@ pub fn file_dataset(path: &Path) -> Value {
     json!({ "namespace": "file", "name": abs.to_string_lossy() })
 }
 
+/// A step's output as a dataset: a local folder (`file_dataset`), or a table on S3 named
+/// as the OpenLineage conventions say (namespace `s3://BUCKET`, name the key prefix).
+pub fn output_dataset(out: &crate::config::Output) -> Value {
+    match &out.remote {
+        Some(r) => {
+            let rest = r.url.strip_prefix("s3://").unwrap_or(&r.url);
+            let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+            json!({ "namespace": format!("s3://{bucket}"), "name": key.trim_end_matches('/') })
+        }
+        None => file_dataset(&out.path),
+    }
+}
+
 /// The `schema` dataset facet of an Arrow schema.
 pub fn schema(schema: &arrow_schema::Schema) -> Value {
     let fields: Vec<Value> = schema

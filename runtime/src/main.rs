@@ -138,11 +138,12 @@ fn log_filter(spec: &str, default: Level) -> Result<Targets, String> {
     if !has_level {
         parts.insert(0, default.to_string());
     }
-    // the libraries weir drives log their own steps at info (the Delta kernel: every
-    // snapshot and commit): warnings only, unless a directive names them
-    for quiet in ["delta_kernel", "delta_kernel_default_engine", "object_store"] {
+    // the libraries weir drives log their own steps (the Delta kernel: every snapshot and
+    // commit at info, and each failure again at error with a backtrace, which weir reports
+    // itself): the kernel is silent and object_store warns, unless a directive names them
+    for (quiet, level) in [("delta_kernel", "off"), ("delta_kernel_default_engine", "off"), ("object_store", "warn")] {
         if !parts.iter().any(|p| p.starts_with(quiet)) {
-            parts.push(format!("{quiet}=warn"));
+            parts.push(format!("{quiet}={level}"));
         }
     }
     let spec = parts.join(",");

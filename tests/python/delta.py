@@ -7,7 +7,7 @@ Covers: a first run creating the table, overwrite, overwrite_partitions and appe
 kill -9 before the commit, between linking the files and the commit, and after the commit
 before the run store recorded it (then a rerun: every row exactly once), a failed check
 (no commit, no files), two writers racing on one table, `weir table history` and `vacuum`,
-`weir table optimize`, types Delta cannot hold, and merge by key: five runs of random upserts, deletes and keys
+`weir table optimize`, a corrupt log, types Delta cannot hold, and merge by key: five runs of random upserts, deletes and keys
 changing partition against an oracle, a merge over another writer's commit, and a merge
 killed before its commit.
 """
@@ -29,7 +29,9 @@ from report import check, finish
 
 weir = os.environ["WEIR_BIN"]
 root = pathlib.Path(__file__).resolve().parents[2]
-env = dict(os.environ, WEIR_CACHE_DIR=str(root / "target/weir-test-cache"))
+# RUST_BACKTRACE set: the Delta kernel then attaches backtraces to its errors, which weir
+# must not print
+env = dict(os.environ, WEIR_CACHE_DIR=str(root / "target/weir-test-cache"), RUST_BACKTRACE="1")
 for k in ("WEIR_OPENLINEAGE_URL", "WEIR_PUSHGATEWAY_URL", "WEIR_DEBUG_PAUSE"):
     env.pop(k, None)
 ext_dir = next(pathlib.Path(p) / "duckdb_ext" / "extensions" for p in site.getsitepackages()
@@ -254,6 +256,25 @@ with tempfile.TemporaryDirectory() as tmp:
     check("time travel before the compaction still reads the same rows", delta_rows(ot, versions - 1) == before_rows)
     r = run(o, "table", "optimize", "out/table", "--partition", "day=2026-05-01")
     check("optimize with nothing to compact says so", r.returncode == 0 and "nothing to compact" in r.stdout, r.stdout + r.stderr)
+
+    # --- a hostile table: a commit file of garbage, and one of a huge line; weir fails clearly
+    hb = d / "hostile"
+    hb.mkdir()
+    pipeline(hb, "append", name="hostile")
+    write_csv(hb, [(1, "2026-06-01", "a")])
+    run(hb, "run", "p.toml")
+    log = hb / "out/table/_delta_log"
+    (log / "00000000000000000001.json").write_text("this is not JSON\n")
+    write_csv(hb, [(2, "2026-06-02", "b")])
+    r = run(hb, "run", "p.toml")
+    check("a corrupt Delta log fails the run with a message naming the table, no panic",
+          r.returncode == 1 and "Delta table" in r.stderr and "panicked" not in r.stderr and "out/table" in r.stderr
+          and "backtrace" not in r.stderr.lower() and len(r.stderr) < 3000, r.stderr[-600:])
+    r = run(hb, "table", "history", "out/table")
+    check("weir table history of it does not panic", r.returncode in (0, 1) and "panicked" not in r.stderr, r.stderr[-300:])
+    (log / "00000000000000000001.json").write_text('{"commitInfo":{"x":"' + "a" * (8 << 20) + '"}}\n')
+    r = run(hb, "run", "p.toml")
+    check("a commit with an 8 MiB line does not stop the run", r.returncode == 0 and "panicked" not in r.stderr, r.stderr[-600:])
 
     # --- two writers on one table: different partitions both commit; one partition: never both
     a, b = d / "a", d / "b"

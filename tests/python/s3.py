@@ -123,7 +123,11 @@ with tempfile.TemporaryDirectory() as tmp:
 
         more = [(3, "2026-04-03", "c"), (4, "2026-04-02", "d")]
         write_csv(more)
-        r = run(d, "run", "p.toml")
+        r = run(d, "run", "p.toml", extra={"WEIR_OPENLINEAGE_URL": f"file://{d}/lineage.jsonl"})
+        events = [json.loads(x) for x in (d / "lineage.jsonl").read_text().splitlines()] if (d / "lineage.jsonl").exists() else []
+        outs = [(o["namespace"], o["name"]) for e in events for o in e.get("outputs", [])]
+        check("OpenLineage names the S3 table as the conventions say (s3://BUCKET, the key prefix)",
+              ("s3://weir-test", "tables/events") in outs, str(outs))
         want = [(1, "2026-04-01", "a")] + more
         check("overwrite_partitions on S3 replaces the partitions written", r.returncode == 0 and rows() == sorted(want), r.stderr[-800:])
         check("time travel reads version 0", rows(0) == [(1, "2026-04-01", "a"), (2, "2026-04-02", "b")], str(rows(0)))

@@ -233,7 +233,7 @@ impl RunLineage {
         input["inputFacets"] = json!({ k: v });
         let mut outputs = Vec::new();
         if let Some(out) = &step.output {
-            let mut o = ol::file_dataset(&out.path);
+            let mut o = ol::output_dataset(out);
             let mut facets = Map::new();
             facets.insert("schema".into(), ol::schema(&staged.schema));
             if !summary.checks.is_empty() {
@@ -269,7 +269,7 @@ impl RunLineage {
         let facets = self.step_facets(Some(("errorMessage", ol::error_message(error))));
         let mut outputs = Vec::new();
         if let (Some(out), false) = (&step.output, checks.is_empty()) {
-            let mut o = ol::file_dataset(&out.path);
+            let mut o = ol::output_dataset(out);
             o["facets"] = json!({ "dataQualityAssertions": ol::assertions(checks) });
             outputs.push(o);
         }
@@ -323,7 +323,7 @@ pub(crate) fn input_dataset(pipeline: &Pipeline, step: &Step, partition: Option<
         return ol::file_dataset(std::path::Path::new(&path));
     }
     match pipeline.step(&step.input).and_then(|s| s.output.as_ref()) {
-        Some(out) => ol::file_dataset(&out.path),
+        Some(out) => ol::output_dataset(out),
         None => json!({ "namespace": "weir", "name": format!("{}.{}", pipeline.name, step.input) }),
     }
 }

@@ -128,8 +128,18 @@ pub struct Table {
     engine: DefaultEngine<TokioBackgroundExecutor>,
 }
 
+/// A kernel error as a message: without the backtrace the kernel attaches when
+/// RUST_BACKTRACE is set, and at most 2000 characters (it may quote what it read).
 fn kernel(what: &str) -> impl Fn(delta_kernel::KernelError) -> String + '_ {
-    move |e| format!("{what}: {e}")
+    move |e| {
+        let mut text = e.without_backtrace().to_string();
+        if text.len() > 2000 {
+            let cut = (0..=2000).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+            text.truncate(cut);
+            text.push_str(" ...");
+        }
+        format!("{what}: {text}")
+    }
 }
 
 /// The S3 client of a remote table: endpoint, region, path style and credentials as the
