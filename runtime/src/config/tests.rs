@@ -277,3 +277,51 @@ fn postgres_sources_name_a_secret_url_and_one_table_or_query() {
         assert!(e.iter().any(|d| d.message.contains(says)), "{source}: {e:?}");
     }
 }
+
+#[test]
+fn delta_outputs_on_s3_take_their_storage_and_name_what_is_wrong() {
+    let mart = "output = { path = \"out/mart\" }";
+    let s3 = GOOD.replace(
+        mart,
+        r#"output = { format = "delta", path = "s3://lake/tables/mart/", mode = "overwrite_partitions", partition_by = "day",
+           storage = { endpoint = "http://127.0.0.1:9000", path_style = true, access_key_id = "k" } }"#,
+    );
+    let p = parse(&s3).unwrap();
+    let out = p.steps[1].output.as_ref().unwrap();
+    let r = out.remote.as_ref().unwrap();
+    assert_eq!(r.url, "s3://lake/tables/mart/");
+    assert_eq!((r.endpoint.as_deref(), r.path_style, r.allow_http), (Some("http://127.0.0.1:9000"), Some(true), None));
+    assert_eq!(r.access_key_id, Some(SecretRef::Env("SOME_KEY".into())));
+    assert!(out.path.ends_with(".weir/remote/lake/tables/mart"), "{}", out.path.display());
+    for (text, says) in [
+        (r#"output = { format = "delta", path = "s3://lake" }"#, "names a bucket and a prefix"),
+        (r#"output = { format = "delta", path = "s3://lake/a/../b" }"#, "names a bucket and a prefix"),
+        (r#"output = { path = "s3://lake/t" }"#, "Parquet folders on object storage"),
+        (r#"output = { path = "out/mart", storage = { region = "x" } }"#, "applies to an s3:// path"),
+        (
+            r#"output = { format = "delta", path = "s3://lake/t", storage = { access_key_id = "nope" } }"#,
+            "no secret `nope`",
+        ),
+        (
+            r#"output = { format = "delta", path = "s3://lake/t", storage = { bucket = "x" } }"#,
+            "unknown field `bucket`",
+        ),
+        (r#"output = { path = "out/mart", mode = "overwrite_partitions" }"#, "needs `partition_by`"),
+        (
+            r#"output = { format = "delta", path = "out/mart", mode = "merge", key = ["id"], sequence_by = "id" }"#,
+            "Parquet outputs only",
+        ),
+        (r#"output = { path = "out/mart", sequence_by = "id" }"#, "apply to mode = \"merge\" only"),
+    ] {
+        let e = errors(&GOOD.replace(mart, text));
+        assert!(e.iter().any(|d| d.message.contains(says)), "{text}: {e:?}");
+    }
+}
+
+#[test]
+fn debezium_sources_name_their_format() {
+    let text = GOOD.replace("format = \"csv\"\npath = \"data/*.csv\"", "format = \"debezium\"\npath = \"cdc/*.json\"");
+    let p = parse(&text).unwrap();
+    assert_eq!(p.sources["raw"].format, Format::Debezium);
+    assert_eq!(Format::Debezium.name(), "debezium");
+}
