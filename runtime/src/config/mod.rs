@@ -2196,11 +2196,11 @@ fn parse_remote(
         errors.push(bad("an s3:// path names a bucket and a prefix for the table"));
         return None;
     }
-    if o.format != OutputFormat::Delta {
+    if o.format != OutputFormat::Delta && o.mode == OutputMode::Merge {
         errors.push(ctx.at(
             at,
-            &format!("steps.{step}.output: Parquet folders on object storage are not supported yet"),
-            Some("write a Delta table there: format = \"delta\""),
+            &format!("steps.{step}.output: mode = \"merge\" on a Parquet folder on object storage is not supported"),
+            Some("merge into a Delta table there: format = \"delta\""),
         ));
         return None;
     }
@@ -2244,7 +2244,9 @@ impl Output {
     /// Whether the run's staging is completed with the published data before the switch
     /// (append and merge on a Parquet folder; a Delta table's commit adds and removes).
     pub fn folds_published(&self) -> bool {
-        self.format == OutputFormat::Parquet && matches!(self.mode, OutputMode::Append | OutputMode::Merge)
+        self.format == OutputFormat::Parquet
+            && self.remote.is_none()
+            && matches!(self.mode, OutputMode::Append | OutputMode::Merge)
     }
 
     /// A merge into a Delta table: the run's rows are reduced by key in the step; the

@@ -293,10 +293,13 @@ fn delta_outputs_on_s3_take_their_storage_and_name_what_is_wrong() {
     assert_eq!((r.endpoint.as_deref(), r.path_style, r.allow_http), (Some("http://127.0.0.1:9000"), Some(true), None));
     assert_eq!(r.access_key_id, Some(SecretRef::Env("SOME_KEY".into())));
     assert!(out.path.ends_with(".weir/remote/lake/tables/mart"), "{}", out.path.display());
+    let folder = parse(&GOOD.replace(mart, r#"output = { path = "s3://lake/folder", mode = "append" }"#)).unwrap();
+    let folder = folder.steps[1].output.as_ref().unwrap();
+    assert!(folder.remote.is_some() && !folder.folds_published(), "a remote append is the pointer's, not a fold");
     for (text, says) in [
         (r#"output = { format = "delta", path = "s3://lake" }"#, "names a bucket and a prefix"),
         (r#"output = { format = "delta", path = "s3://lake/a/../b" }"#, "names a bucket and a prefix"),
-        (r#"output = { path = "s3://lake/t" }"#, "Parquet folders on object storage"),
+        (r#"output = { path = "s3://lake/t", mode = "merge", key = ["id"] }"#, "on a Parquet folder on object storage"),
         (r#"output = { path = "out/mart", storage = { region = "x" } }"#, "applies to an s3:// path"),
         (
             r#"output = { format = "delta", path = "s3://lake/t", storage = { access_key_id = "nope" } }"#,

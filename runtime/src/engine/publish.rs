@@ -244,15 +244,89 @@ pub(super) struct DeltaTables;
 pub(super) fn publisher(kind: &str) -> &'static dyn Publisher {
     match kind {
         "delta" => &DeltaTables,
+        "s3-parquet" => &S3Folders,
         _ => &LocalDirs,
     }
 }
 
 /// The publisher of a step's output.
 fn publisher_for(output: &Output) -> &'static dyn Publisher {
-    match output.format {
-        crate::config::OutputFormat::Delta => &DeltaTables,
-        crate::config::OutputFormat::Parquet => &LocalDirs,
+    match (output.format, &output.remote) {
+        (crate::config::OutputFormat::Delta, _) => &DeltaTables,
+        (crate::config::OutputFormat::Parquet, Some(_)) => &S3Folders,
+        (crate::config::OutputFormat::Parquet, None) => &LocalDirs,
+    }
+}
+
+/// Parquet folders on object storage: the run's files uploaded under a prefix of their
+/// own, then one conditional replacement of the dataset's pointer (see
+/// [`crate::io::s3_dataset`]).
+pub(super) struct S3Folders;
+
+fn s3_spec(sw: &PlannedSwitch) -> Result<crate::io::s3_dataset::PublishSpec, String> {
+    serde_json::from_str(&sw.token)
+        .map_err(|e| format!("the decided publish of step `{}` cannot be read: {e}", sw.step))
+}
+
+impl Publisher for S3Folders {
+    fn plan(&self, s: &Staged, run: &RunRef<'_>) -> Result<Vec<PlannedSwitch>, String> {
+        use crate::config::OutputMode;
+        use crate::io::s3_dataset::{Mode, PublishSpec};
+        let Some(out) = &s.output else { return Ok(Vec::new()) };
+        let Some(remote) = &out.remote else { return Err("internal error: an s3 folder without its URL".into()) };
+        let partitioned_run = out.partition_by.is_some() && run.partition.is_some();
+        let mode = match out.mode {
+            OutputMode::Overwrite if partitioned_run => Mode::OverwritePartitions,
+            OutputMode::Overwrite => Mode::Overwrite,
+            OutputMode::OverwritePartitions => Mode::OverwritePartitions,
+            OutputMode::Append => Mode::Append,
+            OutputMode::Merge => return Err("merge into a Parquet folder on object storage is not supported".into()),
+        };
+        let mut writer = format!("weir/{}/{}", run.pipeline, s.step);
+        if let Some(p) = run.partition {
+            writer.push('/');
+            writer.push_str(p);
+        }
+        let spec =
+            PublishSpec { remote: remote.clone(), writer, run: run.id, mode, partition_by: out.partition_by.clone() };
+        let existing = crate::io::s3_dataset::pointer(remote)?;
+        if let Some(v) = existing.as_ref().and_then(|p| p.published.get(&spec.writer)).filter(|v| **v >= run.id) {
+            return Err(format!(
+                "{} already holds run #{v} of this step, and this is run #{}: it was written by runs of another run store; \
+                 use the store that wrote it, or write elsewhere",
+                remote.url, run.id
+            ));
+        }
+        let mut plan = vec![PlannedSwitch {
+            step: s.step.clone(),
+            kind: "s3-parquet".into(),
+            replaces: existing.is_some(),
+            staged: s.staging.clone(),
+            target: out.path.clone(),
+            partition: run.partition.map(String::from),
+            token: serde_json::to_string(&spec).map_err(|e| format!("internal error: {e}"))?,
+            target_token: None,
+            done_at_ms: None,
+        }];
+        plan.extend(quarantine_switch(s, out, run.partition)?);
+        Ok(plan)
+    }
+
+    fn switch(&self, sw: &PlannedSwitch, log: &dyn Fn(Level, &str)) -> Result<Switch, String> {
+        let spec = s3_spec(sw)?;
+        debug_pause("s3-uploading", log);
+        crate::io::s3_dataset::publish(&sw.staged, &spec)?;
+        Ok(if sw.replaces { Switch::Replaced } else { Switch::Created })
+    }
+
+    fn made(&self, sw: &PlannedSwitch) -> bool {
+        s3_spec(sw).and_then(|spec| crate::io::s3_dataset::made(&spec)).unwrap_or(false)
+    }
+
+    fn complete(&self, sw: &PlannedSwitch, _log: &dyn Fn(Level, &str)) -> Result<(Switch, bool), String> {
+        let spec = s3_spec(sw)?;
+        let now = crate::io::s3_dataset::publish(&sw.staged, &spec)?;
+        Ok((if sw.replaces { Switch::Replaced } else { Switch::Created }, now))
     }
 }
 

@@ -317,11 +317,15 @@ fn check_publishable(ctx: &StepCtx<'_>, schema: &SchemaRef) -> Result<()> {
         crate::config::OutputFormat::Delta => crate::io::delta::check_schema(schema, out.partition_by.as_deref()),
         crate::config::OutputFormat::Parquet => Ok(()),
     });
-    // a table on object storage is reached before any row is read
+    // a table or folder on object storage is reached before any row is read
     if let (Ok(()), Some(remote)) = (&checked, &out.remote) {
-        crate::io::delta::Table::open(&out.path, Some(remote))
-            .and_then(|t| t.exists())
-            .map_err(|message| Error::Output { step: ctx.step.name.clone(), message })?;
+        let reached = match out.format {
+            crate::config::OutputFormat::Delta => {
+                crate::io::delta::Table::open(&out.path, Some(remote)).and_then(|t| t.exists())
+            }
+            crate::config::OutputFormat::Parquet => crate::io::s3_dataset::pointer(remote).map(|p| p.is_some()),
+        };
+        reached.map_err(|message| Error::Output { step: ctx.step.name.clone(), message })?;
     }
     checked.map_err(|m| match ctx.step.transforms.last() {
         Some(t) => ctx.plugin_failure(&t.plugin, format!("init declared an output schema weir cannot publish: {m}")),

@@ -144,7 +144,7 @@ fn kernel(what: &str) -> impl Fn(delta_kernel::KernelError) -> String + '_ {
 
 /// The S3 client of a remote table: endpoint, region, path style and credentials as the
 /// output says, the rest (and credentials it does not name) from the AWS environment.
-fn s3_store(r: &Remote) -> Res<Arc<dyn delta_kernel::object_store::ObjectStore>> {
+pub(crate) fn s3_store(r: &Remote) -> Res<Arc<dyn delta_kernel::object_store::ObjectStore>> {
     use delta_kernel::object_store::aws::AmazonS3Builder;
     let mut b = AmazonS3Builder::from_env().with_url(r.url.as_str());
     if let Some(e) = &r.endpoint {
@@ -174,7 +174,7 @@ fn s3_store(r: &Remote) -> Res<Arc<dyn delta_kernel::object_store::ObjectStore>>
 
 /// Run object-store I/O to its end on a thread and runtime of its own (the caller may be
 /// on a runtime's thread already, where blocking on another is refused).
-fn block_on<T: Send>(f: futures::future::BoxFuture<'_, T>) -> Res<T> {
+pub(crate) fn block_on<T: Send>(f: futures::future::BoxFuture<'_, T>) -> Res<T> {
     std::thread::scope(|s| {
         s.spawn(|| {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -189,7 +189,7 @@ fn block_on<T: Send>(f: futures::future::BoxFuture<'_, T>) -> Res<T> {
 }
 
 /// The object path of `rel` under a remote table's URL.
-fn object_path(url: &url::Url, rel: &str) -> Res<delta_kernel::object_store::path::Path> {
+pub(crate) fn object_path(url: &url::Url, rel: &str) -> Res<delta_kernel::object_store::path::Path> {
     let key = format!("{}{rel}", url.path().trim_start_matches('/'));
     delta_kernel::object_store::path::Path::parse(&key).map_err(|e| format!("{url}{rel}: {e}"))
 }
@@ -383,11 +383,11 @@ pub fn delta_schema(schema: &Schema) -> Res<StructType> {
 }
 
 /// A staged file and where it goes in the table.
-struct Placed {
-    staged: PathBuf,
+pub(crate) struct Placed {
+    pub(crate) staged: PathBuf,
     /// Relative to the table root, not encoded.
-    rel: String,
-    partition: Option<Option<String>>,
+    pub(crate) rel: String,
+    pub(crate) partition: Option<Option<String>>,
 }
 
 /// Every staged Parquet file (sorted) and its place in the table: the partition directory is
@@ -509,7 +509,7 @@ const PART_BYTES: usize = 16 << 20;
 /// Upload the staged files to a remote table (again after a crash: the names are the run's
 /// own and no version references them yet). Files larger than one part go up in parts; a
 /// failed upload is aborted, so nothing but whole files is ever left.
-fn upload(r: &Remote, url: &url::Url, placed: &[Placed]) -> Res<()> {
+pub(crate) fn upload(r: &Remote, url: &url::Url, placed: &[Placed]) -> Res<()> {
     use delta_kernel::object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
     use std::io::Read;
     let store = s3_store(r)?;

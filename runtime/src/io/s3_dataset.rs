@@ -1,0 +1,186 @@
+//! Parquet folders on S3-compatible storage (`path = "s3://bucket/prefix"` without
+//! `format = "delta"`). Object storage has no rename, so a folder cannot be switched; a run
+//! publishes through a pointer instead:
+//!
+//! ```text
+//!   prefix/data/r<RUN>-<TAG>/...parquet   the run's files, written once, never changed
+//!   prefix/_weir/CURRENT.json             the pointer: every file of the dataset now
+//! ```
+//!
+//! After the run's decision its files are uploaded under a prefix of their own, then the
+//! pointer is replaced with one conditional PUT (`If-Match` the version read, or
+//! `If-None-Match` when there is none), listing the files that make the dataset: the run's,
+//! plus the earlier files the mode keeps (`overwrite_partitions` and `--partition` runs keep
+//! the partitions the run did not write, `append` keeps all). A reader reads the pointer and
+//! then exactly the files it lists: a PUT is atomic, so a reader polling the bucket sees the
+//! dataset before a run or after it, never part of it. The pointer also records the last run
+//! of each writer (`published`), which is how a run that died after replacing it is
+//! recognised by recovery and not published twice. A writer that loses the race to another
+//! reads the pointer again and retries.
+//!
+//! Files no pointer lists any more (replaced runs, uploads of a run that died before its
+//! pointer) stay in the bucket; remove them by their run prefix.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use delta_kernel::object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+
+use super::delta::{block_on, object_path, s3_store, upload, Placed};
+use crate::config::Remote;
+
+type Res<T> = Result<T, String>;
+
+/// Where the pointer lives, under the dataset's prefix.
+pub const POINTER: &str = "_weir/CURRENT.json";
+
+/// How a run's files meet the dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Overwrite,
+    OverwritePartitions,
+    Append,
+}
+
+/// What a decided publish needs (it travels as the switch's token; nothing secret in it).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PublishSpec {
+    pub remote: Remote,
+    /// `weir/PIPELINE/STEP[/PARTITION]`: the writer, as the pointer records it.
+    pub writer: String,
+    pub run: i64,
+    pub mode: Mode,
+    pub partition_by: Option<String>,
+}
+
+/// The pointer's content.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Pointer {
+    /// The files of the dataset, relative to its prefix.
+    pub files: Vec<PointerFile>,
+    /// The last run each writer published.
+    pub published: BTreeMap<String, i64>,
+    /// The run that wrote this pointer, and when (ms since 1970).
+    pub run: i64,
+    pub written_ms: i64,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PointerFile {
+    pub path: String,
+    /// The file's partition folder (`day=2024-01-03`), if the dataset is partitioned.
+    pub partition: Option<String>,
+    pub size: u64,
+}
+
+/// The pointer now and the version to replace it on (none: no pointer yet).
+fn read_pointer(r: &Remote, url: &url::Url) -> Res<Option<(Pointer, UpdateVersion)>> {
+    let store = s3_store(r)?;
+    let at = object_path(url, POINTER)?;
+    let name = format!("{}{POINTER}", r.url);
+    block_on(Box::pin(async move {
+        let got = match store.get(&at).await {
+            Ok(g) => g,
+            Err(delta_kernel::object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(format!("cannot read {name}: {e}")),
+        };
+        let version = UpdateVersion { e_tag: got.meta.e_tag.clone(), version: got.meta.version.clone() };
+        let bytes = got.bytes().await.map_err(|e| format!("cannot read {name}: {e}"))?;
+        let p: Pointer = serde_json::from_slice(&bytes).map_err(|e| format!("{name} is not weir's pointer: {e}"))?;
+        Ok(Some((p, version)))
+    }))?
+}
+
+/// The dataset's pointer, for readers and the tests (none: nothing published yet).
+pub fn pointer(r: &Remote) -> Res<Option<Pointer>> {
+    let url = url::Url::parse(&r.url).map_err(|e| format!("{}: {e}", r.url))?;
+    Ok(read_pointer(r, &url)?.map(|(p, _)| p))
+}
+
+/// Whether `spec`'s run is published (whoever published it).
+pub fn made(spec: &PublishSpec) -> Res<bool> {
+    Ok(pointer(&spec.remote)?.is_some_and(|p| p.published.get(&spec.writer).is_some_and(|v| *v >= spec.run)))
+}
+
+/// Publish a run's staged files: upload them under the run's own prefix, then replace the
+/// pointer (conditionally, retried when another writer replaced it first). Returns whether
+/// this call published it (false: it had been).
+pub fn publish(staged: &Path, spec: &PublishSpec) -> Res<bool> {
+    let url = url::Url::parse(&spec.remote.url).map_err(|e| format!("{}: {e}", spec.remote.url))?;
+    let tag = {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(spec.writer.as_bytes());
+        h[..4].iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let mut placed = Vec::new();
+    for rel in super::sink::parquet_files(staged)? {
+        let rel_s = rel.to_string_lossy().replace('\\', "/");
+        let partition = rel_s.rsplit_once('/').map(|(d, _)| d.to_string());
+        placed.push(Placed {
+            staged: staged.join(&rel),
+            rel: format!("data/r{}-{tag}/{rel_s}", spec.run),
+            partition: Some(partition),
+        });
+    }
+    let written: HashSet<Option<String>> = placed.iter().filter_map(|p| p.partition.clone()).collect();
+    for _attempt in 0..10 {
+        let current = read_pointer(&spec.remote, &url)?;
+        if let Some((p, _)) = &current {
+            if p.published.get(&spec.writer).is_some_and(|v| *v >= spec.run) {
+                return Ok(false);
+            }
+        }
+        upload(&spec.remote, &url, &placed)?;
+        let (old, version) = match current {
+            Some((p, v)) => (p, Some(v)),
+            None => (Pointer::default(), None),
+        };
+        let mut files: Vec<PointerFile> = old
+            .files
+            .into_iter()
+            .filter(|f| match spec.mode {
+                Mode::Append => true,
+                Mode::Overwrite => false,
+                Mode::OverwritePartitions => !written.contains(&f.partition),
+            })
+            .collect();
+        for p in &placed {
+            let size = std::fs::metadata(&p.staged).map(|m| m.len()).unwrap_or(0);
+            files.push(PointerFile { path: p.rel.clone(), partition: p.partition.clone().flatten(), size });
+        }
+        let mut published = old.published;
+        published.insert(spec.writer.clone(), spec.run);
+        let written_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let next = Pointer { files, published, run: spec.run, written_ms };
+        let body = serde_json::to_vec_pretty(&next).map_err(|e| e.to_string())?;
+        let store = s3_store(&spec.remote)?;
+        let at = object_path(&url, POINTER)?;
+        let name = format!("{}{POINTER}", spec.remote.url);
+        let put = block_on(Box::pin(async move {
+            let mode = match version {
+                Some(v) => PutMode::Update(v),
+                None => PutMode::Create,
+            };
+            match store.put_opts(&at, PutPayload::from(body), PutOptions { mode, ..Default::default() }).await {
+                Ok(_) => Ok(true),
+                // another writer replaced it first: read it again
+                Err(
+                    delta_kernel::object_store::Error::Precondition { .. }
+                    | delta_kernel::object_store::Error::AlreadyExists { .. },
+                ) => Ok(false),
+                Err(e) => Err(format!("cannot write {name}: {e}")),
+            }
+        }))??;
+        if put {
+            return Ok(true);
+        }
+    }
+    Err(format!(
+        "another writer replaced {}{POINTER} 10 times while this run tried to; nothing of this run was published, rerun it",
+        spec.remote.url
+    ))
+}
