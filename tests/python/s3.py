@@ -6,7 +6,8 @@ Covers: a first run creating the table and a second adding partitions, credentia
 [secrets] files, a file larger than one upload part (multipart), kill -9 after the upload
 and before the commit, and after the commit before the run store recorded it (a rerun: every
 row exactly once, no version twice), a failed check (nothing uploaded), a bucket that does
-not exist, merge by key, `weir table history|vacuum` on the bucket, a Parquet folder on S3 published through its pointer (a reader polling while weir
+not exist, merge by key, `weir table history|vacuum` on the bucket, CSV sources read from the bucket (new, changed, deleted objects; up to date; a
+partition run), a Parquet folder on S3 published through its pointer (a reader polling while weir
 republishes sees whole runs only; kill -9 around the pointer), what is refused at validation,
 and the examples/delta-lake pipeline.
 """
@@ -265,6 +266,46 @@ with tempfile.TemporaryDirectory() as tmp:
         after = read_folder()
         check("killed before its upload: recovery publishes it once",
               seen_pause and r.returncode == 0 and after[1]["name"].to_pylist().count("third") == 1, r.stderr[-500:])
+
+        # --- a source on S3: the matching objects are copied locally before the run reads them
+        src = d / "src"
+        src.mkdir()
+        shutil.copytree(d / "secrets", src / "secrets")
+        for day, rows_ in (("2026-04-01", "1,a\n2,b\n"), ("2026-04-02", "3,c\n")):
+            s3.put_object(Bucket="weir-test", Key=f"raw/orders_{day}.csv", Body=("id,name\n" + rows_).encode())
+        (src / "p.toml").write_text(f"""[pipeline]
+name = "from_s3"
+
+[secrets]
+s3_key = {{ file = "secrets/key_id" }}
+s3_secret = {{ file = "secrets/secret" }}
+
+[sources.raw]
+format = "csv"
+path = "s3://weir-test/raw/orders_{{partition}}.csv"
+schema = {{ id = "int64", name = "string" }}
+storage = {{ endpoint = "{endpoint}", path_style = true, allow_http = true, access_key_id = "s3_key", secret_access_key = "s3_secret" }}
+
+[steps.copy]
+input = "raw"
+output = {{ path = "out/copy" }}
+""")
+        import pyarrow.parquet as pq
+
+        def copied():
+            return sorted(pq.read_table(src / "out/copy").column("id").to_pylist())
+
+        r = run(src, "run", "p.toml")
+        check("a source on S3 reads every object its pattern matches", r.returncode == 0 and copied() == [1, 2, 3], r.stderr[-600:])
+        r = run(src, "run", "p.toml")
+        check("unchanged objects: the next run is up to date", r.returncode == 0 and "up to date" in (r.stdout + r.stderr).lower(),
+              r.stdout + r.stderr[-300:])
+        s3.put_object(Bucket="weir-test", Key="raw/orders_2026-04-03.csv", Body=b"id,name\n4,d\n")
+        s3.delete_object(Bucket="weir-test", Key="raw/orders_2026-04-01.csv")
+        r = run(src, "run", "p.toml")
+        check("a new object is read and a deleted one is gone from the copy", r.returncode == 0 and copied() == [3, 4], r.stderr[-600:])
+        r = run(src, "run", "p.toml", "--partition", "2026-04-03")
+        check("a partition run reads the partition's object", r.returncode == 0 and copied() == [4], r.stderr[-600:])
 
         # what cannot be reached, and what is refused
         pipeline(path="s3://no-such-bucket/t")

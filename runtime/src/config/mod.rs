@@ -116,6 +116,8 @@ struct RawSource {
     config: Option<Spanned<toml::Table>>,
     /// Files (every format but postgres).
     path: Option<Spanned<String>>,
+    /// `path = "s3://..."`: how to reach the bucket.
+    storage: Option<Spanned<RawStorage>>,
     /// postgres: where the connection URL is (`{ env = "PG_URL" }` or `{ file = "..." }`).
     url: Option<Spanned<RawSecret>>,
     /// postgres: a table (`schema.table`) or a query.
@@ -473,8 +475,11 @@ pub struct Source {
     pub name: String,
     pub format: Format,
     /// Path, directory or glob, relative paths resolved against the pipeline file; may hold
-    /// `{partition}`.
+    /// `{partition}`. For a source on object storage, the same pattern in its local copy.
     pub path: String,
+    /// Files on S3-compatible storage (`path = "s3://bucket/pattern"`): the bucket (as
+    /// `s3://bucket/`), the key pattern, and the folder they are copied to before a run.
+    pub remote: Option<RemoteFiles>,
     /// Declared column types by name (CSV and JSON lines); empty means infer.
     pub schema: Vec<(String, DataType)>,
     pub on_error: OnError,
@@ -622,6 +627,18 @@ pub struct Output {
     /// A Delta table on S3-compatible storage (`path = "s3://bucket/prefix"`); `path` is
     /// then a local folder for the run's staging and the quarantine.
     pub remote: Option<Remote>,
+}
+
+/// A source's files on S3-compatible storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteFiles {
+    /// The bucket (`url` is `s3://bucket/`) and how to reach it.
+    pub store: Remote,
+    /// The key pattern (a key, a prefix ending in `/`, or a glob; may hold `{partition}`).
+    pub pattern: String,
+    /// Where the matching objects are copied (`.weir/remote-cache/BUCKET` beside the
+    /// pipeline file), keys as paths.
+    pub cache: PathBuf,
 }
 
 /// A table on S3-compatible object storage and how to reach it. Credentials are named
@@ -830,7 +847,7 @@ impl Pipeline {
         }
 
         // sources
-        let sources = parse_sources(&ctx, &base, &raw, &source_retry, &mut errors);
+        let sources = parse_sources(&ctx, &base, &raw, &source_retry, &secrets, &mut errors);
         let plugins = parse_plugins(&ctx, &base, &raw, &secrets, &mut errors);
         let steps = parse_steps(&ctx, &base, &raw, &sources, (&step_retry, &source_retry), &secrets, &mut errors);
 
@@ -1136,6 +1153,7 @@ fn parse_sources(
     base: &Path,
     raw: &RawFile,
     source_retry: &BTreeMap<String, Retry>,
+    secrets: &BTreeMap<String, SecretRef>,
     errors: &mut Vec<Diagnostic>,
 ) -> BTreeMap<String, Source> {
     let mut sources = BTreeMap::new();
@@ -1270,7 +1288,10 @@ fn parse_sources(
                 Some("JSON lines have null; Parquet has nulls of its own"),
             ));
         }
-        let path = if raw_path.is_empty() || Path::new(&raw_path).is_absolute() {
+        let remote = parse_remote_files(ctx, base, name, r, &raw_path, secrets, errors);
+        let path = if let Some(rf) = &remote {
+            rf.cache.join(&rf.pattern).to_string_lossy().into_owned()
+        } else if raw_path.is_empty() || Path::new(&raw_path).is_absolute() {
             raw_path
         } else {
             base.join(&raw_path).to_string_lossy().into_owned()
@@ -1322,6 +1343,7 @@ fn parse_sources(
                 name: name.clone(),
                 format: r.format,
                 path,
+                remote,
                 schema,
                 on_error: r.on_error,
                 delimiter,
@@ -2204,6 +2226,21 @@ fn parse_remote(
         ));
         return None;
     }
+    let url = format!("s3://{bucket}/{prefix}/");
+    let remote = storage_remote(ctx, at, &format!("steps.{step}.output"), url, o.storage.as_ref(), secrets, errors);
+    Some((remote, base.join(".weir/remote").join(bucket).join(prefix)))
+}
+
+/// How to reach `url`, from a `storage` table (its credentials are names in [secrets]).
+fn storage_remote(
+    ctx: &Ctx<'_>,
+    at: usize,
+    what: &str,
+    url: String,
+    storage: Option<&Spanned<RawStorage>>,
+    secrets: &BTreeMap<String, SecretRef>,
+    errors: &mut Vec<Diagnostic>,
+) -> Remote {
     let mut secret = |name: &Option<String>, key: &str| -> Option<SecretRef> {
         let n = name.as_ref()?;
         match secrets.get(n) {
@@ -2211,24 +2248,61 @@ fn parse_remote(
             None => {
                 errors.push(ctx.at(
                     at,
-                    &format!("steps.{step}.output.storage.{key}: no secret `{n}` in [secrets]"),
+                    &format!("{what}.storage.{key}: no secret `{n}` in [secrets]"),
                     Some(&format!("[secrets] {n} = {{ env = \"...\" }} or {{ file = \"...\" }}")),
                 ));
                 None
             }
         }
     };
-    let st = o.storage.as_ref().map(|s| s.get_ref());
-    let remote = Remote {
-        url: format!("s3://{bucket}/{prefix}/"),
+    let st = storage.map(|s| s.get_ref());
+    Remote {
+        url,
         endpoint: st.and_then(|s| s.endpoint.clone()),
         region: st.and_then(|s| s.region.clone()),
         path_style: st.and_then(|s| s.path_style),
         allow_http: st.and_then(|s| s.allow_http),
         access_key_id: st.and_then(|s| secret(&s.access_key_id, "access_key_id")),
         secret_access_key: st.and_then(|s| secret(&s.secret_access_key, "secret_access_key")),
+    }
+}
+
+/// A file source at `s3://bucket/pattern`: the bucket, the key pattern and the local copy.
+fn parse_remote_files(
+    ctx: &Ctx<'_>,
+    base: &Path,
+    name: &str,
+    r: &RawSource,
+    raw_path: &str,
+    secrets: &BTreeMap<String, SecretRef>,
+    errors: &mut Vec<Diagnostic>,
+) -> Option<RemoteFiles> {
+    let at = r.path.as_ref().map(|p| p.span().start).unwrap_or(0);
+    let Some(rest) = raw_path.strip_prefix("s3://") else {
+        if let Some(st) = &r.storage {
+            errors.push(ctx.at(st.span().start, &format!("sources.{name}.storage applies to an s3:// path"), None));
+        }
+        return None;
     };
-    Some((remote, base.join(".weir/remote").join(bucket).join(prefix)))
+    let (bucket, pattern) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() || pattern.is_empty() || pattern.split('/').any(|p| p == "." || p == "..") {
+        errors.push(ctx.at(
+            at,
+            &format!("sources.{name}.path: an s3:// path names a bucket and a key, prefix or pattern"),
+            Some("path = \"s3://bucket/raw/orders_*.csv\""),
+        ));
+        return None;
+    }
+    let store = storage_remote(
+        ctx,
+        at,
+        &format!("sources.{name}"),
+        format!("s3://{bucket}/"),
+        r.storage.as_ref(),
+        secrets,
+        errors,
+    );
+    Some(RemoteFiles { store, pattern: pattern.to_string(), cache: base.join(".weir/remote-cache").join(bucket) })
 }
 
 /// A Delta output's path: nothing yet, a Delta table, or a folder holding only what weir

@@ -328,3 +328,23 @@ fn debezium_sources_name_their_format() {
     assert_eq!(p.sources["raw"].format, Format::Debezium);
     assert_eq!(Format::Debezium.name(), "debezium");
 }
+
+#[test]
+fn file_sources_on_s3_are_copied_to_a_local_folder() {
+    let text = GOOD.replace(
+        "path = \"data/*.csv\"",
+        "path = \"s3://lake/raw/*.csv\"\nstorage = { region = \"eu-west-1\", secret_access_key = \"k\" }",
+    );
+    let p = parse(&text).unwrap();
+    let rf = p.sources["raw"].remote.as_ref().unwrap();
+    assert_eq!((rf.store.url.as_str(), rf.pattern.as_str()), ("s3://lake/", "raw/*.csv"));
+    assert_eq!(rf.store.secret_access_key, Some(SecretRef::Env("SOME_KEY".into())));
+    assert!(p.sources["raw"].path.ends_with(".weir/remote-cache/lake/raw/*.csv"), "{}", p.sources["raw"].path);
+    for (path, says) in [
+        ("s3://lake", "names a bucket and a key"),
+        ("data/*.csv\"\nstorage = { region = \"x\" }\n#", "applies to an s3:// path"),
+    ] {
+        let e = errors(&GOOD.replace("path = \"data/*.csv\"", &format!("path = \"{path}\"")));
+        assert!(e.iter().any(|d| d.message.contains(says)), "{path}: {e:?}");
+    }
+}

@@ -480,11 +480,17 @@ fn link_into(table: &Path, placed: &[Placed]) -> Res<()> {
 
 /// Download the file `path` (as the log has it) of a remote table to `to`, streamed.
 pub fn download(r: &Remote, path: &str, to: &Path) -> Res<()> {
+    download_key(r, &decode_path(path), to)
+}
+
+/// Download the object at `key` (under the remote's URL) to `to`, streamed.
+pub fn download_key(r: &Remote, key: &str, to: &Path) -> Res<()> {
     use delta_kernel::object_store::ObjectStoreExt;
     use std::io::Write;
+    let path = key;
     let store = s3_store(r)?;
     let url = url::Url::parse(&r.url).map_err(|e| format!("{}: {e}", r.url))?;
-    let from = object_path(&url, &decode_path(path))?;
+    let from = object_path(&url, key)?;
     if let Some(parent) = to.parent() {
         std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
     }

@@ -184,3 +184,94 @@ pub fn publish(staged: &Path, spec: &PublishSpec) -> Res<bool> {
         spec.remote.url
     ))
 }
+
+/// Copy a source's matching objects from the bucket to its local copy before a run reads
+/// them: new and changed objects (by size and time) are downloaded (through a temporary
+/// name), unchanged ones kept, and copies of objects no longer there removed. A key pattern
+/// is a key, a prefix ending in `/` (everything under it), or a glob; `{partition}` is the
+/// run's partition, or any when the run has none. The copies keep the objects' times, so
+/// the run's fingerprint and `incremental = { modified = true }` see what changed.
+pub fn sync_source(files: &crate::config::RemoteFiles, partition: Option<&str>) -> Res<usize> {
+    use futures::TryStreamExt;
+    let pattern = files.pattern.replace("{partition}", partition.unwrap_or("*"));
+    let literal = pattern.find(['*', '?', '[']).map(|i| &pattern[..i]).unwrap_or(&pattern);
+    let prefix = literal.rsplit_once('/').map(|(d, _)| format!("{d}/")).unwrap_or_default();
+    let glob = if pattern.contains(['*', '?', '[']) {
+        Some(glob::Pattern::new(&pattern).map_err(|e| format!("{}{pattern}: {e}", files.store.url))?)
+    } else {
+        None
+    };
+    let url = url::Url::parse(&files.store.url).map_err(|e| format!("{}: {e}", files.store.url))?;
+    let store = s3_store(&files.store)?;
+    let list_at = if prefix.is_empty() { None } else { Some(object_path(&url, &prefix)?) };
+    let name = format!("{}{pattern}", files.store.url);
+    let listed: Vec<delta_kernel::object_store::ObjectMeta> = block_on(Box::pin(async move {
+        let s = match &list_at {
+            Some(p) => store.list(Some(p)),
+            None => store.list(None),
+        };
+        s.try_collect().await.map_err(|e| format!("cannot list {name}: {e}"))
+    }))??;
+    let wanted: Vec<_> = listed
+        .into_iter()
+        .filter(|m| {
+            let key = m.location.as_ref();
+            match &glob {
+                Some(g) => g.matches(key),
+                None => key == pattern || (pattern.ends_with('/') && key.starts_with(&pattern)),
+            }
+        })
+        .collect();
+    let mut present = HashSet::new();
+    let mut fetched = 0;
+    for m in &wanted {
+        let key = m.location.as_ref().to_string();
+        let local = files.cache.join(&key);
+        present.insert(local.clone());
+        let when =
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(m.last_modified.timestamp_millis().max(0) as u64);
+        let same = std::fs::metadata(&local).is_ok_and(|l| l.len() == m.size && l.modified().ok() == Some(when));
+        if same {
+            continue;
+        }
+        let tmp = local.with_file_name(format!(
+            ".{}.weir-download",
+            local.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        ));
+        super::delta::download_key(&files.store, &key, &tmp)?;
+        let f = std::fs::File::options().write(true).open(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        f.set_modified(when).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &local).map_err(|e| format!("cannot write {}: {e}", local.display()))?;
+        fetched += 1;
+    }
+    // copies of objects that are gone (under the pattern's folder only)
+    let folder = files.cache.join(&prefix);
+    remove_stale(&folder, glob.as_ref(), &files.cache, &present, &pattern);
+    Ok(fetched)
+}
+
+/// Remove the local copies under `folder` that match the pattern but whose object is gone.
+fn remove_stale(
+    folder: &Path,
+    glob: Option<&glob::Pattern>,
+    cache: &Path,
+    present: &HashSet<std::path::PathBuf>,
+    pattern: &str,
+) {
+    let Ok(entries) = std::fs::read_dir(folder) else { return };
+    for e in entries.flatten() {
+        let p = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_stale(&p, glob, cache, present, pattern);
+            continue;
+        }
+        let key = p.strip_prefix(cache).map(|k| k.to_string_lossy().replace('\\', "/")).unwrap_or_default();
+        let matches = match glob {
+            Some(g) => g.matches(&key),
+            None => key == pattern || (pattern.ends_with('/') && key.starts_with(pattern)),
+        };
+        if matches && !present.contains(&p) {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}

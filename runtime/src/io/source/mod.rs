@@ -136,6 +136,7 @@ pub fn open(
     if let Some(pg) = &source.postgres {
         return Ok(Box::new(postgres::PgSource::open(source, pg, partition, batch_size, increment)?));
     }
+    sync_remote(source, partition)?;
     Ok(Box::new(FileSource::open(source, partition, batch_size, increment)?))
 }
 
@@ -154,7 +155,17 @@ pub fn fingerprint(source: &config::Source, partition: Option<&str>) -> String {
         let n = READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return format!("postgres read at {} #{n} in {}", crate::store::now_ms(), std::process::id());
     }
+    // a bucket that cannot be listed now fails the run when it opens the source
+    let _ = sync_remote(source, partition);
     files::fingerprint(source, partition)
+}
+
+/// A source on object storage: its matching objects copied to the local folder it reads.
+fn sync_remote(source: &config::Source, partition: Option<&str>) -> Result<()> {
+    let Some(remote) = &source.remote else { return Ok(()) };
+    crate::io::s3_dataset::sync_source(remote, partition)
+        .map(|_| ())
+        .map_err(|message| super::Error::Source { source_name: source.name.clone(), message })
 }
 
 /// Whether a run always reads the source again, whatever the last run read (a database,
