@@ -859,9 +859,13 @@ impl RunStore for SqliteStore {
     fn create_backfill(&self, pipeline: &str, spec: &str, parallel: u32, partitions: &[String]) -> Result<i64> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        // the creating process holds the lease from the start: a reader between the insert
+        // and the runner's first heartbeat must not take the backfill for an abandoned one
+        let now = now_ms();
         tx.execute(
-            "INSERT INTO backfill (pipeline, spec, parallel, status, created_at_ms) VALUES (?1, ?2, ?3, 'RUNNING', ?4)",
-            params![pipeline, spec, parallel, now_ms()],
+            "INSERT INTO backfill (pipeline, spec, parallel, status, created_at_ms, pid, host, heartbeat_at_ms)
+             VALUES (?1, ?2, ?3, 'RUNNING', ?4, ?5, ?6, ?4)",
+            params![pipeline, spec, parallel, now, std::process::id(), host_name()],
         )?;
         let id = tx.last_insert_rowid();
         for (i, p) in partitions.iter().enumerate() {
