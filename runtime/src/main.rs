@@ -1488,8 +1488,16 @@ fn cmd_table(
         _ => {
             let keep =
                 weir::config::parse_duration(retention).map_err(|e| anyhow::anyhow!("--retention {retention}: {e}"))?;
-            let table = delta::Table::at(&path.to_string_lossy()).map_err(anyhow::Error::msg)?;
-            let v = delta::vacuum(&table, keep, dry_run).map_err(anyhow::Error::msg)?;
+            let location = path.to_string_lossy();
+            let table = delta::Table::at(&location).map_err(anyhow::Error::msg)?;
+            let folder = location.starts_with("s3://") && !table.exists().map_err(anyhow::Error::msg)?;
+            let v = if folder {
+                // a Parquet folder published through its pointer
+                let r = table.remote().cloned().ok_or_else(|| anyhow::anyhow!("{location}: not on object storage"))?;
+                weir::io::s3_dataset::vacuum(&r, keep, dry_run).map_err(anyhow::Error::msg)?
+            } else {
+                delta::vacuum(&table, keep, dry_run).map_err(anyhow::Error::msg)?
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(ExitCode::SUCCESS);

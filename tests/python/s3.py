@@ -8,7 +8,7 @@ and before the commit, and after the commit before the run store recorded it (a 
 row exactly once, no version twice), a failed check (nothing uploaded), a bucket that does
 not exist, merge by key, `weir table history|vacuum` on the bucket, CSV sources read from the bucket (new, changed, deleted objects; up to date; a
 partition run), a Parquet folder on S3 published through its pointer (a reader polling while weir
-republishes sees whole runs only; kill -9 around the pointer), what is refused at validation,
+republishes sees whole runs only; kill -9 around the pointer, vacuum of what it no longer lists), what is refused at validation,
 and the examples/delta-lake pipeline.
 """
 import datetime
@@ -266,6 +266,19 @@ with tempfile.TemporaryDirectory() as tmp:
         after = read_folder()
         check("killed before its upload: recovery publishes it once",
               seen_pause and r.returncode == 0 and after[1]["name"].to_pylist().count("third") == 1, r.stderr[-500:])
+
+        before_read = read_folder()
+        r = run(d, "table", "vacuum", folder, "--retention", "0s", "--dry-run", "--json", extra=awsenv)
+        dry = json.loads(r.stdout or "{}").get("removed", [])
+        listed_paths = {f["path"] for f in before_read[0]["files"]}
+        r = run(d, "table", "vacuum", folder, "--retention", "0s", "--json", extra=awsenv)
+        gone = json.loads(r.stdout or "{}").get("removed", [])
+        left = {o["Key"] for o in s3.list_objects_v2(Bucket="weir-test", Prefix="folders/events/data/").get("Contents", [])}
+        after_read = read_folder()
+        check("weir table vacuum on a Parquet folder removes the files its pointer no longer lists, and only those",
+              r.returncode == 0 and len(dry) >= 4 and gone == dry and not (set(gone) & listed_paths)
+              and left == {"folders/events/" + p for p in listed_paths}
+              and sorted(after_read[1]["id"].to_pylist()) == sorted(before_read[1]["id"].to_pylist()), f"{dry} {r.stderr[-300:]}")
 
         # --- a source on S3: the matching objects are copied locally before the run reads them
         src = d / "src"

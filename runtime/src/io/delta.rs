@@ -218,6 +218,11 @@ impl Table {
         &self.name
     }
 
+    /// Where a table on object storage is, and how it is reached.
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_ref()
+    }
+
     /// Whether a Delta log is there.
     pub fn exists(&self) -> Res<bool> {
         match (&self.local, &self.remote) {

@@ -19,7 +19,7 @@
 //! reads the pointer again and retries.
 //!
 //! Files no pointer lists any more (replaced runs, uploads of a run that died before its
-//! pointer) stay in the bucket; remove them by their run prefix.
+//! pointer) stay in the bucket until [`vacuum`] (`weir table vacuum s3://...`) removes them.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -274,4 +274,55 @@ fn remove_stale(
             let _ = std::fs::remove_file(&p);
         }
     }
+}
+
+/// Remove the objects under a folder's `data/` that its pointer no longer lists (files of
+/// replaced runs, uploads of a run that died before its pointer), once older than
+/// `retention`. A reader holding an older pointer may still be reading them: the retention
+/// is how long a read may take.
+pub fn vacuum(r: &Remote, retention: std::time::Duration, dry_run: bool) -> Res<super::delta::Vacuumed> {
+    use futures::TryStreamExt;
+    let Some(p) = pointer(r)? else {
+        return Err(format!("{} has no {POINTER}: not a Parquet folder weir published", r.url));
+    };
+    let listed: HashSet<String> = p.files.iter().map(|f| f.path.clone()).collect();
+    let url = url::Url::parse(&r.url).map_err(|e| format!("{}: {e}", r.url))?;
+    let store = s3_store(r)?;
+    let data = object_path(&url, "data/")?;
+    let base = object_path(&url, "")?.as_ref().to_string();
+    let name = r.url.clone();
+    let objects: Vec<delta_kernel::object_store::ObjectMeta> = block_on(Box::pin(async move {
+        store.list(Some(&data)).try_collect().await.map_err(|e| format!("cannot list {name}data/: {e}"))
+    }))??;
+    let now = std::time::SystemTime::now();
+    let mut out = super::delta::Vacuumed::default();
+    let mut doomed = Vec::new();
+    for m in objects {
+        let key = m.location.as_ref();
+        let rel = key.strip_prefix(&base).unwrap_or(key).trim_start_matches('/').to_string();
+        if listed.contains(&rel) {
+            continue;
+        }
+        let at =
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(m.last_modified.timestamp_millis().max(0) as u64);
+        if now.duration_since(at).unwrap_or_default() < retention {
+            out.kept_young += 1;
+            continue;
+        }
+        out.bytes += m.size;
+        out.removed.push(rel);
+        doomed.push(m.location);
+    }
+    out.removed.sort();
+    if !dry_run && !doomed.is_empty() {
+        let store = s3_store(r)?;
+        let name = r.url.clone();
+        block_on(Box::pin(async move {
+            for at in doomed {
+                store.delete(&at).await.map_err(|e| format!("cannot remove {name}{}: {e}", at.as_ref()))?;
+            }
+            Ok::<(), String>(())
+        }))??;
+    }
+    Ok(out)
 }
