@@ -30,12 +30,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import deltalake
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from procstats import timed
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--rows", type=int, default=10_000_000)
@@ -46,30 +47,6 @@ root = pathlib.Path(__file__).resolve().parents[1]
 mask = root / "dist/plugins/mask.wasm"
 if not mask.exists():
     raise SystemExit(f"{mask} is missing: run scripts/build-plugins.sh")
-
-
-def hwm_kb(pid):
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def timed(cmd, **kw):
-    """Wall seconds and peak RSS (MB) of one process."""
-    t = time.monotonic()
-    p = subprocess.Popen(cmd, **kw)
-    peak = 0
-    while p.poll() is None:
-        peak = max(peak, hwm_kb(p.pid))
-        time.sleep(0.02)
-    secs = time.monotonic() - t
-    if p.returncode != 0:
-        raise SystemExit(f"{cmd} failed ({p.returncode})")
-    return secs, peak / 1024
 
 
 def generate(path, n):

@@ -39,6 +39,8 @@ except ImportError:
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "psycopg[binary]"], check=True)
 import pyarrow.parquet as pq
 
+from procstats import timed
+
 bindir = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
 user = "postgres" if os.geteuid() == 0 else None
 
@@ -98,33 +100,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def hwm_kb(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def timed(cmd, **kw):
-    """Wall seconds and peak RSS (MB) of one process. The peak is its VmHWM, read every
-    20 ms until it exits: wait4's ru_maxrss would count this (large) parent's memory too,
-    since a forked child keeps its high-water mark across exec."""
-    t = time.monotonic()
-    p = subprocess.Popen(cmd, **kw)
-    peak = 0
-    while p.poll() is None:
-        peak = max(peak, hwm_kb(p.pid))
-        time.sleep(0.02)
-    secs = time.monotonic() - t
-    if p.returncode != 0:
-        raise SystemExit(f"{cmd[0]} failed ({p.returncode})")
-    return secs, peak / 1024
 
 
 with tempfile.TemporaryDirectory() as tmp:

@@ -25,6 +25,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import weirproc
 from report import check, finish
 
 weir = os.environ["WEIR_BIN"]
@@ -93,16 +94,7 @@ def readers_agree(label, path, want, version=None):
 
 
 def killed_at(d, point, *args):
-    p = subprocess.Popen([weir, "run", *args], cwd=d, env=dict(env, WEIR_DEBUG_PAUSE=f"{point}:60000"),
-                         stderr=subprocess.PIPE, text=True)
-    seen = False
-    for line in p.stderr:
-        if f"debug pause at {point}" in line:
-            seen = True
-            break
-    p.kill()
-    p.wait(timeout=30)
-    return seen
+    return weirproc.killed_at(weir, d, env, point, *args)
 
 
 with tempfile.TemporaryDirectory() as tmp:
@@ -283,29 +275,21 @@ with tempfile.TemporaryDirectory() as tmp:
     shared = str(d / "shared")
     pipeline(a, "overwrite_partitions", name="writer_a", path=shared)
     pipeline(b, "overwrite_partitions", name="writer_b", path=shared)
-    write_csv(a, [(1, "2026-02-01", "a1")])
-    write_csv(b, [(2, "2026-02-02", "b1")])
-    p = subprocess.Popen([weir, "run", "p.toml"], cwd=a, env=dict(env, WEIR_DEBUG_PAUSE="delta-linked:3000"),
-                         stderr=subprocess.PIPE, text=True)
-    for line in p.stderr:
-        if "debug pause at delta-linked" in line:
-            break
-    rb = run(b, "run", "p.toml")
-    rest = p.stderr.read()
-    p.wait(timeout=120)
+    def race(rows_a, rows_b):
+        """Run A paused between linking its files and its commit while B runs whole."""
+        write_csv(a, rows_a)
+        write_csv(b, rows_b)
+        p, _ = weirproc.paused(weir, a, env, "delta-linked", 3000, "p.toml")
+        rb = run(b, "run", "p.toml")
+        rest = p.stderr.read()
+        p.wait(timeout=120)
+        return p, rb, rest
+
+    p, rb, rest = race([(1, "2026-02-01", "a1")], [(2, "2026-02-02", "b1")])
     check("two writers of different partitions both commit (the later retries on the new version)",
           rb.returncode == 0 and p.returncode == 0 and delta_rows(shared) == [(1, "2026-02-01", "a1"), (2, "2026-02-02", "b1")],
           f"{rb.stderr[-300:]} {rest[-300:]} {delta_rows(shared)}")
-    write_csv(a, [(3, "2026-02-03", "a2")])
-    write_csv(b, [(4, "2026-02-03", "b2")])
-    p = subprocess.Popen([weir, "run", "p.toml"], cwd=a, env=dict(env, WEIR_DEBUG_PAUSE="delta-linked:3000"),
-                         stderr=subprocess.PIPE, text=True)
-    for line in p.stderr:
-        if "debug pause at delta-linked" in line:
-            break
-    rb = run(b, "run", "p.toml")
-    p.stderr.read()
-    p.wait(timeout=120)
+    p, rb, _ = race([(3, "2026-02-03", "a2")], [(4, "2026-02-03", "b2")])
     rows = delta_rows(shared)
     day3 = [x for x in rows if x[1] == "2026-02-03"]
     check("two writers of one partition: one's rows, never both", rb.returncode == 0 and p.returncode == 0
@@ -386,11 +370,7 @@ output = { format = "delta", path = "out/t", partition_by = "day", mode = "merge
     # another writer commits after the run decided and before its commit: the merge is
     # computed on the version it commits over, so neither change is lost
     (m / "in.csv").write_text("id,day,name,op\n1,2026-03-01,late,u\n")
-    p = subprocess.Popen([weir, "run", "p.toml"], cwd=m, env=dict(env, WEIR_DEBUG_PAUSE="after-decision:3000"),
-                         stderr=subprocess.PIPE, text=True)
-    for line in p.stderr:
-        if "debug pause at after-decision" in line:
-            break
+    p, _ = weirproc.paused(weir, m, env, "after-decision", 3000, "p.toml")
     deltalake.write_deltalake(str(m / "out/t"), pa.table({"id": pa.array([99], pa.int64()),
                                                          "day": pa.array([datetime.date(2026, 3, 9)], pa.date32()),
                                                          "name": ["other"], "op": ["u"]}), mode="append")

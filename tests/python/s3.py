@@ -27,6 +27,7 @@ import deltalake
 import pyarrow as pa
 
 from netutil import free_port, wait_until
+import weirproc
 from report import check, finish
 
 weir = os.environ["WEIR_BIN"]
@@ -43,16 +44,7 @@ def run(d, *args, extra=None):
 
 
 def killed_at(d, point, *args):
-    p = subprocess.Popen([weir, "run", *args], cwd=d, env=dict(env, WEIR_DEBUG_PAUSE=f"{point}:60000"),
-                         stderr=subprocess.PIPE, text=True)
-    seen = False
-    for line in p.stderr:
-        if f"debug pause at {point}" in line:
-            seen = True
-            break
-    p.kill()
-    p.wait(timeout=30)
-    return seen
+    return weirproc.killed_at(weir, d, env, point, *args)
 
 
 PIPE = """[pipeline]

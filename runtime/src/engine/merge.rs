@@ -96,6 +96,17 @@ pub(crate) struct Folded {
     pub outdated: u64,
 }
 
+impl std::ops::AddAssign for Folded {
+    fn add_assign(&mut self, f: Folded) {
+        self.linked += f.linked;
+        self.rewritten += f.rewritten;
+        self.replaced += f.replaced;
+        self.deleted += f.deleted;
+        self.superseded += f.superseded;
+        self.outdated += f.outdated;
+    }
+}
+
 type Res<T> = Result<T, String>;
 
 /// A key or sequence value in arrow-row's comparable bytes.

@@ -270,23 +270,15 @@ fn s3_spec(sw: &PlannedSwitch) -> Result<crate::io::s3_dataset::PublishSpec, Str
 
 impl Publisher for S3Folders {
     fn plan(&self, s: &Staged, run: &RunRef<'_>) -> Result<Vec<PlannedSwitch>, String> {
-        use crate::config::OutputMode;
-        use crate::io::s3_dataset::{Mode, PublishSpec};
+        use crate::io::delta::Mode;
+        use crate::io::s3_dataset::PublishSpec;
         let Some(out) = &s.output else { return Ok(Vec::new()) };
         let Some(remote) = &out.remote else { return Err("internal error: an s3 folder without its URL".into()) };
-        let partitioned_run = out.partition_by.is_some() && run.partition.is_some();
-        let mode = match out.mode {
-            OutputMode::Overwrite if partitioned_run => Mode::OverwritePartitions,
-            OutputMode::Overwrite => Mode::Overwrite,
-            OutputMode::OverwritePartitions => Mode::OverwritePartitions,
-            OutputMode::Append => Mode::Append,
-            OutputMode::Merge => return Err("merge into a Parquet folder on object storage is not supported".into()),
+        let mode = match publish_mode(out, run) {
+            Mode::Merge => return Err("merge into a Parquet folder on object storage is not supported".into()),
+            mode => mode,
         };
-        let mut writer = format!("weir/{}/{}", run.pipeline, s.step);
-        if let Some(p) = run.partition {
-            writer.push('/');
-            writer.push_str(p);
-        }
+        let writer = writer_id(run, &s.step);
         let spec =
             PublishSpec { remote: remote.clone(), writer, run: run.id, mode, partition_by: out.partition_by.clone() };
         let existing = crate::io::s3_dataset::pointer(remote)?;
@@ -297,19 +289,8 @@ impl Publisher for S3Folders {
                 remote.url, run.id
             ));
         }
-        let mut plan = vec![PlannedSwitch {
-            step: s.step.clone(),
-            kind: "s3-parquet".into(),
-            replaces: existing.is_some(),
-            staged: s.staging.clone(),
-            target: out.path.clone(),
-            partition: run.partition.map(String::from),
-            token: serde_json::to_string(&spec).map_err(|e| format!("internal error: {e}"))?,
-            target_token: None,
-            done_at_ms: None,
-        }];
-        plan.extend(quarantine_switch(s, out, run.partition)?);
-        Ok(plan)
+        let token = serde_json::to_string(&spec).map_err(|e| format!("internal error: {e}"))?;
+        commit_switches(s, out, run, "s3-parquet", existing.is_some(), token)
     }
 
     fn switch(&self, sw: &PlannedSwitch, log: &dyn Fn(Level, &str)) -> Result<Switch, String> {
@@ -328,6 +309,54 @@ impl Publisher for S3Folders {
         let now = crate::io::s3_dataset::publish(&sw.staged, &spec)?;
         Ok((if sw.replaces { Switch::Replaced } else { Switch::Created }, now))
     }
+}
+
+/// How a run's rows meet a table or a folder on object storage: a `--partition` run of a
+/// partitioned output replaces the partitions it wrote.
+fn publish_mode(out: &Output, run: &RunRef<'_>) -> crate::io::delta::Mode {
+    use crate::config::OutputMode;
+    use crate::io::delta::Mode;
+    match out.mode {
+        OutputMode::Overwrite if out.partition_by.is_some() && run.partition.is_some() => Mode::OverwritePartitions,
+        OutputMode::Overwrite => Mode::Overwrite,
+        OutputMode::OverwritePartitions => Mode::OverwritePartitions,
+        OutputMode::Append => Mode::Append,
+        OutputMode::Merge => Mode::Merge,
+    }
+}
+
+/// Who publishes, as a table's transactions or a folder's pointer record it:
+/// `weir/PIPELINE/STEP`, and `/PARTITION` in a partition run.
+fn writer_id(run: &RunRef<'_>, step: &str) -> String {
+    match run.partition {
+        Some(p) => format!("weir/{}/{step}/{p}", run.pipeline),
+        None => format!("weir/{}/{step}", run.pipeline),
+    }
+}
+
+/// The switches of an output published by one commit of its own (a Delta commit, a
+/// pointer's replacement) decided as `token`, then its quarantine's.
+fn commit_switches(
+    s: &Staged,
+    out: &Output,
+    run: &RunRef<'_>,
+    kind: &str,
+    replaces: bool,
+    token: String,
+) -> Result<Vec<PlannedSwitch>, String> {
+    let mut plan = vec![PlannedSwitch {
+        step: s.step.clone(),
+        kind: kind.into(),
+        replaces,
+        staged: s.staging.clone(),
+        target: out.path.clone(),
+        partition: run.partition.map(String::from),
+        token,
+        target_token: None,
+        done_at_ms: None,
+    }];
+    plan.extend(quarantine_switch(s, out, run.partition)?);
+    Ok(plan)
 }
 
 /// The quarantine switch of a step that quarantined rows.
@@ -351,22 +380,10 @@ fn quarantine_switch(s: &Staged, out: &Output, partition: Option<&str>) -> Resul
 
 impl Publisher for DeltaTables {
     fn plan(&self, s: &Staged, run: &RunRef<'_>) -> Result<Vec<PlannedSwitch>, String> {
-        use crate::config::OutputMode;
-        use crate::io::delta::{CommitSpec, Mode, Table};
+        use crate::io::delta::{CommitSpec, Table};
         let Some(out) = &s.output else { return Ok(Vec::new()) };
-        let partitioned_run = out.partition_by.is_some() && run.partition.is_some();
-        let mode = match out.mode {
-            OutputMode::Overwrite if partitioned_run => Mode::OverwritePartitions,
-            OutputMode::Overwrite => Mode::Overwrite,
-            OutputMode::OverwritePartitions => Mode::OverwritePartitions,
-            OutputMode::Append => Mode::Append,
-            OutputMode::Merge => Mode::Merge,
-        };
-        let mut app_id = format!("weir/{}/{}", run.pipeline, s.step);
-        if let Some(p) = run.partition {
-            app_id.push('/');
-            app_id.push_str(p);
-        }
+        let mode = publish_mode(out, run);
+        let app_id = writer_id(run, &s.step);
         let table = Table::open(&out.path, out.remote.as_ref())?;
         let mut replaces = false;
         if let Some(snap) = table.snapshot()? {
@@ -375,7 +392,7 @@ impl Publisher for DeltaTables {
                 if v >= run.id {
                     return Err(format!(
                         "the Delta table {} already holds a commit of run #{v} of this step, and this is run #{}: \
-                         the table was written by runs of another run store; use the store that wrote it (--store), or write a new table",
+                         the table was written by runs of another run store; use the store that wrote it (--state), or write a new table",
                         table.name(),
                         run.id
                     ));
@@ -397,19 +414,7 @@ impl Publisher for DeltaTables {
             compression: out.compression,
         };
         let token = serde_json::to_string(&spec).map_err(|e| format!("internal error: {e}"))?;
-        let mut plan = vec![PlannedSwitch {
-            step: s.step.clone(),
-            kind: "delta".into(),
-            replaces,
-            staged: s.staging.clone(),
-            target: out.path.clone(),
-            partition: run.partition.map(String::from),
-            token,
-            target_token: None,
-            done_at_ms: None,
-        }];
-        plan.extend(quarantine_switch(s, out, run.partition)?);
-        Ok(plan)
+        commit_switches(s, out, run, "delta", replaces, token)
     }
 
     fn switch(&self, sw: &PlannedSwitch, log: &dyn Fn(Level, &str)) -> Result<Switch, String> {

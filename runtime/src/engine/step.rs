@@ -189,13 +189,7 @@ fn fold_published(ctx: &StepCtx<'_>, staging: &std::path::Path, partitions: &[St
         };
         let mut total = super::merge::Folded::default();
         for (staged, target) in units {
-            let f = super::merge::fold(&staged, &target, out).map_err(fail)?;
-            total.linked += f.linked;
-            total.rewritten += f.rewritten;
-            total.replaced += f.replaced;
-            total.deleted += f.deleted;
-            total.superseded += f.superseded;
-            total.outdated += f.outdated;
+            total += super::merge::fold(&staged, &target, out).map_err(fail)?;
         }
         total
     };

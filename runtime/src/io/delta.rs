@@ -38,6 +38,7 @@ use delta_kernel_default_engine::DefaultEngine;
 use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
+use super::remote::{block_on, object_path, s3_store};
 use super::sink::{unescape_partition, NULL_PARTITION};
 use crate::config::Remote;
 
@@ -140,58 +141,6 @@ fn kernel(what: &str) -> impl Fn(delta_kernel::KernelError) -> String + '_ {
         }
         format!("{what}: {text}")
     }
-}
-
-/// The S3 client of a remote table: endpoint, region, path style and credentials as the
-/// output says, the rest (and credentials it does not name) from the AWS environment.
-pub(crate) fn s3_store(r: &Remote) -> Res<Arc<dyn delta_kernel::object_store::ObjectStore>> {
-    use delta_kernel::object_store::aws::AmazonS3Builder;
-    let mut b = AmazonS3Builder::from_env().with_url(r.url.as_str());
-    if let Some(e) = &r.endpoint {
-        b = b.with_endpoint(e.as_str());
-    }
-    if let Some(region) = &r.region {
-        b = b.with_region(region.as_str());
-    }
-    if let Some(p) = r.path_style {
-        b = b.with_virtual_hosted_style_request(!p);
-    }
-    if let Some(h) = r.allow_http {
-        b = b.with_allow_http(h);
-    }
-    let text = |s: &crate::config::SecretRef, what: &str| -> Res<String> {
-        let bytes = s.resolve().map_err(|e| format!("the {what} of {}: {e}", r.url))?;
-        String::from_utf8(bytes).map_err(|_| format!("the {what} of {} is not UTF-8 text", r.url))
-    };
-    if let Some(k) = &r.access_key_id {
-        b = b.with_access_key_id(text(k, "access key id")?);
-    }
-    if let Some(k) = &r.secret_access_key {
-        b = b.with_secret_access_key(text(k, "secret access key")?);
-    }
-    Ok(Arc::new(b.build().map_err(|e| format!("cannot reach {}: {e}", r.url))?))
-}
-
-/// Run object-store I/O to its end on a thread and runtime of its own (the caller may be
-/// on a runtime's thread already, where blocking on another is refused).
-pub(crate) fn block_on<T: Send>(f: futures::future::BoxFuture<'_, T>) -> Res<T> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| format!("cannot start the I/O runtime: {e}"))?;
-            Ok(rt.block_on(f))
-        })
-        .join()
-        .map_err(|_| "internal error (a bug in weir, please report it): the object-store thread panicked".to_string())?
-    })
-}
-
-/// The object path of `rel` under a remote table's URL.
-pub(crate) fn object_path(url: &url::Url, rel: &str) -> Res<delta_kernel::object_store::path::Path> {
-    let key = format!("{}{rel}", url.path().trim_start_matches('/'));
-    delta_kernel::object_store::path::Path::parse(&key).map_err(|e| format!("{url}{rel}: {e}"))
 }
 
 impl Table {
@@ -399,11 +348,7 @@ pub(crate) struct Placed {
 /// kept, the name carries the run and the app id's hash so that two runs never collide and
 /// placing again after a crash finds the same names.
 fn place(staged: &Path, spec: &CommitSpec) -> Res<Vec<Placed>> {
-    let tag = {
-        use sha2::Digest;
-        let h = sha2::Sha256::digest(spec.app_id.as_bytes());
-        h[..4].iter().map(|b| format!("{b:02x}")).collect::<String>()
-    };
+    let tag = super::remote::writer_tag(&spec.app_id);
     let mut out = Vec::new();
     let rewritten = staged.join(REWRITTEN);
     let mut files: Vec<(PathBuf, PathBuf)> =
@@ -438,22 +383,14 @@ fn place(staged: &Path, spec: &CommitSpec) -> Res<Vec<Placed>> {
     Ok(out)
 }
 
-/// Percent-encode a relative path for `add.path` (RFC 2396), segment by segment.
+/// What `add.path` keeps as it is: letters, digits, `-_.~`, `=` (partition folders) and
+/// the `/` between segments; everything else is percent-encoded (RFC 2396).
+const PATH_KEEPS: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b'=').remove(b'/');
+
+/// Percent-encode a relative path for `add.path`.
 fn encode_path(rel: &str) -> String {
-    rel.split('/')
-        .map(|seg| {
-            let mut s = String::with_capacity(seg.len());
-            for b in seg.bytes() {
-                if b.is_ascii_alphanumeric() || b"-_.~=".contains(&b) {
-                    s.push(b as char);
-                } else {
-                    s.push_str(&format!("%{b:02X}"));
-                }
-            }
-            s
-        })
-        .collect::<Vec<_>>()
-        .join("/")
+    percent_encoding::utf8_percent_encode(rel, PATH_KEEPS).to_string()
 }
 
 /// Link the staged files into the table (idempotent: a file already there stays).
@@ -485,77 +422,7 @@ fn link_into(table: &Path, placed: &[Placed]) -> Res<()> {
 
 /// Download the file `path` (as the log has it) of a remote table to `to`, streamed.
 pub fn download(r: &Remote, path: &str, to: &Path) -> Res<()> {
-    download_key(r, &decode_path(path), to)
-}
-
-/// Download the object at `key` (under the remote's URL) to `to`, streamed.
-pub fn download_key(r: &Remote, key: &str, to: &Path) -> Res<()> {
-    use delta_kernel::object_store::ObjectStoreExt;
-    use std::io::Write;
-    let path = key;
-    let store = s3_store(r)?;
-    let url = url::Url::parse(&r.url).map_err(|e| format!("{}: {e}", r.url))?;
-    let from = object_path(&url, key)?;
-    if let Some(parent) = to.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-    }
-    let name = format!("{}{path}", r.url);
-    let to_owned = to.to_path_buf();
-    block_on(Box::pin(async move {
-        use futures::StreamExt;
-        let got = store.get(&from).await.map_err(|e| format!("cannot download {name}: {e}"))?;
-        let mut file = std::fs::File::create(&to_owned).map_err(|e| format!("{}: {e}", to_owned.display()))?;
-        let mut stream = got.into_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| format!("cannot download {name}: {e}"))?;
-            file.write_all(&chunk).map_err(|e| format!("{}: {e}", to_owned.display()))?;
-        }
-        Ok(())
-    }))?
-}
-
-/// What a multipart upload sends at a time.
-const PART_BYTES: usize = 16 << 20;
-
-/// Upload the staged files to a remote table (again after a crash: the names are the run's
-/// own and no version references them yet). Files larger than one part go up in parts; a
-/// failed upload is aborted, so nothing but whole files is ever left.
-pub(crate) fn upload(r: &Remote, url: &url::Url, placed: &[Placed]) -> Res<()> {
-    use delta_kernel::object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
-    use std::io::Read;
-    let store = s3_store(r)?;
-    let mut jobs = Vec::new();
-    for p in placed {
-        jobs.push((p.staged.clone(), object_path(url, &p.rel)?, format!("{url}{}", p.rel)));
-    }
-    let result = block_on(Box::pin(async move {
-        for (from, to, name) in jobs {
-            let mut f = std::fs::File::open(&from).map_err(|e| format!("{}: {e}", from.display()))?;
-            let len = f.metadata().map_err(|e| format!("{}: {e}", from.display()))?.len() as usize;
-            if len <= PART_BYTES {
-                let mut buf = Vec::with_capacity(len);
-                f.read_to_end(&mut buf).map_err(|e| format!("{}: {e}", from.display()))?;
-                store.put(&to, PutPayload::from(buf)).await.map_err(|e| format!("cannot upload {name}: {e}"))?;
-                continue;
-            }
-            let upload = store.put_multipart(&to).await.map_err(|e| format!("cannot upload {name}: {e}"))?;
-            let mut w = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
-            let mut buf = vec![0u8; PART_BYTES];
-            loop {
-                let n = f.read(&mut buf).map_err(|e| format!("{}: {e}", from.display()))?;
-                if n == 0 {
-                    break;
-                }
-                w.wait_for_capacity(4).await.map_err(|e| format!("cannot upload {name}: {e}"))?;
-                w.write(&buf[..n]);
-            }
-            if let Err(e) = w.finish().await {
-                return Err(format!("cannot upload {name}: {e}"));
-            }
-        }
-        Ok(())
-    }))?;
-    result
+    super::remote::download(r, &decode_path(path), to)
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -774,7 +641,10 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks
         let written: HashSet<Option<String>> = placed.iter().filter_map(|p| p.partition.clone()).collect();
         match (&table.local, &table.remote) {
             (Some(dir), _) => link_into(dir, &placed)?,
-            (None, Some(r)) => upload(r, &table.url, &placed)?,
+            (None, Some(r)) => {
+                let files: Vec<(PathBuf, String)> = placed.iter().map(|p| (p.staged.clone(), p.rel.clone())).collect();
+                super::remote::upload(r, &files)?
+            }
             (None, None) => return Err("internal error (a bug in weir, please report it): a table nowhere".into()),
         }
         (hooks.pause)("delta-linked");
@@ -956,6 +826,11 @@ pub fn history(table: &Table) -> Res<Vec<HistoryEntry>> {
     Ok(out)
 }
 
+/// When an object was last written.
+pub(crate) fn object_time(m: &delta_kernel::object_store::ObjectMeta) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(m.last_modified.timestamp_millis().max(0) as u64)
+}
+
 /// A data file as the table's storage lists it.
 struct Listed {
     /// Relative to the table root, not encoded.
@@ -998,28 +873,23 @@ impl Table {
                 }
             }
             (None, Some(r)) => {
+                let mut commits = Vec::new();
+                for m in super::remote::list(r, "_delta_log/")? {
+                    let Some(file) = m.location.filename().map(String::from) else { continue };
+                    if let Some(v) = file.strip_suffix(".json").and_then(|s| s.parse::<u64>().ok()) {
+                        commits.push((v, m.location));
+                    }
+                }
+                // one runtime for every read: the client's connections belong to it
                 let store = s3_store(r)?;
-                let prefix = object_path(&self.url, "_delta_log/")?;
                 let name = self.name.clone();
                 out = block_on(Box::pin(async move {
                     use delta_kernel::object_store::ObjectStoreExt;
-                    use futures::TryStreamExt;
-                    let listed: Vec<_> = store
-                        .list(Some(&prefix))
-                        .try_collect()
-                        .await
-                        .map_err(|e| format!("cannot list {name}: {e}"))?;
                     let mut out = Vec::new();
-                    for m in listed {
-                        let Some(file) = m.location.filename().map(String::from) else { continue };
-                        let Some(v) = file.strip_suffix(".json").and_then(|s| s.parse::<u64>().ok()) else { continue };
-                        let bytes = store
-                            .get(&m.location)
-                            .await
-                            .map_err(|e| format!("cannot read {name}_delta_log/{file}: {e}"))?
-                            .bytes()
-                            .await
-                            .map_err(|e| format!("cannot read {name}_delta_log/{file}: {e}"))?;
+                    for (v, at) in commits {
+                        let read =
+                            |e: delta_kernel::object_store::Error| format!("cannot read {name}_delta_log/{v}: {e}");
+                        let bytes = store.get(&at).await.map_err(read)?.bytes().await.map_err(read)?;
                         out.push((v, String::from_utf8_lossy(&bytes).into_owned()));
                     }
                     Ok::<_, String>(out)
@@ -1046,31 +916,18 @@ impl Table {
                 Ok(out)
             }
             (None, Some(r)) => {
-                let store = s3_store(r)?;
-                let prefix = object_path(&self.url, "")?;
-                let name = self.name.clone();
-                let base = prefix.as_ref().to_string();
-                block_on(Box::pin(async move {
-                    use futures::TryStreamExt;
-                    let listed: Vec<_> = store
-                        .list(Some(&prefix))
-                        .try_collect()
-                        .await
-                        .map_err(|e| format!("cannot list {name}: {e}"))?;
-                    let mut out = Vec::new();
-                    for m in listed {
-                        let key = m.location.as_ref();
-                        let rel = key.strip_prefix(&base).unwrap_or(key).trim_start_matches('/').to_string();
-                        let hidden = rel.split('/').any(|seg| seg.starts_with('_') || seg.starts_with('.'));
-                        if hidden || !rel.ends_with(".parquet") {
-                            continue;
-                        }
-                        let modified = std::time::UNIX_EPOCH
-                            + std::time::Duration::from_millis(m.last_modified.timestamp_millis().max(0) as u64);
-                        out.push(Listed { rel, size: m.size, modified });
+                let base = object_path(&self.url, "")?.as_ref().to_string();
+                let mut out = Vec::new();
+                for m in super::remote::list(r, "")? {
+                    let key = m.location.as_ref();
+                    let rel = key.strip_prefix(&base).unwrap_or(key).trim_start_matches('/').to_string();
+                    let hidden = rel.split('/').any(|seg| seg.starts_with('_') || seg.starts_with('.'));
+                    if hidden || !rel.ends_with(".parquet") {
+                        continue;
                     }
-                    Ok(out)
-                }))?
+                    out.push(Listed { rel, size: m.size, modified: object_time(&m) });
+                }
+                Ok(out)
             }
             (None, None) => Ok(Vec::new()),
         }
@@ -1288,24 +1145,10 @@ pub fn optimize(
 
 /// Undo `add.path`'s percent-encoding.
 pub fn decode_path(p: &str) -> String {
-    let b = p.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() + 1 && p.is_char_boundary(i + 1) {
-            if let Some(v) = p.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(p).decode_utf8_lossy().into_owned()
 }
 
-/// The schema weir's sink writes for a Delta output: the step's output schema.
+/// The step's output schema as JSON, kept in the decision for the table it creates.
 pub fn arrow_schema_json(schema: &SchemaRef) -> Res<String> {
     serde_json::to_string(schema.as_ref()).map_err(|e| format!("internal error: the output schema: {e}"))
 }

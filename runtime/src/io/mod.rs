@@ -3,6 +3,7 @@
 pub mod delta;
 mod dict;
 mod encode;
+mod remote;
 pub mod s3_dataset;
 pub mod sink;
 pub mod source;

@@ -26,22 +26,14 @@ use std::path::Path;
 
 use delta_kernel::object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 
-use super::delta::{block_on, object_path, s3_store, upload, Placed};
+use super::delta::Mode;
+use super::remote::{block_on, object_path, s3_store};
 use crate::config::Remote;
 
 type Res<T> = Result<T, String>;
 
 /// Where the pointer lives, under the dataset's prefix.
 pub const POINTER: &str = "_weir/CURRENT.json";
-
-/// How a run's files meet the dataset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    Overwrite,
-    OverwritePartitions,
-    Append,
-}
 
 /// What a decided publish needs (it travels as the switch's token; nothing secret in it).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -50,6 +42,7 @@ pub struct PublishSpec {
     /// `weir/PIPELINE/STEP[/PARTITION]`: the writer, as the pointer records it.
     pub writer: String,
     pub run: i64,
+    /// Overwrite, overwrite_partitions or append.
     pub mode: Mode,
     pub partition_by: Option<String>,
 }
@@ -108,22 +101,16 @@ pub fn made(spec: &PublishSpec) -> Res<bool> {
 /// this call published it (false: it had been).
 pub fn publish(staged: &Path, spec: &PublishSpec) -> Res<bool> {
     let url = url::Url::parse(&spec.remote.url).map_err(|e| format!("{}: {e}", spec.remote.url))?;
-    let tag = {
-        use sha2::Digest;
-        let h = sha2::Sha256::digest(spec.writer.as_bytes());
-        h[..4].iter().map(|b| format!("{b:02x}")).collect::<String>()
-    };
-    let mut placed = Vec::new();
+    let tag = super::remote::writer_tag(&spec.writer);
+    // (local file, key under the folder, partition folder)
+    let mut placed: Vec<(std::path::PathBuf, String, Option<String>)> = Vec::new();
     for rel in super::sink::parquet_files(staged)? {
         let rel_s = rel.to_string_lossy().replace('\\', "/");
         let partition = rel_s.rsplit_once('/').map(|(d, _)| d.to_string());
-        placed.push(Placed {
-            staged: staged.join(&rel),
-            rel: format!("data/r{}-{tag}/{rel_s}", spec.run),
-            partition: Some(partition),
-        });
+        placed.push((staged.join(&rel), format!("data/r{}-{tag}/{rel_s}", spec.run), partition));
     }
-    let written: HashSet<Option<String>> = placed.iter().filter_map(|p| p.partition.clone()).collect();
+    let written: HashSet<Option<String>> = placed.iter().map(|p| p.2.clone()).collect();
+    let uploads: Vec<(std::path::PathBuf, String)> = placed.iter().map(|(f, k, _)| (f.clone(), k.clone())).collect();
     for _attempt in 0..10 {
         let current = read_pointer(&spec.remote, &url)?;
         if let Some((p, _)) = &current {
@@ -131,7 +118,7 @@ pub fn publish(staged: &Path, spec: &PublishSpec) -> Res<bool> {
                 return Ok(false);
             }
         }
-        upload(&spec.remote, &url, &placed)?;
+        super::remote::upload(&spec.remote, &uploads)?;
         let (old, version) = match current {
             Some((p, v)) => (p, Some(v)),
             None => (Pointer::default(), None),
@@ -141,13 +128,14 @@ pub fn publish(staged: &Path, spec: &PublishSpec) -> Res<bool> {
             .into_iter()
             .filter(|f| match spec.mode {
                 Mode::Append => true,
-                Mode::Overwrite => false,
+                // (a merge is refused when the run is planned)
+                Mode::Overwrite | Mode::Merge => false,
                 Mode::OverwritePartitions => !written.contains(&f.partition),
             })
             .collect();
-        for p in &placed {
-            let size = std::fs::metadata(&p.staged).map(|m| m.len()).unwrap_or(0);
-            files.push(PointerFile { path: p.rel.clone(), partition: p.partition.clone().flatten(), size });
+        for (local, key, partition) in &placed {
+            let size = std::fs::metadata(local).map(|m| m.len()).unwrap_or(0);
+            files.push(PointerFile { path: key.clone(), partition: partition.clone(), size });
         }
         let mut published = old.published;
         published.insert(spec.writer.clone(), spec.run);
@@ -192,7 +180,6 @@ pub fn publish(staged: &Path, spec: &PublishSpec) -> Res<bool> {
 /// run's partition, or any when the run has none. The copies keep the objects' times, so
 /// the run's fingerprint and `incremental = { modified = true }` see what changed.
 pub fn sync_source(files: &crate::config::RemoteFiles, partition: Option<&str>) -> Res<usize> {
-    use futures::TryStreamExt;
     let pattern = files.pattern.replace("{partition}", partition.unwrap_or("*"));
     let literal = pattern.find(['*', '?', '[']).map(|i| &pattern[..i]).unwrap_or(&pattern);
     let prefix = literal.rsplit_once('/').map(|(d, _)| format!("{d}/")).unwrap_or_default();
@@ -201,17 +188,7 @@ pub fn sync_source(files: &crate::config::RemoteFiles, partition: Option<&str>) 
     } else {
         None
     };
-    let url = url::Url::parse(&files.store.url).map_err(|e| format!("{}: {e}", files.store.url))?;
-    let store = s3_store(&files.store)?;
-    let list_at = if prefix.is_empty() { None } else { Some(object_path(&url, &prefix)?) };
-    let name = format!("{}{pattern}", files.store.url);
-    let listed: Vec<delta_kernel::object_store::ObjectMeta> = block_on(Box::pin(async move {
-        let s = match &list_at {
-            Some(p) => store.list(Some(p)),
-            None => store.list(None),
-        };
-        s.try_collect().await.map_err(|e| format!("cannot list {name}: {e}"))
-    }))??;
+    let listed = super::remote::list(&files.store, &prefix)?;
     let wanted: Vec<_> = listed
         .into_iter()
         .filter(|m| {
@@ -238,7 +215,7 @@ pub fn sync_source(files: &crate::config::RemoteFiles, partition: Option<&str>) 
             ".{}.weir-download",
             local.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
         ));
-        super::delta::download_key(&files.store, &key, &tmp)?;
+        super::remote::download(&files.store, &key, &tmp)?;
         let f = std::fs::File::options().write(true).open(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
         f.set_modified(when).map_err(|e| format!("{}: {e}", tmp.display()))?;
         std::fs::rename(&tmp, &local).map_err(|e| format!("cannot write {}: {e}", local.display()))?;
@@ -281,19 +258,13 @@ fn remove_stale(
 /// `retention`. A reader holding an older pointer may still be reading them: the retention
 /// is how long a read may take.
 pub fn vacuum(r: &Remote, retention: std::time::Duration, dry_run: bool) -> Res<super::delta::Vacuumed> {
-    use futures::TryStreamExt;
     let Some(p) = pointer(r)? else {
         return Err(format!("{} has no {POINTER}: not a Parquet folder weir published", r.url));
     };
     let listed: HashSet<String> = p.files.iter().map(|f| f.path.clone()).collect();
     let url = url::Url::parse(&r.url).map_err(|e| format!("{}: {e}", r.url))?;
-    let store = s3_store(r)?;
-    let data = object_path(&url, "data/")?;
     let base = object_path(&url, "")?.as_ref().to_string();
-    let name = r.url.clone();
-    let objects: Vec<delta_kernel::object_store::ObjectMeta> = block_on(Box::pin(async move {
-        store.list(Some(&data)).try_collect().await.map_err(|e| format!("cannot list {name}data/: {e}"))
-    }))??;
+    let objects = super::remote::list(r, "data/")?;
     let now = std::time::SystemTime::now();
     let mut out = super::delta::Vacuumed::default();
     let mut doomed = Vec::new();
