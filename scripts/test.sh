@@ -44,7 +44,7 @@ echo "==> OpenLineage events against the official JSON Schemas; metrics through 
 ./scripts/install-services.sh
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/observe.py
 echo "==> a PostgreSQL source against a private PostgreSQL server, compared with psql value by value"
-WEIR_BIN="$target_dir/release/weir" "$py" tests/python/postgres.py
+WEIR_DELTA_PYTHON="$(./scripts/python-env.sh delta)" WEIR_BIN="$target_dir/release/weir" "$py" tests/python/postgres.py
 echo "==> extractor plugins and grants (a local HTTP API)"
 WEIR_BIN="$target_dir/release/weir" "$py" tests/python/extract.py
 echo "==> weir serve: every endpoint over HTTP, its OpenAPI document, Prometheus scraping /metrics, kill -9 and restart"

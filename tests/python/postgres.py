@@ -25,6 +25,9 @@ from report import check, finish
 weir = os.environ["WEIR_BIN"]
 root = pathlib.Path(__file__).resolve().parents[2]
 env = dict(os.environ, WEIR_CACHE_DIR=str(root / "target/weir-test-cache"))
+# a Python with the `deltalake` package, to read the Delta twin of the CDC mirror
+delta_python = os.environ.get("WEIR_DELTA_PYTHON") or subprocess.run(
+    [str(root / "scripts/python-env.sh"), "delta"], capture_output=True, text=True, check=True).stdout.strip()
 for k in ("WEIR_OPENLINEAGE_URL", "WEIR_PUSHGATEWAY_URL"):
     env.pop(k, None)
 
@@ -438,10 +441,19 @@ schema = { id = "int64", name = "string", qty = "int64", day = "date", updated =
 [steps.mirror]
 input = "changes"
 output = { path = "out/cdc", mode = "merge", key = ["id"], delete_when = { column = "_op", value = "d" }, sequence_by = "_lsn" }
+
+[steps.mirror_delta]
+input = "changes"
+output = { format = "delta", path = "out/cdc-delta", partition_by = "day", mode = "merge", key = ["id"], delete_when = { column = "_op", value = "d" }, sequence_by = "_lsn" }
 """)
 
-        def mirror():
-            t = pq.read_table(work / "out/cdc").to_pylist()
+        def mirror(delta=False):
+            if delta:
+                # the Delta table as the `deltalake` package reads it (its own virtualenv)
+                subprocess.run([delta_python, "-c", "import sys, deltalake, pyarrow.parquet as pq; "
+                                "pq.write_table(deltalake.DeltaTable(sys.argv[1]).to_pyarrow_table(), sys.argv[2])",
+                                str(work / "out/cdc-delta"), str(work / "delta-read.parquet")], check=True)
+            t = pq.read_table(work / ("delta-read.parquet" if delta else "out/cdc")).to_pylist()
             return sorted((r["id"], r["name"], r["qty"], str(r["day"]), micros(r["updated"])) for r in t)
 
         def table_now():
@@ -471,12 +483,15 @@ output = { path = "out/cdc", mode = "merge", key = ["id"], delete_when = { colum
         # which every event up to the last has been applied to
         check("Debezium events (snapshot, inserts, updates, deletes; shuffled, late, replayed) merged by LSN equal the PostgreSQL table",
               cdc_ok and mirror() == table_now(), f"{len(mirror())} rows vs {len(table_now())}")
+        check("the same events merged into a Delta table (deltalake reads it) equal the PostgreSQL table",
+              cdc_ok and mirror(delta=True) == table_now(), f"{len(mirror(delta=True))} rows vs {len(table_now())}")
         published = sorted(p.name for p in (work / "out/cdc").iterdir())
         check("the deletes the merge applied are remembered beside the data, not read as data",
               "_weir_tombstones.arrow" in published and len(pq.read_table(work / "out/cdc")) == len(table_now()), str(published))
         (work / "changes.json").write_text("".join(json.dumps(e) + "\n" for e in reversed(events)))
         r = run(work, "run", "cdc.toml", url=url)
-        check("replaying every event (in reverse order) changes nothing", r.returncode == 0 and mirror() == table_now(), r.stderr[-500:])
+        check("replaying every event (in reverse order) changes nothing, in the Parquet folder and the Delta table",
+              r.returncode == 0 and mirror() == table_now() and mirror(delta=True) == table_now(), r.stderr[-500:])
         (work / "changes.json").write_text(json.dumps({"payload": {"op": "u", "after": {"id": 1}}}) + "\n")
         r = run(work, "run", "cdc.toml", url=url)
         check("an event with nothing to order it by fails, naming the file and line",

@@ -331,6 +331,25 @@ output = {{ path = "out/copy" }}
               r1.returncode == 0 and r2.returncode == 0
               and rows(at=merged) == [(1, "2026-04-01", "a"), (2, "2026-04-03", "b2"), (3, "2026-04-02", "c"), (4, "2026-04-01", "d")],
               f"{r1.stderr[-300:]} {r2.stderr[-300:]}")
+        # ordered changes on S3 (sequence_by): the remembered deletes live in the bucket beside
+        # the table and switch with its commits; an update older than a delete stays dropped
+        cdc = "s3://weir-test/tables/cdc"
+        pipeline(mode="merge", path=cdc)
+        toml = (d / "p.toml").read_text().replace('name = "string" }', 'name = "string", seq = "int64", op = "string" }')
+        (d / "p.toml").write_text(toml.replace('mode = "merge",', 'mode = "merge", key = ["id"], sequence_by = "seq", '
+                                                                  'delete_when = { column = "op", value = "d" },'))
+
+        def changes(rs):
+            (d / "in.csv").write_text("id,day,name,seq,op\n" + "".join(",".join(map(str, x)) + "\n" for x in rs))
+
+        changes([(1, "2026-04-01", "a", 1, "c"), (2, "2026-04-01", "b", 2, "c"), (2, "2026-04-01", "b", 5, "d")])
+        r1 = run(d, "run", "p.toml")
+        changes([(2, "2026-04-02", "b-late", 4, "u"), (1, "2026-04-01", "a-old", 0, "u"), (3, "2026-04-02", "c", 6, "c")])
+        r2 = run(d, "run", "p.toml")
+        tomb = [o["Key"] for o in s3.list_objects_v2(Bucket="weir-test", Prefix="tables/cdc/_weir_tombstones/").get("Contents", [])]
+        check("change events merged by sequence into a table on S3: late updates older than the row or its delete are dropped",
+              r1.returncode == 0 and r2.returncode == 0 and rows(at=cdc) == [(1, "2026-04-01", "a"), (3, "2026-04-02", "c")]
+              and len(tomb) == 1, f"{r1.stderr[-300:]} {r2.stderr[-300:]} {tomb}")
         pipeline(mode="merge")
         (d / "p.toml").write_text((d / "p.toml").read_text().replace('format = "delta", ', ""))
         r = run(d, "validate", "p.toml")

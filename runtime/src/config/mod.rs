@@ -1964,13 +1964,6 @@ fn parse_steps(
                 _ => {}
             }
 
-            if let (Some(c), OutputFormat::Delta) = (&o.sequence_by, o.format) {
-                errors.push(ctx.at(
-                    c.span().start,
-                    &format!("steps.{name}.output: `sequence_by` is supported on Parquet outputs only, not yet on Delta tables"),
-                    Some("write the change events' merge to a Parquet output (format = \"parquet\")"),
-                ));
-            }
             if let (Some(p), true) = (&o.partition_by, o.key.iter().any(|k| o.partition_by.as_ref().is_some_and(|p| p.get_ref() == k))) {
                 errors.push(ctx.at(
                     p.span().start,

@@ -310,10 +310,6 @@ fn delta_outputs_on_s3_take_their_storage_and_name_what_is_wrong() {
             "unknown field `bucket`",
         ),
         (r#"output = { path = "out/mart", mode = "overwrite_partitions" }"#, "needs `partition_by`"),
-        (
-            r#"output = { format = "delta", path = "out/mart", mode = "merge", key = ["id"], sequence_by = "id" }"#,
-            "Parquet outputs only",
-        ),
         (r#"output = { path = "out/mart", sequence_by = "id" }"#, "apply to mode = \"merge\" only"),
     ] {
         let e = errors(&GOOD.replace(mart, text));

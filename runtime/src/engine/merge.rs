@@ -112,6 +112,17 @@ type Res<T> = Result<T, String>;
 /// A key or sequence value in arrow-row's comparable bytes.
 type RowBytes = Box<[u8]>;
 
+/// What a run does to a key: its winning row's `sequence_by` value (comparable bytes; none
+/// without `sequence_by`), and whether that row deletes the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Mark {
+    seq: Option<RowBytes>,
+    deleting: bool,
+}
+
+/// Every key a run replaces or deletes.
+type Touched = HashMap<RowBytes, Mark>;
+
 /// Complete the staged unit `staged` with the published unit `target` as `out.mode` says.
 pub(crate) fn fold(staged: &Path, target: &Path, out: &Output) -> Res<Folded> {
     let mut folded = Folded::default();
@@ -128,7 +139,7 @@ pub(crate) fn fold(staged: &Path, target: &Path, out: &Output) -> Res<Folded> {
             let abs: Vec<PathBuf> = published.iter().map(|r| target.join(r)).collect();
             let keys = reduce_run_rows(staged, out, &mut folded, &abs, Some(target))?;
             for rel in &published {
-                fold_published(&target.join(rel), staged, rel, out, &keys, &mut folded, None)?;
+                fold_published(&target.join(rel), staged, rel, out, &keys, &mut folded, None, None)?;
             }
         }
     }
@@ -234,7 +245,7 @@ fn reduce_run_rows(
     folded: &mut Folded,
     published: &[PathBuf],
     unit: Option<&Path>,
-) -> Res<HashSet<Box<[u8]>>> {
+) -> Res<Touched> {
     let files = crate::io::sink::parquet_files(staged)?;
     let mut last: HashMap<Box<[u8]>, Winner> = HashMap::new();
     let mut conv: Option<(RowConverter, Vec<usize>)> = None;
@@ -291,9 +302,6 @@ fn reduce_run_rows(
     }
     if let (Some((kc, _)), Some((sc, _)), Some(col)) = (&conv, &seq_conv, &out.sequence_by) {
         outdate(&mut last, published, unit, out, col, kc, sc, folded)?;
-        if let Some(unit) = unit {
-            remember_deletes(staged, unit, &last, out, kc, sc)?;
-        }
     }
     // pass 2: rewrite the files holding rows that are not their key's winner, or markers
     let mut per_file: HashMap<usize, Vec<(usize, bool)>> = HashMap::new();
@@ -317,7 +325,15 @@ fn reduce_run_rows(
         rewrite(&staged.join(rel), &staged.join(rel), &keep, out, Some(SEQ))?;
     }
     // as bytes, so published rows are looked up without a copy each
-    Ok(last.into_iter().filter(|(_, w)| !w.stale).map(|(k, _)| k).collect())
+    let touched: Touched = last
+        .into_iter()
+        .filter(|(_, w)| !w.stale)
+        .map(|(k, w)| (k, Mark { seq: w.seq, deleting: w.deleting }))
+        .collect();
+    if let (Some((kc, _)), Some((sc, _)), Some(unit)) = (&conv, &seq_conv, unit) {
+        remember_deletes(staged, unit, &touched, out, kc, sc)?;
+    }
+    Ok(touched)
 }
 
 /// The rows of a Parquet file, from its footer.
@@ -352,7 +368,7 @@ fn outdate(
 ) -> Res<()> {
     let mut outdated = 0;
     if let Some(unit) = unit {
-        for (k, s) in read_tombstones(unit, out, col, kc, sc)? {
+        for (k, s) in read_tombstones(&unit.join(TOMBSTONES), out, col, kc, sc)? {
             if let Some(w) = last.get_mut(&k) {
                 if !w.stale && w.seq.as_deref() <= Some(&s[..]) {
                     w.stale = true;
@@ -389,16 +405,16 @@ fn outdate(
     Ok(())
 }
 
-/// The remembered deletes of a published unit: (key, sequence) as comparable bytes.
+/// The remembered deletes in the file `path`, when there is one: (key, sequence) as
+/// comparable bytes.
 fn read_tombstones(
-    unit: &Path,
+    path: &Path,
     out: &Output,
     col: &str,
     kc: &RowConverter,
     sc: &RowConverter,
 ) -> Res<Vec<(RowBytes, RowBytes)>> {
-    let path = unit.join(TOMBSTONES);
-    let f = match File::open(&path) {
+    let f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
@@ -424,31 +440,31 @@ fn read_tombstones(
     Ok(out_rows)
 }
 
-/// The unit's remembered deletes after the run, into the staging: the published ones, less
-/// the keys the run writes again, plus the run's own deletes.
-fn remember_deletes(
-    staged: &Path,
-    unit: &Path,
-    last: &HashMap<Box<[u8]>, Winner>,
+/// The remembered deletes after a run: `old`, less the keys the run writes again, plus the
+/// run's own deletes. Returns whether the run changed them.
+fn apply_deletes(old: &mut HashMap<RowBytes, RowBytes>, touched: &Touched) -> bool {
+    let mut changed = false;
+    for (k, m) in touched {
+        match (&m.seq, m.deleting) {
+            (Some(s), true) => {
+                old.insert(k.clone(), s.clone());
+                changed = true;
+            }
+            _ => changed |= old.remove(k).is_some(),
+        }
+    }
+    changed
+}
+
+/// Write the remembered deletes `tomb` to `path` (Arrow IPC, one batch, sorted by key).
+fn write_tombstones(
+    path: &Path,
+    tomb: &HashMap<RowBytes, RowBytes>,
     out: &Output,
     kc: &RowConverter,
     sc: &RowConverter,
 ) -> Res<()> {
     let col = out.sequence_by.as_deref().unwrap_or_default();
-    let mut tomb: HashMap<Box<[u8]>, Box<[u8]>> = read_tombstones(unit, out, col, kc, sc)?.into_iter().collect();
-    for (k, w) in last.iter().filter(|(_, w)| !w.stale) {
-        match (&w.seq, w.deleting) {
-            (Some(s), true) => {
-                tomb.insert(k.clone(), s.clone());
-            }
-            _ => {
-                tomb.remove(k);
-            }
-        }
-    }
-    if tomb.is_empty() {
-        return Ok(());
-    }
     let (kp, sp) = (kc.parser(), sc.parser());
     let mut entries: Vec<(&RowBytes, &RowBytes)> = tomb.iter().collect();
     entries.sort();
@@ -460,12 +476,30 @@ fn remember_deletes(
         names.iter().zip(&columns).map(|(n, c)| arrow_schema::Field::new(n, c.data_type().clone(), true)).collect();
     let batch =
         RecordBatch::try_new(Arc::new(arrow_schema::Schema::new(fields)), columns).map_err(|e| e.to_string())?;
-    let path = staged.join(TOMBSTONES);
-    let f = File::create(&path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let f = File::create(path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     let mut w = arrow_ipc::writer::FileWriter::try_new(f, &batch.schema()).map_err(|e| e.to_string())?;
     w.write(&batch).map_err(|e| e.to_string())?;
     w.finish().map_err(|e| e.to_string())?;
     w.into_inner().map_err(|e| e.to_string())?.sync_all().map_err(|e| format!("cannot sync {}: {e}", path.display()))
+}
+
+/// The unit's remembered deletes after the run, into the staging (none when there are none).
+fn remember_deletes(
+    staged: &Path,
+    unit: &Path,
+    touched: &Touched,
+    out: &Output,
+    kc: &RowConverter,
+    sc: &RowConverter,
+) -> Res<()> {
+    let col = out.sequence_by.as_deref().unwrap_or_default();
+    let mut tomb: HashMap<RowBytes, RowBytes> =
+        read_tombstones(&unit.join(TOMBSTONES), out, col, kc, sc)?.into_iter().collect();
+    apply_deletes(&mut tomb, touched);
+    if tomb.is_empty() {
+        return Ok(());
+    }
+    write_tombstones(&staged.join(TOMBSTONES), &tomb, out, kc, sc)
 }
 
 /// Write the file `from` again to `to` (through a temporary file) without the rows `keep`
@@ -521,23 +555,27 @@ fn rewrite(from: &Path, to: &Path, keep: &[bool], out: &Output, drop: Option<&st
 /// One published file into the staging: when it holds none of the run's keys, linked
 /// (`link_kept`) or left where it is; else rewritten without them. Returns whether it was
 /// rewritten.
+#[allow(clippy::too_many_arguments)]
 fn fold_published(
     from: &Path,
     staged: &Path,
     rel: &Path,
     out: &Output,
-    keys: &HashSet<Box<[u8]>>,
+    keys: &Touched,
     folded: &mut Folded,
     rewritten_name: Option<&str>,
+    types: Option<&SchemaRef>,
 ) -> Res<bool> {
     // a Delta table's file is left where it is when kept, and rewritten under its own name
     let link_kept = rewritten_name.is_none();
     let (kschema, kbatches) = read(from, Some(&out.key))?;
-    let (c, _) = converter(&kschema, &out.key)?;
+    // the key's columns in the key's order, in the run's types when they are known
+    let schema = types.unwrap_or(&kschema);
+    let (c, _) = converter(schema, &out.key)?;
     let mut keep = Vec::new();
     for b in &kbatches {
-        let rows = c.convert_columns(b.columns()).map_err(|e| e.to_string())?;
-        keep.extend((0..b.num_rows()).map(|i| !keys.contains(rows.row(i).as_ref())));
+        let rows = c.convert_columns(&columns_as(b, &out.key, schema, from)?).map_err(|e| e.to_string())?;
+        keep.extend((0..b.num_rows()).map(|i| !keys.contains_key(rows.row(i).as_ref())));
     }
     let dropped = keep.iter().filter(|k| !**k).count() as u64;
     if dropped == 0 {
@@ -560,87 +598,247 @@ fn fold_published(
     Ok(true)
 }
 
-/// A merge into a Delta table keeps the keys of the run's rows (the deleted ones too) in
-/// its staging, for the commit.
+/// A merge into a Delta table keeps what the run does to each key (the deleted ones too)
+/// in its staging, for the commit.
 const MERGE_KEYS: &str = "_weir_merge_keys.bin";
 
 /// `mode = "merge"` into a Delta table, in the step: the run's rows reduced to each key's
-/// last (markers dropped) and every key the run touched kept beside them.
+/// last (markers dropped) and every key the run touched kept beside them, with its
+/// sequence and whether it is deleted.
 pub(crate) fn reduce_for_table(staged: &Path, out: &Output) -> Res<Folded> {
+    use std::io::Write;
     let mut folded = Folded::default();
-    let keys = reduce_run_rows(staged, out, &mut folded, &[], None)?;
+    let touched = reduce_run_rows(staged, out, &mut folded, &[], None)?;
     let at = staged.join(MERGE_KEYS);
     let f = File::create(&at).map_err(|e| format!("cannot write {}: {e}", at.display()))?;
     let mut w = std::io::BufWriter::new(f);
-    use std::io::Write;
-    for k in &keys {
-        w.write_all(&(k.len() as u32).to_le_bytes()).and_then(|()| w.write_all(k)).map_err(|e| e.to_string())?;
+    // per key: the key, a flag byte (1: it is deleted, 2: a sequence follows), the sequence
+    let mut put = |bytes: &[u8]| -> Res<()> {
+        w.write_all(&(bytes.len() as u32).to_le_bytes()).and_then(|()| w.write_all(bytes)).map_err(|e| e.to_string())
+    };
+    for (k, m) in &touched {
+        put(k)?;
+        put(&[u8::from(m.deleting) | if m.seq.is_some() { 2 } else { 0 }])?;
+        if let Some(s) = &m.seq {
+            put(s)?;
+        }
     }
     let f = w.into_inner().map_err(|e| e.to_string())?;
     f.sync_all().map_err(|e| format!("cannot sync {}: {e}", at.display()))?;
     Ok(folded)
 }
 
-fn load_keys(staged: &Path) -> Res<HashSet<Box<[u8]>>> {
+/// Length-prefixed fields, read one by one.
+struct Fields<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Fields<'a> {
+    fn next(&mut self) -> Res<&'a [u8]> {
+        const TRUNCATED: &str = "the merge's keys are truncated";
+        let (len, tail) = self.rest.split_at_checked(4).ok_or(TRUNCATED)?;
+        let n = u32::from_le_bytes(len.try_into().map_err(|_| TRUNCATED)?) as usize;
+        let (v, tail) = tail.split_at_checked(n).ok_or(TRUNCATED)?;
+        self.rest = tail;
+        Ok(v)
+    }
+}
+
+fn load_keys(staged: &Path) -> Res<Touched> {
     let at = staged.join(MERGE_KEYS);
     let bytes = std::fs::read(&at).map_err(|e| format!("the merge's keys, {}: {e}", at.display()))?;
-    let mut keys = HashSet::new();
-    let mut rest = &bytes[..];
-    while !rest.is_empty() {
-        let (len, tail) = rest.split_at_checked(4).ok_or("the merge's keys are truncated")?;
-        let n = u32::from_le_bytes(len.try_into().map_err(|_| "bad key length")?) as usize;
-        let (k, tail) = tail.split_at_checked(n).ok_or("the merge's keys are truncated")?;
-        keys.insert(Box::from(k));
-        rest = tail;
+    let mut fields = Fields { rest: &bytes[..] };
+    let mut keys = Touched::new();
+    while !fields.rest.is_empty() {
+        let k = fields.next()?;
+        let flags = fields.next()?.first().copied().ok_or("the merge's keys are truncated")?;
+        let seq = if flags & 2 != 0 { Some(Box::from(fields.next()?)) } else { None };
+        keys.insert(Box::from(k), Mark { seq, deleting: flags & 1 != 0 });
     }
     Ok(keys)
 }
 
-/// Where a merge into a remote table keeps the copy of the table file it is reading.
+/// Where a merge into a remote table keeps the copies of the table files it is reading.
 const DOWNLOADS: &str = "_weir_downloads";
 
-/// At the commit of a merge into a Delta table: each file of the version committed over
-/// that holds one of the run's keys is rewritten without them under the staging's `_weir_rewritten` (made
-/// anew on each attempt); returns their paths as the log has them, for the commit to remove.
+/// The columns `names` of `b`, cast to their types in `schema` (a file another writer
+/// made may hold a column in a narrower type, whose comparable bytes would differ).
+fn columns_as(b: &RecordBatch, names: &[String], schema: &arrow_schema::Schema, what: &Path) -> Res<Vec<ArrayRef>> {
+    names
+        .iter()
+        .map(|n| {
+            let c = b
+                .column_by_name(n)
+                .ok_or_else(|| format!("{} has no column `{n}` (a merge needs it)", what.display()))?;
+            let want = schema.field_with_name(n).map_err(|e| e.to_string())?.data_type();
+            if c.data_type() == want {
+                Ok(c.clone())
+            } else {
+                arrow_cast::cast(c, want).map_err(|e| format!("{}: column `{n}` as {want}: {e}", what.display()))
+            }
+        })
+        .collect()
+}
+
+/// At the commit of a merge into a Delta table, over the table version whose files are
+/// `files` and whose remembered deletes are the file `tombstones` (a path in the table):
+/// with `sequence_by`, the run's rows that a table row or a remembered delete of their key
+/// outdates are dropped (their staged files rewritten under the staging's
+/// `_weir_rewritten` and skipped) and the remembered deletes written anew when the run
+/// changes them; then each table file that holds one of the run's remaining keys is
+/// rewritten without them under `_weir_rewritten` (made anew on each attempt), for the
+/// commit to remove. `schema` is the step's output schema, as decided.
 pub(crate) fn fold_table_files(
     staged: &Path,
     table: &Path,
     files: &[crate::io::delta::TableFile],
+    tombstones: Option<&str>,
     out: &Output,
-) -> Res<HashSet<String>> {
-    let keys = load_keys(staged)?;
+    schema: &SchemaRef,
+) -> Res<crate::io::delta::MergeFold> {
+    let mut touched = load_keys(staged)?;
     let dir = staged.join(crate::io::delta::REWRITTEN);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
     }
-    let mut removes = HashSet::new();
-    let mut folded = Folded::default();
-    for f in files {
-        if f.deletion_vector {
-            return Err(format!(
-                "the Delta table's file {} has a deletion vector, which weir's merge does not apply yet: \
-                 compact the table with the writer that made it, or write a new table",
-                f.path
-            ));
-        }
-        let rel = PathBuf::from(crate::io::delta::decode_path(&f.path));
-        let name = format!("rw-{:05}.parquet", removes.len());
-        // a remote table's file is read from a copy beside the staging
-        let from = match &out.remote {
-            None => table.join(&rel),
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    if let Some(f) = files.iter().find(|f| f.deletion_vector) {
+        return Err(format!(
+            "the Delta table's file {} has a deletion vector, which weir's merge does not apply yet: \
+             compact the table with the writer that made it, or write a new table",
+            f.path
+        ));
+    }
+    // a remote table's files are read from copies beside the staging
+    let downloads = staged.join(DOWNLOADS);
+    let fetch = |p: &str| -> Res<PathBuf> {
+        let rel = crate::io::delta::decode_path(p);
+        match &out.remote {
+            None => Ok(table.join(rel)),
             Some(r) => {
-                let local = staged.join(DOWNLOADS).join(&rel);
-                crate::io::delta::download(r, &f.path, &local)?;
-                local
+                let local = downloads.join(&rel);
+                crate::io::delta::download(r, p, &local)?;
+                Ok(local)
             }
-        };
-        let rewritten = fold_published(&from, &dir, &rel, out, &keys, &mut folded, Some(&name))?;
-        if out.remote.is_some() {
-            let _ = std::fs::remove_file(&from);
         }
+    };
+    let done_with = |p: &Path| {
+        if out.remote.is_some() {
+            let _ = std::fs::remove_file(p);
+        }
+    };
+    let mut fold = crate::io::delta::MergeFold::default();
+    // the table files to fold, with their local copy when one was made already
+    let mut holding: Vec<(&crate::io::delta::TableFile, Option<PathBuf>)> = Vec::new();
+    if let Some(col) = &out.sequence_by {
+        let (kc, _) = converter(schema, &out.key)?;
+        let (sc, _) = seq_converter(schema, col)?;
+        let mut stale: HashSet<RowBytes> = HashSet::new();
+        let mut tomb: HashMap<RowBytes, RowBytes> = HashMap::new();
+        if let Some(rel) = tombstones {
+            let path = fetch(rel)?;
+            if !path.is_file() {
+                return Err(format!(
+                    "the table's remembered deletes {rel} are missing (removed by hand?): \
+                     without them a replayed change could bring a deleted row back"
+                ));
+            }
+            tomb = read_tombstones(&path, out, col, &kc, &sc)?.into_iter().collect();
+            done_with(&path);
+            for (k, s) in &tomb {
+                if touched.get(k).is_some_and(|m| m.seq.as_deref() <= Some(&s[..])) {
+                    stale.insert(k.clone());
+                }
+            }
+        }
+        let mut cols = out.key.clone();
+        cols.push(col.clone());
+        let seq_col = [col.clone()];
+        for f in files {
+            let path = fetch(&f.path)?;
+            let (_, batches) = read(&path, Some(&cols))?;
+            let mut holds = false;
+            for b in &batches {
+                let keys = kc.convert_columns(&columns_as(b, &out.key, schema, &path)?).map_err(|e| e.to_string())?;
+                let seqs = sc.convert_columns(&columns_as(b, &seq_col, schema, &path)?).map_err(|e| e.to_string())?;
+                for i in 0..b.num_rows() {
+                    if let Some(m) = touched.get(keys.row(i).as_ref()) {
+                        holds = true;
+                        if m.seq.as_deref() < Some(seqs.row(i).as_ref()) {
+                            stale.insert(Box::from(keys.row(i).as_ref()));
+                        }
+                    }
+                }
+            }
+            if holds {
+                holding.push((f, Some(path)));
+            } else {
+                done_with(&path);
+            }
+        }
+        fold.outdated = stale.len() as u64;
+        for k in &stale {
+            touched.remove(k);
+        }
+        if !stale.is_empty() {
+            fold.skip = drop_run_rows(staged, &dir, &stale, out, schema, &kc)?;
+        }
+        if apply_deletes(&mut tomb, &touched) {
+            let path = dir.join("_tombstones.arrow");
+            write_tombstones(&path, &tomb, out, &kc, &sc)?;
+            fold.tombstones = Some(path);
+        }
+    } else {
+        holding = files.iter().map(|f| (f, None)).collect();
+    }
+    let mut folded = Folded::default();
+    for (f, local) in holding {
+        let from = match local {
+            Some(p) => p,
+            None => fetch(&f.path)?,
+        };
+        let rel = PathBuf::from(crate::io::delta::decode_path(&f.path));
+        let name = format!("rw-{:05}.parquet", fold.removes.len());
+        let rewritten = fold_published(&from, &dir, &rel, out, &touched, &mut folded, Some(&name), Some(schema))?;
+        done_with(&from);
         if rewritten {
-            removes.insert(f.path.clone());
+            fold.removes.insert(f.path.clone());
         }
     }
-    Ok(removes)
+    if downloads.exists() {
+        let _ = std::fs::remove_dir_all(&downloads);
+    }
+    fold.replaced = folded.replaced;
+    Ok(fold)
+}
+
+/// The staged files holding rows whose key is in `stale`, rewritten without them under
+/// `dir` (as `run-NAME`); returns the staged files (relative) the commit adds instead.
+fn drop_run_rows(
+    staged: &Path,
+    dir: &Path,
+    stale: &HashSet<RowBytes>,
+    out: &Output,
+    schema: &SchemaRef,
+    kc: &RowConverter,
+) -> Res<HashSet<PathBuf>> {
+    let mut skip = HashSet::new();
+    for rel in crate::io::sink::parquet_files(staged)? {
+        let path = staged.join(&rel);
+        let (_, batches) = read(&path, Some(&out.key))?;
+        let mut keep = Vec::new();
+        for b in &batches {
+            let rows = kc.convert_columns(&columns_as(b, &out.key, schema, &path)?).map_err(|e| e.to_string())?;
+            keep.extend((0..b.num_rows()).map(|i| !stale.contains(rows.row(i).as_ref())));
+        }
+        if keep.iter().all(|k| *k) {
+            continue;
+        }
+        let to_dir = dir.join(rel.parent().unwrap_or(Path::new("")));
+        std::fs::create_dir_all(&to_dir).map_err(|e| format!("cannot create {}: {e}", to_dir.display()))?;
+        let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        rewrite(&path, &to_dir.join(format!("run-{name}")), &keep, out, None)?;
+        skip.insert(rel);
+    }
+    Ok(skip)
 }

@@ -410,6 +410,7 @@ impl Publisher for DeltaTables {
             run_partition: run.partition.map(String::from),
             remote: out.remote.clone(),
             key: out.key.clone(),
+            sequence_by: out.sequence_by.clone(),
             row_group_size: out.row_group_size,
             compression: out.compression,
         };
@@ -457,17 +458,43 @@ fn delta_commit(
         mode: OutputMode::Merge,
         key: spec.key.clone(),
         delete_when: None,
-        sequence_by: None,
+        sequence_by: spec.sequence_by.clone(),
         remote: spec.remote.clone(),
     };
-    let merge =
-        |files: &[crate::io::delta::TableFile]| super::merge::fold_table_files(&sw.staged, &sw.target, files, &out);
+    let schema: arrow_schema::SchemaRef = match spec.mode {
+        crate::io::delta::Mode::Merge => std::sync::Arc::new(
+            serde_json::from_str(&spec.schema).map_err(|e| format!("internal error: the decided schema: {e}"))?,
+        ),
+        _ => std::sync::Arc::new(arrow_schema::Schema::empty()),
+    };
+    let merge = |files: &[crate::io::delta::TableFile], tombstones: Option<&str>| {
+        super::merge::fold_table_files(&sw.staged, &sw.target, files, tombstones, &out, &schema)
+    };
     let pause = |p: &str| debug_pause(p, log);
     let hooks = crate::io::delta::Hooks {
         pause: &pause,
         merge: (spec.mode == crate::io::delta::Mode::Merge).then_some(&merge as &crate::io::delta::MergeHook<'_>),
     };
-    crate::io::delta::commit(&sw.staged, &sw.target, spec, &hooks)
+    let c = crate::io::delta::commit(&sw.staged, &sw.target, spec, &hooks)?;
+    if spec.mode == crate::io::delta::Mode::Merge && c.now {
+        log(
+            Level::INFO,
+            &format!(
+                "weir: step `{}`: the merge replaced or deleted {} row(s) of the table{}",
+                sw.step,
+                c.replaced,
+                if c.outdated > 0 {
+                    format!(
+                        "; {} of the run's row(s) were older (sequence_by) than the table's and were dropped",
+                        c.outdated
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+        );
+    }
+    Ok(c)
 }
 
 fn delta_spec(sw: &PlannedSwitch) -> Result<crate::io::delta::CommitSpec, String> {

@@ -193,9 +193,15 @@ fn fold_published(ctx: &StepCtx<'_>, staging: &std::path::Path, partitions: &[St
         }
         total
     };
-    ctx.log(
-        Level::INFO,
-        &format!(
+    let message = if out.merges_table() {
+        // the table's rows are folded in at the commit, on the version it commits over
+        format!(
+            "weir: step `{}` merges by key: {} delete markers, {} of the run's rows superseded by a later one; \
+             the table's files holding the run's keys are rewritten at the commit",
+            ctx.step.name, total.deleted, total.superseded
+        )
+    } else {
+        format!(
             "weir: step `{}` {}: {} published files kept, {} rewritten; {} published rows replaced or deleted, {} delete markers, {} of the run's rows superseded by a later one, {} older than the published row or delete of their key",
             ctx.step.name,
             if out.mode == crate::config::OutputMode::Merge { "merges by key" } else { "appends" },
@@ -205,8 +211,9 @@ fn fold_published(ctx: &StepCtx<'_>, staging: &std::path::Path, partitions: &[St
             total.deleted,
             total.superseded,
             total.outdated
-        ),
-    );
+        )
+    };
+    ctx.log(Level::INFO, &message);
     Ok(())
 }
 

@@ -88,22 +88,64 @@ pub struct CommitSpec {
     /// A merge's key, and how rewritten files are written.
     #[serde(default)]
     pub key: Vec<String>,
+    /// A merge's `sequence_by` column: its deletes are remembered in the table (see
+    /// [`TOMBSTONES`]).
+    #[serde(default)]
+    pub sequence_by: Option<String>,
     #[serde(default)]
     pub row_group_size: usize,
     #[serde(default)]
     pub compression: crate::config::Codec,
 }
 
-/// Rewrites the table files holding a merge's keys; returns their paths (see [`Hooks`]).
-pub type MergeHook<'a> = dyn Fn(&[TableFile]) -> Res<HashSet<String>> + 'a;
+/// What a merge's commit changes besides adding the run's files (see [`Hooks::merge`]).
+#[derive(Debug, Default)]
+pub struct MergeFold {
+    /// The table files (paths as the log has them) the commit removes: rewritten without
+    /// the run's keys.
+    pub removes: HashSet<String>,
+    /// Staged files (relative to the staging) the commit does not add: rewritten without
+    /// the run's rows that a newer table row or remembered delete outdates.
+    pub skip: HashSet<PathBuf>,
+    /// The remembered deletes after the commit, when the run changed them (a staged file).
+    pub tombstones: Option<PathBuf>,
+    /// The table rows the run replaced or deleted.
+    pub replaced: u64,
+    /// The run's rows dropped as outdated.
+    pub outdated: u64,
+}
+
+/// Folds a merge into the version being committed over: its files and its remembered
+/// deletes (a path in the table, if any). See [`Hooks`].
+pub type MergeHook<'a> = dyn Fn(&[TableFile], Option<&str>) -> Res<MergeFold> + 'a;
+
+/// Where a merge with `sequence_by` keeps the deletes it applied (key and sequence, Arrow
+/// IPC) in the table: `_weir_tombstones/TAG-rRUN.arrow`, where TAG is the hash of
+/// `weir/PIPELINE/STEP`. Each merge that changes them writes a new file, and the same
+/// commit records its run in a `txn` action for the app id `weir-tombstones/TAG`: the
+/// current file is the one that action names, so it switches atomically with the data.
+/// Readers skip the folder (it starts with `_`), and so do vacuums of other engines.
+pub const TOMBSTONES: &str = "_weir_tombstones";
+
+/// The app id that names a step's current remembered deletes, and their folder's tag.
+fn tombstone_app(pipeline: &str, step: &str) -> (String, String) {
+    let tag = super::remote::writer_tag(&format!("weir/{pipeline}/{step}"));
+    (format!("weir-tombstones/{tag}"), tag)
+}
+
+/// The path in the table of a step's remembered deletes as run `run` left them.
+fn tombstone_path(tag: &str, run: i64) -> String {
+    format!("{TOMBSTONES}/{tag}-r{run}.arrow")
+}
 
 /// What the commit calls back into the engine for.
 pub struct Hooks<'a> {
     /// At `delta-linked` (the files are in the table, not yet committed), for crash tests.
     pub pause: &'a dyn Fn(&str),
     /// A merge: rewrite the files of the version being committed over that hold the run's
-    /// keys (under the staging's `_weir_rewritten`, laid out as the table); returns the
-    /// paths of those files, which the commit removes.
+    /// keys (under the staging's `_weir_rewritten`, laid out as the table), and with
+    /// `sequence_by` drop the run's outdated rows and remember its deletes; see
+    /// [`MergeFold`].
     pub merge: Option<&'a MergeHook<'a>>,
 }
 
@@ -116,6 +158,9 @@ pub struct Committed {
     pub removed: usize,
     /// Whether this call made it (false: it had been made already).
     pub now: bool,
+    /// A merge's table rows replaced or deleted, and its rows dropped as outdated.
+    pub replaced: u64,
+    pub outdated: u64,
 }
 
 /// A table's engine and location: a local folder, or a prefix on S3-compatible storage.
@@ -339,6 +384,8 @@ pub fn delta_schema(schema: &Schema) -> Res<StructType> {
 /// A staged file and where it goes in the table.
 pub(crate) struct Placed {
     pub(crate) staged: PathBuf,
+    /// Relative to the staging (a merge may skip it, see [`MergeFold::skip`]).
+    pub(crate) rel_staged: PathBuf,
     /// Relative to the table root, not encoded.
     pub(crate) rel: String,
     pub(crate) partition: Option<Option<String>>,
@@ -378,7 +425,8 @@ fn place(staged: &Path, spec: &CommitSpec) -> Res<Vec<Placed>> {
             Some(d) => format!("{d}/{file}"),
             None => file,
         };
-        out.push(Placed { staged: base.join(&rel_s), rel, partition });
+        let rel_staged = if base == staged { PathBuf::from(&rel_s) } else { PathBuf::new() };
+        out.push(Placed { staged: base.join(&rel_s), rel_staged, rel, partition });
     }
     Ok(out)
 }
@@ -394,23 +442,23 @@ fn encode_path(rel: &str) -> String {
 }
 
 /// Link the staged files into the table (idempotent: a file already there stays).
-fn link_into(table: &Path, placed: &[Placed]) -> Res<()> {
-    for p in placed {
-        let to = table.join(&p.rel);
+fn link_into(table: &Path, files: &[(PathBuf, String)]) -> Res<()> {
+    for (staged, rel) in files {
+        let to = table.join(rel);
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
-        match std::fs::hard_link(&p.staged, &to) {
+        match std::fs::hard_link(staged, &to) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && same_file(&p.staged, &to) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && same_file(staged, &to) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 // an earlier attempt's file (a merge rewrites anew): no version references it
                 std::fs::remove_file(&to).map_err(|e| format!("cannot replace {}: {e}", to.display()))?;
-                std::fs::hard_link(&p.staged, &to)
-                    .map_err(|e| format!("cannot link {} to {}: {e}", p.staged.display(), to.display()))?;
+                std::fs::hard_link(staged, &to)
+                    .map_err(|e| format!("cannot link {} to {}: {e}", staged.display(), to.display()))?;
             }
             Err(e) => {
-                return Err(format!("cannot link {} to {}: {e}", p.staged.display(), to.display()));
+                return Err(format!("cannot link {} to {}: {e}", staged.display(), to.display()));
             }
         }
     }
@@ -624,27 +672,50 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks
         if let Some(snap) = &snap {
             if let Some(v) = table.app_version(snap, &spec.app_id)? {
                 if v >= spec.version {
-                    return Ok(Committed { version: snap.version(), added: 0, removed: 0, now: false });
+                    return Ok(Committed {
+                        version: snap.version(),
+                        added: 0,
+                        removed: 0,
+                        now: false,
+                        replaced: 0,
+                        outdated: 0,
+                    });
                 }
             }
         }
         // (after the check: a commit made and settled has no staging left)
-        let merge_removes = match (spec.mode, &snap) {
-            (Mode::Merge, Some(snap)) => {
+        let tombstones = spec.sequence_by.as_ref().map(|_| tombstone_app(&spec.pipeline, &spec.step));
+        let fold = match spec.mode {
+            Mode::Merge => {
                 let rewrite =
                     hooks.merge.ok_or("internal error (a bug in weir, please report it): a merge without its hook")?;
-                Some(rewrite(&table.files(snap)?)?)
+                let (files, current) = match (&snap, &tombstones) {
+                    (Some(snap), Some((app, tag))) => {
+                        (table.files(snap)?, table.app_version(snap, app)?.map(|run| tombstone_path(tag, run)))
+                    }
+                    (Some(snap), None) => (table.files(snap)?, None),
+                    (None, _) => (Vec::new(), None),
+                };
+                Some(rewrite(&files, current.as_deref())?)
             }
             _ => None,
         };
-        let placed = place(staged, spec)?;
+        let skip = fold.as_ref().map(|f| &f.skip);
+        let placed: Vec<Placed> =
+            place(staged, spec)?.into_iter().filter(|p| skip.is_none_or(|s| !s.contains(&p.rel_staged))).collect();
         let written: HashSet<Option<String>> = placed.iter().filter_map(|p| p.partition.clone()).collect();
-        match (&table.local, &table.remote) {
-            (Some(dir), _) => link_into(dir, &placed)?,
-            (None, Some(r)) => {
-                let files: Vec<(PathBuf, String)> = placed.iter().map(|p| (p.staged.clone(), p.rel.clone())).collect();
-                super::remote::upload(r, &files)?
+        let mut files: Vec<(PathBuf, String)> = placed.iter().map(|p| (p.staged.clone(), p.rel.clone())).collect();
+        // the remembered deletes go in with the data; the commit's txn names them current
+        let new_tombstones = match (fold.as_ref().and_then(|f| f.tombstones.clone()), &tombstones) {
+            (Some(file), Some((app, tag))) => {
+                files.push((file, tombstone_path(tag, spec.version)));
+                Some(app.clone())
             }
+            _ => None,
+        };
+        match (&table.local, &table.remote) {
+            (Some(dir), _) => link_into(dir, &files)?,
+            (None, Some(r)) => super::remote::upload(r, &files)?,
             (None, None) => return Err("internal error (a bug in weir, please report it): a table nowhere".into()),
         }
         (hooks.pause)("delta-linked");
@@ -661,6 +732,10 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks
                     .with_data_layout(layout)
                     .with_transaction_id(spec.app_id.clone(), spec.version)
                     .with_operation_parameters(params);
+                let builder = match &new_tombstones {
+                    Some(app) => builder.with_transaction_id(app.clone(), spec.version),
+                    None => builder,
+                };
                 // another writer may create the table first: then this commit is retried
                 // as an update of its version
                 let created = builder.build(&table.engine, Box::new(FileSystemCommitter::new())).and_then(|mut txn| {
@@ -688,6 +763,9 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks
                 for f in evolved {
                     builder = builder.add_column(f);
                 }
+                if let Some(app) = &new_tombstones {
+                    builder = builder.with_transaction_id(app.clone(), spec.version);
+                }
                 let mut txn = builder
                     .build(&table.engine, Box::new(FileSystemCommitter::new()))
                     .map_err(kernel("cannot start a commit to the Delta table"))?;
@@ -698,8 +776,8 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks
                         let (data, sel) = sm.scan_files.into_parts();
                         let mut keep = vec![false; data.len()];
                         for (f, row) in files.iter().zip(selected) {
-                            let replace = match (spec.mode, &spec.partition_by, &merge_removes) {
-                                (Mode::Merge, _, Some(m)) => m.contains(&f.path),
+                            let replace = match (spec.mode, &spec.partition_by, &fold) {
+                                (Mode::Merge, _, Some(m)) => m.removes.contains(&f.path),
                                 (Mode::OverwritePartitions, Some(col), _) => {
                                     written.contains(&f.partition_values.get(col).cloned())
                                 }
@@ -723,7 +801,10 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks
             }
         };
         match result {
-            Ok((version, removed)) => return Ok(Committed { version, added, removed, now: true }),
+            Ok((version, removed)) => {
+                let (replaced, outdated) = fold.as_ref().map_or((0, 0), |f| (f.replaced, f.outdated));
+                return Ok(Committed { version, added, removed, now: true, replaced, outdated });
+            }
             Err(()) if attempt < COMMIT_ATTEMPTS => continue,
             Err(()) => {}
         }
@@ -900,12 +981,17 @@ impl Table {
         Ok(out)
     }
 
-    /// Every Parquet data file under the table (not `_` or `.` names).
+    /// Every Parquet data file under the table (not `_` or `.` names), and the files of
+    /// remembered deletes (see [`TOMBSTONES`]).
     fn data_files(&self) -> Res<Vec<Listed>> {
         match (&self.local, &self.remote) {
             (Some(root), _) => {
                 let mut out = Vec::new();
-                for rel in super::sink::parquet_files(root)? {
+                let mut rels = super::sink::parquet_files(root)?;
+                if let Ok(entries) = std::fs::read_dir(root.join(TOMBSTONES)) {
+                    rels.extend(entries.flatten().map(|e| Path::new(TOMBSTONES).join(e.file_name())));
+                }
+                for rel in rels {
                     let Ok(meta) = std::fs::metadata(root.join(&rel)) else { continue };
                     out.push(Listed {
                         rel: rel.to_string_lossy().replace('\\', "/"),
@@ -922,7 +1008,8 @@ impl Table {
                     let key = m.location.as_ref();
                     let rel = key.strip_prefix(&base).unwrap_or(key).trim_start_matches('/').to_string();
                     let hidden = rel.split('/').any(|seg| seg.starts_with('_') || seg.starts_with('.'));
-                    if hidden || !rel.ends_with(".parquet") {
+                    let tombstones = rel.starts_with(&format!("{TOMBSTONES}/")) && rel.ends_with(".arrow");
+                    if !tombstones && (hidden || !rel.ends_with(".parquet")) {
                         continue;
                     }
                     out.push(Listed { rel, size: m.size, modified: object_time(&m) });
@@ -972,7 +1059,19 @@ pub fn vacuum(table: &Table, retention: std::time::Duration, dry_run: bool) -> R
         return Err(format!("{} is not a Delta table (no _delta_log)", table.name));
     };
     // the latest version's files stay; a file a commit removed ages from its removal
-    let referenced: HashSet<String> = table.files(&snap)?.into_iter().map(|f| decode_path(&f.path)).collect();
+    let mut referenced: HashSet<String> = table.files(&snap)?.into_iter().map(|f| decode_path(&f.path)).collect();
+    let mut files = table.data_files()?;
+    // so do the remembered deletes each step's latest merge named; older ones age from
+    // their writing
+    let tags: HashSet<&str> = files
+        .iter()
+        .filter_map(|f| f.rel.strip_prefix(&format!("{TOMBSTONES}/")).and_then(|n| n.split_once("-r")).map(|(t, _)| t))
+        .collect();
+    for tag in tags {
+        if let Some(run) = table.app_version(&snap, &format!("weir-tombstones/{tag}"))? {
+            referenced.insert(tombstone_path(tag, run));
+        }
+    }
     let mut removed_at: HashMap<String, i64> = HashMap::new();
     for (_, text) in table.commit_files()? {
         for line in text.lines() {
@@ -988,7 +1087,6 @@ pub fn vacuum(table: &Table, retention: std::time::Duration, dry_run: bool) -> R
     }
     let now = std::time::SystemTime::now();
     let mut out = Vacuumed::default();
-    let mut files = table.data_files()?;
     files.sort_by(|a, b| a.rel.cmp(&b.rel));
     for f in files {
         if referenced.contains(&f.rel) {
@@ -1111,7 +1209,12 @@ pub fn optimize(
         }
         w.finish().map_err(|e| e.to_string())?;
         done.partitions.push((dir, files.len(), 1));
-        placed.push(Placed { staged: to, rel, partition: partition_by.as_ref().map(|_| value.clone()) });
+        placed.push(Placed {
+            staged: to,
+            rel_staged: PathBuf::new(),
+            rel,
+            partition: partition_by.as_ref().map(|_| value.clone()),
+        });
     }
     let adds = add_files(&placed, partition_by.as_ref(), &full)?;
     let mut txn = snap
