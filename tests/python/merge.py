@@ -162,5 +162,28 @@ output = { path = "out/files", mode = "merge", key = ["id"] }
     (d / "bad.toml").write_text((d / "files.toml").read_text().replace("{ modified = true }", '{ column = "v" }'))
     r = run(d, "validate", "bad.toml")
     check("a file source is incremental by modification time only", r.returncode != 0 and "modified = true" in r.stderr, r.stderr)
+    # a composite key listed in another order than the columns: the published rows' keys must
+    # be read in the key's order (they were read in the file's once, and matched nothing)
+    ck = d / "composite"
+    ck.mkdir()
+    (ck / "p.toml").write_text("""[pipeline]
+name = "composite"
+
+[sources.in]
+format = "csv"
+path = "in.csv"
+schema = { region = "string", id = "int64", v = "string" }
+
+[steps.t]
+input = "in"
+output = { path = "out/t", mode = "merge", key = ["id", "region"] }
+""")
+    (ck / "in.csv").write_text("region,id,v\neu,1,a\nus,1,b\neu,2,c\n")
+    r1 = run(ck, "run", "p.toml")
+    (ck / "in.csv").write_text("region,id,v\nus,1,B\neu,3,d\n")
+    r2 = run(ck, "run", "p.toml")
+    got = sorted((x["region"], x["id"], x["v"]) for x in pq.read_table(ck / "out/t").to_pylist()) if r2.returncode == 0 else []
+    check("a merge by a composite key listed out of column order replaces the row of that key",
+          r1.returncode == 0 and got == [("eu", 1, "a"), ("eu", 2, "c"), ("eu", 3, "d"), ("us", 1, "B")], f"{r2.stderr[-400:]} {got}")
 
 finish("merge")
