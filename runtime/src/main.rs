@@ -316,13 +316,14 @@ enum Command {
     /// `optimize` compacts the small files of each partition (or of `--partition`) into one,
     /// as one version that changes no data.
     #[command(
-        after_help = "Examples:\n  weir table history out/orders\n  weir table vacuum out/orders --retention 168h --dry-run\n  weir table vacuum out/orders --retention 0s\n  weir table optimize out/orders --partition day=2024-01-03"
+        after_help = "Examples:\n  weir table history out/orders\n  weir table vacuum out/orders --retention 168h --dry-run\n  weir table vacuum out/orders --retention 0s\n  weir table optimize out/orders --partition day=2024-01-03\n  AWS_ENDPOINT_URL=http://127.0.0.1:9000 weir table optimize s3://lake/orders"
     )]
     Table {
         #[arg(value_parser = ["history", "vacuum", "optimize"])]
         action: String,
-        /// The table's folder, or `s3://bucket/prefix` (history and vacuum; reached through
-        /// AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP).
+        /// The table's folder, or `s3://bucket/prefix` (reached through AWS_ENDPOINT_URL,
+        /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP; optimize
+        /// copies the files it compacts to a temporary folder and uploads the result).
         path: PathBuf,
         /// optimize: only this partition (`country=NL`, or the value).
         #[arg(long)]
@@ -1441,7 +1442,8 @@ fn cmd_table(
     match action {
         "optimize" => {
             let codec = weir::config::Codec::parse(compression).map_err(|e| anyhow::anyhow!("--compression: {e}"))?;
-            let o = delta::optimize(path, partition, target_mb, codec).map_err(anyhow::Error::msg)?;
+            let table = delta::Table::at(&path.to_string_lossy()).map_err(anyhow::Error::msg)?;
+            let o = delta::optimize(&table, partition, target_mb, codec).map_err(anyhow::Error::msg)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&o)?);
                 return Ok(ExitCode::SUCCESS);

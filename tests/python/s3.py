@@ -6,7 +6,7 @@ Covers: a first run creating the table and a second adding partitions, credentia
 [secrets] files, a file larger than one upload part (multipart), kill -9 after the upload
 and before the commit, and after the commit before the run store recorded it (a rerun: every
 row exactly once, no version twice), a failed check (nothing uploaded), a bucket that does
-not exist, merge by key, `weir table history|vacuum` on the bucket, CSV sources read from the bucket (new, changed, deleted objects; up to date; a
+not exist, merge by key (and by sequence, with remembered deletes), `weir table history|vacuum|optimize` on the bucket, CSV sources read from the bucket (new, changed, deleted objects; up to date; a
 partition run), a Parquet folder on S3 published through its pointer (a reader polling while weir
 republishes sees whole runs only; kill -9 around the pointer, vacuum of what it no longer lists), what is refused at validation,
 and the examples/delta-lake pipeline.
@@ -180,6 +180,22 @@ with tempfile.TemporaryDirectory() as tmp:
         check("weir table vacuum removes the replaced files from the bucket, and readers read the same",
               r.returncode == 0 and len(dry) >= 1 and gone == dry and all(f"tables/events/{g}" not in keys() for g in gone)
               and len(keys()) == len(before_keys) - len(gone) and rows() == sorted(want), f"{dry} {gone} {r.stderr[-300:]}")
+
+        # optimize on S3: two appends leave a partition with several small files; the
+        # compaction downloads them, uploads one file and commits it without changing the rows
+        pipeline(mode="append")
+        for row in [(9, "2026-04-01", "i"), (10, "2026-04-01", "j")]:
+            write_csv([row])
+            r = run(d, "run", "p.toml")
+            want.append(row)
+        day_files = [f for f in table().file_uris() if "day=2026-04-01" in f]
+        versions = len(table().history())
+        r = run(d, "table", "optimize", url, "--partition", "day=2026-04-01", "--json", extra=awsenv)
+        o = json.loads(r.stdout or "{}")
+        after = [f for f in table().file_uris() if "day=2026-04-01" in f]
+        check("weir table optimize compacts a partition of an S3 table into one file, one version, same rows",
+              r.returncode == 0 and len(day_files) >= 2 and len(after) == 1 and len(table().history()) == versions + 1
+              and rows() == sorted(want) and o.get("rows", 0) >= 3, f"{day_files} {after} {r.stderr[-400:]}")
 
         # --- a Parquet folder on S3: uploads under the run's own prefix, then one conditional
         # replacement of the pointer; a reader polling while weir republishes never sees a mix

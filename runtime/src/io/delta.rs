@@ -1125,17 +1125,41 @@ pub struct Optimized {
 /// one, `partition` as `col=value` or the value) into one file per partition, committed as
 /// one `OPTIMIZE` version that changes no data (`dataChange = false`): readers and time
 /// travel see the same rows. Files of columns added later are read with those columns null.
-pub fn optimize(
-    table_path: &Path,
+pub fn optimize(table: &Table, partition: Option<&str>, target_mb: u64, codec: crate::config::Codec) -> Res<Optimized> {
+    // a table on object storage: its files are read from copies and the compacted ones
+    // written beside them, in a folder of this process's, then uploaded before the commit
+    let work = match &table.local {
+        Some(_) => None,
+        None => Some(Scratch(std::env::temp_dir().join(format!("weir-optimize-{}", std::process::id())))),
+    };
+    optimize_in(table, work.as_ref().map(|w| w.0.as_path()), partition, target_mb, codec)
+}
+
+/// A folder removed when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn optimize_in(
+    table: &Table,
+    work: Option<&Path>,
     partition: Option<&str>,
     target_mb: u64,
     codec: crate::config::Codec,
 ) -> Res<Optimized> {
     use delta_kernel::engine::arrow_conversion::TryIntoArrow;
-    let table = Table::local(table_path)?;
-    let root = table.local.clone().unwrap_or_default();
+    // where the table's files are read from and the compacted ones written
+    let root = match (&table.local, work) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(w)) => w.join("out"),
+        (None, None) => return Err("internal error (a bug in weir, please report it): a table nowhere".into()),
+    };
     let Some(snap) = table.snapshot()? else {
-        return Err(format!("{} is not a Delta table (no _delta_log)", table_path.display()));
+        return Err(format!("{} is not a Delta table (no _delta_log)", table.name));
     };
     let full: Schema = snap.schema().as_ref().try_into_arrow().map_err(|e| format!("the table's schema: {e}"))?;
     let partition_by = snap.table_configuration().logical_partition_columns().first().cloned();
@@ -1182,7 +1206,14 @@ pub fn optimize(
         let mut w =
             super::sink::FileWriter::with_properties(&to, data_schema.clone(), props).map_err(|e| e.to_string())?;
         for f in files {
-            let path = root.join(decode_path(&f.path));
+            let path = match (&table.remote, work) {
+                (Some(r), Some(w)) => {
+                    let copy = w.join("in").join(decode_path(&f.path));
+                    download(r, &f.path, &copy)?;
+                    copy
+                }
+                _ => root.join(decode_path(&f.path)),
+            };
             let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
                 .and_then(|b| b.with_batch_size(64 * 1024).build())
@@ -1206,6 +1237,9 @@ pub fn optimize(
                 w.write(&batch).map_err(|e| e.to_string())?;
             }
             removes.insert(f.path.clone());
+            if work.is_some() {
+                let _ = std::fs::remove_file(&path);
+            }
         }
         w.finish().map_err(|e| e.to_string())?;
         done.partitions.push((dir, files.len(), 1));
@@ -1217,6 +1251,10 @@ pub fn optimize(
         });
     }
     let adds = add_files(&placed, partition_by.as_ref(), &full)?;
+    if let Some(r) = &table.remote {
+        let files: Vec<(PathBuf, String)> = placed.iter().map(|p| (p.staged.clone(), p.rel.clone())).collect();
+        super::remote::upload(r, &files)?;
+    }
     let mut txn = snap
         .clone()
         .update_table(UpdateTableOperation::Optimize, engine_info(), false)
