@@ -390,6 +390,22 @@ output = { format = "delta", path = "out/t", partition_by = "day", mode = "merge
     oracle.pop(99)
     check("a merge killed before its commit is completed by recovery, once", seen and r.returncode == 0
           and delta_rows(m / "out/t") == sorted(oracle.values()), f"{r.stderr[-600:]} {delta_rows(m / 'out/t')}")
+    # a merge passes over the table files whose statistics show they cannot hold its keys
+    pr = d / "prune"
+    pr.mkdir()
+    (pr / "p.toml").write_text((m / "p.toml").read_text().replace('partition_by = "day", ', "").replace('name = "merge"', 'name = "prune"'))
+    (pr / "in.csv").write_text("id,day,name,op\n" + "".join(f"{i},2026-03-01,a{i},u\n" for i in range(1, 11)))
+    r1 = run(pr, "run", "p.toml")
+    (pr / "in.csv").write_text("id,day,name,op\n" + "".join(f"{i},2026-03-01,b{i},u\n" for i in range(100, 111)))
+    r2 = run(pr, "run", "p.toml")
+    (pr / "in.csv").write_text("id,day,name,op\n105,2026-03-02,changed,u\n")
+    r3 = run(pr, "run", "p.toml")
+    want = sorted([(i, "2026-03-01", f"a{i}") for i in range(1, 11)]
+                  + [(i, "2026-03-01", f"b{i}") for i in range(100, 111) if i != 105] + [(105, "2026-03-02", "changed")])
+    check("a merge reads only the files whose key range holds one of its keys (by the add actions' statistics)",
+          r1.returncode == 0 and "0 of its 1 file(s) passed over" not in r2.stderr and "1 of its 1 file(s) passed over" in r2.stderr
+          and "1 of its 2 file(s) passed over" in r3.stderr, f"{r2.stderr[-500:]} {r3.stderr[-500:]}")
+    readers_agree("after merges that passed over files", pr / "out/t", want)
     # --- change events merged by LSN into a Delta table (sequence_by): random inserts,
     # updates and deletes as Debezium events, shuffled within a window, some held back a run,
     # some replayed; after each run both readers must read, per key, the latest event

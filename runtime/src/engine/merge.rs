@@ -728,10 +728,15 @@ pub(crate) fn fold_table_files(
         }
     };
     let mut fold = crate::io::delta::MergeFold::default();
+    let (kc, _) = converter(schema, &out.key)?;
+    // files whose statistics show they cannot hold a key of the run are passed over
+    let firsts = FirstColumn::of(&touched, &kc, schema, &out.key)?;
+    let candidates: Vec<&crate::io::delta::TableFile> = files.iter().filter(|f| firsts.may_hold(f)).collect();
+    fold.pruned = (files.len() - candidates.len()) as u64;
+    fold.files = files.len() as u64;
     // the table files to fold, with their local copy when one was made already
     let mut holding: Vec<(&crate::io::delta::TableFile, Option<PathBuf>)> = Vec::new();
     if let Some(col) = &out.sequence_by {
-        let (kc, _) = converter(schema, &out.key)?;
         let (sc, _) = seq_converter(schema, col)?;
         let mut stale: HashSet<RowBytes> = HashSet::new();
         let mut tomb: HashMap<RowBytes, RowBytes> = HashMap::new();
@@ -754,7 +759,7 @@ pub(crate) fn fold_table_files(
         let mut cols = out.key.clone();
         cols.push(col.clone());
         let seq_col = [col.clone()];
-        for f in files {
+        for f in candidates {
             let path = fetch(&f.path)?;
             let (_, batches) = read(&path, Some(&cols))?;
             let mut holds = false;
@@ -789,7 +794,7 @@ pub(crate) fn fold_table_files(
             fold.tombstones = Some(path);
         }
     } else {
-        holding = files.iter().map(|f| (f, None)).collect();
+        holding = candidates.into_iter().map(|f| (f, None)).collect();
     }
     let mut folded = Folded::default();
     for (f, local) in holding {
@@ -810,6 +815,48 @@ pub(crate) fn fold_table_files(
     }
     fold.replaced = folded.replaced;
     Ok(fold)
+}
+
+/// The first column of the run's keys, each value once, sorted, as comparable bytes: a
+/// table file whose range of that column holds none of them holds none of the run's keys.
+struct FirstColumn {
+    conv: RowConverter,
+    data_type: DataType,
+    values: Vec<RowBytes>,
+}
+
+impl FirstColumn {
+    fn of(touched: &Touched, kc: &RowConverter, schema: &SchemaRef, key: &[String]) -> Res<FirstColumn> {
+        let name = key.first().ok_or("a merge without a key")?;
+        let data_type = schema.field_with_name(name).map_err(|e| e.to_string())?.data_type().clone();
+        let conv = RowConverter::new(vec![SortField::new(data_type.clone())]).map_err(|e| e.to_string())?;
+        let parser = kc.parser();
+        let columns = kc.convert_rows(touched.keys().map(|k| parser.parse(k))).map_err(|e| e.to_string())?;
+        let mut values: Vec<RowBytes> = match columns.first() {
+            Some(c) => {
+                let rows = conv.convert_columns(std::slice::from_ref(c)).map_err(|e| e.to_string())?;
+                rows.iter().map(|r| Box::from(r.as_ref())).collect()
+            }
+            None => Vec::new(),
+        };
+        values.sort_unstable();
+        values.dedup();
+        Ok(FirstColumn { conv, data_type, values })
+    }
+
+    /// Whether the file may hold one of the values (yes when its range is unknown).
+    fn may_hold(&self, f: &crate::io::delta::TableFile) -> bool {
+        let Some((min, max)) = &f.range else { return true };
+        let bound = |a: &ArrayRef| -> Option<RowBytes> {
+            let a =
+                if a.data_type() == &self.data_type { a.clone() } else { arrow_cast::cast(a, &self.data_type).ok()? };
+            let rows = self.conv.convert_columns(&[a]).ok()?;
+            (rows.num_rows() == 1).then(|| Box::from(rows.row(0).as_ref()))
+        };
+        let (Some(lo), Some(hi)) = (bound(min), bound(max)) else { return true };
+        let at = self.values.partition_point(|v| *v < lo);
+        self.values.get(at).is_some_and(|v| *v <= hi)
+    }
 }
 
 /// The staged files holding rows whose key is in `stale`, rewritten without them under

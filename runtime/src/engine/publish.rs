@@ -480,9 +480,11 @@ fn delta_commit(
         log(
             Level::INFO,
             &format!(
-                "weir: step `{}`: the merge replaced or deleted {} row(s) of the table{}",
+                "weir: step `{}`: the merge replaced or deleted {} row(s) of the table ({} of its {} file(s) passed over by their statistics){}",
                 sw.step,
                 c.replaced,
+                c.pruned.0,
+                c.pruned.1,
                 if c.outdated > 0 {
                     format!(
                         "; {} of the run's row(s) were older (sequence_by) than the table's and were dropped",

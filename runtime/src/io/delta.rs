@@ -113,6 +113,10 @@ pub struct MergeFold {
     pub replaced: u64,
     /// The run's rows dropped as outdated.
     pub outdated: u64,
+    /// Table files passed over: their statistics show they hold none of the run's keys; of
+    /// how many.
+    pub pruned: u64,
+    pub files: u64,
 }
 
 /// Folds a merge into the version being committed over: its files and its remembered
@@ -158,9 +162,11 @@ pub struct Committed {
     pub removed: usize,
     /// Whether this call made it (false: it had been made already).
     pub now: bool,
-    /// A merge's table rows replaced or deleted, and its rows dropped as outdated.
+    /// A merge's table rows replaced or deleted, its rows dropped as outdated, and the table
+    /// files it passed over by their statistics (of how many).
     pub replaced: u64,
     pub outdated: u64,
+    pub pruned: (u64, u64),
 }
 
 /// A table's engine and location: a local folder, or a prefix on S3-compatible storage.
@@ -257,16 +263,42 @@ impl Table {
 
     /// The files of the latest version, with their partition values.
     pub fn files(&self, snap: &SnapshotRef) -> Res<Vec<TableFile>> {
+        self.files_ranged(snap, None)
+    }
+
+    /// The files of the latest version, each with the minimum and maximum of the data column
+    /// `column` when its statistics hold them (see [`TableFile::range`]).
+    pub fn files_ranged(&self, snap: &SnapshotRef, column: Option<&str>) -> Res<Vec<TableFile>> {
         let mut out = Vec::new();
-        for sm in self.scan(snap)? {
-            let (files, _) = visit(&sm)?;
+        for sm in self.scan_with(snap, column)? {
+            let (mut files, selected) = visit(&sm)?;
+            if let Some(col) = column {
+                let batch = sm.scan_files.data().any_ref().downcast_ref::<ArrowEngineData>().map(|d| d.record_batch());
+                if let Some((mins, maxs)) = batch.and_then(|b| stats_bounds(b, col)) {
+                    for (f, &row) in files.iter_mut().zip(&selected) {
+                        f.range = bound_pair(&mins, &maxs, row);
+                    }
+                }
+            }
             out.extend(files);
         }
         Ok(out)
     }
 
     fn scan(&self, snap: &SnapshotRef) -> Res<Vec<delta_kernel::scan::ScanMetadata>> {
-        let scan = snap.clone().scan_builder().build().map_err(kernel("cannot scan the table"))?;
+        self.scan_with(snap, None)
+    }
+
+    /// A scan of the latest version's files; with `column`, their statistics of it typed
+    /// (`stats_parsed`).
+    fn scan_with(&self, snap: &SnapshotRef, column: Option<&str>) -> Res<Vec<delta_kernel::scan::ScanMetadata>> {
+        let mut builder = snap.clone().scan_builder();
+        if let Some(col) = column {
+            builder = builder.with_stats(delta_kernel::scan::StatsOptions::struct_columns(vec![
+                delta_kernel::expressions::ColumnName::new([col]),
+            ]));
+        }
+        let scan = builder.build().map_err(kernel("cannot scan the table"))?;
         scan.scan_metadata(&self.engine)
             .map_err(kernel("cannot list the table's files"))?
             .collect::<Result<Vec<_>, _>>()
@@ -283,6 +315,41 @@ pub struct TableFile {
     pub partition_values: HashMap<String, String>,
     /// Rows of it are deleted by a deletion vector (written by another writer).
     pub deletion_vector: bool,
+    /// The smallest and largest value of a column in it (one-element arrays), from its
+    /// statistics; none when they are missing or may be truncated (long strings).
+    pub range: Option<(ArrayRef, ArrayRef)>,
+}
+
+/// The `minValues` and `maxValues` of `column` in a scan's typed statistics, when present.
+fn stats_bounds(batch: &RecordBatch, column: &str) -> Option<(ArrayRef, ArrayRef)> {
+    let parsed = batch.column_by_name("stats_parsed")?.as_any().downcast_ref::<StructArray>()?;
+    let leaf = |side: &str| -> Option<ArrayRef> {
+        let values = parsed.column_by_name(side)?.as_any().downcast_ref::<StructArray>()?;
+        let leaf = values.column_by_name(column)?;
+        // a row whose statistics (or their side) are null has no bound, whatever the leaf holds
+        let nulls = arrow_buffer::NullBuffer::union(parsed.nulls(), values.nulls());
+        let nulls = arrow_buffer::NullBuffer::union(nulls.as_ref(), leaf.nulls());
+        Some(arrow_array::make_array(leaf.to_data().into_builder().nulls(nulls).build().ok()?))
+    };
+    Some((leaf("minValues")?, leaf("maxValues")?))
+}
+
+/// A file's bounds at `row` of the statistics: both known and exact.
+fn bound_pair(mins: &ArrayRef, maxs: &ArrayRef, row: usize) -> Option<(ArrayRef, ArrayRef)> {
+    if row >= mins.len() || row >= maxs.len() || mins.is_null(row) || maxs.is_null(row) {
+        return None;
+    }
+    let max = maxs.slice(row, 1);
+    // only types whose statistics are exact: timestamps are kept to milliseconds by some
+    // writers, floating point has NaN, long strings are cut
+    let exact = match max.data_type() {
+        DataType::Utf8 => max.as_any().downcast_ref::<StringArray>().is_some_and(|s| s.value(0).chars().count() < 32),
+        t => {
+            t.is_integer()
+                || matches!(t, DataType::Date32 | DataType::Date64 | DataType::Decimal128(..) | DataType::Boolean)
+        }
+    };
+    exact.then(|| (mins.slice(row, 1), max))
 }
 
 /// The files a scan's metadata selects, in the order of its selected rows.
@@ -294,6 +361,7 @@ fn visit(sm: &delta_kernel::scan::ScanMetadata) -> Res<(Vec<TableFile>, Vec<usiz
             rows: f.stats.map(|s| s.num_records as i64),
             deletion_vector: f.dv_info.has_vector(),
             partition_values: f.partition_values,
+            range: None,
         });
     }
     let files = sm.visit_scan_files(Vec::new(), each).map_err(kernel("cannot list the table's files"))?;
@@ -679,6 +747,7 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks
                         now: false,
                         replaced: 0,
                         outdated: 0,
+                        pruned: (0, 0),
                     });
                 }
             }
@@ -689,11 +758,15 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks
             Mode::Merge => {
                 let rewrite =
                     hooks.merge.ok_or("internal error (a bug in weir, please report it): a merge without its hook")?;
+                // each file's range of the key's first column lets the merge pass over files
+                // that cannot hold the run's keys
+                let first = spec.key.first().map(String::as_str);
                 let (files, current) = match (&snap, &tombstones) {
-                    (Some(snap), Some((app, tag))) => {
-                        (table.files(snap)?, table.app_version(snap, app)?.map(|run| tombstone_path(tag, run)))
-                    }
-                    (Some(snap), None) => (table.files(snap)?, None),
+                    (Some(snap), Some((app, tag))) => (
+                        table.files_ranged(snap, first)?,
+                        table.app_version(snap, app)?.map(|run| tombstone_path(tag, run)),
+                    ),
+                    (Some(snap), None) => (table.files_ranged(snap, first)?, None),
                     (None, _) => (Vec::new(), None),
                 };
                 Some(rewrite(&files, current.as_deref())?)
@@ -802,8 +875,9 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks
         };
         match result {
             Ok((version, removed)) => {
-                let (replaced, outdated) = fold.as_ref().map_or((0, 0), |f| (f.replaced, f.outdated));
-                return Ok(Committed { version, added, removed, now: true, replaced, outdated });
+                let (replaced, outdated, pruned) =
+                    fold.as_ref().map_or((0, 0, (0, 0)), |f| (f.replaced, f.outdated, (f.pruned, f.files)));
+                return Ok(Committed { version, added, removed, now: true, replaced, outdated, pruned });
             }
             Err(()) if attempt < COMMIT_ATTEMPTS => continue,
             Err(()) => {}
