@@ -112,7 +112,8 @@ dt = deltalake.DeltaTable(sys.argv[1])
 def totals(path):
     t = deltalake.DeltaTable(str(path)).to_pyarrow_table(columns=["amount"]) if (path / "_delta_log").exists() \
         else pq.read_table(path, columns=["amount"])
-    return t.num_rows, round(pc.sum(t["amount"]).as_py(), 2)
+    # in cents, as integers: a float sum depends on the order rows are added in
+    return t.num_rows, pc.sum(pc.round(pc.multiply(t["amount"], 100.0)).cast(pa.int64())).as_py()
 
 
 def report(title, results, base):

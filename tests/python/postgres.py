@@ -15,6 +15,7 @@ import pathlib
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pyarrow.parquet as pq
@@ -389,6 +390,35 @@ output = { path = "out/ev", mode = "merge", key = ["id"] }
         check("its next run reads the two changes: one deleted, one updated",
               r.returncode == 0 and json.loads(r.stdout)["steps"][0]["rows_read"] == 2 and 1 not in out and str(out[2]["amount"]) == "1.00"
               and len(out) == 999, r.stderr[-600:])
+
+        # a table much larger than what the run holds: 300,000 rows of about 1 KB (300 MB through
+        # the connection) stream through in batches of 8192 rows (8 MB); the run's peak resident
+        # memory (its own, measured by the kernel: ru_maxrss of a wrapper's only child) stays far
+        # below the table: it is bounded by the batch size, not the table
+        psql(port, "create table big as select i::bigint as id, repeat(md5(i::text), 31) as payload "
+                   "from generate_series(1, 300000) i")
+        (work / "big.toml").write_text("""[pipeline]
+name = "big"
+batch_size = 8192
+
+[sources.big]
+format = "postgres"
+url = { env = "PG_URL" }
+table = "public.big"
+
+[steps.copy]
+input = "big"
+output = { path = "out/big" }
+""")
+        wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+                   "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+        r = subprocess.run([sys.executable, "-c", wrapper, weir, "run", "big.toml", "--json"], cwd=work,
+                           env=dict(env, PG_URL=url), capture_output=True, text=True)
+        peak_mb = int(r.stdout.strip().splitlines()[-1]) / 1024 if r.stdout.strip() else 0
+        big = pq.read_table(work / "out/big", columns=["id"]) if r.returncode == 0 else None
+        check(f"a 300 MB table streams through a run that peaks at {peak_mb:.0f} MB (under a third of the table)",
+              r.returncode == 0 and big.num_rows == 300000 and 0 < peak_mb < 100, f"{peak_mb} MB {r.stderr[-400:]}")
+        psql(port, "drop table big")
 
         # --- Debezium change events against a PostgreSQL oracle: random inserts, updates and
         # deletes applied to a table, the matching events (with the server's own LSNs) shuffled
