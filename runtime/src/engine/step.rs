@@ -140,8 +140,20 @@ pub(super) fn run_step(
     };
     let new_watermark = flowed.high_watermark.clone();
     let mut summary = summarize(ctx, flowed, audited.results, copied_columns, rows_quarantined, inputs, started);
+    // a partition run (a backfill's too) reads its partition whole and moves no watermark:
+    // the watermark is the progress of the runs without --partition, and one partition's
+    // run must not make the next partition's skip rows
     let incremental = ctx.pipeline.sources.get(&ctx.step.input).is_some_and(|s| s.incremental.is_some());
-    if let (true, Some(end)) = (incremental, new_watermark) {
+    if incremental && ctx.options.partition.is_some() {
+        ctx.log(
+            Level::INFO,
+            &format!(
+                "weir: step `{}`: source `{}` is incremental; a --partition run reads the partition whole and leaves its watermark as it is",
+                ctx.step.name, ctx.step.input
+            ),
+        );
+    }
+    if let (true, None, Some(end)) = (incremental, ctx.options.partition.as_ref(), new_watermark) {
         summary.watermark =
             Some(crate::store::WatermarkUpdate { source: ctx.step.input.clone(), start: watermark_start, end });
     }
@@ -218,10 +230,10 @@ fn fold_published(ctx: &StepCtx<'_>, staging: &std::path::Path, partitions: &[St
 }
 
 /// Where an incremental source reads from: the committed watermark less the overlap (none
-/// on a first run or with `--full-refresh`), as the source takes it.
+/// on a first run, with `--full-refresh`, or in a `--partition` run), as the source takes it.
 fn read_from(ctx: &StepCtx<'_>, source: &crate::config::Source) -> Result<Option<String>> {
     let Some(inc) = &source.incremental else { return Ok(None) };
-    if ctx.options.full_refresh {
+    if ctx.options.full_refresh || ctx.options.partition.is_some() {
         return Ok(None);
     }
     let committed = ctx.store.watermarks(&ctx.pipeline.name)?.into_iter().find(|w| w.source == source.name);
@@ -259,11 +271,13 @@ fn open_input(ctx: &StepCtx<'_>) -> Result<(Box<dyn Source>, Option<String>)> {
             let opened = Box::new(sources::ExtractorSource::open(&source.name, &x.config_json, setup)?);
             return Ok((super::contract::apply(ctx, source, opened)?, from));
         }
-        let increment = source.incremental.as_ref().map(|_| sources::Increment {
-            lower: from.as_deref().and_then(sources::parse_micros),
-            // fixed when the run reads: rows changed later are the next run's
-            upper: crate::store::now_ms().saturating_mul(1000),
-        });
+        // a partition run reads its partition whole (see `read_from`)
+        let increment =
+            source.incremental.as_ref().filter(|_| ctx.options.partition.is_none()).map(|_| sources::Increment {
+                lower: from.as_deref().and_then(sources::parse_micros),
+                // fixed when the run reads: rows changed later are the next run's
+                upper: crate::store::now_ms().saturating_mul(1000),
+            });
         let opened = sources::open(source, ctx.options.partition.as_deref(), pipeline.batch_size, increment)?;
         return Ok((super::contract::apply(ctx, source, opened)?, from));
     }
