@@ -515,5 +515,16 @@ output = { format = "delta", path = "out/t", partition_by = "day", mode = "merge
     (c / "out/t/_moved").rename(c / "out/t/_weir_tombstones")
     check("remembered deletes removed by hand fail the merge, saying why, instead of resurrecting rows",
           r.returncode != 0 and "remembered deletes" in r.stderr and delta_rows(c / "out/t") == want, r.stderr[-600:])
+    # a current file of remembered deletes that is not Arrow IPC (damaged by hand): the merge
+    # fails naming it, without a panic and without a commit
+    current = sorted((c / "out/t/_weir_tombstones").glob("*.arrow"))[-1]
+    saved = current.read_bytes()
+    current.write_bytes(b"\x00garbage" * 1000)
+    versions = len(deltalake.DeltaTable(str(c / "out/t")).history())
+    r = run(c, "run", "p.toml", "--force")
+    current.write_bytes(saved)
+    check("a damaged file of remembered deletes fails the merge naming it, and commits nothing",
+          r.returncode != 0 and current.name in r.stderr and "panicked" not in r.stderr
+          and len(deltalake.DeltaTable(str(c / "out/t")).history()) == versions, r.stderr[-600:])
 
 finish("delta")
