@@ -26,6 +26,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import cdcfeed
 import weirproc
 from report import check, finish
 
@@ -464,16 +465,8 @@ output = { format = "delta", path = "out/t", partition_by = "day", mode = "merge
         return sorted((k, str(epoch + datetime.timedelta(days=p["after"]["day"])), p["after"]["name"])
                       for k, p in best.items() if p["op"] != "d")
 
-    chunks = [events[:60], events[60:120], events[120:]]
-    late, delivered, cdc_ok = [], [], True
-    for n, chunk in enumerate(chunks):
-        batch = late + list(chunk)
-        late = [batch.pop(rng.randrange(len(batch))) for _ in range(4)] if n < 2 else []
-        for start in range(0, len(batch), 6):
-            window = batch[start:start + 6]
-            rng.shuffle(window)
-            batch[start:start + 6] = window
-        batch += rng.sample(delivered, min(10, len(delivered)))
+    delivered, cdc_ok = [], True
+    for n, batch in enumerate(cdcfeed.batches(events, rng)):
         delivered += [e for e in batch if e not in delivered]
         (c / "changes.json").write_text("".join(json.dumps(e) + "\n" for e in batch))
         r = run(c, "run", "p.toml")

@@ -20,6 +20,8 @@ import tempfile
 
 import pyarrow.parquet as pq
 
+import cdcfeed
+
 from netutil import free_port, wait_until
 from report import check, finish
 
@@ -519,17 +521,8 @@ output = { format = "delta", path = "out/cdc-delta", partition_by = "day", mode 
 
         # three runs: shuffled within a window of 6, a few of each run's events held back to the
         # next run (late), and some earlier events replayed
-        chunks = [events[:90], events[90:180], events[180:]]
-        late, cdc_ok, seen = [], True, []
-        for n, chunk in enumerate(chunks):
-            batch = late + list(chunk)
-            late = [batch.pop(rng.randrange(len(batch))) for _ in range(4)] if n < 2 else []
-            for start in range(0, len(batch), 6):
-                window = batch[start:start + 6]
-                rng.shuffle(window)
-                batch[start:start + 6] = window
-            batch += rng.sample(seen, min(10, len(seen)))
-            seen += chunk
+        cdc_ok = True
+        for n, batch in enumerate(cdcfeed.batches(events, rng)):
             (work / "changes.json").write_text("".join(json.dumps(e) + "\n" for e in batch))
             r = run(work, "run", "cdc.toml", url=url)
             if r.returncode != 0:
