@@ -13,6 +13,7 @@ timed wall-clock and with its peak RSS (from wait4):
   (text), parsed by pyarrow's CSV reader, written with pyarrow.parquet.
 - `psycopg-cursor`: the common way: a server-side cursor, `fetchmany`, rows into
   pyarrow.Table.from_pylist batches, written with pyarrow.parquet.
+- `weir-b` (with `--weir-b PATH`): a second weir build in the same rounds, to compare two.
 
 Every Parquet output is checked: row count and the sum of ids equal the table's. Results
 (rows/s, ratio to copy-binary, peak RSS) go to stdout as a Markdown table.
@@ -31,6 +32,9 @@ import time
 ap = argparse.ArgumentParser()
 ap.add_argument("--rows", type=int, default=10_000_000)
 ap.add_argument("--rounds", type=int, default=3)
+ap.add_argument("--runners", default="weir,psycopg-copy,psycopg-cursor",
+                help="comma-separated runners besides copy-binary (always run: it is the limit)")
+ap.add_argument("--weir-b", help="a second weir binary, run as `weir-b` in the same rounds (an A/B of two builds)")
 args = ap.parse_args()
 weir = os.environ.get("WEIR_BIN", "target/release/weir")
 try:
@@ -162,7 +166,13 @@ output = {{ path = "out/weir" }}
             "psycopg-copy": lambda: timed([sys.executable, str(d / "by_copy.py"), url, str(d / "copy.parquet"), COLUMNS]),
             "psycopg-cursor": lambda: timed([sys.executable, str(d / "by_cursor.py"), url, str(d / "cursor.parquet"), COLUMNS]),
         }
-        outputs = {"weir": d / "out/weir", "psycopg-copy": d / "copy.parquet", "psycopg-cursor": d / "cursor.parquet"}
+        if args.weir_b:
+            runners["weir-b"] = lambda: timed([args.weir_b, "run", "p.toml", "--force", "--quiet", "--no-progress"], cwd=d,
+                                              env=dict(os.environ, PG_URL=url))
+        wanted = {"copy-binary", *args.runners.split(","), *(["weir-b"] if args.weir_b else [])}
+        runners = {n: go for n, go in runners.items() if n in wanted}
+        outputs = {"weir": d / "out/weir", "weir-b": d / "out/weir", "psycopg-copy": d / "copy.parquet",
+                   "psycopg-cursor": d / "cursor.parquet"}
         results = {name: [] for name in runners}
         for rnd in range(args.rounds):
             for name, go in runners.items():
