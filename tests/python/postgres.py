@@ -420,6 +420,21 @@ output = { path = "out/pev", mode = "merge", key = ["id"] }
               r.returncode == 0 and json.loads(r.stdout)["steps"][0]["rows_read"] == 2 and 1 not in out and str(out[2]["amount"]) == "1.00"
               and len(out) == 999, r.stderr[-600:])
 
+        # a SQL_ASCII database holds bytes that are not UTF-8: the server refuses to send row 3
+        # to a UTF-8 client in the middle of the COPY stream; the run fails with its message
+        subprocess.run([shutil.which("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "weir", "-d", "postgres", "-c",
+                        "create database ascii template template0 encoding 'SQL_ASCII' lc_collate 'C' lc_ctype 'C'"],
+                       check=True, capture_output=True)
+        ascii_url = f"postgres://weir@127.0.0.1:{port}/ascii"
+        subprocess.run([shutil.which("psql"), ascii_url, "-v", "ON_ERROR_STOP=1", "-c",
+                        "create table t as select i::bigint as id, case when i = 3 then E'bad \\377' else 'ok' end as txt "
+                        "from generate_series(1, 50000) i"], check=True, capture_output=True)
+        (work / "ascii.toml").write_text((work / "table.toml").read_text().replace('name = "whole"', 'name = "ascii"')
+                                         .replace('table = "public.orders"', 'table = "t"').replace("out/whole", "out/ascii"))
+        r = run(work, "run", "ascii.toml", url=ascii_url)
+        check("a server error in the middle of a COPY stream fails the run with the server's message, without a panic",
+              r.returncode == 1 and "22021" in r.stderr and "UTF8" in r.stderr and "panicked" not in r.stderr, r.stderr[-500:])
+
         # a table much larger than what the run holds: 300,000 rows of about 1 KB (300 MB through
         # the connection) stream through in batches of 8192 rows (8 MB); the run's peak resident
         # memory (its own, measured by the kernel: ru_maxrss of a wrapper's only child) stays far

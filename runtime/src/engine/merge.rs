@@ -601,6 +601,8 @@ fn fold_published(
 /// A merge into a Delta table keeps what the run does to each key (the deleted ones too)
 /// in its staging, for the commit.
 const MERGE_KEYS: &str = "_weir_merge_keys.bin";
+/// What that file starts with: its format's name and version.
+const MERGE_KEYS_MAGIC: &[u8] = b"weir-merge-keys/2\n";
 
 /// `mode = "merge"` into a Delta table, in the step: the run's rows reduced to each key's
 /// last (markers dropped) and every key the run touched kept beside them, with its
@@ -612,6 +614,7 @@ pub(crate) fn reduce_for_table(staged: &Path, out: &Output) -> Res<Folded> {
     let at = staged.join(MERGE_KEYS);
     let f = File::create(&at).map_err(|e| format!("cannot write {}: {e}", at.display()))?;
     let mut w = std::io::BufWriter::new(f);
+    w.write_all(MERGE_KEYS_MAGIC).map_err(|e| e.to_string())?;
     // per key: the key, a flag byte (1: it is deleted, 2: a sequence follows), the sequence
     let mut put = |bytes: &[u8]| -> Res<()> {
         w.write_all(&(bytes.len() as u32).to_le_bytes()).and_then(|()| w.write_all(bytes)).map_err(|e| e.to_string())
@@ -647,7 +650,13 @@ impl<'a> Fields<'a> {
 fn load_keys(staged: &Path) -> Res<Touched> {
     let at = staged.join(MERGE_KEYS);
     let bytes = std::fs::read(&at).map_err(|e| format!("the merge's keys, {}: {e}", at.display()))?;
-    let mut fields = Fields { rest: &bytes[..] };
+    let Some(rest) = bytes.strip_prefix(MERGE_KEYS_MAGIC) else {
+        return Err(format!(
+            "the merge's keys, {}, were written by another version of weir: run the step again (--force)",
+            at.display()
+        ));
+    };
+    let mut fields = Fields { rest };
     let mut keys = Touched::new();
     while !fields.rest.is_empty() {
         let k = fields.next()?;
@@ -730,7 +739,7 @@ pub(crate) fn fold_table_files(
     let mut fold = crate::io::delta::MergeFold::default();
     let (kc, _) = converter(schema, &out.key)?;
     // files whose statistics show they cannot hold a key of the run are passed over
-    let firsts = FirstColumn::of(&touched, &kc, schema, &out.key)?;
+    let firsts = FirstColumn::of(&touched, &kc, &out.key)?;
     let candidates: Vec<&crate::io::delta::TableFile> = files.iter().filter(|f| firsts.may_hold(f)).collect();
     fold.pruned = (files.len() - candidates.len()) as u64;
     fold.files = files.len() as u64;
@@ -741,7 +750,7 @@ pub(crate) fn fold_table_files(
         let mut stale: HashSet<RowBytes> = HashSet::new();
         let mut tomb: HashMap<RowBytes, RowBytes> = HashMap::new();
         if let Some(rel) = tombstones {
-            let path = fetch(rel)?;
+            let path = fetch(rel).map_err(|e| format!("the table's remembered deletes {rel} cannot be read: {e}"))?;
             if !path.is_file() {
                 return Err(format!(
                     "the table's remembered deletes {rel} are missing (removed by hand?): \
@@ -820,38 +829,47 @@ pub(crate) fn fold_table_files(
 /// The first column of the run's keys, each value once, sorted, as comparable bytes: a
 /// table file whose range of that column holds none of them holds none of the run's keys.
 struct FirstColumn {
-    conv: RowConverter,
+    /// None: no pruning (the run has a null key).
+    conv: Option<RowConverter>,
     data_type: DataType,
     values: Vec<RowBytes>,
 }
 
 impl FirstColumn {
-    fn of(touched: &Touched, kc: &RowConverter, schema: &SchemaRef, key: &[String]) -> Res<FirstColumn> {
-        let name = key.first().ok_or("a merge without a key")?;
-        let data_type = schema.field_with_name(name).map_err(|e| e.to_string())?.data_type().clone();
-        let conv = RowConverter::new(vec![SortField::new(data_type.clone())]).map_err(|e| e.to_string())?;
+    fn of(touched: &Touched, kc: &RowConverter, key: &[String]) -> Res<FirstColumn> {
+        key.first().ok_or("a merge without a key")?;
         let parser = kc.parser();
         let columns = kc.convert_rows(touched.keys().map(|k| parser.parse(k))).map_err(|e| e.to_string())?;
-        let mut values: Vec<RowBytes> = match columns.first() {
-            Some(c) => {
-                let rows = conv.convert_columns(std::slice::from_ref(c)).map_err(|e| e.to_string())?;
-                rows.iter().map(|r| Box::from(r.as_ref())).collect()
-            }
-            None => Vec::new(),
+        let Some(first) = columns.first() else {
+            return Ok(FirstColumn { conv: None, data_type: DataType::Null, values: Vec::new() });
         };
+        // the values as decoded (a dictionary column comes back as its values' type)
+        let data_type = first.data_type().clone();
+        // statistics leave nulls out of a file's range: a null key may be in any file
+        if first.null_count() > 0 {
+            return Ok(FirstColumn { conv: None, data_type, values: Vec::new() });
+        }
+        let conv = RowConverter::new(vec![SortField::new(data_type.clone())]).map_err(|e| e.to_string())?;
+        let rows = conv.convert_columns(std::slice::from_ref(first)).map_err(|e| e.to_string())?;
+        let mut values: Vec<RowBytes> = rows.iter().map(|r| Box::from(r.as_ref())).collect();
         values.sort_unstable();
         values.dedup();
-        Ok(FirstColumn { conv, data_type, values })
+        Ok(FirstColumn { conv: Some(conv), data_type, values })
     }
 
-    /// Whether the file may hold one of the values (yes when its range is unknown).
+    /// Whether the file may hold one of the values (yes when its range is unknown or the
+    /// run has a null key).
     fn may_hold(&self, f: &crate::io::delta::TableFile) -> bool {
-        let Some((min, max)) = &f.range else { return true };
+        let (Some(conv), Some((min, max))) = (&self.conv, &f.range) else { return true };
         let bound = |a: &ArrayRef| -> Option<RowBytes> {
             let a =
                 if a.data_type() == &self.data_type { a.clone() } else { arrow_cast::cast(a, &self.data_type).ok()? };
-            let rows = self.conv.convert_columns(&[a]).ok()?;
-            (rows.num_rows() == 1).then(|| Box::from(rows.row(0).as_ref()))
+            // a bound the cast could not hold is unknown, not the smallest value
+            if a.len() != 1 || a.is_null(0) {
+                return None;
+            }
+            let rows = conv.convert_columns(&[a]).ok()?;
+            Some(Box::from(rows.row(0).as_ref()))
         };
         let (Some(lo), Some(hi)) = (bound(min), bound(max)) else { return true };
         let at = self.values.partition_point(|v| *v < lo);

@@ -19,7 +19,7 @@
 //! A concurrent writer's commit makes ours conflict: the removes are computed again on the
 //! new version and the commit retried, so two overwrites of one partition never both show.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -530,8 +530,15 @@ fn link_into(table: &Path, files: &[(PathBuf, String)]) -> Res<()> {
             }
         }
     }
-    if let Ok(f) = std::fs::File::open(table) {
-        let _ = f.sync_all();
+    // the links' folders (partitions, the remembered deletes') and the table's, so that a
+    // commit made after this never names a file a power loss took back
+    let mut dirs: BTreeSet<PathBuf> =
+        files.iter().filter_map(|(_, rel)| table.join(rel).parent().map(Path::to_path_buf)).collect();
+    dirs.insert(table.to_path_buf());
+    for dir in dirs {
+        if let Ok(f) = std::fs::File::open(&dir) {
+            let _ = f.sync_all();
+        }
     }
     Ok(())
 }
@@ -762,28 +769,36 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks
                 // that cannot hold the run's keys
                 let first = spec.key.first().map(String::as_str);
                 let (files, current) = match (&snap, &tombstones) {
-                    (Some(snap), Some((app, tag))) => (
-                        table.files_ranged(snap, first)?,
-                        table.app_version(snap, app)?.map(|run| tombstone_path(tag, run)),
-                    ),
+                    (Some(snap), Some((app, _))) => (table.files_ranged(snap, first)?, table.app_version(snap, app)?),
                     (Some(snap), None) => (table.files_ranged(snap, first)?, None),
                     (None, _) => (Vec::new(), None),
                 };
-                Some(rewrite(&files, current.as_deref())?)
+                let current_path = match (&tombstones, current) {
+                    (Some((_, tag)), Some(run)) => Some(tombstone_path(tag, run)),
+                    _ => None,
+                };
+                Some((rewrite(&files, current_path.as_deref())?, current))
             }
             _ => None,
+        };
+        let (fold, current_tombstones) = match fold {
+            Some((f, c)) => (Some(f), c),
+            None => (None, None),
         };
         let skip = fold.as_ref().map(|f| &f.skip);
         let placed: Vec<Placed> =
             place(staged, spec)?.into_iter().filter(|p| skip.is_none_or(|s| !s.contains(&p.rel_staged))).collect();
         let written: HashSet<Option<String>> = placed.iter().filter_map(|p| p.partition.clone()).collect();
         let mut files: Vec<(PathBuf, String)> = placed.iter().map(|p| (p.staged.clone(), p.rel.clone())).collect();
-        // the remembered deletes go in with the data; the commit's txn names them current
-        let new_tombstones = match (fold.as_ref().and_then(|f| f.tombstones.clone()), &tombstones) {
-            (Some(file), Some((app, tag))) => {
+        // the remembered deletes go in with the data; the commit's txn names them current.
+        // Unchanged, the txn is recorded again for the current file: a table with
+        // `delta.setTransactionRetentionDuration` forgets txns not renewed
+        let tombstones_txn = match (fold.as_ref().and_then(|f| f.tombstones.clone()), &tombstones, current_tombstones) {
+            (Some(file), Some((app, tag)), _) => {
                 files.push((file, tombstone_path(tag, spec.version)));
-                Some(app.clone())
+                Some((app.clone(), spec.version))
             }
+            (None, Some((app, _)), Some(run)) => Some((app.clone(), run)),
             _ => None,
         };
         match (&table.local, &table.remote) {
@@ -805,8 +820,8 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks
                     .with_data_layout(layout)
                     .with_transaction_id(spec.app_id.clone(), spec.version)
                     .with_operation_parameters(params);
-                let builder = match &new_tombstones {
-                    Some(app) => builder.with_transaction_id(app.clone(), spec.version),
+                let builder = match &tombstones_txn {
+                    Some((app, run)) => builder.with_transaction_id(app.clone(), *run),
                     None => builder,
                 };
                 // another writer may create the table first: then this commit is retried
@@ -836,8 +851,8 @@ pub fn commit(staged: &Path, table_path: &Path, spec: &CommitSpec, hooks: &Hooks
                 for f in evolved {
                     builder = builder.add_column(f);
                 }
-                if let Some(app) = &new_tombstones {
-                    builder = builder.with_transaction_id(app.clone(), spec.version);
+                if let Some((app, run)) = &tombstones_txn {
+                    builder = builder.with_transaction_id(app.clone(), *run);
                 }
                 let mut txn = builder
                     .build(&table.engine, Box::new(FileSystemCommitter::new()))
@@ -1259,6 +1274,8 @@ fn optimize_in(
         full.fields().iter().filter(|f| Some(f.name()) != partition_by.as_ref()).map(|f| f.as_ref().clone()).collect();
     let data_schema = Arc::new(Schema::new(data_fields));
     let version = snap.version();
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let tag = super::remote::writer_tag(&format!("optimize/{}/{started}", std::process::id()));
     let mut placed = Vec::new();
     let mut removes = HashSet::new();
     for (n, (value, files)) in groups.iter().enumerate() {
@@ -1267,10 +1284,11 @@ fn optimize_in(
             (Some(col), None) => format!("{col}={NULL_PARTITION}"),
             (None, _) => String::new(),
         };
+        // unique to this compaction: two of one version never write one name
         let rel = if dir.is_empty() {
-            format!("part-opt-v{version}-{n:05}.parquet")
+            format!("part-opt-v{version}-{n:05}-{tag}.parquet")
         } else {
-            format!("{dir}/part-opt-v{version}-{n:05}.parquet")
+            format!("{dir}/part-opt-v{version}-{n:05}-{tag}.parquet")
         };
         let to = root.join(&rel);
         if let Some(parent) = to.parent() {

@@ -334,6 +334,9 @@ fn read(
         }
     };
     let cancel = client.cancel_token();
+    // a COPY left before its end is cancelled: else closing the snapshot waits for the
+    // server to send (and the client to discard) the rest of the result
+    let cancel_copy = client.cancel_token();
     let started = start(&mut client, name, sql, window);
     let (mut t, fetch, cols) = match started {
         Ok(x) => x,
@@ -362,8 +365,14 @@ fn read(
         return;
     };
     let fetched = match fetch {
-        Fetch::Portal(portal) => fetch_portal(name, &mut t, &portal, &chunks_tx),
-        Fetch::Copy(statement) => fetch_copy(name, &mut t, &statement, ncols, &chunks_tx),
+        Fetch::Portal(portal) => fetch_portal(name, &mut t, &portal, &chunks_tx).map(|()| true),
+        Fetch::Copy(statement) => {
+            let read = fetch_copy(name, &mut t, &statement, ncols, &chunks_tx);
+            if !matches!(read, Ok(true)) {
+                let _ = cancel_copy.cancel_query(postgres::NoTls);
+            }
+            read
+        }
     };
     drop(chunks_tx);
     if let Err(e) = fetched {
@@ -412,14 +421,15 @@ const COPY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 
 /// Stream `COPY (...) TO STDOUT (FORMAT binary)`, cut into chunks of whole rows of about
 /// FETCH_BYTES (a row longer than that is a chunk of its own). The framing is checked
-/// here: every row has `ncols` fields, and the output ends with its trailer.
+/// here: every row has `ncols` fields, and the output ends with its trailer. Returns
+/// whether it read to the end (false: the decoder stopped).
 fn fetch_copy(
     name: &str,
     t: &mut postgres::Transaction<'_>,
     statement: &str,
     ncols: usize,
     chunks: &SyncSender<Chunk>,
-) -> std::result::Result<(), Error> {
+) -> std::result::Result<bool, Error> {
     use std::io::BufRead;
     let mut reader = t.copy_out(statement).map_err(|e| pg_error(name, "reading", &e))?;
     let io_error = |e: std::io::Error| match e.get_ref().and_then(|x| x.downcast_ref::<postgres::Error>()) {
@@ -435,17 +445,24 @@ fn fetch_copy(
         buf.extend_from_slice(got);
         reader.consume(n);
         if !header {
-            if buf.len() < 19 && n > 0 {
-                continue;
+            if n == 0 && buf.len() < 19 {
+                return Err(bad(format!("it ended after {} bytes, before its header", buf.len())));
             }
-            if buf.get(..11) != Some(&COPY_SIGNATURE[..]) {
+            if buf.len() >= 11 && buf.get(..11) != Some(&COPY_SIGNATURE[..]) {
                 return Err(bad("it does not start with COPY's signature".into()));
             }
-            let ext = buf.get(15..19).map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
-            if buf.len() < 19 + ext {
+            if buf.len() < 19 {
                 continue;
             }
-            buf.drain(..19 + ext);
+            let ext = buf.get(15..19).map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+            let end = ext.saturating_add(19);
+            if buf.len() < end {
+                if n == 0 {
+                    return Err(bad("it ended inside its header".into()));
+                }
+                continue;
+            }
+            buf.drain(..end);
             header = true;
         }
         if buf.len() < FETCH_BYTES && n > 0 {
@@ -460,7 +477,7 @@ fn fetch_copy(
             let full = std::mem::replace(&mut buf, Vec::with_capacity(FETCH_BYTES + (64 << 10)));
             buf.extend_from_slice(&tail);
             if chunks.send(Chunk::Copy(full)).is_err() {
-                return Ok(());
+                return Ok(false);
             }
         }
         if trailer {
@@ -472,7 +489,7 @@ fn fetch_copy(
                 reader.consume(n);
                 more = n > 0;
             }
-            return Ok(());
+            return Ok(true);
         }
     }
 }
@@ -495,7 +512,10 @@ fn frame(buf: &[u8], ncols: usize) -> std::result::Result<(usize, bool), String>
             let Some(len) = be32(p) else { return Ok((at, false)) };
             p += 4;
             if len >= 0 {
-                p += len as usize;
+                p = p.saturating_add(len as usize);
+                if p > buf.len() {
+                    return Ok((at, false));
+                }
             } else if len != -1 {
                 return Err(format!("a field of length {len}"));
             }
@@ -597,8 +617,8 @@ fn decode(chunks: Receiver<Chunk>, mut b: Batcher) -> bool {
                         let raw = match len {
                             Some(-1) => None,
                             Some(n) if n >= 0 => {
-                                let value = bytes.get(at..at + n as usize);
-                                at += n as usize;
+                                let value = at.checked_add(n as usize).and_then(|end| bytes.get(at..end));
+                                at = at.saturating_add(n as usize);
                                 match value {
                                     Some(v) => Some(v),
                                     None => return b.fail(invalid(&b.name, "a truncated COPY row")),
