@@ -264,4 +264,34 @@ schema = { id = "int64", tags = "list<string>", geo = "struct<lat: float64, city
     check("nested jsonl: a bad nested value is refused with its line and path",
           p.returncode != 0 and "bad-nested.jsonl:2" in p.stderr and "geo" in p.stderr and ".city.zip" in p.stderr, p.stderr[-2000:])
 
+    # JSON lines are decoded on two workers, in blocks (of batch_size lines here): rows come
+    # out in the file's order, skipped lines are reported with their own numbers in order,
+    # and with on_error = "fail" the error is the first bad line of the file, whichever
+    # worker met a bad line first
+    lines, want_ids = [], []
+    for i in range(1, 2001):
+        if i == 150:
+            lines.append(b"{not json")
+        elif i == 500:
+            lines.append(b"")
+        elif i == 777:
+            lines.append(b'{"id": 777, "v": "\xff"}')
+        elif i == 1999:
+            lines.append(b'{"id": "x", "v": "mismatch"}')
+        else:
+            lines.append(f'{{"id": {i}, "v": "r{i}"}}'.encode())
+            want_ids.append(i)
+    (d / "blocks.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    src = 'format = "jsonl"\npath = "blocks.jsonl"\nschema = { id = "int64", v = "string" }\non_error = "skip"'
+    p, t = weir_table(d, "blocks", src, batch_size=100)
+    ids = t.column("id").to_pylist() if t is not None else []
+    r = subprocess.run([weir, "run", "pipeline.toml", "--force", "--json"], cwd=d, env=env, capture_output=True, text=True)
+    skipped = [s["line"] for s in json.loads(r.stdout)["steps"][0]["skipped"]] if r.returncode == 0 else []
+    check("JSON lines decoded in blocks on two workers: rows in the file's order, skipped lines by their own numbers",
+          ids == want_ids and skipped == [150, 777, 1999], f"{len(ids)} rows, first out of order at "
+          f"{next((k for k, (a, b) in enumerate(zip(ids, want_ids)) if a != b), None)}; skipped {skipped}")
+    p, t = weir_table(d, "blocks", src.replace('on_error = "skip"', 'on_error = "fail"'), batch_size=100)
+    check("JSON lines in blocks: on_error = fail names the file's first bad line",
+          p.returncode != 0 and "blocks.jsonl:150" in p.stderr, p.stderr[-500:])
+
 finish("sources")

@@ -135,7 +135,8 @@ pub(super) fn finish_batch(schema: &SchemaRef, builders: &mut [ColumnBuilder]) -
 fn open_file(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Box<dyn FileBatches>> {
     Ok(match spec.format {
         Format::Csv => Box::new(super::csv::CsvFile::open(path, schema, spec, offset)?),
-        Format::Jsonl | Format::Debezium => Box::new(super::jsonl::JsonlFile::open(path, schema, spec, offset)?),
+        Format::Jsonl => Box::new(super::jsonl::ParallelJsonl::open(path, schema, spec, offset)?),
+        Format::Debezium => Box::new(super::jsonl::JsonlFile::open(path, schema, spec, offset)?),
         Format::Parquet => Box::new(super::parquet::ParquetFile::open(path, schema, spec, offset)?),
         Format::Avro => Box::new(super::avro::AvroFile::open(path, schema, spec, offset)?),
         Format::Postgres | Format::Plugin => {

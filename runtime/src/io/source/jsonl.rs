@@ -112,33 +112,114 @@ pub(super) struct JsonlFile {
     /// The current line's text (reused from line to line).
     text: String,
     line: u64,
+    dec: LineDecoder,
+    batch_size: usize,
+}
+
+/// Lines into rows: the schema's shape, the row's cells and the columns being built.
+struct LineDecoder {
+    path: PathBuf,
     schema: SchemaRef,
     shape: RowShape,
     cells: Vec<SlotResult>,
     builders: Vec<ColumnBuilder>,
-    batch_size: usize,
     on_error: OnError,
     /// A Debezium source: each line is an event, read as the row it carries.
     envelope: Option<super::debezium::Envelope>,
 }
 
+impl LineDecoder {
+    fn new(path: &Path, schema: &SchemaRef, spec: &ReadSpec) -> Result<Self> {
+        Ok(LineDecoder {
+            path: path.to_path_buf(),
+            schema: schema.clone(),
+            shape: RowShape::new(schema),
+            cells: Vec::new(),
+            builders: text_builders(path, schema, spec.batch_size)?,
+            on_error: spec.on_error,
+            envelope: (spec.format == crate::config::Format::Debezium).then(|| super::debezium::Envelope::new(schema)),
+        })
+    }
+
+    /// Line `line` is not UTF-8: skipped, or the error.
+    fn invalid(&self, line: u64, skipped: &mut Vec<Skipped>) -> Result<()> {
+        let message = "invalid UTF-8".to_string();
+        if self.on_error == OnError::Skip {
+            skipped.push(Skipped { file: self.path.clone(), line, message });
+            return Ok(());
+        }
+        Err(Error::Input { file: self.path.clone(), line, column: None, message })
+    }
+
+    /// Line `line` (`raw`, its end included or not) into the columns; returns whether it
+    /// made a row (a blank line, a Kafka tombstone or a skipped line makes none).
+    fn line(&mut self, line: u64, raw: &str, skipped: &mut Vec<Skipped>) -> Result<bool> {
+        if raw.trim().is_empty() {
+            return Ok(false);
+        }
+        // the line without its end (as `lines()` gives it), so JSON errors count columns in it
+        let text = raw.strip_suffix('\n').unwrap_or(raw);
+        let text = text.strip_suffix('\r').unwrap_or(text);
+        let row;
+        let (text, decoded) = match &self.envelope {
+            None => (text, decode_line(text, &mut self.shape, &mut self.cells)),
+            Some(env) => match env.row(text) {
+                Ok(None) => return Ok(false),
+                Ok(Some(r)) => {
+                    row = r;
+                    (row.as_str(), decode_line(&row, &mut self.shape, &mut self.cells))
+                }
+                Err(m) => (text, Err(LineError::Line(m))),
+            },
+        };
+        match decoded {
+            Ok(()) => {
+                for (b, c) in self.builders.iter_mut().zip(self.cells.drain(..)) {
+                    match c {
+                        Ok(Slot::Text(from, to)) => b.push_str(&text[from..to]),
+                        Ok(Slot::Cell(c)) => b.push(c),
+                        Err(_) => b.push(Cell::Null),
+                    }
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                let (column, message) = match e {
+                    LineError::Line(m) => (None, m),
+                    LineError::Column(i, m) => (Some(self.schema.field(i).name().clone()), m),
+                };
+                if self.on_error != OnError::Skip {
+                    return Err(Error::Input { file: self.path.clone(), line, column, message });
+                }
+                skipped.push(Skipped {
+                    file: self.path.clone(),
+                    line,
+                    message: match column {
+                        Some(c) => format!("column `{c}`: {message}"),
+                        None => message,
+                    },
+                });
+                Ok(false)
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Result<RecordBatch> {
+        finish_batch(&self.schema, &mut self.builders)
+    }
+}
+
 impl JsonlFile {
     pub(super) fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Self> {
         let (file, budget) = Capped::new(open_text(path, spec.encoding)?, spec.max_record);
-        let builders = text_builders(path, schema, spec.batch_size)?;
         let mut file = JsonlFile {
             path: path.to_path_buf(),
             input: BufReader::with_capacity(256 * 1024, file),
             budget,
             text: String::new(),
             line: 0,
-            schema: schema.clone(),
-            shape: RowShape::new(schema),
-            cells: Vec::new(),
-            builders,
+            dec: LineDecoder::new(path, schema, spec)?,
             batch_size: spec.batch_size,
-            on_error: spec.on_error,
-            envelope: (spec.format == crate::config::Format::Debezium).then(|| super::debezium::Envelope::new(schema)),
         };
         file.skip(offset)?;
         Ok(file)
@@ -191,75 +272,200 @@ impl JsonlFile {
             match read {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    if self.on_error == OnError::Skip {
-                        skipped.push(Skipped {
-                            file: self.path.clone(),
-                            line: self.line,
-                            message: "invalid UTF-8".into(),
-                        });
-                        continue;
-                    }
-                    return Err(Error::Input {
-                        file: self.path.clone(),
-                        line: self.line,
-                        column: None,
-                        message: "invalid UTF-8".into(),
-                    });
+                    self.dec.invalid(self.line, skipped)?;
+                    continue;
                 }
                 Err(e) => return Err(self.read_error(e)),
             }
-            if self.text.trim().is_empty() {
-                continue;
-            }
-            // the line without its end (as `lines()` gives it), so JSON errors count columns in it
-            let text = self.text.strip_suffix('\n').unwrap_or(&self.text);
-            let text = text.strip_suffix('\r').unwrap_or(text);
-            let row;
-            let (text, decoded) = match &self.envelope {
-                None => (text, decode_line(text, &mut self.shape, &mut self.cells)),
-                Some(env) => match env.row(text) {
-                    Ok(None) => continue,
-                    Ok(Some(r)) => {
-                        row = r;
-                        (row.as_str(), decode_line(&row, &mut self.shape, &mut self.cells))
-                    }
-                    Err(m) => (text, Err(LineError::Line(m))),
-                },
-            };
-            match decoded {
-                Ok(()) => {
-                    for (b, c) in self.builders.iter_mut().zip(self.cells.drain(..)) {
-                        match c {
-                            Ok(Slot::Text(from, to)) => b.push_str(&text[from..to]),
-                            Ok(Slot::Cell(c)) => b.push(c),
-                            Err(_) => b.push(Cell::Null),
-                        }
-                    }
-                    rows += 1;
-                }
-                Err(e) => {
-                    let (column, message) = match e {
-                        LineError::Line(m) => (None, m),
-                        LineError::Column(i, m) => (Some(self.schema.field(i).name().clone()), m),
-                    };
-                    if self.on_error != OnError::Skip {
-                        return Err(Error::Input { file: self.path.clone(), line: self.line, column, message });
-                    }
-                    skipped.push(Skipped {
-                        file: self.path.clone(),
-                        line: self.line,
-                        message: match column {
-                            Some(c) => format!("column `{c}`: {message}"),
-                            None => message,
-                        },
-                    });
-                }
+            if self.dec.line(self.line, &self.text, skipped)? {
+                rows += 1;
             }
         }
         if rows == 0 && eof {
             return Ok(None);
         }
-        finish_batch(&self.schema, &mut self.builders).map(Some)
+        self.dec.finish().map(Some)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A file's lines decoded on worker threads: one thread reads blocks of whole lines (and
+// checks each line's length and encoding, as the single-threaded reader does), the workers
+// turn blocks into batches, and the batches come out in the file's order with their skipped
+// lines and the line they end at (a position). The first error in the file's order is the
+// one returned; every line has the number it has in the file.
+
+/// Decoding workers per file.
+const WORKERS: usize = 2;
+/// Bytes of lines a block holds at most (fewer than `batch_size` lines when lines are long).
+const BLOCK_BYTES: usize = 4 << 20;
+
+/// A block's line: its text in the block, or a line that is not UTF-8.
+enum BlockLine {
+    Text(usize, usize),
+    Invalid,
+}
+
+/// Whole lines of a file, numbered.
+struct Block {
+    text: String,
+    lines: Vec<(u64, BlockLine)>,
+    /// The line the block ends at: what a position after it holds.
+    end: u64,
+}
+
+/// A block decoded: its batch (none without rows), its skipped lines and where it ends.
+struct Decoded {
+    batch: Option<RecordBatch>,
+    skipped: Vec<Skipped>,
+    end: u64,
+}
+
+type Work = (Block, std::sync::mpsc::SyncSender<Result<Decoded>>);
+
+pub(super) struct ParallelJsonl {
+    results: std::sync::mpsc::Receiver<std::sync::mpsc::Receiver<Result<Decoded>>>,
+    consumed: u64,
+    done: bool,
+}
+
+impl ParallelJsonl {
+    pub(super) fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Self> {
+        use std::sync::mpsc::sync_channel;
+        let file = JsonlFile::open(path, schema, spec, offset)?;
+        let consumed = file.line;
+        let (work_tx, work_rx) = sync_channel::<Work>(1);
+        let work_rx = Arc::new(std::sync::Mutex::new(work_rx));
+        let (results_tx, results) = sync_channel(WORKERS + 1);
+        let spawn_error = |e: std::io::Error| Error::io(path, e);
+        for n in 0..WORKERS {
+            let mut dec = LineDecoder::new(path, schema, spec)?;
+            let work_rx = work_rx.clone();
+            std::thread::Builder::new()
+                .name(format!("jsonl decode {n}"))
+                .spawn(move || loop {
+                    let next = match work_rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((block, done)) = next else { return };
+                    let decoded = decode_block(&mut dec, &block);
+                    if decoded.is_err() {
+                        // the columns hold part of the failed block: start the next one clean
+                        let _ = dec.finish();
+                    }
+                    let _ = done.send(decoded);
+                })
+                .map_err(spawn_error)?;
+        }
+        let batch_size = spec.batch_size;
+        std::thread::Builder::new()
+            .name("jsonl read".into())
+            .spawn(move || read_blocks(file, batch_size, work_tx, results_tx))
+            .map_err(spawn_error)?;
+        Ok(ParallelJsonl { results, consumed, done: false })
+    }
+}
+
+/// The reader thread: blocks of lines to the workers, in order; a read error takes the
+/// place of the block it fell in.
+fn read_blocks(
+    mut file: JsonlFile,
+    batch_size: usize,
+    work: std::sync::mpsc::SyncSender<Work>,
+    results: std::sync::mpsc::SyncSender<std::sync::mpsc::Receiver<Result<Decoded>>>,
+) {
+    use std::sync::mpsc::sync_channel;
+    loop {
+        let mut block = Block { text: String::new(), lines: Vec::new(), end: file.line };
+        let mut failed = None;
+        let mut eof = false;
+        while block.lines.len() < batch_size && block.text.len() < BLOCK_BYTES {
+            match file.next_line() {
+                None => {
+                    eof = true;
+                    break;
+                }
+                Some(Ok(())) => {
+                    let start = block.text.len();
+                    block.text.push_str(&file.text);
+                    block.lines.push((file.line, BlockLine::Text(start, block.text.len())));
+                }
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    block.lines.push((file.line, BlockLine::Invalid));
+                }
+                Some(Err(e)) => {
+                    failed = Some(file.read_error(e));
+                    break;
+                }
+            }
+        }
+        block.end = file.line;
+        let (done_tx, done_rx) = sync_channel(1);
+        if !block.lines.is_empty() && (results.send(done_rx).is_err() || work.send((block, done_tx)).is_err()) {
+            return;
+        }
+        if let Some(e) = failed {
+            let (tx, rx) = sync_channel(1);
+            let _ = tx.send(Err(e));
+            let _ = results.send(rx);
+            return;
+        }
+        if eof {
+            return;
+        }
+    }
+}
+
+fn decode_block(dec: &mut LineDecoder, block: &Block) -> Result<Decoded> {
+    let mut skipped = Vec::new();
+    let mut rows = 0;
+    for (line, l) in &block.lines {
+        match l {
+            BlockLine::Invalid => dec.invalid(*line, &mut skipped)?,
+            BlockLine::Text(from, to) => {
+                let text = block.text.get(*from..*to).unwrap_or_default();
+                if dec.line(*line, text, &mut skipped)? {
+                    rows += 1;
+                }
+            }
+        }
+    }
+    let batch = if rows > 0 { Some(dec.finish()?) } else { None };
+    Ok(Decoded { batch, skipped, end: block.end })
+}
+
+impl FileBatches for ParallelJsonl {
+    fn next_batch(&mut self, skipped: &mut Vec<Skipped>) -> Result<Option<RecordBatch>> {
+        while !self.done {
+            // the reader ends the results after the last block
+            let Ok(next) = self.results.recv() else {
+                self.done = true;
+                break;
+            };
+            match next.recv() {
+                Ok(Ok(d)) => {
+                    skipped.extend(d.skipped);
+                    self.consumed = d.end;
+                    if d.batch.is_some() {
+                        return Ok(d.batch);
+                    }
+                }
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.done = true;
+                    return Err(Error::Internal("a JSON-lines decoder stopped before its block".into()));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn consumed(&self) -> u64 {
+        self.consumed
     }
 }
 
