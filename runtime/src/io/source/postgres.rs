@@ -691,7 +691,18 @@ fn start<'c>(client: &'c mut postgres::Client, name: &str, sql: &str, window: Op
         // a portal's rows); the statement's own text, on lines of its own so that a trailing
         // comment cannot swallow the closing parenthesis
         let text = sql.trim_end().trim_end_matches(';').trim_end();
-        return Ok((t, Fetch::Copy(format!("COPY (\n{text}\n) TO STDOUT (FORMAT binary)")), cols));
+        let copy = format!("COPY (\n{text}\n) TO STDOUT (FORMAT binary)");
+        // a statement that prepares alone but not inside COPY (`...; -- note`) is read
+        // through a portal: tried under a savepoint, so the failure leaves the snapshot usable
+        let savepoint = |cmd: &str, t: &mut postgres::Transaction<'_>| {
+            t.batch_execute(cmd).map_err(|e| pg_error(name, "cannot set a savepoint", &e))
+        };
+        savepoint("SAVEPOINT weir_copy", &mut t)?;
+        if t.prepare(&copy).is_ok() {
+            savepoint("RELEASE SAVEPOINT weir_copy", &mut t)?;
+            return Ok((t, Fetch::Copy(copy), cols));
+        }
+        savepoint("ROLLBACK TO SAVEPOINT weir_copy", &mut t)?;
     }
     let params: Vec<&(dyn ToSql + Sync)> = bounds.iter().map(|b| b as &(dyn ToSql + Sync)).collect();
     let portal = t.bind(&stmt, &params).map_err(|e| pg_error(name, "binding the window", &e))?;
