@@ -377,31 +377,45 @@ fn outdate(
             }
         }
     }
-    let mut cols = out.key.clone();
-    cols.push(col.to_string());
     for path in published {
-        let (schema, batches) = read(path, Some(&cols))?;
-        let kidx: Vec<usize> =
-            out.key.iter().map(|k| schema.index_of(k).map_err(|e| e.to_string())).collect::<Res<_>>()?;
-        let sat = schema
-            .index_of(col)
-            .map_err(|_| format!("{} has no `{col}` column to order its rows by (sequence_by)", path.display()))?;
-        for b in &batches {
-            let keys = kc
-                .convert_columns(&kidx.iter().map(|&i| b.column(i).clone()).collect::<Vec<_>>())
-                .map_err(|e| e.to_string())?;
-            let seqs = sc.convert_columns(&[b.column(sat).clone()]).map_err(|e| e.to_string())?;
-            for i in 0..b.num_rows() {
-                if let Some(w) = last.get_mut(keys.row(i).as_ref()) {
-                    if !w.stale && w.seq.as_deref() < Some(seqs.row(i).as_ref()) {
-                        w.stale = true;
-                        outdated += 1;
-                    }
+        each_key_seq(path, out, col, None, kc, sc, |key, seq| {
+            if let Some(w) = last.get_mut(key) {
+                if !w.stale && w.seq.as_deref() < Some(seq) {
+                    w.stale = true;
+                    outdated += 1;
                 }
             }
-        }
+        })?;
     }
     folded.outdated += outdated;
+    Ok(())
+}
+
+/// Each row of the Parquet file `path` as its key and `sequence_by` value (`col`), both as
+/// comparable bytes; in the types of `types` when given (a file another writer made may
+/// hold a column in a narrower type), else in the file's own.
+#[allow(clippy::too_many_arguments)]
+fn each_key_seq(
+    path: &Path,
+    out: &Output,
+    col: &str,
+    types: Option<&SchemaRef>,
+    kc: &RowConverter,
+    sc: &RowConverter,
+    mut row: impl FnMut(&[u8], &[u8]),
+) -> Res<()> {
+    let mut cols = out.key.clone();
+    cols.push(col.to_string());
+    let (schema, batches) = read(path, Some(&cols))?;
+    let types = types.unwrap_or(&schema);
+    let seq_col = [col.to_string()];
+    for b in &batches {
+        let keys = kc.convert_columns(&columns_as(b, &out.key, types, path)?).map_err(|e| e.to_string())?;
+        let seqs = sc.convert_columns(&columns_as(b, &seq_col, types, path)?).map_err(|e| e.to_string())?;
+        for i in 0..b.num_rows() {
+            row(keys.row(i).as_ref(), seqs.row(i).as_ref());
+        }
+    }
     Ok(())
 }
 
@@ -765,25 +779,17 @@ pub(crate) fn fold_table_files(
                 }
             }
         }
-        let mut cols = out.key.clone();
-        cols.push(col.clone());
-        let seq_col = [col.clone()];
         for f in candidates {
             let path = fetch(&f.path)?;
-            let (_, batches) = read(&path, Some(&cols))?;
             let mut holds = false;
-            for b in &batches {
-                let keys = kc.convert_columns(&columns_as(b, &out.key, schema, &path)?).map_err(|e| e.to_string())?;
-                let seqs = sc.convert_columns(&columns_as(b, &seq_col, schema, &path)?).map_err(|e| e.to_string())?;
-                for i in 0..b.num_rows() {
-                    if let Some(m) = touched.get(keys.row(i).as_ref()) {
-                        holds = true;
-                        if m.seq.as_deref() < Some(seqs.row(i).as_ref()) {
-                            stale.insert(Box::from(keys.row(i).as_ref()));
-                        }
+            each_key_seq(&path, out, col, Some(schema), &kc, &sc, |key, seq| {
+                if let Some(m) = touched.get(key) {
+                    holds = true;
+                    if m.seq.as_deref() < Some(seq) {
+                        stale.insert(Box::from(key));
                     }
                 }
-            }
+            })?;
             if holds {
                 holding.push((f, Some(path)));
             } else {

@@ -105,6 +105,13 @@ pub(super) fn schema(files: &[PathBuf], source: &Source, spec: &ReadSpec) -> Res
 }
 
 pub(super) struct JsonlFile {
+    lines: Lines,
+    dec: LineDecoder,
+    batch_size: usize,
+}
+
+/// A file's lines, one at a time, numbered, each held to `max_record_mb`.
+struct Lines {
     path: PathBuf,
     input: BufReader<Capped>,
     /// Renewed after each line: a line may not be longer than `max_record_mb`.
@@ -112,8 +119,6 @@ pub(super) struct JsonlFile {
     /// The current line's text (reused from line to line).
     text: String,
     line: u64,
-    dec: LineDecoder,
-    batch_size: usize,
 }
 
 /// Lines into rows: the schema's shape, the row's cells and the columns being built.
@@ -209,20 +214,19 @@ impl LineDecoder {
     }
 }
 
-impl JsonlFile {
-    pub(super) fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Self> {
+impl Lines {
+    /// The file from line `offset` on.
+    fn open(path: &Path, spec: &ReadSpec, offset: u64) -> Result<Self> {
         let (file, budget) = Capped::new(open_text(path, spec.encoding)?, spec.max_record);
-        let mut file = JsonlFile {
+        let mut lines = Lines {
             path: path.to_path_buf(),
             input: BufReader::with_capacity(256 * 1024, file),
             budget,
             text: String::new(),
             line: 0,
-            dec: LineDecoder::new(path, schema, spec)?,
-            batch_size: spec.batch_size,
         };
-        file.skip(offset)?;
-        Ok(file)
+        lines.skip(offset)?;
+        Ok(lines)
     }
 
     fn skip(&mut self, n: u64) -> Result<()> {
@@ -260,24 +264,32 @@ impl JsonlFile {
             None => Error::io(&self.path, e),
         }
     }
+}
+
+impl JsonlFile {
+    pub(super) fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Self> {
+        let lines = Lines::open(path, spec, offset)?;
+        Ok(JsonlFile { lines, dec: LineDecoder::new(path, schema, spec)?, batch_size: spec.batch_size })
+    }
 
     fn read_batch(&mut self, skipped: &mut Vec<Skipped>) -> Result<Option<RecordBatch>> {
         let mut rows = 0;
         let mut eof = false;
+        let lines = &mut self.lines;
         while rows < self.batch_size {
-            let Some(read) = self.next_line() else {
+            let Some(read) = lines.next_line() else {
                 eof = true;
                 break;
             };
             match read {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    self.dec.invalid(self.line, skipped)?;
+                    self.dec.invalid(lines.line, skipped)?;
                     continue;
                 }
-                Err(e) => return Err(self.read_error(e)),
+                Err(e) => return Err(lines.read_error(e)),
             }
-            if self.dec.line(self.line, &self.text, skipped)? {
+            if self.dec.line(lines.line, &lines.text, skipped)? {
                 rows += 1;
             }
         }
@@ -332,7 +344,7 @@ pub(super) struct ParallelJsonl {
 impl ParallelJsonl {
     pub(super) fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Self> {
         use std::sync::mpsc::sync_channel;
-        let file = JsonlFile::open(path, schema, spec, offset)?;
+        let file = Lines::open(path, spec, offset)?;
         let consumed = file.line;
         let (work_tx, work_rx) = sync_channel::<Work>(1);
         let work_rx = Arc::new(std::sync::Mutex::new(work_rx));
@@ -370,7 +382,7 @@ impl ParallelJsonl {
 /// The reader thread: blocks of lines to the workers, in order; a read error takes the
 /// place of the block it fell in.
 fn read_blocks(
-    mut file: JsonlFile,
+    mut file: Lines,
     batch_size: usize,
     work: std::sync::mpsc::SyncSender<Work>,
     results: std::sync::mpsc::SyncSender<std::sync::mpsc::Receiver<Result<Decoded>>>,
@@ -806,7 +818,7 @@ impl FileBatches for JsonlFile {
     }
 
     fn consumed(&self) -> u64 {
-        self.line
+        self.lines.line
     }
 }
 
