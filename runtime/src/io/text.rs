@@ -11,6 +11,9 @@ use arrow_array::ArrayRef;
 use arrow_cast::parse::Parser;
 use arrow_schema::{DataType, TimeUnit};
 
+mod nested;
+pub use nested::NestedBuilder;
+
 /// One parsed cell, before it is appended (so a bad row can be skipped whole).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cell {
@@ -164,63 +167,6 @@ pub fn nested_from_value(value: &serde_json::Value, dtype: &DataType) -> Result<
     }
 }
 
-/// The Arrow array of decoded nested values of `dtype` (a value of another shape, which a
-/// decoder never makes, is a null).
-fn nested_array(values: &[&Nested], dtype: &DataType) -> ArrayRef {
-    use arrow_array::{ListArray, StructArray};
-    use arrow_buffer::{NullBuffer, OffsetBuffer};
-    static NULL: Nested = Nested::Null;
-    let nulls = || Some(NullBuffer::from_iter(values.iter().map(|v| !matches!(v, Nested::Null))));
-    let fallback = || arrow_array::new_null_array(dtype, values.len());
-    match dtype {
-        DataType::List(item) => {
-            let mut children: Vec<&Nested> = Vec::new();
-            let lengths: Vec<usize> = values
-                .iter()
-                .map(|v| match v {
-                    Nested::List(items) => {
-                        children.extend(items.iter());
-                        items.len()
-                    }
-                    _ => 0,
-                })
-                .collect();
-            let child = nested_array(&children, item.data_type());
-            ListArray::try_new(item.clone(), OffsetBuffer::<i32>::from_lengths(lengths), child, nulls())
-                .map_or_else(|_| fallback(), |a| Arc::new(a) as ArrayRef)
-        }
-        DataType::Struct(fields) => {
-            let children: Vec<ArrayRef> = (0..fields.len())
-                .map(|i| {
-                    let column: Vec<&Nested> = values
-                        .iter()
-                        .map(|v| match v {
-                            Nested::Struct(parts) => parts.get(i).unwrap_or(&NULL),
-                            _ => &NULL,
-                        })
-                        .collect();
-                    nested_array(&column, fields[i].data_type())
-                })
-                .collect();
-            StructArray::try_new(fields.clone(), children, nulls())
-                .map_or_else(|_| fallback(), |a| Arc::new(a) as ArrayRef)
-        }
-        leaf => match ColumnBuilder::new(leaf, values.len()) {
-            Ok(mut b) => {
-                for v in values {
-                    match v {
-                        Nested::Leaf(Cell::Str(s)) => b.push_str(s),
-                        Nested::Leaf(c) => b.push(c.clone()),
-                        _ => b.push(Cell::Null),
-                    }
-                }
-                b.finish()
-            }
-            Err(_) => fallback(),
-        },
-    }
-}
-
 /// Guess the narrowest type for sample texts: int64, float64, bool, date, timestamp, else
 /// string. Empty samples do not vote; a column with no values is a string.
 pub fn infer_type<'a>(samples: impl Iterator<Item = &'a str>) -> DataType {
@@ -260,8 +206,8 @@ pub enum ColumnBuilder {
     Bool(BooleanBuilder),
     Date32(Date32Builder),
     Timestamp(TimestampMicrosecondBuilder, Option<Arc<str>>),
-    /// A struct or list column (JSON lines): its checked values, built into arrays at the end.
-    Nested(DataType, Vec<Nested>),
+    /// A struct or list column (JSON lines), built value by value.
+    Nested(NestedBuilder),
 }
 
 impl ColumnBuilder {
@@ -277,9 +223,7 @@ impl ColumnBuilder {
             DataType::Timestamp(TimeUnit::Microsecond, tz) => {
                 ColumnBuilder::Timestamp(TimestampMicrosecondBuilder::with_capacity(capacity), tz.clone())
             }
-            t @ (DataType::List(_) | DataType::Struct(_)) => {
-                ColumnBuilder::Nested(t.clone(), Vec::with_capacity(capacity))
-            }
+            t @ (DataType::List(_) | DataType::Struct(_)) => ColumnBuilder::Nested(NestedBuilder::new(t)?),
             other => return Err(format!("type {other} is not supported for text input")),
         })
     }
@@ -295,7 +239,7 @@ impl ColumnBuilder {
             (ColumnBuilder::Bool(b), Cell::Bool(v)) => b.append_value(v),
             (ColumnBuilder::Date32(b), Cell::Int(v)) => b.append_value(v as i32),
             (ColumnBuilder::Timestamp(b, _), Cell::Int(v)) => b.append_value(v),
-            (ColumnBuilder::Nested(_, values), Cell::Nested(v)) => values.push(*v),
+            (ColumnBuilder::Nested(b), Cell::Nested(v)) => b.push_tree(&v),
             (b, _) => b.push_null(),
         }
     }
@@ -318,13 +262,14 @@ impl ColumnBuilder {
             ColumnBuilder::Bool(b) => b.append_null(),
             ColumnBuilder::Date32(b) => b.append_null(),
             ColumnBuilder::Timestamp(b, _) => b.append_null(),
-            ColumnBuilder::Nested(_, values) => values.push(Nested::Null),
+            ColumnBuilder::Nested(b) => b.push_null(),
         }
     }
 
-    /// The column so far; the builder starts empty again.
-    pub fn finish(&mut self) -> ArrayRef {
-        match self {
+    /// The column so far; the builder starts empty again. Fails only when a nested column
+    /// outgrows 32-bit offsets in one batch.
+    pub fn finish(&mut self) -> Result<ArrayRef, String> {
+        Ok(match self {
             ColumnBuilder::Utf8(b) => Arc::new(b.finish()),
             ColumnBuilder::Int64(b) => Arc::new(b.finish()),
             ColumnBuilder::Int32(b) => Arc::new(b.finish()),
@@ -333,13 +278,8 @@ impl ColumnBuilder {
             ColumnBuilder::Bool(b) => Arc::new(b.finish()),
             ColumnBuilder::Date32(b) => Arc::new(b.finish()),
             ColumnBuilder::Timestamp(b, tz) => Arc::new(b.finish().with_timezone_opt(tz.clone())),
-            ColumnBuilder::Nested(dtype, values) => {
-                let refs: Vec<&Nested> = values.iter().collect();
-                let array = nested_array(&refs, dtype);
-                values.clear();
-                array
-            }
-        }
+            ColumnBuilder::Nested(b) => b.finish()?,
+        })
     }
 }
 

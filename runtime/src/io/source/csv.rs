@@ -281,7 +281,7 @@ impl CsvFile {
         if rows == 0 && eof {
             return Ok(None);
         }
-        finish_batch(&self.schema, &mut self.builders).map(Some)
+        finish_batch(&self.path, &self.schema, &mut self.builders).map(Some)
     }
 
     /// Skip `n` records (resuming from a checkpoint).

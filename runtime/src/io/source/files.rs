@@ -126,8 +126,12 @@ pub(super) fn text_builders(path: &Path, schema: &SchemaRef, batch_size: usize) 
 }
 
 /// The rows the builders hold, as a batch (the builders start over).
-pub(super) fn finish_batch(schema: &SchemaRef, builders: &mut [ColumnBuilder]) -> Result<RecordBatch> {
-    let columns: Vec<ArrayRef> = builders.iter_mut().map(|b| b.finish()).collect();
+pub(super) fn finish_batch(path: &Path, schema: &SchemaRef, builders: &mut [ColumnBuilder]) -> Result<RecordBatch> {
+    // every column is finished (and so emptied), failed or not
+    let columns: Vec<_> = builders.iter_mut().map(|b| b.finish()).collect();
+    let columns = columns.into_iter().collect::<std::result::Result<Vec<ArrayRef>, _>>();
+    let columns =
+        columns.map_err(|message| Error::Input { file: path.to_path_buf(), line: 0, column: None, message })?;
     RecordBatch::try_new(schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))
 }
 

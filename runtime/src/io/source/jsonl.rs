@@ -14,7 +14,7 @@ use super::files::{
 use super::{corrupt_input, Skipped};
 use crate::config::{OnError, Source};
 use crate::io::text::{
-    infer_type, nested_from_value, nested_message, parse_json, scalar_cell, Cell, ColumnBuilder, Nested, Scalar,
+    infer_type, nested_from_value, nested_message, parse_json, scalar_cell, Cell, ColumnBuilder, NestedBuilder, Scalar,
 };
 use crate::io::{Error, Result};
 
@@ -167,12 +167,12 @@ impl LineDecoder {
         let text = text.strip_suffix('\r').unwrap_or(text);
         let row;
         let (text, decoded) = match &self.envelope {
-            None => (text, decode_line(text, &mut self.shape, &mut self.cells)),
+            None => (text, decode_line(text, &mut self.shape, &mut self.cells, &mut self.builders)),
             Some(env) => match env.row(text) {
                 Ok(None) => return Ok(false),
                 Ok(Some(r)) => {
                     row = r;
-                    (row.as_str(), decode_line(&row, &mut self.shape, &mut self.cells))
+                    (row.as_str(), decode_line(&row, &mut self.shape, &mut self.cells, &mut self.builders))
                 }
                 Err(m) => (text, Err(LineError::Line(m))),
             },
@@ -183,6 +183,7 @@ impl LineDecoder {
                     match c {
                         Ok(Slot::Text(from, to)) => b.push_str(&text[from..to]),
                         Ok(Slot::Cell(c)) => b.push(c),
+                        Ok(Slot::Pushed) => {}
                         Err(_) => b.push(Cell::Null),
                     }
                 }
@@ -210,7 +211,7 @@ impl LineDecoder {
     }
 
     fn finish(&mut self) -> Result<RecordBatch> {
-        finish_batch(&self.schema, &mut self.builders)
+        finish_batch(&self.path, &self.schema, &mut self.builders)
     }
 }
 
@@ -516,6 +517,8 @@ impl RowShape {
 pub(super) enum Slot {
     Cell(Cell),
     Text(usize, usize),
+    /// A struct or list value, already in its column.
+    Pushed,
 }
 
 /// Why a line is not a row: bad JSON or not an object (no column), or a column's value.
@@ -528,8 +531,36 @@ pub(super) enum LineError {
 type SlotResult = Result<Slot, String>;
 
 /// Decode one line into `slots` (one per column, in schema order; missing keys are null, a
-/// repeated key keeps its last value, as with a parsed map).
-pub(super) fn decode_line(text: &str, shape: &mut RowShape, slots: &mut Vec<SlotResult>) -> Result<(), LineError> {
+/// repeated key keeps its last value, as with a parsed map). Struct and list values go
+/// straight into their `builders` (their slots say so); a line that fails leaves them as
+/// they were. The caller appends the other slots of a line that decoded.
+pub(super) fn decode_line(
+    text: &str,
+    shape: &mut RowShape,
+    slots: &mut Vec<SlotResult>,
+    builders: &mut [ColumnBuilder],
+) -> Result<(), LineError> {
+    let rows = builders.iter().find_map(|b| match b {
+        ColumnBuilder::Nested(b) => Some(b.len()),
+        _ => None,
+    });
+    let decoded = decode_into(text, shape, slots, builders);
+    if let (Err(_), Some(rows)) = (&decoded, rows) {
+        for b in builders.iter_mut() {
+            if let ColumnBuilder::Nested(b) = b {
+                b.truncate(rows);
+            }
+        }
+    }
+    decoded
+}
+
+fn decode_into(
+    text: &str,
+    shape: &mut RowShape,
+    slots: &mut Vec<SlotResult>,
+    builders: &mut [ColumnBuilder],
+) -> Result<(), LineError> {
     slots.clear();
     slots.resize_with(shape.types.len(), || Ok(Slot::Cell(Cell::Null)));
     if !text.trim_start().starts_with('{') {
@@ -539,7 +570,7 @@ pub(super) fn decode_line(text: &str, shape: &mut RowShape, slots: &mut Vec<Slot
         }));
     }
     let mut de = serde_json::Deserializer::from_str(text);
-    de.deserialize_map(RowVisitor { shape, slots, base: text.as_ptr() as usize })
+    de.deserialize_map(RowVisitor { shape, slots, builders, base: text.as_ptr() as usize })
         .and_then(|()| de.end())
         .map_err(|e| LineError::Line(format!("not valid JSON: {e}")))?;
     match slots.iter().position(Result::is_err) {
@@ -554,6 +585,7 @@ pub(super) fn decode_line(text: &str, shape: &mut RowShape, slots: &mut Vec<Slot
 struct RowVisitor<'a> {
     shape: &'a mut RowShape,
     slots: &'a mut Vec<SlotResult>,
+    builders: &'a mut [ColumnBuilder],
     /// Where the line starts in memory, to turn borrowed text into a range of it.
     base: usize,
 }
@@ -582,11 +614,21 @@ impl<'de> Visitor<'de> for RowVisitor<'_> {
                 None => shape.last_order.push(column),
             }
             position += 1;
-            match column {
-                Some(i) => self.slots[i] = map.next_value_seed(CellSeed { dtype: &shape.types[i], base: self.base })?,
-                None => {
-                    map.next_value::<IgnoredAny>()?;
+            let Some(i) = column else {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            };
+            match self.builders.get_mut(i) {
+                // a struct or list goes straight into its column
+                Some(ColumnBuilder::Nested(b)) => {
+                    if matches!(self.slots[i], Ok(Slot::Pushed)) {
+                        // a repeated key: its last value counts
+                        b.truncate(b.len().saturating_sub(1));
+                    }
+                    let fit = map.next_value_seed(NestedInto(b))?;
+                    self.slots[i] = fit.map(|()| Slot::Pushed).map_err(nested_message);
                 }
+                _ => self.slots[i] = map.next_value_seed(CellSeed { dtype: &shape.types[i], base: self.base })?,
             }
         }
         Ok(())
@@ -639,14 +681,6 @@ impl<'de> DeserializeSeed<'de> for CellSeed<'_> {
     type Value = SlotResult;
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<SlotResult, D::Error> {
-        if self.dtype.is_nested() {
-            let value = NestedSeed(self.dtype).deserialize(d)?;
-            let cell = |n| match n {
-                Nested::Null => Cell::Null,
-                n => Cell::Nested(Box::new(n)),
-            };
-            return Ok(value.map(|n| Slot::Cell(cell(n))).map_err(nested_message));
-        }
         d.deserialize_any(self)
     }
 }
@@ -704,109 +738,173 @@ impl<'de> Visitor<'de> for CellSeed<'_> {
     }
 }
 
-/// A struct or list column's value decoded straight from the text by its type: fields by
-/// position, leaves as cells, no `serde_json::Value` (a map with owned keys) in between. The
-/// result, and the path error of a value that does not fit, are [`nested_from_value`]'s
-/// for the same value (the differential test below checks it); the rest of the value is
-/// still read after an error, so bad JSON later in the line wins, as it does there.
-struct NestedSeed<'a>(&'a DataType);
+/// A struct or list column's value decoded straight into its builder by the declared type:
+/// fields by position, leaves appended as they are met, no tree or `serde_json::Value` in
+/// between. `Ok` appends exactly one value; an error (the path to the first part that does
+/// not fit, as [`nested_from_value`] names it for the same value) appends none. The rest of
+/// the value is still read after an error, so bad JSON later in the line wins, as it does
+/// when the line is parsed first.
+struct NestedInto<'a>(&'a mut NestedBuilder);
 
-type NestedResult = Result<Nested, String>;
+type Fit = Result<(), String>;
 
-impl NestedSeed<'_> {
-    /// A value of another kind than the type's, judged as a parsed value is.
-    fn judged(&self, value: serde_json::Value) -> NestedResult {
-        nested_from_value(&value, self.0)
+impl NestedInto<'_> {
+    /// A value of another kind than the type's, judged as a parsed value is (a string leaf
+    /// keeps an object's or array's JSON text).
+    fn judged(self, value: serde_json::Value) -> Fit {
+        nested_from_value(&value, &self.0.data_type()).map(|tree| self.0.push_tree(&tree))
     }
 
     /// A scalar: a leaf of a scalar type, or a value of the wrong kind for a struct or list.
-    fn scalar(&self, v: Scalar<'_>) -> NestedResult {
+    fn scalar(self, v: Scalar<'_>) -> Fit {
         match self.0 {
-            t if t.is_nested() => self.judged(v.value()),
-            t => scalar_cell(v, t).map(Nested::Leaf).map_err(|e| format!(": {e}")),
+            NestedBuilder::Leaf(leaf) => match (v, leaf.dtype()) {
+                (Scalar::Str(s), DataType::Utf8) => {
+                    leaf.push_str(s);
+                    Ok(())
+                }
+                (v, t) => scalar_cell(v, t).map(|c| leaf.push(&c)).map_err(|e| format!(": {e}")),
+            },
+            _ => self.judged(v.value()),
         }
     }
 }
 
-impl<'de> DeserializeSeed<'de> for NestedSeed<'_> {
-    type Value = NestedResult;
+impl<'de> DeserializeSeed<'de> for NestedInto<'_> {
+    type Value = Fit;
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<NestedResult, D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<Fit, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for NestedSeed<'_> {
-    type Value = NestedResult;
+/// Which of a struct's fields a value has given so far.
+struct Seen {
+    bits: u64,
+    more: Vec<bool>,
+}
+
+impl Seen {
+    fn new(fields: usize) -> Self {
+        Seen { bits: 0, more: if fields > 64 { vec![false; fields] } else { Vec::new() } }
+    }
+
+    /// Mark field `i` seen (or not); returns whether it was.
+    fn set(&mut self, i: usize, seen: bool) -> bool {
+        if let Some(s) = self.more.get_mut(i) {
+            return std::mem::replace(s, seen);
+        }
+        let was = self.bits & (1 << i) != 0;
+        if seen {
+            self.bits |= 1 << i;
+        } else {
+            self.bits &= !(1 << i);
+        }
+        was
+    }
+}
+
+impl<'de> Visitor<'de> for NestedInto<'_> {
+    type Value = Fit;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a JSON value")
     }
 
-    fn visit_unit<E>(self) -> std::result::Result<NestedResult, E> {
-        Ok(Ok(Nested::Null))
+    fn visit_unit<E>(self) -> std::result::Result<Fit, E> {
+        self.0.push_null();
+        Ok(Ok(()))
     }
 
-    fn visit_bool<E>(self, b: bool) -> std::result::Result<NestedResult, E> {
+    fn visit_bool<E>(self, b: bool) -> std::result::Result<Fit, E> {
         Ok(self.scalar(Scalar::Bool(b)))
     }
 
-    fn visit_i64<E>(self, i: i64) -> std::result::Result<NestedResult, E> {
+    fn visit_i64<E>(self, i: i64) -> std::result::Result<Fit, E> {
         Ok(self.scalar(Scalar::Int(i)))
     }
 
-    fn visit_u64<E>(self, u: u64) -> std::result::Result<NestedResult, E> {
+    fn visit_u64<E>(self, u: u64) -> std::result::Result<Fit, E> {
         Ok(self.scalar(i64::try_from(u).map_or(Scalar::Big(u), Scalar::Int)))
     }
 
-    fn visit_f64<E>(self, f: f64) -> std::result::Result<NestedResult, E> {
+    fn visit_f64<E>(self, f: f64) -> std::result::Result<Fit, E> {
         Ok(self.scalar(Scalar::Float(f)))
     }
 
-    fn visit_str<E>(self, s: &str) -> std::result::Result<NestedResult, E> {
+    fn visit_str<E>(self, s: &str) -> std::result::Result<Fit, E> {
         Ok(self.scalar(Scalar::Str(s)))
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<NestedResult, A::Error> {
-        let DataType::List(item) = self.0 else {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Fit, A::Error> {
+        let NestedBuilder::List { ends, valid, item, .. } = self.0 else {
             let value = serde::Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
             return Ok(self.judged(value));
         };
-        let (mut items, mut first_error, mut at) = (Vec::new(), None, 0usize);
-        while let Some(v) = seq.next_element_seed(NestedSeed(item.data_type()))? {
-            match v {
-                Ok(v) => items.push(v),
-                Err(e) if first_error.is_none() => first_error = Some(format!("[{at}]{e}")),
-                Err(_) => {}
+        let (mark, mut first_error, mut at) = (item.len(), None, 0usize);
+        while let Some(fit) = seq.next_element_seed(NestedInto(item.as_mut()))? {
+            if let (Err(e), None) = (fit, &first_error) {
+                first_error = Some(format!("[{at}]{e}"));
             }
             at += 1;
         }
-        Ok(first_error.map_or(Ok(Nested::List(items)), Err))
+        Ok(match first_error {
+            Some(e) => {
+                item.truncate(mark);
+                Err(e)
+            }
+            None => {
+                ends.push(item.len());
+                valid.push(true);
+                Ok(())
+            }
+        })
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<NestedResult, A::Error> {
-        let DataType::Struct(fields) = self.0 else {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Fit, A::Error> {
+        let NestedBuilder::Struct { fields, valid, children } = self.0 else {
             let value = serde::Deserialize::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
             return Ok(self.judged(value));
         };
-        let mut parts: Vec<NestedResult> = vec![Ok(Nested::Null); fields.len()];
+        let mark = valid.len();
+        let mut seen = Seen::new(fields.len());
+        // each field's error, by position (made on the first one: values that fit need none)
+        let mut errors: Vec<Option<String>> = Vec::new();
         while let Some(field) = map.next_key_seed(KeySeed(|key: &str| fields.iter().position(|f| f.name() == key)))? {
-            match field {
-                Some(i) => parts[i] = map.next_value_seed(NestedSeed(fields[i].data_type()))?,
-                None => {
-                    map.next_value::<IgnoredAny>()?;
+            let Some(i) = field else {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            };
+            // a repeated key: its last value counts, as in a parsed map
+            if seen.set(i, false) {
+                children[i].truncate(mark);
+            }
+            match map.next_value_seed(NestedInto(&mut children[i]))? {
+                Ok(()) => {
+                    seen.set(i, true);
+                    if let Some(e) = errors.get_mut(i) {
+                        *e = None;
+                    }
+                }
+                Err(e) => {
+                    errors.resize(fields.len(), None);
+                    errors[i] = Some(e);
                 }
             }
         }
         // the first field, in the type's order, that does not fit is the one named
-        let mut values = Vec::with_capacity(parts.len());
-        for (f, part) in fields.iter().zip(parts) {
-            match part {
-                Ok(v) => values.push(v),
-                Err(e) => return Ok(Err(format!(".{}{e}", f.name()))),
+        if let Some((f, e)) = fields.iter().zip(&errors).find_map(|(f, e)| Some(f).zip(e.as_ref())) {
+            let e = format!(".{}{e}", f.name());
+            children.iter_mut().for_each(|c| c.truncate(mark));
+            return Ok(Err(e));
+        }
+        for (i, c) in children.iter_mut().enumerate() {
+            if !seen.set(i, true) {
+                c.push_null();
             }
         }
-        Ok(Ok(Nested::Struct(values)))
+        valid.push(true);
+        Ok(Ok(()))
     }
 }
 
@@ -842,16 +940,22 @@ mod tests {
         Ok(cells)
     }
 
-    fn decoded(text: &str, shape: &mut RowShape) -> std::result::Result<Vec<Cell>, LineError> {
+    /// A line decoded into `builders` (the appending a reader does after a line decoded).
+    fn decoded(text: &str, shape: &mut RowShape, builders: &mut [ColumnBuilder]) -> std::result::Result<(), LineError> {
         let mut slots = Vec::new();
-        decode_line(text, shape, &mut slots)?;
-        Ok(slots
-            .into_iter()
-            .map(|c| match c.unwrap() {
-                Slot::Text(from, to) => Cell::Str(text[from..to].to_string()),
-                Slot::Cell(c) => c,
-            })
-            .collect())
+        decode_line(text, shape, &mut slots, builders)?;
+        for (b, slot) in builders.iter_mut().zip(slots) {
+            match slot.unwrap() {
+                Slot::Text(from, to) => b.push_str(&text[from..to]),
+                Slot::Cell(c) => b.push(c),
+                Slot::Pushed => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn batch(builders: &mut [ColumnBuilder]) -> Vec<arrow_data::ArrayData> {
+        builders.iter_mut().map(|b| b.finish().unwrap().to_data()).collect()
     }
 
     #[test]
@@ -915,6 +1019,12 @@ mod tests {
             "{\"b\":[\"p\",{\"q\":1}]}",
             "{\"c\":{\"d\":\"2024-13-01\"}}",
             "{\"b\":\"notalist\"}",
+            // repeated fields: the last value counts, fitting or not
+            "{\"a\":1,\"a\":\"x\"}",
+            "{\"a\":\"x\",\"a\":2,\"b\":[\"p\"],\"b\":null}",
+            "{\"a\":\"x\",\"c\":{\"d\":\"bad\"},\"a\":3}",
+            "{\"c\":{\"d\":\"2024-01-01\",\"d\":\"bad\"},\"c\":{\"d\":null}}",
+            "{\"b\":[\"p\",\"q\"],\"b\":[\"r\",7,[]],\"a\":5}",
         ];
         let mut lines: Vec<String> = vec![
             "{}".into(),
@@ -958,22 +1068,39 @@ mod tests {
             }
             lines.push(line);
         }
-        for line in &lines {
-            match (decoded(line, &mut shape), reference(line, &schema)) {
+        // the lines decoded straight into columns, and the lines that decode parsed first and
+        // appended cell by cell (struct and list values as trees): the same rows, in batches
+        // of every size (a failed line must leave no part of its nested values behind)
+        let builders = || text_builders(Path::new("t"), &Arc::new(schema.clone()), 64).unwrap();
+        let (mut got_columns, mut want_columns) = (builders(), builders());
+        let (mut rows, mut batches) = (0, 0);
+        for (n, line) in lines.iter().enumerate() {
+            match (decoded(line, &mut shape, &mut got_columns), reference(line, &schema)) {
                 // bad JSON under a key that is not a column is skipped, not parsed: serde words
                 // some errors differently there, at the same place
                 (Err(LineError::Line(a)), Err(LineError::Line(b))) => {
                     let at = |m: &str| m.rfind(" at line ").map(|i| m[i..].to_string());
                     assert_eq!(at(&a), at(&b), "{line}: {a} / {b}");
                 }
-                (got, want) => assert_eq!(got, want, "{line}"),
+                (Ok(()), Ok(cells)) => {
+                    want_columns.iter_mut().zip(cells).for_each(|(b, c)| b.push(c));
+                    rows += 1;
+                }
+                (got, want) => assert_eq!(got, want.map(|_| ()), "{line}"),
+            }
+            if n % 97 == 0 || n == lines.len() - 1 {
+                assert_eq!(batch(&mut got_columns), batch(&mut want_columns), "batch ending at line {n}");
+                batches += 1;
             }
         }
+        assert!(rows > 500 && batches > 30, "{rows} rows in {batches} batches");
         // one difference, on purpose: a key that is not a column is skipped without a depth
         // limit (serde skips it with a counter, not recursion), so deep nesting there is fine
         let deep = "{\"id\":1,\"other\":".to_string() + &"[".repeat(100_000) + &"]".repeat(100_000) + "}";
         assert!(reference(&deep, &schema).is_err());
-        assert_eq!(decoded(&deep, &mut shape).unwrap()[0], Cell::Int(1));
+        decoded(&deep, &mut shape, &mut got_columns).unwrap();
+        let ids = got_columns[0].finish().unwrap();
+        assert_eq!(ids.as_any().downcast_ref::<arrow_array::Int64Array>().unwrap().values(), &[1]);
         // the random lines reached every outcome
         let outcomes = lines.iter().map(|l| match reference(l, &schema) {
             Ok(_) => 0,
