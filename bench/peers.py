@@ -1,13 +1,14 @@
 """The peer runners of weir-bench: each workload as a data engineer would write it.
 
     python peers.py TOOL WORKLOAD INPUT OUTPUT [COMPRESSION]
-    TOOL: duckdb | duckdb-sha256 | polars | pandas     WORKLOAD: W1 | W2 | W3 | W4 | I1 | I2 | I3 | I4
+    TOOL: duckdb | duckdb-sha256 | polars | pandas     WORKLOAD: W1 | W2 | W3 | W4 | I1 | I2 | I3 | I4 | I5
     COMPRESSION: zstd(N) (default zstd(1)) | snappy | none, as weir-bench --compression
 
 DuckDB is limited to 2 threads, Polars by POLARS_MAX_THREADS=2 (set by the harness);
 pandas is single-threaded. W1's HMAC is a Python function (a UDF for DuckDB), as users
 would write it; duckdb-sha256 uses DuckDB's built-in sha256 (the nearest built-in; not the
-same output, so not compared). The ingest workloads (I1 CSV, I2 JSON lines, I3 gzip CSV)
+same output, so not compared). The ingest workloads (I1 CSV, I2 JSON lines, I3 gzip CSV,
+I5 gzip JSON lines)
 read the raw file with the events columns declared, as weir is told them, and write Parquet
 (I4: nested JSON lines, a `user` struct and a `tags` list).
 """
@@ -53,7 +54,7 @@ def run_duckdb(w, src, out, builtin_sha=False):
     columns = "{" + ", ".join(f"'{n}': '{d}'" for n, d, _ in EVENTS) + "}"
     if w in ("I1", "I3"):
         q = f"SELECT * FROM read_csv('{src}', header = true, columns = {columns})"
-    elif w == "I2":
+    elif w in ("I2", "I5"):
         q = f"SELECT * FROM read_json('{src}', format = 'newline_delimited', columns = {columns})"
     elif w == "I4":
         nested = ("{'event_id': 'BIGINT', 'user': 'STRUCT(id BIGINT, email VARCHAR, name VARCHAR)', "
@@ -89,7 +90,7 @@ def run_polars(w, src, out):
     schema = {n: getattr(pl, p) for n, _, p in EVENTS}
     if w in ("I1", "I3"):
         df = pl.read_csv(src, schema=schema)
-    elif w == "I2":
+    elif w in ("I2", "I5"):
         df = pl.read_ndjson(src, schema=schema)
     elif w == "I4":
         df = pl.read_ndjson(src, schema={

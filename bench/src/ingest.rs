@@ -1,6 +1,7 @@
 //! The ingest workloads: the events table as it lands in a raw zone, read into Parquet with
 //! nothing else done. I1 is CSV, I2 JSON lines, I3 gzip-compressed CSV, I4 nested JSON lines
-//! (the user's fields in a `user` object, and a `tags` array). The inputs are
+//! (the user's fields in a `user` object, and a `tags` array), I5 gzip-compressed JSON lines.
+//! The inputs are
 //! written once per scale from the events Parquet file with arrow-rs's own CSV and JSON
 //! writers; the native runner reads them back with arrow-rs's own readers.
 
@@ -12,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use arrow_array::RecordBatch;
 
 /// The ingest workloads, after the transform workloads.
-pub const WORKLOADS: [&str; 4] = ["I1", "I2", "I3", "I4"];
+pub const WORKLOADS: [&str; 5] = ["I1", "I2", "I3", "I4", "I5"];
 
 pub fn is_ingest(workload: &str) -> bool {
     WORKLOADS.contains(&workload)
@@ -24,6 +25,7 @@ pub fn input_path(workload: &str, parquet: &Path) -> PathBuf {
         "I1" => "csv",
         "I2" => "jsonl",
         "I4" => "nested.jsonl",
+        "I5" => "jsonl.gz",
         _ => "csv.gz",
     };
     parquet.with_extension(ext)
@@ -47,6 +49,17 @@ pub fn prepare(workload: &str, parquet: &Path) -> Result<PathBuf> {
             }
             w.finish()?;
             w.into_inner().flush()?;
+        }
+        "I5" => {
+            let mut w = arrow_json::LineDelimitedWriter::new(flate2::write::GzEncoder::new(
+                file,
+                flate2::Compression::default(),
+            ));
+            for b in super::read_batches(parquet)? {
+                w.write(&b?)?;
+            }
+            w.finish()?;
+            w.into_inner().finish()?.flush()?;
         }
         "I3" => {
             let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
@@ -154,6 +167,12 @@ pub fn read(workload: &str, input: &Path) -> Result<Box<dyn Iterator<Item = Resu
                 .with_batch_size(super::BATCH)
                 .build(BufReader::with_capacity(1 << 20, open()?))?,
         ),
+        "I5" => Box::new(arrow_json::ReaderBuilder::new(schema).with_batch_size(super::BATCH).build(
+            BufReader::with_capacity(
+                1 << 20,
+                flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, open()?)),
+            ),
+        )?),
         "I3" => Box::new(
             arrow_csv::ReaderBuilder::new(schema)
                 .with_header(true)
@@ -176,7 +195,7 @@ schema = {{ event_id = "int64", user = "struct<id: int64, email: string, name: s
             input.display()
         );
     }
-    let format = if workload == "I2" { "jsonl" } else { "csv" };
+    let format = if matches!(workload, "I2" | "I5") { "jsonl" } else { "csv" };
     format!(
         r#"format = "{format}"
 path = "{}"

@@ -1,9 +1,9 @@
 //! weir-bench: the benchmark harness.
 //!
 //! `weir-bench run --rows 10000000` generates a seeded `events` table (Parquet, zstd), runs
-//! four transform workloads (W1 PII mask, W2 filter + cast, W3 dedup, W4 group-by) and three
-//! ingest workloads (I1 CSV, I2 JSON lines, I3 gzip CSV, I4 nested JSON lines, each to
-//! Parquet) with every runner
+//! four transform workloads (W1 PII mask, W2 filter + cast, W3 dedup, W4 group-by) and five
+//! ingest workloads (I1 CSV, I2 JSON lines, I3 gzip CSV, I4 nested JSON lines, I5 gzip JSON
+//! lines, each to Parquet) with every runner
 //! (weir with its Wasm plugins, native arrow-rs, DuckDB, Polars, pandas), checks that every
 //! runner's output has the same order-insensitive checksum as the native one before its time
 //! counts, and prints a table (median wall time, rows/s, peak RSS, ratios). `--check-only`
@@ -39,7 +39,7 @@ mod stores;
 /// The HMAC key every runner uses for W1.
 const KEY: &[u8] = b"bench-key";
 /// Transform workloads (W), then ingest workloads (I, see ingest.rs).
-const WORKLOADS: [&str; 8] = ["W1", "W2", "W3", "W4", "I1", "I2", "I3", "I4"];
+const WORKLOADS: [&str; 9] = ["W1", "W2", "W3", "W4", "I1", "I2", "I3", "I4", "I5"];
 const BATCH: usize = 64 * 1024;
 
 #[derive(Parser)]

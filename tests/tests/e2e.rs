@@ -2978,7 +2978,7 @@ fn hostile_records_without_end_are_refused_at_max_record_mb_not_read_into_memory
     }
     std::fs::write(d.join("pipeline.toml"), pipeline("csv", "max_record_mb = 0")).unwrap();
     let out = weir(d, &["validate", "pipeline.toml"]);
-    assert!(out.stderr.contains("sources.input.max_record_mb must be 1..4096"), "{}", out.stderr);
+    assert!(out.stderr.contains("sources.input.max_record_mb must be 1..1024"), "{}", out.stderr);
 }
 
 #[test]

@@ -1230,8 +1230,9 @@ fn parse_sources(
                 ));
                 DEFAULT_MAX_RECORD_MB
             }
-            Some(m) if !(1..=4096).contains(m.get_ref()) => {
-                errors.push(ctx.at(m.span().start, &format!("sources.{name}.max_record_mb must be 1..4096"), None));
+            // a batch's text stays under the 2 GiB a string column addresses (see BATCH_TEXT_BYTES)
+            Some(m) if !(1..=1024).contains(m.get_ref()) => {
+                errors.push(ctx.at(m.span().start, &format!("sources.{name}.max_record_mb must be 1..1024"), None));
                 DEFAULT_MAX_RECORD_MB
             }
             Some(m) => *m.get_ref(),

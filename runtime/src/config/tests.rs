@@ -344,3 +344,11 @@ fn file_sources_on_s3_are_copied_to_a_local_folder() {
         assert!(e.iter().any(|d| d.message.contains(says)), "{path}: {e:?}");
     }
 }
+
+#[test]
+fn max_record_mb_is_bounded_so_a_batch_of_text_fits_its_offsets() {
+    let with = |mb: u64| GOOD.replace("path = \"data/*.csv\"", &format!("path = \"data/*.csv\"\nmax_record_mb = {mb}"));
+    assert_eq!(parse(&with(1024)).unwrap().sources["raw"].max_record_mb, 1024);
+    let e = errors(&with(1025));
+    assert!(e[0].message.contains("sources.raw.max_record_mb must be 1..1024"), "{}", e[0]);
+}

@@ -174,6 +174,7 @@ pub(super) struct CsvFile {
     schema: SchemaRef,
     builders: Vec<ColumnBuilder>,
     batch_size: usize,
+    batch_bytes: usize,
     on_error: OnError,
     record: csv::ByteRecord,
     width: usize,
@@ -213,6 +214,7 @@ impl CsvFile {
             schema: schema.clone(),
             builders,
             batch_size: spec.batch_size,
+            batch_bytes: spec.batch_bytes,
             on_error: spec.on_error,
             record: csv::ByteRecord::new(),
             width: names.len(),
@@ -227,8 +229,8 @@ impl CsvFile {
 
     fn read_batch(&mut self, skipped: &mut Vec<Skipped>) -> Result<Option<RecordBatch>> {
         let mut rows = 0;
-        let mut eof = false;
-        while rows < self.batch_size {
+        let (mut eof, mut bytes) = (false, 0);
+        while rows < self.batch_size && bytes < self.batch_bytes {
             // where the next record starts (the reader's line moves on inside a long one)
             let starts_at = self.reader.position().line() + self.skipped_lines;
             let read = self.reader.read_byte_record(&mut self.record);
@@ -257,6 +259,7 @@ impl CsvFile {
                     }
                 }
             }
+            bytes += self.record.as_slice().len();
             let line = self.record.position().map(|p| p.line() + self.skipped_lines).unwrap_or(0);
             match self.parse_row(line) {
                 Ok(()) => {

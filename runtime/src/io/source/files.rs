@@ -37,6 +37,8 @@ pub struct FileSource {
     project: Option<Vec<usize>>,
     /// An incremental read: the newest modification time of the files it reads.
     watermark: Option<String>,
+    /// The file after the current one, already being read on a thread of its own.
+    ahead: Option<(usize, Box<dyn FileBatches>)>,
 }
 
 /// The most columns a CSV header or the inferred keys of JSON lines may have: a hostile
@@ -46,6 +48,11 @@ pub(super) const MAX_COLUMNS: usize = 10_000;
 /// The most text type inference keeps as samples (it stops sampling beyond, and infers from
 /// what it has): the first `infer_rows` rows of a file with huge values stay cheap.
 pub(super) const INFER_BYTES: usize = 64 << 20;
+
+/// Text a CSV or sequential JSON-lines batch holds at most (a batch ends early past it):
+/// with records of at most `max_record_mb` (1 GiB), a string column's text in one batch
+/// stays under the 2 GiB its 32-bit offsets can address.
+pub(super) const BATCH_TEXT_BYTES: usize = 256 << 20;
 
 /// How a source's files are read: the configuration every per-file reader shares.
 #[derive(Clone)]
@@ -65,6 +72,8 @@ pub(super) struct ReadSpec {
     pub encoding: Option<&'static encoding_rs::Encoding>,
     /// CSV and JSON lines: the longest record (line), in bytes.
     pub max_record: u64,
+    /// CSV and JSON lines: the text a batch holds at most ([`BATCH_TEXT_BYTES`]).
+    pub batch_bytes: usize,
     /// Types of hive partition columns (`key=value` directories); others are strings.
     pub hive_types: HashMap<String, DataType>,
     pub root: Option<PathBuf>,
@@ -90,6 +99,7 @@ impl ReadSpec {
             skip_rows: 0,
             encoding: None,
             max_record: crate::config::DEFAULT_MAX_RECORD_MB << 20,
+            batch_bytes: BATCH_TEXT_BYTES,
             hive_types: HashMap::new(),
             root: None,
             projection: None,
@@ -147,6 +157,88 @@ fn open_file(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> R
             return Err(Error::Internal("a postgres or plugin source opened as files".into()))
         }
     })
+}
+
+/// A file read on a thread of its own while the one before it is still being consumed, so
+/// that the files of a source overlap: a CSV or Avro file decodes on one thread, and a
+/// JSON-lines file's workers fill while the previous file's drain. At most `AHEAD` batches
+/// wait; the thread ends at the file's end, at its first error, or when the reader is
+/// dropped. Its CPU time counts as reading.
+struct FileAhead {
+    batches: std::sync::mpsc::Receiver<Result<AheadBatch>>,
+    consumed: u64,
+    done: bool,
+}
+
+/// A batch read ahead (none at the file's end), the rows it skipped and where it ends.
+struct AheadBatch {
+    batch: Option<RecordBatch>,
+    skipped: Vec<Skipped>,
+    consumed: u64,
+}
+
+impl FileAhead {
+    const AHEAD: usize = 2;
+
+    fn spawn(path: PathBuf, schema: SchemaRef, spec: ReadSpec) -> Result<FileAhead> {
+        let (tx, batches) = std::sync::mpsc::sync_channel(Self::AHEAD);
+        let shown = path.clone();
+        let work = move || {
+            let start = crate::cpu_clock::CpuTime::now();
+            let mut file = match open_file(&path, &schema, &spec, 0) {
+                Ok(file) => Some(file),
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    None
+                }
+            };
+            let mut counted = start;
+            while let Some(f) = file.as_mut() {
+                let mut skipped = Vec::new();
+                let next = f.next_batch(&mut skipped);
+                let now = crate::cpu_clock::CpuTime::now();
+                spec.helper_cpu.fetch_add((now.secs_since(counted) * 1e9) as u64, Ordering::Relaxed);
+                counted = now;
+                let more = matches!(next, Ok(Some(_)));
+                let next = next.map(|batch| AheadBatch { batch, skipped, consumed: f.consumed() });
+                // a send fails only when the reader is gone: then so is the work
+                if tx.send(next).is_err() || !more {
+                    break;
+                }
+            }
+        };
+        std::thread::Builder::new().name("weir-file-ahead".into()).spawn(work).map_err(|e| Error::io(&shown, e))?;
+        Ok(FileAhead { batches, consumed: 0, done: false })
+    }
+}
+
+impl FileBatches for FileAhead {
+    fn next_batch(&mut self, skipped: &mut Vec<Skipped>) -> Result<Option<RecordBatch>> {
+        if self.done {
+            return Ok(None);
+        }
+        match self.batches.recv() {
+            Ok(Ok(ahead)) => {
+                skipped.extend(ahead.skipped);
+                self.consumed = ahead.consumed;
+                self.done = ahead.batch.is_none();
+                Ok(ahead.batch)
+            }
+            Ok(Err(e)) => {
+                self.done = true;
+                Err(e)
+            }
+            // the thread ended without saying how: never read that as the end of the file
+            Err(_) => {
+                self.done = true;
+                Err(Error::Internal("a file's reading thread stopped before the file's end".into()))
+            }
+        }
+    }
+
+    fn consumed(&self) -> u64 {
+        self.consumed
+    }
 }
 
 /// The schema of a source's files (declared, inferred or read from the first file).
@@ -619,6 +711,7 @@ impl FileSource {
             skipped_count: 0,
             project,
             watermark: None,
+            ahead: None,
         }
     }
 
@@ -659,9 +752,18 @@ impl FileSource {
         if self.next_file >= self.files.len() {
             return Ok(false);
         }
-        let path = self.files[self.next_file].clone();
+        let index = self.next_file;
         self.next_file += 1;
-        self.current = Some(open_file(&path, &self.schema, &self.spec, offset)?);
+        self.current = Some(match self.ahead.take() {
+            Some((i, file)) if i == index && offset == 0 => file,
+            _ => open_file(&self.files[index], &self.schema, &self.spec, offset)?,
+        });
+        // the next file starts while this one is read (Parquet files decode in parallel
+        // already, and their copied row groups follow the reader's state: not them)
+        if self.spec.format != Format::Parquet && self.next_file < self.files.len() {
+            let next = FileAhead::spawn(self.files[self.next_file].clone(), self.schema.clone(), self.spec.clone())?;
+            self.ahead = Some((self.next_file, Box::new(next)));
+        }
         Ok(true)
     }
 
@@ -676,6 +778,7 @@ impl FileSource {
     /// Continue at (file index, records of it consumed).
     fn seek_file(&mut self, file: usize, rows: u64) -> Result<()> {
         self.current = None;
+        self.ahead = None;
         self.next_file = file.min(self.files.len());
         if rows > 0 {
             self.open_at(rows)?;
@@ -722,6 +825,7 @@ impl Source for FileSource {
                 Ok(None) => self.current = None,
                 Err(e) => {
                     self.current = None;
+                    self.ahead = None;
                     self.next_file = self.files.len();
                     return Some(Err(e));
                 }
@@ -823,6 +927,91 @@ mod tests {
                 Err(e) => return (out, Some(e)),
             }
         }
+    }
+
+    fn text_spec(format: Format, batch_size: usize) -> ReadSpec {
+        ReadSpec { batch_bytes: 1000, ..ReadSpec::new(format, batch_size) }
+    }
+
+    /// Every batch of `file`, by its number of rows.
+    fn batch_rows(mut file: Box<dyn FileBatches>) -> Vec<usize> {
+        let mut rows = Vec::new();
+        while let Some(b) = file.next_batch(&mut Vec::new()).unwrap() {
+            rows.push(b.num_rows());
+        }
+        rows
+    }
+
+    #[test]
+    fn a_batch_of_text_ends_at_its_byte_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = Arc::new(arrow_schema::Schema::new(vec![arrow_schema::Field::new("v", DataType::Utf8, true)]));
+        let long = "x".repeat(99);
+        let csv = dir.path().join("a.csv");
+        std::fs::write(&csv, format!("v\n{}", format!("{long}\n").repeat(100))).unwrap();
+        let jsonl = dir.path().join("a.jsonl");
+        std::fs::write(&jsonl, format!("{{\"v\":\"{long}\"}}\n").repeat(100)).unwrap();
+        // 100 records of about 100 bytes, a 1000-byte budget: batches of 9 to 11 rows
+        // (fields alone, or whole lines), whatever batch_size says
+        let spec = text_spec(Format::Csv, 8192);
+        let rows = batch_rows(Box::new(super::super::csv::CsvFile::open(&csv, &schema, &spec, 0).unwrap()));
+        assert!(rows.iter().sum::<usize>() == 100 && rows.iter().all(|&r| r <= 11) && rows.len() >= 9, "{rows:?}");
+        let spec = text_spec(Format::Jsonl, 8192);
+        let rows = batch_rows(Box::new(super::super::jsonl::JsonlFile::open(&jsonl, &schema, &spec, 0).unwrap()));
+        assert!(rows.iter().sum::<usize>() == 100 && rows.iter().all(|&r| r <= 11) && rows.len() >= 9, "{rows:?}");
+    }
+
+    #[test]
+    fn files_read_ahead_come_out_in_order_and_resume_where_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = Vec::new();
+        for f in 0..4 {
+            let path = dir.path().join(format!("f{f}.csv"));
+            let rows: String = (0..25).map(|r| format!("{}\n", f * 100 + r)).collect();
+            // the third file has a bad row: skipped, reported in its place
+            let rows = if f == 2 { rows.replace("210\n", "x\n") } else { rows };
+            std::fs::write(&path, format!("id\n{rows}")).unwrap();
+            files.push(path);
+        }
+        let schema = Arc::new(arrow_schema::Schema::new(vec![arrow_schema::Field::new("id", DataType::Int64, true)]));
+        let spec = ReadSpec { on_error: OnError::Skip, ..ReadSpec::new(Format::Csv, 10) };
+        let ids = |b: RecordBatch| -> Vec<i64> {
+            b.column(0).as_any().downcast_ref::<arrow_array::Int64Array>().unwrap().values().to_vec()
+        };
+        let mut all = FileSource::new(schema.clone(), files.clone(), spec.clone(), None);
+        let (mut got, mut positions) = (Vec::new(), Vec::new());
+        while let Some(b) = all.next_batch() {
+            got.extend(ids(b.unwrap()));
+            positions.push((all.position(), got.len()));
+        }
+        let want: Vec<i64> = (0..4).flat_map(|f| (0..25).map(move |r| f * 100 + r)).filter(|&i| i != 210).collect();
+        assert_eq!(got, want);
+        let (count, skipped) = all.skipped();
+        assert_eq!((count, skipped[0].file.clone(), skipped[0].line), (1, files[2].clone(), 12));
+        // from every position a fresh reader goes on with exactly the rows after it
+        for (at, seen) in positions {
+            let mut again = FileSource::new(schema.clone(), files.clone(), spec.clone(), None);
+            again.seek(&at).unwrap();
+            let mut rest = Vec::new();
+            while let Some(b) = again.next_batch() {
+                rest.extend(ids(b.unwrap()));
+            }
+            assert_eq!(rest, got[seen..], "from {at}");
+        }
+        // a file that fails while read ahead fails in its turn, after the files before it
+        std::fs::write(&files[2], "id\n1\n").unwrap();
+        std::fs::write(&files[3], b"id\n\xff\xfe\n").unwrap();
+        let spec = ReadSpec { on_error: OnError::Fail, ..spec };
+        let mut failing = FileSource::new(schema, files.clone(), spec, None);
+        let mut rows = 0;
+        let err = loop {
+            match failing.next_batch() {
+                Some(Ok(b)) => rows += b.num_rows(),
+                Some(Err(e)) => break e.to_string(),
+                None => panic!("no error"),
+            }
+        };
+        assert!(rows == 51 && err.contains("f3.csv:2"), "{rows} {err}");
     }
 
     #[test]

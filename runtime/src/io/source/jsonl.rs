@@ -108,6 +108,7 @@ pub(super) struct JsonlFile {
     lines: Lines,
     dec: LineDecoder,
     batch_size: usize,
+    batch_bytes: usize,
 }
 
 /// A file's lines, one at a time, numbered, each held to `max_record_mb`.
@@ -270,14 +271,14 @@ impl Lines {
 impl JsonlFile {
     pub(super) fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Self> {
         let lines = Lines::open(path, spec, offset)?;
-        Ok(JsonlFile { lines, dec: LineDecoder::new(path, schema, spec)?, batch_size: spec.batch_size })
+        let dec = LineDecoder::new(path, schema, spec)?;
+        Ok(JsonlFile { lines, dec, batch_size: spec.batch_size, batch_bytes: spec.batch_bytes })
     }
 
     fn read_batch(&mut self, skipped: &mut Vec<Skipped>) -> Result<Option<RecordBatch>> {
-        let mut rows = 0;
-        let mut eof = false;
+        let (mut rows, mut eof, mut bytes) = (0, false, 0);
         let lines = &mut self.lines;
-        while rows < self.batch_size {
+        while rows < self.batch_size && bytes < self.batch_bytes {
             let Some(read) = lines.next_line() else {
                 eof = true;
                 break;
@@ -290,6 +291,7 @@ impl JsonlFile {
                 }
                 Err(e) => return Err(lines.read_error(e)),
             }
+            bytes += lines.text.len();
             if self.dec.line(lines.line, &lines.text, skipped)? {
                 rows += 1;
             }
@@ -354,6 +356,7 @@ impl ParallelJsonl {
         for n in 0..WORKERS {
             let mut dec = LineDecoder::new(path, schema, spec)?;
             let work_rx = work_rx.clone();
+            let cpu = spec.helper_cpu.clone();
             std::thread::Builder::new()
                 .name(format!("jsonl decode {n}"))
                 .spawn(move || loop {
@@ -362,7 +365,10 @@ impl ParallelJsonl {
                         Err(_) => return,
                     };
                     let Ok((block, done)) = next else { return };
+                    // the workers' CPU time counts as reading
+                    let start = crate::cpu_clock::CpuTime::now();
                     let decoded = decode_block(&mut dec, &block);
+                    cpu.fetch_add((start.elapsed_secs() * 1e9) as u64, std::sync::atomic::Ordering::Relaxed);
                     if decoded.is_err() {
                         // the columns hold part of the failed block: start the next one clean
                         let _ = dec.finish();
