@@ -136,6 +136,49 @@ with tempfile.TemporaryDirectory() as tmp:
                                                "columns={'id':'BIGINT','name':'VARCHAR','note':'VARCHAR','amount':'DOUBLE'})")))
         compare(f"csv {ext}", rows, err, *others)
 
+    # A folder of many files, plain and compressed (one zstd file of several frames, as
+    # parallel compressors and appending writers make them), read in file order with the
+    # next file read ahead: every row once and in order, skipped rows named by their own
+    # file and line, in order; the same rows as DuckDB reading uncompressed copies
+    many, plain = d / "many", d / "many-plain"
+    many.mkdir()
+    plain.mkdir()
+    want_ids, want_skipped = [], []
+    for f in range(12):
+        rows = [f"{f * 1000 + r},n{f * 1000 + r},{r / 4}" for r in range(400)]
+        if f in (3, 8):
+            rows[17] = f"{f}x,bad,1"  # line 19: the header is line 1
+        want_ids += [f * 1000 + r for r in range(400) if not (f in (3, 8) and r == 17)]
+        text = ("id,name,amount\n" + "\n".join(rows) + "\n").encode()
+        (plain / f"m{f:02d}.csv").write_bytes(text)
+        name, data = [
+            (f"m{f:02d}.csv", text),
+            (f"m{f:02d}.csv.gz", gzip.compress(text)),
+            # frames cut anywhere, even inside a line
+            (f"m{f:02d}.csv.zst", b"".join(pa.compress(text[k:k + 1001], codec="zstd", asbytes=True)
+                                           for k in range(0, len(text), 1001))),
+            (f"m{f:02d}.csv.bz2", bz2.compress(text)),
+        ][f % 4]
+        (many / name).write_bytes(data)
+        if f in (3, 8):
+            want_skipped.append((name, 19))
+    src = 'format = "csv"\npath = "many"\nschema = { id = "int64", name = "string", amount = "float64" }\non_error = "skip"'
+    p, t = weir_table(d, "many", src, batch_size=64)
+    got_ids = t.column("id").to_pylist() if t is not None else []
+    r = subprocess.run([weir, "run", "pipeline.toml", "--force", "--json"], cwd=d, env=env, capture_output=True, text=True)
+    got_skipped = [(pathlib.Path(s["file"]).name, s["line"]) for s in json.loads(r.stdout)["steps"][0]["skipped"]] if r.returncode == 0 else []
+    check("many files, plain and compressed, read ahead: every row once, in file order",
+          p.returncode == 0 and got_ids == want_ids,
+          f"{p.stderr[-1000:]}\n{len(got_ids)} of {len(want_ids)} rows; first out of place at "
+          f"{next((k for k, (a, b) in enumerate(zip(got_ids, want_ids)) if a != b), None)}")
+    check("many files read ahead: skipped rows named by their own file and line, in order",
+          got_skipped == want_skipped, f"{got_skipped} / {want_skipped}")
+    con = duckdb.connect()
+    duck = con.execute(f"SELECT id, name, amount FROM read_csv('{plain}/*.csv', header=true, ignore_errors=true, "
+                       "columns={'id':'BIGINT','name':'VARCHAR','amount':'DOUBLE'})").fetchall()
+    got_rows = sorted(zip(*(t.column(c).to_pylist() for c in ["id", "name", "amount"]))) if t is not None else []
+    check("many files read ahead: weir equals duckdb", got_rows == sorted(duck), f"{len(got_rows)} / {len(duck)}")
+
     # JSON lines: gzip-compressed, and Latin-1
     lines = "".join(json.dumps({"id": i, "name": n, "note": t, "amount": a}, ensure_ascii=False) + "\n" for i, n, t, a in ROWS)
     (d / "e.jsonl.gz").write_bytes(gzip.compress(lines.encode()))

@@ -5,12 +5,11 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow_array::RecordBatch;
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 
 use super::files::{
-    finish_batch, open_text, record_too_long, text_builders, Capped, FileBatches, ReadSpec, RecordBudget, TextInput,
-    INFER_BYTES, MAX_COLUMNS,
+    finish_batch, open_text, record_too_long, text_builders, Blocks, Capped, Decoded, Ordered, ReadSpec, RecordBudget,
+    TextInput, BLOCK_BYTES, INFER_BYTES, MAX_COLUMNS,
 };
 use super::{corrupt_input, Skipped};
 use crate::config::{OnError, Source};
@@ -164,131 +163,55 @@ pub(super) fn schema(files: &[PathBuf], source: &Source, spec: &ReadSpec) -> Res
     Ok(Arc::new(Schema::new(fields)))
 }
 
-pub(super) struct CsvFile {
+/// A CSV file's records, read one at a time past its header, each held to `max_record_mb`.
+struct Records {
     path: PathBuf,
     reader: csv::Reader<TextInput>,
     /// Renewed after each record: a record may not be longer than `max_record_mb`.
     budget: RecordBudget,
-    /// For each schema column, its index in this file's records.
-    positions: Vec<usize>,
-    schema: SchemaRef,
-    builders: Vec<ColumnBuilder>,
-    batch_size: usize,
-    batch_bytes: usize,
-    on_error: OnError,
     record: csv::ByteRecord,
-    width: usize,
-    cells: Vec<Cell>,
     /// Records consumed (good, bad and skipped): the position checkpoints record.
     consumed: u64,
-    /// Field texts read as null besides the empty field.
-    null_values: Arc<Vec<String>>,
     /// Lines skipped before the reader's first (`skip_rows`): added to its line numbers.
     skipped_lines: u64,
 }
 
-impl CsvFile {
-    pub(super) fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Self> {
-        let (mut reader, budget) = csv_reader(path, spec)?;
-        let names = csv_header(path, &mut reader, spec)?;
-        budget.renew();
-        let mut positions = Vec::new();
-        for f in schema.fields() {
-            let pos = names.iter().position(|n| n == f.name()).ok_or_else(|| Error::Input {
-                file: path.to_path_buf(),
-                line: spec.skip_rows + 1,
-                column: Some(f.name().clone()),
-                message: format!(
-                    "the header lacks column `{}` (the files of one source must share their columns)",
-                    f.name()
-                ),
-            })?;
-            positions.push(pos);
-        }
-        let builders = text_builders(path, schema, spec.batch_size)?;
-        let mut file = CsvFile {
-            path: path.to_path_buf(),
-            reader,
-            budget,
-            positions,
-            schema: schema.clone(),
-            builders,
-            batch_size: spec.batch_size,
-            batch_bytes: spec.batch_bytes,
-            on_error: spec.on_error,
-            record: csv::ByteRecord::new(),
-            width: names.len(),
-            cells: Vec::new(),
-            consumed: 0,
-            null_values: spec.null_values.clone(),
-            skipped_lines: spec.skip_rows,
-        };
-        file.skip(offset)?;
-        Ok(file)
-    }
+/// What reading the next record gave.
+enum Next {
+    /// A record in `record`, starting at this line.
+    Record(u64),
+    /// A record the CSV reader could not make out: its line and why (skippable).
+    Bad(u64, String),
+    /// A record longer than `max_record_mb`, or the input failing: never skipped.
+    Fatal(Error),
+    End,
+}
 
-    fn read_batch(&mut self, skipped: &mut Vec<Skipped>) -> Result<Option<RecordBatch>> {
-        let mut rows = 0;
-        let (mut eof, mut bytes) = (false, 0);
-        while rows < self.batch_size && bytes < self.batch_bytes {
-            // where the next record starts (the reader's line moves on inside a long one)
-            let starts_at = self.reader.position().line() + self.skipped_lines;
-            let read = self.reader.read_byte_record(&mut self.record);
-            self.budget.renew();
-            if !matches!(read, Ok(false)) {
-                self.consumed += 1;
-            }
-            match read {
-                Ok(false) => {
-                    eof = true;
-                    break;
-                }
-                Ok(true) => {}
-                Err(e) if too_long(&e) => {
-                    let message = e.to_string();
-                    return Err(Error::Input { file: self.path.clone(), line: starts_at, column: None, message });
-                }
-                Err(e) => {
-                    let err = csv_error(&self.path, e, self.skipped_lines);
-                    match (&err, self.on_error) {
-                        (Error::Input { line, message, .. }, OnError::Skip) => {
-                            skipped.push(Skipped { file: self.path.clone(), line: *line, message: message.clone() });
-                            continue;
-                        }
-                        _ => return Err(err),
-                    }
-                }
-            }
-            bytes += self.record.as_slice().len();
-            let line = self.record.position().map(|p| p.line() + self.skipped_lines).unwrap_or(0);
-            match self.parse_row(line) {
-                Ok(()) => {
-                    for (b, c) in self.builders.iter_mut().zip(self.cells.drain(..)) {
-                        b.push(c);
-                    }
-                    rows += 1;
-                }
-                Err(err) => match (self.on_error, &err) {
-                    (OnError::Skip, Error::Input { message, column, .. }) => skipped.push(Skipped {
-                        file: self.path.clone(),
-                        line,
-                        message: match column {
-                            Some(c) => format!("column `{c}`: {message}"),
-                            None => message.clone(),
-                        },
-                    }),
-                    _ => return Err(err),
-                },
-            }
+impl Records {
+    fn next(&mut self) -> Next {
+        // where the next record starts (the reader's line moves on inside a long one)
+        let starts_at = self.reader.position().line() + self.skipped_lines;
+        let read = self.reader.read_byte_record(&mut self.record);
+        self.budget.renew();
+        if !matches!(read, Ok(false)) {
+            self.consumed += 1;
         }
-        if rows == 0 && eof {
-            return Ok(None);
+        match read {
+            Ok(false) => Next::End,
+            Ok(true) => Next::Record(self.record.position().map(|p| p.line() + self.skipped_lines).unwrap_or(0)),
+            Err(e) if too_long(&e) => {
+                let message = e.to_string();
+                Next::Fatal(Error::Input { file: self.path.clone(), line: starts_at, column: None, message })
+            }
+            Err(e) => match csv_error(&self.path, e, self.skipped_lines) {
+                Error::Input { line, message, .. } => Next::Bad(line, message),
+                other => Next::Fatal(other),
+            },
         }
-        finish_batch(&self.path, &self.schema, &mut self.builders).map(Some)
     }
 
     /// Skip `n` records (resuming from a checkpoint).
-    fn skip(&mut self, n: u64) -> Result<()> {
+    fn skip(&mut self, n: u64) {
         while self.consumed < n {
             let read = self.reader.read_byte_record(&mut self.record);
             self.budget.renew();
@@ -297,21 +220,196 @@ impl CsvFile {
                 Ok(true) | Err(_) => self.consumed += 1,
             }
         }
-        Ok(())
+    }
+}
+
+/// Whole records of a file, their fields' text end to end.
+struct RecordBlock {
+    text: Vec<u8>,
+    /// Where each field ends in `text` (a record's fields follow the previous record's).
+    ends: Vec<usize>,
+    records: Vec<(u64, BlockRecord)>,
+    /// Records consumed after the block: what a position after it holds.
+    end: u64,
+}
+
+enum BlockRecord {
+    /// A record of this many fields.
+    Fields(usize),
+    /// A record the CSV reader could not make out, and why.
+    Bad(String),
+}
+
+/// Records into rows: the file's columns and the builders.
+struct RowDecoder {
+    path: PathBuf,
+    /// For each schema column, its index in this file's records.
+    positions: Vec<usize>,
+    schema: SchemaRef,
+    builders: Vec<ColumnBuilder>,
+    on_error: OnError,
+    width: usize,
+    /// Field texts read as null besides the empty field.
+    null_values: Arc<Vec<String>>,
+}
+
+/// A field's value: parsed, or a string column's text (appended without a copy in between).
+enum Value<'a> {
+    Cell(Cell),
+    Text(&'a str),
+}
+
+/// A CSV file decoded in blocks of records on worker threads ([`Ordered`]); a block's
+/// position is the number of records consumed after it.
+pub(super) fn open_parallel(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Ordered> {
+    let (mut reader, budget) = csv_reader(path, spec)?;
+    let names = csv_header(path, &mut reader, spec)?;
+    budget.renew();
+    let mut positions = Vec::new();
+    for f in schema.fields() {
+        let pos = names.iter().position(|n| n == f.name()).ok_or_else(|| Error::Input {
+            file: path.to_path_buf(),
+            line: spec.skip_rows + 1,
+            column: Some(f.name().clone()),
+            message: format!(
+                "the header lacks column `{}` (the files of one source must share their columns)",
+                f.name()
+            ),
+        })?;
+        positions.push(pos);
+    }
+    let mut records = Records {
+        path: path.to_path_buf(),
+        reader,
+        budget,
+        record: csv::ByteRecord::new(),
+        consumed: 0,
+        skipped_lines: spec.skip_rows,
+    };
+    records.skip(offset);
+    let decoder = || {
+        let mut dec = RowDecoder {
+            path: path.to_path_buf(),
+            positions: positions.clone(),
+            schema: schema.clone(),
+            builders: text_builders(path, schema, spec.batch_size)?,
+            on_error: spec.on_error,
+            width: names.len(),
+            null_values: spec.null_values.clone(),
+        };
+        Ok(move |block: &RecordBlock| {
+            let decoded = dec.block(block);
+            if decoded.is_err() {
+                // the columns hold part of the failed block: start the next one clean
+                let _ = finish_batch(&dec.path, &dec.schema, &mut dec.builders);
+            }
+            decoded
+        })
+    };
+    let (batch_size, block_bytes) = (spec.batch_size, spec.batch_bytes.min(BLOCK_BYTES));
+    let consumed = records.consumed;
+    Ordered::spawn(path, consumed, spec, decoder, move |blocks| read_records(records, batch_size, block_bytes, blocks))
+}
+
+/// The reader thread: blocks of records to the workers, in order; a fatal error takes the
+/// place of the block it fell in.
+fn read_records(mut file: Records, batch_size: usize, block_bytes: usize, blocks: Blocks<RecordBlock>) {
+    loop {
+        let mut block = RecordBlock { text: Vec::new(), ends: Vec::new(), records: Vec::new(), end: 0 };
+        let (mut failed, mut eof) = (None, false);
+        while block.records.len() < batch_size && block.text.len() < block_bytes {
+            match file.next() {
+                Next::End => {
+                    eof = true;
+                    break;
+                }
+                Next::Record(line) => {
+                    for field in file.record.iter() {
+                        block.text.extend_from_slice(field);
+                        block.ends.push(block.text.len());
+                    }
+                    block.records.push((line, BlockRecord::Fields(file.record.len())));
+                }
+                Next::Bad(line, message) => block.records.push((line, BlockRecord::Bad(message))),
+                Next::Fatal(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        block.end = file.consumed;
+        if !block.records.is_empty() && !blocks.send(block) {
+            return;
+        }
+        if let Some(e) = failed {
+            return blocks.fail(e);
+        }
+        if eof {
+            return;
+        }
+    }
+}
+
+impl RowDecoder {
+    fn block(&mut self, block: &RecordBlock) -> Result<Decoded> {
+        let mut skipped = Vec::new();
+        let (mut rows, mut field) = (0, 0);
+        let mut values = Vec::with_capacity(self.positions.len());
+        let mut fields: Vec<&[u8]> = Vec::with_capacity(self.width);
+        for (line, record) in &block.records {
+            let parsed = match record {
+                BlockRecord::Bad(message) => {
+                    Err(Error::Input { file: self.path.clone(), line: *line, column: None, message: message.clone() })
+                }
+                BlockRecord::Fields(n) => {
+                    fields.clear();
+                    for _ in 0..*n {
+                        let start = if field == 0 { 0 } else { block.ends[field - 1] };
+                        fields.push(block.text.get(start..block.ends[field]).unwrap_or_default());
+                        field += 1;
+                    }
+                    self.parse_row(*line, &fields, &mut values)
+                }
+            };
+            match parsed {
+                Ok(()) => {
+                    for (b, v) in self.builders.iter_mut().zip(values.drain(..)) {
+                        match v {
+                            Value::Cell(c) => b.push(c),
+                            Value::Text(t) => b.push_str(t),
+                        }
+                    }
+                    rows += 1;
+                }
+                Err(Error::Input { line, column, message, .. }) if self.on_error == OnError::Skip => {
+                    skipped.push(Skipped {
+                        file: self.path.clone(),
+                        line,
+                        message: match column {
+                            Some(c) => format!("column `{c}`: {message}"),
+                            None => message,
+                        },
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let batch = if rows > 0 { Some(finish_batch(&self.path, &self.schema, &mut self.builders)?) } else { None };
+        Ok(Decoded { batch, skipped, end: block.end })
     }
 
-    fn parse_row(&mut self, line: u64) -> Result<()> {
-        self.cells.clear();
-        if self.record.len() != self.width {
+    fn parse_row<'a>(&self, line: u64, record: &[&'a [u8]], values: &mut Vec<Value<'a>>) -> Result<()> {
+        values.clear();
+        if record.len() != self.width {
             return Err(Error::Input {
                 file: self.path.clone(),
                 line,
                 column: None,
-                message: format!("expected {} fields, found {}", self.width, self.record.len()),
+                message: format!("expected {} fields, found {}", self.width, record.len()),
             });
         }
         for (f, &pos) in self.schema.fields().iter().zip(&self.positions) {
-            let raw = &self.record[pos];
+            let raw = record[pos];
             let text = std::str::from_utf8(raw).map_err(|e| Error::Input {
                 file: self.path.clone(),
                 line,
@@ -319,7 +417,11 @@ impl CsvFile {
                 message: format!("invalid UTF-8 at byte {} of the field", e.valid_up_to()),
             })?;
             if self.null_values.iter().any(|n| n == text) {
-                self.cells.push(Cell::Null);
+                values.push(Value::Cell(Cell::Null));
+                continue;
+            }
+            if f.data_type() == &DataType::Utf8 && !text.is_empty() {
+                values.push(Value::Text(text));
                 continue;
             }
             let cell = parse_text(text, f.data_type()).map_err(|message| Error::Input {
@@ -328,18 +430,8 @@ impl CsvFile {
                 column: Some(f.name().clone()),
                 message,
             })?;
-            self.cells.push(cell);
+            values.push(Value::Cell(cell));
         }
         Ok(())
-    }
-}
-
-impl FileBatches for CsvFile {
-    fn next_batch(&mut self, skipped: &mut Vec<Skipped>) -> Result<Option<RecordBatch>> {
-        self.read_batch(skipped)
-    }
-
-    fn consumed(&self) -> u64 {
-        self.consumed
     }
 }

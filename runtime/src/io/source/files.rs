@@ -148,8 +148,8 @@ pub(super) fn finish_batch(path: &Path, schema: &SchemaRef, builders: &mut [Colu
 /// A file's reader, positioned after `offset` records.
 fn open_file(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Box<dyn FileBatches>> {
     Ok(match spec.format {
-        Format::Csv => Box::new(super::csv::CsvFile::open(path, schema, spec, offset)?),
-        Format::Jsonl => Box::new(super::jsonl::ParallelJsonl::open(path, schema, spec, offset)?),
+        Format::Csv => Box::new(super::csv::open_parallel(path, schema, spec, offset)?),
+        Format::Jsonl => Box::new(super::jsonl::open_parallel(path, schema, spec, offset)?),
         Format::Debezium => Box::new(super::jsonl::JsonlFile::open(path, schema, spec, offset)?),
         Format::Parquet => Box::new(super::parquet::ParquetFile::open(path, schema, spec, offset)?),
         Format::Avro => Box::new(super::avro::AvroFile::open(path, schema, spec, offset)?),
@@ -157,6 +157,137 @@ fn open_file(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> R
             return Err(Error::Internal("a postgres or plugin source opened as files".into()))
         }
     })
+}
+
+/// Text a block of a file holds at most when its records are decoded on worker threads
+/// (fewer than `batch_size` records when they are long).
+pub(super) const BLOCK_BYTES: usize = 4 << 20;
+
+/// Decoding workers per file.
+const WORKERS: usize = 2;
+
+/// A block of a file decoded: its batch (none without rows), its skipped rows and the
+/// position after it.
+pub(super) struct Decoded {
+    pub batch: Option<RecordBatch>,
+    pub skipped: Vec<Skipped>,
+    pub end: u64,
+}
+
+type Done = std::sync::mpsc::SyncSender<Result<Decoded>>;
+
+/// A file's records decoded on worker threads: one thread reads blocks of whole records
+/// (and checks each one's length and encoding, as a single-threaded reader would), the
+/// workers turn blocks into batches, and the batches come out in the file's order with
+/// their skipped rows and the position they end at. The first error in the file's order is
+/// the one returned; every record keeps its own line number.
+pub(super) struct Ordered {
+    results: std::sync::mpsc::Receiver<std::sync::mpsc::Receiver<Result<Decoded>>>,
+    consumed: u64,
+    done: bool,
+}
+
+/// The reading thread's side of an [`Ordered`]: blocks to the workers, their places kept.
+pub(super) struct Blocks<B> {
+    work: std::sync::mpsc::SyncSender<(B, Done)>,
+    results: std::sync::mpsc::SyncSender<std::sync::mpsc::Receiver<Result<Decoded>>>,
+}
+
+impl<B> Blocks<B> {
+    /// The next block; false when the reader is gone (the work with it).
+    pub fn send(&self, block: B) -> bool {
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        self.results.send(result).is_ok() && self.work.send((block, done)).is_ok()
+    }
+
+    /// Reading failed after the blocks sent so far.
+    pub fn fail(&self, e: Error) {
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        let _ = done.send(Err(e));
+        let _ = self.results.send(result);
+    }
+}
+
+impl Ordered {
+    /// Start `read` on a thread of its own, sending blocks, and one worker per decoder
+    /// (each decodes a block into a batch; after an error it must start the next block
+    /// clean). `consumed` is the position the file starts at. The workers' CPU time counts
+    /// as reading.
+    pub fn spawn<B, W>(
+        path: &Path,
+        consumed: u64,
+        spec: &ReadSpec,
+        mut decoder: impl FnMut() -> Result<W>,
+        read: impl FnOnce(Blocks<B>) + Send + 'static,
+    ) -> Result<Ordered>
+    where
+        B: Send + 'static,
+        W: FnMut(&B) -> Result<Decoded> + Send + 'static,
+    {
+        use std::sync::mpsc::sync_channel;
+        let (work, work_rx) = sync_channel::<(B, Done)>(1);
+        let work_rx = Arc::new(std::sync::Mutex::new(work_rx));
+        let (results, results_rx) = sync_channel(WORKERS + 1);
+        let spawn_error = |e: std::io::Error| Error::io(path, e);
+        for n in 0..WORKERS {
+            let mut decode = decoder()?;
+            let work_rx = work_rx.clone();
+            let cpu = spec.helper_cpu.clone();
+            std::thread::Builder::new()
+                .name(format!("weir-decode {n}"))
+                .spawn(move || loop {
+                    let next = match work_rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((block, done)) = next else { return };
+                    let start = crate::cpu_clock::CpuTime::now();
+                    let decoded = decode(&block);
+                    cpu.fetch_add((start.elapsed_secs() * 1e9) as u64, Ordering::Relaxed);
+                    let _ = done.send(decoded);
+                })
+                .map_err(spawn_error)?;
+        }
+        std::thread::Builder::new()
+            .name("weir-read-blocks".into())
+            .spawn(move || read(Blocks { work, results }))
+            .map_err(spawn_error)?;
+        Ok(Ordered { results: results_rx, consumed, done: false })
+    }
+}
+
+impl FileBatches for Ordered {
+    fn next_batch(&mut self, skipped: &mut Vec<Skipped>) -> Result<Option<RecordBatch>> {
+        while !self.done {
+            // the reader ends the results after the last block
+            let Ok(next) = self.results.recv() else {
+                self.done = true;
+                break;
+            };
+            match next.recv() {
+                Ok(Ok(d)) => {
+                    skipped.extend(d.skipped);
+                    self.consumed = d.end;
+                    if d.batch.is_some() {
+                        return Ok(d.batch);
+                    }
+                }
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.done = true;
+                    return Err(Error::Internal("a decoding worker stopped before its block".into()));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn consumed(&self) -> u64 {
+        self.consumed
+    }
 }
 
 /// A file read on a thread of its own while the one before it is still being consumed, so
@@ -373,12 +504,12 @@ pub(crate) fn corrupt_input(e: &std::io::Error) -> Option<String> {
 }
 
 /// Reads a compressed input, its decoder's data errors tagged as [`CorruptInput`].
-struct Decoded {
+struct Decompressed {
     inner: Box<dyn Read + Send>,
     codec: TextCodec,
 }
 
-impl Read for Decoded {
+impl Read for Decompressed {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         use std::io::ErrorKind::*;
         self.inner.read(buf).map_err(|e| match e.kind() {
@@ -510,7 +641,7 @@ fn open_raw(path: &Path, skip_bom: bool) -> Result<Raw> {
         }
         TextCodec::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(buffered)),
     };
-    let ahead = ReadAhead::spawn(Decoded { inner, codec }).map_err(|e| Error::io(path, e))?;
+    let ahead = ReadAhead::spawn(Decompressed { inner, codec }).map_err(|e| Error::io(path, e))?;
     Ok(Raw::Decoded(Box::new(ahead)))
 }
 
@@ -954,11 +1085,15 @@ mod tests {
         // 100 records of about 100 bytes, a 1000-byte budget: batches of 9 to 11 rows
         // (fields alone, or whole lines), whatever batch_size says
         let spec = text_spec(Format::Csv, 8192);
-        let rows = batch_rows(Box::new(super::super::csv::CsvFile::open(&csv, &schema, &spec, 0).unwrap()));
-        assert!(rows.iter().sum::<usize>() == 100 && rows.iter().all(|&r| r <= 11) && rows.len() >= 9, "{rows:?}");
+        let csv_blocks = super::super::csv::open_parallel(&csv, &schema, &spec, 0).unwrap();
         let spec = text_spec(Format::Jsonl, 8192);
-        let rows = batch_rows(Box::new(super::super::jsonl::JsonlFile::open(&jsonl, &schema, &spec, 0).unwrap()));
-        assert!(rows.iter().sum::<usize>() == 100 && rows.iter().all(|&r| r <= 11) && rows.len() >= 9, "{rows:?}");
+        let jsonl_blocks = super::super::jsonl::open_parallel(&jsonl, &schema, &spec, 0).unwrap();
+        let jsonl_lines = super::super::jsonl::JsonlFile::open(&jsonl, &schema, &spec, 0).unwrap();
+        let files: [Box<dyn FileBatches>; 3] = [Box::new(csv_blocks), Box::new(jsonl_blocks), Box::new(jsonl_lines)];
+        for file in files {
+            let rows = batch_rows(file);
+            assert!(rows.iter().sum::<usize>() == 100 && rows.iter().all(|&r| r <= 11) && rows.len() >= 9, "{rows:?}");
+        }
     }
 
     #[test]

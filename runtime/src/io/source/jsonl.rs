@@ -9,7 +9,8 @@ use arrow_array::RecordBatch;
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 
 use super::files::{
-    finish_batch, open_text, text_builders, Capped, FileBatches, ReadSpec, RecordBudget, INFER_BYTES, MAX_COLUMNS,
+    finish_batch, open_text, text_builders, Blocks, Capped, Decoded, FileBatches, Ordered, ReadSpec, RecordBudget,
+    BLOCK_BYTES, INFER_BYTES, MAX_COLUMNS,
 };
 use super::{corrupt_input, Skipped};
 use crate::config::{OnError, Source};
@@ -304,16 +305,8 @@ impl JsonlFile {
 }
 
 // ---------------------------------------------------------------------------------------
-// A file's lines decoded on worker threads: one thread reads blocks of whole lines (and
-// checks each line's length and encoding, as the single-threaded reader does), the workers
-// turn blocks into batches, and the batches come out in the file's order with their skipped
-// lines and the line they end at (a position). The first error in the file's order is the
-// one returned; every line has the number it has in the file.
-
-/// Decoding workers per file.
-const WORKERS: usize = 2;
-/// Bytes of lines a block holds at most (fewer than `batch_size` lines when lines are long).
-const BLOCK_BYTES: usize = 4 << 20;
+// A file's lines decoded on worker threads ([`Ordered`]): blocks of whole lines, each line
+// with its number in the file; a block's position is the line it ends at.
 
 /// A block's line: its text in the block, or a line that is not UTF-8.
 enum BlockLine {
@@ -329,77 +322,33 @@ struct Block {
     end: u64,
 }
 
-/// A block decoded: its batch (none without rows), its skipped lines and where it ends.
-struct Decoded {
-    batch: Option<RecordBatch>,
-    skipped: Vec<Skipped>,
-    end: u64,
-}
-
-type Work = (Block, std::sync::mpsc::SyncSender<Result<Decoded>>);
-
-pub(super) struct ParallelJsonl {
-    results: std::sync::mpsc::Receiver<std::sync::mpsc::Receiver<Result<Decoded>>>,
-    consumed: u64,
-    done: bool,
-}
-
-impl ParallelJsonl {
-    pub(super) fn open(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Self> {
-        use std::sync::mpsc::sync_channel;
-        let file = Lines::open(path, spec, offset)?;
-        let consumed = file.line;
-        let (work_tx, work_rx) = sync_channel::<Work>(1);
-        let work_rx = Arc::new(std::sync::Mutex::new(work_rx));
-        let (results_tx, results) = sync_channel(WORKERS + 1);
-        let spawn_error = |e: std::io::Error| Error::io(path, e);
-        for n in 0..WORKERS {
-            let mut dec = LineDecoder::new(path, schema, spec)?;
-            let work_rx = work_rx.clone();
-            let cpu = spec.helper_cpu.clone();
-            std::thread::Builder::new()
-                .name(format!("jsonl decode {n}"))
-                .spawn(move || loop {
-                    let next = match work_rx.lock() {
-                        Ok(rx) => rx.recv(),
-                        Err(_) => return,
-                    };
-                    let Ok((block, done)) = next else { return };
-                    // the workers' CPU time counts as reading
-                    let start = crate::cpu_clock::CpuTime::now();
-                    let decoded = decode_block(&mut dec, &block);
-                    cpu.fetch_add((start.elapsed_secs() * 1e9) as u64, std::sync::atomic::Ordering::Relaxed);
-                    if decoded.is_err() {
-                        // the columns hold part of the failed block: start the next one clean
-                        let _ = dec.finish();
-                    }
-                    let _ = done.send(decoded);
-                })
-                .map_err(spawn_error)?;
-        }
-        let batch_size = spec.batch_size;
-        std::thread::Builder::new()
-            .name("jsonl read".into())
-            .spawn(move || read_blocks(file, batch_size, work_tx, results_tx))
-            .map_err(spawn_error)?;
-        Ok(ParallelJsonl { results, consumed, done: false })
-    }
+/// A JSON-lines file decoded in blocks of lines on worker threads ([`Ordered`]).
+pub(super) fn open_parallel(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> Result<Ordered> {
+    let file = Lines::open(path, spec, offset)?;
+    let consumed = file.line;
+    let (batch_size, block_bytes) = (spec.batch_size, spec.batch_bytes.min(BLOCK_BYTES));
+    let decoder = || {
+        let mut dec = LineDecoder::new(path, schema, spec)?;
+        Ok(move |block: &Block| {
+            let decoded = decode_block(&mut dec, block);
+            if decoded.is_err() {
+                // the columns hold part of the failed block: start the next one clean
+                let _ = dec.finish();
+            }
+            decoded
+        })
+    };
+    Ordered::spawn(path, consumed, spec, decoder, move |blocks| read_blocks(file, batch_size, block_bytes, blocks))
 }
 
 /// The reader thread: blocks of lines to the workers, in order; a read error takes the
 /// place of the block it fell in.
-fn read_blocks(
-    mut file: Lines,
-    batch_size: usize,
-    work: std::sync::mpsc::SyncSender<Work>,
-    results: std::sync::mpsc::SyncSender<std::sync::mpsc::Receiver<Result<Decoded>>>,
-) {
-    use std::sync::mpsc::sync_channel;
+fn read_blocks(mut file: Lines, batch_size: usize, block_bytes: usize, blocks: Blocks<Block>) {
     loop {
         let mut block = Block { text: String::new(), lines: Vec::new(), end: file.line };
         let mut failed = None;
         let mut eof = false;
-        while block.lines.len() < batch_size && block.text.len() < BLOCK_BYTES {
+        while block.lines.len() < batch_size && block.text.len() < block_bytes {
             match file.next_line() {
                 None => {
                     eof = true;
@@ -420,15 +369,11 @@ fn read_blocks(
             }
         }
         block.end = file.line;
-        let (done_tx, done_rx) = sync_channel(1);
-        if !block.lines.is_empty() && (results.send(done_rx).is_err() || work.send((block, done_tx)).is_err()) {
+        if !block.lines.is_empty() && !blocks.send(block) {
             return;
         }
         if let Some(e) = failed {
-            let (tx, rx) = sync_channel(1);
-            let _ = tx.send(Err(e));
-            let _ = results.send(rx);
-            return;
+            return blocks.fail(e);
         }
         if eof {
             return;
@@ -452,40 +397,6 @@ fn decode_block(dec: &mut LineDecoder, block: &Block) -> Result<Decoded> {
     }
     let batch = if rows > 0 { Some(dec.finish()?) } else { None };
     Ok(Decoded { batch, skipped, end: block.end })
-}
-
-impl FileBatches for ParallelJsonl {
-    fn next_batch(&mut self, skipped: &mut Vec<Skipped>) -> Result<Option<RecordBatch>> {
-        while !self.done {
-            // the reader ends the results after the last block
-            let Ok(next) = self.results.recv() else {
-                self.done = true;
-                break;
-            };
-            match next.recv() {
-                Ok(Ok(d)) => {
-                    skipped.extend(d.skipped);
-                    self.consumed = d.end;
-                    if d.batch.is_some() {
-                        return Ok(d.batch);
-                    }
-                }
-                Ok(Err(e)) => {
-                    self.done = true;
-                    return Err(e);
-                }
-                Err(_) => {
-                    self.done = true;
-                    return Err(Error::Internal("a JSON-lines decoder stopped before its block".into()));
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    fn consumed(&self) -> u64 {
-        self.consumed
-    }
 }
 
 // ---------------------------------------------------------------------------------------
