@@ -43,7 +43,7 @@ def csv_text(rows, escape):
     return "\n".join(out) + "\n"
 
 
-def weir_table(d, name, source_toml, batch_size=None):
+def weir_table(d, name, source_toml, batch_size=None, run_env=None):
     """Run a one-step pipeline `name` reading `source_toml` into out/NAME: (process, table or None)."""
     batch = f"batch_size = {batch_size}\n" if batch_size else ""
     (d / "pipeline.toml").write_text(
@@ -58,7 +58,8 @@ input = "input"
 output = {{ path = "out/{name}" }}
 """
     )
-    p = subprocess.run([weir, "run", "pipeline.toml", "--force", "--quiet"], cwd=d, env=env, capture_output=True, text=True)
+    p = subprocess.run([weir, "run", "pipeline.toml", "--force", "--quiet"], cwd=d, env=run_env or env,
+                       capture_output=True, text=True)
     return p, (ds.dataset(d / "out" / name, format="parquet").to_table() if p.returncode == 0 else None)
 
 
@@ -163,7 +164,7 @@ with tempfile.TemporaryDirectory() as tmp:
         if f in (3, 8):
             want_skipped.append((name, 19))
     src = 'format = "csv"\npath = "many"\nschema = { id = "int64", name = "string", amount = "float64" }\non_error = "skip"'
-    p, t = weir_table(d, "many", src, batch_size=64)
+    p, t = weir_table(d, "many", src, batch_size=64, run_env=dict(env, WEIR_READ_THREADS="4"))
     got_ids = t.column("id").to_pylist() if t is not None else []
     r = subprocess.run([weir, "run", "pipeline.toml", "--force", "--json"], cwd=d, env=env, capture_output=True, text=True)
     got_skipped = [(pathlib.Path(s["file"]).name, s["line"]) for s in json.loads(r.stdout)["steps"][0]["skipped"]] if r.returncode == 0 else []
@@ -361,6 +362,22 @@ schema = { id = "int64", tags = "list<string>", geo = "struct<lat: float64, city
     check("JSON lines decoded in blocks on two workers: rows in the file's order, skipped lines by their own numbers",
           ids == want_ids and skipped == [150, 777, 1999], f"{len(ids)} rows, first out of order at "
           f"{next((k for k, (a, b) in enumerate(zip(ids, want_ids)) if a != b), None)}; skipped {skipped}")
+    # the same lines as a zstd file of many frames (cut anywhere, as parallel compressors
+    # and appending writers make them): streamed with 2 decoding threads, decompressed a
+    # frame per thread with 4 (WEIR_READ_THREADS); the same rows and skipped line numbers
+    raw = (d / "blocks.jsonl").read_bytes()
+    (d / "blocks-frames.jsonl.zst").write_bytes(b"".join(
+        pa.compress(raw[k:k + 3001], codec="zstd", asbytes=True) for k in range(0, len(raw), 3001)))
+    for threads in ["2", "4"]:
+        run_env = dict(env, WEIR_READ_THREADS=threads)
+        p, t = weir_table(d, "blocks_frames", src.replace('"blocks.jsonl"', '"blocks-frames.jsonl.zst"'),
+                          batch_size=100, run_env=run_env)
+        ids = t.column("id").to_pylist() if t is not None else []
+        r = subprocess.run([weir, "run", "pipeline.toml", "--force", "--json"], cwd=d, env=run_env,
+                           capture_output=True, text=True)
+        skipped = [s["line"] for s in json.loads(r.stdout)["steps"][0]["skipped"]] if r.returncode == 0 else []
+        check(f"JSON lines in a zstd file of many frames, {threads} threads: rows in order, skipped lines by their numbers",
+              ids == want_ids and skipped == [150, 777, 1999], f"{p.stderr[-500:]}\n{len(ids)} rows; skipped {skipped}")
     p, t = weir_table(d, "blocks", src.replace('on_error = "skip"', 'on_error = "fail"'), batch_size=100)
     check("JSON lines in blocks: on_error = fail names the file's first bad line",
           p.returncode != 0 and "blocks.jsonl:150" in p.stderr, p.stderr[-500:])

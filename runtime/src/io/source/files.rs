@@ -49,7 +49,8 @@ pub(super) const MAX_COLUMNS: usize = 10_000;
 /// what it has): the first `infer_rows` rows of a file with huge values stay cheap.
 pub(super) const INFER_BYTES: usize = 64 << 20;
 
-/// Text a CSV or sequential JSON-lines batch holds at most (a batch ends early past it):
+/// Text a batch of a sequential JSON-lines reader (Debezium) holds at most (a batch ends
+/// early past it; the blocks of the parallel readers are smaller still, [`BLOCK_BYTES`]):
 /// with records of at most `max_record_mb` (1 GiB), a string column's text in one batch
 /// stays under the 2 GiB its 32-bit offsets can address.
 pub(super) const BATCH_TEXT_BYTES: usize = 256 << 20;
@@ -72,7 +73,8 @@ pub(super) struct ReadSpec {
     pub encoding: Option<&'static encoding_rs::Encoding>,
     /// CSV and JSON lines: the longest record (line), in bytes.
     pub max_record: u64,
-    /// CSV and JSON lines: the text a batch holds at most ([`BATCH_TEXT_BYTES`]).
+    /// CSV and JSON lines: the text a batch holds at most ([`BATCH_TEXT_BYTES`]; blocks
+    /// decoded on workers hold the lesser of this and [`BLOCK_BYTES`]).
     pub batch_bytes: usize,
     /// Types of hive partition columns (`key=value` directories); others are strings.
     pub hive_types: HashMap<String, DataType>,
@@ -163,8 +165,25 @@ fn open_file(path: &Path, schema: &SchemaRef, spec: &ReadSpec, offset: u64) -> R
 /// (fewer than `batch_size` records when they are long).
 pub(super) const BLOCK_BYTES: usize = 4 << 20;
 
-/// Decoding workers per file.
-const WORKERS: usize = 2;
+/// Threads decoding a CSV or JSON-lines file's blocks: `WEIR_READ_THREADS` (1 to 64), else
+/// the machine's cores, at least 2 and at most 8 (beyond, the Parquet encoding and the
+/// reading thread are what a run waits for).
+pub(super) fn decode_workers() -> usize {
+    static WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *WORKERS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
+        match std::env::var("WEIR_READ_THREADS") {
+            Err(_) => cores,
+            Ok(v) => match v.trim().parse::<usize>() {
+                Ok(n) if (1..=64).contains(&n) => n,
+                _ => {
+                    tracing::warn!("WEIR_READ_THREADS={v:?} is not a number from 1 to 64: using {cores}");
+                    cores
+                }
+            },
+        }
+    })
+}
 
 /// A block of a file decoded: its batch (none without rows), its skipped rows and the
 /// position after it.
@@ -227,9 +246,10 @@ impl Ordered {
         use std::sync::mpsc::sync_channel;
         let (work, work_rx) = sync_channel::<(B, Done)>(1);
         let work_rx = Arc::new(std::sync::Mutex::new(work_rx));
-        let (results, results_rx) = sync_channel(WORKERS + 1);
+        let workers = decode_workers();
+        let (results, results_rx) = sync_channel(workers + 1);
         let spawn_error = |e: std::io::Error| Error::io(path, e);
-        for n in 0..WORKERS {
+        for n in 0..workers {
             let mut decode = decoder()?;
             let work_rx = work_rx.clone();
             let cpu = spec.helper_cpu.clone();
@@ -457,7 +477,7 @@ fn has_ext(name: &str, ext: &str) -> bool {
 
 /// A compressed input's codec.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum TextCodec {
+pub(super) enum TextCodec {
     Gzip,
     Zstd,
     Bzip2,
@@ -474,7 +494,7 @@ impl TextCodec {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             TextCodec::Gzip => "gzip",
             TextCodec::Zstd => "zstd",
@@ -486,7 +506,7 @@ impl TextCodec {
 /// A decoder's complaint about its input: the file is corrupt or truncated (the user's to
 /// fix, never retried), as opposed to the disk failing under it.
 #[derive(Debug)]
-pub(crate) struct CorruptInput(String);
+pub(crate) struct CorruptInput(pub(crate) String);
 
 impl std::fmt::Display for CorruptInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -633,6 +653,16 @@ fn open_raw(path: &Path, skip_bom: bool) -> Result<Raw> {
     let bom = skip_bom && head[..got].starts_with(b"\xEF\xBB\xBF");
     file.seek(SeekFrom::Start(if bom { 3 } else { 0 })).map_err(|e| Error::io(path, e))?;
     let Some(codec) = TextCodec::sniff(&head[..got]) else { return Ok(Raw::Plain(file)) };
+    // A zstd file of several frames is decompressed a frame per worker when enough threads
+    // decode its text to outpace one decompressing thread (about 1 GB/s against 150-250
+    // MB/s per decoding thread); with fewer, the extra threads only compete for the cores.
+    if codec == TextCodec::Zstd && decode_workers() >= super::zstd_frames::MIN_DECODERS {
+        if let Some(frames) = super::zstd_frames::frames(&mut file).map_err(|e| Error::io(path, e))? {
+            let parallel = super::zstd_frames::ParallelFrames::spawn(file, frames).map_err(|e| Error::io(path, e))?;
+            return Ok(Raw::Decoded(Box::new(parallel)));
+        }
+        file.seek(SeekFrom::Start(0)).map_err(|e| Error::io(path, e))?;
+    }
     let buffered = BufReader::with_capacity(256 << 10, file);
     let inner: Box<dyn Read + Send> = match codec {
         TextCodec::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),

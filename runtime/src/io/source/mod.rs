@@ -30,6 +30,7 @@ mod files;
 mod jsonl;
 mod parquet;
 mod postgres;
+mod zstd_frames;
 
 use std::path::PathBuf;
 

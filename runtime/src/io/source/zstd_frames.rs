@@ -1,0 +1,358 @@
+//! zstd files of several frames (as parallel compressors, log shippers and appending
+//! writers make them) decompressed frame by frame on worker threads, the text coming out in
+//! the file's order. The frames are found from their headers and block headers, without
+//! decompressing anything; a file of one frame, of frames too large to hold, or that is not
+//! a clean sequence of frames is streamed by the usual decoder instead (which reports what
+//! is wrong with it).
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+
+use super::files::{CorruptInput, TextCodec};
+
+/// A frame's place in the file (skippable frames are not frames here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Frame {
+    offset: u64,
+    len: u64,
+}
+
+/// Frames larger than this (compressed) are not held in memory: such a file streams.
+const FRAME_MAX: u64 = 16 << 20;
+/// Workers decompressing frames.
+const WORKERS: usize = 2;
+/// Threads decoding the text ([`super::files::decode_workers`]) from which frames are
+/// decompressed in parallel: below, one decompressing thread keeps ahead of them.
+pub(super) const MIN_DECODERS: usize = 4;
+/// Decompressed text a frame's worker may hold before the reader reaches that frame.
+const CHUNK: usize = 256 << 10;
+const AHEAD: usize = 4;
+
+const MAGIC: u32 = 0xFD2F_B528;
+
+/// The frames of a zstd file when it is two or more well-formed frames each under
+/// `FRAME_MAX` (skippable frames between them allowed); `None` otherwise. The file is read
+/// from its start; where it is left is unspecified.
+pub(super) fn frames(file: &mut File) -> std::io::Result<Option<Vec<Frame>>> {
+    let size = file.metadata()?.len();
+    file.seek(SeekFrom::Start(0))?;
+    let mut r = BufReader::with_capacity(64 << 10, file);
+    let mut frames = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let Some(magic) = read_le(&mut r, 4)? else { return Ok(None) };
+        pos += 4;
+        if magic & 0xFFFF_FFF0 == 0x184D_2A50 {
+            let Some(len) = read_le(&mut r, 4)? else { return Ok(None) };
+            pos += 4 + len;
+            r.seek_relative(len as i64)?;
+            continue;
+        }
+        if magic != MAGIC as u64 {
+            return Ok(None);
+        }
+        let start = pos - 4;
+        let Some(fhd) = read_le(&mut r, 1)? else { return Ok(None) };
+        if fhd & 0x08 != 0 {
+            return Ok(None); // a reserved bit
+        }
+        let single_segment = fhd & 0x20 != 0;
+        let window = u64::from(!single_segment);
+        let dictionary = [0, 1, 2, 4][(fhd & 3) as usize];
+        let content_size = match fhd >> 6 {
+            0 => u64::from(single_segment),
+            1 => 2,
+            2 => 4,
+            _ => 8,
+        };
+        let header = window + dictionary + content_size;
+        r.seek_relative(header as i64)?;
+        pos += 1 + header;
+        loop {
+            let Some(block) = read_le(&mut r, 3)? else { return Ok(None) };
+            let (last, kind, len) = (block & 1 == 1, (block >> 1) & 3, block >> 3);
+            let payload = match kind {
+                0 | 2 => len,
+                1 => 1,
+                _ => return Ok(None), // reserved block type
+            };
+            r.seek_relative(payload as i64)?;
+            pos += 3 + payload;
+            if pos > size {
+                return Ok(None); // cut short: the streaming decoder says so
+            }
+            if last {
+                break;
+            }
+        }
+        if fhd & 0x04 != 0 {
+            r.seek_relative(4)?;
+            pos += 4; // the content checksum
+        }
+        if pos - start > FRAME_MAX {
+            return Ok(None);
+        }
+        frames.push(Frame { offset: start, len: pos - start });
+    }
+    Ok((pos == size && frames.len() > 1).then_some(frames))
+}
+
+/// `n` bytes, little-endian; `None` at the end of the input.
+fn read_le(r: &mut impl Read, n: usize) -> std::io::Result<Option<u64>> {
+    let mut b = [0u8; 8];
+    match r.read_exact(&mut b[..n]) {
+        Ok(()) => Ok(Some(u64::from_le_bytes(b))),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// What a frame's worker gives: text, the frame's end, or its failure.
+enum Chunk {
+    Data(Vec<u8>),
+    End,
+    Failed(std::io::Error),
+}
+
+/// The frames in order, then the end: a reader that sees the feeder stop without `End`
+/// knows something went wrong.
+enum Next {
+    Frame(Receiver<Chunk>),
+    End,
+    Failed(std::io::Error),
+}
+
+/// The text of a file's frames, decompressed on worker threads, in the file's order.
+pub(super) struct ParallelFrames {
+    frames: Receiver<Next>,
+    frame: Option<Receiver<Chunk>>,
+    current: Vec<u8>,
+    at: usize,
+    done: bool,
+}
+
+impl ParallelFrames {
+    /// Decompress `frames` of `file`: a feeder thread reads each frame's bytes in turn and
+    /// hands it to a worker, whose text waits (at most `AHEAD` chunks) until the reader
+    /// reaches its frame.
+    pub(super) fn spawn(mut file: File, frames: Vec<Frame>) -> std::io::Result<Self> {
+        let (work_tx, work_rx) = sync_channel::<(Vec<u8>, SyncSender<Chunk>)>(1);
+        let work_rx = Arc::new(Mutex::new(work_rx));
+        let (next_tx, next_rx) = sync_channel(WORKERS + 1);
+        for n in 0..WORKERS {
+            let work_rx = work_rx.clone();
+            std::thread::Builder::new().name(format!("weir-zstd {n}")).spawn(move || loop {
+                let next = match work_rx.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                let Ok((bytes, out)) = next else { return };
+                decompress(bytes, &out);
+            })?;
+        }
+        std::thread::Builder::new().name("weir-zstd-feed".into()).spawn(move || {
+            for frame in frames {
+                let mut bytes = vec![0u8; frame.len as usize];
+                let read = file.seek(SeekFrom::Start(frame.offset)).and_then(|_| file.read_exact(&mut bytes));
+                if let Err(e) = read {
+                    let _ = next_tx.send(Next::Failed(e));
+                    return;
+                }
+                let (out, text) = sync_channel(AHEAD);
+                // a send fails only when the reader is gone: then so is the work
+                if next_tx.send(Next::Frame(text)).is_err() || work_tx.send((bytes, out)).is_err() {
+                    return;
+                }
+            }
+            let _ = next_tx.send(Next::End);
+        })?;
+        Ok(ParallelFrames { frames: next_rx, frame: None, current: Vec::new(), at: 0, done: false })
+    }
+}
+
+/// One frame's text to `out`, in chunks, then its end or its failure.
+fn decompress(bytes: Vec<u8>, out: &SyncSender<Chunk>) {
+    let decoder = match zstd::stream::read::Decoder::with_buffer(std::io::Cursor::new(bytes)) {
+        Ok(d) => d.single_frame(),
+        Err(e) => {
+            let _ = out.send(Chunk::Failed(corrupt(e)));
+            return;
+        }
+    };
+    let mut decoder = decoder;
+    loop {
+        let mut buf = vec![0u8; CHUNK];
+        let mut filled = 0;
+        while filled < CHUNK {
+            match decoder.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = out.send(Chunk::Failed(corrupt(e)));
+                    return;
+                }
+            }
+        }
+        buf.truncate(filled);
+        let end = filled < CHUNK;
+        if filled > 0 && out.send(Chunk::Data(buf)).is_err() {
+            return;
+        }
+        if end {
+            let _ = out.send(Chunk::End);
+            return;
+        }
+    }
+}
+
+/// A decoder's complaint, as the input's error (corrupt data, never retried).
+fn corrupt(e: std::io::Error) -> std::io::Error {
+    let codec = TextCodec::Zstd.name();
+    std::io::Error::other(CorruptInput(format!("not a valid {codec} stream (corrupt or truncated): {e}")))
+}
+
+impl Read for ParallelFrames {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.current.len() {
+            if self.done {
+                return Ok(0);
+            }
+            let failed = |this: &mut Self, e| {
+                this.done = true;
+                Err(e)
+            };
+            let Some(frame) = &self.frame else {
+                match self.frames.recv() {
+                    Ok(Next::Frame(f)) => self.frame = Some(f),
+                    Ok(Next::End) => self.done = true,
+                    Ok(Next::Failed(e)) => return failed(self, e),
+                    // the feeder ended without saying how: never read that as the end
+                    Err(_) => return failed(self, stopped()),
+                }
+                continue;
+            };
+            match frame.recv() {
+                Ok(Chunk::Data(text)) => {
+                    self.current = text;
+                    self.at = 0;
+                }
+                Ok(Chunk::End) => self.frame = None,
+                Ok(Chunk::Failed(e)) => return failed(self, e),
+                Err(_) => return failed(self, stopped()),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+fn stopped() -> std::io::Error {
+    std::io::Error::other("the decompression threads stopped unexpectedly")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// `text` as zstd frames cut at `cuts` (with a checksum on every other frame), with a
+    /// skippable frame after the first.
+    fn framed(text: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut from = 0;
+        for (i, &to) in cuts.iter().chain(std::iter::once(&text.len())).enumerate() {
+            let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+            enc.include_checksum(i % 2 == 0).unwrap();
+            enc.write_all(&text[from..to]).unwrap();
+            out.extend(enc.finish().unwrap());
+            if i == 0 {
+                out.extend(0x184D_2A53u32.to_le_bytes());
+                out.extend(5u32.to_le_bytes());
+                out.extend(b"skip!");
+            }
+            from = to;
+        }
+        out
+    }
+
+    fn file_of(bytes: &[u8]) -> (tempfile::NamedTempFile, File) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(bytes).unwrap();
+        let file = File::open(f.path()).unwrap();
+        (f, file)
+    }
+
+    fn read_all(mut r: impl Read) -> (Vec<u8>, Option<std::io::Error>) {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 7919];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => return (out, None),
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) => return (out, Some(e)),
+            }
+        }
+    }
+
+    #[test]
+    fn frames_decompress_in_order_as_the_streaming_decoder_reads_them() {
+        let mut next = crate::io::xorshift(0x2545_F491_4F6C_DD1D);
+        let text: Vec<u8> =
+            (0..3_000_000).map(|i| if next() % 17 == 0 { b'\n' } else { b'a' + (i % 26) as u8 }).collect();
+        // frames cut anywhere, some larger than a chunk, some of a few bytes, one empty
+        let cuts = [1, 5, 5, 1000, 400_000, 1_600_000, 2_999_999];
+        let bytes = framed(&text, &cuts);
+        let (_keep, mut file) = file_of(&bytes);
+        let found = frames(&mut file).unwrap().expect("several frames");
+        assert_eq!(found.len(), cuts.len() + 1);
+        let (got, err) = read_all(ParallelFrames::spawn(file, found).unwrap());
+        assert!(err.is_none());
+        assert!(got == text, "{} of {} bytes", got.len(), text.len());
+        // the streaming decoder, the reference, reads the same
+        let (streamed, _) = read_all(zstd::stream::read::Decoder::new(&bytes[..]).unwrap());
+        assert!(streamed == text);
+    }
+
+    #[test]
+    fn files_that_are_not_clean_frames_are_left_to_the_streaming_decoder() {
+        let text = b"a,b\n1,2\n".repeat(1000);
+        let one = framed(&text, &[]);
+        let (_a, mut f) = file_of(&one);
+        assert_eq!(frames(&mut f).unwrap(), None, "one frame streams");
+        let two = framed(&text, &[100]);
+        for cut in [two.len() - 1, two.len() - 7, one.len() + 20] {
+            let (_b, mut f) = file_of(&two[..cut]);
+            assert_eq!(frames(&mut f).unwrap(), None, "cut at {cut}");
+        }
+        let mut trailing = two.clone();
+        trailing.extend(b"garbage");
+        let (_c, mut f) = file_of(&trailing);
+        assert_eq!(frames(&mut f).unwrap(), None);
+    }
+
+    #[test]
+    fn a_corrupt_frame_fails_after_the_text_before_it() {
+        let mut next = crate::io::xorshift(0x9E37_79B9_7F4A_7C15);
+        let text: Vec<u8> = (0..1_000_000).map(|_| b"abcdefghij\n"[(next() % 11) as usize]).collect();
+        let mut bytes = framed(&text, &[300_000, 600_000]);
+        let (_a, mut f) = file_of(&bytes);
+        let found = frames(&mut f).unwrap().unwrap();
+        // damage the third frame's first block (past the frame's and the block's headers,
+        // at most 18 + 3 bytes): the headers stay well-formed, its checksum no longer holds
+        let at = (found[2].offset + 40) as usize;
+        assert!(found[2].len > 1000);
+        bytes[at..at + 8].iter_mut().for_each(|b| *b = !*b);
+        let (_b, mut f) = file_of(&bytes);
+        let found = frames(&mut f).unwrap().expect("headers intact");
+        let (got, err) = read_all(ParallelFrames::spawn(f, found).unwrap());
+        let err = err.expect("the damage is an error");
+        assert!(super::super::corrupt_input(&err).is_some_and(|m| m.contains("not a valid zstd stream")), "{err}");
+        // the frames before it whole (of the damaged one, what decoded before the check)
+        assert!(got.len() >= 600_000 && got[..600_000] == text[..600_000], "{} bytes before the error", got.len());
+    }
+}
