@@ -303,7 +303,7 @@ mod tests {
     fn frames_decompress_in_order_as_the_streaming_decoder_reads_them() {
         let mut next = crate::io::xorshift(0x2545_F491_4F6C_DD1D);
         let text: Vec<u8> =
-            (0..3_000_000).map(|i| if next() % 17 == 0 { b'\n' } else { b'a' + (i % 26) as u8 }).collect();
+            (0..3_000_000).map(|i| if next().is_multiple_of(17) { b'\n' } else { b'a' + (i % 26) as u8 }).collect();
         // frames cut anywhere, some larger than a chunk, some of a few bytes, one empty
         let cuts = [1, 5, 5, 1000, 400_000, 1_600_000, 2_999_999];
         let bytes = framed(&text, &cuts);
