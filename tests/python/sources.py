@@ -63,6 +63,17 @@ output = {{ path = "out/{name}" }}
     return p, (ds.dataset(d / "out" / name, format="parquet").to_table() if p.returncode == 0 else None)
 
 
+def step_summary(d, run_env=None):
+    """Run pipeline.toml again with --json: its step's summary (skipped rows and counts), or {}."""
+    r = subprocess.run([weir, "run", "pipeline.toml", "--force", "--json"], cwd=d, env=run_env or env,
+                       capture_output=True, text=True)
+    return json.loads(r.stdout)["steps"][0] if r.returncode == 0 else {}
+
+
+def skipped_lines(d, run_env=None):
+    return [s["line"] for s in step_summary(d, run_env).get("skipped", [])]
+
+
 def run_weir(d, source_toml, name):
     schema = 'schema = { id = "int64", name = "string", note = "string", amount = "float64" }'
     p, t = weir_table(d, name, f"{source_toml}\n{schema}")
@@ -166,8 +177,7 @@ with tempfile.TemporaryDirectory() as tmp:
     src = 'format = "csv"\npath = "many"\nschema = { id = "int64", name = "string", amount = "float64" }\non_error = "skip"'
     p, t = weir_table(d, "many", src, batch_size=64, run_env=dict(env, WEIR_READ_THREADS="4"))
     got_ids = t.column("id").to_pylist() if t is not None else []
-    r = subprocess.run([weir, "run", "pipeline.toml", "--force", "--json"], cwd=d, env=env, capture_output=True, text=True)
-    got_skipped = [(pathlib.Path(s["file"]).name, s["line"]) for s in json.loads(r.stdout)["steps"][0]["skipped"]] if r.returncode == 0 else []
+    got_skipped = [(pathlib.Path(s["file"]).name, s["line"]) for s in step_summary(d).get("skipped", [])]
     check("many files, plain and compressed, read ahead: every row once, in file order",
           p.returncode == 0 and got_ids == want_ids,
           f"{p.stderr[-1000:]}\n{len(got_ids)} of {len(want_ids)} rows; first out of place at "
@@ -332,9 +342,8 @@ schema = { id = "int64", tags = "list<string>", geo = "struct<lat: float64, city
         check("nested jsonl: lines failing after part of their nested values were read are skipped whole",
               p.returncode == 0 and got2 == got and len(got2) == len(nested),
               f"{p.stderr[-1000:]}\n{len(got2)} rows; first difference: {next((a for a, b in zip(got2, got) if a != b), None)}")
-        r = subprocess.run([weir, "run", "pipeline.toml", "--force", "--json"], cwd=d, env=env, capture_output=True, text=True)
-        n_skipped = json.loads(r.stdout)["steps"][0].get("rows_skipped") if r.returncode == 0 else None
-        check("nested jsonl: every bad line counted as skipped", n_skipped == len(mixed) - len(nested), f"{n_skipped} {r.stdout[-500:]}")
+        n_skipped = step_summary(d).get("rows_skipped")
+        check("nested jsonl: every bad line counted as skipped", n_skipped == len(mixed) - len(nested), f"{n_skipped} skipped")
 
     # JSON lines are decoded on two workers, in blocks (of batch_size lines here): rows come
     # out in the file's order, skipped lines are reported with their own numbers in order,
@@ -357,8 +366,7 @@ schema = { id = "int64", tags = "list<string>", geo = "struct<lat: float64, city
     src = 'format = "jsonl"\npath = "blocks.jsonl"\nschema = { id = "int64", v = "string" }\non_error = "skip"'
     p, t = weir_table(d, "blocks", src, batch_size=100)
     ids = t.column("id").to_pylist() if t is not None else []
-    r = subprocess.run([weir, "run", "pipeline.toml", "--force", "--json"], cwd=d, env=env, capture_output=True, text=True)
-    skipped = [s["line"] for s in json.loads(r.stdout)["steps"][0]["skipped"]] if r.returncode == 0 else []
+    skipped = skipped_lines(d)
     check("JSON lines decoded in blocks on two workers: rows in the file's order, skipped lines by their own numbers",
           ids == want_ids and skipped == [150, 777, 1999], f"{len(ids)} rows, first out of order at "
           f"{next((k for k, (a, b) in enumerate(zip(ids, want_ids)) if a != b), None)}; skipped {skipped}")
@@ -373,9 +381,7 @@ schema = { id = "int64", tags = "list<string>", geo = "struct<lat: float64, city
         p, t = weir_table(d, "blocks_frames", src.replace('"blocks.jsonl"', '"blocks-frames.jsonl.zst"'),
                           batch_size=100, run_env=run_env)
         ids = t.column("id").to_pylist() if t is not None else []
-        r = subprocess.run([weir, "run", "pipeline.toml", "--force", "--json"], cwd=d, env=run_env,
-                           capture_output=True, text=True)
-        skipped = [s["line"] for s in json.loads(r.stdout)["steps"][0]["skipped"]] if r.returncode == 0 else []
+        skipped = skipped_lines(d, run_env)
         check(f"JSON lines in a zstd file of many frames, {threads} threads: rows in order, skipped lines by their numbers",
               ids == want_ids and skipped == [150, 777, 1999], f"{p.stderr[-500:]}\n{len(ids)} rows; skipped {skipped}")
     p, t = weir_table(d, "blocks", src.replace('on_error = "skip"', 'on_error = "fail"'), batch_size=100)
@@ -409,8 +415,7 @@ schema = { id = "int64", tags = "list<string>", geo = "struct<lat: float64, city
     p, t = weir_table(d, "csv_blocks", src, batch_size=100)
     ids = t.column("id").to_pylist() if t is not None else []
     vs = t.column("v").to_pylist() if t is not None else []
-    r = subprocess.run([weir, "run", "pipeline.toml", "--force", "--json"], cwd=d, env=env, capture_output=True, text=True)
-    skipped = [s["line"] for s in json.loads(r.stdout)["steps"][0]["skipped"]] if r.returncode == 0 else []
+    skipped = skipped_lines(d)
     check("CSV decoded in blocks on two workers: rows in the file's order, skipped records by their own lines",
           ids == want_ids and skipped == want_lines and vs[want_ids.index(200)] == "spans\nlines",
           f"{p.stderr[-500:]}\n{len(ids)} rows; skipped {skipped}, want {want_lines}")

@@ -198,7 +198,8 @@ pub fn infer_type<'a>(samples: impl Iterator<Item = &'a str>) -> DataType {
 
 /// A growing column of one of the supported types.
 pub enum ColumnBuilder {
-    Utf8(StringBuilder),
+    /// Text, and whether a value was refused for passing 2 GiB of text in the batch.
+    Utf8(StringBuilder, bool),
     Int64(Int64Builder),
     Int32(Int32Builder),
     Float64(Float64Builder),
@@ -213,7 +214,7 @@ pub enum ColumnBuilder {
 impl ColumnBuilder {
     pub fn new(dtype: &DataType, capacity: usize) -> Result<Self, String> {
         Ok(match dtype {
-            DataType::Utf8 => ColumnBuilder::Utf8(StringBuilder::with_capacity(capacity, capacity * 16)),
+            DataType::Utf8 => ColumnBuilder::Utf8(StringBuilder::with_capacity(capacity, capacity * 16), false),
             DataType::Int64 => ColumnBuilder::Int64(Int64Builder::with_capacity(capacity)),
             DataType::Int32 => ColumnBuilder::Int32(Int32Builder::with_capacity(capacity)),
             DataType::Float64 => ColumnBuilder::Float64(Float64Builder::with_capacity(capacity)),
@@ -231,7 +232,7 @@ impl ColumnBuilder {
     /// Append a cell parsed for this column's type.
     pub fn push(&mut self, cell: Cell) {
         match (self, cell) {
-            (ColumnBuilder::Utf8(b), Cell::Str(s)) => b.append_value(s),
+            (b @ ColumnBuilder::Utf8(..), Cell::Str(s)) => b.push_str(&s),
             (ColumnBuilder::Int64(b), Cell::Int(v)) => b.append_value(v),
             (ColumnBuilder::Int32(b), Cell::Int(v)) => b.append_value(v as i32),
             (ColumnBuilder::Float64(b), Cell::Float(v)) => b.append_value(v),
@@ -247,14 +248,22 @@ impl ColumnBuilder {
     /// Append text to a string column (any other column gets a null: callers check types).
     pub fn push_str(&mut self, text: &str) {
         match self {
-            ColumnBuilder::Utf8(b) => b.append_value(text),
+            ColumnBuilder::Utf8(b, overflowed) => {
+                // past its 32-bit offsets arrow would panic: refuse, and fail the batch
+                if b.values_slice().len() + text.len() > i32::MAX as usize {
+                    *overflowed = true;
+                    b.append_null();
+                } else {
+                    b.append_value(text);
+                }
+            }
             b => b.push_null(),
         }
     }
 
     fn push_null(&mut self) {
         match self {
-            ColumnBuilder::Utf8(b) => b.append_null(),
+            ColumnBuilder::Utf8(b, _) => b.append_null(),
             ColumnBuilder::Int64(b) => b.append_null(),
             ColumnBuilder::Int32(b) => b.append_null(),
             ColumnBuilder::Float64(b) => b.append_null(),
@@ -270,7 +279,13 @@ impl ColumnBuilder {
     /// outgrows 32-bit offsets in one batch.
     pub fn finish(&mut self) -> Result<ArrayRef, String> {
         Ok(match self {
-            ColumnBuilder::Utf8(b) => Arc::new(b.finish()),
+            ColumnBuilder::Utf8(b, overflowed) => {
+                let array = b.finish();
+                if std::mem::take(overflowed) {
+                    return Err("a string column's text in one batch went past 2 GiB; lower pipeline.batch_size".into());
+                }
+                Arc::new(array)
+            }
             ColumnBuilder::Int64(b) => Arc::new(b.finish()),
             ColumnBuilder::Int32(b) => Arc::new(b.finish()),
             ColumnBuilder::Float64(b) => Arc::new(b.finish()),
@@ -286,6 +301,18 @@ impl ColumnBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_string_column_past_2_gib_in_a_batch_fails_the_batch_not_the_process() {
+        let mut b = ColumnBuilder::new(&DataType::Utf8, 4).unwrap();
+        let big = "x".repeat(1 << 30);
+        b.push_str(&big);
+        b.push_str(&big);
+        assert!(b.finish().unwrap_err().contains("2 GiB"));
+        // the builder starts over
+        b.push_str("ok");
+        assert_eq!(b.finish().unwrap().len(), 1);
+    }
 
     #[test]
     fn parses_and_infers() {

@@ -174,6 +174,8 @@ struct Records {
     consumed: u64,
     /// Lines skipped before the reader's first (`skip_rows`): added to its line numbers.
     skipped_lines: u64,
+    /// Fields of the header: a record of another width is bad.
+    width: usize,
 }
 
 /// What reading the next record gave.
@@ -188,25 +190,35 @@ enum Next {
 }
 
 impl Records {
+    /// The next record. A record that was read (good or bad) counts as consumed; one that
+    /// failed to read does not (a position after the records before it stays before it).
     fn next(&mut self) -> Next {
         // where the next record starts (the reader's line moves on inside a long one)
         let starts_at = self.reader.position().line() + self.skipped_lines;
         let read = self.reader.read_byte_record(&mut self.record);
         self.budget.renew();
-        if !matches!(read, Ok(false)) {
-            self.consumed += 1;
-        }
         match read {
             Ok(false) => Next::End,
-            Ok(true) => Next::Record(self.record.position().map(|p| p.line() + self.skipped_lines).unwrap_or(0)),
+            Ok(true) => {
+                self.consumed += 1;
+                Next::Record(self.record.position().map(|p| p.line() + self.skipped_lines).unwrap_or(0))
+            }
             Err(e) if too_long(&e) => {
                 let message = e.to_string();
                 Next::Fatal(Error::Input { file: self.path.clone(), line: starts_at, column: None, message })
             }
-            Err(e) => match csv_error(&self.path, e, self.skipped_lines) {
-                Error::Input { line, message, .. } => Next::Bad(line, message),
-                other => Next::Fatal(other),
-            },
+            // the input failing (a corrupt or cut compressed file, the disk): what follows
+            // is not records either, so it is never skipped
+            Err(e) if matches!(e.kind(), csv::ErrorKind::Io(_)) => {
+                Next::Fatal(csv_error(&self.path, e, self.skipped_lines))
+            }
+            Err(e) => {
+                self.consumed += 1;
+                match csv_error(&self.path, e, self.skipped_lines) {
+                    Error::Input { line, message, .. } => Next::Bad(line, message),
+                    other => Next::Fatal(other),
+                }
+            }
         }
     }
 
@@ -285,6 +297,7 @@ pub(super) fn open_parallel(path: &Path, schema: &SchemaRef, spec: &ReadSpec, of
         record: csv::ByteRecord::new(),
         consumed: 0,
         skipped_lines: spec.skip_rows,
+        width: names.len(),
     };
     records.skip(offset);
     let decoder = || {
@@ -313,15 +326,22 @@ pub(super) fn open_parallel(path: &Path, schema: &SchemaRef, spec: &ReadSpec, of
 
 /// The reader thread: blocks of records to the workers, in order; a fatal error takes the
 /// place of the block it fell in.
-fn read_records(mut file: Records, batch_size: usize, block_bytes: usize, blocks: Blocks<RecordBlock>) {
+fn read_records(mut file: Records, batch_size: usize, block_bytes: usize, mut blocks: Blocks<RecordBlock>) {
+    let field_bytes = std::mem::size_of::<usize>();
     loop {
         let mut block = RecordBlock { text: Vec::new(), ends: Vec::new(), records: Vec::new(), end: 0 };
         let (mut failed, mut eof) = (None, false);
-        while block.records.len() < batch_size && block.text.len() < block_bytes {
+        // the fields' places count too: a line of commas is all places and no text
+        while block.records.len() < batch_size && block.text.len() + block.ends.len() * field_bytes < block_bytes {
             match file.next() {
                 Next::End => {
                     eof = true;
                     break;
+                }
+                // a record of another width is refused here, its fields never copied
+                Next::Record(line) if file.record.len() != file.width => {
+                    let message = format!("expected {} fields, found {}", file.width, file.record.len());
+                    block.records.push((line, BlockRecord::Bad(message)));
                 }
                 Next::Record(line) => {
                     for field in file.record.iter() {
@@ -338,13 +358,7 @@ fn read_records(mut file: Records, batch_size: usize, block_bytes: usize, blocks
             }
         }
         block.end = file.consumed;
-        if !block.records.is_empty() && !blocks.send(block) {
-            return;
-        }
-        if let Some(e) = failed {
-            return blocks.fail(e);
-        }
-        if eof {
+        if !blocks.deliver((!block.records.is_empty()).then_some(block), failed, eof) {
             return;
         }
     }
@@ -400,16 +414,9 @@ impl RowDecoder {
 
     fn parse_row<'a>(&self, line: u64, record: &[&'a [u8]], values: &mut Vec<Value<'a>>) -> Result<()> {
         values.clear();
-        if record.len() != self.width {
-            return Err(Error::Input {
-                file: self.path.clone(),
-                line,
-                column: None,
-                message: format!("expected {} fields, found {}", self.width, record.len()),
-            });
-        }
         for (f, &pos) in self.schema.fields().iter().zip(&self.positions) {
-            let raw = record[pos];
+            // the reader refused records of another width
+            let raw = record.get(pos).copied().unwrap_or_default();
             let text = std::str::from_utf8(raw).map_err(|e| Error::Input {
                 file: self.path.clone(),
                 line,

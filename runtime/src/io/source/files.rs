@@ -129,10 +129,13 @@ pub(super) trait FileBatches: Send {
 
 /// One column builder per field of a text format's batches.
 pub(super) fn text_builders(path: &Path, schema: &SchemaRef, batch_size: usize) -> Result<Vec<ColumnBuilder>> {
+    // room for a batch of up to 8192 rows, less for a wide schema (a decoder per thread
+    // holds a set; they grow as needed)
+    let rows = batch_size.min(8192).min((1 << 20) / schema.fields().len().max(1)).max(1);
     schema
         .fields()
         .iter()
-        .map(|f| ColumnBuilder::new(f.data_type(), batch_size.min(8192)))
+        .map(|f| ColumnBuilder::new(f.data_type(), rows))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|m| Error::Input { file: path.to_path_buf(), line: 0, column: None, message: m })
 }
@@ -207,23 +210,51 @@ pub(super) struct Ordered {
 }
 
 /// The reading thread's side of an [`Ordered`]: blocks to the workers, their places kept.
+/// Dropped before the file's end or failure was delivered (the thread panicked), it puts
+/// an error in the next place: a reader that died is never read as the end of the file.
 pub(super) struct Blocks<B> {
     work: std::sync::mpsc::SyncSender<(B, Done)>,
     results: std::sync::mpsc::SyncSender<std::sync::mpsc::Receiver<Result<Decoded>>>,
+    ended: bool,
+}
+
+impl<B> Drop for Blocks<B> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.fail(Error::Internal("a file's reading thread stopped before the file's end".into()));
+        }
+    }
 }
 
 impl<B> Blocks<B> {
     /// The next block; false when the reader is gone (the work with it).
-    pub fn send(&self, block: B) -> bool {
+    fn send(&self, block: B) -> bool {
         let (done, result) = std::sync::mpsc::sync_channel(1);
         self.results.send(result).is_ok() && self.work.send((block, done)).is_ok()
     }
 
     /// Reading failed after the blocks sent so far.
-    pub fn fail(&self, e: Error) {
+    fn fail(&self, e: Error) {
         let (done, result) = std::sync::mpsc::sync_channel(1);
         let _ = done.send(Err(e));
         let _ = self.results.send(result);
+    }
+
+    /// A block read (`None` when it holds nothing) and what ended it: a failure, the end of
+    /// the file, or neither; whether reading goes on.
+    pub fn deliver(&mut self, block: Option<B>, failed: Option<Error>, eof: bool) -> bool {
+        if block.is_some_and(|b| !self.send(b)) {
+            // the reader is gone: nobody to tell
+            self.ended = true;
+            return false;
+        }
+        if let Some(e) = failed {
+            self.fail(e);
+            self.ended = true;
+            return false;
+        }
+        self.ended = eof;
+        !eof
     }
 }
 
@@ -270,7 +301,7 @@ impl Ordered {
         }
         std::thread::Builder::new()
             .name("weir-read-blocks".into())
-            .spawn(move || read(Blocks { work, results }))
+            .spawn(move || read(Blocks { work, results, ended: false }))
             .map_err(spawn_error)?;
         Ok(Ordered { results: results_rx, consumed, done: false })
     }
@@ -1050,7 +1081,7 @@ impl Source for FileSource {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// Gives `data` in reads of uneven sizes, then fails or panics if told to.
@@ -1078,11 +1109,15 @@ mod tests {
 
     fn read_all(then: &'static str, len: usize) -> (Vec<u8>, Option<std::io::Error>) {
         let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
-        let mut ahead = ReadAhead::spawn(Script { data, at: 0, then }).unwrap();
+        read_to_end_or_error(ReadAhead::spawn(Script { data, at: 0, then }).unwrap())
+    }
+
+    /// Everything `r` gives, in reads of an odd size, and the error it ends with, if any.
+    pub(in crate::io::source) fn read_to_end_or_error(mut r: impl Read) -> (Vec<u8>, Option<std::io::Error>) {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 10_007];
         loop {
-            match ahead.read(&mut buf) {
+            match r.read(&mut buf) {
                 Ok(0) => return (out, None),
                 Ok(n) => out.extend_from_slice(&buf[..n]),
                 Err(e) => return (out, Some(e)),
@@ -1177,6 +1212,71 @@ mod tests {
             }
         };
         assert!(rows == 51 && err.contains("f3.csv:2"), "{rows} {err}");
+    }
+
+    #[test]
+    fn a_reading_thread_that_dies_is_an_error_not_the_end_of_the_file() {
+        let spec = ReadSpec::new(Format::Csv, 10);
+        let schema = Arc::new(arrow_schema::Schema::new(vec![arrow_schema::Field::new("id", DataType::Int64, true)]));
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(arrow_array::Int64Array::from(vec![1, 2]))]).unwrap();
+        let decoder = || Ok(|b: &RecordBatch| Ok(Decoded { batch: Some(b.clone()), skipped: Vec::new(), end: 2 }));
+        let mut file = Ordered::spawn(Path::new("f.csv"), 0, &spec, decoder, move |mut blocks: Blocks<RecordBatch>| {
+            assert!(blocks.deliver(Some(batch), None, false));
+            panic!("a bug in the reader");
+        })
+        .unwrap();
+        assert_eq!(file.next_batch(&mut Vec::new()).unwrap().map(|b| b.num_rows()), Some(2));
+        assert_eq!(file.consumed(), 2);
+        let err = file.next_batch(&mut Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("stopped before the file's end"), "{err}");
+    }
+
+    #[test]
+    fn a_cut_compressed_csv_fails_even_when_skipping_and_its_position_counts_only_rows_read() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let text: String = std::iter::once("id\n".to_string()).chain((0..200_000).map(|i| format!("{i}\n"))).collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(text.as_bytes()).unwrap();
+        let gz = gz.finish().unwrap();
+        let path = dir.path().join("cut.csv.gz");
+        std::fs::write(&path, &gz[..gz.len() * 2 / 3]).unwrap();
+        let schema = Arc::new(arrow_schema::Schema::new(vec![arrow_schema::Field::new("id", DataType::Int64, true)]));
+        let spec = ReadSpec { on_error: OnError::Skip, ..ReadSpec::new(Format::Csv, 1000) };
+        let mut source = FileSource::new(schema, vec![path], spec, None);
+        let mut rows = 0;
+        let err = loop {
+            match source.next_batch() {
+                Some(Ok(b)) => {
+                    rows += b.num_rows() as u64;
+                    // the position after a batch is the rows delivered so far, nothing more
+                    assert_eq!(source.position()["rows"].as_u64(), Some(rows));
+                }
+                Some(Err(e)) => break e.to_string(),
+                None => panic!("a cut file read as a whole one ({rows} rows)"),
+            }
+        };
+        assert!(err.contains("not a valid gzip stream") && err.contains("cut.csv.gz:"), "{err}");
+        assert_eq!(source.skipped().0, 0);
+        assert!(rows > 1000 && rows < 200_000, "{rows}");
+    }
+
+    #[test]
+    fn csv_records_of_another_width_are_refused_by_the_reader_without_copying_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("commas.csv");
+        let commas = ",".repeat(100_000);
+        std::fs::write(&path, format!("a\n1\n{}2\n3\n", format!("{commas}\n").repeat(50))).unwrap();
+        let schema = Arc::new(arrow_schema::Schema::new(vec![arrow_schema::Field::new("a", DataType::Int64, true)]));
+        let spec = ReadSpec { on_error: OnError::Skip, ..ReadSpec::new(Format::Csv, 8192) };
+        let mut file = super::super::csv::open_parallel(&path, &schema, &spec, 0).unwrap();
+        let (mut rows, mut skipped) = (0, Vec::new());
+        while let Some(b) = file.next_batch(&mut skipped).unwrap() {
+            rows += b.num_rows();
+        }
+        assert_eq!((rows, skipped.len()), (3, 50));
+        assert_eq!(skipped[0].line, 3);
+        assert!(skipped[0].message.contains("expected 1 fields, found 100001"), "{}", skipped[0].message);
     }
 
     #[test]

@@ -343,7 +343,7 @@ pub(super) fn open_parallel(path: &Path, schema: &SchemaRef, spec: &ReadSpec, of
 
 /// The reader thread: blocks of lines to the workers, in order; a read error takes the
 /// place of the block it fell in.
-fn read_blocks(mut file: Lines, batch_size: usize, block_bytes: usize, blocks: Blocks<Block>) {
+fn read_blocks(mut file: Lines, batch_size: usize, block_bytes: usize, mut blocks: Blocks<Block>) {
     loop {
         let mut block = Block { text: String::new(), lines: Vec::new(), end: file.line };
         let mut failed = None;
@@ -368,14 +368,9 @@ fn read_blocks(mut file: Lines, batch_size: usize, block_bytes: usize, blocks: B
                 }
             }
         }
-        block.end = file.line;
-        if !block.lines.is_empty() && !blocks.send(block) {
-            return;
-        }
-        if let Some(e) = failed {
-            return blocks.fail(e);
-        }
-        if eof {
+        // a line that failed to read was counted: a position after this block is before it
+        block.end = if failed.is_some() { file.line.saturating_sub(1) } else { file.line };
+        if !blocks.deliver((!block.lines.is_empty()).then_some(block), failed, eof) {
             return;
         }
     }

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use super::files::{CorruptInput, TextCodec};
 
-/// A frame's place in the file (skippable frames are not frames here).
+/// A run of whole frames in the file, decompressed by one worker: consecutive frames are
+/// taken together up to `UNIT_BYTES` (a file of tiny frames, a frame per line, costs a
+/// hand-off per megabyte, not per frame).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Frame {
     offset: u64,
@@ -21,6 +23,8 @@ pub(super) struct Frame {
 
 /// Frames larger than this (compressed) are not held in memory: such a file streams.
 const FRAME_MAX: u64 = 16 << 20;
+/// Compressed bytes of consecutive frames one worker takes at a time.
+const UNIT_BYTES: u64 = 1 << 20;
 /// Workers decompressing frames.
 const WORKERS: usize = 2;
 /// Threads decoding the text ([`super::files::decode_workers`]) from which frames are
@@ -32,14 +36,15 @@ const AHEAD: usize = 4;
 
 const MAGIC: u32 = 0xFD2F_B528;
 
-/// The frames of a zstd file when it is two or more well-formed frames each under
-/// `FRAME_MAX` (skippable frames between them allowed); `None` otherwise. The file is read
-/// from its start; where it is left is unspecified.
+/// The frames of a zstd file, in runs of about `UNIT_BYTES`, when it is well-formed frames
+/// each under `FRAME_MAX` (skippable frames between them allowed) making two runs or more;
+/// `None` otherwise, found as soon as a frame passes `FRAME_MAX`. The file is read from
+/// its start; where it is left is unspecified.
 pub(super) fn frames(file: &mut File) -> std::io::Result<Option<Vec<Frame>>> {
     let size = file.metadata()?.len();
     file.seek(SeekFrom::Start(0))?;
     let mut r = BufReader::with_capacity(64 << 10, file);
-    let mut frames = Vec::new();
+    let mut frames: Vec<Frame> = Vec::new();
     let mut pos = 0u64;
     while pos < size {
         let Some(magic) = read_le(&mut r, 4)? else { return Ok(None) };
@@ -83,6 +88,9 @@ pub(super) fn frames(file: &mut File) -> std::io::Result<Option<Vec<Frame>>> {
             if pos > size {
                 return Ok(None); // cut short: the streaming decoder says so
             }
+            if pos - start > FRAME_MAX {
+                return Ok(None); // too large to hold: streamed
+            }
             if last {
                 break;
             }
@@ -91,10 +99,11 @@ pub(super) fn frames(file: &mut File) -> std::io::Result<Option<Vec<Frame>>> {
             r.seek_relative(4)?;
             pos += 4; // the content checksum
         }
-        if pos - start > FRAME_MAX {
-            return Ok(None);
+        match frames.last_mut() {
+            // the run so far and this frame (and any skippable frames between) together
+            Some(run) if pos - run.offset <= UNIT_BYTES => run.len = pos - run.offset,
+            _ => frames.push(Frame { offset: start, len: pos - start }),
         }
-        frames.push(Frame { offset: start, len: pos - start });
     }
     Ok((pos == size && frames.len() > 1).then_some(frames))
 }
@@ -172,10 +181,11 @@ impl ParallelFrames {
     }
 }
 
-/// One frame's text to `out`, in chunks, then its end or its failure.
+/// A run of frames' text to `out`, in chunks, then its end or its failure.
 fn decompress(bytes: Vec<u8>, out: &SyncSender<Chunk>) {
+    // every frame of the run (and any skippable frame between them)
     let decoder = match zstd::stream::read::Decoder::with_buffer(std::io::Cursor::new(bytes)) {
-        Ok(d) => d.single_frame(),
+        Ok(d) => d,
         Err(e) => {
             let _ = out.send(Chunk::Failed(corrupt(e)));
             return;
@@ -287,29 +297,19 @@ mod tests {
         (f, file)
     }
 
-    fn read_all(mut r: impl Read) -> (Vec<u8>, Option<std::io::Error>) {
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 7919];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) => return (out, None),
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-                Err(e) => return (out, Some(e)),
-            }
-        }
-    }
+    use super::super::files::tests::read_to_end_or_error as read_all;
 
     #[test]
     fn frames_decompress_in_order_as_the_streaming_decoder_reads_them() {
         let mut next = crate::io::xorshift(0x2545_F491_4F6C_DD1D);
-        let text: Vec<u8> =
-            (0..3_000_000).map(|i| if next().is_multiple_of(17) { b'\n' } else { b'a' + (i % 26) as u8 }).collect();
+        let text: Vec<u8> = (0..8_000_000).map(|_| b"abcdefghij\n"[(next() % 11) as usize]).collect();
         // frames cut anywhere, some larger than a chunk, some of a few bytes, one empty
-        let cuts = [1, 5, 5, 1000, 400_000, 1_600_000, 2_999_999];
+        let cuts = [1, 5, 5, 1000, 400_000, 1_600_000, 7_999_999];
         let bytes = framed(&text, &cuts);
         let (_keep, mut file) = file_of(&bytes);
         let found = frames(&mut file).unwrap().expect("several frames");
-        assert_eq!(found.len(), cuts.len() + 1);
+        // the small frames run together: fewer runs than frames, each of whole frames
+        assert!(found.len() >= 2 && found.len() < cuts.len() + 1, "{found:?}");
         let (got, err) = read_all(ParallelFrames::spawn(file, found).unwrap());
         assert!(err.is_none());
         assert!(got == text, "{} of {} bytes", got.len(), text.len());
@@ -320,12 +320,16 @@ mod tests {
 
     #[test]
     fn files_that_are_not_clean_frames_are_left_to_the_streaming_decoder() {
-        let text = b"a,b\n1,2\n".repeat(1000);
+        let mut next = crate::io::xorshift(0xD1B5_4A32_D192_ED03);
+        let text: Vec<u8> = (0..6_000_000).map(|_| b"abcdefghij\n"[(next() % 11) as usize]).collect();
         let one = framed(&text, &[]);
         let (_a, mut f) = file_of(&one);
         assert_eq!(frames(&mut f).unwrap(), None, "one frame streams");
-        let two = framed(&text, &[100]);
-        for cut in [two.len() - 1, two.len() - 7, one.len() + 20] {
+        // two frames of over a megabyte: two runs; cut short or followed by other bytes: none
+        let two = framed(&text, &[3_000_000]);
+        let (_b, mut f) = file_of(&two);
+        assert_eq!(frames(&mut f).unwrap().map(|f| f.len()), Some(2));
+        for cut in [two.len() - 1, two.len() - 7, two.len() / 2, two.len() - 5000] {
             let (_b, mut f) = file_of(&two[..cut]);
             assert_eq!(frames(&mut f).unwrap(), None, "cut at {cut}");
         }
@@ -338,10 +342,12 @@ mod tests {
     #[test]
     fn a_corrupt_frame_fails_after_the_text_before_it() {
         let mut next = crate::io::xorshift(0x9E37_79B9_7F4A_7C15);
-        let text: Vec<u8> = (0..1_000_000).map(|_| b"abcdefghij\n"[(next() % 11) as usize]).collect();
-        let mut bytes = framed(&text, &[300_000, 600_000]);
+        // frames of over a megabyte each: a run apiece
+        let text: Vec<u8> = (0..12_000_000).map(|_| b"abcdefghij\n"[(next() % 11) as usize]).collect();
+        let mut bytes = framed(&text, &[4_000_000, 8_000_000]);
         let (_a, mut f) = file_of(&bytes);
         let found = frames(&mut f).unwrap().unwrap();
+        assert_eq!(found.len(), 3);
         // damage the third frame's first block (past the frame's and the block's headers,
         // at most 18 + 3 bytes): the headers stay well-formed, its checksum no longer holds
         let at = (found[2].offset + 40) as usize;
@@ -353,6 +359,10 @@ mod tests {
         let err = err.expect("the damage is an error");
         assert!(super::super::corrupt_input(&err).is_some_and(|m| m.contains("not a valid zstd stream")), "{err}");
         // the frames before it whole (of the damaged one, what decoded before the check)
-        assert!(got.len() >= 600_000 && got[..600_000] == text[..600_000], "{} bytes before the error", got.len());
+        assert!(
+            got.len() >= 8_000_000 && got[..8_000_000] == text[..8_000_000],
+            "{} bytes before the error",
+            got.len()
+        );
     }
 }
