@@ -119,6 +119,24 @@ def run(d, *args, url):
     return subprocess.run([weir, *args], cwd=d, env=dict(env, PG_URL=url), capture_output=True, text=True)
 
 
+def copy_pipeline(name, source, read, batch_size=None):
+    """A pipeline `name` copying PostgreSQL source `source` (its `read` lines: a table or a
+    query) to out/NAME."""
+    batch = f"batch_size = {batch_size}\n" if batch_size else ""
+    return f"""[pipeline]
+name = "{name}"
+{batch}
+[sources.{source}]
+format = "postgres"
+url = {{ env = "PG_URL" }}
+{read}
+
+[steps.copy]
+input = "{source}"
+output = {{ path = "out/{name}" }}
+"""
+
+
 with tempfile.TemporaryDirectory() as tmp:
     d = pathlib.Path(tmp)
     data = d / "pgdata"
@@ -247,37 +265,14 @@ config = {{ mode = "slow", sleep_ms = 40 }}
         r = run(work, "run", "loose.toml", "--partition", "2024-01-02", url=url)
         check("a numeric without a scale fails with the cast to write", r.returncode == 1 and "numeric(18,2)" in r.stderr, r.stderr)
 
-        (work / "table.toml").write_text("""[pipeline]
-name = "whole"
-
-[sources.orders]
-format = "postgres"
-url = { env = "PG_URL" }
-table = "public.orders"
-
-[steps.copy]
-input = "orders"
-output = { path = "out/whole" }
-""")
+        (work / "table.toml").write_text(copy_pipeline("whole", "orders", 'table = "public.orders"'))
         r = run(work, "run", "table.toml", "--json", url=url)
         check("a whole table by name", r.returncode == 0 and json.loads(r.stdout)["steps"][0]["rows_written"] == 900, r.stdout[-300:] + r.stderr)
         check("the password is nowhere in the pipeline file", "weir@" not in (work / "table.toml").read_text())
 
         # wide rows: a batch is cut at 64 MiB of values, not at batch_size rows
         psql(port, "create table wide as select i as id, repeat(chr(97 + i % 26), 1048576) as body from generate_series(1, 70) as i")
-        (work / "wide.toml").write_text('''[pipeline]
-name = "wide"
-batch_size = 1000
-
-[sources.wide]
-format = "postgres"
-url = { env = "PG_URL" }
-query = "select id, body from wide order by id"
-
-[steps.copy]
-input = "wide"
-output = { path = "out/wide" }
-''')
+        (work / "wide.toml").write_text(copy_pipeline("wide", "wide", 'query = "select id, body from wide order by id"', 1000))
         r = run(work, "run", "wide.toml", "--json", url=url)
         wide = pq.read_table(work / "out/wide").to_pylist() if r.returncode == 0 else []
         check("70 rows of 1 MiB (past the 64 MiB batch cut) come through whole",
@@ -399,20 +394,7 @@ output = { path = "out/pev", mode = "merge", key = ["id"] }
 
         # a query that ends in `; -- note` prepares on its own but not inside COPY (...): it is
         # read through a portal instead (tried under a savepoint, the snapshot stays usable)
-        (work / "semi.toml").write_text('''[pipeline]
-name = "semi"
-
-[sources.pev]
-format = "postgres"
-url = { env = "PG_URL" }
-query = """
-select id, v from pev order by id; -- every row
-"""
-
-[steps.copy]
-input = "pev"
-output = { path = "out/semi" }
-''')
+        (work / "semi.toml").write_text(copy_pipeline("semi", "pev", 'query = """\nselect id, v from pev order by id; -- every row\n"""'))
         r = run(work, "run", "semi.toml", "--json", url=url)
         got = pq.read_table(work / "out/semi").column("id").to_pylist() if r.returncode == 0 else []
         check("a query ending in a semicolon and a comment is read whole (through a portal when COPY cannot wrap it)",
@@ -450,8 +432,7 @@ output = { path = "out/semi" }
         subprocess.run([shutil.which("psql"), ascii_url, "-v", "ON_ERROR_STOP=1", "-c",
                         "create table t as select i::bigint as id, case when i = 3 then E'bad \\377' else 'ok' end as txt "
                         "from generate_series(1, 50000) i"], check=True, capture_output=True)
-        (work / "ascii.toml").write_text((work / "table.toml").read_text().replace('name = "whole"', 'name = "ascii"')
-                                         .replace('table = "public.orders"', 'table = "t"').replace("out/whole", "out/ascii"))
+        (work / "ascii.toml").write_text(copy_pipeline("ascii", "orders", 'table = "t"'))
         r = run(work, "run", "ascii.toml", url=ascii_url)
         check("a server error in the middle of a COPY stream fails the run with the server's message, without a panic",
               r.returncode == 1 and "22021" in r.stderr and "UTF8" in r.stderr and "panicked" not in r.stderr, r.stderr[-500:])
@@ -462,19 +443,7 @@ output = { path = "out/semi" }
         # below the table: it is bounded by the batch size, not the table
         psql(port, "create table big as select i::bigint as id, repeat(md5(i::text), 31) as payload "
                    "from generate_series(1, 300000) i")
-        (work / "big.toml").write_text("""[pipeline]
-name = "big"
-batch_size = 8192
-
-[sources.big]
-format = "postgres"
-url = { env = "PG_URL" }
-table = "public.big"
-
-[steps.copy]
-input = "big"
-output = { path = "out/big" }
-""")
+        (work / "big.toml").write_text(copy_pipeline("big", "big", 'table = "public.big"', 8192))
         wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
                    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
         r = subprocess.run([sys.executable, "-c", wrapper, weir, "run", "big.toml", "--json"], cwd=work,

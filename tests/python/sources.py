@@ -74,6 +74,13 @@ def skipped_lines(d, run_env=None):
     return [s["line"] for s in step_summary(d, run_env).get("skipped", [])]
 
 
+def read_in_blocks(d, name, src, run_env=None):
+    """`src` read in batches of 100 rows: (process, table or None, its ids, the skipped lines)."""
+    p, t = weir_table(d, name, src, batch_size=100, run_env=run_env)
+    ids = t.column("id").to_pylist() if t is not None else []
+    return p, t, ids, skipped_lines(d, run_env)
+
+
 def run_weir(d, source_toml, name):
     schema = 'schema = { id = "int64", name = "string", note = "string", amount = "float64" }'
     p, t = weir_table(d, name, f"{source_toml}\n{schema}")
@@ -364,9 +371,7 @@ schema = { id = "int64", tags = "list<string>", geo = "struct<lat: float64, city
             want_ids.append(i)
     (d / "blocks.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     src = 'format = "jsonl"\npath = "blocks.jsonl"\nschema = { id = "int64", v = "string" }\non_error = "skip"'
-    p, t = weir_table(d, "blocks", src, batch_size=100)
-    ids = t.column("id").to_pylist() if t is not None else []
-    skipped = skipped_lines(d)
+    p, t, ids, skipped = read_in_blocks(d, "blocks", src)
     check("JSON lines decoded in blocks on two workers: rows in the file's order, skipped lines by their own numbers",
           ids == want_ids and skipped == [150, 777, 1999], f"{len(ids)} rows, first out of order at "
           f"{next((k for k, (a, b) in enumerate(zip(ids, want_ids)) if a != b), None)}; skipped {skipped}")
@@ -378,10 +383,8 @@ schema = { id = "int64", tags = "list<string>", geo = "struct<lat: float64, city
         pa.compress(raw[k:k + 3001], codec="zstd", asbytes=True) for k in range(0, len(raw), 3001)))
     for threads in ["2", "4"]:
         run_env = dict(env, WEIR_READ_THREADS=threads)
-        p, t = weir_table(d, "blocks_frames", src.replace('"blocks.jsonl"', '"blocks-frames.jsonl.zst"'),
-                          batch_size=100, run_env=run_env)
-        ids = t.column("id").to_pylist() if t is not None else []
-        skipped = skipped_lines(d, run_env)
+        p, t, ids, skipped = read_in_blocks(d, "blocks_frames", src.replace('"blocks.jsonl"', '"blocks-frames.jsonl.zst"'),
+                                            run_env)
         check(f"JSON lines in a zstd file of many frames, {threads} threads: rows in order, skipped lines by their numbers",
               ids == want_ids and skipped == [150, 777, 1999], f"{p.stderr[-500:]}\n{len(ids)} rows; skipped {skipped}")
     p, t = weir_table(d, "blocks", src.replace('on_error = "skip"', 'on_error = "fail"'), batch_size=100)
@@ -412,10 +415,8 @@ schema = { id = "int64", tags = "list<string>", geo = "struct<lat: float64, city
             want_ids.append(i)
     (d / "blocks.csv").write_bytes(b"\n".join(rows_text) + b"\n")
     src = 'format = "csv"\npath = "blocks.csv"\nschema = { id = "int64", v = "string" }\non_error = "skip"'
-    p, t = weir_table(d, "csv_blocks", src, batch_size=100)
-    ids = t.column("id").to_pylist() if t is not None else []
+    p, t, ids, skipped = read_in_blocks(d, "csv_blocks", src)
     vs = t.column("v").to_pylist() if t is not None else []
-    skipped = skipped_lines(d)
     check("CSV decoded in blocks on two workers: rows in the file's order, skipped records by their own lines",
           ids == want_ids and skipped == want_lines and vs[want_ids.index(200)] == "spans\nlines",
           f"{p.stderr[-500:]}\n{len(ids)} rows; skipped {skipped}, want {want_lines}")

@@ -396,14 +396,7 @@ impl RowDecoder {
                     rows += 1;
                 }
                 Err(Error::Input { line, column, message, .. }) if self.on_error == OnError::Skip => {
-                    skipped.push(Skipped {
-                        file: self.path.clone(),
-                        line,
-                        message: match column {
-                            Some(c) => format!("column `{c}`: {message}"),
-                            None => message,
-                        },
-                    })
+                    skipped.push(Skipped::row(&self.path, line, column, message))
                 }
                 Err(e) => return Err(e),
             }

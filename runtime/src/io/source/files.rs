@@ -555,9 +555,15 @@ pub(crate) fn corrupt_input(e: &std::io::Error) -> Option<String> {
 }
 
 /// Reads a compressed input, its decoder's data errors tagged as [`CorruptInput`].
-struct Decompressed {
+pub(super) struct Decompressed {
     inner: Box<dyn Read + Send>,
     codec: TextCodec,
+}
+
+impl Decompressed {
+    pub(super) fn new(inner: impl Read + Send + 'static, codec: TextCodec) -> Self {
+        Decompressed { inner: Box::new(inner), codec }
+    }
 }
 
 impl Read for Decompressed {
@@ -702,22 +708,54 @@ fn open_raw(path: &Path, skip_bom: bool) -> Result<Raw> {
         }
         TextCodec::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(buffered)),
     };
-    let ahead = ReadAhead::spawn(Decompressed { inner, codec }).map_err(|e| Error::io(path, e))?;
+    let ahead = ReadAhead::spawn(Decompressed::new(inner, codec)).map_err(|e| Error::io(path, e))?;
     Ok(Raw::Decoded(Box::new(ahead)))
 }
 
 /// A decompressed chunk, or how the decompression ended.
-enum Chunk {
+pub(super) enum Chunk {
     Data(Vec<u8>),
     End,
     Failed(std::io::Error),
+}
+
+/// `inner`'s bytes to `chunks`, `ReadAhead::CHUNK` at a time, then its end or its failure;
+/// it stops early when the receiver is gone.
+pub(super) fn pump(mut inner: impl Read, chunks: &std::sync::mpsc::SyncSender<Chunk>) {
+    loop {
+        let mut buf = vec![0u8; ReadAhead::CHUNK];
+        let mut filled = 0;
+        let failed = loop {
+            match inner.read(&mut buf[filled..]) {
+                Ok(0) => break None,
+                Ok(n) => {
+                    filled += n;
+                    if filled == buf.len() {
+                        break None;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Some(e),
+            }
+        };
+        let end = failed.is_some() || filled < ReadAhead::CHUNK;
+        buf.truncate(filled);
+        // a send fails only when the reader is gone: then so is the work
+        if filled > 0 && chunks.send(Chunk::Data(buf)).is_err() {
+            return;
+        }
+        if end {
+            let _ = chunks.send(failed.map_or(Chunk::End, Chunk::Failed));
+            return;
+        }
+    }
 }
 
 /// Decompression on a thread of its own, a few chunks ahead of the parser, so that the two
 /// overlap rather than take turns (decompression is a third to a half of the cost of
 /// reading a gzip CSV). At most `AHEAD` chunks of `CHUNK` bytes wait; the thread ends when
 /// the input does or when the reader is dropped.
-struct ReadAhead {
+pub(super) struct ReadAhead {
     chunks: std::sync::mpsc::Receiver<Chunk>,
     current: Vec<u8>,
     at: usize,
@@ -725,38 +763,12 @@ struct ReadAhead {
 }
 
 impl ReadAhead {
-    const CHUNK: usize = 256 << 10;
-    const AHEAD: usize = 4;
+    pub(super) const CHUNK: usize = 256 << 10;
+    pub(super) const AHEAD: usize = 4;
 
-    fn spawn(mut inner: impl Read + Send + 'static) -> std::io::Result<Self> {
+    fn spawn(inner: impl Read + Send + 'static) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(Self::AHEAD);
-        std::thread::Builder::new().name("weir-decompress".into()).spawn(move || loop {
-            let mut buf = vec![0u8; Self::CHUNK];
-            let mut filled = 0;
-            let failed = loop {
-                match inner.read(&mut buf[filled..]) {
-                    Ok(0) => break None,
-                    Ok(n) => {
-                        filled += n;
-                        if filled == buf.len() {
-                            break None;
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => break Some(e),
-                }
-            };
-            let end = failed.is_some() || filled < Self::CHUNK;
-            buf.truncate(filled);
-            // a send fails only when the reader is gone: then so is the work
-            if filled > 0 && tx.send(Chunk::Data(buf)).is_err() {
-                return;
-            }
-            if end {
-                let _ = tx.send(failed.map_or(Chunk::End, Chunk::Failed));
-                return;
-            }
-        })?;
+        std::thread::Builder::new().name("weir-decompress".into()).spawn(move || pump(inner, &tx))?;
         Ok(ReadAhead { chunks: rx, current: Vec::new(), at: 0, done: false })
     }
 }

@@ -199,14 +199,7 @@ impl LineDecoder {
                 if self.on_error != OnError::Skip {
                     return Err(Error::Input { file: self.path.clone(), line, column, message });
                 }
-                skipped.push(Skipped {
-                    file: self.path.clone(),
-                    line,
-                    message: match column {
-                        Some(c) => format!("column `{c}`: {message}"),
-                        None => message,
-                    },
-                });
+                skipped.push(Skipped::row(&self.path, line, column, message));
                 Ok(false)
             }
         }
@@ -410,6 +403,8 @@ pub(super) struct RowShape {
     names: Vec<String>,
     types: Vec<DataType>,
     last_order: Vec<Option<usize>>,
+    /// The struct and list columns (built as their values are read).
+    nested: Vec<usize>,
 }
 
 impl RowShape {
@@ -419,6 +414,9 @@ impl RowShape {
             names: schema.fields().iter().map(|f| f.name().clone()).collect(),
             types: schema.fields().iter().map(|f| f.data_type().clone()).collect(),
             last_order: Vec::new(),
+            nested: (schema.fields().iter().enumerate())
+                .filter_map(|(i, f)| f.data_type().is_nested().then_some(i))
+                .collect(),
         }
     }
 }
@@ -452,14 +450,18 @@ pub(super) fn decode_line(
     slots: &mut Vec<SlotResult>,
     builders: &mut [ColumnBuilder],
 ) -> Result<(), LineError> {
-    let rows = builders.iter().find_map(|b| match b {
-        ColumnBuilder::Nested(b) => Some(b.len()),
-        _ => None,
-    });
+    fn nested(b: &mut ColumnBuilder) -> Option<&mut NestedBuilder> {
+        match b {
+            ColumnBuilder::Nested(b) => Some(b),
+            _ => None,
+        }
+    }
+    // every nested column holds the rows so far when a line starts
+    let rows = shape.nested.first().and_then(|&i| builders.get_mut(i)).and_then(nested).map(|b| b.len());
     let decoded = decode_into(text, shape, slots, builders);
     if let (Err(_), Some(rows)) = (&decoded, rows) {
-        for b in builders.iter_mut() {
-            if let ColumnBuilder::Nested(b) = b {
+        for &i in &shape.nested {
+            if let Some(b) = builders.get_mut(i).and_then(nested) {
                 b.truncate(rows);
             }
         }

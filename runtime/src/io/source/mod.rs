@@ -58,6 +58,17 @@ pub struct Skipped {
     pub message: String,
 }
 
+impl Skipped {
+    /// A row skipped for `message`, about `column` when one is named.
+    pub(crate) fn row(file: &std::path::Path, line: u64, column: Option<String>, message: String) -> Self {
+        let message = match column {
+            Some(c) => format!("column `{c}`: {message}"),
+            None => message,
+        };
+        Skipped { file: file.to_path_buf(), line, message }
+    }
+}
+
 /// A source opened for one run: a schema, then batches in a repeatable order.
 pub trait Source: Send {
     /// The schema of every batch.

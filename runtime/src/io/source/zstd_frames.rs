@@ -10,7 +10,7 @@ use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
-use super::files::{CorruptInput, TextCodec};
+use super::files::{pump, Chunk, Decompressed, ReadAhead, TextCodec};
 
 /// A run of whole frames in the file, decompressed by one worker: consecutive frames are
 /// taken together up to `UNIT_BYTES` (a file of tiny frames, a frame per line, costs a
@@ -25,14 +25,12 @@ pub(super) struct Frame {
 const FRAME_MAX: u64 = 16 << 20;
 /// Compressed bytes of consecutive frames one worker takes at a time.
 const UNIT_BYTES: u64 = 1 << 20;
-/// Workers decompressing frames.
+/// Workers decompressing frames (each run's text waits in at most `ReadAhead::AHEAD`
+/// chunks of `ReadAhead::CHUNK` until the reader reaches it).
 const WORKERS: usize = 2;
 /// Threads decoding the text ([`super::files::decode_workers`]) from which frames are
 /// decompressed in parallel: below, one decompressing thread keeps ahead of them.
 pub(super) const MIN_DECODERS: usize = 4;
-/// Decompressed text a frame's worker may hold before the reader reaches that frame.
-const CHUNK: usize = 256 << 10;
-const AHEAD: usize = 4;
 
 const MAGIC: u32 = 0xFD2F_B528;
 
@@ -118,13 +116,6 @@ fn read_le(r: &mut impl Read, n: usize) -> std::io::Result<Option<u64>> {
     }
 }
 
-/// What a frame's worker gives: text, the frame's end, or its failure.
-enum Chunk {
-    Data(Vec<u8>),
-    End,
-    Failed(std::io::Error),
-}
-
 /// The frames in order, then the end: a reader that sees the feeder stop without `End`
 /// knows something went wrong.
 enum Next {
@@ -144,7 +135,7 @@ pub(super) struct ParallelFrames {
 
 impl ParallelFrames {
     /// Decompress `frames` of `file`: a feeder thread reads each frame's bytes in turn and
-    /// hands it to a worker, whose text waits (at most `AHEAD` chunks) until the reader
+    /// hands it to a worker, whose text waits (at most `ReadAhead::AHEAD` chunks) until the reader
     /// reaches its frame.
     pub(super) fn spawn(mut file: File, frames: Vec<Frame>) -> std::io::Result<Self> {
         let (work_tx, work_rx) = sync_channel::<(Vec<u8>, SyncSender<Chunk>)>(1);
@@ -169,7 +160,7 @@ impl ParallelFrames {
                     let _ = next_tx.send(Next::Failed(e));
                     return;
                 }
-                let (out, text) = sync_channel(AHEAD);
+                let (out, text) = sync_channel(ReadAhead::AHEAD);
                 // a send fails only when the reader is gone: then so is the work
                 if next_tx.send(Next::Frame(text)).is_err() || work_tx.send((bytes, out)).is_err() {
                     return;
@@ -181,47 +172,16 @@ impl ParallelFrames {
     }
 }
 
-/// A run of frames' text to `out`, in chunks, then its end or its failure.
+/// A run of frames' text to `out`, in chunks, then its end or its failure (a decoder's
+/// complaint tagged as corrupt input, never retried).
 fn decompress(bytes: Vec<u8>, out: &SyncSender<Chunk>) {
     // every frame of the run (and any skippable frame between them)
-    let decoder = match zstd::stream::read::Decoder::with_buffer(std::io::Cursor::new(bytes)) {
-        Ok(d) => d,
+    match zstd::stream::read::Decoder::with_buffer(std::io::Cursor::new(bytes)) {
+        Ok(decoder) => pump(Decompressed::new(decoder, TextCodec::Zstd), out),
         Err(e) => {
-            let _ = out.send(Chunk::Failed(corrupt(e)));
-            return;
-        }
-    };
-    let mut decoder = decoder;
-    loop {
-        let mut buf = vec![0u8; CHUNK];
-        let mut filled = 0;
-        while filled < CHUNK {
-            match decoder.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let _ = out.send(Chunk::Failed(corrupt(e)));
-                    return;
-                }
-            }
-        }
-        buf.truncate(filled);
-        let end = filled < CHUNK;
-        if filled > 0 && out.send(Chunk::Data(buf)).is_err() {
-            return;
-        }
-        if end {
-            let _ = out.send(Chunk::End);
-            return;
+            let _ = out.send(Chunk::Failed(e));
         }
     }
-}
-
-/// A decoder's complaint, as the input's error (corrupt data, never retried).
-fn corrupt(e: std::io::Error) -> std::io::Error {
-    let codec = TextCodec::Zstd.name();
-    std::io::Error::other(CorruptInput(format!("not a valid {codec} stream (corrupt or truncated): {e}")))
 }
 
 impl Read for ParallelFrames {
