@@ -394,7 +394,6 @@ fn outdate(
 /// Each row of the Parquet file `path` as its key and `sequence_by` value (`col`), both as
 /// comparable bytes; in the types of `types` when given (a file another writer made may
 /// hold a column in a narrower type), else in the file's own.
-#[allow(clippy::too_many_arguments)]
 fn each_key_seq(
     path: &Path,
     out: &Output,

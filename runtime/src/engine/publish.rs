@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 
 use super::{debug_pause, Level, Staged};
 use crate::config::{Output, Pipeline};
+use crate::io::sync_dir;
 use crate::store::{PlannedSwitch, PublishEntry, RunStore};
 
 /// What one switch did.
@@ -59,12 +60,6 @@ impl Switch {
             Switch::Superseded => "superseded".into(),
             Switch::Committed(v) => format!("committed table version {v}"),
         }
-    }
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(f) = std::fs::File::open(dir) {
-        let _ = f.sync_all();
     }
 }
 

@@ -334,6 +334,9 @@ fn stats_bounds(batch: &RecordBatch, column: &str) -> Option<(ArrayRef, ArrayRef
     Some((leaf("minValues")?, leaf("maxValues")?))
 }
 
+/// Writers cut string statistics at this many characters: a shorter maximum is exact.
+const STRING_STATS_CHARS: usize = 32;
+
 /// A file's bounds at `row` of the statistics: both known and exact.
 fn bound_pair(mins: &ArrayRef, maxs: &ArrayRef, row: usize) -> Option<(ArrayRef, ArrayRef)> {
     if row >= mins.len() || row >= maxs.len() || mins.is_null(row) || maxs.is_null(row) {
@@ -343,7 +346,9 @@ fn bound_pair(mins: &ArrayRef, maxs: &ArrayRef, row: usize) -> Option<(ArrayRef,
     // only types whose statistics are exact: timestamps are kept to milliseconds by some
     // writers, floating point has NaN, long strings are cut
     let exact = match max.data_type() {
-        DataType::Utf8 => max.as_any().downcast_ref::<StringArray>().is_some_and(|s| s.value(0).chars().count() < 32),
+        DataType::Utf8 => {
+            max.as_any().downcast_ref::<StringArray>().is_some_and(|s| s.value(0).chars().count() < STRING_STATS_CHARS)
+        }
         t => {
             t.is_integer()
                 || matches!(t, DataType::Date32 | DataType::Date64 | DataType::Decimal128(..) | DataType::Boolean)
@@ -535,11 +540,7 @@ fn link_into(table: &Path, files: &[(PathBuf, String)]) -> Res<()> {
     let mut dirs: BTreeSet<PathBuf> =
         files.iter().filter_map(|(_, rel)| table.join(rel).parent().map(Path::to_path_buf)).collect();
     dirs.insert(table.to_path_buf());
-    for dir in dirs {
-        if let Ok(f) = std::fs::File::open(&dir) {
-            let _ = f.sync_all();
-        }
-    }
+    dirs.iter().for_each(|d| super::sync_dir(d));
     Ok(())
 }
 

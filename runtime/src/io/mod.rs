@@ -59,3 +59,11 @@ fn xorshift(seed: u64) -> impl FnMut() -> u64 {
         state
     }
 }
+
+/// Make a folder's entries (files created, renamed or linked into it) durable; best effort:
+/// a file system that cannot sync folders has nothing more to give.
+pub(crate) fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}

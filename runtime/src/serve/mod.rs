@@ -285,9 +285,7 @@ impl App {
         let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
         f.write_all(&text).and_then(|()| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
         std::fs::rename(&tmp, &self.registry).map_err(|e| format!("{}: {e}", self.registry.display()))?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+        crate::io::sync_dir(dir);
         Ok(())
     }
 

@@ -50,6 +50,7 @@ use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::io::sync_dir;
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type};
 use arrow_array::{new_null_array, Array, ArrayRef, Float64Array, Int64Array, RecordBatch};
@@ -1318,12 +1319,6 @@ fn read_entry(r: &mut impl Read) -> std::result::Result<Option<Stored>, String> 
     r.read_exact(&mut n).map_err(short)?;
     let value = read_n(r, u32::from_le_bytes(n) as usize)?;
     Ok(Some((key, u64::from_le_bytes(seq), value)))
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
 }
 
 /// A scan in progress.

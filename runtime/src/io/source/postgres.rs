@@ -336,7 +336,7 @@ fn read(
     let cancel = client.cancel_token();
     // a COPY left before its end is cancelled: else closing the snapshot waits for the
     // server to send (and the client to discard) the rest of the result
-    let cancel_copy = client.cancel_token();
+    let cancel_copy = cancel.clone();
     let started = start(&mut client, name, sql, window);
     let (mut t, fetch, cols) = match started {
         Ok(x) => x,
@@ -426,7 +426,7 @@ const COPY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 fn fetch_copy(
     name: &str,
     t: &mut postgres::Transaction<'_>,
-    statement: &str,
+    statement: &postgres::Statement,
     ncols: usize,
     chunks: &SyncSender<Chunk>,
 ) -> std::result::Result<bool, Error> {
@@ -644,8 +644,8 @@ fn decode(chunks: Receiver<Chunk>, mut b: Batcher) -> bool {
 enum Fetch {
     /// A portal of the statement with the window (or increment) bound, fetched in rounds.
     Portal(postgres::Portal),
-    /// `COPY (statement) TO STDOUT (FORMAT binary)`: nothing to bind, one stream.
-    Copy(String),
+    /// `COPY (statement) TO STDOUT (FORMAT binary)`, prepared: nothing to bind, one stream.
+    Copy(postgres::Statement),
 }
 
 /// The read's snapshot, how it fetches and its columns.
@@ -695,12 +695,12 @@ fn start<'c>(client: &'c mut postgres::Client, name: &str, sql: &str, window: Op
         // a statement that prepares alone but not inside COPY (`...; -- note`) is read
         // through a portal: tried under a savepoint, so the failure leaves the snapshot usable
         let savepoint = |cmd: &str, t: &mut postgres::Transaction<'_>| {
-            t.batch_execute(cmd).map_err(|e| pg_error(name, "cannot set a savepoint", &e))
+            t.batch_execute(cmd).map_err(|e| pg_error(name, &format!("`{cmd}`"), &e))
         };
         savepoint("SAVEPOINT weir_copy", &mut t)?;
-        if t.prepare(&copy).is_ok() {
+        if let Ok(prepared) = t.prepare(&copy) {
             savepoint("RELEASE SAVEPOINT weir_copy", &mut t)?;
-            return Ok((t, Fetch::Copy(copy), cols));
+            return Ok((t, Fetch::Copy(prepared), cols));
         }
         savepoint("ROLLBACK TO SAVEPOINT weir_copy", &mut t)?;
     }
